@@ -1,0 +1,376 @@
+"""Command-line client: upload, download, delete, list, status.
+
+The client streams: a file is read in batch-sized pieces into one reused
+buffer and sent as DATA frames, hashed with SHA-256 on the way; a download
+is written to a temporary file beside the target, hashed, and renamed only
+if the hash matches what the master recorded at upload.  So memory stays at
+one buffer whatever the file size, and a failed download leaves nothing
+behind.
+
+Every error reaches the user as one line on stderr and an exit code that
+names its class (see EXIT_CODES and the README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import select
+import sys
+import tempfile
+import time
+
+import config as config_module
+import protocol
+import transport
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_LOCAL_IO = 4
+EXIT_UNAVAILABLE = 5
+EXIT_INSUFFICIENT_NODES = 6
+EXIT_CHECKSUM = 7
+EXIT_INVALID_NAME = 8
+EXIT_PROTOCOL = 9
+EXIT_TIMEOUT = 10
+EXIT_DATA_LOST = 11
+EXIT_INSUFFICIENT_SPACE = 12
+EXIT_FILE_LOCKED = 13
+EXIT_AUTH_FAILED = 14
+EXIT_PARTIAL = 15
+
+# Wire error code -> exit status.  Codes not listed exit with EXIT_ERROR.
+EXIT_CODES = {
+    "FILE_NOT_FOUND": EXIT_NOT_FOUND,
+    "UNAVAILABLE": EXIT_UNAVAILABLE,
+    "INSUFFICIENT_NODES": EXIT_INSUFFICIENT_NODES,
+    "CHECKSUM_MISMATCH": EXIT_CHECKSUM,
+    "INVALID_NAME": EXIT_INVALID_NAME,
+    "BAD_REQUEST": EXIT_PROTOCOL,
+    "TOO_LARGE": EXIT_PROTOCOL,
+    "UNKNOWN_OP": EXIT_PROTOCOL,
+    "VERSION_MISMATCH": EXIT_PROTOCOL,
+    "TIMEOUT": EXIT_TIMEOUT,
+    "DATA_LOST": EXIT_DATA_LOST,
+    "INSUFFICIENT_SPACE": EXIT_INSUFFICIENT_SPACE,
+    "FILE_LOCKED": EXIT_FILE_LOCKED,
+    "AUTH_FAILED": EXIT_AUTH_FAILED,
+}
+
+
+class LocalFileError(Exception):
+    """A problem with a file on this machine (missing, unreadable, unwritable)."""
+
+
+class Progress:
+    """A one-line progress bar on stderr: bytes, rate, ETA.  No-op when disabled."""
+
+    _MIN_INTERVAL_S = 0.1
+
+    def __init__(self, label: str, total: int, enabled: bool):
+        self.label = label
+        self.total = total
+        self.enabled = enabled
+        self.done = 0
+        self.started = time.monotonic()
+        self._last_draw = 0.0
+
+    def advance(self, nbytes: int) -> None:
+        self.done += nbytes
+        if self.enabled and time.monotonic() - self._last_draw >= self._MIN_INTERVAL_S:
+            self._draw()
+
+    def finish(self) -> None:
+        if self.enabled:
+            self._draw()
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+    def _draw(self) -> None:
+        now = time.monotonic()
+        self._last_draw = now
+        elapsed = max(now - self.started, 1e-6)
+        rate = self.done / elapsed
+        if self.total > 0:
+            fraction = min(self.done / self.total, 1.0)
+            bar = "#" * int(fraction * 20)
+            eta = (self.total - self.done) / rate if rate > 0 else 0
+            text = (f"\r{self.label} [{bar:<20}] {human_bytes(self.done)}/{human_bytes(self.total)} "
+                    f"{human_bytes(rate)}/s ETA {int(eta) // 60}:{int(eta) % 60:02d}  ")
+        else:
+            text = f"\r{self.label} {human_bytes(self.done)} {human_bytes(rate)}/s  "
+        sys.stderr.write(text)
+        sys.stderr.flush()
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+class Client:
+    """A session with the master: one connection, opened on first use."""
+
+    def __init__(self, master: tuple[str, int], timeout_s: float, frame_bytes: int, show_progress: bool):
+        self.master = master
+        self.timeout_s = timeout_s
+        self.frame_bytes = frame_bytes
+        self.show_progress = show_progress
+        self._conn: transport.Connection | None = None
+
+    @property
+    def conn(self) -> transport.Connection:
+        if self._conn is None:
+            self._conn = transport.Connection(self.master, "client", self.timeout_s)
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    # --- upload ----------------------------------------------------------------------
+    def upload_file(self, path: str, name: str) -> protocol.Uploaded:
+        """Store the local file ``path`` as ``name``; returns the master's UPLOADED."""
+        protocol.validate_name(name)
+        try:
+            f = open(path, "rb")
+        except OSError as exc:
+            raise LocalFileError(f"cannot read {path}: {exc.strerror}") from None
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            conn = self.conn
+            conn.send(protocol.UploadBegin(name=name, size=size))
+            progress = Progress(f"upload {name}", size, self.show_progress and size >= self.frame_bytes)
+            sha = hashlib.sha256()
+            buffer = bytearray(self.frame_bytes)
+            view = memoryview(buffer)
+            while True:
+                try:
+                    n = f.readinto(buffer)
+                except OSError as exc:
+                    conn.send(protocol.UploadAbort())
+                    raise LocalFileError(f"cannot read {path}: {exc.strerror}") from None
+                if not n:
+                    break
+                sha.update(view[:n])
+                conn.send(protocol.Data(body=view[:n]))
+                progress.advance(n)
+                if self._reply_waiting():
+                    # Only an error can come before the end: stop sending now.
+                    conn.expect(protocol.Uploaded)
+            conn.send(protocol.UploadEnd(sha256=sha.hexdigest()))
+            reply = conn.expect(protocol.Uploaded)
+            progress.finish()
+            return reply
+
+    def _reply_waiting(self) -> bool:
+        sock = self.conn.sock
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable)
+
+    # --- download --------------------------------------------------------------------
+    def download(self, name: str, destination: str, offset: int = 0, length: int = -1) -> protocol.FileInfo:
+        """Write ``name`` (or a byte range of it) to ``destination`` ("-" = stdout).
+
+        A whole-file download is checked against the SHA-256 recorded at
+        upload; on any failure the destination is left untouched.
+        """
+        protocol.validate_name(name)
+        if destination == "-":
+            return self._receive(name, sys.stdout.buffer, offset, length)
+        directory = os.path.dirname(os.path.abspath(destination))
+        try:
+            fd, temp_path = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(destination) + ".",
+                                             suffix=".part")
+        except OSError as exc:
+            raise LocalFileError(f"cannot write in {directory}: {exc.strerror}") from None
+        try:
+            with os.fdopen(fd, "wb") as out:
+                info = self._receive(name, out, offset, length)
+            os.replace(temp_path, destination)
+        except BaseException:
+            try:
+                os.unlink(temp_path)
+            except OSError:
+                pass
+            raise
+        return info
+
+    def _receive(self, name: str, out, offset: int, length: int) -> protocol.FileInfo:
+        conn = self.conn
+        conn.send(protocol.Download(name=name, offset=offset, length=length))
+        info = conn.expect(protocol.FileInfo)
+        whole_file = info.offset == 0 and info.length == info.size
+        sha = hashlib.sha256()
+        progress = Progress(f"download {name}", info.length,
+                            self.show_progress and out is not sys.stdout.buffer and info.length >= self.frame_bytes)
+        buffer = bytearray(self.frame_bytes)
+        received = 0
+        while True:
+            msg = conn.recv(buffer)
+            if isinstance(msg, protocol.Data):
+                received += len(msg.body)
+                if received > info.length:
+                    raise protocol.RemoteProtocolError("master sent more bytes than announced")
+                if whole_file:
+                    sha.update(msg.body)
+                try:
+                    out.write(msg.body)
+                except OSError as exc:
+                    raise LocalFileError(f"cannot write: {exc.strerror}") from None
+                progress.advance(len(msg.body))
+            else:
+                protocol.expect(msg, protocol.DataEnd)
+                break
+        if received != info.length:
+            raise protocol.RemoteProtocolError(f"master sent {received} bytes, announced {info.length}")
+        if whole_file and sha.hexdigest() != info.sha256:
+            raise protocol.ChecksumMismatch(f"{name!r} failed verification: SHA-256 differs from the one "
+                                            f"recorded at upload; nothing was written")
+        progress.finish()
+        return info
+
+    # --- the rest --------------------------------------------------------------------
+    def delete(self, name: str) -> None:
+        self.conn.request(protocol.Delete(name=protocol.validate_name(name)), protocol.Deleted)
+
+    def list(self, prefix: str = "") -> list[dict]:
+        conn = self.conn
+        conn.send(protocol.List(prefix=prefix))
+        entries = []
+        while True:
+            page = conn.expect(protocol.ListPage)
+            entries.extend(page.entries)
+            if page.done:
+                return entries
+
+    def status(self) -> protocol.StatusReply:
+        return self.conn.request(protocol.Status(), protocol.StatusReply)
+
+
+# --- command line -------------------------------------------------------------------------
+def format_time(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+def cmd_upload(client: Client, args) -> int:
+    if os.path.isdir(args.local):
+        raise LocalFileError(f"{args.local} is a directory; directory backups are not supported yet")
+    if not os.path.exists(args.local):
+        raise LocalFileError(f"{args.local}: no such file")
+    name = args.name or os.path.basename(os.path.abspath(args.local))
+    started = time.monotonic()
+    reply = client.upload_file(args.local, name)
+    elapsed = time.monotonic() - started
+    if not args.quiet:
+        print(f"uploaded {reply.name}: {reply.size} bytes, {reply.chunks} chunks "
+              f"in {elapsed:.2f} s ({human_bytes(reply.size / max(elapsed, 1e-6))}/s), sha256 {reply.sha256}")
+    return EXIT_OK
+
+
+def cmd_download(client: Client, args) -> int:
+    destination = args.local or os.path.basename(args.name.rstrip("/")) or "download"
+    if destination != "-" and os.path.isdir(destination):
+        destination = os.path.join(destination, os.path.basename(args.name.rstrip("/")))
+    started = time.monotonic()
+    info = client.download(args.name, destination, args.offset, args.length)
+    elapsed = time.monotonic() - started
+    if not args.quiet and destination != "-":
+        print(f"downloaded {info.name} to {destination}: {info.length} bytes in {elapsed:.2f} s "
+              f"({human_bytes(info.length / max(elapsed, 1e-6))}/s)")
+    return EXIT_OK
+
+
+def cmd_delete(client: Client, args) -> int:
+    client.delete(args.name)
+    if not args.quiet:
+        print(f"deleted {args.name}")
+    return EXIT_OK
+
+
+def cmd_list(client: Client, args) -> int:
+    for entry in client.list(args.prefix):
+        print(f"{entry['size']:>14} {entry['chunks']:>10}  {format_time(entry['mtime'])}  {entry['name']}")
+    return EXIT_OK
+
+
+def cmd_status(client: Client, args) -> int:
+    reply = client.status()
+    print(f"{'NODE':<14} {'ADDRESS':<22} {'STATE':<6} {'HEARD':>7} {'USED':>11} {'CHUNKS':>10}")
+    for node in reply.nodes:
+        heard = "never" if node["last_heard_s"] is None else f"{node['last_heard_s']:.1f}s"
+        print(f"{node['id']:<14} {node['address']:<22} {'alive' if node['alive'] else 'DEAD':<6} {heard:>7} "
+              f"{human_bytes(node['used_bytes']):>11} {node['chunks']:>10}")
+    t = reply.totals
+    print(f"nodes: {t['nodes_alive']}/{t['nodes']} alive; files: {t['files']} ({human_bytes(t['file_bytes'])}); "
+          f"stored: {human_bytes(t['used_bytes'])} in {t['chunks']} chunks; replication {t['replication']}")
+    return EXIT_OK
+
+
+COMMANDS = {
+    "upload": cmd_upload,
+    "download": cmd_download,
+    "delete": cmd_delete,
+    "list": cmd_list,
+    "status": cmd_status,
+}
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Back up, restore and manage files on a backup cluster.")
+    config_module.add_common_flags(parser)
+    parser.add_argument("--master", metavar="HOST:PORT", help="master address (default from config)")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar, no summary lines")
+    parser.add_argument("--timeout", type=float, metavar="S",
+                        help="seconds to wait for the master at any step (default: 6 x io_timeout_s)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    upload = commands.add_parser("upload", help="store a local file")
+    upload.add_argument("local", help="local file")
+    upload.add_argument("name", nargs="?", help="name to store it under (default: the file's base name)")
+    download = commands.add_parser("download", help="restore a stored file")
+    download.add_argument("name")
+    download.add_argument("local", nargs="?", help="local path, or - for stdout (default: base name of NAME)")
+    download.add_argument("--offset", type=int, default=0, help="first byte to read")
+    download.add_argument("--length", type=int, default=-1, help="bytes to read (default: to the end)")
+    delete = commands.add_parser("delete", help="delete a stored file")
+    delete.add_argument("name")
+    listing = commands.add_parser("list", help="list stored files: size, chunks, modified time, name")
+    listing.add_argument("prefix", nargs="?", default="")
+    commands.add_parser("status", help="show the storage nodes and totals")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_arg_parser().parse_args(argv)
+    try:
+        config = config_module.load_config(args.config, client_master=args.master)
+        master = config_module.parse_address(config.client_master, "master")
+    except ValueError as exc:
+        print(f"client: bad configuration: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    timeout_s = args.timeout or config.io_timeout_s * 6
+    client = Client(master, timeout_s, config.batch_bytes, show_progress=not args.quiet and sys.stderr.isatty())
+    try:
+        return COMMANDS[args.command](client, args)
+    except LocalFileError as exc:
+        print(f"client: {exc}", file=sys.stderr)
+        return EXIT_LOCAL_IO
+    except protocol.BackupError as exc:
+        print(f"client: {exc.code}: {exc.message}", file=sys.stderr)
+        return EXIT_CODES.get(exc.code, EXIT_ERROR)
+    except KeyboardInterrupt:
+        print("client: interrupted", file=sys.stderr)
+        return EXIT_ERROR
+    finally:
+        client.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Settings: ``config.ini`` -> one frozen ``Config``; flags override it.
+
+Every program loads the same file so that a cluster's processes agree on
+chunk size, replication and timing.  ``load_config`` validates every key and
+raises ``ValueError`` naming the key, so a typo fails at start, not at 3 am.
+"""
+
+from __future__ import annotations
+
+import argparse
+import configparser
+import os
+from dataclasses import dataclass
+
+import protocol
+
+DEFAULT_CONFIG_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.ini")
+
+
+@dataclass(frozen=True)
+class Config:
+    chunk_size_bytes: int = 1024
+    replication: int = 2
+    batch_bytes: int = 1024 * 1024
+    master_host: str = "127.0.0.1"
+    master_port: int = 7700
+    master_data_dir: str = "data/master"
+    checkpoint_every: int = 10000
+    lock_wait_s: float = 60.0
+    node_host: str = "127.0.0.1"
+    node_port: int = 0
+    node_data_dir: str = "data/node"
+    node_master: str = "127.0.0.1:7700"
+    capacity_bytes: int = 10 * 1024 ** 3
+    segment_max_bytes: int = 64 * 1024 * 1024
+    heartbeat_interval_s: float = 2.0
+    dead_after_s: float = 10.0
+    io_timeout_s: float = 10.0
+    client_master: str = "127.0.0.1:7700"
+
+    @property
+    def chunks_per_batch(self) -> int:
+        return max(1, self.batch_bytes // self.chunk_size_bytes)
+
+
+# (section, key in the file, Config field, parser)
+_KEYS = [
+    ("cluster", "chunk_size_bytes", "chunk_size_bytes", int),
+    ("cluster", "replication", "replication", int),
+    ("cluster", "batch_bytes", "batch_bytes", int),
+    ("master", "host", "master_host", str),
+    ("master", "port", "master_port", int),
+    ("master", "data_dir", "master_data_dir", str),
+    ("master", "checkpoint_every", "checkpoint_every", int),
+    ("master", "lock_wait_s", "lock_wait_s", float),
+    ("node", "host", "node_host", str),
+    ("node", "port", "node_port", int),
+    ("node", "data_dir", "node_data_dir", str),
+    ("node", "master", "node_master", str),
+    ("node", "capacity_bytes", "capacity_bytes", int),
+    ("node", "segment_max_bytes", "segment_max_bytes", int),
+    ("timing", "heartbeat_interval_s", "heartbeat_interval_s", float),
+    ("timing", "dead_after_s", "dead_after_s", float),
+    ("timing", "io_timeout_s", "io_timeout_s", float),
+    ("client", "master", "client_master", str),
+]
+
+
+def load_config(path: str | None = None, **overrides) -> Config:
+    """Read ``path`` (default: config.ini beside this file), apply overrides.
+
+    Overrides whose value is None are ignored, so argparse results can be
+    passed straight in.  Raises ValueError naming the first bad key.
+    """
+    values = {}
+    if path is None:
+        path = DEFAULT_CONFIG_PATH
+    parser = configparser.ConfigParser()
+    if os.path.exists(path):
+        parser.read(path, encoding="utf-8")
+    elif path != DEFAULT_CONFIG_PATH:
+        raise ValueError(f"config file {path} does not exist")
+    for section, key, field_name, kind in _KEYS:
+        if parser.has_option(section, key):
+            raw = parser.get(section, key)
+            try:
+                values[field_name] = kind(raw)
+            except ValueError:
+                raise ValueError(f"[{section}] {key} = {raw!r} is not a valid {kind.__name__}") from None
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    config = Config(**values)
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Raise ValueError naming the first key whose value makes no sense."""
+    if not protocol.MIN_CHUNK_BYTES <= config.chunk_size_bytes <= protocol.MAX_CHUNK_BYTES:
+        raise ValueError(f"chunk_size_bytes must be {protocol.MIN_CHUNK_BYTES}..{protocol.MAX_CHUNK_BYTES}")
+    if config.replication < 1:
+        raise ValueError("replication must be at least 1")
+    if config.batch_bytes < config.chunk_size_bytes:
+        raise ValueError("batch_bytes must be at least chunk_size_bytes")
+    batch_body = config.chunks_per_batch * (config.chunk_size_bytes + protocol.CRC_BYTES)
+    if batch_body > protocol.MAX_BODY_BYTES:
+        raise ValueError(f"batch_bytes too large: a batch frame would exceed {protocol.MAX_BODY_BYTES} bytes")
+    for name in ("heartbeat_interval_s", "dead_after_s", "io_timeout_s", "lock_wait_s"):
+        if getattr(config, name) <= 0:
+            raise ValueError(f"{name} must be positive")
+    if config.dead_after_s <= config.heartbeat_interval_s:
+        raise ValueError("dead_after_s must be larger than heartbeat_interval_s")
+    if config.capacity_bytes <= 0:
+        raise ValueError("capacity_bytes must be positive")
+    if config.checkpoint_every < 1:
+        raise ValueError("checkpoint_every must be at least 1")
+    for name in ("node_master", "client_master"):
+        parse_address(getattr(config, name), name)
+
+
+def parse_address(text: str, what: str = "address") -> tuple[str, int]:
+    """'HOST:PORT' -> (host, port); raises ValueError saying what was wrong."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{what} {text!r} is not HOST:PORT")
+    try:
+        port_number = int(port)
+    except ValueError:
+        raise ValueError(f"{what} {text!r} has a bad port") from None
+    if not 0 <= port_number <= 65535:
+        raise ValueError(f"{what} {text!r} has a bad port")
+    return host.strip("[]"), port_number
+
+
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags every program shares."""
+    parser.add_argument("--config", metavar="PATH", help="config file (default: config.ini beside the program)")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+

@@ -1,0 +1,503 @@
+"""The master: namespace, node registry, placement, and the client protocol.
+
+The master owns every name.  Clients stream files to it; it cuts them into
+chunks, sends each batch of chunks to ``replication`` distinct live nodes
+(transfers.py), and only when every chunk is fsynced on its nodes does it
+commit the file with one fsynced record in its metadata log
+(metadata_log.py, namespace.py).  Downloads stream the committed version
+back from whichever replica answers with good CRCs.
+
+Locks: the node table has its own lock, held for dictionary updates only;
+the namespace is changed only by the log's ordered apply; per-name write
+locks (``NameLocks``) serialize writers of one name, first come first
+served, and readers take no lock at all.  No lock is ever held across
+network I/O.
+
+Deleted and replaced versions are collected lazily: the master asks the
+nodes to drop the old blob in the background and retries a node that is
+unreachable for as long as the master runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import config as config_module
+import protocol
+import transport
+import transfers
+from metadata_log import MetadataLog
+from namespace import Namespace, NameLocks
+
+logger = logging.getLogger("master")
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+EXIT_START_FAILED = 3
+
+# Idle connections kept per node address for reuse.
+_POOL_IDLE_PER_NODE = 16
+# Seconds between retries of garbage collection on unreachable nodes.
+_GC_RETRY_S = 5.0
+
+
+@dataclass
+class NodeState:
+    """What the master knows of one storage node (guarded by Master._nodes_lock)."""
+
+    node_id: str
+    address: tuple[str, int]
+    capacity_bytes: int = 0
+    used_bytes: int = 0
+    chunks: int = 0
+    last_heard: float | None = None  # monotonic seconds; None = not heard since start
+    reserved_bytes: int = 0  # bytes being uploaded to it right now
+
+    def alive(self, now: float, dead_after_s: float) -> bool:
+        return self.last_heard is not None and now - self.last_heard <= dead_after_s
+
+    @property
+    def free_bytes(self) -> int:
+        return self.capacity_bytes - self.used_bytes - self.reserved_bytes
+
+
+class NodePool:
+    """Reusable connections to nodes, keyed by address.
+
+    ``acquire`` returns an idle connection or opens one; ``release`` keeps a
+    healthy one for the next caller and closes a broken one.  A connection is
+    used by one thread at a time.
+    """
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._idle: dict[tuple, list] = defaultdict(list)
+
+    def acquire(self, address: tuple[str, int]) -> transport.Connection:
+        with self._lock:
+            idle = self._idle.get(address)
+            if idle:
+                return idle.pop()
+        return transport.Connection(address, "master", self.timeout_s)
+
+    def release(self, conn: transport.Connection) -> None:
+        if not conn.broken:
+            with self._lock:
+                idle = self._idle[conn.address]
+                if len(idle) < _POOL_IDLE_PER_NODE:
+                    idle.append(conn)
+                    return
+        conn.close()
+
+    def discard_address(self, address: tuple[str, int]) -> None:
+        with self._lock:
+            idle = self._idle.pop(address, [])
+        for conn in idle:
+            conn.close()
+
+
+class Master:
+    """The master's state and operations; the handler only translates frames.
+
+    Collaborators can be passed in for tests: ``clock`` (monotonic seconds).
+    """
+
+    def __init__(self, config: config_module.Config, data_dir: str, clock=time.monotonic):
+        self.config = config
+        self.clock = clock
+        self.namespace = Namespace()
+        self.log = MetadataLog(data_dir, self.namespace, checkpoint_every=config.checkpoint_every)
+        self.log.open()
+        self.locks = NameLocks()
+        self.pool = NodePool(config.io_timeout_s)
+        self._nodes_lock = threading.Lock()
+        self._nodes: dict[str, NodeState] = {
+            node_id: NodeState(node_id, config_module.parse_address(info["address"]))
+            for node_id, info in self.namespace.nodes.items()
+        }
+        self._garbage: dict[str, set[str]] = defaultdict(set)  # node_id -> blobs to delete
+        self._garbage_cond = threading.Condition()
+        self._stop = threading.Event()
+        self._gc_thread = threading.Thread(target=self._gc_loop, name="gc", daemon=True)
+
+    def start(self) -> None:
+        self._gc_thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._garbage_cond:
+            self._garbage_cond.notify_all()
+        self.log.close()
+
+    # --- nodes -------------------------------------------------------------------------
+    def register(self, msg: protocol.Register, peer: str) -> None:
+        address = (msg.host, msg.port)
+        address_text = transport.format_address(address)
+        with self._nodes_lock:
+            node = self._nodes.get(msg.node_id)
+            if node is None:
+                node = self._nodes[msg.node_id] = NodeState(msg.node_id, address)
+            old_address, node.address = node.address, address
+            node.capacity_bytes = msg.capacity_bytes
+            node.used_bytes = msg.used_bytes
+            node.chunks = msg.chunks
+            node.last_heard = self.clock()
+        if old_address != address:
+            self.pool.discard_address(old_address)
+        known = self.namespace.nodes.get(msg.node_id)
+        if known is None or known["address"] != address_text:
+            self.log.commit([{"op": "node", "node_id": msg.node_id, "address": address_text}])
+        logger.info("node %s registered from %s at %s (%d chunks, %d bytes)",
+                    msg.node_id, peer, address_text, msg.chunks, msg.used_bytes)
+        with self._garbage_cond:
+            self._garbage_cond.notify_all()  # a returning node may have garbage waiting
+
+    def heartbeat(self, msg: protocol.Heartbeat) -> None:
+        with self._nodes_lock:
+            node = self._nodes.get(msg.node_id)
+            if node is None:
+                raise protocol.RemoteProtocolError(f"node {msg.node_id} heartbeats without registering")
+            node.used_bytes = msg.used_bytes
+            node.chunks = msg.chunks
+            node.last_heard = self.clock()
+
+    def node_address(self, node_id: str) -> tuple[str, int]:
+        with self._nodes_lock:
+            node = self._nodes.get(node_id)
+            if node is None:
+                raise protocol.Unavailable(f"node {node_id} is unknown")
+            return node.address
+
+    def live_nodes(self) -> list[NodeState]:
+        now = self.clock()
+        with self._nodes_lock:
+            return [n for n in self._nodes.values() if n.alive(now, self.config.dead_after_s)]
+
+    def check_writable(self) -> None:
+        """Raise InsufficientNodes unless ``replication`` nodes are alive."""
+        live = len(self.live_nodes())
+        if live < self.config.replication:
+            raise protocol.InsufficientNodes(
+                f"{live} storage node(s) alive, {self.config.replication} needed for replication")
+
+    def choose_replicas(self, nbytes: int, avoid=()) -> list[str]:
+        """``replication`` distinct live nodes with the most free space for ``nbytes``.
+
+        Raises InsufficientNodes if too few are alive, InsufficientSpace if
+        too few of them have room.
+        """
+        now = self.clock()
+        with self._nodes_lock:
+            live = [n for n in self._nodes.values()
+                    if n.alive(now, self.config.dead_after_s) and n.node_id not in avoid]
+            roomy = [n for n in live if n.free_bytes >= nbytes]
+            roomy.sort(key=lambda n: n.free_bytes, reverse=True)
+            chosen = [n.node_id for n in roomy[:self.config.replication]]
+        if len(live) < self.config.replication:
+            raise protocol.InsufficientNodes(
+                f"{len(live)} storage node(s) alive, {self.config.replication} needed for replication")
+        if len(chosen) < self.config.replication:
+            raise protocol.InsufficientSpace(
+                f"only {len(roomy)} live node(s) have room for {nbytes} more bytes, "
+                f"{self.config.replication} needed")
+        return chosen
+
+    def reserve(self, node_id: str, nbytes: int) -> None:
+        """Count bytes in flight to a node against its free space (negative releases)."""
+        with self._nodes_lock:
+            node = self._nodes.get(node_id)
+            if node is not None:
+                node.reserved_bytes += nbytes
+
+    def read_order(self, node_ids: list[str]) -> list[str]:
+        """Replicas to try for a read: live ones first, least loaded first."""
+        now = self.clock()
+        with self._nodes_lock:
+            def rank(node_id):
+                node = self._nodes.get(node_id)
+                if node is None:
+                    return (2, 0)
+                return (0 if node.alive(now, self.config.dead_after_s) else 1, node.reserved_bytes)
+            return sorted(node_ids, key=rank)
+
+    def note_node_failure(self, node_id: str, exc: protocol.BackupError) -> None:
+        logger.warning("node %s failed a request: %s", node_id, exc)
+
+    def note_bad_replica(self, node_id, name, entry, first, count, exc) -> None:
+        logger.error("bad replica of %r chunks %d..%d on node %s: %s",
+                     name, first, first + count - 1, node_id, exc)
+
+    # --- files -------------------------------------------------------------------------
+    def lock_name(self, name: str, owner: str) -> object:
+        return self.locks.acquire(name, owner, self.config.lock_wait_s)
+
+    def commit_upload(self, name: str, stream: transfers.UploadStream, entry: dict) -> None:
+        """Make an uploaded file visible; the caller holds the name's lock."""
+        previous = self.namespace.files.get(name)
+        self.log.commit([{"op": "put", "name": name, "file": entry}])
+        stream.committed = True
+        if previous is not None:
+            self._collect_entry(previous)
+        logger.info("stored %r: %d bytes, %d chunks, version %s", name, entry["size"], entry["chunks"],
+                    entry["version"])
+
+    def delete(self, name: str, owner: str) -> None:
+        token = self.lock_name(name, owner)
+        try:
+            entry = self.namespace.lookup(name)
+            self.log.commit([{"op": "delete", "name": name}])
+        finally:
+            self.locks.release(name, token)
+        self._collect_entry(entry)
+        logger.info("deleted %r (version %s)", name, entry["version"])
+
+    def status(self) -> protocol.StatusReply:
+        now = self.clock()
+        with self._nodes_lock:
+            nodes = [{
+                "id": n.node_id,
+                "address": transport.format_address(n.address),
+                "alive": n.alive(now, self.config.dead_after_s),
+                "last_heard_s": None if n.last_heard is None else round(now - n.last_heard, 1),
+                "capacity_bytes": n.capacity_bytes,
+                "used_bytes": n.used_bytes,
+                "chunks": n.chunks,
+            } for n in sorted(self._nodes.values(), key=lambda n: n.node_id)]
+        files = list(self.namespace.files.values())
+        totals = {
+            "nodes": len(nodes),
+            "nodes_alive": sum(1 for n in nodes if n["alive"]),
+            "files": len(files),
+            "file_bytes": sum(f["size"] for f in files),
+            "used_bytes": sum(n["used_bytes"] for n in nodes),
+            "chunks": sum(n["chunks"] for n in nodes),
+            "replication": self.config.replication,
+        }
+        return protocol.StatusReply(nodes=nodes, totals=totals)
+
+    # --- garbage ----------------------------------------------------------------------
+    def _collect_entry(self, entry: dict) -> None:
+        nodes = {node_id for _, _, node_ids in entry["runs"] for node_id in node_ids}
+        self.collect_garbage(entry["version"], nodes)
+
+    def collect_garbage(self, blob: str, node_ids) -> None:
+        """Ask ``node_ids`` to drop ``blob`` soon (in the background, with retries)."""
+        with self._garbage_cond:
+            for node_id in node_ids:
+                self._garbage[node_id].add(blob)
+            self._garbage_cond.notify_all()
+
+    def _gc_loop(self) -> None:
+        while not self._stop.is_set():
+            with self._garbage_cond:
+                while not self._garbage and not self._stop.is_set():
+                    self._garbage_cond.wait()
+                work = dict(self._garbage)
+                self._garbage.clear()
+            failed = False
+            for node_id, blobs in work.items():
+                try:
+                    conn = self.pool.acquire(self.node_address(node_id))
+                    try:
+                        conn.request(protocol.DeleteBlobs(blobs=sorted(blobs)), protocol.BlobsDeleted)
+                    finally:
+                        self.pool.release(conn)
+                except protocol.BackupError as exc:
+                    logger.debug("garbage for node %s deferred: %s", node_id, exc)
+                    failed = True
+                    with self._garbage_cond:
+                        self._garbage[node_id] |= blobs
+                except Exception:
+                    logger.exception("garbage collection on node %s failed", node_id)
+            if failed:
+                self._stop.wait(_GC_RETRY_S)
+
+
+class MasterHandler(transport.RequestHandler):
+    """Client and node requests to the master."""
+
+    @property
+    def master(self) -> Master:
+        return self.server.master
+
+    # --- nodes ---
+    def do_REGISTER(self, msg: protocol.Register) -> None:
+        self.master.register(msg, self.peer)
+        self.reply(protocol.Registered())
+
+    def do_HEARTBEAT(self, msg: protocol.Heartbeat) -> None:
+        self.master.heartbeat(msg)
+        self.reply(protocol.HeartbeatOk())
+
+    # --- clients ---
+    def do_UPLOAD_BEGIN(self, msg: protocol.UploadBegin) -> None:
+        """Receive one upload: stream it to the nodes, commit, reply once."""
+        try:
+            name = protocol.validate_name(msg.name)
+            self.master.check_writable()
+            token = self.master.lock_name(name, self.peer)
+        except protocol.BackupError as exc:
+            self.reply(protocol.error_message(exc))
+            self._skip_upload()
+            return
+        stream = transfers.UploadStream(self.master, name)
+        try:
+            self._receive_upload(stream, msg)
+        finally:
+            stream.close()
+            self.master.locks.release(name, token)
+
+    def _receive_upload(self, stream: transfers.UploadStream, begin: protocol.UploadBegin) -> None:
+        frame = None
+        try:
+            while True:
+                space = stream.free_space()
+                frame = self.next_message(body_buffer=space)
+                if frame is None:
+                    logger.info("%s: disconnected mid-upload of %r; nothing committed", self.peer, stream.name)
+                    return
+                if isinstance(frame, protocol.Data):
+                    if len(frame.body) <= len(space):
+                        stream.filled(len(frame.body))  # read_message put it in place
+                    else:
+                        stream.write(frame.body)
+                elif isinstance(frame, protocol.UploadEnd):
+                    entry = stream.finish(frame.sha256)
+                    self.master.commit_upload(stream.name, stream, entry)
+                    self.reply(protocol.Uploaded(name=stream.name, size=entry["size"], chunks=entry["chunks"],
+                                                 sha256=entry["sha256"], version=entry["version"],
+                                                 tag=begin.tag))
+                    return
+                elif isinstance(frame, protocol.UploadAbort):
+                    logger.info("%s: aborted upload of %r; nothing committed", self.peer, stream.name)
+                    return
+                else:
+                    raise protocol.RemoteProtocolError(f"{frame.OP} inside an upload")
+        except protocol.RemoteProtocolError:
+            raise
+        except protocol.BackupError as exc:
+            logger.warning("%s: upload of %r failed: %s", self.peer, stream.name, exc)
+            self.reply(protocol.error_message(exc))
+            if not isinstance(frame, protocol.UploadEnd):
+                self._skip_upload()
+
+    def _skip_upload(self) -> None:
+        """Discard the rest of a failed upload's frames, up to its end."""
+        while True:
+            frame = self.next_message()
+            if frame is None or isinstance(frame, (protocol.UploadEnd, protocol.UploadAbort)):
+                return
+            if not isinstance(frame, protocol.Data):
+                raise protocol.RemoteProtocolError(f"{frame.OP} inside an upload")
+
+    def do_DOWNLOAD(self, msg: protocol.Download) -> None:
+        entry = self.master.namespace.lookup(protocol.validate_name(msg.name))
+        size = entry["size"]
+        if msg.offset < 0 or msg.offset > size:
+            raise protocol.RemoteProtocolError(f"offset {msg.offset} is outside the file (size {size})")
+        length = size - msg.offset if msg.length < 0 else min(msg.length, size - msg.offset)
+        self.reply(protocol.FileInfo(name=msg.name, size=size, chunks=entry["chunks"], sha256=entry["sha256"],
+                                     mtime=entry["mtime"], version=entry["version"],
+                                     offset=msg.offset, length=length), flush=False)
+        try:
+            for piece in transfers.read_range(self.master, msg.name, entry, msg.offset, length):
+                self.reply(protocol.Data(body=piece), flush=False)
+        except protocol.BackupError as exc:
+            logger.error("%s: download of %r failed: %s", self.peer, msg.name, exc)
+            self.reply(protocol.error_message(exc))
+            return
+        self.reply(protocol.DataEnd())
+
+    def do_DELETE(self, msg: protocol.Delete) -> None:
+        name = protocol.validate_name(msg.name)
+        self.master.delete(name, self.peer)
+        self.reply(protocol.Deleted(name=name))
+
+    def do_LIST(self, msg: protocol.List) -> None:
+        entries = self.master.namespace.listing(msg.prefix)
+        for start in range(0, max(len(entries), 1), protocol.LIST_PAGE_ENTRIES):
+            page = [{"name": name, "size": e["size"], "chunks": e["chunks"], "mtime": e["mtime"]}
+                    for name, e in entries[start:start + protocol.LIST_PAGE_ENTRIES]]
+            done = start + protocol.LIST_PAGE_ENTRIES >= len(entries)
+            self.reply(protocol.ListPage(entries=page, done=done), flush=done)
+
+    def do_STATUS(self, msg: protocol.Status) -> None:
+        self.reply(self.master.status())
+
+
+def make_server(master: Master, host: str, port: int) -> transport.Server:
+    config = master.config
+    server = transport.Server(
+        (host, port), MasterHandler, server_id="master",
+        io_timeout_s=config.io_timeout_s,
+        # Nodes heartbeat on an open connection; clients may think between
+        # requests.  Past this an idle connection is closed.
+        idle_timeout_s=max(config.io_timeout_s, 300.0))
+    server.master = master
+    return server
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Run the master of the backup system.")
+    config_module.add_common_flags(parser)
+    parser.add_argument("--host", help="address to listen on (default from config)")
+    parser.add_argument("--port", type=int, help="port to listen on; 0 = any free port")
+    parser.add_argument("--data-dir", help="directory for the metadata log and checkpoint")
+    parser.add_argument("--dead-after", type=float, metavar="S", help="seconds of silence before a node is dead")
+    parser.add_argument("--heartbeat-interval", type=float, metavar="S",
+                        help="seconds between node heartbeats (checked against --dead-after)")
+    parser.add_argument("--io-timeout", type=float, metavar="S", help="seconds a network read or write may take")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_arg_parser().parse_args(argv)
+    try:
+        config = config_module.load_config(
+            args.config, master_host=args.host, master_port=args.port, master_data_dir=args.data_dir,
+            dead_after_s=args.dead_after, heartbeat_interval_s=args.heartbeat_interval,
+            io_timeout_s=args.io_timeout)
+    except ValueError as exc:
+        print(f"master: bad configuration: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s master %(levelname)s %(name)s: %(message)s")
+    try:
+        master = Master(config, config.master_data_dir)
+    except Exception as exc:  # a metadata problem must stop the start, loudly
+        logger.exception("cannot load metadata from %s", config.master_data_dir)
+        print(f"master: cannot load metadata from {config.master_data_dir}: {exc}", file=sys.stderr)
+        return EXIT_START_FAILED
+    try:
+        server = make_server(master, config.master_host, config.master_port)
+    except OSError as exc:
+        print(f"master: cannot listen on {config.master_host}:{config.master_port}: {exc.strerror}",
+              file=sys.stderr)
+        return EXIT_START_FAILED
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(EXIT_OK))
+    master.start()
+    logger.info("serving %s with %d files from %s", server.address_text, len(master.namespace.files),
+                os.path.abspath(config.master_data_dir))
+    print(f"listening on {server.address_text}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        master.stop()
+        logger.info("stopped")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

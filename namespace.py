@@ -1,0 +1,150 @@
+"""The master's namespace: a deterministic state machine fed by log records.
+
+Nothing changes the namespace but ``apply`` of a record that the metadata
+log has made durable (metadata_log.py drives it).  That keeps recovery
+(replay the log) and, later, replication to standby masters (ship the log)
+the same code path as normal operation.
+
+Records (JSON objects; the log adds the index ``"i"``):
+
+    {"op": "put", "name": N, "file": ENTRY}      store or replace a file
+    {"op": "delete", "name": N}                  remove a file
+    {"op": "node", "node_id": ID, "address": A}  remember where a node lives
+
+A file ENTRY::
+
+    {"size": bytes, "chunks": n, "chunk_size": bytes, "sha256": hex,
+     "mtime": unix seconds, "version": blob id,
+     "runs": [[first_chunk, count, [node_id, ...]], ...]}
+
+Placement is kept as runs of consecutive chunks on the same replica set, so
+a 1 GiB file costs a few kilobytes, not one entry per chunk.  Entries are
+never mutated after they are applied, only replaced; ``snapshot`` can
+therefore hand out shallow copies that the log serializes while commits go
+on.  Readers use ``get``/``items`` without a lock: a dict lookup or copy is
+atomic under the GIL, so readers never wait for writers.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+import time
+from collections import deque
+
+import protocol
+
+
+class Namespace:
+    """Files and known node addresses.  See the module docstring."""
+
+    def __init__(self):
+        self.files: dict[str, dict] = {}
+        self.nodes: dict[str, dict] = {}
+
+    # --- the state machine (driven by MetadataLog) --------------------------------
+    def apply(self, record: dict) -> None:
+        op = record["op"]
+        if op == "put":
+            self.files[record["name"]] = record["file"]
+        elif op == "delete":
+            self.files.pop(record["name"], None)
+        elif op == "node":
+            self.nodes[record["node_id"]] = {"address": record["address"]}
+        else:
+            raise ValueError(f"unknown record op {op!r}")
+
+    def snapshot(self) -> dict:
+        return {"files": dict(self.files), "nodes": dict(self.nodes)}
+
+    def restore(self, snapshot: dict) -> None:
+        self.files = dict(snapshot.get("files", {}))
+        self.nodes = dict(snapshot.get("nodes", {}))
+
+    # --- reads (no lock) -----------------------------------------------------------
+    def lookup(self, name: str) -> dict:
+        entry = self.files.get(name)
+        if entry is None:
+            raise protocol.FileNotFound(f"no file named {name!r}")
+        return entry
+
+    def listing(self, prefix: str = "") -> list[tuple[str, dict]]:
+        """(name, entry) pairs whose name starts with ``prefix``, sorted by name."""
+        names = sorted(self.files)  # copy under the GIL; sorting runs unlocked
+        if prefix:
+            start = bisect.bisect_left(names, prefix)
+            end = start
+            while end < len(names) and names[end].startswith(prefix):
+                end += 1
+            names = names[start:end]
+        files = self.files
+        return [(name, files[name]) for name in names if name in files]
+
+
+def make_entry(size: int, chunk_size: int, sha256: str, version: str, runs: list) -> dict:
+    """A file entry as stored in the namespace (see the module docstring)."""
+    return {
+        "size": size,
+        "chunks": (size + chunk_size - 1) // chunk_size,
+        "chunk_size": chunk_size,
+        "sha256": sha256,
+        "mtime": round(time.time(), 3),
+        "version": version,
+        "runs": runs,
+    }
+
+
+def add_run(runs: list, first: int, count: int, node_ids: list[str]) -> None:
+    """Append chunks [first, first+count) on ``node_ids``, merging with the last run."""
+    if runs:
+        last_first, last_count, last_nodes = runs[-1]
+        if last_first + last_count == first and last_nodes == node_ids:
+            runs[-1] = [last_first, last_count + count, last_nodes]
+            return
+    runs.append([first, count, list(node_ids)])
+
+
+class NameLocks:
+    """Exclusive per-name write locks, granted first-come first-served.
+
+    ``acquire`` queues the caller behind earlier writers of the same name and
+    returns a token once it is at the head; ``release`` passes the lock on.
+    Readers never use this.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._queues: dict[str, deque] = {}
+
+    def acquire(self, name: str, owner: str, timeout_s: float) -> object:
+        token = (owner, time.time())
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            queue = self._queues.setdefault(name, deque())
+            queue.append(token)
+            while queue[0] is not token:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    queue.remove(token)
+                    holder, since = queue[0]
+                    self._cond.notify_all()
+                    raise protocol.FileLocked(
+                        f"{name!r} is being written by {holder} since "
+                        f"{time.strftime('%H:%M:%S', time.localtime(since))}")
+                self._cond.wait(remaining)
+        return token
+
+    def release(self, name: str, token: object) -> None:
+        with self._cond:
+            queue = self._queues[name]
+            assert queue[0] is token, "released a lock that was not held"
+            queue.popleft()
+            if not queue:
+                del self._queues[name]
+            self._cond.notify_all()
+
+    def held(self) -> list[dict]:
+        """Held locks and their queues, for status views."""
+        with self._cond:
+            return [{"name": name, "holder": q[0][0], "since": q[0][1], "waiting": [o for o, _ in list(q)[1:]]}
+                    for name, q in self._queues.items()]

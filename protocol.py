@@ -1,0 +1,799 @@
+"""Wire protocol of the backup system: framing, messages, error codes, limits.
+
+This module is sans-IO: it turns messages into bytes and bytes into messages
+and never touches a socket, a thread or a clock.  The only I/O helpers,
+``read_message`` and ``write_message``, work on any file-like object, so a
+socket's ``makefile()`` and an ``io.BytesIO`` are interchangeable.
+
+Frame layout (all integers unsigned big-endian)::
+
+    +----------------+---------------------------+------------------------+
+    | 4 bytes: H     | H bytes: header           | B bytes: body          |
+    | header length  | UTF-8 JSON object         | opaque binary (B >= 0) |
+    +----------------+---------------------------+------------------------+
+
+The header is a JSON object with the operation in ``"op"``, the message's
+fields, and, when the frame has a body, its length in ``"body"``.  Example,
+the frame that carries 3 bytes of file data::
+
+    b'\\x00\\x00\\x00\\x16{"op":"DATA","body":3}abc'
+
+Bodies carry file data and nothing else, so a byte of file data is never
+escaped, parsed or copied into a Python object per chunk.  A body that
+carries chunks (``PUT_CHUNKS``, ``CHUNK_DATA``) starts with one CRC32 per
+chunk (4 bytes each, big-endian) followed by the chunk payloads back to back.
+
+Every limit below is checked *before* anything of that size is allocated, so
+a hostile length field costs the reader nothing.  A frame that breaks the
+rules raises ``RemoteProtocolError``; servers answer it with an ``ERROR``
+frame and close the connection.
+
+Left out on purpose: compression (backups are often already compressed) and
+multiplexing (one request at a time per connection, pipelined in order).
+"""
+
+from __future__ import annotations
+
+import array
+import dataclasses
+import json
+import sys
+import typing
+import unicodedata
+import zlib
+from dataclasses import dataclass, field
+
+PROTOCOL_VERSION = 1
+
+# --- limits ---------------------------------------------------------------
+# A header holds metadata only (names, counts, a page of a listing), never
+# file data; 256 KiB fits a page of ~1,000 listing entries with long names
+# and keeps a hostile header from costing a server more than that.
+MAX_HEADER_BYTES = 256 * 1024
+# A body holds at most one batch of chunks plus its CRCs.  Batches are about
+# 1 MiB; 16 MiB leaves room for a larger configured batch while bounding
+# what one frame can make a server allocate.
+MAX_BODY_BYTES = 16 * 1024 * 1024
+# Names are keys, not paths; 1024 bytes of UTF-8 is what POSIX PATH_MAX-era
+# tools expect and is plenty for "dir/sub/file" backups.
+MAX_NAME_BYTES = 1024
+# Chunks larger than a batch make no sense; smaller than 64 bytes would make
+# per-chunk CRCs dominate the data.
+MIN_CHUNK_BYTES = 64
+MAX_CHUNK_BYTES = 4 * 1024 * 1024
+# Entries per LIST_PAGE frame, sized so a page of maximal names still fits
+# well under MAX_HEADER_BYTES.
+LIST_PAGE_ENTRIES = 100
+
+_PREFIX_BYTES = 4
+CRC_BYTES = 4
+
+
+# --- errors ---------------------------------------------------------------
+class BackupError(Exception):
+    """Base of every error that can cross the wire.
+
+    ``code`` is the wire code sent in ``ERROR`` frames; ``from_code`` maps a
+    received code back to the same class, so an error raised deep inside the
+    master reaches the client as the same type.
+    """
+
+    code = "INTERNAL"
+
+    def __init__(self, message: str = ""):
+        super().__init__(message or self.code)
+        self.message = message or self.code
+
+
+class RemoteProtocolError(BackupError):
+    """The peer sent a frame that breaks the protocol (its fault)."""
+
+    code = "BAD_REQUEST"
+
+
+class LocalProtocolError(BackupError):
+    """We were asked to send something the protocol forbids (our fault)."""
+
+    code = "INTERNAL"
+
+
+class FrameTooLarge(RemoteProtocolError):
+    code = "TOO_LARGE"
+
+
+class UnknownOperation(RemoteProtocolError):
+    code = "UNKNOWN_OP"
+
+
+class InvalidName(BackupError):
+    code = "INVALID_NAME"
+
+
+class FileNotFound(BackupError):
+    code = "FILE_NOT_FOUND"
+
+
+class InsufficientNodes(BackupError):
+    code = "INSUFFICIENT_NODES"
+
+
+class InsufficientSpace(BackupError):
+    code = "INSUFFICIENT_SPACE"
+
+
+class FileLocked(BackupError):
+    code = "FILE_LOCKED"
+
+
+class ChecksumMismatch(BackupError):
+    code = "CHECKSUM_MISMATCH"
+
+
+class ChunkNotFound(BackupError):
+    """A node does not hold the chunks it was asked for."""
+
+    code = "CHUNK_NOT_FOUND"
+
+
+class DataLost(BackupError):
+    """Every replica of some chunk of a file is gone or corrupt."""
+
+    code = "DATA_LOST"
+
+
+class Timeout(BackupError):
+    code = "TIMEOUT"
+
+
+class Unavailable(BackupError):
+    """A peer could not be reached or went away mid-operation."""
+
+    code = "UNAVAILABLE"
+
+
+class AuthFailed(BackupError):
+    code = "AUTH_FAILED"
+
+
+class VersionMismatch(BackupError):
+    code = "VERSION_MISMATCH"
+
+
+_ERRORS_BY_CODE: dict[str, type[BackupError]] = {}
+for _cls in list(globals().values()):
+    if isinstance(_cls, type) and issubclass(_cls, BackupError):
+        # The most specific class wins for codes shared by a base and a child
+        # (BAD_REQUEST): the base is registered first in definition order.
+        _ERRORS_BY_CODE.setdefault(_cls.code, _cls)
+_ERRORS_BY_CODE["INTERNAL"] = BackupError
+
+
+def error_from_code(code: str, message: str) -> BackupError:
+    """The exception a received ERROR frame stands for."""
+    return _ERRORS_BY_CODE.get(code, BackupError)(message)
+
+
+# --- names ----------------------------------------------------------------
+def validate_name(name: str) -> str:
+    """Return ``name`` if it is a valid stored-file name, else raise InvalidName.
+
+    Names are opaque keys: slashes, spaces and any non-control Unicode are
+    fine.  Refused: empty, longer than MAX_NAME_BYTES in UTF-8, containing
+    NUL or any other control character (they break terminals and listings).
+    """
+    if not isinstance(name, str) or not name:
+        raise InvalidName("name is empty")
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidName("name is not valid Unicode") from None
+    if len(encoded) > MAX_NAME_BYTES:
+        raise InvalidName(f"name is {len(encoded)} bytes, the limit is {MAX_NAME_BYTES}")
+    for ch in name:
+        if unicodedata.category(ch) == "Cc":
+            raise InvalidName(f"name contains control character {ch!r}")
+    return name
+
+
+# --- checksums ------------------------------------------------------------
+def chunk_crcs(payload, chunk_size: int) -> array.array:
+    """CRC32 of each ``chunk_size`` slice of ``payload`` (last may be short).
+
+    Returns an ``array('I')`` in host order: one machine word per chunk, not
+    one Python object.
+    """
+    view = memoryview(payload)
+    crc32 = zlib.crc32
+    return array.array("I", [crc32(view[i:i + chunk_size]) for i in range(0, len(view), chunk_size)])
+
+
+def crcs_to_bytes(crcs: array.array) -> bytes:
+    """Big-endian wire form of a CRC array."""
+    if sys.byteorder == "little":
+        crcs = array.array("I", crcs)
+        crcs.byteswap()
+    return crcs.tobytes()
+
+
+def crcs_from_bytes(data) -> array.array:
+    """Inverse of ``crcs_to_bytes``."""
+    crcs = array.array("I")
+    crcs.frombytes(data)
+    if sys.byteorder == "little":
+        crcs.byteswap()
+    return crcs
+
+
+def split_chunk_body(body, count: int) -> tuple[memoryview, memoryview]:
+    """Split a chunk-carrying body into (crc bytes, payload).
+
+    Raises RemoteProtocolError if the body is too short for ``count`` CRCs.
+    """
+    view = memoryview(body)
+    crc_len = count * CRC_BYTES
+    if count < 0 or len(view) < crc_len:
+        raise RemoteProtocolError(f"body of {len(view)} bytes cannot hold {count} CRCs")
+    return view[:crc_len], view[crc_len:]
+
+
+def verify_chunks(payload, crc_bytes, chunk_size: int) -> int:
+    """Index of the first chunk whose CRC32 differs, or -1 if all match."""
+    expected = crcs_from_bytes(crc_bytes)
+    actual = chunk_crcs(payload, chunk_size)
+    if len(actual) != len(expected):
+        return min(len(actual), len(expected))
+    if actual == expected:
+        return -1
+    for index, (want, got) in enumerate(zip(expected, actual)):
+        if want != got:
+            return index
+    return -1  # unreachable: arrays differ, so some pair differs
+
+
+# --- messages -------------------------------------------------------------
+_MESSAGES: dict[str, type["Message"]] = {}
+
+
+@dataclass(frozen=True)
+class Message:
+    """Base of all messages.  Subclasses set ``OP`` and are registered.
+
+    A subclass with ``HAS_BODY = True`` has a ``body`` field (bytes-like);
+    all other fields travel in the JSON header.
+    """
+
+    OP: typing.ClassVar[str] = ""
+    HAS_BODY: typing.ClassVar[bool] = False
+
+
+def message(cls):
+    """Class decorator: make ``cls`` a frozen dataclass and register its OP."""
+    cls = dataclass(frozen=True)(cls)
+    if cls.OP in _MESSAGES:
+        raise LocalProtocolError(f"duplicate op {cls.OP}")
+    hints = typing.get_type_hints(cls)
+    cls._FIELDS = tuple(
+        (f.name, _wire_type(hints[f.name]), f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+        for f in dataclasses.fields(cls)
+        if f.name != "body"
+    )
+    _MESSAGES[cls.OP] = cls
+    return cls
+
+
+def _wire_type(hint) -> tuple[type, ...]:
+    """JSON types a field of this annotation may take on the wire."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Union or type(hint).__name__ == "UnionType":
+        types: tuple[type, ...] = ()
+        for arg in typing.get_args(hint):
+            types += _wire_type(arg)
+        return types
+    if hint is type(None):
+        return (type(None),)
+    base = origin or hint
+    if base is float:
+        return (int, float)
+    return (base,)
+
+
+# Handshake -----------------------------------------------------------------
+@message
+class Hello(Message):
+    """First frame on every connection: who is calling, in which version."""
+
+    OP = "HELLO"
+    version: int
+    role: str  # "client", "node" or "master"
+
+
+@message
+class HelloOk(Message):
+    OP = "HELLO_OK"
+    version: int
+    server_id: str
+
+
+@message
+class Error(Message):
+    """The reply to a request that failed; ``code`` is a BackupError code."""
+
+    OP = "ERROR"
+    code: str
+    message: str
+
+
+# Client -> master --------------------------------------------------------------
+@message
+class UploadBegin(Message):
+    """Start streaming a file to be stored under ``name``.
+
+    ``DATA`` frames follow, then ``UPLOAD_END`` (or ``UPLOAD_ABORT``).  The
+    master answers each upload with exactly one frame: ``UPLOADED`` or
+    ``ERROR``.  An ``ERROR`` may arrive before the client has sent
+    ``UPLOAD_END`` (e.g. INSUFFICIENT_NODES); the master then ignores the
+    rest of that upload's frames.  ``tag`` is echoed in the reply so a client
+    that pipelines many uploads can match replies to files.
+    """
+
+    OP = "UPLOAD_BEGIN"
+    name: str
+    size: int = -1  # expected size if known, for placement; -1 = unknown
+    tag: int = 0
+
+
+@message
+class Data(Message):
+    """A slice of a file's bytes, in order."""
+
+    OP = "DATA"
+    HAS_BODY = True
+    body: bytes = b""
+
+
+@message
+class UploadEnd(Message):
+    """End of an upload; ``sha256`` (hex) is the client's hash of what it sent."""
+
+    OP = "UPLOAD_END"
+    sha256: str
+
+
+@message
+class UploadAbort(Message):
+    OP = "UPLOAD_ABORT"
+
+
+@message
+class Uploaded(Message):
+    OP = "UPLOADED"
+    name: str
+    size: int
+    chunks: int
+    sha256: str
+    version: str
+    tag: int = 0
+
+
+@message
+class Sync(Message):
+    """Ask the master to commit every pending upload of this connection now.
+
+    A client that pipelines uploads sends it after the last one; the master
+    answers with ``SYNCED`` after the replies of all earlier uploads.
+    """
+
+    OP = "SYNC"
+
+
+@message
+class Synced(Message):
+    OP = "SYNCED"
+
+
+@message
+class Download(Message):
+    """Read ``length`` bytes of ``name`` from ``offset`` (-1 = to the end).
+
+    Reply: ``FILE_INFO``, then ``DATA`` frames, then ``DATA_END``; an
+    ``ERROR`` may replace any of them, after which the stream is over.
+    """
+
+    OP = "DOWNLOAD"
+    name: str
+    offset: int = 0
+    length: int = -1
+
+
+@message
+class FileInfo(Message):
+    OP = "FILE_INFO"
+    name: str
+    size: int
+    chunks: int
+    sha256: str
+    mtime: float
+    version: str
+    offset: int = 0
+    length: int = 0
+
+
+@message
+class DataEnd(Message):
+    OP = "DATA_END"
+
+
+@message
+class Delete(Message):
+    OP = "DELETE"
+    name: str
+
+
+@message
+class Deleted(Message):
+    OP = "DELETED"
+    name: str
+
+
+@message
+class List(Message):
+    """List stored files whose names start with ``prefix``.
+
+    Reply: one or more ``LIST_PAGE`` frames; the last has ``done`` true.
+    """
+
+    OP = "LIST"
+    prefix: str = ""
+
+
+@message
+class ListPage(Message):
+    OP = "LIST_PAGE"
+    entries: list  # [{"name", "size", "chunks", "mtime"}]
+    done: bool
+
+
+@message
+class Status(Message):
+    OP = "STATUS"
+
+
+@message
+class StatusReply(Message):
+    OP = "STATUS_REPLY"
+    nodes: list  # [{"id", "address", "alive", "last_heard_s", "used_bytes", "chunks", ...}]
+    totals: dict
+
+
+# Node -> master ------------------------------------------------------------
+@message
+class Register(Message):
+    """A node announces itself; sent on every (re)connection to the master."""
+
+    OP = "REGISTER"
+    node_id: str
+    host: str
+    port: int
+    capacity_bytes: int
+    used_bytes: int
+    chunks: int
+
+
+@message
+class Registered(Message):
+    OP = "REGISTERED"
+
+
+@message
+class Heartbeat(Message):
+    OP = "HEARTBEAT"
+    node_id: str
+    used_bytes: int
+    chunks: int
+
+
+@message
+class HeartbeatOk(Message):
+    OP = "HEARTBEAT_OK"
+
+
+# Master -> node ------------------------------------------------------------
+@message
+class PutChunks(Message):
+    """Store ``count`` consecutive chunks of blob ``blob`` from ``first``.
+
+    Body: ``count`` CRC32s then the payload, cut every ``chunk_size`` bytes
+    (the last chunk may be short).  The node checks every CRC before it
+    writes.  Reply: ``PUT_OK`` (or ``ERROR``).  The chunks are written but
+    not yet durable; ``FLUSH`` makes them so.
+    """
+
+    OP = "PUT_CHUNKS"
+    HAS_BODY = True
+    blob: str
+    first: int
+    count: int
+    chunk_size: int
+    body: bytes = b""
+
+
+@message
+class PutOk(Message):
+    OP = "PUT_OK"
+    blob: str
+    first: int
+    count: int
+
+
+@message
+class Flush(Message):
+    """Make every chunk written so far durable (fsync).  Reply: ``FLUSHED``."""
+
+    OP = "FLUSH"
+
+
+@message
+class Flushed(Message):
+    OP = "FLUSHED"
+
+
+@message
+class GetChunks(Message):
+    """Read ``count`` chunks of ``blob`` from ``first``.  Reply: ``CHUNK_DATA``."""
+
+    OP = "GET_CHUNKS"
+    blob: str
+    first: int
+    count: int
+
+
+@message
+class ChunkData(Message):
+    """Body: CRC32s then payload, laid out as in ``PUT_CHUNKS``."""
+
+    OP = "CHUNK_DATA"
+    HAS_BODY = True
+    blob: str
+    first: int
+    count: int
+    chunk_size: int
+    body: bytes = b""
+
+
+@message
+class DeleteBlobs(Message):
+    """Forget every chunk of the listed blobs.  Reply: ``BLOBS_DELETED``."""
+
+    OP = "DELETE_BLOBS"
+    blobs: list
+
+
+@message
+class BlobsDeleted(Message):
+    OP = "BLOBS_DELETED"
+    count: int
+
+
+@message
+class NodeStat(Message):
+    """Ask a node for its own view: used bytes and chunk count."""
+
+    OP = "NODE_STAT"
+
+
+@message
+class NodeStatReply(Message):
+    OP = "NODE_STAT_REPLY"
+    node_id: str
+    used_bytes: int
+    chunks: int
+    blobs: int
+
+
+# --- encoding -------------------------------------------------------------
+def encode_header(msg: Message) -> bytes:
+    """Length prefix plus JSON header of ``msg`` (without the body)."""
+    cls = type(msg)
+    if cls.OP not in _MESSAGES:
+        raise LocalProtocolError(f"{cls.__name__} is not a registered message")
+    header = {"op": cls.OP}
+    for name, _types, _required in cls._FIELDS:
+        header[name] = getattr(msg, name)
+    if cls.HAS_BODY:
+        body_len = len(msg.body) if not isinstance(msg.body, memoryview) else msg.body.nbytes
+        if body_len > MAX_BODY_BYTES:
+            raise LocalProtocolError(f"body of {body_len} bytes exceeds {MAX_BODY_BYTES}")
+        if body_len:
+            header["body"] = body_len
+    data = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    if len(data) > MAX_HEADER_BYTES:
+        raise LocalProtocolError(f"header of {len(data)} bytes exceeds {MAX_HEADER_BYTES}")
+    return len(data).to_bytes(_PREFIX_BYTES, "big") + data
+
+
+def encode(msg: Message) -> bytes:
+    """The whole frame of ``msg`` as one bytes object (copies the body)."""
+    head = encode_header(msg)
+    if type(msg).HAS_BODY and msg.body:
+        return head + bytes(msg.body)
+    return head
+
+
+def parse_header_length(prefix: bytes) -> int:
+    """Header length from the 4-byte prefix; raises if out of bounds."""
+    length = int.from_bytes(prefix, "big")
+    if length == 0:
+        raise RemoteProtocolError("empty header")
+    if length > MAX_HEADER_BYTES:
+        raise FrameTooLarge(f"header of {length} bytes exceeds {MAX_HEADER_BYTES}")
+    return length
+
+
+def parse_header(data: bytes) -> tuple[type[Message], dict, int]:
+    """Decode a JSON header into (message class, fields, body length).
+
+    Raises RemoteProtocolError (or a subclass) for anything malformed: bad
+    UTF-8 or JSON, not an object, unknown op, missing, unexpected or
+    mistyped fields, a body on a message without one, an oversized body.
+    """
+    try:
+        header = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise RemoteProtocolError(f"header is not UTF-8 JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise RemoteProtocolError("header is not a JSON object")
+    op = header.pop("op", None)
+    if not isinstance(op, str):
+        raise RemoteProtocolError("header has no op")
+    cls = _MESSAGES.get(op)
+    if cls is None:
+        raise UnknownOperation(f"unknown operation {op[:64]!r}")
+    body_len = header.pop("body", 0)
+    if type(body_len) is not int or body_len < 0:
+        raise RemoteProtocolError("body length is not a non-negative integer")
+    if body_len and not cls.HAS_BODY:
+        raise RemoteProtocolError(f"{op} takes no body")
+    if body_len > MAX_BODY_BYTES:
+        raise FrameTooLarge(f"body of {body_len} bytes exceeds {MAX_BODY_BYTES}")
+    fields = {}
+    for name, types, required in cls._FIELDS:
+        if name not in header:
+            if required:
+                raise RemoteProtocolError(f"{op} lacks field {name!r}")
+            continue
+        value = header.pop(name)
+        # bool is a subclass of int in Python; never accept true for a count.
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise RemoteProtocolError(f"{op} field {name!r} has the wrong type")
+        fields[name] = value
+    if header:
+        raise RemoteProtocolError(f"{op} has unexpected fields {sorted(header)[:5]}")
+    return cls, fields, body_len
+
+
+def _build(cls: type[Message], fields: dict, body) -> Message:
+    if cls.HAS_BODY:
+        return cls(**fields, body=body)
+    return cls(**fields)
+
+
+NEED_DATA = object()
+"""Returned by ``FrameDecoder.next_message`` until a whole frame is buffered."""
+
+
+class FrameDecoder:
+    """Incremental decoder: feed it bytes, take whole messages out.
+
+    Never blocks and never touches a socket.  Limits are checked as soon as a
+    length is known, before the bytes it announces have arrived.
+    """
+
+    def __init__(self):
+        self._buffer = bytearray()
+        self._pending: tuple[type[Message], dict, int] | None = None
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    def next_message(self):
+        """A Message, or NEED_DATA; raises RemoteProtocolError on bad input."""
+        if self._pending is None:
+            if len(self._buffer) < _PREFIX_BYTES:
+                return NEED_DATA
+            header_len = parse_header_length(bytes(self._buffer[:_PREFIX_BYTES]))
+            if len(self._buffer) < _PREFIX_BYTES + header_len:
+                return NEED_DATA
+            header = bytes(self._buffer[_PREFIX_BYTES:_PREFIX_BYTES + header_len])
+            self._pending = parse_header(header)
+            del self._buffer[:_PREFIX_BYTES + header_len]
+        cls, fields, body_len = self._pending
+        if len(self._buffer) < body_len:
+            return NEED_DATA
+        body = bytes(self._buffer[:body_len])
+        del self._buffer[:body_len]
+        self._pending = None
+        return _build(cls, fields, body)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as messages."""
+        return len(self._buffer)
+
+
+# --- blocking I/O over file-like objects ------------------------------------
+def _read_exact(rfile, size: int) -> bytes:
+    data = rfile.read(size)
+    if data is None or len(data) != size:
+        raise RemoteProtocolError(f"connection closed mid-frame ({len(data or b'')} of {size} bytes)")
+    return data
+
+
+def _read_into(rfile, view: memoryview) -> None:
+    got = 0
+    while got < len(view):
+        n = rfile.readinto(view[got:])
+        if not n:
+            raise RemoteProtocolError(f"connection closed mid-body ({got} of {len(view)} bytes)")
+        got += n
+
+
+def read_message(rfile, body_buffer: bytearray | None = None) -> Message | None:
+    """Read one message from a binary file-like object; None at a clean EOF.
+
+    If ``body_buffer`` is given and large enough, the body is read straight
+    into it and the message carries a memoryview of it: valid only until the
+    next read with the same buffer.  Otherwise a new bytearray is allocated
+    (its size was already checked against MAX_BODY_BYTES).
+    """
+    prefix = rfile.read(_PREFIX_BYTES)
+    if not prefix:
+        return None
+    if len(prefix) != _PREFIX_BYTES:
+        rest = rfile.read(_PREFIX_BYTES - len(prefix)) or b""
+        prefix += rest
+        if len(prefix) != _PREFIX_BYTES:
+            raise RemoteProtocolError("connection closed mid-frame (in length prefix)")
+    header_len = parse_header_length(prefix)
+    cls, fields, body_len = parse_header(_read_exact(rfile, header_len))
+    body = b""
+    if body_len:
+        if body_buffer is not None and len(body_buffer) >= body_len:
+            body = memoryview(body_buffer)[:body_len]
+        else:
+            body = memoryview(bytearray(body_len))
+        _read_into(rfile, body)
+    return _build(cls, fields, body)
+
+
+def write_message(wfile, msg: Message, flush: bool = True) -> None:
+    """Write one message; the body is written as is, without a copy.
+
+    ``wfile`` must write whole buffers (a ``BufferedWriter`` such as
+    ``sock.makefile("wb")``, or ``io.BytesIO``).  Pass ``flush=False`` to
+    pipeline several frames and flush once.
+    """
+    wfile.write(encode_header(msg))
+    if type(msg).HAS_BODY and len(msg.body):
+        wfile.write(msg.body)
+    if flush:
+        wfile.flush()
+
+
+def expect(msg: Message | None, cls: type[Message]) -> Message:
+    """Return ``msg`` if it is a ``cls``; raise its error if it is an ERROR.
+
+    The one place where a reply is checked, so every caller treats a closed
+    connection, an error frame and an unexpected message the same way.
+    """
+    if msg is None:
+        raise Unavailable(f"connection closed while waiting for {cls.OP}")
+    if isinstance(msg, cls):
+        return msg
+    if isinstance(msg, Error):
+        raise error_from_code(msg.code, msg.message)
+    raise RemoteProtocolError(f"expected {cls.OP}, got {msg.OP}")
+
+
+def error_message(exc: BackupError) -> Error:
+    """The ERROR frame that reports ``exc``."""
+    return Error(code=exc.code, message=exc.message[:4096])

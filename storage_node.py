@@ -1,0 +1,229 @@
+"""Storage node: keeps chunks on disk and serves them to the master.
+
+A node is deliberately simple.  It owns a ``ChunkStore`` (append-only
+segment files, see chunk_store.py), answers the master's PUT_CHUNKS /
+FLUSH / GET_CHUNKS / DELETE_BLOBS requests, and keeps itself known to the
+master by registering and heartbeating on a connection of its own, which it
+re-opens whenever it drops.  It has no idea which files its chunks belong
+to: names live on the master only.
+
+The node checks every CRC on the way in (a batch corrupted in transit is
+refused, never stored) and on the way out (rotten bytes are reported as
+CHECKSUM_MISMATCH, never served).  Its identity, a random id created on
+first start, is kept in ``node.json`` in its data dir, so a restarted node
+is recognised and its chunks remain reachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import uuid
+
+import config as config_module
+import protocol
+import transport
+from chunk_store import ChunkStore
+from metadata_log import atomic_write_json
+
+logger = logging.getLogger("storage_node")
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+EXIT_START_FAILED = 3
+
+
+class StorageNode:
+    """A node's state: identity, chunk store, and the heartbeat loop.
+
+    Handlers call ``put``, ``flush``, ``get``, ``delete_blobs``; ``start``
+    launches the heartbeat thread; ``stop`` ends it.
+    """
+
+    def __init__(self, config: config_module.Config, data_dir: str, store: ChunkStore | None = None):
+        self.config = config
+        self.data_dir = data_dir
+        os.makedirs(data_dir, mode=0o700, exist_ok=True)
+        self.node_id = self._load_or_create_id()
+        self.store = store or ChunkStore(os.path.join(data_dir, "chunks"), config.segment_max_bytes)
+        self.advertised_address: tuple[str, int] | None = None
+        self._stop = threading.Event()
+        self._heartbeat_thread: threading.Thread | None = None
+
+    def _load_or_create_id(self) -> str:
+        path = os.path.join(self.data_dir, "node.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)["node_id"]
+        except FileNotFoundError:
+            node_id = uuid.uuid4().hex[:12]
+            atomic_write_json(path, {"node_id": node_id})
+            return node_id
+
+    # --- requests from the master -------------------------------------------
+    def put(self, msg: protocol.PutChunks) -> None:
+        crc_bytes, payload = protocol.split_chunk_body(msg.body, msg.count)
+        if self.store.used_bytes + len(payload) > self.config.capacity_bytes:
+            raise protocol.InsufficientSpace(
+                f"node {self.node_id} is full ({self.store.used_bytes} of {self.config.capacity_bytes} bytes used)")
+        try:
+            self.store.put(msg.blob, msg.first, msg.count, msg.chunk_size, crc_bytes, payload)
+        except OSError as exc:
+            raise protocol.InsufficientSpace(f"node {self.node_id} cannot write: {exc.strerror}") from None
+
+    def get(self, msg: protocol.GetChunks) -> protocol.ChunkData:
+        chunk_size, crc_bytes, payload = self.store.get(msg.blob, msg.first, msg.count)
+        return protocol.ChunkData(blob=msg.blob, first=msg.first, count=msg.count,
+                                  chunk_size=chunk_size, body=crc_bytes + payload)
+
+    # --- heartbeats -----------------------------------------------------------
+    def start(self, advertised_address: tuple[str, int]) -> None:
+        self.advertised_address = advertised_address
+        self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        self._heartbeat_thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _heartbeat_loop(self) -> None:
+        """Register with the master, then heartbeat; reconnect on any failure."""
+        master = config_module.parse_address(self.config.node_master, "master")
+        interval = self.config.heartbeat_interval_s
+        connected_before = False
+        while not self._stop.is_set():
+            try:
+                with transport.Connection(master, "node", self.config.io_timeout_s) as conn:
+                    host, port = self.advertised_address
+                    if host in ("", "0.0.0.0", "::"):
+                        # Bound to every interface: advertise the one that reaches the master.
+                        host = conn.sock.getsockname()[0]
+                    conn.request(protocol.Register(
+                        node_id=self.node_id, host=host, port=port,
+                        capacity_bytes=self.config.capacity_bytes,
+                        used_bytes=self.store.used_bytes, chunks=self.store.chunk_count), protocol.Registered)
+                    logger.info("registered with master %s as %s:%d", transport.format_address(master), host, port)
+                    connected_before = True
+                    while not self._stop.wait(interval):
+                        conn.request(protocol.Heartbeat(
+                            node_id=self.node_id, used_bytes=self.store.used_bytes,
+                            chunks=self.store.chunk_count), protocol.HeartbeatOk)
+            except protocol.BackupError as exc:
+                level = logging.WARNING if connected_before else logging.DEBUG
+                logger.log(level, "master %s unreachable, retrying: %s", transport.format_address(master), exc)
+                connected_before = False
+            except Exception:
+                logger.exception("heartbeat loop failed; retrying")
+            self._stop.wait(interval)
+
+
+class NodeHandler(transport.RequestHandler):
+    """The master's requests to this node: thin wrappers over StorageNode."""
+
+    @property
+    def node(self) -> StorageNode:
+        return self.server.node
+
+    def do_PUT_CHUNKS(self, msg: protocol.PutChunks) -> None:
+        self.node.put(msg)
+        # Replies are pipelined by the master; flushing each tiny reply at
+        # once keeps its window moving.
+        self.reply(protocol.PutOk(blob=msg.blob, first=msg.first, count=msg.count))
+
+    def do_FLUSH(self, msg: protocol.Flush) -> None:
+        self.node.store.flush()
+        self.reply(protocol.Flushed())
+
+    def do_GET_CHUNKS(self, msg: protocol.GetChunks) -> None:
+        try:
+            reply = self.node.get(msg)
+        except protocol.ChecksumMismatch as exc:
+            logger.error("corrupt chunk served request from %s: %s", self.peer, exc)
+            raise
+        self.reply(reply)
+
+    def do_DELETE_BLOBS(self, msg: protocol.DeleteBlobs) -> None:
+        if not all(isinstance(blob, str) for blob in msg.blobs):
+            raise protocol.RemoteProtocolError("DELETE_BLOBS takes a list of strings")
+        count = self.node.store.delete_blobs(msg.blobs)
+        self.node.store.flush()
+        if count:
+            logger.info("deleted %d blob(s) at the master's request", count)
+        self.reply(protocol.BlobsDeleted(count=count))
+
+    def do_NODE_STAT(self, msg: protocol.NodeStat) -> None:
+        store = self.node.store
+        self.reply(protocol.NodeStatReply(node_id=self.node.node_id, used_bytes=store.used_bytes,
+                                          chunks=store.chunk_count, blobs=store.blob_count))
+
+
+def make_server(node: StorageNode, host: str, port: int) -> transport.Server:
+    config = node.config
+    server = transport.Server(
+        (host, port), NodeHandler, server_id=node.node_id,
+        io_timeout_s=config.io_timeout_s,
+        # The master keeps its connections to nodes open between requests.
+        idle_timeout_s=max(config.io_timeout_s, 600.0),
+        body_buffer_bytes=config.chunks_per_batch * (config.chunk_size_bytes + protocol.CRC_BYTES))
+    server.node = node
+    return server
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Run a storage node of the backup system.")
+    config_module.add_common_flags(parser)
+    parser.add_argument("--host", help="address to listen on (default from config)")
+    parser.add_argument("--port", type=int, help="port to listen on; 0 = any free port")
+    parser.add_argument("--data-dir", help="directory for chunks and the node id")
+    parser.add_argument("--master", help="master address HOST:PORT")
+    parser.add_argument("--capacity", type=int, metavar="BYTES", help="bytes this node offers")
+    parser.add_argument("--heartbeat-interval", type=float, metavar="S", help="seconds between heartbeats")
+    parser.add_argument("--io-timeout", type=float, metavar="S", help="seconds a network read or write may take")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_arg_parser().parse_args(argv)
+    try:
+        config = config_module.load_config(
+            args.config, node_host=args.host, node_port=args.port, node_data_dir=args.data_dir,
+            node_master=args.master, capacity_bytes=args.capacity,
+            heartbeat_interval_s=args.heartbeat_interval, io_timeout_s=args.io_timeout)
+    except ValueError as exc:
+        print(f"storage_node: bad configuration: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        node = StorageNode(config, config.node_data_dir)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"storage_node: cannot open data dir {config.node_data_dir}: {exc}", file=sys.stderr)
+        return EXIT_START_FAILED
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format=f"%(asctime)s node {node.node_id} %(levelname)s %(name)s: %(message)s")
+    try:
+        server = make_server(node, config.node_host, config.node_port)
+    except OSError as exc:
+        print(f"storage_node: cannot listen on {config.node_host}:{config.node_port}: {exc.strerror}", file=sys.stderr)
+        return EXIT_START_FAILED
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(EXIT_OK))
+    node.start(server.server_address[:2])
+    logger.info("node %s serving %s from %s", node.node_id, server.address_text, config.node_data_dir)
+    print(f"listening on {server.address_text}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        node.stop()
+        server.server_close()
+        node.store.flush()
+        node.store.close()
+        logger.info("stopped")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
