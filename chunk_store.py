@@ -9,16 +9,21 @@ Record layout (all integers unsigned big-endian)::
 
     0      4        magic b"BKR1"
     4      1        kind: 1 = chunks, 2 = tombstone (forget the blob's
-                    chunks written before it)
+                    chunks written before it), 3 = drop (forget the blob's
+                    chunks first..first+count-1 written before it)
     5      1        L, length of the blob id (1..64)
     6      2        reserved, 0
-    8      8        first chunk index
+    8      8        first chunk index   (0 for tombstones)
     16     4        count               (0 for tombstones)
-    20     4        chunk_size          (0 for tombstones)
-    24     8        P, payload length   (0 for tombstones)
+    20     4        chunk_size; for kinds 2 and 3 the segment bound B:
+                    0 = every earlier record, B > 0 = only records in
+                    segments numbered below B (set when compaction carries
+                    the record forward, see compact())
+    24     8        P, payload length   (0 for kinds 2 and 3)
     32     4        CRC32 of bytes 0..31 followed by the blob id (header CRC)
     36     L        blob id, ASCII
-    36+L   4*count  CRC32 of each chunk (wire form of protocol.crcs_to_bytes)
+    36+L   4*count  CRC32 of each chunk (kind 1 only; wire form of
+                    protocol.crcs_to_bytes)
     ..     P        payload: the chunks back to back, the last may be short
 
     +------+-+-+--+-------+-----+----+-----+------+---------+-----------+---------+
@@ -44,10 +49,23 @@ Durability: put() and delete_blobs() write but never fsync; flush() fsyncs
 every segment written since the last flush (and the directory when a segment
 was created), so a node answers FLUSH only once the data is on disk.
 
-Left out: compaction (space of replaced extents and deleted blobs stays on
-disk until then; see ChunkStore._append), Bitcask hint files (the header-only
-scan makes them unnecessary for now), scrubbing (a node-level loop over
-inventory() and get()).
+Compaction (compact()) reclaims the space of replaced extents, deleted blobs
+and dropped extents: it copies the live records of a mostly dead, non-active
+segment to the active one, repoints the index record by record, fsyncs, then
+unlinks the old segment.  Tombstones and drop records are carried forward only
+while an older segment still holds records of their blob; a carried copy gets
+a segment bound so it can never hide chunks put after the original (moving it
+to the tail puts it after them in file order).  Readers pin the descriptors
+they pread from (a reference count), so a compacted segment's descriptor is
+closed only once the last reader is done; the file itself is unlinked at once.
+
+Scrubbing: scrub_step() re-reads a bounded slice of the live extents per call
+and reports those whose payload no longer matches the stored CRCs; repair is a
+re-put of the same range (it replaces the extent), or drop_extent() to forget
+it for good.
+
+Left out: compacting the active segment (it is compacted once it has rolled),
+Bitcask hint files (the header-only scan makes them unnecessary for now).
 """
 
 from __future__ import annotations
@@ -58,6 +76,7 @@ import os
 import re
 import struct
 import threading
+import time
 import zlib
 
 from protocol import CRC_BYTES, ChecksumMismatch, ChunkNotFound, RemoteProtocolError, verify_chunks
@@ -67,6 +86,7 @@ logger = logging.getLogger(__name__)
 MAGIC = b"BKR1"
 KIND_CHUNKS = 1
 KIND_TOMBSTONE = 2
+KIND_DROP = 3
 MAX_BLOB_ID_BYTES = 64
 # Bytes 0..31 of the record; the header CRC follows as a separate u32.
 _HEAD = struct.Struct(">4sBBHQIIQ")
@@ -116,7 +136,8 @@ def _encode_header(kind: int, blob_id: bytes, first: int, count: int, chunk_size
 def _read_header(fd: int, offset: int, file_size: int) -> tuple:
     """Parse the record at offset: (kind, blob, first, count, chunk_size, payload_len, end).
 
-    Reads the header and blob id only.  Raises _TornRecord saying why the
+    For kinds 2 and 3, chunk_size is the segment bound.  Reads the header and
+    blob id only.  Raises _TornRecord saying why the
     bytes there are not a whole, valid record.
     """
     data = os.pread(fd, HEADER_BYTES + MAX_BLOB_ID_BYTES, offset)
@@ -135,14 +156,22 @@ def _read_header(fd: int, offset: int, file_size: int) -> tuple:
     # a record from a buggy writer cannot put nonsense into the index.
     if kind == KIND_CHUNKS:
         sane = count > 0 and chunk_size > 0 and _payload_fits(count, chunk_size, payload_len)
+    elif kind == KIND_TOMBSTONE:
+        sane = count == payload_len == 0
     else:
-        sane = kind == KIND_TOMBSTONE and count == chunk_size == payload_len == 0
+        sane = kind == KIND_DROP and count > 0 and payload_len == 0
     if not sane or reserved or not blob_id.isascii():
         raise _TornRecord(f"inconsistent header (kind {kind}, count {count}, P {payload_len})")
-    end = offset + HEADER_BYTES + id_len + CRC_BYTES * count + payload_len
+    crc_len = CRC_BYTES * count if kind == KIND_CHUNKS else 0
+    end = offset + HEADER_BYTES + id_len + crc_len + payload_len
     if end > file_size:
         raise _TornRecord(f"record runs {end - file_size} bytes past end of file")
     return kind, blob_id.decode("ascii"), first, count, chunk_size, payload_len, end
+
+
+def _record_bytes(blob: str, extent: tuple) -> int:
+    """Length on disk of the record holding extent: header, blob id, CRCs, payload."""
+    return HEADER_BYTES + len(blob) + CRC_BYTES * extent[COUNT] + extent[PAYLOAD_LEN]
 
 
 def _write_all(fd: int, buffers: list) -> None:
@@ -161,9 +190,11 @@ class ChunkStore:
     """Chunks of blobs in append-only segment files under ``data_dir/segments``.
 
     Callers use put/get/has/delete_blobs/flush/inventory and the stats
-    properties; everything is thread-safe.  One lock guards appends, the index
-    and the stats; get() holds it only to look up extents and reads outside it.
-    close() must come after every other call has returned.
+    properties; a node's background threads use compact, segment_stats,
+    scrub_step and drop_extent.  Everything is thread-safe.  One lock guards
+    appends, the index and the stats; get() and scrub_step() hold it only to
+    look up extents and pin their descriptors, and read outside it.  close()
+    must come after every other call has returned.
     """
 
     def __init__(self, data_dir: str, segment_max_bytes: int = 64 * 1024 * 1024):
@@ -172,7 +203,15 @@ class ChunkStore:
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()  # serializes flushes; see flush()
         self._index: dict[str, list[tuple]] = {}
+        self._compact_lock = threading.Lock()  # one compaction at a time
         self._fds: dict[int, int] = {}  # seg_no -> fd, kept open for pread
+        self._fd_refs: dict[int, int] = {}  # fd -> readers preading it now
+        self._retired: set[int] = set()  # fds of unlinked segments, closed at refcount 0
+        self._seg_size: dict[int, int] = {}  # seg_no -> bytes in the file
+        self._seg_live: dict[int, int] = {}  # seg_no -> bytes of records the index holds
+        # seg_no -> blobs with a chunks record there, live or dead: compaction
+        # carries a tombstone forward only while an older segment is in here.
+        self._seg_blobs: dict[int, set[str]] = {}
         self._dirty: set[int] = set()  # segments written since the last flush
         self._dir_dirty = False
         self._chunk_count = self._live_bytes = self._extent_count = self._used_bytes = 0
@@ -201,7 +240,7 @@ class ChunkStore:
         """
         path = os.path.join(self._dir, _segment_name(seg_no))
         fd = os.open(path, (os.O_RDWR | os.O_APPEND if is_last else os.O_RDONLY) | os.O_CLOEXEC)
-        self._fds[seg_no] = fd
+        self._add_segment(seg_no, fd)
         size = os.fstat(fd).st_size
         offset = 0
         while offset < size:
@@ -219,13 +258,17 @@ class ChunkStore:
                                  path, offset, exc, size - offset)
                 break
             if kind == KIND_TOMBSTONE:
-                self._drop_blob(blob)
+                self._drop_blob(blob, before_seg=chunk_size)
+            elif kind == KIND_DROP:
+                self._drop_range(blob, first, count, before_seg=chunk_size)
             else:
                 crc_offset = offset + HEADER_BYTES + len(blob)
                 self._insert(blob, (first, count, chunk_size, seg_no, crc_offset,
                                     crc_offset + CRC_BYTES * count, payload_len))
+                self._seg_blobs[seg_no].add(blob)
             offset = end
         self._used_bytes += size
+        self._seg_size[seg_no] = size
         if is_last:
             self._tail_seg, self._tail_size = seg_no, size
 
@@ -243,26 +286,98 @@ class ChunkStore:
         extents = self._index.setdefault(blob, [])
         lo, hi = self._overlapping(extents, extent[FIRST], extent[COUNT])
         for old in extents[lo:hi]:
-            self._account(old, -1)
+            self._account(blob, old, -1)
         extents[lo:hi] = [extent]
-        self._account(extent, +1)
+        self._account(blob, extent, +1)
 
-    def _drop_blob(self, blob: str) -> bool:
-        extents = self._index.pop(blob, None)
-        for old in extents or ():
-            self._account(old, -1)
-        return extents is not None
+    def _drop_blob(self, blob: str, before_seg: int = 0) -> bool:
+        """Forget blob's extents (only those in segments below before_seg, if not 0)."""
+        extents = self._index.get(blob)
+        if extents is None:
+            return False
+        keep = [e for e in extents if e[SEG_NO] >= before_seg] if before_seg else []
+        self._replace_extents(blob, extents, keep)
+        return True
 
-    def _account(self, extent: tuple, sign: int) -> None:
+    def _drop_range(self, blob: str, first: int, count: int, before_seg: int = 0) -> None:
+        """Forget blob's extents overlapping first..first+count-1 (segment bound as in _drop_blob)."""
+        extents = self._index.get(blob)
+        if extents is None:
+            return
+        lo, hi = self._overlapping(extents, first, count)
+        keep = extents[:lo] + [e for e in extents[lo:hi] if before_seg and e[SEG_NO] >= before_seg] + extents[hi:]
+        self._replace_extents(blob, extents, keep)
+
+    def _replace_extents(self, blob: str, extents: list, keep: list) -> None:
+        """Make keep (a sub-list of extents) blob's extents; no blob entry if empty."""
+        kept = set(map(id, keep))
+        for old in extents:
+            if id(old) not in kept:
+                self._account(blob, old, -1)
+        if keep:
+            self._index[blob] = keep
+        else:
+            del self._index[blob]
+
+    def _find_extent(self, blob: str, first: int, seg_no: int, crc_offset: int) -> tuple[list, int] | None:
+        """(extents, i) if the index still holds the record at seg_no/crc_offset for chunk first."""
+        extents = self._index.get(blob)
+        if not extents:
+            return None
+        i = bisect.bisect_left(extents, (first,))
+        if i < len(extents) and extents[i][FIRST] == first and extents[i][SEG_NO] == seg_no \
+                and extents[i][CRC_OFFSET] == crc_offset:
+            return extents, i
+        return None
+
+    def _account(self, blob: str, extent: tuple, sign: int) -> None:
         self._chunk_count += sign * extent[COUNT]
         self._live_bytes += sign * extent[PAYLOAD_LEN]
         self._extent_count += sign
+        self._seg_live[extent[SEG_NO]] += sign * _record_bytes(blob, extent)
+
+    # --- descriptors (caller holds the lock) ---------------------------
+    def _add_segment(self, seg_no: int, fd: int) -> None:
+        self._fds[seg_no] = fd
+        self._seg_size[seg_no] = self._seg_live[seg_no] = 0
+        self._seg_blobs[seg_no] = set()
+
+    def _pin(self, seg_nos) -> list[int]:
+        """The fds of seg_nos, each counted as in use until _unpin.
+
+        A segment compaction removes meanwhile is unlinked, but its fd stays
+        open until the last pin goes, so a pread already planned still works.
+        """
+        fds = [self._fds[seg_no] for seg_no in seg_nos]
+        for fd in fds:
+            self._fd_refs[fd] = self._fd_refs.get(fd, 0) + 1
+        return fds
+
+    def _unpin(self, fds: list[int]) -> None:
+        """Release pins taken by _pin; close retired fds nobody reads any more.  Takes the lock."""
+        with self._lock:
+            for fd in fds:
+                refs = self._fd_refs.get(fd, 0) - 1
+                if refs > 0:
+                    self._fd_refs[fd] = refs
+                    continue
+                self._fd_refs.pop(fd, None)
+                if fd in self._retired:
+                    self._retired.discard(fd)
+                    os.close(fd)
+
+    def _retire_fd(self, fd: int) -> None:
+        """Close fd of a removed segment now, or at its last _unpin if readers hold it."""
+        if self._fd_refs.get(fd):
+            self._retired.add(fd)
+        else:
+            os.close(fd)
 
     # --- appending (caller holds the lock) ----------------------------
     def _new_segment(self, seg_no: int) -> None:
         path = os.path.join(self._dir, _segment_name(seg_no))
         flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-        self._fds[seg_no] = os.open(path, flags, 0o600)
+        self._add_segment(seg_no, os.open(path, flags, 0o600))
         self._tail_seg, self._tail_size = seg_no, 0
         self._dir_dirty = True
 
@@ -272,10 +387,6 @@ class ChunkStore:
         A failed write is cut off again, so a record that fails (ENOSPC) never
         sits in the middle of a segment where the next scan would stop.
         """
-        # Compaction goes here, later: when a segment rolls, pick old segments
-        # whose live bytes are a small share, copy their live extents into the
-        # tail, repoint the index, then unlink them (with gets holding a
-        # reference to the fds they read).
         if self._tail_size and self._tail_size + length > self.segment_max_bytes:
             self._new_segment(self._tail_seg + 1)
         seg_no, offset = self._tail_seg, self._tail_size
@@ -287,6 +398,7 @@ class ChunkStore:
             raise
         self._dirty.add(seg_no)
         self._tail_size += length
+        self._seg_size[seg_no] += length
         self._used_bytes += length
         return seg_no, offset
 
@@ -325,6 +437,7 @@ class ChunkStore:
             if extents and extents[0][CHUNK_SIZE] != chunk_size:
                 raise RemoteProtocolError(f"blob {blob} has chunk size {extents[0][CHUNK_SIZE]}, not {chunk_size}")
             seg_no, offset = self._append([header, crc_bytes, payload], length)
+            self._seg_blobs[seg_no].add(blob)
             crc_offset = offset + len(header)
             self._insert(blob, (first, count, chunk_size, seg_no, crc_offset,
                                 crc_offset + len(crc_bytes), len(payload)))
@@ -384,19 +497,22 @@ class ChunkStore:
         with self._lock:
             self._check_open()
             pieces = self._locate(blob, first, count)
-            fds = [self._fds[extent[SEG_NO]] for extent, _, _ in pieces]
+            fds = self._pin(extent[SEG_NO] for extent, _, _ in pieces)
         chunk_size = pieces[0][0][CHUNK_SIZE]
         crc_parts, payload_parts = [], []
-        for n, ((extent, skip, take), fd) in enumerate(zip(pieces, fds)):
-            start = skip * chunk_size
-            stop = min((skip + take) * chunk_size, extent[PAYLOAD_LEN])
-            # A short chunk may only end the answer, or the chunks would shift.
-            if extent[CHUNK_SIZE] != chunk_size or (n < len(pieces) - 1 and stop - start != take * chunk_size):
-                raise RemoteProtocolError(f"blob {blob} mixes chunk sizes in chunks {first}+{count}")
-            crc_parts.append(os.pread(fd, CRC_BYTES * take, extent[CRC_OFFSET] + CRC_BYTES * skip))
-            payload_parts.append(os.pread(fd, stop - start, extent[PAYLOAD_OFFSET] + start))
-            if len(crc_parts[-1]) != CRC_BYTES * take or len(payload_parts[-1]) != stop - start:
-                raise ChecksumMismatch(f"blob {blob} chunk {extent[FIRST] + skip}: short read")
+        try:
+            for n, ((extent, skip, take), fd) in enumerate(zip(pieces, fds)):
+                start = skip * chunk_size
+                stop = min((skip + take) * chunk_size, extent[PAYLOAD_LEN])
+                # A short chunk may only end the answer, or the chunks would shift.
+                if extent[CHUNK_SIZE] != chunk_size or (n < len(pieces) - 1 and stop - start != take * chunk_size):
+                    raise RemoteProtocolError(f"blob {blob} mixes chunk sizes in chunks {first}+{count}")
+                crc_parts.append(os.pread(fd, CRC_BYTES * take, extent[CRC_OFFSET] + CRC_BYTES * skip))
+                payload_parts.append(os.pread(fd, stop - start, extent[PAYLOAD_OFFSET] + start))
+                if len(crc_parts[-1]) != CRC_BYTES * take or len(payload_parts[-1]) != stop - start:
+                    raise ChecksumMismatch(f"blob {blob} chunk {extent[FIRST] + skip}: short read")
+        finally:
+            self._unpin(fds)
         crc_bytes = crc_parts[0] if len(crc_parts) == 1 else b"".join(crc_parts)
         payload = payload_parts[0] if len(payload_parts) == 1 else b"".join(payload_parts)
         bad = verify_chunks(payload, crc_bytes, chunk_size)
@@ -434,6 +550,251 @@ class ChunkStore:
                 self._drop_blob(blob)
             return len(present)
 
+    def drop_extent(self, blob: str, first: int, count: int) -> bool:
+        """Forget the extent (first, count) of blob, now and after a restart.
+
+        For an extent found corrupt that the node reports missing instead of
+        serving it.  Appends a drop record (kind 3), so the extent, and any
+        older copy of it in a segment not yet compacted, stays gone across
+        restarts.  Returns False (and writes nothing) unless blob has exactly
+        that extent.  Does not fsync (call flush).
+        """
+        _check_blob_id(blob)
+        with self._lock:
+            self._check_open()
+            extents = self._index.get(blob, [])
+            i = bisect.bisect_left(extents, (first,))
+            if i == len(extents) or extents[i][:2] != (first, count):
+                return False
+            self._drop_extent(blob, extents, i)
+            return True
+
+    def _drop_extent(self, blob: str, extents: list, i: int) -> int:
+        """Append a drop record for extents[i] and forget it; return the bytes written.  Caller holds the lock."""
+        extent = extents[i]
+        record = _encode_header(KIND_DROP, blob.encode("ascii"), extent[FIRST], extent[COUNT], 0, 0)
+        self._append([record], len(record))
+        self._replace_extents(blob, extents, extents[:i] + extents[i + 1:])
+        return len(record)
+
+    # --- compaction -----------------------------------------------------
+    def segment_stats(self) -> list[dict]:
+        """One dict per segment, oldest first: seg_no, size_bytes, live_bytes, live_fraction, is_active.
+
+        live_bytes counts whole records (header, blob id, CRCs, payload) the
+        index still points at; tombstones and drop records count as dead.  An
+        empty segment has live_fraction 0.0.  is_active marks the segment
+        appends go to, which compact() leaves alone.
+        """
+        with self._lock:
+            self._check_open()
+            return [{"seg_no": seg_no, "size_bytes": size, "live_bytes": self._seg_live[seg_no],
+                     "live_fraction": self._seg_live[seg_no] / size if size else 0.0,
+                     "is_active": seg_no == self._tail_seg}
+                    for seg_no, size in sorted(self._seg_size.items())]
+
+    def compact(self, min_dead_fraction: float = 0.5, max_bytes_per_s: float | None = None) -> dict:
+        """Rewrite mostly dead segments; return {"segments_compacted", "bytes_reclaimed", "corrupt"}.
+
+        A segment is compacted if it is not the active one and its dead bytes
+        (size - live_bytes, see segment_stats) are at least min_dead_fraction
+        of its size: 0.5 rewrites segments at most half live, 1.0 only those
+        with nothing live, 0.0 every non-active segment.  Oldest first, each
+        one's live records are appended to the active segment after their
+        CRCs are checked again, each repointed in the index in the same lock
+        hold as its append (a get() sees the old or the new copy, both
+        whole); then the copies are fsynced and the old file is unlinked and
+        the directory fsynced.  Tombstones and drop records are copied only if
+        an older segment still holds records of their blob, with a segment
+        bound (see the record layout).  A segment with nothing to copy is
+        just unlinked.
+
+        A record whose CRCs no longer match is not copied: its extent is
+        dropped as by drop_extent() and listed in "corrupt" as (blob, first,
+        count) so the node can report it.  bytes_reclaimed is the size of the
+        unlinked segments minus the bytes appended.  With max_bytes_per_s,
+        sleeps (outside the lock) so records are copied no faster than that.
+        Raises ValueError for a fraction outside 0..1 or a rate <= 0.
+        """
+        if not 0.0 <= min_dead_fraction <= 1.0:
+            raise ValueError(f"min_dead_fraction {min_dead_fraction} not in 0..1")
+        if max_bytes_per_s is not None and max_bytes_per_s <= 0:
+            raise ValueError(f"max_bytes_per_s {max_bytes_per_s} must be > 0")
+        result = {"segments_compacted": 0, "bytes_reclaimed": 0, "corrupt": []}
+        started, copied = time.monotonic(), 0
+
+        def pace(nbytes: int) -> None:
+            nonlocal copied
+            copied += nbytes
+            if max_bytes_per_s:
+                ahead_s = copied / max_bytes_per_s - (time.monotonic() - started)
+                if ahead_s > 0:
+                    time.sleep(ahead_s)
+
+        with self._compact_lock:
+            with self._lock:
+                self._check_open()
+                victims = [seg_no for seg_no, size in sorted(self._seg_size.items())
+                           if seg_no != self._tail_seg
+                           and size - self._seg_live[seg_no] >= min_dead_fraction * size]
+            for seg_no in victims:
+                written = self._copy_segment(seg_no, result["corrupt"], pace)
+                freed = self._remove_segment(seg_no)
+                if freed:
+                    result["segments_compacted"] += 1
+                result["bytes_reclaimed"] += freed - written
+        if result["segments_compacted"] or result["corrupt"]:
+            logger.info("chunk store %s: compacted %d segments, reclaimed %d bytes, %d corrupt extents",
+                        self._dir, result["segments_compacted"], result["bytes_reclaimed"], len(result["corrupt"]))
+        return result
+
+    def _copy_segment(self, seg_no: int, corrupt: list, pace) -> int:
+        """Copy what must outlive segment seg_no to the active one; return the bytes appended.
+
+        Reads seg_no's fd without a pin: only compaction (one at a time) removes
+        segments, and seg_no is not the active one, so nothing writes to it.
+        """
+        with self._lock:
+            self._check_open()
+            fd, size = self._fds[seg_no], self._seg_size[seg_no]
+        offset = written = 0
+        while offset < size:
+            try:
+                kind, blob, first, count, chunk_size, payload_len, end = _read_header(fd, offset, size)
+            except _TornRecord as exc:
+                # Start-up stopped here too, unless the damage is newer; then
+                # live records after it stay and _remove_segment keeps the file.
+                logger.error("%s: bad record at offset %d (%s) while compacting",
+                             _segment_name(seg_no), offset, exc)
+                break
+            if kind == KIND_CHUNKS:
+                nbytes = self._copy_record(seg_no, fd, offset, end, blob, first, count, chunk_size, corrupt)
+                written += nbytes
+                pace(nbytes)
+            else:
+                written += self._carry_forward(seg_no, kind, blob, first, count, chunk_size)
+            offset = end
+        return written
+
+    def _copy_record(self, seg_no: int, fd: int, offset: int, end: int, blob: str, first: int,
+                     count: int, chunk_size: int, corrupt: list) -> int:
+        """Append the chunks record at seg_no/offset if still live, or drop it if corrupt; return bytes appended."""
+        crc_offset = offset + HEADER_BYTES + len(blob)
+        with self._lock:
+            if self._find_extent(blob, first, seg_no, crc_offset) is None:
+                return 0  # replaced or deleted: this is the space we reclaim
+        record = os.pread(fd, end - offset, offset)
+        view = memoryview(record)
+        payload_offset = crc_offset - offset + CRC_BYTES * count
+        good = len(record) == end - offset and verify_chunks(
+            view[payload_offset:], view[crc_offset - offset:payload_offset], chunk_size) < 0
+        with self._lock:
+            self._check_open()
+            found = self._find_extent(blob, first, seg_no, crc_offset)
+            if found is None:
+                return 0  # replaced or deleted while we read it
+            extents, i = found
+            if not good:
+                logger.warning("%s: blob %s chunks %d+%d fail their CRCs; dropped, not copied",
+                               _segment_name(seg_no), blob, first, count)
+                corrupt.append((blob, first, count))
+                return self._drop_extent(blob, extents, i)
+            new_seg, new_offset = self._append([record], len(record))
+            self._seg_blobs[new_seg].add(blob)
+            old = extents[i]
+            shift = new_offset - offset
+            new = old[:SEG_NO] + (new_seg, old[CRC_OFFSET] + shift, old[PAYLOAD_OFFSET] + shift, old[PAYLOAD_LEN])
+            self._account(blob, old, -1)
+            extents[i] = new
+            self._account(blob, new, +1)
+            return len(record)
+
+    def _carry_forward(self, seg_no: int, kind: int, blob: str, first: int, count: int, bound: int) -> int:
+        """Re-append a tombstone or drop record of segment seg_no if still needed; return bytes appended.
+
+        It is needed while a segment older than what it covers still holds
+        records of blob, or a restart would bring them back.  The copy says
+        which segments it covers (bound), so it cannot hide chunks put after
+        the original was written but before the copy.
+        """
+        bound = bound or seg_no
+        with self._lock:
+            self._check_open()
+            if not any(older < bound and blob in blobs for older, blobs in self._seg_blobs.items()):
+                return 0
+            record = _encode_header(kind, blob.encode("ascii"), first, count, bound, 0)
+            self._append([record], len(record))
+            return len(record)
+
+    def _remove_segment(self, seg_no: int) -> int:
+        """fsync the copies, unlink segment seg_no, fsync the directory; return its size (0 if kept)."""
+        # After this flush seg_no is not dirty and nothing writes to it again,
+        # so no flush() can be fsyncing its fd when it is closed below.
+        self.flush()
+        with self._lock:
+            if self._seg_live[seg_no]:
+                logger.error("%s: %d live bytes could not be copied; segment kept",
+                             _segment_name(seg_no), self._seg_live[seg_no])
+                return 0
+        os.unlink(os.path.join(self._dir, _segment_name(seg_no)))
+        self._fsync_dir(self._dir)
+        with self._lock:
+            fd, size = self._fds.pop(seg_no), self._seg_size.pop(seg_no)
+            del self._seg_live[seg_no], self._seg_blobs[seg_no]
+            self._dirty.discard(seg_no)
+            self._used_bytes -= size
+            self._retire_fd(fd)
+        return size
+
+    # --- scrubbing ------------------------------------------------------
+    def scrub_step(self, cursor, max_bytes: int) -> tuple[object, list[tuple[str, int, int]]]:
+        """Check the next live extents against their stored CRCs: (new_cursor, corrupt).
+
+        Start a pass with cursor None and pass each returned cursor back in;
+        the cursor is opaque (it holds the pass's list of blob ids).  Each call
+        reads at least one extent and stops adding extents once their payload
+        reaches max_bytes.  new_cursor is None when the pass is complete: the
+        next call with None starts over (blobs stored since are seen then).
+        corrupt lists (blob, first, count) of extents whose data no longer
+        matches their CRCs (or reads short); they are reported, not removed:
+        a re-put of the same range replaces one, drop_extent() forgets it.
+        Holds the lock only to pick extents; reads outside it.
+        """
+        with self._lock:
+            self._check_open()
+            blobs, pos, next_first = (tuple(self._index), 0, 0) if cursor is None else cursor
+            picked, total = [], 0
+            while pos < len(blobs) and (not picked or total < max_bytes):
+                extents = self._index.get(blobs[pos], [])
+                i = bisect.bisect_left(extents, (next_first,))
+                while i < len(extents) and (not picked or total < max_bytes):
+                    picked.append((blobs[pos], extents[i]))
+                    total += extents[i][PAYLOAD_LEN]
+                    next_first = extents[i][FIRST] + 1
+                    i += 1
+                if i == len(extents):
+                    pos, next_first = pos + 1, 0
+            fds = self._pin(extent[SEG_NO] for _, extent in picked)
+        suspects = []
+        try:
+            for (blob, extent), fd in zip(picked, fds):
+                crc_len = CRC_BYTES * extent[COUNT]
+                data = memoryview(os.pread(fd, crc_len + extent[PAYLOAD_LEN], extent[CRC_OFFSET]))
+                if len(data) != crc_len + extent[PAYLOAD_LEN] \
+                        or verify_chunks(data[crc_len:], data[:crc_len], extent[CHUNK_SIZE]) >= 0:
+                    suspects.append((blob, extent))
+        finally:
+            self._unpin(fds)
+        corrupt = []
+        with self._lock:
+            for blob, extent in suspects:
+                # Moved by compaction (which checked it) or replaced: not ours to report.
+                if self._find_extent(blob, extent[FIRST], extent[SEG_NO], extent[CRC_OFFSET]):
+                    logger.warning("chunk store %s: blob %s chunks %d+%d fail their CRCs",
+                                   self._dir, blob, extent[FIRST], extent[COUNT])
+                    corrupt.append((blob, extent[FIRST], extent[COUNT]))
+        return (blobs, pos, next_first) if pos < len(blobs) else None, corrupt
+
     def inventory(self) -> dict[str, list[tuple[int, int]]]:
         """blob -> sorted (first, count) of every extent held, for reconciliation."""
         with self._lock:
@@ -466,8 +827,9 @@ class ChunkStore:
         """Close every segment file; idempotent.  Call flush() first to keep unsynced data."""
         with self._lock:
             self._closed = True
-            fds, self._fds = self._fds, {}
-        for fd in fds.values():
+            fds = list(self._fds.values()) + list(self._retired)
+            self._fds, self._retired, self._fd_refs = {}, set(), {}
+        for fd in fds:
             os.close(fd)
 
     def __enter__(self) -> ChunkStore:

@@ -17,9 +17,13 @@ import argparse
 import hashlib
 import os
 import select
+import stat
 import sys
 import tempfile
+import threading
 import time
+from collections import deque
+from dataclasses import dataclass, field
 
 import config as config_module
 import protocol
@@ -61,8 +65,78 @@ EXIT_CODES = {
 }
 
 
+# Downloads requested ahead of the one being received when restoring a tree.
+DOWNLOAD_WINDOW = 32
+
+
 class LocalFileError(Exception):
     """A problem with a file on this machine (missing, unreadable, unwritable)."""
+
+
+@dataclass
+class TreeSummary:
+    """Outcome of a directory upload or restore."""
+
+    files: int = 0
+    bytes: int = 0
+    skipped: int = 0
+    failures: list = field(default_factory=list)  # (name, reason)
+    started: float = field(default_factory=time.monotonic)
+
+    def ok(self, nbytes: int) -> None:
+        self.files += 1
+        self.bytes += nbytes
+
+    def fail(self, name: str, reason: str, report=None) -> None:
+        self.failures.append((name, reason))
+        if report:
+            report(f"failed {name}: {reason}")
+
+    def line(self, verb: str) -> str:
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        return (f"{verb} {self.files} files, {human_bytes(self.bytes)} in {elapsed:.2f} s "
+                f"({self.files / elapsed:.0f} files/s, {human_bytes(self.bytes / elapsed)}/s); "
+                f"{len(self.failures)} failed, {self.skipped} skipped")
+
+
+def walk_tree(root: str):
+    """Yield (path, relative name with '/', kind) for everything below ``root``.
+
+    kind is "file" for regular files, else "symlink", "directory link" or
+    "special file"; symlinks are never followed.  Sorted, so runs repeat.
+    """
+    for directory, subdirs, names in os.walk(root, followlinks=False):
+        subdirs.sort()
+        for name in sorted(names) + [d for d in subdirs if os.path.islink(os.path.join(directory, d))]:
+            path = os.path.join(directory, name)
+            relative = os.path.relpath(path, root).replace(os.sep, "/")
+            try:
+                mode = os.lstat(path).st_mode
+            except OSError:
+                continue
+            if stat.S_ISREG(mode):
+                yield path, relative, "file"
+            elif stat.S_ISLNK(mode):
+                yield path, relative, "symlink"
+            else:
+                yield path, relative, "special file"
+
+
+def safe_join(directory: str, relative: str) -> str:
+    """``directory/relative``, refusing anything that would land outside it."""
+    parts = [p for p in relative.split("/") if p not in ("", ".")]
+    if not parts or any(p == ".." for p in parts) or relative.startswith("/"):
+        raise LocalFileError(f"refusing to restore {relative!r}: it would land outside {directory}")
+    path = os.path.join(os.path.abspath(directory), *parts)
+    if os.path.commonpath([path, os.path.abspath(directory)]) != os.path.abspath(directory):
+        raise LocalFileError(f"refusing to restore {relative!r}: it would land outside {directory}")
+    return path
+
+
+def check_destination(path: str, force: bool) -> None:
+    """Refuse to replace an existing local file unless ``force``."""
+    if path != "-" and not force and os.path.lexists(path):
+        raise LocalFileError(f"{path} exists; use --force to overwrite it")
 
 
 class Progress:
@@ -123,6 +197,7 @@ class Client:
         self.frame_bytes = frame_bytes
         self.show_progress = show_progress
         self._conn: transport.Connection | None = None
+        self._frame_buffer: bytearray | None = None
 
     @property
     def conn(self) -> transport.Connection:
@@ -149,7 +224,7 @@ class Client:
             conn.send(protocol.UploadBegin(name=name, size=size))
             progress = Progress(f"upload {name}", size, self.show_progress and size >= self.frame_bytes)
             sha = hashlib.sha256()
-            buffer = bytearray(self.frame_bytes)
+            buffer = self._buffer()
             view = memoryview(buffer)
             while True:
                 try:
@@ -176,15 +251,23 @@ class Client:
         return bool(readable)
 
     # --- download --------------------------------------------------------------------
-    def download(self, name: str, destination: str, offset: int = 0, length: int = -1) -> protocol.FileInfo:
+    def download(self, name: str, destination: str, offset: int = 0, length: int = -1,
+                 force: bool = False) -> protocol.FileInfo:
         """Write ``name`` (or a byte range of it) to ``destination`` ("-" = stdout).
 
         A whole-file download is checked against the SHA-256 recorded at
-        upload; on any failure the destination is left untouched.
+        upload; on any failure the destination is left untouched.  An
+        existing destination is replaced only with ``force``.
         """
         protocol.validate_name(name)
+        check_destination(destination, force)
+        self.conn.send(protocol.Download(name=name, offset=offset, length=length))
+        return self._receive_to(name, destination)
+
+    def _receive_to(self, name: str, destination: str) -> protocol.FileInfo:
+        """Read one download reply into ``destination`` via a temporary file."""
         if destination == "-":
-            return self._receive(name, sys.stdout.buffer, offset, length)
+            return self._receive(name, sys.stdout.buffer)
         directory = os.path.dirname(os.path.abspath(destination))
         try:
             fd, temp_path = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(destination) + ".",
@@ -193,7 +276,7 @@ class Client:
             raise LocalFileError(f"cannot write in {directory}: {exc.strerror}") from None
         try:
             with os.fdopen(fd, "wb") as out:
-                info = self._receive(name, out, offset, length)
+                info = self._receive(name, out)
             os.replace(temp_path, destination)
         except BaseException:
             try:
@@ -203,15 +286,14 @@ class Client:
             raise
         return info
 
-    def _receive(self, name: str, out, offset: int, length: int) -> protocol.FileInfo:
+    def _receive(self, name: str, out) -> protocol.FileInfo:
         conn = self.conn
-        conn.send(protocol.Download(name=name, offset=offset, length=length))
         info = conn.expect(protocol.FileInfo)
         whole_file = info.offset == 0 and info.length == info.size
         sha = hashlib.sha256()
         progress = Progress(f"download {name}", info.length,
                             self.show_progress and out is not sys.stdout.buffer and info.length >= self.frame_bytes)
-        buffer = bytearray(self.frame_bytes)
+        buffer = self._buffer()
         received = 0
         while True:
             msg = conn.recv(buffer)
@@ -237,6 +319,133 @@ class Client:
         progress.finish()
         return info
 
+    def _buffer(self) -> bytearray:
+        if self._frame_buffer is None:
+            self._frame_buffer = bytearray(self.frame_bytes)
+        return self._frame_buffer
+
+    def download_tree(self, prefix: str, directory: str, force: bool = False, report=None) -> TreeSummary:
+        """Restore every file whose name starts with ``prefix`` under ``directory``.
+
+        Names map to paths below ``directory`` with the prefix removed; a name
+        that would land outside it (``..``, absolute) is refused, never
+        followed.  Requests are pipelined DOWNLOAD_WINDOW deep.
+        """
+        summary = TreeSummary()
+        todo = []
+        for entry in self.list(prefix):
+            relative = entry["name"][len(prefix):].lstrip("/")
+            try:
+                path = safe_join(directory, relative or os.path.basename(entry["name"]))
+                check_destination(path, force)
+            except LocalFileError as exc:
+                summary.fail(entry["name"], str(exc), report)
+                continue
+            todo.append((entry["name"], path))
+        sent = 0
+        conn = self.conn
+        for position, (name, path) in enumerate(todo):
+            while sent < len(todo) and sent < position + DOWNLOAD_WINDOW:
+                conn.send(protocol.Download(name=todo[sent][0]), flush=False)
+                sent += 1
+            conn.flush()
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+            except OSError as exc:
+                raise LocalFileError(f"cannot create {os.path.dirname(path)}: {exc.strerror}") from None
+            try:
+                info = self._receive_to(name, path)
+            except (protocol.FileNotFound, protocol.DataLost, protocol.Unavailable, protocol.ChecksumMismatch) as exc:
+                summary.fail(name, f"{exc.code}: {exc.message}", report)
+                if self._conn is None or self._conn.broken:
+                    raise
+                continue
+            summary.ok(info.length)
+        return summary
+
+    # --- directories -----------------------------------------------------------------
+    def upload_tree(self, root: str, prefix: str, report=None) -> TreeSummary:
+        """Back up every regular file below ``root`` as ``prefix/relative/path``.
+
+        One connection, uploads pipelined: a sender streams file after file
+        while a receiver thread collects the replies, and the master commits
+        them in groups (``group=True``), so thousands of small files cost a
+        few fsyncs, not thousands.  Symlinks and special files are skipped
+        with a note.
+        """
+        summary = TreeSummary()
+        files = []
+        for path, relative, kind in walk_tree(root):
+            if kind != "file":
+                if report:
+                    report(f"skipped {kind} {path}")
+                summary.skipped += 1
+                continue
+            files.append((path, prefix.rstrip("/") + "/" + relative))
+        conn = self.conn
+        in_flight: deque = deque()
+        failed_tags: set[int] = set()
+        receiver_error: list[BaseException] = []
+
+        def receive() -> None:
+            try:
+                while True:
+                    msg = conn.recv()
+                    if isinstance(msg, protocol.Synced):
+                        return
+                    tag, name, size = in_flight.popleft()
+                    if isinstance(msg, protocol.Uploaded):
+                        summary.ok(size)
+                    elif isinstance(msg, protocol.Error):
+                        failed_tags.add(tag)
+                        summary.fail(name, f"{msg.code}: {msg.message}", report)
+                    else:
+                        raise protocol.RemoteProtocolError(f"unexpected {getattr(msg, 'OP', 'end of stream')}")
+            except BaseException as exc:  # reported by the sender thread
+                receiver_error.append(exc)
+
+        receiver = threading.Thread(target=receive, name="upload-replies", daemon=True)
+        receiver.start()
+        buffer = self._buffer()
+        view = memoryview(buffer)
+        try:
+            for tag, (path, name) in enumerate(files):
+                if receiver_error:
+                    break
+                try:
+                    protocol.validate_name(name)
+                    f = open(path, "rb")
+                except (OSError, protocol.InvalidName) as exc:
+                    summary.fail(name, str(exc), report)
+                    continue
+                with f:
+                    size = os.fstat(f.fileno()).st_size
+                    in_flight.append((tag, name, size))
+                    conn.send(protocol.UploadBegin(name=name, size=size, tag=tag, group=True), flush=False)
+                    sha = hashlib.sha256()
+                    while True:
+                        if tag in failed_tags:
+                            conn.send(protocol.UploadAbort(), flush=False)
+                            break
+                        try:
+                            n = f.readinto(buffer)
+                        except OSError as exc:
+                            conn.send(protocol.UploadAbort(), flush=False)
+                            raise LocalFileError(f"cannot read {path}: {exc.strerror}") from None
+                        if not n:
+                            conn.send(protocol.UploadEnd(sha256=sha.hexdigest()), flush=False)
+                            break
+                        sha.update(view[:n])
+                        conn.send(protocol.Data(body=view[:n]), flush=False)
+            conn.send(protocol.Sync())
+        finally:
+            receiver.join(self.timeout_s)
+        if receiver_error:
+            raise receiver_error[0]
+        if receiver.is_alive():
+            raise protocol.Timeout("the master did not confirm the uploads in time")
+        return summary
+
     # --- the rest --------------------------------------------------------------------
     def delete(self, name: str) -> None:
         self.conn.request(protocol.Delete(name=protocol.validate_name(name)), protocol.Deleted)
@@ -261,11 +470,14 @@ def format_time(timestamp: float) -> str:
 
 
 def cmd_upload(client: Client, args) -> int:
-    if os.path.isdir(args.local):
-        raise LocalFileError(f"{args.local} is a directory; directory backups are not supported yet")
     if not os.path.exists(args.local):
-        raise LocalFileError(f"{args.local}: no such file")
+        raise LocalFileError(f"{args.local}: no such file or directory")
     name = args.name or os.path.basename(os.path.abspath(args.local))
+    if os.path.isdir(args.local):
+        summary = client.upload_tree(args.local, name, report=note)
+        if not args.quiet:
+            print(summary.line("uploaded"))
+        return EXIT_PARTIAL if summary.failures else EXIT_OK
     started = time.monotonic()
     reply = client.upload_file(args.local, name)
     elapsed = time.monotonic() - started
@@ -276,16 +488,29 @@ def cmd_upload(client: Client, args) -> int:
 
 
 def cmd_download(client: Client, args) -> int:
-    destination = args.local or os.path.basename(args.name.rstrip("/")) or "download"
+    if args.name.endswith("/"):
+        directory = args.local or os.path.basename(args.name.rstrip("/")) or "."
+        summary = client.download_tree(args.name, directory, force=args.force, report=note)
+        if not args.quiet:
+            print(summary.line("restored"))
+        if not summary.files and not summary.failures:
+            raise protocol.FileNotFound(f"no file named {args.name}...")
+        return EXIT_PARTIAL if summary.failures else EXIT_OK
+    destination = args.local or os.path.basename(args.name)
     if destination != "-" and os.path.isdir(destination):
-        destination = os.path.join(destination, os.path.basename(args.name.rstrip("/")))
+        destination = os.path.join(destination, os.path.basename(args.name))
     started = time.monotonic()
-    info = client.download(args.name, destination, args.offset, args.length)
+    info = client.download(args.name, destination, args.offset, args.length, force=args.force)
     elapsed = time.monotonic() - started
     if not args.quiet and destination != "-":
         print(f"downloaded {info.name} to {destination}: {info.length} bytes in {elapsed:.2f} s "
               f"({human_bytes(info.length / max(elapsed, 1e-6))}/s)")
     return EXIT_OK
+
+
+def note(text: str) -> None:
+    """A per-file remark during a directory backup or restore (stderr)."""
+    print(f"client: {text}", file=sys.stderr)
 
 
 def cmd_delete(client: Client, args) -> int:
@@ -331,14 +556,17 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, metavar="S",
                         help="seconds to wait for the master at any step (default: 6 x io_timeout_s)")
     commands = parser.add_subparsers(dest="command", required=True)
-    upload = commands.add_parser("upload", help="store a local file")
-    upload.add_argument("local", help="local file")
-    upload.add_argument("name", nargs="?", help="name to store it under (default: the file's base name)")
-    download = commands.add_parser("download", help="restore a stored file")
-    download.add_argument("name")
-    download.add_argument("local", nargs="?", help="local path, or - for stdout (default: base name of NAME)")
+    upload = commands.add_parser("upload", help="store a local file, or every file below a directory")
+    upload.add_argument("local", help="local file or directory")
+    upload.add_argument("name", nargs="?",
+                        help="name to store it under (default: base name); a directory's files go under NAME/")
+    download = commands.add_parser("download", help="restore a stored file, or every file under NAME/")
+    download.add_argument("name", help="stored name; ending in / restores every file with that prefix")
+    download.add_argument("local", nargs="?",
+                          help="local path, or - for stdout (default: base name of NAME); a directory for NAME/")
     download.add_argument("--offset", type=int, default=0, help="first byte to read")
     download.add_argument("--length", type=int, default=-1, help="bytes to read (default: to the end)")
+    download.add_argument("--force", action="store_true", help="overwrite existing local files")
     delete = commands.add_parser("delete", help="delete a stored file")
     delete.add_argument("name")
     listing = commands.add_parser("list", help="list stored files: size, chunks, modified time, name")
@@ -368,6 +596,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("client: interrupted", file=sys.stderr)
         return EXIT_ERROR
+    except BrokenPipeError:
+        # The reader of our stdout went away (e.g. `| head`): not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     finally:
         client.close()
 

@@ -47,6 +47,20 @@ EXIT_START_FAILED = 3
 _POOL_IDLE_PER_NODE = 16
 # Seconds between retries of garbage collection on unreachable nodes.
 _GC_RETRY_S = 5.0
+# A group of pipelined uploads is committed (one FLUSH per node, one log
+# fsync) once it holds this many files or bytes, or when the client syncs.
+GROUP_MAX_FILES = 256
+GROUP_MAX_BYTES = 64 * 1024 * 1024
+
+
+@dataclass
+class PendingUpload:
+    """An upload received and sent to its nodes, waiting to be committed."""
+
+    stream: transfers.UploadStream
+    token: object
+    entry: dict
+    tag: int
 
 
 @dataclass
@@ -240,15 +254,20 @@ class Master:
     def lock_name(self, name: str, owner: str) -> object:
         return self.locks.acquire(name, owner, self.config.lock_wait_s)
 
-    def commit_upload(self, name: str, stream: transfers.UploadStream, entry: dict) -> None:
-        """Make an uploaded file visible; the caller holds the name's lock."""
-        previous = self.namespace.files.get(name)
-        self.log.commit([{"op": "put", "name": name, "file": entry}])
-        stream.committed = True
-        if previous is not None:
-            self._collect_entry(previous)
-        logger.info("stored %r: %d bytes, %d chunks, version %s", name, entry["size"], entry["chunks"],
-                    entry["version"])
+    def commit_uploads(self, uploads: list[tuple[str, dict]]) -> None:
+        """Make uploaded files visible with one log commit.
+
+        The caller holds each name's lock and has made every chunk durable.
+        Replaced versions are collected afterwards.
+        """
+        previous = [self.namespace.files.get(name) for name, _ in uploads]
+        self.log.commit([{"op": "put", "name": name, "file": entry} for name, entry in uploads])
+        for entry in previous:
+            if entry is not None:
+                self._collect_entry(entry)
+        for name, entry in uploads:
+            logger.info("stored %r: %d bytes, %d chunks, version %s", name, entry["size"], entry["chunks"],
+                        entry["version"])
 
     def delete(self, name: str, owner: str) -> None:
         token = self.lock_name(name, owner)
@@ -338,57 +357,128 @@ class MasterHandler(transport.RequestHandler):
         self.master.heartbeat(msg)
         self.reply(protocol.HeartbeatOk())
 
-    # --- clients ---
+    # --- clients: uploads ---
+    def setup(self):
+        super().setup()
+        self.session: transfers.UploadSession | None = None
+        self.pending: list[PendingUpload] = []
+
+    def finish(self):
+        # The connection is gone: uploads not yet committed never will be.
+        for upload in self.pending:
+            upload.stream.discard()
+            self.master.locks.release(upload.stream.name, upload.token)
+        self.pending = []
+        self._close_session()
+        super().finish()
+
+    def before_request(self, msg: protocol.Message) -> None:
+        # Replies go out in request order, so a request other than an upload
+        # first settles the uploads waiting to be committed as a group.
+        if not isinstance(msg, protocol.UploadBegin):
+            self._commit_pending()
+
+    def _close_session(self) -> None:
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+
     def do_UPLOAD_BEGIN(self, msg: protocol.UploadBegin) -> None:
-        """Receive one upload: stream it to the nodes, commit, reply once."""
+        """Receive one upload and stream it to the nodes; commit now or with its group.
+
+        Exactly one reply per upload: UPLOADED once committed, or ERROR (which
+        may come before the client has sent UPLOAD_END; the rest of the
+        upload's frames are then read and dropped).
+        """
         try:
             name = protocol.validate_name(msg.name)
             self.master.check_writable()
             token = self.master.lock_name(name, self.peer)
         except protocol.BackupError as exc:
-            self.reply(protocol.error_message(exc))
-            self._skip_upload()
+            self._fail_upload(exc, ended=False)
             return
-        stream = transfers.UploadStream(self.master, name)
+        if self.session is None:
+            self.session = transfers.UploadSession(self.master)
+        stream = transfers.UploadStream(self.session, name)
+        ended = False
         try:
-            self._receive_upload(stream, msg)
-        finally:
-            stream.close()
-            self.master.locks.release(name, token)
-
-    def _receive_upload(self, stream: transfers.UploadStream, begin: protocol.UploadBegin) -> None:
-        frame = None
-        try:
-            while True:
-                space = stream.free_space()
-                frame = self.next_message(body_buffer=space)
-                if frame is None:
-                    logger.info("%s: disconnected mid-upload of %r; nothing committed", self.peer, stream.name)
-                    return
-                if isinstance(frame, protocol.Data):
-                    if len(frame.body) <= len(space):
-                        stream.filled(len(frame.body))  # read_message put it in place
-                    else:
-                        stream.write(frame.body)
-                elif isinstance(frame, protocol.UploadEnd):
-                    entry = stream.finish(frame.sha256)
-                    self.master.commit_upload(stream.name, stream, entry)
-                    self.reply(protocol.Uploaded(name=stream.name, size=entry["size"], chunks=entry["chunks"],
-                                                 sha256=entry["sha256"], version=entry["version"],
-                                                 tag=begin.tag))
-                    return
-                elif isinstance(frame, protocol.UploadAbort):
-                    logger.info("%s: aborted upload of %r; nothing committed", self.peer, stream.name)
-                    return
-                else:
-                    raise protocol.RemoteProtocolError(f"{frame.OP} inside an upload")
-        except protocol.RemoteProtocolError:
-            raise
+            ended, entry = self._receive_upload(stream)
         except protocol.BackupError as exc:
-            logger.warning("%s: upload of %r failed: %s", self.peer, stream.name, exc)
-            self.reply(protocol.error_message(exc))
-            if not isinstance(frame, protocol.UploadEnd):
-                self._skip_upload()
+            stream.discard()
+            self.master.locks.release(name, token)
+            if isinstance(exc, protocol.RemoteProtocolError):
+                raise
+            logger.warning("%s: upload of %r failed: %s", self.peer, name, exc)
+            self._fail_upload(exc, ended)
+            return
+        if entry is None:  # aborted, or the client went away
+            stream.discard()
+            self.master.locks.release(name, token)
+            return
+        self.pending.append(PendingUpload(stream, token, entry, msg.tag))
+        if not msg.group or len(self.pending) >= GROUP_MAX_FILES or \
+                sum(p.entry["size"] for p in self.pending) >= GROUP_MAX_BYTES:
+            self._commit_pending()
+
+    def _receive_upload(self, stream: transfers.UploadStream) -> tuple[bool, dict | None]:
+        """Read DATA frames up to UPLOAD_END; return (ended, entry or None)."""
+        while True:
+            space = stream.free_space()
+            frame = self.next_message(body_buffer=space)
+            if frame is None:
+                logger.info("%s: disconnected mid-upload of %r; nothing committed", self.peer, stream.name)
+                return True, None
+            if isinstance(frame, protocol.Data):
+                if len(frame.body) <= len(space):
+                    stream.filled(len(frame.body))  # read_message put it in place
+                else:
+                    stream.write(frame.body)
+            elif isinstance(frame, protocol.UploadEnd):
+                return True, stream.seal(frame.sha256)
+            elif isinstance(frame, protocol.UploadAbort):
+                logger.info("%s: aborted upload of %r; nothing committed", self.peer, stream.name)
+                return True, None
+            else:
+                raise protocol.RemoteProtocolError(f"{frame.OP} inside an upload")
+
+    def _fail_upload(self, exc: protocol.BackupError, ended: bool) -> None:
+        """Answer a failed upload, after the replies of the uploads before it."""
+        self._commit_pending()
+        self._close_session()  # a failed node may have left a channel out of sync
+        self.reply(protocol.error_message(exc))
+        if not ended:
+            self._skip_upload()
+
+    def _commit_pending(self) -> None:
+        """Make the waiting uploads durable on their nodes, commit them, reply."""
+        if not self.pending:
+            return
+        group, self.pending = self.pending, []
+        nodes = set().union(*(p.stream.nodes_touched for p in group))
+        try:
+            try:
+                self.session.sync(nodes)
+                self.master.commit_uploads([(p.stream.name, p.entry) for p in group])
+            finally:
+                for p in group:
+                    self.master.locks.release(p.stream.name, p.token)
+        except Exception as exc:
+            error = exc if isinstance(exc, protocol.BackupError) else protocol.BackupError(f"commit failed: {exc}")
+            logger.error("%s: commit of %d upload(s) failed: %s", self.peer, len(group), exc)
+            for p in group:
+                p.stream.discard()
+            self._close_session()
+            for _ in group:
+                self.reply(protocol.error_message(error), flush=False)
+            self.wfile.flush()
+            if not isinstance(exc, protocol.BackupError):
+                raise
+            return
+        for p in group:
+            e = p.entry
+            self.reply(protocol.Uploaded(name=p.stream.name, size=e["size"], chunks=e["chunks"],
+                                         sha256=e["sha256"], version=e["version"], tag=p.tag), flush=False)
+        self.wfile.flush()
 
     def _skip_upload(self) -> None:
         """Discard the rest of a failed upload's frames, up to its end."""
@@ -399,6 +489,10 @@ class MasterHandler(transport.RequestHandler):
             if not isinstance(frame, protocol.Data):
                 raise protocol.RemoteProtocolError(f"{frame.OP} inside an upload")
 
+    def do_SYNC(self, msg: protocol.Sync) -> None:
+        self.reply(protocol.Synced())
+
+    # --- clients: the rest ---
     def do_DOWNLOAD(self, msg: protocol.Download) -> None:
         entry = self.master.namespace.lookup(protocol.validate_name(msg.name))
         size = entry["size"]

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import array
 import dataclasses
+import functools
 import json
 import sys
 import typing
@@ -204,7 +205,14 @@ def chunk_crcs(payload, chunk_size: int) -> array.array:
     """
     view = memoryview(payload)
     crc32 = zlib.crc32
-    return array.array("I", [crc32(view[i:i + chunk_size]) for i in range(0, len(view), chunk_size)])
+    return array.array("I", [crc32(view[piece]) for piece in _chunk_slices(len(view), chunk_size)])
+
+
+@functools.lru_cache(maxsize=64)
+def _chunk_slices(length: int, chunk_size: int) -> tuple[slice, ...]:
+    # Batches are nearly always the same size, so the slice objects are built
+    # once and reused: this loop runs once per KiB of every byte stored.
+    return tuple(slice(i, i + chunk_size) for i in range(0, length, chunk_size))
 
 
 def crcs_to_bytes(crcs: array.array) -> bytes:
@@ -340,6 +348,9 @@ class UploadBegin(Message):
     name: str
     size: int = -1  # expected size if known, for placement; -1 = unknown
     tag: int = 0
+    # True: the client pipelines uploads and will send SYNC; the master may
+    # hold this upload's commit (and reply) to commit it with later ones.
+    group: bool = False
 
 
 @message

@@ -17,6 +17,7 @@ is recognised and its chunks remain reachable.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -37,6 +38,9 @@ EXIT_OK = 0
 EXIT_CONFIG = 2
 EXIT_START_FAILED = 3
 
+# Bytes written between two background fsyncs (see StorageNode._note_written).
+WRITE_BEHIND_BYTES = 16 * 1024 * 1024
+
 
 class StorageNode:
     """A node's state: identity, chunk store, and the heartbeat loop.
@@ -54,6 +58,9 @@ class StorageNode:
         self.advertised_address: tuple[str, int] | None = None
         self._stop = threading.Event()
         self._heartbeat_thread: threading.Thread | None = None
+        self._unsynced_lock = threading.Lock()
+        self._unsynced_bytes = 0
+        self._flush_wanted = threading.Event()
 
     def _load_or_create_id(self) -> str:
         path = os.path.join(self.data_dir, "node.json")
@@ -73,22 +80,52 @@ class StorageNode:
                 f"node {self.node_id} is full ({self.store.used_bytes} of {self.config.capacity_bytes} bytes used)")
         try:
             self.store.put(msg.blob, msg.first, msg.count, msg.chunk_size, crc_bytes, payload)
+            self._note_written(len(payload))
         except OSError as exc:
-            raise protocol.InsufficientSpace(f"node {self.node_id} cannot write: {exc.strerror}") from None
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise protocol.InsufficientSpace(f"node {self.node_id} is out of disk space") from None
+            raise protocol.BackupError(f"node {self.node_id} cannot write: {exc.strerror}") from None
 
     def get(self, msg: protocol.GetChunks) -> protocol.ChunkData:
         chunk_size, crc_bytes, payload = self.store.get(msg.blob, msg.first, msg.count)
         return protocol.ChunkData(blob=msg.blob, first=msg.first, count=msg.count,
                                   chunk_size=chunk_size, body=crc_bytes + payload)
 
+    def _note_written(self, nbytes: int) -> None:
+        """Wake the write-behind flusher every WRITE_BEHIND_BYTES written.
+
+        Syncing in the background while a large upload streams in means the
+        master's final FLUSH finds little left to write, so the commit waits
+        for the last few megabytes, not for the whole file.
+        """
+        with self._unsynced_lock:
+            self._unsynced_bytes += nbytes
+            if self._unsynced_bytes < WRITE_BEHIND_BYTES:
+                return
+            self._unsynced_bytes = 0
+        self._flush_wanted.set()
+
+    def _flush_loop(self) -> None:
+        while not self._stop.is_set():
+            self._flush_wanted.wait()
+            self._flush_wanted.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.store.flush()
+            except OSError:
+                logger.exception("background flush failed; the next FLUSH will report it")
+
     # --- heartbeats -----------------------------------------------------------
     def start(self, advertised_address: tuple[str, int]) -> None:
         self.advertised_address = advertised_address
         self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         self._heartbeat_thread.start()
+        threading.Thread(target=self._flush_loop, name="write-behind", daemon=True).start()
 
     def stop(self) -> None:
         self._stop.set()
+        self._flush_wanted.set()
 
     def _heartbeat_loop(self) -> None:
         """Register with the master, then heartbeat; reconnect on any failure."""

@@ -1,14 +1,16 @@
 """The master's data path: streaming uploads to nodes and range reads back.
 
-Upload (``UploadStream``): the client's bytes land, without a copy, in one
-batch buffer laid out as ``[room for CRCs][payload]``.  When a batch is full
+Upload (``UploadSession``, ``UploadStream``): the client's bytes land,
+without a copy, in the session's batch buffer laid out as
+``[room for CRCs][payload]``.  When a batch is full
 the master computes one CRC32 per chunk, writes the CRCs just in front of
 the payload, and sends that contiguous slice as the body of one PUT_CHUNKS
 to each of the batch's replicas.  Replies are read lazily, up to
 ``ACK_WINDOW`` batches behind, so the nodes write while the master reads
-the next batch.  ``finish`` drains the replies, sends FLUSH (fsync) to every
-node touched, and returns the file entry: only then may it be committed.
-Memory per upload is one batch buffer, whatever the file size.
+the next batch.  ``seal`` returns the file entry; ``UploadSession.sync``
+drains the replies and sends FLUSH (fsync) to every node touched: only
+then may the entry be committed.  Memory per client connection is one batch
+buffer, whatever the file size or the number of files.
 
 Read (``read_range``): for each batch-sized piece of the requested range,
 ask a replica for the chunks, verify every CRC, and yield the payload; on
@@ -37,46 +39,141 @@ logger = logging.getLogger("master.transfers")
 ACK_WINDOW = 8
 
 
-class UploadStream:
-    """One file being uploaded: batching, CRCs, replica sends, flush.
+class NodeChannel:
+    """One connection to a node inside an upload session, with its pending acks."""
 
-    Use: ``free_space()`` / ``filled(n)`` to receive data in place (or
-    ``write(data)`` to copy), then ``finish(client_sha256)`` -> entry, and
-    ``close()`` in every case.  Raises BackupError subclasses; after one the
-    stream is dead and only ``close()`` may be called.
+    def __init__(self, node_id: str, conn):
+        self.node_id = node_id
+        self.conn = conn
+        self.unacked: deque = deque()  # (blob, first) of each PUT_CHUNKS not yet acknowledged
+        self.dirty = False  # written since the last FLUSH
+
+
+class UploadSession:
+    """The uploads of one client connection: a batch buffer and node channels.
+
+    Uploads on one connection run one after another, so they share one batch
+    buffer (no allocation per file) and one connection per node (PUT_OK
+    replies come back in send order).  ``sync`` makes everything sent so far
+    durable with one FLUSH per node, so a group of small files costs one
+    fsync per node, not one per file.
     """
 
-    def __init__(self, master, name: str):
+    def __init__(self, master):
         self.master = master
-        self.name = name
         config = master.config
-        self.blob = uuid.uuid4().hex
         self.chunk_size = config.chunk_size_bytes
         self.chunks_per_batch = config.chunks_per_batch
         self.batch_payload_bytes = self.chunks_per_batch * self.chunk_size
-        self._crc_room = self.chunks_per_batch * protocol.CRC_BYTES
-        self._buffer = bytearray(self._crc_room + self.batch_payload_bytes)
-        self._view = memoryview(self._buffer)
+        self.crc_room = self.chunks_per_batch * protocol.CRC_BYTES
+        self.view = memoryview(bytearray(self.crc_room + self.batch_payload_bytes))
+        self.channels: dict[str, NodeChannel] = {}
+        self.reserved: dict[str, int] = {}
+
+    def channel(self, node_id: str) -> NodeChannel:
+        channel = self.channels.get(node_id)
+        if channel is None:
+            try:
+                conn = self.master.pool.acquire(self.master.node_address(node_id))
+            except protocol.BackupError as exc:
+                raise node_failed(self.master, node_id, exc) from None
+            channel = self.channels[node_id] = NodeChannel(node_id, conn)
+        return channel
+
+    def send(self, node_id: str, msg: protocol.PutChunks, nbytes: int) -> None:
+        channel = self.channel(node_id)
+        self.master.reserve(node_id, nbytes)
+        self.reserved[node_id] = self.reserved.get(node_id, 0) + nbytes
+        try:
+            channel.conn.send(msg)
+        except protocol.BackupError as exc:
+            raise node_failed(self.master, node_id, exc) from None
+        channel.unacked.append((msg.blob, msg.first))
+        channel.dirty = True
+        if len(channel.unacked) > ACK_WINDOW:
+            self._read_ack(channel)
+
+    def _read_ack(self, channel: NodeChannel) -> None:
+        blob, first = channel.unacked.popleft()
+        try:
+            ack = channel.conn.expect(protocol.PutOk)
+        except protocol.BackupError as exc:
+            raise node_failed(self.master, channel.node_id, exc) from None
+        if ack.blob != blob or ack.first != first:
+            channel.conn.broken = True
+            raise protocol.RemoteProtocolError(f"node {channel.node_id} acknowledged the wrong batch")
+
+    def sync(self, node_ids=None) -> None:
+        """Make every chunk sent to ``node_ids`` (default: all) durable.
+
+        Drains the acknowledgements, then sends FLUSH to every dirty node
+        before reading any FLUSHED, so the nodes' fsyncs overlap.
+        """
+        channels = [c for c in self.channels.values() if c.dirty and (node_ids is None or c.node_id in node_ids)]
+        for channel in channels:
+            while channel.unacked:
+                self._read_ack(channel)
+            try:
+                channel.conn.send(protocol.Flush())
+            except protocol.BackupError as exc:
+                raise node_failed(self.master, channel.node_id, exc) from None
+        for channel in channels:
+            try:
+                channel.conn.expect(protocol.Flushed)
+            except protocol.BackupError as exc:
+                raise node_failed(self.master, channel.node_id, exc) from None
+            channel.dirty = False
+
+    def close(self) -> None:
+        """Return healthy connections to the pool; release space reservations."""
+        for channel in self.channels.values():
+            if channel.unacked:
+                channel.conn.broken = True  # replies still in flight: out of sync
+            self.master.pool.release(channel.conn)
+        self.channels.clear()
+        for node_id, nbytes in self.reserved.items():
+            self.master.reserve(node_id, -nbytes)
+        self.reserved.clear()
+
+
+def node_failed(master, node_id: str, exc: protocol.BackupError) -> protocol.BackupError:
+    """The error an upload fails with when a replica fails mid-upload."""
+    master.note_node_failure(node_id, exc)
+    if isinstance(exc, (protocol.InsufficientSpace, protocol.ChecksumMismatch)):
+        return exc
+    return protocol.Unavailable(f"storage node {node_id} failed during the upload: {exc.message}")
+
+
+class UploadStream:
+    """One file being uploaded within a session: batching, CRCs, sends.
+
+    Use: ``free_space()`` / ``filled(n)`` to receive data in place (or
+    ``write(data)`` to copy), then ``seal(client_sha256)`` -> entry; the
+    entry may be committed once ``session.sync(stream.nodes_touched)`` has
+    returned.  Call ``discard()`` if it will never be committed.
+    """
+
+    def __init__(self, session: UploadSession, name: str):
+        self.session = session
+        self.master = session.master
+        self.name = name
+        self.blob = uuid.uuid4().hex
         self._fill = 0
         self._next_chunk = 0
         self.size = 0
         self._sha = hashlib.sha256()
         self.runs: list = []
-        self._conns: dict[str, object] = {}
-        self._unacked: dict[str, deque] = {}
         self.nodes_touched: set[str] = set()
-        self._reserved: dict[str, int] = {}
-        self.committed = False
 
     # --- receiving ---------------------------------------------------------------
     def free_space(self) -> memoryview:
         """Where the next bytes of the file should be read to (never empty)."""
-        return self._view[self._crc_room + self._fill:]
+        return self.session.view[self.session.crc_room + self._fill:]
 
     def filled(self, nbytes: int) -> None:
         """``nbytes`` were written into ``free_space()``."""
         self._fill += nbytes
-        if self._fill == self.batch_payload_bytes:
+        if self._fill == self.session.batch_payload_bytes:
             self._ship()
 
     def write(self, data) -> None:
@@ -91,101 +188,44 @@ class UploadStream:
 
     # --- sending -----------------------------------------------------------------
     def _ship(self) -> None:
-        payload = self._view[self._crc_room:self._crc_room + self._fill]
+        session = self.session
+        chunk_size = session.chunk_size
+        crc_room = session.crc_room
+        payload = session.view[crc_room:crc_room + self._fill]
         self._sha.update(payload)
-        crcs = protocol.crcs_to_bytes(protocol.chunk_crcs(payload, self.chunk_size))
+        crcs = protocol.crcs_to_bytes(protocol.chunk_crcs(payload, chunk_size))
         count = len(crcs) // protocol.CRC_BYTES
-        start = self._crc_room - len(crcs)
-        self._view[start:self._crc_room] = crcs
-        body = self._view[start:self._crc_room + self._fill]
-        targets = self.master.choose_replicas(self._fill, avoid=())
-        msg = protocol.PutChunks(blob=self.blob, first=self._next_chunk, count=count,
-                                 chunk_size=self.chunk_size, body=body)
+        start = crc_room - len(crcs)
+        session.view[start:crc_room] = crcs
+        targets = self.master.choose_replicas(self._fill)
+        msg = protocol.PutChunks(blob=self.blob, first=self._next_chunk, count=count, chunk_size=chunk_size,
+                                 body=session.view[start:crc_room + self._fill])
         for node_id in targets:
-            conn = self._conn(node_id)
-            self.master.reserve(node_id, self._fill)
-            self._reserved[node_id] = self._reserved.get(node_id, 0) + self._fill
-            try:
-                conn.send(msg)
-            except protocol.BackupError as exc:
-                raise self._node_failed(node_id, exc) from None
-            self._unacked[node_id].append(self._next_chunk)
-            if len(self._unacked[node_id]) > ACK_WINDOW:
-                self._read_ack(node_id)
+            self.nodes_touched.add(node_id)
+            session.send(node_id, msg, self._fill)
         add_run(self.runs, self._next_chunk, count, targets)
         self._next_chunk += count
         self.size += self._fill
         self._fill = 0
 
-    def _conn(self, node_id: str):
-        conn = self._conns.get(node_id)
-        if conn is None:
-            try:
-                conn = self.master.pool.acquire(self.master.node_address(node_id))
-            except protocol.BackupError as exc:
-                raise self._node_failed(node_id, exc) from None
-            self._conns[node_id] = conn
-            self._unacked[node_id] = deque()
-            self.nodes_touched.add(node_id)
-        return conn
-
-    def _read_ack(self, node_id: str) -> None:
-        first = self._unacked[node_id].popleft()
-        try:
-            ack = self._conns[node_id].expect(protocol.PutOk)
-        except (protocol.Unavailable, protocol.Timeout, protocol.RemoteProtocolError) as exc:
-            raise self._node_failed(node_id, exc) from None
-        if ack.blob != self.blob or ack.first != first:
-            self._conns[node_id].broken = True
-            raise protocol.RemoteProtocolError(f"node {node_id} acknowledged the wrong batch")
-
-    def _node_failed(self, node_id: str, exc: protocol.BackupError) -> protocol.BackupError:
-        """The error an upload fails with when a replica fails mid-upload."""
-        self.master.note_node_failure(node_id, exc)
-        if isinstance(exc, (protocol.InsufficientSpace, protocol.ChecksumMismatch)):
-            return exc
-        return protocol.Unavailable(f"storage node {node_id} failed during the upload: {exc.message}")
-
-    def finish(self, client_sha256: str) -> dict:
-        """Ship the last batch, wait until every chunk is durable, return the entry.
+    def seal(self, client_sha256: str) -> dict:
+        """Ship the last batch and return the file entry (not yet durable).
 
         Raises ChecksumMismatch if the client's SHA-256 differs from what the
-        master received (the upload is then not committed).
+        master received; the upload must then be discarded.
         """
         if self._fill:
             self._ship()
-        for node_id in list(self._conns):
-            while self._unacked[node_id]:
-                self._read_ack(node_id)
-        # FLUSH every node at once, then collect: the fsyncs overlap.
-        for node_id, conn in self._conns.items():
-            try:
-                conn.send(protocol.Flush())
-            except protocol.BackupError as exc:
-                raise self._node_failed(node_id, exc) from None
-        for node_id, conn in self._conns.items():
-            try:
-                conn.expect(protocol.Flushed)
-            except protocol.BackupError as exc:
-                raise self._node_failed(node_id, exc) from None
         sha256 = self._sha.hexdigest()
         if client_sha256 != sha256:
             raise protocol.ChecksumMismatch(
                 f"upload of {self.name!r} arrived corrupted: client SHA-256 {client_sha256[:16]}..., "
                 f"master received {sha256[:16]}...")
-        return make_entry(self.size, self.chunk_size, sha256, self.blob, self.runs)
+        return make_entry(self.size, self.session.chunk_size, sha256, self.blob, self.runs)
 
-    def close(self) -> None:
-        """Return connections; if nothing was committed, collect the chunks sent."""
-        for node_id, conn in self._conns.items():
-            if self._unacked.get(node_id):
-                conn.broken = True  # replies still in flight: the stream is out of sync
-            self.master.pool.release(conn)
-        self._conns.clear()
-        for node_id, nbytes in self._reserved.items():
-            self.master.reserve(node_id, -nbytes)
-        self._reserved.clear()
-        if not self.committed and self.nodes_touched:
+    def discard(self) -> None:
+        """This upload will not be committed: collect whatever it sent."""
+        if self.nodes_touched:
             self.master.collect_garbage(self.blob, self.nodes_touched)
 
 

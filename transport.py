@@ -166,6 +166,7 @@ class RequestHandler(socketserver.StreamRequestHandler):
                 msg = self.next_message(self.server.idle_timeout_s)
                 if msg is None:
                     return
+                self.before_request(msg)
                 method = getattr(self, "do_" + msg.OP, None)
                 if method is None:
                     self.reply(protocol.error_message(protocol.UnknownOperation(f"{msg.OP} is not served here")))
@@ -187,6 +188,9 @@ class RequestHandler(socketserver.StreamRequestHandler):
             logger.info("%s: idle or stalled past the timeout, closing", self.peer)
         except (ConnectionError, OSError) as exc:
             logger.debug("%s: connection ended: %s", self.peer, exc)
+
+    def before_request(self, msg: protocol.Message) -> None:
+        """Hook run before each request is dispatched; subclasses may override."""
 
     def next_message(self, timeout_s: float | None = None, body_buffer=None):
         """Read the next request frame (None at EOF); body into the handler's buffer."""

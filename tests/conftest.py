@@ -1,0 +1,103 @@
+"""Shared fixtures: real clusters of processes on 127.0.0.1, and CLI runners.
+
+Every process a test starts belongs to a ``LocalCluster`` whose ``stop()``
+runs in the fixture's finalizer, so it is killed by PID even when the test
+fails.  Waits poll a condition with a deadline (``wait_until``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import cluster as cluster_module  # noqa: E402
+import client as client_module  # noqa: E402
+
+# Short intervals so failures are noticed in a test's lifetime.
+FAST_TIMING = ["--heartbeat-interval", "0.2", "--io-timeout", "3"]
+FAST_MASTER = ["--heartbeat-interval", "0.2", "--dead-after", "1", "--io-timeout", "3"]
+
+
+def wait_until(condition, timeout_s: float = 15.0, interval_s: float = 0.05, message: str = "condition"):
+    """Poll ``condition()`` until it returns a truthy value; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    last_error = None
+    while time.monotonic() < deadline:
+        try:
+            result = condition()
+            if result:
+                return result
+        except Exception as exc:  # the condition may fail while things start up
+            last_error = exc
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {message} (last error: {last_error!r})")
+
+
+class CliResult:
+    def __init__(self, proc: subprocess.CompletedProcess):
+        self.returncode = proc.returncode
+        self.stdout = proc.stdout
+        self.stderr = proc.stderr.decode("utf-8", "replace")
+
+    def __repr__(self):
+        return f"<exit {self.returncode} stderr={self.stderr!r}>"
+
+
+class TestCluster(cluster_module.LocalCluster):
+    """LocalCluster plus helpers for tests: run the CLI, wait for nodes."""
+
+    __test__ = False  # not a test class for pytest
+
+    def cli(self, *args, stdin: bytes | None = None, timeout_s: float = 60.0, master: str | None = None) -> CliResult:
+        argv = [sys.executable, os.path.join(ROOT, "client.py"), "--master", master or self.master_address,
+                "--quiet", *args]
+        proc = subprocess.run(argv, input=stdin, capture_output=True, timeout=timeout_s, cwd=self.data_dir)
+        return CliResult(proc)
+
+    def client(self) -> client_module.Client:
+        host, _, port = self.master_address.rpartition(":")
+        return client_module.Client((host, int(port)), timeout_s=20.0, frame_bytes=1024 * 1024,
+                                    show_progress=False)
+
+    def status(self):
+        c = self.client()
+        try:
+            return c.status()
+        finally:
+            c.close()
+
+    def wait_nodes_alive(self, count: int, timeout_s: float = 15.0):
+        return wait_until(lambda: self.status().totals["nodes_alive"] == count or None, timeout_s,
+                          message=f"{count} live nodes")
+
+
+@pytest.fixture
+def make_cluster(tmp_path):
+    """Factory: ``make_cluster(nodes=3, master_args=..., node_args=...)`` -> started TestCluster."""
+    started = []
+
+    def factory(nodes: int = 3, master_args=FAST_MASTER, node_args=FAST_TIMING, **kwargs) -> TestCluster:
+        c = TestCluster(str(tmp_path / f"cluster{len(started)}"), nodes=nodes, master_args=master_args,
+                        node_args=node_args, **kwargs)
+        started.append(c)
+        c.start()
+        if nodes:
+            c.wait_nodes_alive(nodes)
+        return c
+
+    yield factory
+    for c in started:
+        c.stop()
+
+
+@pytest.fixture
+def cluster(make_cluster) -> TestCluster:
+    """A master and three nodes, all alive."""
+    return make_cluster()

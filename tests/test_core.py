@@ -1,0 +1,737 @@
+"""Integration tests of the core behaviours: real processes on 127.0.0.1.
+
+Every cluster comes from the ``cluster`` / ``make_cluster`` fixtures, whose
+finalizers kill each process by PID.  The one in-process server (a fake
+master) is shut down in its own finalizer.  Random data is seeded and the
+seed is named in the assertion messages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from conftest import ROOT, CliResult, wait_until
+
+import client as client_module
+import protocol
+import transport
+from chunk_store import ChunkStore
+
+KIB = 1024
+MIB = 1024 * 1024
+CHUNK_BYTES = 1024  # chunk_size_bytes in config.ini
+BATCH_BYTES = MIB  # batch_bytes in config.ini
+
+
+# --- helpers --------------------------------------------------------------------------------
+def random_bytes(seed: int, size: int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_local(tmp_path, label: str, data: bytes) -> str:
+    path = tmp_path / f"local-{label}"
+    path.write_bytes(data)
+    return str(path)
+
+
+def master_address(cluster) -> tuple[str, int]:
+    host, _, port = cluster.master_address.rpartition(":")
+    return host, int(port)
+
+
+def node_address(cluster, index: int) -> tuple[str, int]:
+    host, _, port = cluster.nodes[index].address.rpartition(":")
+    return host, int(port)
+
+
+def node_id(cluster, index: int) -> str:
+    with open(os.path.join(cluster.node_data_dir(index), "node.json"), encoding="utf-8") as f:
+        return json.load(f)["node_id"]
+
+
+def upload(cluster, name: str, data: bytes, tmp_path) -> protocol.Uploaded:
+    """Store ``data`` as ``name`` through an in-process Client; returns UPLOADED."""
+    path = write_local(tmp_path, sha256(data)[:16], data)
+    c = cluster.client()
+    try:
+        return c.upload_file(path, name)
+    finally:
+        c.close()
+
+
+def download(cluster, name: str, tmp_path, label: str = "dl") -> bytes:
+    """The bytes of ``name`` as an in-process Client downloads them to a file."""
+    destination = tmp_path / f"download-{label}"
+    c = cluster.client()
+    try:
+        c.download(name, str(destination))
+    finally:
+        c.close()
+    data = destination.read_bytes()
+    destination.unlink()
+    return data
+
+
+def listing(cluster) -> dict[str, dict]:
+    c = cluster.client()
+    try:
+        return {entry["name"]: entry for entry in c.list()}
+    finally:
+        c.close()
+
+
+def raw_connection(address: tuple[str, int], role: str = "client") -> transport.Connection:
+    return transport.Connection(address, role, timeout_s=20.0)
+
+
+def send_data(conn: transport.Connection, data: bytes, frame_bytes: int = 256 * KIB) -> None:
+    for start in range(0, len(data), frame_bytes):
+        conn.send(protocol.Data(body=data[start:start + frame_bytes]), flush=False)
+    conn.flush()
+
+
+def node_inventories(cluster, tmp_path) -> dict[str, dict]:
+    """node id -> ChunkStore.inventory() of a copy of that node's chunk dir."""
+    inventories = {}
+    for index in range(len(cluster.nodes)):
+        copy = tmp_path / f"chunks-copy-{index}"
+        shutil.copytree(os.path.join(cluster.node_data_dir(index), "chunks"), copy)
+        store = ChunkStore(str(copy))
+        try:
+            inventories[node_id(cluster, index)] = store.inventory()
+        finally:
+            store.close()
+        shutil.rmtree(copy)
+    return inventories
+
+
+def holders_per_chunk(inventories: dict, blob: str, chunks: int) -> list[set[str]]:
+    """For each chunk index of ``blob``, the set of node ids holding it."""
+    holders = [set() for _ in range(chunks)]
+    for nid, inventory in inventories.items():
+        for first, count in inventory.get(blob, []):
+            for index in range(first, min(first + count, chunks)):
+                holders[index].add(nid)
+    return holders
+
+
+# Record header of chunk_store.py, as drawn in its module docstring.
+_RECORD_HEAD = struct.Struct(">4sBBHQIIQI")
+
+
+def segment_records(path: str):
+    """Yield (blob, first, count, payload_offset, payload_len) of each chunk record."""
+    with open(path, "rb") as f:
+        data = f.read()
+    offset = 0
+    while offset + _RECORD_HEAD.size <= len(data):
+        magic, kind, id_len, _, first, count, _, payload_len, _ = _RECORD_HEAD.unpack_from(data, offset)
+        if magic != b"BKR1":
+            return
+        blob = data[offset + _RECORD_HEAD.size:offset + _RECORD_HEAD.size + id_len].decode("ascii")
+        payload_offset = offset + _RECORD_HEAD.size + id_len + 4 * count
+        if kind == 1:
+            yield blob, first, count, payload_offset, payload_len
+        offset = payload_offset + payload_len
+
+
+def payload_locations(cluster, index: int, blob: str) -> list[tuple[str, int, int]]:
+    """(segment path, payload offset, payload length) of ``blob``'s records on node ``index``."""
+    seg_dir = os.path.join(cluster.node_data_dir(index), "chunks", "segments")
+    found = []
+    for name in sorted(os.listdir(seg_dir)):
+        path = os.path.join(seg_dir, name)
+        found += [(path, off, length) for b, _, _, off, length in segment_records(path) if b == blob]
+    return found
+
+
+def flip_byte(path: str, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on (bound, read, closed)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def exchange_raw(address: tuple[str, int], payload: bytes, timeout_s: float = 10.0) -> list:
+    """Send raw bytes, half-close, and return the frames received until the server closes."""
+    with socket.create_connection(address, timeout=timeout_s) as sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        received = bytearray()
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+    decoder = protocol.FrameDecoder()
+    decoder.feed(bytes(received))
+    frames = []
+    while True:
+        msg = decoder.next_message()
+        if msg is protocol.NEED_DATA:
+            assert decoder.buffered == 0, f"server sent a partial frame: {bytes(received)!r}"
+            return frames
+        frames.append(msg)
+
+
+def assert_master_serves(cluster, tmp_path) -> None:
+    assert cluster.status().totals["nodes_alive"] == len(cluster.nodes)
+    data = b"still serving"
+    upload(cluster, "after-malformed", data, tmp_path)
+    assert download(cluster, "after-malformed", tmp_path) == data
+
+
+def assert_node_serves(cluster, index: int) -> None:
+    with raw_connection(node_address(cluster, index), role="master") as conn:
+        reply = conn.request(protocol.NodeStat(), protocol.NodeStatReply)
+    assert reply.node_id == node_id(cluster, index)
+
+
+def run_cli(*args, master: str, cwd) -> CliResult:
+    """The client CLI against ``master`` when there is no TestCluster to run it."""
+    argv = [sys.executable, os.path.join(ROOT, "client.py"), "--master", master, "--quiet", *args]
+    return CliResult(subprocess.run(argv, capture_output=True, timeout=60, cwd=cwd))
+
+
+def one_line(text: str) -> bool:
+    return len(text.strip().splitlines()) == 1
+
+
+# --- 1. round trips -----------------------------------------------------------------------
+ROUND_TRIP_SIZES = [0, 1, 1023, 1024, 1025, 3 * 1024, MIB + 7, 3 * MIB + 12345]
+
+
+def test_round_trip_of_edge_sizes_via_cli(cluster, tmp_path):
+    """Files of chunk- and batch-boundary sizes come back byte-identical to a file and to stdout."""
+    seed = 1001
+    for size in ROUND_TRIP_SIZES:
+        data = random_bytes(seed + size, size)
+        local = write_local(tmp_path, f"rt-{size}", data)
+        name = f"rt/{size}.bin"
+        up = cluster.cli("upload", local, name)
+        assert up.returncode == 0, f"size {size} (seed {seed + size}): {up}"
+        out = tmp_path / f"out-{size}"
+        down = cluster.cli("download", name, str(out))
+        assert down.returncode == 0, f"size {size} (seed {seed + size}): {down}"
+        assert out.read_bytes() == data, f"size {size} (seed {seed + size}): file differs"
+        to_stdout = cluster.cli("download", name, "-")
+        assert to_stdout.returncode == 0, f"size {size} (seed {seed + size}): {to_stdout}"
+        assert to_stdout.stdout == data, f"size {size} (seed {seed + size}): stdout differs"
+    sizes = {entry["name"]: entry["size"] for entry in listing(cluster).values()}
+    assert sizes == {f"rt/{size}.bin": size for size in ROUND_TRIP_SIZES}
+
+
+# --- 2. names ---------------------------------------------------------------------------------
+def test_names_with_spaces_slashes_and_non_ascii_round_trip(cluster, tmp_path):
+    """Names are opaque keys: spaces, slashes and non-ASCII letters store and list as given."""
+    names = ["dir/sub/ünï côdé.txt", "with  two spaces", "/leading/slash", "日本語/ファイル.dat"]
+    for n, name in enumerate(names):
+        data = f"content of {name}".encode("utf-8") * (n + 1)
+        local = write_local(tmp_path, f"name-{n}", data)
+        assert cluster.cli("upload", local, name).returncode == 0, name
+        out = tmp_path / f"name-out-{n}"
+        result = cluster.cli("download", name, str(out))
+        assert result.returncode == 0, f"{name!r}: {result}"
+        assert out.read_bytes() == data, name
+    listed = cluster.cli("list")
+    assert listed.returncode == 0, listed
+    line_format = re.compile(r"^\s*\d+\s+\d+  \d{4}-\d\d-\d\d \d\d:\d\d:\d\d  (.*)$")
+    listed_names = [line_format.match(line).group(1) for line in listed.stdout.decode("utf-8").splitlines()]
+    assert sorted(listed_names) == sorted(names)
+
+
+INVALID_NAMES = {
+    "empty": "",
+    "1025 ASCII bytes": "a" * 1025,
+    "1026 UTF-8 bytes in 513 letters": "é" * 513,
+    "control character \\x01": "bad\x01name",
+}
+
+
+def test_invalid_names_exit_invalid_name_with_one_stderr_line(cluster, tmp_path):
+    """Upload and download with an invalid name exit EXIT_INVALID_NAME with one stderr line."""
+    local = write_local(tmp_path, "valid", b"some data")
+    failures = []
+    for label, name in INVALID_NAMES.items():
+        for args in (("upload", local, name), ("download", name, str(tmp_path / "never"))):
+            result = cluster.cli(*args)
+            if result.returncode != client_module.EXIT_INVALID_NAME or not one_line(result.stderr):
+                failures.append(f"{args[0]} with {label} name: {result}")
+    assert_master_serves(cluster, tmp_path)
+    assert not (tmp_path / "never").exists()
+    assert not failures, "\n".join(failures)
+
+
+def test_master_refuses_invalid_names_from_a_raw_client(cluster, tmp_path):
+    """The master itself answers INVALID_NAME to an upload under a bad name and keeps the connection."""
+    with raw_connection(master_address(cluster)) as conn:
+        for label, name in INVALID_NAMES.items():
+            conn.send(protocol.UploadBegin(name=name, size=3))
+            conn.send(protocol.Data(body=b"abc"))
+            conn.send(protocol.UploadEnd(sha256=sha256(b"abc")))
+            with pytest.raises(protocol.InvalidName):
+                conn.expect(protocol.Uploaded)
+        assert conn.request(protocol.List(), protocol.ListPage).entries == [], "an invalid name was stored"
+    assert_master_serves(cluster, tmp_path)
+
+
+# --- 3. placement ---------------------------------------------------------------------------
+def test_every_chunk_is_on_exactly_two_distinct_nodes(cluster, tmp_path):
+    """After uploads, each chunk of each committed blob is held by exactly two nodes."""
+    seed = 3003
+    sizes = [1, 1025, 300 * KIB + 3, 2 * MIB + 100]
+    uploaded = [upload(cluster, f"placed-{size}", random_bytes(seed + size, size), tmp_path) for size in sizes]
+    inventories = node_inventories(cluster, tmp_path)
+    for reply in uploaded:
+        holders = holders_per_chunk(inventories, reply.version, reply.chunks)
+        bad = [(index, sorted(h)) for index, h in enumerate(holders) if len(h) != 2]
+        assert not bad, f"{reply.name} (seed {seed}): chunks not on exactly 2 nodes: {bad[:5]}"
+
+
+def test_multi_batch_file_spreads_over_all_three_nodes(cluster, tmp_path):
+    """A file of several batches puts chunks on every one of three nodes."""
+    seed = 3100
+    reply = upload(cluster, "spread", random_bytes(seed, 4 * BATCH_BYTES + 5), tmp_path)
+    inventories = node_inventories(cluster, tmp_path)
+    held = {nid: sum(count for _, count in inventory.get(reply.version, [])) for nid, inventory in inventories.items()}
+    assert len(held) == 3 and all(held.values()), f"chunks per node {held} (seed {seed})"
+    assert sum(held.values()) == 2 * reply.chunks, f"chunks per node {held} (seed {seed})"
+
+
+# --- 4. node loss ----------------------------------------------------------------------------
+def test_reads_fail_over_when_any_one_node_is_killed(cluster, tmp_path):
+    """With any single node killed by SIGKILL, every file still downloads identically."""
+    seed = 4004
+    files = {f"f{n}": random_bytes(seed + n, size) for n, size in enumerate([5, 70 * KIB, 2 * MIB + 1])}
+    for name, data in files.items():
+        upload(cluster, name, data, tmp_path)
+    for index in range(len(cluster.nodes)):
+        cluster.nodes[index].kill()
+        for name, data in files.items():
+            assert download(cluster, name, tmp_path) == data, f"{name} with node{index} dead (seed {seed})"
+        new_address = cluster.add_node(index).address
+        wait_until(lambda: any(n["address"] == new_address and n["alive"] for n in cluster.status().nodes),
+                   message=f"node{index} re-registered at {new_address}")
+
+
+# --- 5. master restart ------------------------------------------------------------------------
+def test_list_right_after_master_kill_shows_acknowledged_uploads(cluster, tmp_path):
+    """Right after a SIGKILL and restart of the master, list shows every acknowledged upload."""
+    sizes = {f"ack/{n}": n * 1000 for n in range(6)}
+    for name, size in sizes.items():
+        upload(cluster, name, b"x" * size, tmp_path)
+    cluster.restart_master()
+    assert {name: e["size"] for name, e in listing(cluster).items()} == sizes
+
+
+def test_downloads_work_after_master_kill(cluster, tmp_path):
+    """After a SIGKILL and restart of the master, every file downloads identically."""
+    seed = 5005
+    files = {f"m{n}": random_bytes(seed + n, size) for n, size in enumerate([0, 4000, MIB + 3])}
+    for name, data in files.items():
+        upload(cluster, name, data, tmp_path)
+    cluster.restart_master()
+    for name, data in files.items():
+        assert download(cluster, name, tmp_path) == data, f"{name} (seed {seed})"
+    cluster.wait_nodes_alive(3)
+    for name, data in files.items():
+        assert download(cluster, name, tmp_path) == data, f"{name} after re-registration (seed {seed})"
+
+
+# --- 6. node restart ------------------------------------------------------------------------
+def test_restarted_nodes_keep_their_ids(cluster):
+    """A restarted node re-registers under the id it had, at its new address."""
+    before = sorted(n["id"] for n in cluster.status().nodes)
+    for index in range(len(cluster.nodes)):
+        cluster.restart_node(index)
+    addresses = {node.address for node in cluster.nodes}
+    wait_until(lambda: {n["address"] for n in cluster.status().nodes if n["alive"]} == addresses,
+               message=f"nodes re-registered at {addresses}")
+    assert sorted(n["id"] for n in cluster.status().nodes) == before
+    assert sorted(node_id(cluster, i) for i in range(len(cluster.nodes))) == before
+
+
+def test_files_download_after_all_nodes_restarted(cluster, tmp_path):
+    """Chunks survive a SIGKILL and restart of every node."""
+    seed = 6006
+    files = {f"n{n}": random_bytes(seed + n, size) for n, size in enumerate([1, 5000, 2 * MIB + 9])}
+    for name, data in files.items():
+        upload(cluster, name, data, tmp_path)
+    for index in range(len(cluster.nodes)):
+        cluster.restart_node(index)
+    addresses = {node.address for node in cluster.nodes}
+    wait_until(lambda: {n["address"] for n in cluster.status().nodes if n["alive"]} == addresses,
+               message=f"nodes re-registered at {addresses}")
+    for name, data in files.items():
+        assert download(cluster, name, tmp_path) == data, f"{name} (seed {seed})"
+
+
+# --- 7. replace -----------------------------------------------------------------------------
+def test_replacing_a_name_serves_the_new_version(cluster, tmp_path):
+    """Uploading B under A's name makes downloads return B and list one entry of B's size."""
+    seed = 7007
+    a, b = random_bytes(seed, 3 * KIB), random_bytes(seed + 1, 5 * KIB + 1)
+    assert cluster.cli("upload", write_local(tmp_path, "a", a), "x").returncode == 0
+    assert cluster.cli("upload", write_local(tmp_path, "b", b), "x").returncode == 0
+    assert download(cluster, "x", tmp_path) == b, f"seed {seed}"
+    entries = listing(cluster)
+    assert list(entries) == ["x"] and entries["x"]["size"] == len(b)
+
+
+# --- 8./9. concurrency ------------------------------------------------------------------------
+def test_concurrent_writers_and_readers_of_one_name_see_whole_versions(cluster, tmp_path):
+    """Concurrent writers of one name all succeed and readers only ever see a complete version."""
+    seed = 8008
+    size = BATCH_BYTES + 300 * KIB  # two batches: a read spans two GET_CHUNKS
+    versions = [random_bytes(seed + n, size) for n in range(5)]
+    known = {sha256(v): n for n, v in enumerate(versions)}
+    upload(cluster, "shared", versions[0], tmp_path)
+    writers_done = threading.Event()
+    errors: list[str] = []
+    seen: list[int] = []
+
+    def write(n):
+        try:
+            upload(cluster, "shared", versions[n], tmp_path)
+        except Exception as exc:
+            errors.append(f"writer {n}: {exc!r}")
+
+    def read(r):
+        c = cluster.client()
+        destination = tmp_path / f"reader-{r}"
+        try:
+            while not writers_done.is_set() or len(seen) < 2:
+                c.download("shared", str(destination))
+                digest = sha256(destination.read_bytes())
+                if digest not in known:
+                    errors.append(f"reader {r}: saw a mix (sha256 {digest})")
+                    return
+                seen.append(known[digest])
+        except Exception as exc:
+            errors.append(f"reader {r}: {exc!r}")
+        finally:
+            c.close()
+
+    readers = [threading.Thread(target=read, args=(r,)) for r in range(2)]
+    writers = [threading.Thread(target=write, args=(n,)) for n in range(1, len(versions))]
+    for t in readers + writers:
+        t.start()
+    for t in writers:
+        t.join(60)
+    writers_done.set()
+    for t in readers:
+        t.join(60)
+    assert not errors, f"seed {seed}: " + "; ".join(errors)
+    final = download(cluster, "shared", tmp_path)
+    assert sha256(final) in {sha256(v) for v in versions[1:]}, f"final content is no writer's (seed {seed})"
+    assert seen, "readers downloaded nothing"
+
+
+def test_many_clients_in_parallel_all_succeed(cluster, tmp_path):
+    """Eight clients uploading and downloading distinct files at once all succeed."""
+    seed = 9009
+    errors: list[str] = []
+
+    def work(n):
+        data = random_bytes(seed + n, 200 * KIB + n)
+        try:
+            for round_ in range(2):
+                name = f"par/{n}/{round_}"
+                reply = upload(cluster, name, data, tmp_path)
+                assert reply.size == len(data)
+                if download(cluster, name, tmp_path, label=f"par-{n}") != data:
+                    errors.append(f"client {n}: {name} differs")
+        except Exception as exc:
+            errors.append(f"client {n}: {exc!r}")
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, f"seed {seed}: " + "; ".join(errors)
+    assert len(listing(cluster)) == 16
+
+
+# --- 10. too few nodes ----------------------------------------------------------------------
+def test_upload_with_one_node_fails_insufficient_nodes(make_cluster, tmp_path):
+    """With one live node, an upload exits EXIT_INSUFFICIENT_NODES and says 1 alive, 2 needed."""
+    cluster = make_cluster(nodes=1)
+    result = cluster.cli("upload", write_local(tmp_path, "one", b"data"), "one")
+    assert result.returncode == client_module.EXIT_INSUFFICIENT_NODES, result
+    assert one_line(result.stderr) and re.search(r"\b1\b", result.stderr) and re.search(r"\b2\b", result.stderr), \
+        result
+    assert listing(cluster) == {}
+
+
+def test_upload_after_two_of_three_nodes_die_fails_insufficient_nodes(cluster, tmp_path):
+    """Once two of three nodes are seen dead, an upload exits EXIT_INSUFFICIENT_NODES."""
+    cluster.nodes[0].kill()
+    cluster.nodes[1].kill()
+    wait_until(lambda: cluster.status().totals["nodes_alive"] == 1, message="1 live node")
+    result = cluster.cli("upload", write_local(tmp_path, "late", b"data"), "late")
+    assert result.returncode == client_module.EXIT_INSUFFICIENT_NODES, result
+    assert listing(cluster) == {}
+
+
+# --- 11./12./13. uploads that must not commit -------------------------------------------------
+def wait_chunks_back_to(cluster, chunks: int) -> None:
+    """Wait until the nodes report ``chunks`` in total: the master is done with an abandoned upload."""
+    wait_until(lambda: cluster.status().totals["chunks"] == chunks,
+               message=f"nodes back to {chunks} chunks (abandoned upload collected)")
+
+
+def test_disconnect_mid_upload_keeps_the_previous_version(cluster, tmp_path):
+    """A client that vanishes mid-upload leaves the old version listed and downloadable."""
+    seed = 11011
+    old = random_bytes(seed, 10 * KIB)
+    upload(cluster, "keep", old, tmp_path)
+    wait_chunks_back_to(cluster, 2 * 10)
+    conn = raw_connection(master_address(cluster))
+    conn.send(protocol.UploadBegin(name="keep", size=3 * MIB))
+    send_data(conn, random_bytes(seed + 1, BATCH_BYTES + 100 * KIB))
+    wait_until(lambda: cluster.status().totals["chunks"] > 2 * 10, message="first batch on the nodes")
+    conn.close()
+    wait_chunks_back_to(cluster, 2 * 10)
+    assert listing(cluster)["keep"]["size"] == len(old)
+    assert download(cluster, "keep", tmp_path) == old, f"seed {seed}"
+
+
+def test_disconnect_mid_upload_of_a_new_name_commits_nothing(cluster, tmp_path):
+    """A client that vanishes mid-upload of a new name leaves no entry behind."""
+    seed = 11111
+    conn = raw_connection(master_address(cluster))
+    conn.send(protocol.UploadBegin(name="never", size=3 * MIB))
+    send_data(conn, random_bytes(seed, BATCH_BYTES + 100 * KIB))
+    wait_until(lambda: cluster.status().totals["chunks"] > 0, message="first batch on the nodes")
+    conn.close()
+    wait_chunks_back_to(cluster, 0)
+    assert "never" not in listing(cluster)
+    result = cluster.cli("download", "never", str(tmp_path / "never"))
+    assert result.returncode == client_module.EXIT_NOT_FOUND, result
+
+
+def test_wrong_sha256_at_upload_end_commits_nothing(cluster, tmp_path):
+    """An UPLOAD_END whose SHA-256 differs from the data is refused with CHECKSUM_MISMATCH."""
+    seed = 12012
+    old = random_bytes(seed, 4 * KIB)
+    upload(cluster, "checked", old, tmp_path)
+    new = random_bytes(seed + 1, 6 * KIB)
+    with raw_connection(master_address(cluster)) as conn:
+        conn.send(protocol.UploadBegin(name="checked", size=len(new)))
+        send_data(conn, new)
+        conn.send(protocol.UploadEnd(sha256=sha256(new[:-1] + b"\0")))
+        reply = conn.recv()
+        assert isinstance(reply, protocol.Error) and reply.code == "CHECKSUM_MISMATCH", reply
+        # The connection is still in sync: the next request gets its own reply.
+        assert [e["size"] for e in conn.request(protocol.List(), protocol.ListPage).entries] == [len(old)]
+    assert download(cluster, "checked", tmp_path) == old, f"seed {seed}"
+
+
+def test_node_killed_mid_upload_never_leaves_a_partial_file(cluster, tmp_path):
+    """A node dying mid-upload fails the upload cleanly or stores the whole file, never a part."""
+    seed = 13013
+    data = random_bytes(seed, 4 * MIB + 333)
+    half = 2 * MIB
+    with raw_connection(master_address(cluster)) as conn:
+        conn.send(protocol.UploadBegin(name="big", size=len(data)))
+        send_data(conn, data[:half])
+        # Wait until the master has shipped the first batches, so the kill lands mid-stream.
+        wait_until(lambda: cluster.status().totals["chunks"] > 0, message="first batches stored")
+        cluster.nodes[0].kill()
+        send_data(conn, data[half:])
+        conn.send(protocol.UploadEnd(sha256=sha256(data)))
+        reply = conn.recv()
+    assert isinstance(reply, (protocol.Uploaded, protocol.Error)), reply
+    entries = listing(cluster)
+    if isinstance(reply, protocol.Error):
+        assert reply.code in ("UNAVAILABLE", "TIMEOUT", "INSUFFICIENT_NODES"), reply
+        assert reply.message and "\n" not in reply.message, reply
+        assert "big" not in entries, f"failed upload was committed: {entries.get('big')}"
+    else:
+        assert entries["big"]["size"] == len(data)
+        assert download(cluster, "big", tmp_path) == data, f"seed {seed}"
+
+
+# --- 14. errors -------------------------------------------------------------------------------
+def test_download_of_unknown_name_exits_not_found(cluster, tmp_path):
+    """Downloading a name that was never stored exits EXIT_NOT_FOUND and writes nothing."""
+    result = cluster.cli("download", "no/such/file", str(tmp_path / "out"))
+    assert result.returncode == client_module.EXIT_NOT_FOUND, result
+    assert one_line(result.stderr), result
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".part")]
+
+
+def test_upload_of_missing_local_file_exits_local_io(cluster, tmp_path):
+    """Uploading a local file that does not exist exits EXIT_LOCAL_IO."""
+    result = cluster.cli("upload", str(tmp_path / "missing"), "missing")
+    assert result.returncode == client_module.EXIT_LOCAL_IO, result
+    assert one_line(result.stderr), result
+
+
+def test_unreachable_master_exits_unavailable_naming_the_address(tmp_path):
+    """A client whose master does not listen exits EXIT_UNAVAILABLE and names the address."""
+    address = f"127.0.0.1:{free_port()}"
+    result = run_cli("list", master=address, cwd=tmp_path)
+    assert result.returncode == client_module.EXIT_UNAVAILABLE, result
+    assert one_line(result.stderr) and address in result.stderr, result
+
+
+def test_deleted_file_is_not_found_and_not_listed(cluster, tmp_path):
+    """After delete, download exits EXIT_NOT_FOUND and list no longer shows the name."""
+    upload(cluster, "doomed", b"bye", tmp_path)
+    assert cluster.cli("delete", "doomed").returncode == 0
+    result = cluster.cli("download", "doomed", str(tmp_path / "doomed"))
+    assert result.returncode == client_module.EXIT_NOT_FOUND, result
+    assert "doomed" not in listing(cluster)
+
+
+# --- 15. malformed frames --------------------------------------------------------------------
+HELLO = protocol.encode(protocol.Hello(version=protocol.PROTOCOL_VERSION, role="client"))
+
+
+def frame(header: dict) -> bytes:
+    data = json.dumps(header).encode("utf-8")
+    return len(data).to_bytes(4, "big") + data
+
+
+MALFORMED = {
+    # name: (bytes sent, error codes acceptable in the reply; empty = no reply required)
+    "garbage, not JSON": (b"\x00\x00\x00\x05hello", {"BAD_REQUEST"}),
+    "http request": (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", {"TOO_LARGE", "BAD_REQUEST"}),
+    "seeded random bytes (seed 15015)": (random_bytes(15015, 300), set()),
+    "header length 0xFFFFFFFF": (b"\xff\xff\xff\xff" + b"{}", {"TOO_LARGE"}),
+    "body length over the limit after hello": (HELLO + frame({"op": "DATA", "body": 2**40}), {"TOO_LARGE"}),
+    "truncated frame": (HELLO[:len(HELLO) // 2], set()),
+    "truncated body after hello": (HELLO + frame({"op": "DATA", "body": 100}) + b"x" * 10, set()),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_frames_leave_master_and_node_serving(make_cluster, tmp_path, case):
+    """A malformed frame gets at most an ERROR frame and a closed connection; both servers keep serving."""
+    cluster = make_cluster(nodes=2)
+    payload, codes = MALFORMED[case]
+    for address in (master_address(cluster), node_address(cluster, 0)):
+        frames = exchange_raw(address, payload)
+        errors = [f for f in frames if isinstance(f, protocol.Error)]
+        if codes:
+            assert errors and errors[-1].code in codes, f"{case} to {address}: {frames}"
+    assert_master_serves(cluster, tmp_path)
+    assert_node_serves(cluster, 0)
+
+
+UNSERVED_OPS = {
+    # name: (header sent to the master, header sent to a node)
+    "op no server knows": ({"op": "FROBNICATE"}, {"op": "FROBNICATE"}),
+    "op of the other role": ({"op": "GET_CHUNKS", "blob": "b", "first": 0, "count": 1}, {"op": "STATUS"}),
+}
+
+
+@pytest.mark.parametrize("case", list(UNSERVED_OPS))
+def test_unserved_op_gets_unknown_op_and_connection_stays_usable(make_cluster, case):
+    """A well-formed frame with an op the server does not serve gets UNKNOWN_OP and the connection goes on."""
+    cluster = make_cluster(nodes=2)
+    to_master, to_node = UNSERVED_OPS[case]
+    targets = [("master", master_address(cluster), "client", to_master, protocol.Status(), protocol.StatusReply),
+               ("node", node_address(cluster, 0), "master", to_node, protocol.NodeStat(), protocol.NodeStatReply)]
+    failures = []
+    for label, address, role, header, request, reply_cls in targets:
+        with raw_connection(address, role) as conn:
+            conn.sock.sendall(frame(header))
+            reply = conn.recv()
+            if not (isinstance(reply, protocol.Error) and reply.code == "UNKNOWN_OP"):
+                failures.append(f"{label} answered {header} with {reply}")
+                continue
+            try:
+                conn.request(request, reply_cls)
+            except protocol.BackupError as exc:
+                failures.append(f"{label} connection unusable after UNKNOWN_OP for {header['op']}: {exc!r}")
+    assert not failures, "; ".join(failures)
+
+
+# --- 16. client-side verification ----------------------------------------------------------
+class LyingMasterHandler(transport.RequestHandler):
+    """Serves any download with the right bytes but a wrong SHA-256 in FILE_INFO."""
+
+    DATA = b"the right bytes, the wrong hash" * 100
+
+    def do_DOWNLOAD(self, msg: protocol.Download) -> None:
+        data = self.DATA
+        self.reply(protocol.FileInfo(name=msg.name, size=len(data), chunks=(len(data) + 1023) // 1024,
+                                     sha256="0" * 64, mtime=0.0, version="fake", offset=0, length=len(data)),
+                   flush=False)
+        self.reply(protocol.Data(body=data), flush=False)
+        self.reply(protocol.DataEnd())
+
+
+@pytest.fixture
+def lying_master(request):
+    """An in-process fake master on 127.0.0.1 whose downloads fail verification."""
+    server = transport.Server(("127.0.0.1", 0), LyingMasterHandler, server_id="lying-master",
+                              io_timeout_s=5.0, idle_timeout_s=5.0)
+    thread = threading.Thread(target=server.serve_forever, name="lying-master", daemon=True)
+    thread.start()
+
+    def stop():
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+    request.addfinalizer(stop)
+    return server
+
+
+def test_client_refuses_download_whose_sha256_differs(lying_master, tmp_path):
+    """A download whose bytes miss the recorded SHA-256 exits EXIT_CHECKSUM and leaves no file."""
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    result = run_cli("download", "anything", str(out_dir / "file"), master=lying_master.address_text, cwd=tmp_path)
+    assert result.returncode == client_module.EXIT_CHECKSUM, result
+    assert one_line(result.stderr), result
+    assert os.listdir(out_dir) == [], "a failed download left files behind"
+
+
+# --- 17. corruption on disk -------------------------------------------------------------------
+def test_corrupt_replica_on_disk_is_failed_over(cluster, tmp_path):
+    """With one replica's bytes flipped on disk, the download still comes back identical."""
+    seed = 17017
+    data = random_bytes(seed, 300 * KIB + 17)
+    reply = upload(cluster, "rot", data, tmp_path)
+    holders = [i for i in range(len(cluster.nodes)) if payload_locations(cluster, i, reply.version)]
+    assert len(holders) == 2, f"blob on nodes {holders}"
+    for index in holders:  # corrupt each replica in turn, so whichever is read first is hit once
+        path, offset, length = payload_locations(cluster, index, reply.version)[0]
+        target = offset + length - 50
+        flip_byte(path, target)
+        try:
+            assert download(cluster, "rot", tmp_path) == data, f"node{index} corrupt (seed {seed})"
+        finally:
+            flip_byte(path, target)
