@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import config as config_module
 import protocol
+import security as security_module
 import transport
 
 EXIT_OK = 0
@@ -45,10 +46,12 @@ EXIT_INSUFFICIENT_SPACE = 12
 EXIT_FILE_LOCKED = 13
 EXIT_AUTH_FAILED = 14
 EXIT_PARTIAL = 15
+EXIT_INVALID_RANGE = 16
 
 # Wire error code -> exit status.  Codes not listed exit with EXIT_ERROR.
 EXIT_CODES = {
     "FILE_NOT_FOUND": EXIT_NOT_FOUND,
+    "INVALID_RANGE": EXIT_INVALID_RANGE,
     "UNAVAILABLE": EXIT_UNAVAILABLE,
     "INSUFFICIENT_NODES": EXIT_INSUFFICIENT_NODES,
     "CHECKSUM_MISMATCH": EXIT_CHECKSUM,
@@ -191,8 +194,10 @@ def human_bytes(n: float) -> str:
 class Client:
     """A session with the master: one connection, opened on first use."""
 
-    def __init__(self, master: tuple[str, int], timeout_s: float, frame_bytes: int, show_progress: bool):
+    def __init__(self, master: tuple[str, int], timeout_s: float, frame_bytes: int, show_progress: bool,
+                 security: transport.Security | None = None):
         self.master = master
+        self.security = security  # shared secret and TLS (security.py); None = neither
         self.timeout_s = timeout_s
         self.frame_bytes = frame_bytes
         self.show_progress = show_progress
@@ -202,7 +207,7 @@ class Client:
     @property
     def conn(self) -> transport.Connection:
         if self._conn is None:
-            self._conn = transport.Connection(self.master, "client", self.timeout_s)
+            self._conn = transport.Connection(self.master, "client", self.timeout_s, self.security)
         return self._conn
 
     def close(self) -> None:
@@ -472,7 +477,7 @@ def format_time(timestamp: float) -> str:
 def cmd_upload(client: Client, args) -> int:
     if not os.path.exists(args.local):
         raise LocalFileError(f"{args.local}: no such file or directory")
-    name = args.name or os.path.basename(os.path.abspath(args.local))
+    name = args.name if args.name is not None else os.path.basename(os.path.abspath(args.local))
     if os.path.isdir(args.local):
         summary = client.upload_tree(args.local, name, report=note)
         if not args.quiet:
@@ -554,7 +559,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--master", metavar="HOST:PORT", help="master address (default from config)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar, no summary lines")
     parser.add_argument("--timeout", type=float, metavar="S",
-                        help="seconds to wait for the master at any step (default: 6 x io_timeout_s)")
+                        help="seconds to wait for the master at any step (default: lock_wait_s + 3 x io_timeout_s)")
     commands = parser.add_subparsers(dest="command", required=True)
     upload = commands.add_parser("upload", help="store a local file, or every file below a directory")
     upload.add_argument("local", help="local file or directory")
@@ -578,13 +583,17 @@ def build_arg_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_arg_parser().parse_args(argv)
     try:
-        config = config_module.load_config(args.config, client_master=args.master)
+        config = config_module.load_config(args.config, client_master=args.master,
+                                           **config_module.security_overrides(args))
         master = config_module.parse_address(config.client_master, "master")
+        security = security_module.from_config(config)
     except ValueError as exc:
         print(f"client: bad configuration: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    timeout_s = args.timeout or config.io_timeout_s * 6
-    client = Client(master, timeout_s, config.batch_bytes, show_progress=not args.quiet and sys.stderr.isatty())
+    # A writer may first wait up to lock_wait_s for another writer of the name.
+    timeout_s = args.timeout or config.lock_wait_s + config.io_timeout_s * 3
+    client = Client(master, timeout_s, config.batch_bytes, show_progress=not args.quiet and sys.stderr.isatty(),
+                    security=security)
     try:
         return COMMANDS[args.command](client, args)
     except LocalFileError as exc:

@@ -47,7 +47,8 @@ class Server:
         return self.process.pid
 
     def start(self, timeout_s: float = 15.0) -> str:
-        log = open(self.log_path, "ab")
+        # Logs name files and peers: readable by the owner only, like the data.
+        log = os.fdopen(os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
         try:
             self.process = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
                                             cwd=HERE)
@@ -116,15 +117,22 @@ class LocalCluster:
     """
 
     def __init__(self, data_dir: str, nodes: int = 3, host: str = "127.0.0.1", master_port: int = 0,
-                 master_args=(), node_args=(), config_path: str | None = None):
+                 master_args=(), node_args=(), config_path: str | None = None, secret_file: str | None = None,
+                 insecure: bool = False):
         self.data_dir = os.path.abspath(data_dir)
         self.host = host
         self.master_port = master_port
         self.master_args = list(master_args)
         self.node_args = list(node_args)
+        # Given to the master and every node alike (the secret file by path: never on a command line).
         self.config_args = ["--config", config_path] if config_path else []
+        if secret_file:
+            self.config_args += ["--secret-file", os.path.abspath(secret_file)]
+        if insecure:
+            self.config_args.append("--insecure")
         self.log_dir = os.path.join(self.data_dir, "logs")
-        os.makedirs(self.log_dir, exist_ok=True)
+        os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+        os.makedirs(self.log_dir, mode=0o700, exist_ok=True)
         self.master: Server | None = None
         self.nodes: list[Server] = []
         self.node_count = nodes
@@ -203,9 +211,12 @@ def main(argv=None) -> int:
     parser.add_argument("--port", type=int, default=7700, help="master port (default 7700, the client's default)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind every process to")
     parser.add_argument("--config", metavar="PATH", help="config file passed to every process")
+    parser.add_argument("--secret-file", metavar="PATH", help="shared secret file passed to every process")
+    parser.add_argument("--insecure", action="store_true",
+                        help="let the master and nodes listen beyond loopback without a secret")
     args = parser.parse_args(argv)
     cluster = LocalCluster(args.data_dir, nodes=args.nodes, host=args.host, master_port=args.port,
-                           config_path=args.config)
+                           config_path=args.config, secret_file=args.secret_file, insecure=args.insecure)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stopping.set())
     try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import configparser
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import protocol
 
@@ -36,7 +36,20 @@ class Config:
     heartbeat_interval_s: float = 2.0
     dead_after_s: float = 10.0
     io_timeout_s: float = 10.0
+    safe_mode_s: float = 15.0
+    repair_rate_mb_s: float = 50.0
+    scrub_rate_mb_s: float = 4.0
+    compact_dead_fraction: float = 0.5
+    compact_interval_s: float = 30.0
     client_master: str = "127.0.0.1:7700"
+    # [security]: see security.py and docs/SECURITY.md.  repr=False: a
+    # Config may be logged, the secret must never be.
+    secret: str = field(default="", repr=False)
+    secret_file: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    max_connections: int = 256
 
     @property
     def chunks_per_batch(self) -> int:
@@ -62,7 +75,18 @@ _KEYS = [
     ("timing", "heartbeat_interval_s", "heartbeat_interval_s", float),
     ("timing", "dead_after_s", "dead_after_s", float),
     ("timing", "io_timeout_s", "io_timeout_s", float),
+    ("repair", "safe_mode_s", "safe_mode_s", float),
+    ("repair", "repair_rate_mb_s", "repair_rate_mb_s", float),
+    ("repair", "scrub_rate_mb_s", "scrub_rate_mb_s", float),
+    ("repair", "compact_dead_fraction", "compact_dead_fraction", float),
+    ("repair", "compact_interval_s", "compact_interval_s", float),
     ("client", "master", "client_master", str),
+    ("security", "secret", "secret", str),
+    ("security", "secret_file", "secret_file", str),
+    ("security", "tls_cert", "tls_cert", str),
+    ("security", "tls_key", "tls_key", str),
+    ("security", "tls_ca", "tls_ca", str),
+    ("security", "max_connections", "max_connections", int),
 ]
 
 
@@ -107,12 +131,22 @@ def validate(config: Config) -> None:
     for name in ("heartbeat_interval_s", "dead_after_s", "io_timeout_s", "lock_wait_s"):
         if getattr(config, name) <= 0:
             raise ValueError(f"{name} must be positive")
+    for name in ("safe_mode_s", "scrub_rate_mb_s"):
+        if getattr(config, name) < 0:
+            raise ValueError(f"{name} must not be negative")
+    for name in ("repair_rate_mb_s", "compact_interval_s"):
+        if getattr(config, name) <= 0:
+            raise ValueError(f"{name} must be positive")
+    if not 0 < config.compact_dead_fraction <= 1:
+        raise ValueError("compact_dead_fraction must be in (0, 1]")
     if config.dead_after_s <= config.heartbeat_interval_s:
         raise ValueError("dead_after_s must be larger than heartbeat_interval_s")
     if config.capacity_bytes <= 0:
         raise ValueError("capacity_bytes must be positive")
     if config.checkpoint_every < 1:
         raise ValueError("checkpoint_every must be at least 1")
+    if config.max_connections < 1:
+        raise ValueError("max_connections must be at least 1")
     for name in ("node_master", "client_master"):
         parse_address(getattr(config, name), name)
 
@@ -135,4 +169,20 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     """Flags every program shares."""
     parser.add_argument("--config", metavar="PATH", help="config file (default: config.ini beside the program)")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    parser.add_argument("--secret-file", metavar="PATH",
+                        help="file holding the cluster's shared secret (overrides [security] secret)")
+    parser.add_argument("--tls-ca", metavar="PATH",
+                        help="CA certificate (or the self-signed certificate) that peers' TLS certificates must "
+                             "chain to; turns on TLS for connections this program opens (default [security] tls_ca)")
+
+
+def add_server_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags of the programs that listen (master, storage node)."""
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow listening on a non-loopback address without a shared secret (protected mode off)")
+
+
+def security_overrides(args: argparse.Namespace) -> dict:
+    """The load_config overrides given by add_common_flags' security flags."""
+    return {"secret_file": getattr(args, "secret_file", None), "tls_ca": getattr(args, "tls_ca", None)}
 

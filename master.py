@@ -32,10 +32,12 @@ from dataclasses import dataclass
 
 import config as config_module
 import protocol
+import security as security_module
 import transport
 import transfers
 from metadata_log import MetadataLog
 from namespace import Namespace, NameLocks
+from repair import Repairer
 
 logger = logging.getLogger("master")
 
@@ -74,9 +76,12 @@ class NodeState:
     chunks: int = 0
     last_heard: float | None = None  # monotonic seconds; None = not heard since start
     reserved_bytes: int = 0  # bytes being uploaded to it right now
+    full: bool = False  # the node refuses writes (capacity reached or ENOSPC)
+    reported: bool = False  # its inventory arrived since it last registered
 
     def alive(self, now: float, dead_after_s: float) -> bool:
-        return self.last_heard is not None and now - self.last_heard <= dead_after_s
+        """Heard within ``dead_after_s``, and done reporting its inventory."""
+        return self.reported and self.last_heard is not None and now - self.last_heard <= dead_after_s
 
     @property
     def free_bytes(self) -> int:
@@ -91,17 +96,22 @@ class NodePool:
     used by one thread at a time.
     """
 
-    def __init__(self, timeout_s: float):
+    def __init__(self, timeout_s: float, security: transport.Security | None = None):
         self.timeout_s = timeout_s
+        self.security = security  # secret and TLS for the connections to nodes
         self._lock = threading.Lock()
         self._idle: dict[tuple, list] = defaultdict(list)
 
     def acquire(self, address: tuple[str, int]) -> transport.Connection:
-        with self._lock:
-            idle = self._idle.get(address)
-            if idle:
-                return idle.pop()
-        return transport.Connection(address, "master", self.timeout_s)
+        while True:
+            with self._lock:
+                idle = self._idle.get(address)
+                conn = idle.pop() if idle else None
+            if conn is None:
+                return transport.Connection(address, "master", self.timeout_s, self.security)
+            if not conn.peer_closed():
+                return conn
+            conn.close()  # the node closed it while idle (restart, idle timeout)
 
     def release(self, conn: transport.Connection) -> None:
         if not conn.broken:
@@ -125,19 +135,24 @@ class Master:
     Collaborators can be passed in for tests: ``clock`` (monotonic seconds).
     """
 
-    def __init__(self, config: config_module.Config, data_dir: str, clock=time.monotonic):
+    def __init__(self, config: config_module.Config, data_dir: str, clock=time.monotonic,
+                 security: transport.Security | None = None):
         self.config = config
         self.clock = clock
+        self.security = security or transport.NO_SECURITY
         self.namespace = Namespace()
         self.log = MetadataLog(data_dir, self.namespace, checkpoint_every=config.checkpoint_every)
         self.log.open()
         self.locks = NameLocks()
-        self.pool = NodePool(config.io_timeout_s)
+        self.pool = NodePool(config.io_timeout_s, self.security)
         self._nodes_lock = threading.Lock()
         self._nodes: dict[str, NodeState] = {
             node_id: NodeState(node_id, config_module.parse_address(info["address"]))
             for node_id, info in self.namespace.nodes.items()
         }
+        self.active_blobs: set[str] = set()  # blobs of uploads not yet committed or discarded
+        self._readers: dict[str, int] = defaultdict(int)  # blob -> downloads in progress
+        self.repairer = Repairer(self)
         self._garbage: dict[str, set[str]] = defaultdict(set)  # node_id -> blobs to delete
         self._garbage_cond = threading.Condition()
         self._stop = threading.Event()
@@ -145,9 +160,11 @@ class Master:
 
     def start(self) -> None:
         self._gc_thread.start()
+        self.repairer.start()
 
     def stop(self) -> None:
         self._stop.set()
+        self.repairer.stop()
         with self._garbage_cond:
             self._garbage_cond.notify_all()
         self.log.close()
@@ -165,6 +182,10 @@ class Master:
             node.used_bytes = msg.used_bytes
             node.chunks = msg.chunks
             node.last_heard = self.clock()
+            # Not a placement target until its inventory is in: what it holds
+            # must be known before anything new lands on it.
+            node.reported = False
+        self.repairer.begin_report(msg.node_id)
         if old_address != address:
             self.pool.discard_address(old_address)
         known = self.namespace.nodes.get(msg.node_id)
@@ -175,14 +196,25 @@ class Master:
         with self._garbage_cond:
             self._garbage_cond.notify_all()  # a returning node may have garbage waiting
 
+    def inventory(self, msg: protocol.Inventory) -> None:
+        if self.repairer.add_inventory(msg.node_id, msg.blobs, msg.done):
+            with self._nodes_lock:
+                node = self._nodes[msg.node_id]
+                node.reported = True
+                node.last_heard = self.clock()
+            logger.info("node %s reported its inventory", msg.node_id)
+
     def heartbeat(self, msg: protocol.Heartbeat) -> None:
         with self._nodes_lock:
             node = self._nodes.get(msg.node_id)
-            if node is None:
+            if node is None or not node.reported:
                 raise protocol.RemoteProtocolError(f"node {msg.node_id} heartbeats without registering")
             node.used_bytes = msg.used_bytes
             node.chunks = msg.chunks
+            node.full = msg.full
             node.last_heard = self.clock()
+        if msg.corrupt:
+            self.repairer.report_corrupt(msg.node_id, msg.corrupt)
 
     def node_address(self, node_id: str) -> tuple[str, int]:
         with self._nodes_lock:
@@ -203,26 +235,26 @@ class Master:
             raise protocol.InsufficientNodes(
                 f"{live} storage node(s) alive, {self.config.replication} needed for replication")
 
-    def choose_replicas(self, nbytes: int, avoid=()) -> list[str]:
-        """``replication`` distinct live nodes with the most free space for ``nbytes``.
+    def choose_replicas(self, nbytes: int, avoid=(), count: int | None = None) -> list[str]:
+        """``count`` (default ``replication``) distinct live nodes with the most room for ``nbytes``.
 
-        Raises InsufficientNodes if too few are alive, InsufficientSpace if
-        too few of them have room.
+        Nodes in ``avoid`` are not considered.  Raises InsufficientNodes if
+        too few are alive, InsufficientSpace if too few of them have room.
         """
+        wanted = self.config.replication if count is None else count
         now = self.clock()
         with self._nodes_lock:
             live = [n for n in self._nodes.values()
                     if n.alive(now, self.config.dead_after_s) and n.node_id not in avoid]
-            roomy = [n for n in live if n.free_bytes >= nbytes]
+            roomy = [n for n in live if not n.full and n.free_bytes >= nbytes]
             roomy.sort(key=lambda n: n.free_bytes, reverse=True)
-            chosen = [n.node_id for n in roomy[:self.config.replication]]
-        if len(live) < self.config.replication:
+            chosen = [n.node_id for n in roomy[:wanted]]
+        if len(live) < wanted:
             raise protocol.InsufficientNodes(
-                f"{len(live)} storage node(s) alive, {self.config.replication} needed for replication")
-        if len(chosen) < self.config.replication:
+                f"{len(live)} storage node(s) alive, {wanted} needed for replication")
+        if len(chosen) < wanted:
             raise protocol.InsufficientSpace(
-                f"only {len(roomy)} live node(s) have room for {nbytes} more bytes, "
-                f"{self.config.replication} needed")
+                f"only {len(roomy)} live node(s) have room for {nbytes} more bytes, {wanted} needed")
         return chosen
 
     def reserve(self, node_id: str, nbytes: int) -> None:
@@ -247,8 +279,10 @@ class Master:
         logger.warning("node %s failed a request: %s", node_id, exc)
 
     def note_bad_replica(self, node_id, name, entry, first, count, exc) -> None:
+        """A read found a copy corrupt or missing: stop using it, repair it."""
         logger.error("bad replica of %r chunks %d..%d on node %s: %s",
                      name, first, first + count - 1, node_id, exc)
+        self.repairer.remove_replica(name, entry, first, count, node_id)
 
     # --- files -------------------------------------------------------------------------
     def lock_name(self, name: str, owner: str) -> object:
@@ -262,12 +296,39 @@ class Master:
         """
         previous = [self.namespace.files.get(name) for name, _ in uploads]
         self.log.commit([{"op": "put", "name": name, "file": entry} for name, entry in uploads])
+        for _, entry in uploads:
+            self.active_blobs.discard(entry["version"])
         for entry in previous:
             if entry is not None:
                 self._collect_entry(entry)
         for name, entry in uploads:
             logger.info("stored %r: %d bytes, %d chunks, version %s", name, entry["size"], entry["chunks"],
                         entry["version"])
+
+    def open_for_read(self, name: str) -> dict:
+        """The current entry of ``name``, pinned until ``close_read(entry)``.
+
+        A pinned version is not garbage collected even if the name is
+        replaced or deleted meanwhile, so a download that started on it
+        finishes on it: readers never wait for writers and never see a mix.
+        """
+        while True:
+            entry = self.namespace.lookup(name)
+            with self._garbage_cond:
+                self._readers[entry["version"]] += 1
+            # Pinned before the re-check: a replace committed after the
+            # re-check queues its garbage after our pin, so the GC sees it.
+            if self.namespace.files.get(name) is entry:
+                return entry
+            self.close_read(entry)
+
+    def close_read(self, entry: dict) -> None:
+        with self._garbage_cond:
+            version = entry["version"]
+            self._readers[version] -= 1
+            if not self._readers[version]:
+                del self._readers[version]
+                self._garbage_cond.notify_all()
 
     def delete(self, name: str, owner: str) -> None:
         token = self.lock_name(name, owner)
@@ -290,6 +351,7 @@ class Master:
                 "capacity_bytes": n.capacity_bytes,
                 "used_bytes": n.used_bytes,
                 "chunks": n.chunks,
+                "full": n.full,
             } for n in sorted(self._nodes.values(), key=lambda n: n.node_id)]
         files = list(self.namespace.files.values())
         totals = {
@@ -300,6 +362,7 @@ class Master:
             "used_bytes": sum(n["used_bytes"] for n in nodes),
             "chunks": sum(n["chunks"] for n in nodes),
             "replication": self.config.replication,
+            **self.repairer.status(),
         }
         return protocol.StatusReply(nodes=nodes, totals=totals)
 
@@ -308,6 +371,12 @@ class Master:
         nodes = {node_id for _, _, node_ids in entry["runs"] for node_id in node_ids}
         self.collect_garbage(entry["version"], nodes)
 
+    def collect_garbage_many(self, node_id: str, blobs) -> None:
+        """Ask one node to drop many blobs soon."""
+        with self._garbage_cond:
+            self._garbage[node_id].update(blobs)
+            self._garbage_cond.notify_all()
+
     def collect_garbage(self, blob: str, node_ids) -> None:
         """Ask ``node_ids`` to drop ``blob`` soon (in the background, with retries)."""
         with self._garbage_cond:
@@ -315,13 +384,23 @@ class Master:
                 self._garbage[node_id].add(blob)
             self._garbage_cond.notify_all()
 
+    def _collectable(self) -> bool:
+        """Some garbage is not pinned by a reader (caller holds _garbage_cond)."""
+        return any(b not in self._readers for blobs in self._garbage.values() for b in blobs)
+
     def _gc_loop(self) -> None:
         while not self._stop.is_set():
             with self._garbage_cond:
-                while not self._garbage and not self._stop.is_set():
-                    self._garbage_cond.wait()
-                work = dict(self._garbage)
-                self._garbage.clear()
+                while not self._collectable() and not self._stop.is_set():
+                    self._garbage_cond.wait(_GC_RETRY_S if self._garbage else None)
+                work = {}
+                for node_id, blobs in list(self._garbage.items()):
+                    ready = {b for b in blobs if b not in self._readers}
+                    if ready:
+                        work[node_id] = ready
+                        blobs -= ready
+                    if not blobs:
+                        del self._garbage[node_id]
             failed = False
             for node_id, blobs in work.items():
                 try:
@@ -352,6 +431,10 @@ class MasterHandler(transport.RequestHandler):
     def do_REGISTER(self, msg: protocol.Register) -> None:
         self.master.register(msg, self.peer)
         self.reply(protocol.Registered())
+
+    def do_INVENTORY(self, msg: protocol.Inventory) -> None:
+        self.master.inventory(msg)
+        self.reply(protocol.InventoryOk())
 
     def do_HEARTBEAT(self, msg: protocol.Heartbeat) -> None:
         self.master.heartbeat(msg)
@@ -393,6 +476,8 @@ class MasterHandler(transport.RequestHandler):
         try:
             name = protocol.validate_name(msg.name)
             self.master.check_writable()
+            if any(p.stream.name == name for p in self.pending):
+                self._commit_pending()  # we hold that name's lock ourselves
             token = self.master.lock_name(name, self.peer)
         except protocol.BackupError as exc:
             self._fail_upload(exc, ended=False)
@@ -400,16 +485,16 @@ class MasterHandler(transport.RequestHandler):
         if self.session is None:
             self.session = transfers.UploadSession(self.master)
         stream = transfers.UploadStream(self.session, name)
-        ended = False
+        self._upload_ended = False
         try:
-            ended, entry = self._receive_upload(stream)
+            entry = self._receive_upload(stream)
         except protocol.BackupError as exc:
             stream.discard()
             self.master.locks.release(name, token)
             if isinstance(exc, protocol.RemoteProtocolError):
                 raise
             logger.warning("%s: upload of %r failed: %s", self.peer, name, exc)
-            self._fail_upload(exc, ended)
+            self._fail_upload(exc, self._upload_ended)
             return
         if entry is None:  # aborted, or the client went away
             stream.discard()
@@ -420,24 +505,31 @@ class MasterHandler(transport.RequestHandler):
                 sum(p.entry["size"] for p in self.pending) >= GROUP_MAX_BYTES:
             self._commit_pending()
 
-    def _receive_upload(self, stream: transfers.UploadStream) -> tuple[bool, dict | None]:
-        """Read DATA frames up to UPLOAD_END; return (ended, entry or None)."""
+    def _receive_upload(self, stream: transfers.UploadStream) -> dict | None:
+        """Read DATA frames up to UPLOAD_END; return the entry, or None if abandoned.
+
+        Sets ``_upload_ended`` once the upload's last frame has been read, so
+        a failure after it does not skip frames of the next request.
+        """
         while True:
             space = stream.free_space()
             frame = self.next_message(body_buffer=space)
             if frame is None:
                 logger.info("%s: disconnected mid-upload of %r; nothing committed", self.peer, stream.name)
-                return True, None
+                self._upload_ended = True
+                return None
             if isinstance(frame, protocol.Data):
                 if len(frame.body) <= len(space):
                     stream.filled(len(frame.body))  # read_message put it in place
                 else:
                     stream.write(frame.body)
             elif isinstance(frame, protocol.UploadEnd):
-                return True, stream.seal(frame.sha256)
+                self._upload_ended = True
+                return stream.seal(frame.sha256)
             elif isinstance(frame, protocol.UploadAbort):
                 logger.info("%s: aborted upload of %r; nothing committed", self.peer, stream.name)
-                return True, None
+                self._upload_ended = True
+                return None
             else:
                 raise protocol.RemoteProtocolError(f"{frame.OP} inside an upload")
 
@@ -494,10 +586,16 @@ class MasterHandler(transport.RequestHandler):
 
     # --- clients: the rest ---
     def do_DOWNLOAD(self, msg: protocol.Download) -> None:
-        entry = self.master.namespace.lookup(protocol.validate_name(msg.name))
+        entry = self.master.open_for_read(protocol.validate_name(msg.name))
+        try:
+            self._send_file(msg, entry)
+        finally:
+            self.master.close_read(entry)
+
+    def _send_file(self, msg: protocol.Download, entry: dict) -> None:
         size = entry["size"]
         if msg.offset < 0 or msg.offset > size:
-            raise protocol.RemoteProtocolError(f"offset {msg.offset} is outside the file (size {size})")
+            raise protocol.InvalidRange(f"offset {msg.offset} is outside {msg.name!r} (size {size})")
         length = size - msg.offset if msg.length < 0 else min(msg.length, size - msg.offset)
         self.reply(protocol.FileInfo(name=msg.name, size=size, chunks=entry["chunks"], sha256=entry["sha256"],
                                      mtime=entry["mtime"], version=entry["version"],
@@ -535,7 +633,8 @@ def make_server(master: Master, host: str, port: int) -> transport.Server:
         io_timeout_s=config.io_timeout_s,
         # Nodes heartbeat on an open connection; clients may think between
         # requests.  Past this an idle connection is closed.
-        idle_timeout_s=max(config.io_timeout_s, 300.0))
+        idle_timeout_s=max(config.io_timeout_s, 300.0),
+        security=master.security, max_connections=config.max_connections)
     server.master = master
     return server
 
@@ -543,6 +642,7 @@ def make_server(master: Master, host: str, port: int) -> transport.Server:
 def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Run the master of the backup system.")
     config_module.add_common_flags(parser)
+    config_module.add_server_flags(parser)
     parser.add_argument("--host", help="address to listen on (default from config)")
     parser.add_argument("--port", type=int, help="port to listen on; 0 = any free port")
     parser.add_argument("--data-dir", help="directory for the metadata log and checkpoint")
@@ -550,6 +650,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--heartbeat-interval", type=float, metavar="S",
                         help="seconds between node heartbeats (checked against --dead-after)")
     parser.add_argument("--io-timeout", type=float, metavar="S", help="seconds a network read or write may take")
+    parser.add_argument("--safe-mode", type=float, metavar="S",
+                        help="seconds after start with no repair or deletion (default from config)")
+    parser.add_argument("--repair-rate", type=float, metavar="MB_S", help="re-replication speed limit in MB/s")
     return parser
 
 
@@ -559,14 +662,16 @@ def main(argv=None) -> int:
         config = config_module.load_config(
             args.config, master_host=args.host, master_port=args.port, master_data_dir=args.data_dir,
             dead_after_s=args.dead_after, heartbeat_interval_s=args.heartbeat_interval,
-            io_timeout_s=args.io_timeout)
+            io_timeout_s=args.io_timeout, safe_mode_s=args.safe_mode, repair_rate_mb_s=args.repair_rate,
+            **config_module.security_overrides(args))
+        security = security_module.for_server(config, config.master_host, args.insecure)
     except ValueError as exc:
         print(f"master: bad configuration: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s master %(levelname)s %(name)s: %(message)s")
     try:
-        master = Master(config, config.master_data_dir)
+        master = Master(config, config.master_data_dir, security=security)
     except Exception as exc:  # a metadata problem must stop the start, loudly
         logger.exception("cannot load metadata from %s", config.master_data_dir)
         print(f"master: cannot load metadata from {config.master_data_dir}: {exc}", file=sys.stderr)

@@ -9,12 +9,14 @@ Records (JSON objects; the log adds the index ``"i"``):
 
     {"op": "put", "name": N, "file": ENTRY}      store or replace a file
     {"op": "delete", "name": N}                  remove a file
+    {"op": "replicas", "name": N, "version": V,  chunks [first, first+count) of
+     "first": f, "count": c, "nodes": [ID..]}   version V now live on these nodes
     {"op": "node", "node_id": ID, "address": A}  remember where a node lives
 
 A file ENTRY::
 
     {"size": bytes, "chunks": n, "chunk_size": bytes, "sha256": hex,
-     "mtime": unix seconds, "version": blob id,
+     "mtime": unix seconds, "version": blob id, "batch_chunks": n,
      "runs": [[first_chunk, count, [node_id, ...]], ...]}
 
 Placement is kept as runs of consecutive chunks on the same replica set, so
@@ -49,6 +51,13 @@ class Namespace:
             self.files[record["name"]] = record["file"]
         elif op == "delete":
             self.files.pop(record["name"], None)
+        elif op == "replicas":
+            entry = self.files.get(record["name"])
+            # The file may have been replaced or deleted since the repair
+            # started: a record for another version changes nothing.
+            if entry is not None and entry["version"] == record["version"]:
+                runs = set_run_nodes(entry["runs"], record["first"], record["count"], record["nodes"])
+                self.files[record["name"]] = {**entry, "runs": runs}
         elif op == "node":
             self.nodes[record["node_id"]] = {"address": record["address"]}
         else:
@@ -81,7 +90,7 @@ class Namespace:
         return [(name, files[name]) for name in names if name in files]
 
 
-def make_entry(size: int, chunk_size: int, sha256: str, version: str, runs: list) -> dict:
+def make_entry(size: int, chunk_size: int, sha256: str, version: str, runs: list, batch_chunks: int) -> dict:
     """A file entry as stored in the namespace (see the module docstring)."""
     return {
         "size": size,
@@ -90,8 +99,37 @@ def make_entry(size: int, chunk_size: int, sha256: str, version: str, runs: list
         "sha256": sha256,
         "mtime": round(time.time(), 3),
         "version": version,
+        # Chunks per batch when stored: nodes hold the file in records of
+        # this many chunks, so repairs and reads work in these pieces.
+        "batch_chunks": batch_chunks,
         "runs": runs,
     }
+
+
+def set_run_nodes(runs: list, first: int, count: int, node_ids: list[str]) -> list:
+    """New runs in which chunks [first, first+count) are on ``node_ids``.
+
+    Pure: ``runs`` is not modified.  Runs are split where the range cuts
+    them and neighbours with equal node lists are merged again, so repairs
+    do not fragment the placement of a healthy file.
+    """
+    end = first + count
+    pieces = []
+    for run_first, run_count, nodes in runs:
+        run_end = run_first + run_count
+        if run_end <= first or run_first >= end:
+            pieces.append((run_first, run_count, nodes))
+            continue
+        if run_first < first:
+            pieces.append((run_first, first - run_first, nodes))
+        overlap_first, overlap_end = max(run_first, first), min(run_end, end)
+        pieces.append((overlap_first, overlap_end - overlap_first, list(node_ids)))
+        if run_end > end:
+            pieces.append((end, run_end - end, nodes))
+    merged: list = []
+    for piece_first, piece_count, nodes in pieces:
+        add_run(merged, piece_first, piece_count, nodes)
+    return merged
 
 
 def add_run(runs: list, first: int, count: int, node_ids: list[str]) -> None:

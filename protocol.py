@@ -65,6 +65,14 @@ MAX_CHUNK_BYTES = 4 * 1024 * 1024
 # Entries per LIST_PAGE frame, sized so a page of maximal names still fits
 # well under MAX_HEADER_BYTES.
 LIST_PAGE_ENTRIES = 100
+# Before a peer has completed the handshake (HELLO, and AUTH when a secret is
+# configured) a server reads headers of at most this size and no body at all:
+# the handshake frames are a few hundred bytes, and an unauthenticated
+# stranger must not make a server allocate or parse 256 KiB per connection.
+MAX_HANDSHAKE_HEADER_BYTES = 4096
+# Blobs per INVENTORY page: a blob id (32 hex) and a few extents per blob
+# keep a page around 100 KiB, under MAX_HEADER_BYTES.
+INVENTORY_PAGE_BLOBS = 1000
 
 _PREFIX_BYTES = 4
 CRC_BYTES = 4
@@ -103,11 +111,29 @@ class FrameTooLarge(RemoteProtocolError):
 
 
 class UnknownOperation(RemoteProtocolError):
+    """An op this protocol does not define, in an otherwise well-formed frame.
+
+    ``skip_bytes`` is the body length the header announced; once a reader
+    has skipped it (``recoverable`` is then True) the stream is in step
+    again, so a server answers with an error and keeps the connection.
+    """
+
     code = "UNKNOWN_OP"
+
+    def __init__(self, message: str = "", skip_bytes: int = 0):
+        super().__init__(message)
+        self.skip_bytes = skip_bytes
+        self.recoverable = False
 
 
 class InvalidName(BackupError):
     code = "INVALID_NAME"
+
+
+class InvalidRange(BackupError):
+    """A byte range outside the file (offset past the end, negative)."""
+
+    code = "INVALID_RANGE"
 
 
 class FileNotFound(BackupError):
@@ -317,9 +343,40 @@ class Hello(Message):
 
 @message
 class HelloOk(Message):
+    """Reply to HELLO.  ``challenge`` (64 hex digits) is present only when the
+    server requires authentication; the peer must then answer with ``AUTH``.
+    Absent (None) it is left out of the frame, so a server without a secret
+    sends exactly what version 1 servers always sent."""
+
     OP = "HELLO_OK"
     version: int
     server_id: str
+    challenge: str | None = None
+
+
+@message
+class Auth(Message):
+    """The peer proves it knows the shared secret (see security.py).
+
+    ``client_nonce``: 64 hex digits, fresh per connection.  ``mac``: hex
+    HMAC-SHA256(secret, b"client" + challenge + client_nonce + role).
+    Reply: ``AUTH_OK``, or ``ERROR AUTH_FAILED`` and a closed connection.
+    """
+
+    OP = "AUTH"
+    client_nonce: str
+    mac: str
+
+
+@message
+class AuthOk(Message):
+    """The server proves it knows the secret too (mutual authentication).
+
+    ``mac``: hex HMAC-SHA256(secret, b"server" + client_nonce + challenge).
+    """
+
+    OP = "AUTH_OK"
+    mac: str
 
 
 @message
@@ -497,15 +554,45 @@ class Registered(Message):
 
 @message
 class Heartbeat(Message):
+    """A node's periodic sign of life, with its usage.
+
+    ``full``: the node refuses writes (at capacity or out of disk space).
+    ``corrupt``: extents found corrupt since the last heartbeat (by the
+    scrubber or a read), as ``[blob, first, count]``; the node has already
+    dropped them, the master re-replicates them from a good copy.
+    """
+
     OP = "HEARTBEAT"
     node_id: str
     used_bytes: int
     chunks: int
+    full: bool = False
+    corrupt: list = field(default_factory=list)
 
 
 @message
 class HeartbeatOk(Message):
     OP = "HEARTBEAT_OK"
+
+
+@message
+class Inventory(Message):
+    """One page of what a node holds, sent after REGISTER (reply INVENTORY_OK).
+
+    ``blobs``: ``[[blob, [[first, count], ...]], ...]``; the last page has
+    ``done`` true.  The master reconciles it with the namespace: orphans and
+    surplus copies are deleted, missing ones repaired.
+    """
+
+    OP = "INVENTORY"
+    node_id: str
+    blobs: list
+    done: bool
+
+
+@message
+class InventoryOk(Message):
+    OP = "INVENTORY_OK"
 
 
 # Master -> node ------------------------------------------------------------
@@ -586,6 +673,25 @@ class BlobsDeleted(Message):
 
 
 @message
+class DropChunks(Message):
+    """Forget the extent ``[first, first+count)`` of ``blob`` (a surplus or bad copy).
+
+    Reply: ``CHUNKS_DROPPED`` with ``dropped`` true if the node held it.
+    """
+
+    OP = "DROP_CHUNKS"
+    blob: str
+    first: int
+    count: int
+
+
+@message
+class ChunksDropped(Message):
+    OP = "CHUNKS_DROPPED"
+    dropped: bool
+
+
+@message
 class NodeStat(Message):
     """Ask a node for its own view: used bytes and chunk count."""
 
@@ -609,7 +715,12 @@ def encode_header(msg: Message) -> bytes:
         raise LocalProtocolError(f"{cls.__name__} is not a registered message")
     header = {"op": cls.OP}
     for name, _types, _required in cls._FIELDS:
-        header[name] = getattr(msg, name)
+        value = getattr(msg, name)
+        # An optional field whose value is None is left out, so a field added
+        # with default None (HELLO_OK.challenge) does not change old frames.
+        if value is None and not _required and _default_is_none(cls, name):
+            continue
+        header[name] = value
     if cls.HAS_BODY:
         body_len = len(msg.body) if not isinstance(msg.body, memoryview) else msg.body.nbytes
         if body_len > MAX_BODY_BYTES:
@@ -630,17 +741,22 @@ def encode(msg: Message) -> bytes:
     return head
 
 
-def parse_header_length(prefix: bytes) -> int:
+@functools.lru_cache(maxsize=None)
+def _default_is_none(cls: type[Message], name: str) -> bool:
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name) is None
+
+
+def parse_header_length(prefix: bytes, max_header_bytes: int = MAX_HEADER_BYTES) -> int:
     """Header length from the 4-byte prefix; raises if out of bounds."""
     length = int.from_bytes(prefix, "big")
     if length == 0:
         raise RemoteProtocolError("empty header")
-    if length > MAX_HEADER_BYTES:
-        raise FrameTooLarge(f"header of {length} bytes exceeds {MAX_HEADER_BYTES}")
+    if length > max_header_bytes:
+        raise FrameTooLarge(f"header of {length} bytes exceeds {max_header_bytes}")
     return length
 
 
-def parse_header(data: bytes) -> tuple[type[Message], dict, int]:
+def parse_header(data: bytes, max_body_bytes: int = MAX_BODY_BYTES) -> tuple[type[Message], dict, int]:
     """Decode a JSON header into (message class, fields, body length).
 
     Raises RemoteProtocolError (or a subclass) for anything malformed: bad
@@ -651,21 +767,25 @@ def parse_header(data: bytes) -> tuple[type[Message], dict, int]:
         header = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise RemoteProtocolError(f"header is not UTF-8 JSON: {exc}") from None
+    except RecursionError:
+        # json recurses per nesting level: '[[[[...' deeper than the
+        # interpreter's limit is hostile, not a crash of ours.
+        raise RemoteProtocolError("header JSON is nested too deeply") from None
     if not isinstance(header, dict):
         raise RemoteProtocolError("header is not a JSON object")
     op = header.pop("op", None)
     if not isinstance(op, str):
         raise RemoteProtocolError("header has no op")
     cls = _MESSAGES.get(op)
-    if cls is None:
-        raise UnknownOperation(f"unknown operation {op[:64]!r}")
     body_len = header.pop("body", 0)
     if type(body_len) is not int or body_len < 0:
         raise RemoteProtocolError("body length is not a non-negative integer")
+    if body_len > max_body_bytes:
+        raise FrameTooLarge(f"body of {body_len} bytes exceeds {max_body_bytes}")
+    if cls is None:
+        raise UnknownOperation(f"unknown operation {op[:64]!r}", skip_bytes=body_len)
     if body_len and not cls.HAS_BODY:
         raise RemoteProtocolError(f"{op} takes no body")
-    if body_len > MAX_BODY_BYTES:
-        raise FrameTooLarge(f"body of {body_len} bytes exceeds {MAX_BODY_BYTES}")
     fields = {}
     for name, types, required in cls._FIELDS:
         if name not in header:
@@ -715,7 +835,14 @@ class FrameDecoder:
             if len(self._buffer) < _PREFIX_BYTES + header_len:
                 return NEED_DATA
             header = bytes(self._buffer[_PREFIX_BYTES:_PREFIX_BYTES + header_len])
-            self._pending = parse_header(header)
+            try:
+                self._pending = parse_header(header)
+            except UnknownOperation as exc:
+                # Skip the frame's body as it arrives; the stream stays usable.
+                del self._buffer[:_PREFIX_BYTES + header_len]
+                self._pending = (None, {}, exc.skip_bytes)
+                exc.recoverable = True
+                raise
             del self._buffer[:_PREFIX_BYTES + header_len]
         cls, fields, body_len = self._pending
         if len(self._buffer) < body_len:
@@ -723,6 +850,8 @@ class FrameDecoder:
         body = bytes(self._buffer[:body_len])
         del self._buffer[:body_len]
         self._pending = None
+        if cls is None:  # the body of an unknown op, now skipped
+            return self.next_message()
         return _build(cls, fields, body)
 
     @property
@@ -748,13 +877,25 @@ def _read_into(rfile, view: memoryview) -> None:
         got += n
 
 
-def read_message(rfile, body_buffer: bytearray | None = None) -> Message | None:
+def _skip(rfile, size: int) -> None:
+    """Read and drop ``size`` bytes, 64 KiB at a time (never one big buffer)."""
+    while size:
+        data = rfile.read(min(size, 64 * 1024))
+        if not data:
+            raise RemoteProtocolError("connection closed mid-body")
+        size -= len(data)
+
+
+def read_message(rfile, body_buffer: bytearray | None = None, max_header_bytes: int = MAX_HEADER_BYTES,
+                 max_body_bytes: int = MAX_BODY_BYTES) -> Message | None:
     """Read one message from a binary file-like object; None at a clean EOF.
 
     If ``body_buffer`` is given and large enough, the body is read straight
     into it and the message carries a memoryview of it: valid only until the
     next read with the same buffer.  Otherwise a new bytearray is allocated
-    (its size was already checked against MAX_BODY_BYTES).
+    (its size was already checked against ``max_body_bytes``).  Servers pass
+    smaller limits (MAX_HANDSHAKE_HEADER_BYTES, no body) before a peer has
+    completed the handshake.
     """
     prefix = rfile.read(_PREFIX_BYTES)
     if not prefix:
@@ -764,8 +905,13 @@ def read_message(rfile, body_buffer: bytearray | None = None) -> Message | None:
         prefix += rest
         if len(prefix) != _PREFIX_BYTES:
             raise RemoteProtocolError("connection closed mid-frame (in length prefix)")
-    header_len = parse_header_length(prefix)
-    cls, fields, body_len = parse_header(_read_exact(rfile, header_len))
+    header_len = parse_header_length(prefix, max_header_bytes)
+    try:
+        cls, fields, body_len = parse_header(_read_exact(rfile, header_len), max_body_bytes)
+    except UnknownOperation as exc:
+        _skip(rfile, exc.skip_bytes)
+        exc.recoverable = True
+        raise
     body = b""
     if body_len:
         if body_buffer is not None and len(body_buffer) >= body_len:

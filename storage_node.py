@@ -24,10 +24,12 @@ import os
 import signal
 import sys
 import threading
+import time
 import uuid
 
 import config as config_module
 import protocol
+import security as security_module
 import transport
 from chunk_store import ChunkStore
 from metadata_log import atomic_write_json
@@ -40,6 +42,8 @@ EXIT_START_FAILED = 3
 
 # Bytes written between two background fsyncs (see StorageNode._note_written).
 WRITE_BEHIND_BYTES = 16 * 1024 * 1024
+# After ENOSPC, report ourselves full for this long before trying again.
+DISK_FULL_BACKOFF_S = 60.0
 
 
 class StorageNode:
@@ -49,8 +53,10 @@ class StorageNode:
     launches the heartbeat thread; ``stop`` ends it.
     """
 
-    def __init__(self, config: config_module.Config, data_dir: str, store: ChunkStore | None = None):
+    def __init__(self, config: config_module.Config, data_dir: str, store: ChunkStore | None = None,
+                 security: transport.Security | None = None):
         self.config = config
+        self.security = security or transport.NO_SECURITY  # secret and TLS, both directions
         self.data_dir = data_dir
         os.makedirs(data_dir, mode=0o700, exist_ok=True)
         self.node_id = self._load_or_create_id()
@@ -61,6 +67,10 @@ class StorageNode:
         self._unsynced_lock = threading.Lock()
         self._unsynced_bytes = 0
         self._flush_wanted = threading.Event()
+        self._corrupt_lock = threading.Lock()
+        self._corrupt: list = []  # extents dropped as corrupt, not yet reported
+        self.corrupt_found = 0
+        self._disk_full_until = 0.0
 
     def _load_or_create_id(self) -> str:
         path = os.path.join(self.data_dir, "node.json")
@@ -83,6 +93,7 @@ class StorageNode:
             self._note_written(len(payload))
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                self._disk_full_until = time.monotonic() + DISK_FULL_BACKOFF_S
                 raise protocol.InsufficientSpace(f"node {self.node_id} is out of disk space") from None
             raise protocol.BackupError(f"node {self.node_id} cannot write: {exc.strerror}") from None
 
@@ -122,6 +133,9 @@ class StorageNode:
         self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         self._heartbeat_thread.start()
         threading.Thread(target=self._flush_loop, name="write-behind", daemon=True).start()
+        threading.Thread(target=self._compact_loop, name="compact", daemon=True).start()
+        if self.config.scrub_rate_mb_s > 0:
+            threading.Thread(target=self._scrub_loop, name="scrub", daemon=True).start()
 
     def stop(self) -> None:
         self._stop.set()
@@ -134,7 +148,7 @@ class StorageNode:
         connected_before = False
         while not self._stop.is_set():
             try:
-                with transport.Connection(master, "node", self.config.io_timeout_s) as conn:
+                with transport.Connection(master, "node", self.config.io_timeout_s, self.security) as conn:
                     host, port = self.advertised_address
                     if host in ("", "0.0.0.0", "::"):
                         # Bound to every interface: advertise the one that reaches the master.
@@ -143,12 +157,22 @@ class StorageNode:
                         node_id=self.node_id, host=host, port=port,
                         capacity_bytes=self.config.capacity_bytes,
                         used_bytes=self.store.used_bytes, chunks=self.store.chunk_count), protocol.Registered)
+                    self._send_inventory(conn)
                     logger.info("registered with master %s as %s:%d", transport.format_address(master), host, port)
                     connected_before = True
                     while not self._stop.wait(interval):
-                        conn.request(protocol.Heartbeat(
-                            node_id=self.node_id, used_bytes=self.store.used_bytes,
-                            chunks=self.store.chunk_count), protocol.HeartbeatOk)
+                        corrupt = self._take_corrupt_reports()
+                        try:
+                            conn.request(protocol.Heartbeat(
+                                node_id=self.node_id, used_bytes=self.store.used_bytes,
+                                chunks=self.store.chunk_count, full=self.full,
+                                corrupt=[list(c) for c in corrupt]), protocol.HeartbeatOk)
+                        except BaseException:
+                            self._queue_corrupt(corrupt)  # report them on the next connection
+                            raise
+            except protocol.AuthFailed as exc:
+                logger.error("cannot register with master %s: %s", transport.format_address(master), exc)
+                connected_before = False
             except protocol.BackupError as exc:
                 level = logging.WARNING if connected_before else logging.DEBUG
                 logger.log(level, "master %s unreachable, retrying: %s", transport.format_address(master), exc)
@@ -156,6 +180,86 @@ class StorageNode:
             except Exception:
                 logger.exception("heartbeat loop failed; retrying")
             self._stop.wait(interval)
+
+
+    def _send_inventory(self, conn) -> None:
+        """Tell the master every extent held, in pages, so it can reconcile."""
+        inventory = sorted(self.store.inventory().items())
+        page_size = protocol.INVENTORY_PAGE_BLOBS
+        for start in range(0, max(len(inventory), 1), page_size):
+            page = [[blob, [list(e) for e in extents]] for blob, extents in inventory[start:start + page_size]]
+            conn.request(protocol.Inventory(node_id=self.node_id, blobs=page,
+                                            done=start + page_size >= len(inventory)), protocol.InventoryOk)
+
+    @property
+    def full(self) -> bool:
+        """At capacity, or the disk said ENOSPC recently: placement should avoid us."""
+        if time.monotonic() < self._disk_full_until:
+            return True
+        return self.store.used_bytes >= self.config.capacity_bytes
+
+    # --- integrity: scrubbing, bad extents, compaction ----------------------------
+    def _queue_corrupt(self, extents) -> None:
+        with self._corrupt_lock:
+            self._corrupt.extend(extents)
+
+    def _take_corrupt_reports(self) -> list:
+        with self._corrupt_lock:
+            reports, self._corrupt = self._corrupt, []
+        return reports
+
+    def drop_corrupt(self, blob: str, first: int, count: int) -> None:
+        """Forget a corrupt extent and report it, so the master re-copies it."""
+        if self.store.drop_extent(blob, first, count):
+            self.store.flush()
+            self.corrupt_found += 1
+            logger.error("dropped corrupt extent %s chunks %d..%d; reporting it", blob, first, first + count - 1)
+            self._queue_corrupt([(blob, first, count)])
+
+    def find_corrupt(self, blob: str, first: int, count: int) -> None:
+        """A read of [first, first+count) failed its CRCs: find and drop the bad extents."""
+        for extent_first, extent_count in self.store.inventory().get(blob, []):
+            if extent_first + extent_count <= first or extent_first >= first + count:
+                continue
+            try:
+                self.store.get(blob, extent_first, extent_count)
+            except protocol.ChecksumMismatch:
+                self.drop_corrupt(blob, extent_first, extent_count)
+
+    def _scrub_loop(self) -> None:
+        """Re-read every stored chunk at scrub_rate_mb_s, forever."""
+        rate = self.config.scrub_rate_mb_s * 1024 * 1024
+        step_bytes = max(64 * 1024, int(rate / 4))  # about four steps a second
+        cursor = None
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                cursor, corrupt = self.store.scrub_step(cursor, step_bytes)
+            except ValueError:
+                return  # store closed: we are stopping
+            except OSError:
+                logger.exception("scrub step failed")
+                cursor, corrupt = None, []
+            for blob, first, count in corrupt:
+                self.drop_corrupt(blob, first, count)
+            # Sleep so that this step's bytes take 1/rate seconds in all.
+            self._stop.wait(max(step_bytes / rate - (time.monotonic() - started), 0.05))
+
+    def _compact_loop(self) -> None:
+        while not self._stop.wait(self.config.compact_interval_s):
+            try:
+                result = self.store.compact(self.config.compact_dead_fraction)
+            except ValueError:
+                return
+            except OSError:
+                logger.exception("compaction failed")
+                continue
+            for blob, first, count in result.get("corrupt", []):
+                self.corrupt_found += 1
+                self._queue_corrupt([(blob, first, count)])
+            if result.get("segments_compacted"):
+                logger.info("compacted %d segment(s), reclaimed %d bytes", result["segments_compacted"],
+                            result["bytes_reclaimed"])
 
 
 class NodeHandler(transport.RequestHandler):
@@ -179,9 +283,18 @@ class NodeHandler(transport.RequestHandler):
         try:
             reply = self.node.get(msg)
         except protocol.ChecksumMismatch as exc:
-            logger.error("corrupt chunk served request from %s: %s", self.peer, exc)
+            logger.error("read by %s hit a corrupt chunk: %s", self.peer, exc)
+            self.node.find_corrupt(msg.blob, msg.first, msg.count)
             raise
         self.reply(reply)
+
+    def do_DROP_CHUNKS(self, msg: protocol.DropChunks) -> None:
+        dropped = self.node.store.drop_extent(msg.blob, msg.first, msg.count)
+        if dropped:
+            self.node.store.flush()
+            logger.info("dropped %s chunks %d..%d at the master's request", msg.blob, msg.first,
+                        msg.first + msg.count - 1)
+        self.reply(protocol.ChunksDropped(dropped=dropped))
 
     def do_DELETE_BLOBS(self, msg: protocol.DeleteBlobs) -> None:
         if not all(isinstance(blob, str) for blob in msg.blobs):
@@ -205,7 +318,8 @@ def make_server(node: StorageNode, host: str, port: int) -> transport.Server:
         io_timeout_s=config.io_timeout_s,
         # The master keeps its connections to nodes open between requests.
         idle_timeout_s=max(config.io_timeout_s, 600.0),
-        body_buffer_bytes=config.chunks_per_batch * (config.chunk_size_bytes + protocol.CRC_BYTES))
+        body_buffer_bytes=config.chunks_per_batch * (config.chunk_size_bytes + protocol.CRC_BYTES),
+        security=node.security, max_connections=config.max_connections)
     server.node = node
     return server
 
@@ -213,12 +327,17 @@ def make_server(node: StorageNode, host: str, port: int) -> transport.Server:
 def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Run a storage node of the backup system.")
     config_module.add_common_flags(parser)
+    config_module.add_server_flags(parser)
     parser.add_argument("--host", help="address to listen on (default from config)")
     parser.add_argument("--port", type=int, help="port to listen on; 0 = any free port")
     parser.add_argument("--data-dir", help="directory for chunks and the node id")
     parser.add_argument("--master", help="master address HOST:PORT")
     parser.add_argument("--capacity", type=int, metavar="BYTES", help="bytes this node offers")
     parser.add_argument("--heartbeat-interval", type=float, metavar="S", help="seconds between heartbeats")
+    parser.add_argument("--dead-after", type=float, metavar="S",
+                        help="the master's dead_after_s, checked against --heartbeat-interval")
+    parser.add_argument("--scrub-rate", type=float, metavar="MB_S", help="scrub speed in MB/s; 0 = off")
+    parser.add_argument("--compact-interval", type=float, metavar="S", help="seconds between compaction checks")
     parser.add_argument("--io-timeout", type=float, metavar="S", help="seconds a network read or write may take")
     return parser
 
@@ -229,12 +348,15 @@ def main(argv=None) -> int:
         config = config_module.load_config(
             args.config, node_host=args.host, node_port=args.port, node_data_dir=args.data_dir,
             node_master=args.master, capacity_bytes=args.capacity,
-            heartbeat_interval_s=args.heartbeat_interval, io_timeout_s=args.io_timeout)
+            heartbeat_interval_s=args.heartbeat_interval, io_timeout_s=args.io_timeout,
+            dead_after_s=args.dead_after, scrub_rate_mb_s=args.scrub_rate,
+            compact_interval_s=args.compact_interval, **config_module.security_overrides(args))
+        security = security_module.for_server(config, config.node_host, args.insecure)
     except ValueError as exc:
         print(f"storage_node: bad configuration: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        node = StorageNode(config, config.node_data_dir)
+        node = StorageNode(config, config.node_data_dir, security=security)
     except (OSError, ValueError, KeyError) as exc:
         print(f"storage_node: cannot open data dir {config.node_data_dir}: {exc}", file=sys.stderr)
         return EXIT_START_FAILED

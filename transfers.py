@@ -158,6 +158,9 @@ class UploadStream:
         self.master = session.master
         self.name = name
         self.blob = uuid.uuid4().hex
+        # Until committed or discarded, reconciliation must not take this
+        # blob's chunks on the nodes for orphans.
+        self.master.active_blobs.add(self.blob)
         self._fill = 0
         self._next_chunk = 0
         self.size = 0
@@ -221,24 +224,28 @@ class UploadStream:
             raise protocol.ChecksumMismatch(
                 f"upload of {self.name!r} arrived corrupted: client SHA-256 {client_sha256[:16]}..., "
                 f"master received {sha256[:16]}...")
-        return make_entry(self.size, self.session.chunk_size, sha256, self.blob, self.runs)
+        return make_entry(self.size, self.session.chunk_size, sha256, self.blob, self.runs,
+                          self.session.chunks_per_batch)
 
     def discard(self) -> None:
         """This upload will not be committed: collect whatever it sent."""
+        self.master.active_blobs.discard(self.blob)
         if self.nodes_touched:
             self.master.collect_garbage(self.blob, self.nodes_touched)
 
 
-def plan_pieces(entry: dict, offset: int, length: int, chunks_per_batch: int):
+def plan_pieces(entry: dict, offset: int, length: int):
     """Yield (first_chunk, count, node_ids, skip, take) covering [offset, offset+length).
 
     ``skip`` bytes of the piece's payload come before the range, ``take``
-    bytes belong to it.  Pieces never span two runs and hold at most
-    ``chunks_per_batch`` chunks.
+    bytes belong to it.  Pieces hold only chunks the range needs, never span
+    two runs, and never cross a batch boundary (the nodes' records), so one
+    piece is one contiguous read on a node.
     """
     if length <= 0:
         return
     chunk_size = entry["chunk_size"]
+    batch = entry["batch_chunks"]
     first_needed = offset // chunk_size
     last_needed = (offset + length - 1) // chunk_size
     position = offset
@@ -250,7 +257,7 @@ def plan_pieces(entry: dict, offset: int, length: int, chunks_per_batch: int):
         chunk = max(run_first, first_needed)
         stop = min(run_last, last_needed)
         while chunk <= stop:
-            count = min(chunks_per_batch, stop - chunk + 1)
+            count = min(stop + 1, (chunk // batch + 1) * batch) - chunk
             piece_start = chunk * chunk_size
             skip = position - piece_start
             take = min(end, (chunk + count) * chunk_size) - position
@@ -266,14 +273,21 @@ def read_range(master, name: str, entry: dict, offset: int, length: int):
     every replica of some piece is corrupt or missing, Unavailable if none
     could be reached.
     """
-    chunks_per_batch = master.config.chunks_per_batch
-    buffer = bytearray(chunks_per_batch * (entry["chunk_size"] + protocol.CRC_BYTES))
-    for first, count, node_ids, skip, take in plan_pieces(entry, offset, length, chunks_per_batch):
-        payload = _read_piece(master, name, entry, first, count, node_ids, buffer)
+    buffer = bytearray(entry["batch_chunks"] * (entry["chunk_size"] + protocol.CRC_BYTES))
+    for first, count, node_ids, skip, take in plan_pieces(entry, offset, length):
+        body = read_piece(master, name, entry, first, count, node_ids, buffer)
+        payload = body[count * protocol.CRC_BYTES:]
         yield payload[skip:skip + take]
 
 
-def _read_piece(master, name, entry, first, count, node_ids, buffer) -> memoryview:
+def read_piece(master, name, entry, first, count, node_ids, buffer) -> memoryview:
+    """Chunks [first, first+count) of a file from the first replica that has them intact.
+
+    Returns the verified CHUNK_DATA body (CRCs, then payload) read into
+    ``buffer``.  Replicas that fail are reported to the master (bad copies
+    are then re-replicated).  Raises DataLost if every replica is corrupt or
+    missing, Unavailable if some could not be reached.
+    """
     failures = []
     unreachable = 0
     for node_id in master.read_order(node_ids):
@@ -291,7 +305,7 @@ def _read_piece(master, name, entry, first, count, node_ids, buffer) -> memoryvi
             bad = protocol.verify_chunks(payload, crc_bytes, entry["chunk_size"])
             if reply.chunk_size != entry["chunk_size"] or bad >= 0 or len(payload) > count * entry["chunk_size"]:
                 raise protocol.ChecksumMismatch(f"chunk {first + max(bad, 0)} failed its CRC in transit")
-            return payload
+            return memoryview(reply.body)
         except (protocol.ChecksumMismatch, protocol.ChunkNotFound) as exc:
             failures.append(f"{node_id}: {exc.message}")
             master.note_bad_replica(node_id, name, entry, first, count, exc)
@@ -301,7 +315,7 @@ def _read_piece(master, name, entry, first, count, node_ids, buffer) -> memoryvi
             master.note_node_failure(node_id, exc)
         finally:
             master.pool.release(conn)
-    detail = "; ".join(failures) or "no replica recorded"
+    detail = "; ".join(failures) or "no copy left"
     if unreachable:
         raise protocol.Unavailable(f"{name!r}: chunks {first}..{first + count - 1} unreachable ({detail})")
     raise protocol.DataLost(f"{name!r}: chunks {first}..{first + count - 1} lost on every replica ({detail})")

@@ -6,22 +6,41 @@ turning socket failures into ``Unavailable``/``Timeout``, and the server
 loop that reads a request, calls ``do_<OP>`` and turns exceptions into
 ``ERROR`` frames.  Servers (master, storage node) subclass ``RequestHandler``
 and add ``do_<OP>`` methods; they never see a raw socket error.
+
+Security lives here too, because it is part of opening a connection: the
+optional TLS layer, the HMAC challenge-response on a shared secret that
+follows HELLO (security.py has the arithmetic, docs/SECURITY.md the threat
+model), and the limits that keep strangers cheap -- a bounded number of
+connections, a handshake that must finish within ``io_timeout_s`` with tiny
+frames only, and a half-sent frame dropped after ``io_timeout_s``.  With no
+secret and no TLS configured, a connection is exactly what it always was.
 """
 
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import socketserver
+import ssl
+import threading
+import time
 
 import protocol
+import security as security_module
 from protocol import BackupError, RemoteProtocolError
+from security import NO_SECURITY, Security
 
 logger = logging.getLogger(__name__)
 
 # Socket buffering of the file objects: large enough that a header and a
 # small body are one syscall, small enough not to matter per connection.
 _STREAM_BUFFER_BYTES = 256 * 1024
+# The frame's length prefix (protocol.py: 4 bytes, big-endian).
+_FRAME_PREFIX_BYTES = 4
+# A server over its max_connections logs one line per this many seconds at
+# most, with the count refused meanwhile: a flood must not flood the log.
+_REFUSAL_LOG_INTERVAL_S = 5.0
 
 
 def _tune(sock: socket.socket) -> None:
@@ -40,24 +59,76 @@ class Connection:
     and must be closed.
     """
 
-    def __init__(self, address: tuple[str, int], role: str, timeout_s: float):
+    def __init__(self, address: tuple[str, int], role: str, timeout_s: float,
+                 security: Security | None = None, *, secret: bytes | None = None,
+                 ssl_context: ssl.SSLContext | None = None):
+        """Connect, (TLS,) HELLO, and authenticate when the server asks to.
+
+        ``security`` bundles the shared secret and the client TLS context;
+        ``secret``/``ssl_context`` override its parts.  Raises AuthFailed if
+        the server rejects our secret, if it asks for one we lack, if it
+        cannot prove it knows ours, or if we hold a secret and it asks for
+        none (it might be an impostor collecting our data).
+        """
+        security = security or NO_SECURITY
+        secret = secret if secret is not None else security.secret
+        ssl_context = ssl_context if ssl_context is not None else security.client_context
         self.address = address
         self.broken = False
+        where = format_address(address)
         try:
             self.sock = socket.create_connection(address, timeout=timeout_s)
         except socket.timeout:
-            raise protocol.Timeout(f"timed out connecting to {format_address(address)}") from None
+            raise protocol.Timeout(f"timed out connecting to {where}") from None
         except OSError as exc:
-            raise protocol.Unavailable(f"cannot reach {format_address(address)}: {exc.strerror or exc}") from None
+            raise protocol.Unavailable(f"cannot reach {where}: {exc.strerror or exc}") from None
         _tune(self.sock)
+        if ssl_context is not None:
+            try:
+                self.sock = ssl_context.wrap_socket(self.sock, server_hostname=address[0])
+            except socket.timeout:
+                self.sock.close()
+                raise protocol.Timeout(f"TLS handshake with {where} timed out") from None
+            except ssl.SSLCertVerificationError as exc:
+                self.sock.close()
+                raise protocol.AuthFailed(f"{where} presented a TLS certificate we do not trust: "
+                                          f"{exc.verify_message or exc}") from None
+            except (ssl.SSLError, OSError) as exc:
+                self.sock.close()
+                raise protocol.Unavailable(f"TLS handshake with {where} failed (does it speak TLS?): {exc}") from None
         self.rfile = self.sock.makefile("rb", buffering=_STREAM_BUFFER_BYTES)
         self.wfile = self.sock.makefile("wb", buffering=_STREAM_BUFFER_BYTES)
         try:
             reply = self.request(protocol.Hello(version=protocol.PROTOCOL_VERSION, role=role), protocol.HelloOk)
+            self._authenticate(reply, role, secret)
         except BaseException:
             self.close()
             raise
         self.peer_id = reply.server_id
+
+    def _authenticate(self, hello_ok: protocol.HelloOk, role: str, secret: bytes | None) -> None:
+        where = format_address(self.address)
+        if hello_ok.challenge is None:
+            if secret:
+                raise protocol.AuthFailed(
+                    f"{where} does not require authentication but we hold a shared secret; refusing to talk "
+                    f"to it (it may be an impostor, or run without a secret by mistake)")
+            return
+        if not secret:
+            raise protocol.AuthFailed(f"{where} requires authentication: give the cluster's shared secret "
+                                      f"with --secret-file PATH or [security] secret")
+        challenge = security_module.parse_hex(hello_ok.challenge, security_module.NONCE_BYTES)
+        if challenge is None:
+            self.broken = True
+            raise RemoteProtocolError(f"{where} sent a malformed authentication challenge")
+        nonce = security_module.new_nonce()
+        mac = security_module.client_mac(secret, challenge, nonce, role)
+        reply = self.request(protocol.Auth(client_nonce=nonce.hex(), mac=mac.hex()), protocol.AuthOk)
+        proof = security_module.parse_hex(reply.mac, security_module.MAC_BYTES)
+        if not security_module.macs_equal(security_module.server_mac(secret, nonce, challenge), proof):
+            self.broken = True
+            raise protocol.AuthFailed(f"{where} could not prove it knows the shared secret "
+                                      f"(an impostor, or a different secret)")
 
     def send(self, msg: protocol.Message, flush: bool = True) -> None:
         try:
@@ -105,6 +176,18 @@ class Connection:
         self.send(msg)
         return self.expect(reply_cls, body_buffer)
 
+    def peer_closed(self) -> bool:
+        """True if an idle connection was closed by the peer (or has stray data).
+
+        Nothing may arrive on an idle request/reply connection, so a readable
+        socket means EOF or garbage: either way it cannot be reused.
+        """
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
+
     def close(self) -> None:
         for closable in (getattr(self, "wfile", None), getattr(self, "rfile", None), self.sock):
             if closable is None:
@@ -143,27 +226,43 @@ class RequestHandler(socketserver.StreamRequestHandler):
     def setup(self):
         self.request.settimeout(self.server.io_timeout_s)
         _tune(self.request)
+        self._tls_socket = None
+        context = self.server.security.server_context
+        if context is not None:
+            # No I/O here: the TLS handshake runs in handle(), under the
+            # handshake deadline, where its failures are caught and logged.
+            self.request = self._tls_socket = context.wrap_socket(
+                self.request, server_side=True, do_handshake_on_connect=False)
         super().setup()
         self.peer = format_address(self.client_address)
-        size = self.server.body_buffer_bytes
-        self.body_buffer = bytearray(size) if size else None
+        # The body buffer is allocated once the peer is through the
+        # handshake: a stranger's connection costs no batch-sized buffer.
+        self.body_buffer = None
         self.role = None
+
+    def finish(self):
+        try:
+            super().finish()
+        finally:
+            # socketserver closes the socket it accepted, which the TLS
+            # wrapper took over; close the wrapper ourselves.
+            if self._tls_socket is not None:
+                self._tls_socket.close()
 
     def handle(self):
         try:
-            hello = self.next_message(self.server.idle_timeout_s)
-            if hello is None:
+            if not self._handshake():
                 return
-            if not isinstance(hello, protocol.Hello):
-                raise RemoteProtocolError(f"expected HELLO, got {hello.OP}")
-            if hello.version != protocol.PROTOCOL_VERSION:
-                self.reply(protocol.error_message(protocol.VersionMismatch(
-                    f"server speaks protocol {protocol.PROTOCOL_VERSION}, peer {hello.version}")))
-                return
-            self.role = hello.role
-            self.reply(protocol.HelloOk(version=protocol.PROTOCOL_VERSION, server_id=self.server.server_id))
+            size = self.server.body_buffer_bytes
+            self.body_buffer = bytearray(size) if size else None
             while True:
-                msg = self.next_message(self.server.idle_timeout_s)
+                try:
+                    msg = self.next_message(self.server.idle_timeout_s)
+                except protocol.UnknownOperation as exc:
+                    if not exc.recoverable:
+                        raise
+                    self.reply(protocol.error_message(exc))  # frame skipped: still in step
+                    continue
                 if msg is None:
                     return
                 self.before_request(msg)
@@ -189,18 +288,120 @@ class RequestHandler(socketserver.StreamRequestHandler):
         except (ConnectionError, OSError) as exc:
             logger.debug("%s: connection ended: %s", self.peer, exc)
 
+    # --- handshake ------------------------------------------------------------------------
+    def _handshake(self) -> bool:
+        """TLS, HELLO, and AUTH if the server has a secret: True once the peer may send requests.
+
+        The whole handshake must finish within ``io_timeout_s`` of the
+        connection (a peer trickling bytes cannot hold a thread longer), its
+        frames are limited to MAX_HANDSHAKE_HEADER_BYTES and no body, and
+        nothing but HELLO and AUTH is read before the peer has authenticated.
+        Returns False after answering (or not) a peer that must be dropped.
+        """
+        deadline = time.monotonic() + self.server.io_timeout_s
+        if self._tls_socket is not None:
+            try:
+                self._tls_socket.do_handshake()
+            except (ssl.SSLError, socket.timeout, OSError) as exc:
+                logger.warning("%s: TLS handshake failed, closing: %s", self.peer, exc)
+                return False
+        secret = self.server.security.secret
+        hello = self._read_handshake_frame(deadline)
+        if hello is None:
+            return False
+        if not isinstance(hello, protocol.Hello):
+            if secret:
+                return self._refuse(f"sent {hello.OP} before authenticating")
+            raise RemoteProtocolError(f"expected HELLO, got {hello.OP}")
+        if hello.version != protocol.PROTOCOL_VERSION:
+            self.reply(protocol.error_message(protocol.VersionMismatch(
+                f"server speaks protocol {protocol.PROTOCOL_VERSION}, peer {hello.version}")))
+            return False
+        self.role = hello.role
+        if not secret:
+            self.reply(protocol.HelloOk(version=protocol.PROTOCOL_VERSION, server_id=self.server.server_id))
+            return True
+        challenge = security_module.new_nonce()
+        self.reply(protocol.HelloOk(version=protocol.PROTOCOL_VERSION, server_id=self.server.server_id,
+                                    challenge=challenge.hex()))
+        auth = self._read_handshake_frame(deadline)
+        if auth is None:
+            logger.warning("%s: authentication failed (role %r): closed the connection without answering "
+                           "the challenge (peer has no secret?)", self.peer, hello.role[:32])
+            return False
+        if not isinstance(auth, protocol.Auth):
+            return self._refuse(f"sent {auth.OP} instead of AUTH")
+        nonce = security_module.parse_hex(auth.client_nonce, security_module.NONCE_BYTES)
+        mac = security_module.parse_hex(auth.mac, security_module.MAC_BYTES)
+        if nonce is None or not security_module.macs_equal(
+                security_module.client_mac(secret, challenge, nonce, hello.role), mac):
+            return self._refuse("wrong shared secret")
+        self.reply(protocol.AuthOk(mac=security_module.server_mac(secret, nonce, challenge).hex()))
+        logger.debug("%s: authenticated as %r", self.peer, hello.role[:32])
+        return True
+
+    def _refuse(self, reason: str) -> bool:
+        """Log a failed authentication with the peer's address, answer AUTH_FAILED; False."""
+        logger.warning("%s: authentication failed (role %r): %s; closing", self.peer, (self.role or "?")[:32], reason)
+        try:
+            self.reply(protocol.error_message(protocol.AuthFailed(
+                "authentication failed: the shared secret is wrong or missing")))
+        except OSError:
+            pass
+        return False
+
+    def _read_handshake_frame(self, deadline: float):
+        """One small, bodiless frame, all of it before ``deadline``; None at a clean EOF.
+
+        Reads with ``read1`` (one recv at most) and re-arms the socket timeout
+        with the time left before each, so a byte every few seconds does not
+        keep a connection past the deadline.  Raises socket.timeout past it.
+        """
+        prefix = self._read_by(_FRAME_PREFIX_BYTES, deadline, eof_ok=True)
+        if prefix is None:
+            return None
+        length = protocol.parse_header_length(prefix, protocol.MAX_HANDSHAKE_HEADER_BYTES)
+        cls, fields, _ = protocol.parse_header(self._read_by(length, deadline), max_body_bytes=0)
+        return cls(**fields)
+
+    def _read_by(self, size: int, deadline: float, eof_ok: bool = False) -> bytes | None:
+        data = bytearray()
+        try:
+            while len(data) < size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise socket.timeout("handshake not finished in time")
+                self.request.settimeout(remaining)
+                piece = self.rfile.read1(size - len(data))
+                if not piece:
+                    if eof_ok and not data:
+                        return None
+                    raise RemoteProtocolError(f"connection closed mid-frame ({len(data)} of {size} bytes)")
+                data += piece
+        finally:
+            self.request.settimeout(self.server.io_timeout_s)
+        return bytes(data)
+
+    # --- requests -------------------------------------------------------------------------
     def before_request(self, msg: protocol.Message) -> None:
         """Hook run before each request is dispatched; subclasses may override."""
 
     def next_message(self, timeout_s: float | None = None, body_buffer=None):
-        """Read the next request frame (None at EOF); body into the handler's buffer."""
+        """Read the next request frame (None at EOF); body into the handler's buffer.
+
+        ``timeout_s`` bounds only the wait for the frame's first byte (an
+        idle peer); the rest of the frame must then arrive at ``io_timeout_s``
+        per read, so a peer that sends half a frame and stalls is dropped
+        within ``io_timeout_s``, not after the idle timeout.
+        """
         if timeout_s is not None:
             self.request.settimeout(timeout_s)
-        try:
-            return protocol.read_message(self.rfile, body_buffer if body_buffer is not None else self.body_buffer)
-        finally:
-            if timeout_s is not None:
+            try:
+                if not self.rfile.peek(1):
+                    return None
+            finally:
                 self.request.settimeout(self.server.io_timeout_s)
+        return protocol.read_message(self.rfile, body_buffer if body_buffer is not None else self.body_buffer)
 
     def reply(self, msg: protocol.Message, flush: bool = True) -> None:
         protocol.write_message(self.wfile, msg, flush=flush)
@@ -213,6 +414,12 @@ class Server(socketserver.ThreadingTCPServer):
     single read or write inside a request; ``idle_timeout_s`` bounds the wait
     for the next request on an idle connection; ``body_buffer_bytes`` is the
     size of each connection's reusable body buffer (0 = allocate per frame).
+
+    ``security`` (security.Security): the shared secret every peer must
+    prove it knows, and the TLS context to serve with; default none.
+    ``max_connections``: connections served at once; one more is closed as
+    soon as it is accepted (with a best-effort ``ERROR UNAVAILABLE`` on plain
+    TCP), so a flood costs neither threads nor memory beyond the limit.
     """
 
     daemon_threads = True
@@ -220,16 +427,56 @@ class Server(socketserver.ThreadingTCPServer):
     block_on_close = False
 
     def __init__(self, address, handler_cls, server_id: str, io_timeout_s: float, idle_timeout_s: float,
-                 body_buffer_bytes: int = 0):
+                 body_buffer_bytes: int = 0, security: Security | None = None, max_connections: int = 256):
         self.server_id = server_id
         self.body_buffer_bytes = body_buffer_bytes
         self.io_timeout_s = io_timeout_s
         self.idle_timeout_s = idle_timeout_s
+        self.security = security or NO_SECURITY
+        self.max_connections = max_connections
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._refused = 0
+        self._refusal_logged_at = float("-inf")
         super().__init__(address, handler_cls)
 
     @property
     def address_text(self) -> str:
         return format_address(self.server_address)
+
+    def process_request(self, request, client_address):
+        """Serve the connection in a thread of its own, if a slot is free; else close it now."""
+        if not self._slots.acquire(blocking=False):
+            self._refuse_connection(request, client_address)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()  # the thread never started
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def _refuse_connection(self, request, client_address) -> None:
+        if self.security.server_context is None:
+            try:
+                request.setblocking(False)
+                request.send(protocol.encode(protocol.error_message(protocol.Unavailable(
+                    f"server busy: {self.max_connections} connections already open, try again later"))))
+            except OSError:
+                pass
+        self.shutdown_request(request)
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refusal_logged_at >= _REFUSAL_LOG_INTERVAL_S:
+            logger.warning("%s: refused, %d connection(s) already open (max_connections); "
+                           "%d refused since the last such line", format_address(client_address),
+                           self.max_connections, self._refused)
+            self._refusal_logged_at = now
+            self._refused = 0
 
     def handle_error(self, request, client_address):
         logger.exception("unhandled error serving %s", format_address(client_address))

@@ -1,10 +1,13 @@
-"""Tests of chunk_store.ChunkStore on tmp_path: round trips, reopen, torn tail, damage."""
+"""Tests of chunk_store.ChunkStore on tmp_path: round trips, reopen, torn tail, damage,
+compaction and scrubbing."""
 
 import logging
 import os
 import random
 import stat
 import sys
+import threading
+import time
 
 import pytest
 
@@ -366,3 +369,312 @@ def test_concurrent_puts_and_gets(tmp_path):
         assert store.extent_count == 80
         for blob, payload in payloads.items():
             assert store.get(blob, 0, 160)[2] == payload * 20
+
+
+# --- compaction and scrubbing -------------------------------------------
+SMALL_SEG = 4 * CS  # holds one 3-chunk record, or a 2-chunk and a 1-chunk one
+
+
+def flip_byte(path, offset):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x40]))
+
+
+def payload_offset(record_offset, blob, count):
+    """File offset of the payload of a chunks record that starts at record_offset."""
+    return record_offset + HEADER_BYTES + len(blob) + 4 * count
+
+
+def seg_nos(store, active=None):
+    return [s["seg_no"] for s in store.segment_stats() if active is None or s["is_active"] == active]
+
+
+def full_scrub(store, max_bytes=1 << 30):
+    """Corrupt extents found by one whole pass, and the number of steps it took."""
+    cursor, corrupt, steps = None, [], 0
+    while True:
+        cursor, bad = store.scrub_step(cursor, max_bytes)
+        corrupt += bad
+        steps += 1
+        if cursor is None:
+            return corrupt, steps
+
+
+def snapshot(store):
+    """Everything a reader can observe: inventory, stats and every extent's data."""
+    inventory = store.inventory()
+    data = {(blob, first, count): store.get(blob, first, count)
+            for blob, extents in inventory.items() for first, count in extents}
+    return inventory, data, (store.chunk_count, store.blob_count, store.live_bytes, store.extent_count)
+
+
+def test_segment_stats_counts_live_records(tmp_path, rng):
+    """segment_stats gives each segment's size, live record bytes and which one is active."""
+    with ChunkStore(str(tmp_path), segment_max_bytes=SMALL_SEG) as store:
+        put(store, rng, "a", 0, 2)
+        put(store, rng, "b", 0, 1)
+        put(store, rng, "c", 0, 3)
+        store.delete_blobs(["b"])
+        stats = store.segment_stats()
+    rec = lambda count: HEADER_BYTES + 1 + 4 * count + count * CS  # noqa: E731
+    assert [(s["seg_no"], s["size_bytes"], s["live_bytes"], s["is_active"]) for s in stats] == [
+        (1, rec(2) + rec(1), rec(2), False), (2, rec(3) + HEADER_BYTES + 1, rec(3), True)]
+    assert stats[0]["live_fraction"] == rec(2) / (rec(2) + rec(1))
+
+
+def test_compaction_reclaims_deleted_blobs(tmp_path, rng):
+    """Segments left mostly dead by deletes are removed and used_bytes drops by their size."""
+    with ChunkStore(str(tmp_path), segment_max_bytes=SMALL_SEG) as store:
+        kept = {n: put(store, rng, f"b{n}", 0, 3) for n in range(6)}
+        store.delete_blobs([f"b{n}" for n in range(0, 6, 2)])
+        before = store.used_bytes
+        result = store.compact()
+        assert result["segments_compacted"] == 3 and result["corrupt"] == []
+        assert result["bytes_reclaimed"] == before - store.used_bytes > 3 * 3 * CS
+        assert store.used_bytes == sum(os.path.getsize(p) for p in segment_paths(tmp_path))
+        for n in range(1, 6, 2):
+            assert store.get(f"b{n}", 0, 3)[2] == kept[n]
+
+
+def test_compaction_reclaims_replaced_ranges(tmp_path, rng):
+    """Re-put ranges leave dead copies that compaction reclaims, keeping the newest data."""
+    with ChunkStore(str(tmp_path), segment_max_bytes=SMALL_SEG) as store:
+        for _ in range(5):
+            newest = put(store, rng, "b1", 0, 3)
+        put(store, rng, "tail", 0, 3)
+        result = store.compact()
+        assert result["segments_compacted"] == 4 and seg_nos(store) == [5, 6]  # 5 holds the newest
+        assert store.get("b1", 0, 3)[2] == newest
+        assert store.used_bytes < 2 * SMALL_SEG
+
+
+def test_data_identical_after_compaction_and_reopen(tmp_path, rng):
+    """Compacting every old segment changes no extent, stat or byte, before or after reopen."""
+    with ChunkStore(str(tmp_path), segment_max_bytes=SMALL_SEG) as store:
+        for n in range(9):
+            put(store, rng, f"b{n % 3}", 4 * (n // 3), 1 + n % 3, short=n)
+        put(store, rng, "b0", 0, 1)  # replaces b0's first extent
+        store.delete_blobs(["b2"])
+        put(store, rng, "b2", 0, 1, chunk_size=512)
+        store.flush()
+        before = snapshot(store)
+        assert store.compact(min_dead_fraction=0.0)["segments_compacted"] > 0
+        assert snapshot(store) == before
+    with ChunkStore(str(tmp_path), segment_max_bytes=SMALL_SEG) as store:
+        assert snapshot(store) == before
+
+
+@pytest.mark.parametrize("forget", ["delete", "drop"])
+def test_tombstone_survives_compaction_of_its_segment(tmp_path, rng, forget):
+    """A tombstone (or drop record) is carried forward while an older segment still holds the blob."""
+    with ChunkStore(str(tmp_path), segment_max_bytes=SMALL_SEG) as store:
+        put(store, rng, "keep", 0, 2)
+        put(store, rng, "gone", 0, 1)  # segment 1, which stays mostly live
+        put(store, rng, "filler", 0, 2)  # segment 2
+        if forget == "delete":
+            store.delete_blobs(["gone"])
+        else:
+            assert store.drop_extent("gone", 0, 1)
+        store.delete_blobs(["filler"])
+        put(store, rng, "tail", 0, 3)  # segment 3, active
+        assert seg_nos(store) == [1, 2, 3]
+        assert store.compact()["segments_compacted"] == 1
+        assert seg_nos(store) == [1, 3]
+        store.flush()
+    with ChunkStore(str(tmp_path), segment_max_bytes=SMALL_SEG) as store:
+        assert store.inventory() == {"keep": [(0, 2)], "tail": [(0, 3)]}
+
+
+def test_carried_tombstone_spares_later_puts(tmp_path, rng):
+    """A tombstone moved to the tail by compaction does not delete chunks put after the original."""
+    with ChunkStore(str(tmp_path), segment_max_bytes=SMALL_SEG) as store:
+        put(store, rng, "keep", 0, 2)
+        put(store, rng, "b1", 0, 1)  # segment 1
+        put(store, rng, "filler", 0, 2)  # segment 2
+        store.delete_blobs(["b1", "filler"])
+        again = put(store, rng, "b1", 0, 3)  # segment 3, active
+        assert store.compact()["segments_compacted"] == 1
+        store.flush()
+    with ChunkStore(str(tmp_path), segment_max_bytes=SMALL_SEG) as store:
+        assert store.get("b1", 0, 3)[2] == again
+
+
+def test_delete_all_then_compact_leaves_almost_nothing(tmp_path, rng):
+    """After deleting every blob and compacting, only the active segment with the tombstones is left."""
+    with ChunkStore(str(tmp_path), segment_max_bytes=SMALL_SEG) as store:
+        for n in range(10):
+            put(store, rng, f"b{n}", 0, 2)
+        store.delete_blobs([f"b{n}" for n in range(10)])
+        store.compact()
+        assert len(store.segment_stats()) == 1
+        assert store.used_bytes < 4096 + 10 * (HEADER_BYTES + 2)
+        assert store.used_bytes == sum(os.path.getsize(p) for p in segment_paths(tmp_path))
+    with ChunkStore(str(tmp_path), segment_max_bytes=SMALL_SEG) as store:
+        assert store.blob_count == 0
+
+
+def test_compaction_rate_limit(tmp_path, rng):
+    """With max_bytes_per_s, copying takes at least bytes / rate seconds."""
+    with ChunkStore(str(tmp_path), segment_max_bytes=SMALL_SEG) as store:
+        for n in range(4):
+            put(store, rng, f"b{n}", 0, 3)
+        started = time.monotonic()
+        store.compact(min_dead_fraction=0.0, max_bytes_per_s=9 * CS / 0.2)  # 3 records of 3 chunks
+        assert time.monotonic() - started >= 0.2
+
+
+def test_gets_during_compaction_never_fail(tmp_path):
+    """Gets racing repeated compactions always return the right data."""
+    rng = random.Random(SEED)
+    data = {f"b{n}": rng.randbytes(8 * CS) for n in range(4)}
+    crcs = {blob: crcs_to_bytes(chunk_crcs(payload, CS)) for blob, payload in data.items()}
+    stop, failures, reads = threading.Event(), [], [0]
+    with ChunkStore(str(tmp_path), segment_max_bytes=SMALL_SEG) as store:
+        for blob, payload in data.items():
+            for first in range(0, 8, 2):
+                store.put(blob, first, 2, CS, crcs[blob][4 * first:4 * first + 8], payload[first * CS:(first + 2) * CS])
+
+        def reader(seed):
+            local = random.Random(seed)
+            while not stop.is_set():
+                blob, first = local.choice(list(data)), local.randrange(8)
+                count = local.randint(1, 8 - first)
+                try:
+                    if store.get(blob, first, count)[2] != data[blob][first * CS:(first + count) * CS]:
+                        failures.append((blob, first, count, "wrong data"))
+                except Exception as exc:  # any failure is what the test looks for
+                    failures.append((blob, first, count, repr(exc)))
+                reads[0] += 1
+        threads = [threading.Thread(target=reader, args=(n,)) for n in range(2)]
+        for t in threads:
+            t.start()
+        try:
+            for round_no in range(8):
+                blob = f"b{round_no % 4}"
+                first = 2 * (round_no % 4)  # re-put the same bytes: the old copy turns dead
+                store.put(blob, first, 2, CS, crcs[blob][4 * first:4 * first + 8], data[blob][first * CS:(first + 2) * CS])
+                put(store, rng, "junk", 0, 2)
+                store.delete_blobs(["junk"])
+                assert store.compact()["segments_compacted"] > 0
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        assert not failures and reads[0] > 0
+
+
+def test_corrupt_record_found_by_compaction_is_reported_not_copied(tmp_path, rng):
+    """A record failing its CRCs while compacted is listed in "corrupt" and is gone from the index."""
+    with ChunkStore(str(tmp_path), segment_max_bytes=CS) as store:  # one record per segment
+        put(store, rng, "bad", 0, 2)
+        good = put(store, rng, "good", 0, 2)
+        put(store, rng, "tail", 0, 1)
+        flip_byte(segment_paths(tmp_path)[0], payload_offset(0, "bad", 2) + CS + 5)
+        result = store.compact(min_dead_fraction=0.0)
+        assert result["corrupt"] == [("bad", 0, 2)] and result["segments_compacted"] == 2
+        assert set(store.inventory()) == {"good", "tail"} and store.get("good", 0, 2)[2] == good
+        store.flush()
+    with ChunkStore(str(tmp_path), segment_max_bytes=CS) as store:
+        assert set(store.inventory()) == {"good", "tail"}
+
+
+def test_corrupt_extent_dropped_by_compaction_does_not_resurrect(tmp_path, rng):
+    """An older copy of an extent dropped as corrupt stays hidden after reopen."""
+    with ChunkStore(str(tmp_path), segment_max_bytes=SMALL_SEG) as store:
+        put(store, rng, "keep", 0, 2)
+        put(store, rng, "b1", 0, 1)  # segment 1, mostly live: not compacted
+        put(store, rng, "b1", 0, 1)  # segment 2 starts with the newer copy
+        put(store, rng, "junk", 0, 2)
+        store.delete_blobs(["junk"])
+        put(store, rng, "tail", 0, 3)  # segment 3, active
+        flip_byte(segment_paths(tmp_path)[1], payload_offset(0, "b1", 1) + 9)
+        assert store.compact()["corrupt"] == [("b1", 0, 1)]
+        assert seg_nos(store) == [1, 3]
+        store.flush()
+    with ChunkStore(str(tmp_path), segment_max_bytes=SMALL_SEG) as store:
+        assert "b1" not in store.inventory()
+
+
+def test_scrub_reports_exactly_the_flipped_extent(tmp_path, rng):
+    """A byte flipped in one extent's payload makes a scrub pass report that extent only."""
+    with ChunkStore(str(tmp_path)) as store:
+        put(store, rng, "a", 0, 3)
+        put(store, rng, "b", 0, 2)
+        offset = store.used_bytes
+        put(store, rng, "b", 2, 4, short=7)
+        put(store, rng, "c", 0, 1)
+        flip_byte(segment_paths(tmp_path)[0], payload_offset(offset, "b", 4) + 2 * CS + 1)
+        assert full_scrub(store, max_bytes=CS) == ([("b", 2, 4)], 4)
+        assert store.inventory()["b"] == [(0, 2), (2, 4)]  # reported, not removed
+
+
+def test_scrub_passes_in_steps_and_wraps(tmp_path, rng):
+    """Steps of a bounded size cover every extent once, then the cursor wraps to None."""
+    with ChunkStore(str(tmp_path)) as store:
+        assert store.scrub_step(None, CS) == (None, [])
+        for n in range(10):
+            put(store, rng, f"b{n % 3}", 2 * n, 2)
+        assert full_scrub(store, max_bytes=3 * CS) == ([], 5)  # 2 extents of 2 KiB a step
+        assert full_scrub(store, max_bytes=1) == ([], 10)  # at least one extent a step
+        cursor, _ = store.scrub_step(None, 1)
+        store.delete_blobs(["b0", "b1", "b2"])
+        assert store.scrub_step(cursor, 1) == (None, [])
+
+
+def test_reput_repairs_corrupt_extent(tmp_path, rng):
+    """Re-putting a range scrub reported corrupt makes get() and the next scrub pass clean."""
+    with ChunkStore(str(tmp_path)) as store:
+        crcs, payload = make_chunks(rng, 3)
+        store.put("b1", 0, 3, CS, crcs, payload)
+        flip_byte(segment_paths(tmp_path)[0], payload_offset(0, "b1", 3) + 100)
+        assert full_scrub(store)[0] == [("b1", 0, 3)]
+        with pytest.raises(ChecksumMismatch):
+            store.get("b1", 0, 3)
+        store.put("b1", 0, 3, CS, crcs, payload)
+        assert store.get("b1", 0, 3)[2] == payload
+        assert full_scrub(store)[0] == []
+
+
+def test_drop_extent_persists_across_reopen(tmp_path, rng):
+    """drop_extent forgets exactly one extent, now and after reopen; unknown ranges return False."""
+    with ChunkStore(str(tmp_path)) as store:
+        put(store, rng, "b1", 0, 2)
+        kept = put(store, rng, "b1", 2, 2)
+        put(store, rng, "b2", 0, 1)
+        assert not store.drop_extent("b1", 0, 1) and not store.drop_extent("nope", 0, 2)
+        assert store.drop_extent("b1", 0, 2) and store.drop_extent("b2", 0, 1)
+        assert store.inventory() == {"b1": [(2, 2)]} and store.blob_count == 1
+        store.flush()
+    with ChunkStore(str(tmp_path)) as store:
+        assert store.inventory() == {"b1": [(2, 2)]} and store.get("b1", 2, 2)[2] == kept
+        assert (store.chunk_count, store.extent_count) == (2, 1)
+
+
+def test_get_planned_before_compaction_reads_after_unlink(tmp_path, rng, monkeypatch):
+    """A get paused between lookup and pread still reads its extent after compaction unlinks the segment."""
+    real_pread, paused, resume = os.pread, threading.Event(), threading.Event()
+    reader_thread, result = [], []
+
+    def pread(fd, length, offset):
+        if threading.current_thread() in reader_thread and not paused.is_set():
+            paused.set()
+            assert resume.wait(5)
+        return real_pread(fd, length, offset)
+    with ChunkStore(str(tmp_path), segment_max_bytes=SMALL_SEG) as store:
+        payload = put(store, rng, "b1", 0, 2)
+        put(store, rng, "junk", 0, 1)
+        put(store, rng, "tail", 0, 3)
+        store.delete_blobs(["junk"])
+        monkeypatch.setattr(os, "pread", pread)
+        reader_thread.append(threading.Thread(target=lambda: result.append(store.get("b1", 0, 2)[2])))
+        reader_thread[0].start()
+        assert paused.wait(5)
+        assert store.compact(min_dead_fraction=0.0)["segments_compacted"] == 1
+        assert not os.path.exists(os.path.join(tmp_path, "segments", "seg-00000001.dat"))
+        put(store, rng, "more", 0, 3)  # a new segment may reuse a closed fd number
+        resume.set()
+        reader_thread[0].join()
+        assert result == [payload]

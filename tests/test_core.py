@@ -219,6 +219,22 @@ def run_cli(*args, master: str, cwd) -> CliResult:
     return CliResult(subprocess.run(argv, capture_output=True, timeout=60, cwd=cwd))
 
 
+# A client HELLO frame, for raw sockets.
+HELLO = protocol.encode(protocol.Hello(version=protocol.PROTOCOL_VERSION, role="client"))
+
+
+def frame(header: dict) -> bytes:
+    """A frame with this JSON header and no body (fields unchecked: for malformed ones too)."""
+    data = json.dumps(header).encode("utf-8")
+    return len(data).to_bytes(4, "big") + data
+
+
+def wait_chunks_back_to(cluster, chunks: int, timeout_s: float = 15.0) -> None:
+    """Wait until the nodes report ``chunks`` in total: garbage has been collected."""
+    wait_until(lambda: cluster.status().totals["chunks"] == chunks, timeout_s,
+               message=f"nodes back to {chunks} chunks (garbage collected)")
+
+
 def one_line(text: str) -> bool:
     return len(text.strip().splitlines()) == 1
 
@@ -408,7 +424,7 @@ def test_replacing_a_name_serves_the_new_version(cluster, tmp_path):
 def test_concurrent_writers_and_readers_of_one_name_see_whole_versions(cluster, tmp_path):
     """Concurrent writers of one name all succeed and readers only ever see a complete version."""
     seed = 8008
-    size = BATCH_BYTES + 300 * KIB  # two batches: a read spans two GET_CHUNKS
+    size = 2 * BATCH_BYTES + 300 * KIB  # three batches: a read spans three GET_CHUNKS
     versions = [random_bytes(seed + n, size) for n in range(5)]
     known = {sha256(v): n for n, v in enumerate(versions)}
     upload(cluster, "shared", versions[0], tmp_path)
@@ -429,6 +445,7 @@ def test_concurrent_writers_and_readers_of_one_name_see_whole_versions(cluster, 
             while not writers_done.is_set() or len(seen) < 2:
                 c.download("shared", str(destination))
                 digest = sha256(destination.read_bytes())
+                destination.unlink()
                 if digest not in known:
                     errors.append(f"reader {r}: saw a mix (sha256 {digest})")
                     return
@@ -451,6 +468,52 @@ def test_concurrent_writers_and_readers_of_one_name_see_whole_versions(cluster, 
     final = download(cluster, "shared", tmp_path)
     assert sha256(final) in {sha256(v) for v in versions[1:]}, f"final content is no writer's (seed {seed})"
     assert seen, "readers downloaded nothing"
+
+
+class SlowReader:
+    """A client connection with a tiny receive buffer, so the master blocks mid-download."""
+
+    def __init__(self, address: tuple[str, int]):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: small window
+        self.sock.settimeout(20.0)
+        self.sock.connect(address)
+        self.rfile = self.sock.makefile("rb")
+        self.sock.sendall(HELLO)
+        protocol.expect(protocol.read_message(self.rfile), protocol.HelloOk)
+
+    def close(self) -> None:
+        self.rfile.close()
+        self.sock.close()
+
+
+def test_download_in_progress_survives_a_replace_of_its_name(make_cluster, tmp_path, request):
+    """A download that started before the name was replaced still delivers the whole old version."""
+    # A longer I/O timeout than FAST_MASTER's, so the master waits for our stalled reader.
+    cluster = make_cluster(master_args=["--heartbeat-interval", "0.2", "--dead-after", "1", "--io-timeout", "10"])
+    seed = 8108
+    old, new = random_bytes(seed, 12 * MIB + 5), random_bytes(seed + 1, 64 * KIB)
+    upload(cluster, "moving", old, tmp_path)
+    reader = SlowReader(master_address(cluster))
+    request.addfinalizer(reader.close)
+    reader.sock.sendall(protocol.encode(protocol.Download(name="moving")))
+    info = protocol.expect(protocol.read_message(reader.rfile), protocol.FileInfo)
+    received = bytearray(protocol.expect(protocol.read_message(reader.rfile), protocol.Data).body)
+    # The master is now blocked writing this download; replace the name and let the old blob be collected.
+    upload(cluster, "moving", new, tmp_path)
+    try:
+        # Give collection of the replaced version its chance to strike; a master that
+        # defers it until the read ends never gets there, and that is fine.
+        wait_chunks_back_to(cluster, 2 * len(new) // CHUNK_BYTES, timeout_s=3.0)
+    except AssertionError:
+        pass
+    while True:
+        msg = protocol.read_message(reader.rfile)
+        if isinstance(msg, protocol.DataEnd):
+            break
+        assert isinstance(msg, protocol.Data), f"after {len(received)} of {info.size} bytes: {msg}"
+        received += msg.body
+    assert info.sha256 == sha256(old) and sha256(received) == sha256(old), f"seed {seed}"
 
 
 def test_many_clients_in_parallel_all_succeed(cluster, tmp_path):
@@ -501,12 +564,6 @@ def test_upload_after_two_of_three_nodes_die_fails_insufficient_nodes(cluster, t
 
 
 # --- 11./12./13. uploads that must not commit -------------------------------------------------
-def wait_chunks_back_to(cluster, chunks: int) -> None:
-    """Wait until the nodes report ``chunks`` in total: the master is done with an abandoned upload."""
-    wait_until(lambda: cluster.status().totals["chunks"] == chunks,
-               message=f"nodes back to {chunks} chunks (abandoned upload collected)")
-
-
 def test_disconnect_mid_upload_keeps_the_previous_version(cluster, tmp_path):
     """A client that vanishes mid-upload leaves the old version listed and downloadable."""
     seed = 11011
@@ -538,7 +595,7 @@ def test_disconnect_mid_upload_of_a_new_name_commits_nothing(cluster, tmp_path):
 
 
 def test_wrong_sha256_at_upload_end_commits_nothing(cluster, tmp_path):
-    """An UPLOAD_END whose SHA-256 differs from the data is refused with CHECKSUM_MISMATCH."""
+    """An UPLOAD_END whose SHA-256 differs from the data is refused and the old version stays."""
     seed = 12012
     old = random_bytes(seed, 4 * KIB)
     upload(cluster, "checked", old, tmp_path)
@@ -548,10 +605,25 @@ def test_wrong_sha256_at_upload_end_commits_nothing(cluster, tmp_path):
         send_data(conn, new)
         conn.send(protocol.UploadEnd(sha256=sha256(new[:-1] + b"\0")))
         reply = conn.recv()
-        assert isinstance(reply, protocol.Error) and reply.code == "CHECKSUM_MISMATCH", reply
-        # The connection is still in sync: the next request gets its own reply.
-        assert [e["size"] for e in conn.request(protocol.List(), protocol.ListPage).entries] == [len(old)]
+    assert isinstance(reply, protocol.Error) and reply.code == "CHECKSUM_MISMATCH", reply
+    assert listing(cluster)["checked"]["size"] == len(old)
     assert download(cluster, "checked", tmp_path) == old, f"seed {seed}"
+
+
+def test_connection_stays_usable_after_a_refused_upload_end(cluster, tmp_path):
+    """After CHECKSUM_MISMATCH for an UPLOAD_END, the next request on that connection gets its own reply."""
+    data = b"payload" * 100
+    with raw_connection(master_address(cluster)) as conn:
+        conn.send(protocol.UploadBegin(name="resync", size=len(data)))
+        conn.send(protocol.Data(body=data))
+        conn.send(protocol.UploadEnd(sha256="0" * 64))
+        reply = conn.recv()
+        assert isinstance(reply, protocol.Error) and reply.code == "CHECKSUM_MISMATCH", reply
+        conn.send(protocol.UploadBegin(name="resync", size=len(data)))
+        conn.send(protocol.Data(body=data))
+        conn.send(protocol.UploadEnd(sha256=sha256(data)))
+        assert conn.expect(protocol.Uploaded).size == len(data)
+    assert download(cluster, "resync", tmp_path) == data
 
 
 def test_node_killed_mid_upload_never_leaves_a_partial_file(cluster, tmp_path):
@@ -614,14 +686,6 @@ def test_deleted_file_is_not_found_and_not_listed(cluster, tmp_path):
 
 
 # --- 15. malformed frames --------------------------------------------------------------------
-HELLO = protocol.encode(protocol.Hello(version=protocol.PROTOCOL_VERSION, role="client"))
-
-
-def frame(header: dict) -> bytes:
-    data = json.dumps(header).encode("utf-8")
-    return len(data).to_bytes(4, "big") + data
-
-
 MALFORMED = {
     # name: (bytes sent, error codes acceptable in the reply; empty = no reply required)
     "garbage, not JSON": (b"\x00\x00\x00\x05hello", {"BAD_REQUEST"}),
@@ -720,18 +784,38 @@ def test_client_refuses_download_whose_sha256_differs(lying_master, tmp_path):
 
 
 # --- 17. corruption on disk -------------------------------------------------------------------
+def committed_runs(cluster, name: str) -> list:
+    """The runs [first, count, [node ids]] of ``name`` in the master's metadata on disk.
+
+    Reads the checkpoint and the operation log as metadata_log.py and
+    namespace.py document them; the last record for the name wins.
+    """
+    master_dir = os.path.join(cluster.data_dir, "master")
+    entry = None
+    checkpoint = os.path.join(master_dir, "metadata.json")
+    if os.path.exists(checkpoint):
+        with open(checkpoint, encoding="utf-8") as f:
+            entry = json.load(f)["state"]["files"].get(name)
+    for log_name in sorted(n for n in os.listdir(master_dir) if re.fullmatch(r"oplog-\d{12}\.jsonl", n)):
+        with open(os.path.join(master_dir, log_name), encoding="utf-8") as f:
+            for line in f:
+                record = json.loads(line)
+                if record.get("name") == name:
+                    entry = record.get("file")
+    assert entry is not None, f"{name!r} is not in the master's metadata"
+    return entry["runs"]
+
+
 def test_corrupt_replica_on_disk_is_failed_over(cluster, tmp_path):
-    """With one replica's bytes flipped on disk, the download still comes back identical."""
+    """With the first-read replica's bytes flipped on disk, the download still comes back identical."""
     seed = 17017
     data = random_bytes(seed, 300 * KIB + 17)
     reply = upload(cluster, "rot", data, tmp_path)
     holders = [i for i in range(len(cluster.nodes)) if payload_locations(cluster, i, reply.version)]
     assert len(holders) == 2, f"blob on nodes {holders}"
-    for index in holders:  # corrupt each replica in turn, so whichever is read first is hit once
-        path, offset, length = payload_locations(cluster, index, reply.version)[0]
-        target = offset + length - 50
-        flip_byte(path, target)
-        try:
-            assert download(cluster, "rot", tmp_path) == data, f"node{index} corrupt (seed {seed})"
-        finally:
-            flip_byte(path, target)
+    # With both replicas alive and idle, the master reads the one listed first in the run.
+    [[_, _, replicas]] = committed_runs(cluster, "rot")
+    index = next(i for i in holders if node_id(cluster, i) == replicas[0])
+    path, offset, length = payload_locations(cluster, index, reply.version)[0]
+    flip_byte(path, offset + length - 50)
+    assert download(cluster, "rot", tmp_path) == data, f"node{index} corrupt (seed {seed})"

@@ -1,0 +1,396 @@
+"""Keeping every chunk at ``replication`` live copies.
+
+The master's ``Repairer`` runs one background thread that does three jobs,
+all of which change placement only through ``replicas`` records in the
+metadata log (so a master restart resumes where it stopped):
+
+* **Re-replication.**  It scans the namespace for runs of chunks with fewer
+  live copies than ``replication`` (a node died, a copy was found corrupt or
+  missing) and copies each batch-sized piece from a live replica to a live
+  node that lacks it, fewest copies first, at ``repair_rate_mb_s``.  The new
+  node list drops the dead holder, so a node that comes back later finds its
+  old copy surplus and drops it.
+* **Reconciliation.**  A node that (re)registers sends its inventory.  Blobs
+  no committed file (and no upload in progress) uses are deleted; copies the
+  namespace does not place on the node are adopted if their run is short of
+  copies, else dropped; chunks the namespace places on the node that it does
+  not hold are taken off the node's list, and then repaired.
+* **Bad replicas.**  A node reports extents that failed their CRCs (its
+  scrubber, or a read); a read that hits a bad or missing copy reports it
+  too.  The copy is taken off the list and repaired from a good one.
+
+Safe mode: for ``safe_mode_s`` after the master starts (or until every node
+it knows has reported), nothing is repaired, dropped or deleted, so a master
+restart never starts a replication storm or deletes data of nodes that have
+not spoken yet.
+
+The namespace is read without locks (see namespace.py); a repair re-checks
+the file's version before and after copying, and a ``replicas`` record for
+a version that is no longer current changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import protocol
+import transfers
+
+logger = logging.getLogger("master.repair")
+
+# A full scan of the namespace also runs this often with nothing to wake it,
+# as a safety net for missed events.
+_RESCAN_INTERVAL_S = 30.0
+
+
+@dataclass(order=True)
+class RepairTask:
+    copies: int
+    name: str
+    version: str
+    first: int
+    count: int
+
+
+def batch_pieces(first: int, count: int, batch: int):
+    """Split [first, first+count) at multiples of ``batch``: (first, count) pairs."""
+    end = first + count
+    while first < end:
+        stop = min(end, (first // batch + 1) * batch)
+        yield first, stop - first
+        first = stop
+
+
+def nodes_of(entry: dict, first: int, count: int) -> list[tuple[int, int, list]]:
+    """The runs of ``entry`` overlapping [first, first+count), clipped to it."""
+    end = first + count
+    out = []
+    for run_first, run_count, nodes in entry["runs"]:
+        lo, hi = max(run_first, first), min(run_first + run_count, end)
+        if lo < hi:
+            out.append((lo, hi - lo, nodes))
+    return out
+
+
+def uncovered(first: int, count: int, extents) -> list[tuple[int, int]]:
+    """Parts of [first, first+count) not covered by sorted (first, count) ``extents``."""
+    gaps = []
+    position, end = first, first + count
+    for extent_first, extent_count in extents:
+        if extent_first + extent_count <= position:
+            continue
+        if extent_first >= end:
+            break
+        if extent_first > position:
+            gaps.append((position, extent_first - position))
+        position = max(position, extent_first + extent_count)
+        if position >= end:
+            break
+    if position < end:
+        gaps.append((position, end - position))
+    return gaps
+
+
+class Repairer:
+    """Re-replication, reconciliation and bad-replica handling for a Master."""
+
+    def __init__(self, master):
+        self.master = master
+        self.config = master.config
+        self.started = master.clock()
+        self.safe_mode = self.config.safe_mode_s > 0
+        self.reported: set[str] = set()  # nodes whose inventory arrived since start
+        self._lock = threading.Lock()
+        self._reports: dict[str, dict] = {}  # node_id -> files snapshot taken at REGISTER
+        self._inventories: dict[str, dict] = {}  # node_id -> blob -> extents, being received
+        self._to_reconcile: list[tuple[str, dict, dict]] = []
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        # Figures for STATUS.
+        self.under_replicated_chunks = 0
+        self.repairs_pending = 0
+        self.repaired_chunks = 0
+        self.corrupt_replicas_found = 0
+        self.damaged_files: list[str] = []
+        self._thread = threading.Thread(target=self._run, name="repair", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def in_safe_mode(self) -> bool:
+        if self.safe_mode:
+            known = set(self.master.namespace.nodes)
+            waited = self.master.clock() - self.started
+            if waited >= self.config.safe_mode_s or (known and known <= self.reported):
+                self.safe_mode = False
+                logger.info("leaving safe mode after %.1f s: %d of %d known node(s) reported",
+                            waited, len(known & self.reported), len(known))
+        return self.safe_mode
+
+    # --- inventories -------------------------------------------------------------------
+    def begin_report(self, node_id: str) -> None:
+        """A node registered: remember what the namespace held before it reports.
+
+        Chunks committed after this moment may be missing from the node's
+        inventory without being lost, so only files in this snapshot are
+        checked for chunks the node should have.
+        """
+        snapshot = dict(self.master.namespace.files)
+        with self._lock:
+            self._reports[node_id] = snapshot
+            self._inventories[node_id] = {}
+
+    def add_inventory(self, node_id: str, blobs: list, done: bool) -> bool:
+        """One INVENTORY page; returns True when the node's report is complete."""
+        with self._lock:
+            inventory = self._inventories.get(node_id)
+            if inventory is None:
+                raise protocol.RemoteProtocolError(f"node {node_id} sent an inventory without registering")
+            for item in blobs:
+                if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
+                        and isinstance(item[1], list)):
+                    raise protocol.RemoteProtocolError("malformed inventory entry")
+                inventory[item[0]] = sorted((int(f), int(c)) for f, c in item[1])
+            if not done:
+                return False
+            self._to_reconcile.append((node_id, self._reports.pop(node_id), self._inventories.pop(node_id)))
+            self.reported.add(node_id)
+        self._wake.set()
+        return True
+
+    # --- bad copies ----------------------------------------------------------------------
+    def report_corrupt(self, node_id: str, extents: list) -> None:
+        """A node dropped corrupt extents ([blob, first, count]): take it off their lists."""
+        by_version = self._versions()
+        for item in extents:
+            try:
+                blob, first, count = item
+            except (TypeError, ValueError):
+                raise protocol.RemoteProtocolError("malformed corrupt-extent report") from None
+            self.corrupt_replicas_found += 1
+            found = by_version.get(blob)
+            if found is None:
+                continue
+            name, entry = found
+            logger.warning("node %s found %r chunks %d..%d corrupt; re-replicating", node_id, name, first,
+                           first + count - 1)
+            self.remove_replica(name, entry, first, count, node_id)
+
+    def remove_replica(self, name: str, entry: dict, first: int, count: int, node_id: str) -> None:
+        """Take ``node_id`` off the list of the batches holding [first, first+count)."""
+        batch = entry["batch_chunks"]
+        lo = first // batch * batch
+        hi = min(entry["chunks"], -(-(first + count) // batch) * batch)
+        records = [self._replicas_record(name, entry, f, c, [n for n in nodes if n != node_id])
+                   for f, c, nodes in nodes_of(entry, lo, hi - lo) if node_id in nodes]
+        if records:
+            self.master.log.commit(records)
+            self._wake.set()
+
+    @staticmethod
+    def _replicas_record(name, entry, first, count, nodes) -> dict:
+        return {"op": "replicas", "name": name, "version": entry["version"], "first": first, "count": count,
+                "nodes": list(nodes)}
+
+    def _versions(self) -> dict[str, tuple[str, dict]]:
+        return {entry["version"]: (name, entry) for name, entry in list(self.master.namespace.files.items())}
+
+    # --- the loop ------------------------------------------------------------------------
+    def _run(self) -> None:
+        last_alive: set[str] | None = None
+        last_scan = 0.0
+        while not self._stop.is_set():
+            woken = self._wake.wait(self.config.heartbeat_interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                if self.in_safe_mode():
+                    continue
+                self._reconcile_pending()
+                alive = {n.node_id for n in self.master.live_nodes()}
+                now = time.monotonic()
+                if woken or alive != last_alive or now - last_scan >= _RESCAN_INTERVAL_S or self.repairs_pending:
+                    last_alive, last_scan = alive, now
+                    self._repair(self.scan(alive))
+            except Exception:
+                logger.exception("repair pass failed; retrying")
+
+    def scan(self, alive: set[str]) -> list[RepairTask]:
+        """Every batch with fewer than ``replication`` live copies, fewest copies first."""
+        replication = self.config.replication
+        tasks, damaged, under = [], [], 0
+        for name, entry in list(self.master.namespace.files.items()):
+            short_of_copies = False
+            for first, count, nodes in entry["runs"]:
+                live = sum(1 for n in nodes if n in alive)
+                if live >= replication:
+                    continue
+                under += count
+                if live == 0:
+                    short_of_copies = True
+                    continue  # nothing to copy from: damaged until a holder returns
+                for piece_first, piece_count in batch_pieces(first, count, entry["batch_chunks"]):
+                    tasks.append(RepairTask(live, name, entry["version"], piece_first, piece_count))
+            if short_of_copies:
+                damaged.append(name)
+        tasks.sort()
+        self.under_replicated_chunks = under
+        self.damaged_files = damaged
+        self.repairs_pending = len(tasks)
+        return tasks
+
+    def _repair(self, tasks: list[RepairTask]) -> None:
+        rate = self.config.repair_rate_mb_s * 1024 * 1024
+        buffer = None
+        for task in tasks:
+            if self._stop.is_set() or self.in_safe_mode():
+                return
+            started = time.monotonic()
+            entry = self.master.namespace.files.get(task.name)
+            if entry is None or entry["version"] != task.version:
+                self.repairs_pending -= 1
+                continue
+            size = entry["batch_chunks"] * (entry["chunk_size"] + protocol.CRC_BYTES)
+            if buffer is None or len(buffer) < size:
+                buffer = bytearray(size)
+            copied = self._repair_piece(task, entry, buffer)
+            self.repairs_pending -= 1
+            if copied:
+                self.repaired_chunks += task.count
+                self.under_replicated_chunks = max(0, self.under_replicated_chunks - task.count)
+                # Pace: this piece's bytes should take copied/rate seconds.
+                self._stop.wait(max(0.0, copied / rate - (time.monotonic() - started)))
+
+    def _repair_piece(self, task: RepairTask, entry: dict, buffer: bytearray) -> int:
+        """Copy one piece to new nodes until it has enough live copies; return bytes copied."""
+        master = self.master
+        alive = {n.node_id for n in master.live_nodes()}
+        copied = 0
+        for first, count, nodes in nodes_of(entry, task.first, task.count):
+            live = [n for n in nodes if n in alive]
+            missing = self.config.replication - len(live)
+            if missing <= 0 or not live:
+                continue
+            try:
+                body = transfers.read_piece(master, task.name, entry, first, count, live, buffer)
+                payload_bytes = len(body) - count * protocol.CRC_BYTES
+                targets = master.choose_replicas(payload_bytes, avoid=set(nodes), count=missing)
+            except protocol.BackupError as exc:
+                logger.warning("cannot repair %r chunks %d..%d yet: %s", task.name, first, first + count - 1, exc)
+                continue
+            placed = []
+            for target in targets:
+                try:
+                    self._put(target, entry, first, count, body)
+                    placed.append(target)
+                except protocol.BackupError as exc:
+                    logger.warning("repair copy to node %s failed: %s", target, exc)
+            if not placed:
+                continue
+            current = master.namespace.files.get(task.name)
+            if current is None or current["version"] != entry["version"]:
+                master.collect_garbage(entry["version"], placed)
+                return copied
+            master.log.commit([self._replicas_record(task.name, entry, first, count, live + placed)])
+            copied += payload_bytes * len(placed)
+            logger.info("re-replicated %r chunks %d..%d to %s (%d live copies before)", task.name, first,
+                        first + count - 1, ",".join(placed), len(live))
+        return copied
+
+    def _put(self, node_id: str, entry: dict, first: int, count: int, body) -> None:
+        master = self.master
+        conn = master.pool.acquire(master.node_address(node_id))
+        try:
+            conn.request(protocol.PutChunks(blob=entry["version"], first=first, count=count,
+                                            chunk_size=entry["chunk_size"], body=body), protocol.PutOk)
+            conn.request(protocol.Flush(), protocol.Flushed)
+        finally:
+            master.pool.release(conn)
+
+    # --- reconciliation ---------------------------------------------------------------
+    def _reconcile_pending(self) -> None:
+        with self._lock:
+            work, self._to_reconcile = self._to_reconcile, []
+        for node_id, snapshot, inventory in work:
+            try:
+                self.reconcile(node_id, snapshot, inventory)
+            except protocol.BackupError as exc:
+                logger.warning("reconciling node %s failed, will retry at its next registration: %s",
+                               node_id, exc)
+
+    def reconcile(self, node_id: str, snapshot: dict, inventory: dict) -> None:
+        """Bring the namespace and one node's inventory into agreement (see module docstring)."""
+        master = self.master
+        replication = self.config.replication
+        alive = {n.node_id for n in master.live_nodes()} | {node_id}
+        versions = self._versions()
+        orphans, drops, records = [], [], []
+        for blob, extents in inventory.items():
+            found = versions.get(blob)
+            if found is None:
+                if blob not in master.active_blobs:
+                    orphans.append(blob)
+                continue
+            name, entry = found
+            for first, count in extents:
+                overlapping = nodes_of(entry, first, count)
+                if not overlapping or any(node_id in nodes for _, _, nodes in overlapping):
+                    continue  # placed here (or beyond the file): keep
+                short = [(f, c, nodes) for f, c, nodes in overlapping
+                         if sum(1 for n in nodes if n in alive) < replication]
+                if short:  # a copy we lack elsewhere: adopt it
+                    records += [self._replicas_record(name, entry, f, c, [*nodes, node_id]) for f, c, nodes in short]
+                else:
+                    drops.append((blob, first, count))
+        # Chunks the namespace places on this node that it does not hold.
+        for name, entry in snapshot.items():
+            current = master.namespace.files.get(name)
+            if current is None or current["version"] != entry["version"]:
+                continue
+            held = inventory.get(entry["version"], [])
+            for first, count, nodes in current["runs"]:
+                if node_id not in nodes:
+                    continue
+                for gap_first, gap_count in uncovered(first, count, held):
+                    records.append(self._replicas_record(name, current, gap_first, gap_count,
+                                                         [n for n in nodes if n != node_id]))
+        if records:
+            master.log.commit(records)
+        if orphans:
+            master.collect_garbage_many(node_id, orphans)
+        for blob, first, count in drops:
+            self._drop(node_id, blob, first, count)
+        if orphans or drops or records:
+            logger.info("reconciled node %s: %d orphan blob(s) deleted, %d surplus extent(s) dropped, "
+                        "%d placement change(s)", node_id, len(orphans), len(drops), len(records))
+            self._wake.set()
+
+    def _drop(self, node_id: str, blob: str, first: int, count: int) -> None:
+        master = self.master
+        conn = master.pool.acquire(master.node_address(node_id))
+        try:
+            conn.request(protocol.DropChunks(blob=blob, first=first, count=count), protocol.ChunksDropped)
+        finally:
+            master.pool.release(conn)
+
+    def status(self) -> dict:
+        return {
+            "safe_mode": self.safe_mode,
+            "under_replicated_chunks": self.under_replicated_chunks,
+            "repairs_pending": self.repairs_pending,
+            "repaired_chunks": self.repaired_chunks,
+            "corrupt_replicas_found": self.corrupt_replicas_found,
+            "damaged_files": self.damaged_files[:100],
+            "damaged_file_count": len(self.damaged_files),
+        }
