@@ -136,6 +136,19 @@ def safe_join(directory: str, relative: str) -> str:
     return path
 
 
+def local_base_name(name: str) -> str:
+    """The last component of a stored name, as a file name in the current directory.
+
+    Names are opaque keys: ``../../x`` gives ``x``.  A name whose last
+    component is empty, ``.`` or ``..`` gives no file name at all
+    (LocalFileError): the user must say where to write it.
+    """
+    base = name.rstrip("/").rpartition("/")[2]
+    if base in ("", ".", ".."):
+        raise LocalFileError(f"cannot make a local file name from {name!r}; give the local path to write to")
+    return base
+
+
 def check_destination(path: str, force: bool) -> None:
     """Refuse to replace an existing local file unless ``force``."""
     if path != "-" and not force and os.path.lexists(path):
@@ -494,16 +507,17 @@ def cmd_upload(client: Client, args) -> int:
 
 def cmd_download(client: Client, args) -> int:
     if args.name.endswith("/"):
-        directory = args.local or os.path.basename(args.name.rstrip("/")) or "."
+        base = args.name.rstrip("/").rpartition("/")[2]
+        directory = args.local or (base if base not in ("", ".", "..") else ".")  # never above the cwd
         summary = client.download_tree(args.name, directory, force=args.force, report=note)
         if not args.quiet:
             print(summary.line("restored"))
         if not summary.files and not summary.failures:
             raise protocol.FileNotFound(f"no file named {args.name}...")
         return EXIT_PARTIAL if summary.failures else EXIT_OK
-    destination = args.local or os.path.basename(args.name)
+    destination = args.local or local_base_name(args.name)
     if destination != "-" and os.path.isdir(destination):
-        destination = os.path.join(destination, os.path.basename(args.name))
+        destination = os.path.join(destination, local_base_name(args.name))
     started = time.monotonic()
     info = client.download(args.name, destination, args.offset, args.length, force=args.force)
     elapsed = time.monotonic() - started

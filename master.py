@@ -77,6 +77,10 @@ class NodeState:
     last_heard: float | None = None  # monotonic seconds; None = not heard since start
     reserved_bytes: int = 0  # bytes being uploaded to it right now
     full: bool = False  # the node refuses writes (capacity reached or ENOSPC)
+    suspect_until: float = 0.0  # a data request failed: no new placements before this
+    # Its holdings may differ from the namespace (it was dead, or failed mid-
+    # upload): the next heartbeat asks it to register and report again.
+    needs_report: bool = False
     reported: bool = False  # its inventory arrived since it last registered
 
     def alive(self, now: float, dead_after_s: float) -> bool:
@@ -209,10 +213,17 @@ class Master:
             node = self._nodes.get(msg.node_id)
             if node is None or not node.reported:
                 raise protocol.RemoteProtocolError(f"node {msg.node_id} heartbeats without registering")
+            now = self.clock()
+            if node.needs_report or not node.alive(now, self.config.dead_after_s):
+                # Back from the dead (or from a failed upload): what it holds
+                # must be reconciled before it is trusted again.
+                node.needs_report = False
+                node.reported = False
+                raise protocol.Unavailable(f"node {msg.node_id}: register again and report your inventory")
             node.used_bytes = msg.used_bytes
             node.chunks = msg.chunks
             node.full = msg.full
-            node.last_heard = self.clock()
+            node.last_heard = now
         if msg.corrupt:
             self.repairer.report_corrupt(msg.node_id, msg.corrupt)
 
@@ -245,13 +256,14 @@ class Master:
         now = self.clock()
         with self._nodes_lock:
             live = [n for n in self._nodes.values()
-                    if n.alive(now, self.config.dead_after_s) and n.node_id not in avoid]
+                    if n.alive(now, self.config.dead_after_s) and n.node_id not in avoid
+                    and n.suspect_until <= now]
             roomy = [n for n in live if not n.full and n.free_bytes >= nbytes]
             roomy.sort(key=lambda n: n.free_bytes, reverse=True)
             chosen = [n.node_id for n in roomy[:wanted]]
         if len(live) < wanted:
             raise protocol.InsufficientNodes(
-                f"{len(live)} storage node(s) alive, {wanted} needed for replication")
+                f"{len(live)} healthy storage node(s) alive, {wanted} needed for replication")
         if len(chosen) < wanted:
             raise protocol.InsufficientSpace(
                 f"only {len(roomy)} live node(s) have room for {nbytes} more bytes, {wanted} needed")
@@ -276,7 +288,13 @@ class Master:
             return sorted(node_ids, key=rank)
 
     def note_node_failure(self, node_id: str, exc: protocol.BackupError) -> None:
+        """A request to a node failed: place nothing new on it for a while."""
         logger.warning("node %s failed a request: %s", node_id, exc)
+        with self._nodes_lock:
+            node = self._nodes.get(node_id)
+            if node is not None:
+                node.suspect_until = self.clock() + self.config.dead_after_s
+                node.needs_report = True
 
     def note_bad_replica(self, node_id, name, entry, first, count, exc) -> None:
         """A read found a copy corrupt or missing: stop using it, repair it."""
@@ -542,34 +560,48 @@ class MasterHandler(transport.RequestHandler):
             self._skip_upload()
 
     def _commit_pending(self) -> None:
-        """Make the waiting uploads durable on their nodes, commit them, reply."""
+        """Make the waiting uploads durable on their nodes, commit them, reply.
+
+        Copies that a node failing mid-upload took with it are re-made from
+        the surviving replica first (UploadSession.heal_entry); an upload
+        left with no surviving copy of some batch fails alone.
+        """
         if not self.pending:
             return
         group, self.pending = self.pending, []
-        nodes = set().union(*(p.stream.nodes_touched for p in group))
+        session = self.session
+        replies: list[protocol.Message | None] = [None] * len(group)
+        ready = []
         try:
-            try:
-                self.session.sync(nodes)
-                self.master.commit_uploads([(p.stream.name, p.entry) for p in group])
-            finally:
-                for p in group:
-                    self.master.locks.release(p.stream.name, p.token)
+            session.sync(set().union(*(p.stream.nodes_touched for p in group)))
+            for index, p in enumerate(group):
+                try:
+                    p.entry = session.heal_entry(p.stream.name, p.entry, p.stream.nodes_touched)
+                    ready.append((index, p))
+                except protocol.BackupError as exc:
+                    logger.warning("%s: upload of %r failed: %s", self.peer, p.stream.name, exc)
+                    replies[index] = protocol.error_message(exc)
+            if ready:
+                self.master.commit_uploads([(p.stream.name, p.entry) for _, p in ready])
+            for index, p in ready:
+                e = p.entry
+                replies[index] = protocol.Uploaded(name=p.stream.name, size=e["size"], chunks=e["chunks"],
+                                                   sha256=e["sha256"], version=e["version"], tag=p.tag)
         except Exception as exc:
-            error = exc if isinstance(exc, protocol.BackupError) else protocol.BackupError(f"commit failed: {exc}")
             logger.error("%s: commit of %d upload(s) failed: %s", self.peer, len(group), exc)
-            for p in group:
-                p.stream.discard()
-            self._close_session()
-            for _ in group:
-                self.reply(protocol.error_message(error), flush=False)
-            self.wfile.flush()
+            error = exc if isinstance(exc, protocol.BackupError) else protocol.BackupError(f"commit failed: {exc}")
+            replies = [r if isinstance(r, protocol.Error) else protocol.error_message(error) for r in replies]
             if not isinstance(exc, protocol.BackupError):
                 raise
-            return
-        for p in group:
-            e = p.entry
-            self.reply(protocol.Uploaded(name=p.stream.name, size=e["size"], chunks=e["chunks"],
-                                         sha256=e["sha256"], version=e["version"], tag=p.tag), flush=False)
+        finally:
+            for index, p in enumerate(group):
+                if not isinstance(replies[index], protocol.Uploaded):
+                    p.stream.discard()
+                self.master.locks.release(p.stream.name, p.token)
+            if session.failed:
+                self._close_session()  # start the next group on fresh connections
+        for reply in replies:
+            self.reply(reply, flush=False)
         self.wfile.flush()
 
     def _skip_upload(self) -> None:

@@ -916,10 +916,30 @@ def read_message(rfile, body_buffer: bytearray | None = None, max_header_bytes: 
     if body_len:
         if body_buffer is not None and len(body_buffer) >= body_len:
             body = memoryview(body_buffer)[:body_len]
-        else:
+            _read_into(rfile, body)
+        elif body_len <= _BODY_STEP_BYTES:
             body = memoryview(bytearray(body_len))
-        _read_into(rfile, body)
+            _read_into(rfile, body)
+        else:
+            body = _read_growing(rfile, body_len)
     return _build(cls, fields, body)
+
+
+# A large body read without a caller's buffer grows a step at a time as its
+# bytes arrive: a peer that announces 16 MiB and sends a trickle (or
+# nothing) costs what it sent, not what it announced.
+_BODY_STEP_BYTES = 1024 * 1024
+
+
+def _read_growing(rfile, size: int) -> memoryview:
+    body = bytearray()
+    while len(body) < size:
+        step = min(size - len(body), _BODY_STEP_BYTES)
+        piece = rfile.read(step)
+        if not piece or len(piece) < step:
+            raise RemoteProtocolError(f"connection closed mid-body ({len(body) + len(piece or b'')} of {size} bytes)")
+        body += piece
+    return memoryview(body)
 
 
 def write_message(wfile, msg: Message, flush: bool = True) -> None:

@@ -55,15 +55,6 @@ class RepairTask:
     count: int
 
 
-def batch_pieces(first: int, count: int, batch: int):
-    """Split [first, first+count) at multiples of ``batch``: (first, count) pairs."""
-    end = first + count
-    while first < end:
-        stop = min(end, (first // batch + 1) * batch)
-        yield first, stop - first
-        first = stop
-
-
 def nodes_of(entry: dict, first: int, count: int) -> list[tuple[int, int, list]]:
     """The runs of ``entry`` overlapping [first, first+count), clipped to it."""
     end = first + count
@@ -240,7 +231,7 @@ class Repairer:
                 if live == 0:
                     short_of_copies = True
                     continue  # nothing to copy from: damaged until a holder returns
-                for piece_first, piece_count in batch_pieces(first, count, entry["batch_chunks"]):
+                for piece_first, piece_count in transfers.batch_pieces(first, count, entry["batch_chunks"]):
                     tasks.append(RepairTask(live, name, entry["version"], piece_first, piece_count))
             if short_of_copies:
                 damaged.append(name)
@@ -292,7 +283,7 @@ class Repairer:
             placed = []
             for target in targets:
                 try:
-                    self._put(target, entry, first, count, body)
+                    transfers.put_piece(master, target, entry, first, count, body)
                     placed.append(target)
                 except protocol.BackupError as exc:
                     logger.warning("repair copy to node %s failed: %s", target, exc)
@@ -307,16 +298,6 @@ class Repairer:
             logger.info("re-replicated %r chunks %d..%d to %s (%d live copies before)", task.name, first,
                         first + count - 1, ",".join(placed), len(live))
         return copied
-
-    def _put(self, node_id: str, entry: dict, first: int, count: int, body) -> None:
-        master = self.master
-        conn = master.pool.acquire(master.node_address(node_id))
-        try:
-            conn.request(protocol.PutChunks(blob=entry["version"], first=first, count=count,
-                                            chunk_size=entry["chunk_size"], body=body), protocol.PutOk)
-            conn.request(protocol.Flush(), protocol.Flushed)
-        finally:
-            master.pool.release(conn)
 
     # --- reconciliation ---------------------------------------------------------------
     def _reconcile_pending(self) -> None:

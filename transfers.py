@@ -16,9 +16,12 @@ Read (``read_range``): for each batch-sized piece of the requested range,
 ask a replica for the chunks, verify every CRC, and yield the payload; on
 an error, a timeout or a bad CRC, fail over to the next replica.
 
-Left out here: replacing a node that fails mid-upload (the upload fails and
-the client retries) and prefetching the next piece while the current one is
-sent to the client.
+A node that fails or hangs mid-upload does not fail the upload: the session
+marks it failed, places later batches elsewhere, and before commit re-copies
+the batches it held from their surviving replica (``heal_entry``).
+
+Left out here: prefetching the next piece while the current one is sent to
+the client.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import uuid
 from collections import deque
 
 import protocol
-from namespace import add_run, make_entry
+from namespace import add_run, make_entry, set_run_nodes
 
 logger = logging.getLogger("master.transfers")
 
@@ -57,6 +60,12 @@ class UploadSession:
     replies come back in send order).  ``sync`` makes everything sent so far
     durable with one FLUSH per node, so a group of small files costs one
     fsync per node, not one per file.
+
+    A node that fails or hangs (past io_timeout_s) mid-upload is marked
+    failed for the session: later batches go to other nodes, and
+    ``heal_entry`` re-copies what the failed node held from the surviving
+    replica before the file is committed.  So an upload survives the loss of
+    a replica, as long as ``replication`` live nodes remain.
     """
 
     def __init__(self, master):
@@ -69,60 +78,100 @@ class UploadSession:
         self.view = memoryview(bytearray(self.crc_room + self.batch_payload_bytes))
         self.channels: dict[str, NodeChannel] = {}
         self.reserved: dict[str, int] = {}
+        self.failed: set[str] = set()
+        self._copy_buffer: bytearray | None = None
 
-    def channel(self, node_id: str) -> NodeChannel:
+    def _fail(self, node_id: str, exc: protocol.BackupError) -> None:
+        self.failed.add(node_id)
         channel = self.channels.get(node_id)
-        if channel is None:
-            try:
-                conn = self.master.pool.acquire(self.master.node_address(node_id))
-            except protocol.BackupError as exc:
-                raise node_failed(self.master, node_id, exc) from None
-            channel = self.channels[node_id] = NodeChannel(node_id, conn)
-        return channel
+        if channel is not None:
+            channel.conn.broken = True
+        self.master.note_node_failure(node_id, exc)
 
-    def send(self, node_id: str, msg: protocol.PutChunks, nbytes: int) -> None:
-        channel = self.channel(node_id)
-        self.master.reserve(node_id, nbytes)
-        self.reserved[node_id] = self.reserved.get(node_id, 0) + nbytes
+    def send(self, node_id: str, msg: protocol.PutChunks, nbytes: int) -> bool:
+        """Send one batch to a node; False (and the node marked failed) if it fails."""
+        if node_id in self.failed:
+            return False
         try:
+            channel = self.channels.get(node_id)
+            if channel is None:
+                conn = self.master.pool.acquire(self.master.node_address(node_id))
+                channel = self.channels[node_id] = NodeChannel(node_id, conn)
+            self.master.reserve(node_id, nbytes)
+            self.reserved[node_id] = self.reserved.get(node_id, 0) + nbytes
             channel.conn.send(msg)
+            channel.unacked.append((msg.blob, msg.first))
+            channel.dirty = True
+            while len(channel.unacked) > ACK_WINDOW:
+                self._read_ack(channel)
         except protocol.BackupError as exc:
-            raise node_failed(self.master, node_id, exc) from None
-        channel.unacked.append((msg.blob, msg.first))
-        channel.dirty = True
-        if len(channel.unacked) > ACK_WINDOW:
-            self._read_ack(channel)
+            self._fail(node_id, exc)
+            return False
+        return True
 
     def _read_ack(self, channel: NodeChannel) -> None:
         blob, first = channel.unacked.popleft()
-        try:
-            ack = channel.conn.expect(protocol.PutOk)
-        except protocol.BackupError as exc:
-            raise node_failed(self.master, channel.node_id, exc) from None
+        ack = channel.conn.expect(protocol.PutOk)
         if ack.blob != blob or ack.first != first:
-            channel.conn.broken = True
             raise protocol.RemoteProtocolError(f"node {channel.node_id} acknowledged the wrong batch")
 
-    def sync(self, node_ids=None) -> None:
-        """Make every chunk sent to ``node_ids`` (default: all) durable.
+    def sync(self, node_ids) -> None:
+        """Make every chunk sent to ``node_ids`` durable, or mark the node failed.
 
         Drains the acknowledgements, then sends FLUSH to every dirty node
         before reading any FLUSHED, so the nodes' fsyncs overlap.
         """
-        channels = [c for c in self.channels.values() if c.dirty and (node_ids is None or c.node_id in node_ids)]
+        channels = [c for c in self.channels.values()
+                    if c.dirty and c.node_id in node_ids and c.node_id not in self.failed]
+        flushing = []
         for channel in channels:
-            while channel.unacked:
-                self._read_ack(channel)
             try:
+                while channel.unacked:
+                    self._read_ack(channel)
                 channel.conn.send(protocol.Flush())
+                flushing.append(channel)
             except protocol.BackupError as exc:
-                raise node_failed(self.master, channel.node_id, exc) from None
-        for channel in channels:
+                self._fail(channel.node_id, exc)
+        for channel in flushing:
             try:
                 channel.conn.expect(protocol.Flushed)
+                channel.dirty = False
             except protocol.BackupError as exc:
-                raise node_failed(self.master, channel.node_id, exc) from None
-            channel.dirty = False
+                self._fail(channel.node_id, exc)
+
+    def heal_entry(self, name: str, entry: dict, nodes_touched: set) -> dict:
+        """``entry`` with every copy on a failed node re-made on a healthy one.
+
+        Call after ``sync``: the surviving copies are durable, and each piece
+        is read from one of them (CRCs checked), written and flushed to a new
+        node.  Raises Unavailable if a piece has no surviving copy, or
+        InsufficientNodes/Space if no node can take the copy.
+        """
+        runs = entry["runs"]
+        if not any(n in self.failed for _, _, nodes in runs for n in nodes):
+            return entry
+        batch = entry["batch_chunks"]
+        if self._copy_buffer is None:
+            self._copy_buffer = bytearray(self.crc_room + self.batch_payload_bytes)
+        for first, count, nodes in list(runs):
+            lost = [n for n in nodes if n in self.failed]
+            if not lost:
+                continue
+            live = [n for n in nodes if n not in self.failed]
+            if not live:
+                raise protocol.Unavailable(f"every replica of {name!r} chunks {first}..{first + count - 1} "
+                                           f"failed during the upload")
+            for piece_first, piece_count in batch_pieces(first, count, batch):
+                body = read_piece(self.master, name, entry, piece_first, piece_count, live, self._copy_buffer)
+                payload_bytes = len(body) - piece_count * protocol.CRC_BYTES
+                targets = self.master.choose_replicas(payload_bytes, avoid=self.failed | set(nodes),
+                                                      count=len(lost))
+                for target in targets:
+                    nodes_touched.add(target)
+                    put_piece(self.master, target, entry, piece_first, piece_count, body)
+                runs = set_run_nodes(runs, piece_first, piece_count, live + targets)
+        logger.info("upload of %r: re-copied the batches of failed node(s) %s", name, ",".join(sorted(self.failed)))
+        return {**entry, "runs": runs}
 
     def close(self) -> None:
         """Return healthy connections to the pool; release space reservations."""
@@ -136,12 +185,24 @@ class UploadSession:
         self.reserved.clear()
 
 
-def node_failed(master, node_id: str, exc: protocol.BackupError) -> protocol.BackupError:
-    """The error an upload fails with when a replica fails mid-upload."""
-    master.note_node_failure(node_id, exc)
-    if isinstance(exc, (protocol.InsufficientSpace, protocol.ChecksumMismatch)):
-        return exc
-    return protocol.Unavailable(f"storage node {node_id} failed during the upload: {exc.message}")
+def batch_pieces(first: int, count: int, batch: int):
+    """Split [first, first+count) at multiples of ``batch``: (first, count) pairs."""
+    end = first + count
+    while first < end:
+        stop = min(end, (first // batch + 1) * batch)
+        yield first, stop - first
+        first = stop
+
+
+def put_piece(master, node_id: str, entry: dict, first: int, count: int, body) -> None:
+    """Write one piece (CRCs + payload) of a file to a node and flush it."""
+    conn = master.pool.acquire(master.node_address(node_id))
+    try:
+        conn.request(protocol.PutChunks(blob=entry["version"], first=first, count=count,
+                                        chunk_size=entry["chunk_size"], body=body), protocol.PutOk)
+        conn.request(protocol.Flush(), protocol.Flushed)
+    finally:
+        master.pool.release(conn)
 
 
 class UploadStream:
@@ -200,13 +261,18 @@ class UploadStream:
         count = len(crcs) // protocol.CRC_BYTES
         start = crc_room - len(crcs)
         session.view[start:crc_room] = crcs
-        targets = self.master.choose_replicas(self._fill)
         msg = protocol.PutChunks(blob=self.blob, first=self._next_chunk, count=count, chunk_size=chunk_size,
                                  body=session.view[start:crc_room + self._fill])
-        for node_id in targets:
-            self.nodes_touched.add(node_id)
-            session.send(node_id, msg, self._fill)
-        add_run(self.runs, self._next_chunk, count, targets)
+        placed: list[str] = []
+        wanted = self.master.config.replication
+        while len(placed) < wanted:
+            # Raises InsufficientNodes/Space once no healthy node is left.
+            for node_id in self.master.choose_replicas(self._fill, avoid=session.failed | set(placed),
+                                                       count=wanted - len(placed)):
+                self.nodes_touched.add(node_id)
+                if session.send(node_id, msg, self._fill):
+                    placed.append(node_id)
+        add_run(self.runs, self._next_chunk, count, placed)
         self._next_chunk += count
         self.size += self._fill
         self._fill = 0

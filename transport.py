@@ -425,6 +425,10 @@ class Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
     block_on_close = False
+    # socketserver's default backlog of 5 makes a burst of connections wait
+    # seconds in SYN retries; connections over max_connections are refused
+    # at accept, so a deep queue costs nothing and drains fast.
+    request_queue_size = 128
 
     def __init__(self, address, handler_cls, server_id: str, io_timeout_s: float, idle_timeout_s: float,
                  body_buffer_bytes: int = 0, security: Security | None = None, max_connections: int = 256):

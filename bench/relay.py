@@ -48,6 +48,7 @@ CHUNK_BYTES = 1024  # the product's chunk_size_bytes
 CRC_ROOM = PIECE_BYTES // CHUNK_BYTES * 4
 SIZE = struct.Struct(">Q")
 PUT = struct.Struct(">cI")
+FLUSH = PUT.pack(b"F", 0)
 ACK = b"K"
 
 
@@ -148,7 +149,7 @@ class MasterHandler(socketserver.BaseRequestHandler):
                 for node in nodes:
                     node.sendall(frame)
             for node in nodes:
-                node.sendall(b"F")
+                node.sendall(FLUSH)
             for node in nodes:
                 if not recv_exactly(node, memoryview(ack)) or ack != ACK:
                     raise ConnectionError("node did not confirm fsync")

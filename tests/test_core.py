@@ -504,7 +504,7 @@ def test_download_in_progress_survives_a_replace_of_its_name(make_cluster, tmp_p
     try:
         # Give collection of the replaced version its chance to strike; a master that
         # defers it until the read ends never gets there, and that is fine.
-        wait_chunks_back_to(cluster, 2 * len(new) // CHUNK_BYTES, timeout_s=3.0)
+        wait_chunks_back_to(cluster, 2 * len(new) // CHUNK_BYTES, timeout_s=1.5)
     except AssertionError:
         pass
     while True:
