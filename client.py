@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import select
 import stat
@@ -229,18 +230,25 @@ class Client:
             self._conn = None
 
     # --- upload ----------------------------------------------------------------------
-    def upload_file(self, path: str, name: str) -> protocol.Uploaded:
-        """Store the local file ``path`` as ``name``; returns the master's UPLOADED."""
+    def upload_file(self, path: str, name: str, mode: str = "replace", offset: int = 0,
+                    wait_s: float = -1.0) -> protocol.Uploaded:
+        """Send the local file ``path`` ("-" = stdin) to be stored as ``name``.
+
+        ``mode``: "replace" (the whole file), "append" (added at the end), or
+        "write" (overwrites from ``offset``).  ``wait_s``: how long to wait
+        for another writer of the name (0 = not at all, negative = the
+        master's default).  Returns the master's UPLOADED.
+        """
         protocol.validate_name(name)
         try:
-            f = open(path, "rb")
+            f = sys.stdin.buffer if path == "-" else open(path, "rb")
         except OSError as exc:
             raise LocalFileError(f"cannot read {path}: {exc.strerror}") from None
-        with f:
-            size = os.fstat(f.fileno()).st_size
+        try:
+            size = -1 if path == "-" else os.fstat(f.fileno()).st_size
             conn = self.conn
-            conn.send(protocol.UploadBegin(name=name, size=size))
-            progress = Progress(f"upload {name}", size, self.show_progress and size >= self.frame_bytes)
+            conn.send(protocol.UploadBegin(name=name, size=size, mode=mode, offset=offset, wait_s=wait_s))
+            progress = Progress(f"{mode} {name}", size, self.show_progress and size >= self.frame_bytes)
             sha = hashlib.sha256()
             buffer = self._buffer()
             view = memoryview(buffer)
@@ -262,6 +270,9 @@ class Client:
             reply = conn.expect(protocol.Uploaded)
             progress.finish()
             return reply
+        finally:
+            if f is not sys.stdin.buffer:
+                f.close()
 
     def _reply_waiting(self) -> bool:
         sock = self.conn.sock
@@ -465,8 +476,17 @@ class Client:
         return summary
 
     # --- the rest --------------------------------------------------------------------
-    def delete(self, name: str) -> None:
-        self.conn.request(protocol.Delete(name=protocol.validate_name(name)), protocol.Deleted)
+    def delete(self, name: str, wait_s: float = -1.0) -> None:
+        self.conn.request(protocol.Delete(name=protocol.validate_name(name), wait_s=wait_s), protocol.Deleted)
+
+    def touch(self, name: str, wait_s: float = -1.0) -> protocol.Touched:
+        return self.conn.request(protocol.Touch(name=protocol.validate_name(name), wait_s=wait_s), protocol.Touched)
+
+    def stat(self, name: str) -> protocol.StatReply:
+        return self.conn.request(protocol.Stat(name=protocol.validate_name(name)), protocol.StatReply)
+
+    def locks(self) -> list[dict]:
+        return self.conn.request(protocol.Locks(), protocol.LocksReply).locks
 
     def list(self, prefix: str = "") -> list[dict]:
         conn = self.conn
@@ -497,7 +517,7 @@ def cmd_upload(client: Client, args) -> int:
             print(summary.line("uploaded"))
         return EXIT_PARTIAL if summary.failures else EXIT_OK
     started = time.monotonic()
-    reply = client.upload_file(args.local, name)
+    reply = client.upload_file(args.local, name, wait_s=wait_seconds(args))
     elapsed = time.monotonic() - started
     if not args.quiet:
         print(f"uploaded {reply.name}: {reply.size} bytes, {reply.chunks} chunks "
@@ -532,8 +552,66 @@ def note(text: str) -> None:
     print(f"client: {text}", file=sys.stderr)
 
 
+def wait_seconds(args) -> float:
+    """--no-wait -> 0, --wait S -> S, neither -> -1 (the master's lock_wait_s)."""
+    if getattr(args, "no_wait", False):
+        return 0.0
+    wait = getattr(args, "wait", None)
+    return -1.0 if wait is None else wait
+
+
+def cmd_append(client: Client, args) -> int:
+    reply = client.upload_file(args.local, args.name, mode="append", wait_s=wait_seconds(args))
+    if not args.quiet:
+        print(f"appended to {reply.name}: now {reply.size} bytes, {reply.chunks} chunks, sha256 {reply.sha256}")
+    return EXIT_OK
+
+
+def cmd_write(client: Client, args) -> int:
+    reply = client.upload_file(args.local, args.name, mode="write", offset=args.offset, wait_s=wait_seconds(args))
+    if not args.quiet:
+        print(f"wrote {reply.name} at offset {args.offset}: now {reply.size} bytes, sha256 {reply.sha256}")
+    return EXIT_OK
+
+
+def cmd_cat(client: Client, args) -> int:
+    client.download(args.name, "-", args.offset, args.length)
+    return EXIT_OK
+
+
+def cmd_touch(client: Client, args) -> int:
+    reply = client.touch(args.name, wait_seconds(args))
+    if not args.quiet:
+        print(f"touched {reply.name} ({reply.size} bytes)")
+    return EXIT_OK
+
+
+def cmd_stat(client: Client, args) -> int:
+    reply = client.stat(args.name)
+    fields = {k: getattr(reply, k) for k in ("name", "size", "chunks", "chunk_size", "sha256", "mtime", "version")}
+    if args.json:
+        print(json.dumps({**fields, "runs": reply.runs}, indent=2, ensure_ascii=False))
+        return EXIT_OK
+    for key, value in fields.items():
+        print(f"{key + ':':<12}{format_time(value) if key == 'mtime' else value}")
+    for first, count, nodes, blob in reply.runs:
+        print(f"  chunks {first}..{first + count - 1}: nodes {', '.join(nodes) or '(none)'} (blob {blob})")
+    return EXIT_OK
+
+
+def cmd_locks(client: Client, args) -> int:
+    held = client.locks()
+    if not held:
+        print("no locks held")
+    for lock in held:
+        print(f"{lock['name']}: held by {lock['holder']} since {format_time(lock['since'])}")
+        for waiter in lock["waiting"]:
+            print(f"    waiting: {waiter['owner']} since {format_time(waiter['since'])}")
+    return EXIT_OK
+
+
 def cmd_delete(client: Client, args) -> int:
-    client.delete(args.name)
+    client.delete(args.name, wait_seconds(args))
     if not args.quiet:
         print(f"deleted {args.name}")
     return EXIT_OK
@@ -562,6 +640,12 @@ COMMANDS = {
     "upload": cmd_upload,
     "download": cmd_download,
     "delete": cmd_delete,
+    "append": cmd_append,
+    "write": cmd_write,
+    "cat": cmd_cat,
+    "touch": cmd_touch,
+    "stat": cmd_stat,
+    "locks": cmd_locks,
     "list": cmd_list,
     "status": cmd_status,
 }
@@ -588,6 +672,28 @@ def build_arg_parser() -> argparse.ArgumentParser:
     download.add_argument("--force", action="store_true", help="overwrite existing local files")
     delete = commands.add_parser("delete", help="delete a stored file")
     delete.add_argument("name")
+    append = commands.add_parser("append", help="append local bytes (or stdin) to a stored file, creating it")
+    append.add_argument("name")
+    append.add_argument("local", help="local file, or - for stdin")
+    write = commands.add_parser("write", help="overwrite a byte range of a stored file in place")
+    write.add_argument("name")
+    write.add_argument("local", help="local file, or - for stdin")
+    write.add_argument("--offset", type=int, required=True, help="first byte to overwrite (<= size)")
+    cat = commands.add_parser("cat", help="print a stored file, or a byte range of it, to stdout")
+    cat.add_argument("name")
+    cat.add_argument("--offset", type=int, default=0, help="first byte to read")
+    cat.add_argument("--length", type=int, default=-1, help="bytes to read (default: to the end)")
+    touch = commands.add_parser("touch", help="create an empty file, or refresh a file's modified time")
+    touch.add_argument("name")
+    stat_cmd = commands.add_parser("stat", help="size, chunks, SHA-256, modified time, version, replicas")
+    stat_cmd.add_argument("name")
+    stat_cmd.add_argument("--json", action="store_true", help="machine-readable output")
+    commands.add_parser("locks", help="list held write locks and their queues")
+    for writer in (upload, delete, append, write, touch):
+        waiting = writer.add_mutually_exclusive_group()
+        waiting.add_argument("--wait", type=float, metavar="SECONDS",
+                             help="wait at most this long for another writer of the name (default: lock_wait_s)")
+        waiting.add_argument("--no-wait", action="store_true", help="fail at once with FILE_LOCKED if the name is busy")
     listing = commands.add_parser("list", help="list stored files: size, chunks, modified time, name")
     listing.add_argument("prefix", nargs="?", default="")
     commands.add_parser("status", help="show the storage nodes and totals")

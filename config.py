@@ -27,6 +27,7 @@ class Config:
     master_data_dir: str = "data/master"
     checkpoint_every: int = 10000
     lock_wait_s: float = 60.0
+    lock_lease_s: float = 30.0
     node_host: str = "127.0.0.1"
     node_port: int = 0
     node_data_dir: str = "data/node"
@@ -66,6 +67,7 @@ _KEYS = [
     ("master", "data_dir", "master_data_dir", str),
     ("master", "checkpoint_every", "checkpoint_every", int),
     ("master", "lock_wait_s", "lock_wait_s", float),
+    ("master", "lock_lease_s", "lock_lease_s", float),
     ("node", "host", "node_host", str),
     ("node", "port", "node_port", int),
     ("node", "data_dir", "node_data_dir", str),
@@ -128,7 +130,7 @@ def validate(config: Config) -> None:
     batch_body = config.chunks_per_batch * (config.chunk_size_bytes + protocol.CRC_BYTES)
     if batch_body > protocol.MAX_BODY_BYTES:
         raise ValueError(f"batch_bytes too large: a batch frame would exceed {protocol.MAX_BODY_BYTES} bytes")
-    for name in ("heartbeat_interval_s", "dead_after_s", "io_timeout_s", "lock_wait_s"):
+    for name in ("heartbeat_interval_s", "dead_after_s", "io_timeout_s", "lock_wait_s", "lock_lease_s"):
         if getattr(config, name) <= 0:
             raise ValueError(f"{name} must be positive")
     for name in ("safe_mode_s", "scrub_rate_mb_s"):

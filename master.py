@@ -21,12 +21,14 @@ unreachable for as long as the master runs.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import signal
 import sys
 import threading
 import time
+import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -36,7 +38,7 @@ import security as security_module
 import transport
 import transfers
 from metadata_log import MetadataLog
-from namespace import Namespace, NameLocks
+from namespace import Namespace, NameLocks, entry_blobs, make_entry, run_blob, splice_runs
 from repair import Repairer
 
 logger = logging.getLogger("master")
@@ -53,6 +55,7 @@ _GC_RETRY_S = 5.0
 # fsync) once it holds this many files or bytes, or when the client syncs.
 GROUP_MAX_FILES = 256
 GROUP_MAX_BYTES = 64 * 1024 * 1024
+UPLOAD_MODES = ("replace", "append", "write")
 
 
 @dataclass
@@ -296,15 +299,16 @@ class Master:
                 node.suspect_until = self.clock() + self.config.dead_after_s
                 node.needs_report = True
 
-    def note_bad_replica(self, node_id, name, entry, first, count, exc) -> None:
+    def note_bad_replica(self, node_id, name, entry, blob, first, count, exc) -> None:
         """A read found a copy corrupt or missing: stop using it, repair it."""
         logger.error("bad replica of %r chunks %d..%d on node %s: %s",
                      name, first, first + count - 1, node_id, exc)
-        self.repairer.remove_replica(name, entry, first, count, node_id)
+        self.repairer.remove_replica(name, entry, blob, first, count, node_id)
 
     # --- files -------------------------------------------------------------------------
-    def lock_name(self, name: str, owner: str) -> object:
-        return self.locks.acquire(name, owner, self.config.lock_wait_s)
+    def lock_name(self, name: str, owner: str, wait_s: float = -1.0) -> object:
+        """Take ``name``'s write lock, waiting ``wait_s`` (negative: lock_wait_s; 0: not at all)."""
+        return self.locks.acquire(name, owner, self.config.lock_wait_s if wait_s < 0 else wait_s)
 
     def commit_uploads(self, uploads: list[tuple[str, dict]]) -> None:
         """Make uploaded files visible with one log commit.
@@ -316,9 +320,9 @@ class Master:
         self.log.commit([{"op": "put", "name": name, "file": entry} for name, entry in uploads])
         for _, entry in uploads:
             self.active_blobs.discard(entry["version"])
-        for entry in previous:
-            if entry is not None:
-                self._collect_entry(entry)
+        for old, (_, new) in zip(previous, uploads):
+            if old is not None:
+                self._collect_entry(old, keep=new)
         for name, entry in uploads:
             logger.info("stored %r: %d bytes, %d chunks, version %s", name, entry["size"], entry["chunks"],
                         entry["version"])
@@ -333,7 +337,8 @@ class Master:
         while True:
             entry = self.namespace.lookup(name)
             with self._garbage_cond:
-                self._readers[entry["version"]] += 1
+                for blob in entry_blobs(entry):
+                    self._readers[blob] += 1
             # Pinned before the re-check: a replace committed after the
             # re-check queues its garbage after our pin, so the GC sees it.
             if self.namespace.files.get(name) is entry:
@@ -342,14 +347,14 @@ class Master:
 
     def close_read(self, entry: dict) -> None:
         with self._garbage_cond:
-            version = entry["version"]
-            self._readers[version] -= 1
-            if not self._readers[version]:
-                del self._readers[version]
-                self._garbage_cond.notify_all()
+            for blob in entry_blobs(entry):
+                self._readers[blob] -= 1
+                if not self._readers[blob]:
+                    del self._readers[blob]
+            self._garbage_cond.notify_all()
 
-    def delete(self, name: str, owner: str) -> None:
-        token = self.lock_name(name, owner)
+    def delete(self, name: str, owner: str, wait_s: float = -1.0) -> None:
+        token = self.lock_name(name, owner, wait_s)
         try:
             entry = self.namespace.lookup(name)
             self.log.commit([{"op": "delete", "name": name}])
@@ -357,6 +362,22 @@ class Master:
             self.locks.release(name, token)
         self._collect_entry(entry)
         logger.info("deleted %r (version %s)", name, entry["version"])
+
+    def touch(self, name: str, owner: str, wait_s: float = -1.0) -> dict:
+        """Create ``name`` empty, or give an existing file a new mtime."""
+        token = self.lock_name(name, owner, wait_s)
+        try:
+            old = self.namespace.files.get(name)
+            if old is None:
+                empty = hashlib.sha256().hexdigest()
+                entry = make_entry(0, self.config.chunk_size_bytes, empty, uuid.uuid4().hex, [],
+                                   self.config.chunks_per_batch)
+            else:
+                entry = {**old, "mtime": round(time.time(), 3)}
+            self.log.commit([{"op": "put", "name": name, "file": entry}])
+            return entry
+        finally:
+            self.locks.release(name, token)
 
     def status(self) -> protocol.StatusReply:
         now = self.clock()
@@ -385,9 +406,19 @@ class Master:
         return protocol.StatusReply(nodes=nodes, totals=totals)
 
     # --- garbage ----------------------------------------------------------------------
-    def _collect_entry(self, entry: dict) -> None:
-        nodes = {node_id for _, _, node_ids in entry["runs"] for node_id in node_ids}
-        self.collect_garbage(entry["version"], nodes)
+    def _collect_entry(self, entry: dict, keep: dict | None = None) -> None:
+        """Collect the blobs of a replaced or deleted entry that ``keep`` does not use.
+
+        Chunks of a blob still partly used by ``keep`` (the untouched part of
+        a file after a write) stay until the whole blob is unused.
+        """
+        kept = entry_blobs(keep) if keep is not None else set()
+        holders: dict[str, set] = defaultdict(set)
+        for run in entry["runs"]:
+            holders[run_blob(entry, run)].update(run[2])
+        for blob, nodes in holders.items():
+            if blob not in kept:
+                self.collect_garbage(blob, nodes)
 
     def collect_garbage_many(self, node_id: str, blobs) -> None:
         """Ask one node to drop many blobs soon."""
@@ -485,71 +516,139 @@ class MasterHandler(transport.RequestHandler):
             self.session = None
 
     def do_UPLOAD_BEGIN(self, msg: protocol.UploadBegin) -> None:
-        """Receive one upload and stream it to the nodes; commit now or with its group.
+        """Receive one upload, append or write and stream it to the nodes.
 
-        Exactly one reply per upload: UPLOADED once committed, or ERROR (which
-        may come before the client has sent UPLOAD_END; the rest of the
-        upload's frames are then read and dropped).
+        Exactly one reply per request: UPLOADED once committed, or ERROR
+        (which may come before the client has sent UPLOAD_END; the rest of
+        the upload's frames are then read and dropped).  Whole-file uploads
+        may be committed with their group; appends and writes commit at once.
         """
         try:
             name = protocol.validate_name(msg.name)
+            if msg.mode not in UPLOAD_MODES:
+                raise protocol.InvalidRange(f"unknown upload mode {msg.mode[:20]!r}")
             self.master.check_writable()
             if any(p.stream.name == name for p in self.pending):
                 self._commit_pending()  # we hold that name's lock ourselves
-            token = self.master.lock_name(name, self.peer)
+            token = self.master.lock_name(name, self.peer, msg.wait_s)
         except protocol.BackupError as exc:
             self._fail_upload(exc, ended=False)
             return
         if self.session is None:
             self.session = transfers.UploadSession(self.master)
-        stream = transfers.UploadStream(self.session, name)
         self._upload_ended = False
+        stream = None
+        kept = False  # the lock and stream now belong to self.pending
         try:
-            entry = self._receive_upload(stream)
+            old = self.master.namespace.files.get(name)
+            if msg.mode == "replace":
+                stream = transfers.UploadStream(self.session, name)
+                if self._receive_upload(stream):
+                    entry = stream.seal(self._client_sha256)
+                    self.pending.append(PendingUpload(stream, token, entry, msg.tag))
+                    kept = True
+                    if not msg.group or len(self.pending) >= GROUP_MAX_FILES or \
+                            sum(p.entry["size"] for p in self.pending) >= GROUP_MAX_BYTES:
+                        self._commit_pending()
+                return
+            stream = self._receive_mutation(msg, name, old)
+            if stream is not None:
+                self._commit_pending()  # earlier replies first
+                self.pending.append(PendingUpload(stream, token, stream.entry, msg.tag))
+                kept = True
+                self._commit_pending()
         except protocol.BackupError as exc:
-            stream.discard()
-            self.master.locks.release(name, token)
             if isinstance(exc, protocol.RemoteProtocolError):
                 raise
-            logger.warning("%s: upload of %r failed: %s", self.peer, name, exc)
+            logger.warning("%s: %s of %r failed: %s", self.peer, msg.mode, name, exc)
+            self._release_upload(stream, name, token)
+            kept = True  # released above
             self._fail_upload(exc, self._upload_ended)
-            return
-        if entry is None:  # aborted, or the client went away
-            stream.discard()
-            self.master.locks.release(name, token)
-            return
-        self.pending.append(PendingUpload(stream, token, entry, msg.tag))
-        if not msg.group or len(self.pending) >= GROUP_MAX_FILES or \
-                sum(p.entry["size"] for p in self.pending) >= GROUP_MAX_BYTES:
-            self._commit_pending()
+        finally:
+            if not kept:
+                self._release_upload(stream, name, token)
 
-    def _receive_upload(self, stream: transfers.UploadStream) -> dict | None:
-        """Read DATA frames up to UPLOAD_END; return the entry, or None if abandoned.
+    def _release_upload(self, stream, name: str, token) -> None:
+        if stream is not None:
+            stream.discard()
+        self.master.locks.release(name, token)
+
+    def _receive_upload(self, stream: transfers.UploadStream, data_sha=None) -> bool:
+        """Read DATA frames into ``stream`` up to UPLOAD_END; False if abandoned.
 
         Sets ``_upload_ended`` once the upload's last frame has been read, so
-        a failure after it does not skip frames of the next request.
+        a failure after it does not skip frames of the next request, and
+        ``_client_sha256`` to the hash the client sent.  Each frame must
+        arrive within lock_lease_s: a writer that stops making progress loses
+        its lock (the connection is closed and nothing is committed).
         """
+        lease = self.master.config.lock_lease_s
         while True:
             space = stream.free_space()
-            frame = self.next_message(body_buffer=space)
+            frame = self.next_message(timeout_s=lease, body_buffer=space)
             if frame is None:
                 logger.info("%s: disconnected mid-upload of %r; nothing committed", self.peer, stream.name)
                 self._upload_ended = True
-                return None
+                return False
             if isinstance(frame, protocol.Data):
+                if data_sha is not None:
+                    data_sha.update(frame.body)
                 if len(frame.body) <= len(space):
                     stream.filled(len(frame.body))  # read_message put it in place
                 else:
                     stream.write(frame.body)
             elif isinstance(frame, protocol.UploadEnd):
                 self._upload_ended = True
-                return stream.seal(frame.sha256)
+                self._client_sha256 = frame.sha256
+                return True
             elif isinstance(frame, protocol.UploadAbort):
                 logger.info("%s: aborted upload of %r; nothing committed", self.peer, stream.name)
                 self._upload_ended = True
-                return None
+                return False
             else:
                 raise protocol.RemoteProtocolError(f"{frame.OP} inside an upload")
+
+    def _receive_mutation(self, msg: protocol.UploadBegin, name: str, old: dict | None):
+        """An append or in-place write: copy-on-write of the chunks it touches.
+
+        The new bytes, plus the old bytes that share their first and last
+        chunk, go to a new blob starting at the first touched chunk; untouched
+        chunks keep their replicas (namespace.splice_runs).  Returns the
+        stream, with ``entry`` set to the new file entry, or None if the client
+        abandoned it.
+        """
+        config = self.master.config
+        size = old["size"] if old else 0
+        chunk_size = config.chunk_size_bytes
+        if old is not None and old["chunk_size"] != chunk_size:
+            raise protocol.InvalidRange(f"{name!r} was stored with {old['chunk_size']}-byte chunks; "
+                                        f"the cluster now uses {chunk_size}: re-upload it instead")
+        offset = size if msg.mode == "append" else msg.offset
+        if not 0 <= offset <= size:
+            raise protocol.InvalidRange(f"offset {offset} is outside {name!r} (size {size})")
+        first_chunk = offset // chunk_size
+        stream = transfers.UploadStream(self.session, name, first_chunk=first_chunk)
+        head = offset - first_chunk * chunk_size
+        if head:  # the old bytes before the offset in the first touched chunk
+            for piece in transfers.read_range(self.master, name, old, offset - head, head):
+                stream.write(piece)
+        data_sha = hashlib.sha256()
+        if not self._receive_upload(stream, data_sha):
+            stream.discard()
+            return None
+        if self._client_sha256 != data_sha.hexdigest():
+            raise protocol.ChecksumMismatch(f"{msg.mode} to {name!r} arrived corrupted")
+        end = offset + stream.written - head
+        tail_end = min(size, -(-end // chunk_size) * chunk_size)
+        if end < tail_end:  # the old bytes after the data in the last touched chunk
+            for piece in transfers.read_range(self.master, name, old, end, tail_end - end):
+                stream.write(piece)
+        stream.flush()
+        new_size = max(size, end)
+        runs = splice_runs(old, stream.runs, first_chunk, first_chunk + -(-stream.written // chunk_size))
+        stream.entry = make_entry(new_size, chunk_size, "", stream.blob, runs, stream.session.chunks_per_batch)
+        stream.needs_sha = True
+        return stream
 
     def _fail_upload(self, exc: protocol.BackupError, ended: bool) -> None:
         """Answer a failed upload, after the replies of the uploads before it."""
@@ -577,6 +676,8 @@ class MasterHandler(transport.RequestHandler):
             for index, p in enumerate(group):
                 try:
                     p.entry = session.heal_entry(p.stream.name, p.entry, p.stream.nodes_touched)
+                    if getattr(p.stream, "needs_sha", False):
+                        p.entry = {**p.entry, "sha256": self._file_sha256(p.stream.name, p.entry)}
                     ready.append((index, p))
                 except protocol.BackupError as exc:
                     logger.warning("%s: upload of %r failed: %s", self.peer, p.stream.name, exc)
@@ -603,6 +704,18 @@ class MasterHandler(transport.RequestHandler):
         for reply in replies:
             self.reply(reply, flush=False)
         self.wfile.flush()
+
+    def _file_sha256(self, name: str, entry: dict) -> str:
+        """SHA-256 of a file as stored, read back from the nodes.
+
+        After an append or write the whole-file hash must cover old and new
+        bytes; hashlib cannot resume from a stored state, so the master reads
+        the file once (CRC-checked) before committing.  Costs O(file size).
+        """
+        sha = hashlib.sha256()
+        for piece in transfers.read_range(self.master, name, entry, 0, entry["size"]):
+            sha.update(piece)
+        return sha.hexdigest()
 
     def _skip_upload(self) -> None:
         """Discard the rest of a failed upload's frames, up to its end."""
@@ -643,8 +756,23 @@ class MasterHandler(transport.RequestHandler):
 
     def do_DELETE(self, msg: protocol.Delete) -> None:
         name = protocol.validate_name(msg.name)
-        self.master.delete(name, self.peer)
+        self.master.delete(name, self.peer, msg.wait_s)
         self.reply(protocol.Deleted(name=name))
+
+    def do_TOUCH(self, msg: protocol.Touch) -> None:
+        name = protocol.validate_name(msg.name)
+        entry = self.master.touch(name, self.peer, msg.wait_s)
+        self.reply(protocol.Touched(name=name, size=entry["size"], version=entry["version"]))
+
+    def do_STAT(self, msg: protocol.Stat) -> None:
+        name = protocol.validate_name(msg.name)
+        e = self.master.namespace.lookup(name)
+        runs = [[run[0], run[1], run[2], run_blob(e, run)] for run in e["runs"]]
+        self.reply(protocol.StatReply(name=name, size=e["size"], chunks=e["chunks"], chunk_size=e["chunk_size"],
+                                      sha256=e["sha256"], mtime=e["mtime"], version=e["version"], runs=runs))
+
+    def do_LOCKS(self, msg: protocol.Locks) -> None:
+        self.reply(protocol.LocksReply(locks=self.master.locks.held()))
 
     def do_LIST(self, msg: protocol.List) -> None:
         entries = self.master.namespace.listing(msg.prefix)

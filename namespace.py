@@ -19,6 +19,10 @@ A file ENTRY::
      "mtime": unix seconds, "version": blob id, "batch_chunks": n,
      "runs": [[first_chunk, count, [node_id, ...]], ...]}
 
+A run has a fourth element, a blob id, when its chunks live in another blob
+than the entry's version: after an append or an in-place write, untouched
+chunks stay where they were (copy-on-write at chunk granularity).
+
 Placement is kept as runs of consecutive chunks on the same replica set, so
 a 1 GiB file costs a few kilobytes, not one entry per chunk.  Entries are
 never mutated after they are applied, only replaced; ``snapshot`` can
@@ -106,40 +110,81 @@ def make_entry(size: int, chunk_size: int, sha256: str, version: str, runs: list
     }
 
 
+def run_blob(entry: dict, run: list) -> str:
+    """The blob that holds a run's chunks: its own, or the entry's version."""
+    return run[3] if len(run) > 3 else entry["version"]
+
+
+def entry_blobs(entry: dict) -> set[str]:
+    """Every blob an entry's chunks live in."""
+    return {run_blob(entry, run) for run in entry["runs"]} or {entry["version"]}
+
+
 def set_run_nodes(runs: list, first: int, count: int, node_ids: list[str]) -> list:
     """New runs in which chunks [first, first+count) are on ``node_ids``.
 
     Pure: ``runs`` is not modified.  Runs are split where the range cuts
-    them and neighbours with equal node lists are merged again, so repairs
-    do not fragment the placement of a healthy file.
+    them (each piece keeps its blob) and neighbours with equal node lists and
+    blob are merged again, so repairs do not fragment a healthy file.
     """
     end = first + count
     pieces = []
-    for run_first, run_count, nodes in runs:
+    for run in runs:
+        run_first, run_count, nodes = run[:3]
+        tail = run[3:]
         run_end = run_first + run_count
         if run_end <= first or run_first >= end:
-            pieces.append((run_first, run_count, nodes))
+            pieces.append((run_first, run_count, nodes, *tail))
             continue
         if run_first < first:
-            pieces.append((run_first, first - run_first, nodes))
+            pieces.append((run_first, first - run_first, nodes, *tail))
         overlap_first, overlap_end = max(run_first, first), min(run_end, end)
-        pieces.append((overlap_first, overlap_end - overlap_first, list(node_ids)))
+        pieces.append((overlap_first, overlap_end - overlap_first, list(node_ids), *tail))
         if run_end > end:
-            pieces.append((end, run_end - end, nodes))
+            pieces.append((end, run_end - end, nodes, *tail))
     merged: list = []
-    for piece_first, piece_count, nodes in pieces:
-        add_run(merged, piece_first, piece_count, nodes)
+    for piece in pieces:
+        add_run(merged, *piece)
     return merged
 
 
-def add_run(runs: list, first: int, count: int, node_ids: list[str]) -> None:
-    """Append chunks [first, first+count) on ``node_ids``, merging with the last run."""
+def splice_runs(old: dict | None, new_runs: list, first: int, end: int) -> list:
+    """Runs of a file whose chunks [first, end) were rewritten as ``new_runs``.
+
+    Chunks of ``old`` outside that range keep their replicas and name their
+    blob explicitly (the new entry's version is the new blob), so a write
+    or append rewrites only the chunks it touches (copy-on-write).
+    """
+    runs: list = []
+    kept_after = []
+    for run in (old["runs"] if old else []):
+        run_first, run_count, nodes = run[:3]
+        blob = run_blob(old, run)
+        run_end = run_first + run_count
+        if run_first < first:
+            add_run(runs, run_first, min(run_end, first) - run_first, nodes, blob)
+        if run_end > end:
+            start = max(run_first, end)
+            kept_after.append((start, run_end - start, nodes, blob))
+    for run in new_runs:
+        add_run(runs, *run)
+    for run in kept_after:
+        add_run(runs, *run)
+    return runs
+
+
+def add_run(runs: list, first: int, count: int, node_ids: list[str], blob: str | None = None) -> None:
+    """Append chunks [first, first+count) on ``node_ids``, merging with the last run.
+
+    ``blob`` names the blob holding them when it is not the entry's version.
+    """
+    tail = [blob] if blob is not None else []
     if runs:
-        last_first, last_count, last_nodes = runs[-1]
-        if last_first + last_count == first and last_nodes == node_ids:
-            runs[-1] = [last_first, last_count + count, last_nodes]
+        last = runs[-1]
+        if last[0] + last[1] == first and last[2] == node_ids and last[3:] == tail:
+            runs[-1] = [last[0], last[1] + count, last[2], *tail]
             return
-    runs.append([first, count, list(node_ids)])
+    runs.append([first, count, list(node_ids), *tail])
 
 
 class NameLocks:
@@ -147,6 +192,7 @@ class NameLocks:
 
     ``acquire`` queues the caller behind earlier writers of the same name and
     returns a token once it is at the head; ``release`` passes the lock on.
+    A waiter gives up after its timeout with FILE_LOCKED naming the holder.
     Readers never use this.
     """
 
@@ -154,35 +200,48 @@ class NameLocks:
         self._cond = threading.Condition()
         self._queues: dict[str, deque] = {}
 
-    def acquire(self, name: str, owner: str, timeout_s: float) -> object:
-        token = (owner, time.time())
+    def acquire(self, name: str, owner: str, timeout_s: float) -> "LockTicket":
+        ticket = LockTicket(owner, time.time())
         deadline = time.monotonic() + timeout_s
         with self._cond:
             queue = self._queues.setdefault(name, deque())
-            queue.append(token)
-            while queue[0] is not token:
+            queue.append(ticket)
+            while queue[0] is not ticket:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    queue.remove(token)
-                    holder, since = queue[0]
+                    queue.remove(ticket)
+                    holder = queue[0]
                     self._cond.notify_all()
                     raise protocol.FileLocked(
-                        f"{name!r} is being written by {holder} since "
-                        f"{time.strftime('%H:%M:%S', time.localtime(since))}")
+                        f"{name!r} is being written by {holder.owner} since "
+                        f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder.granted_at))}")
                 self._cond.wait(remaining)
-        return token
+            ticket.granted_at = time.time()
+        return ticket
 
-    def release(self, name: str, token: object) -> None:
+    def release(self, name: str, ticket: "LockTicket") -> None:
         with self._cond:
             queue = self._queues[name]
-            assert queue[0] is token, "released a lock that was not held"
+            assert queue[0] is ticket, "released a lock that was not held"
             queue.popleft()
             if not queue:
                 del self._queues[name]
             self._cond.notify_all()
 
     def held(self) -> list[dict]:
-        """Held locks and their queues, for status views."""
+        """Held locks and their queues, for the LOCKS view."""
         with self._cond:
-            return [{"name": name, "holder": q[0][0], "since": q[0][1], "waiting": [o for o, _ in list(q)[1:]]}
-                    for name, q in self._queues.items()]
+            return [{"name": name, "holder": q[0].owner, "since": q[0].granted_at,
+                     "waiting": [{"owner": t.owner, "since": t.queued_at} for t in list(q)[1:]]}
+                    for name, q in sorted(self._queues.items())]
+
+
+class LockTicket:
+    """One writer's place in a name's queue."""
+
+    __slots__ = ("owner", "queued_at", "granted_at")
+
+    def __init__(self, owner: str, queued_at: float):
+        self.owner = owner
+        self.queued_at = queued_at
+        self.granted_at = queued_at

@@ -408,6 +408,14 @@ class UploadBegin(Message):
     # True: the client pipelines uploads and will send SYNC; the master may
     # hold this upload's commit (and reply) to commit it with later ones.
     group: bool = False
+    # "replace": the data is the whole new file.  "append": it is added at
+    # the end (the file is created if missing).  "write": it overwrites the
+    # file from ``offset`` (<= size), extending it if it runs past the end.
+    mode: str = "replace"
+    offset: int = 0
+    # Seconds to wait for the name's write lock; 0 = fail at once with
+    # FILE_LOCKED; negative = the master's lock_wait_s.
+    wait_s: float = -1.0
 
 
 @message
@@ -495,12 +503,64 @@ class DataEnd(Message):
 class Delete(Message):
     OP = "DELETE"
     name: str
+    wait_s: float = -1.0  # as in UPLOAD_BEGIN
 
 
 @message
 class Deleted(Message):
     OP = "DELETED"
     name: str
+
+
+@message
+class Touch(Message):
+    """Create ``name`` empty if it does not exist, else refresh its mtime.  Reply: TOUCHED."""
+
+    OP = "TOUCH"
+    name: str
+    wait_s: float = -1.0
+
+
+@message
+class Touched(Message):
+    OP = "TOUCHED"
+    name: str
+    size: int
+    version: str
+
+
+@message
+class Stat(Message):
+    """Everything the master knows of one file.  Reply: STAT_REPLY."""
+
+    OP = "STAT"
+    name: str
+
+
+@message
+class StatReply(Message):
+    OP = "STAT_REPLY"
+    name: str
+    size: int
+    chunks: int
+    chunk_size: int
+    sha256: str
+    mtime: float
+    version: str
+    runs: list  # [[first_chunk, count, [node ids], blob], ...]
+
+
+@message
+class Locks(Message):
+    """Held write locks and their queues.  Reply: LOCKS_REPLY."""
+
+    OP = "LOCKS"
+
+
+@message
+class LocksReply(Message):
+    OP = "LOCKS_REPLY"
+    locks: list  # [{"name", "holder", "since", "waiting": [{"owner", "since"}]}]
 
 
 @message

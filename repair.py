@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import protocol
 import transfers
+from namespace import entry_blobs, run_blob
 
 logger = logging.getLogger("master.repair")
 
@@ -55,14 +56,21 @@ class RepairTask:
     count: int
 
 
-def nodes_of(entry: dict, first: int, count: int) -> list[tuple[int, int, list]]:
-    """The runs of ``entry`` overlapping [first, first+count), clipped to it."""
+def nodes_of(entry: dict, first: int, count: int, blob: str | None = None) -> list[tuple[int, int, list, str]]:
+    """(first, count, nodes, blob) of the runs of ``entry`` overlapping [first, first+count), clipped.
+
+    With ``blob``, only runs whose chunks live in that blob.
+    """
     end = first + count
     out = []
-    for run_first, run_count, nodes in entry["runs"]:
+    for run in entry["runs"]:
+        run_first, run_count, nodes = run[:3]
+        run_blob_id = run_blob(entry, run)
+        if blob is not None and run_blob_id != blob:
+            continue
         lo, hi = max(run_first, first), min(run_first + run_count, end)
         if lo < hi:
-            out.append((lo, hi - lo, nodes))
+            out.append((lo, hi - lo, nodes, run_blob_id))
     return out
 
 
@@ -162,28 +170,28 @@ class Repairer:
     # --- bad copies ----------------------------------------------------------------------
     def report_corrupt(self, node_id: str, extents: list) -> None:
         """A node dropped corrupt extents ([blob, first, count]): take it off their lists."""
-        by_version = self._versions()
+        owners = self._blob_owners()
         for item in extents:
             try:
                 blob, first, count = item
             except (TypeError, ValueError):
                 raise protocol.RemoteProtocolError("malformed corrupt-extent report") from None
             self.corrupt_replicas_found += 1
-            found = by_version.get(blob)
+            found = owners.get(blob)
             if found is None:
                 continue
             name, entry = found
             logger.warning("node %s found %r chunks %d..%d corrupt; re-replicating", node_id, name, first,
                            first + count - 1)
-            self.remove_replica(name, entry, first, count, node_id)
+            self.remove_replica(name, entry, blob, first, count, node_id)
 
-    def remove_replica(self, name: str, entry: dict, first: int, count: int, node_id: str) -> None:
-        """Take ``node_id`` off the list of the batches holding [first, first+count)."""
+    def remove_replica(self, name: str, entry: dict, blob: str, first: int, count: int, node_id: str) -> None:
+        """Take ``node_id`` off the list of the batches of ``blob`` holding [first, first+count)."""
         batch = entry["batch_chunks"]
         lo = first // batch * batch
         hi = min(entry["chunks"], -(-(first + count) // batch) * batch)
         records = [self._replicas_record(name, entry, f, c, [n for n in nodes if n != node_id])
-                   for f, c, nodes in nodes_of(entry, lo, hi - lo) if node_id in nodes]
+                   for f, c, nodes, _ in nodes_of(entry, lo, hi - lo, blob) if node_id in nodes]
         if records:
             self.master.log.commit(records)
             self._wake.set()
@@ -193,8 +201,13 @@ class Repairer:
         return {"op": "replicas", "name": name, "version": entry["version"], "first": first, "count": count,
                 "nodes": list(nodes)}
 
-    def _versions(self) -> dict[str, tuple[str, dict]]:
-        return {entry["version"]: (name, entry) for name, entry in list(self.master.namespace.files.items())}
+    def _blob_owners(self) -> dict[str, tuple[str, dict]]:
+        """blob -> (name, entry) of the file whose chunks live in it."""
+        owners = {}
+        for name, entry in list(self.master.namespace.files.items()):
+            for blob in entry_blobs(entry):
+                owners[blob] = (name, entry)
+        return owners
 
     # --- the loop ------------------------------------------------------------------------
     def _run(self) -> None:
@@ -223,7 +236,7 @@ class Repairer:
         tasks, damaged, under = [], [], 0
         for name, entry in list(self.master.namespace.files.items()):
             short_of_copies = False
-            for first, count, nodes in entry["runs"]:
+            for first, count, nodes in (run[:3] for run in entry["runs"]):
                 live = sum(1 for n in nodes if n in alive)
                 if live >= replication:
                     continue
@@ -268,13 +281,13 @@ class Repairer:
         master = self.master
         alive = {n.node_id for n in master.live_nodes()}
         copied = 0
-        for first, count, nodes in nodes_of(entry, task.first, task.count):
+        for first, count, nodes, blob in nodes_of(entry, task.first, task.count):
             live = [n for n in nodes if n in alive]
             missing = self.config.replication - len(live)
             if missing <= 0 or not live:
                 continue
             try:
-                body = transfers.read_piece(master, task.name, entry, first, count, live, buffer)
+                body = transfers.read_piece(master, task.name, entry, blob, first, count, live, buffer)
                 payload_bytes = len(body) - count * protocol.CRC_BYTES
                 targets = master.choose_replicas(payload_bytes, avoid=set(nodes), count=missing)
             except protocol.BackupError as exc:
@@ -283,7 +296,7 @@ class Repairer:
             placed = []
             for target in targets:
                 try:
-                    transfers.put_piece(master, target, entry, first, count, body)
+                    transfers.put_piece(master, target, entry, blob, first, count, body)
                     placed.append(target)
                 except protocol.BackupError as exc:
                     logger.warning("repair copy to node %s failed: %s", target, exc)
@@ -291,7 +304,8 @@ class Repairer:
                 continue
             current = master.namespace.files.get(task.name)
             if current is None or current["version"] != entry["version"]:
-                master.collect_garbage(entry["version"], placed)
+                for target in placed:  # the file changed meanwhile: our copies are surplus
+                    self._drop_quietly(target, blob, first, count)
                 return copied
             master.log.commit([self._replicas_record(task.name, entry, first, count, live + placed)])
             copied += payload_bytes * len(placed)
@@ -315,20 +329,20 @@ class Repairer:
         master = self.master
         replication = self.config.replication
         alive = {n.node_id for n in master.live_nodes()} | {node_id}
-        versions = self._versions()
+        owners = self._blob_owners()
         orphans, drops, records = [], [], []
         for blob, extents in inventory.items():
-            found = versions.get(blob)
+            found = owners.get(blob)
             if found is None:
                 if blob not in master.active_blobs:
                     orphans.append(blob)
                 continue
             name, entry = found
             for first, count in extents:
-                overlapping = nodes_of(entry, first, count)
-                if not overlapping or any(node_id in nodes for _, _, nodes in overlapping):
-                    continue  # placed here (or beyond the file): keep
-                short = [(f, c, nodes) for f, c, nodes in overlapping
+                overlapping = nodes_of(entry, first, count, blob)
+                if not overlapping or any(node_id in nodes for _, _, nodes, _ in overlapping):
+                    continue  # placed here (or no longer part of the file): keep
+                short = [(f, c, nodes) for f, c, nodes, _ in overlapping
                          if sum(1 for n in nodes if n in alive) < replication]
                 if short:  # a copy we lack elsewhere: adopt it
                     records += [self._replicas_record(name, entry, f, c, [*nodes, node_id]) for f, c, nodes in short]
@@ -339,10 +353,11 @@ class Repairer:
             current = master.namespace.files.get(name)
             if current is None or current["version"] != entry["version"]:
                 continue
-            held = inventory.get(entry["version"], [])
-            for first, count, nodes in current["runs"]:
+            for run in current["runs"]:
+                first, count, nodes = run[:3]
                 if node_id not in nodes:
                     continue
+                held = inventory.get(run_blob(current, run), [])
                 for gap_first, gap_count in uncovered(first, count, held):
                     records.append(self._replicas_record(name, current, gap_first, gap_count,
                                                          [n for n in nodes if n != node_id]))
@@ -356,6 +371,13 @@ class Repairer:
             logger.info("reconciled node %s: %d orphan blob(s) deleted, %d surplus extent(s) dropped, "
                         "%d placement change(s)", node_id, len(orphans), len(drops), len(records))
             self._wake.set()
+
+    def _drop_quietly(self, node_id: str, blob: str, first: int, count: int) -> None:
+        """Best effort: a copy left behind is found by the next reconciliation."""
+        try:
+            self._drop(node_id, blob, first, count)
+        except protocol.BackupError as exc:
+            logger.debug("could not drop surplus copy on %s: %s", node_id, exc)
 
     def _drop(self, node_id: str, blob: str, first: int, count: int) -> None:
         master = self.master

@@ -32,7 +32,7 @@ import uuid
 from collections import deque
 
 import protocol
-from namespace import add_run, make_entry, set_run_nodes
+from namespace import add_run, make_entry, run_blob, set_run_nodes
 
 logger = logging.getLogger("master.transfers")
 
@@ -148,12 +148,14 @@ class UploadSession:
         InsufficientNodes/Space if no node can take the copy.
         """
         runs = entry["runs"]
-        if not any(n in self.failed for _, _, nodes in runs for n in nodes):
+        if not any(n in self.failed for run in runs for n in run[2]):
             return entry
         batch = entry["batch_chunks"]
         if self._copy_buffer is None:
             self._copy_buffer = bytearray(self.crc_room + self.batch_payload_bytes)
-        for first, count, nodes in list(runs):
+        for run in list(runs):
+            first, count, nodes = run[:3]
+            blob = run_blob(entry, run)
             lost = [n for n in nodes if n in self.failed]
             if not lost:
                 continue
@@ -162,13 +164,13 @@ class UploadSession:
                 raise protocol.Unavailable(f"every replica of {name!r} chunks {first}..{first + count - 1} "
                                            f"failed during the upload")
             for piece_first, piece_count in batch_pieces(first, count, batch):
-                body = read_piece(self.master, name, entry, piece_first, piece_count, live, self._copy_buffer)
+                body = read_piece(self.master, name, entry, blob, piece_first, piece_count, live, self._copy_buffer)
                 payload_bytes = len(body) - piece_count * protocol.CRC_BYTES
                 targets = self.master.choose_replicas(payload_bytes, avoid=self.failed | set(nodes),
                                                       count=len(lost))
                 for target in targets:
                     nodes_touched.add(target)
-                    put_piece(self.master, target, entry, piece_first, piece_count, body)
+                    put_piece(self.master, target, entry, blob, piece_first, piece_count, body)
                 runs = set_run_nodes(runs, piece_first, piece_count, live + targets)
         logger.info("upload of %r: re-copied the batches of failed node(s) %s", name, ",".join(sorted(self.failed)))
         return {**entry, "runs": runs}
@@ -194,11 +196,11 @@ def batch_pieces(first: int, count: int, batch: int):
         first = stop
 
 
-def put_piece(master, node_id: str, entry: dict, first: int, count: int, body) -> None:
-    """Write one piece (CRCs + payload) of a file to a node and flush it."""
+def put_piece(master, node_id: str, entry: dict, blob: str, first: int, count: int, body) -> None:
+    """Write one piece (CRCs + payload) of a file's ``blob`` to a node and flush it."""
     conn = master.pool.acquire(master.node_address(node_id))
     try:
-        conn.request(protocol.PutChunks(blob=entry["version"], first=first, count=count,
+        conn.request(protocol.PutChunks(blob=blob, first=first, count=count,
                                         chunk_size=entry["chunk_size"], body=body), protocol.PutOk)
         conn.request(protocol.Flush(), protocol.Flushed)
     finally:
@@ -214,30 +216,38 @@ class UploadStream:
     returned.  Call ``discard()`` if it will never be committed.
     """
 
-    def __init__(self, session: UploadSession, name: str):
+    def __init__(self, session: UploadSession, name: str, first_chunk: int = 0):
         self.session = session
         self.master = session.master
         self.name = name
+        self.first_chunk = first_chunk
         self.blob = uuid.uuid4().hex
         # Until committed or discarded, reconciliation must not take this
         # blob's chunks on the nodes for orphans.
         self.master.active_blobs.add(self.blob)
         self._fill = 0
-        self._next_chunk = 0
+        self._next_chunk = first_chunk
         self.size = 0
         self._sha = hashlib.sha256()
         self.runs: list = []
         self.nodes_touched: set[str] = set()
 
     # --- receiving ---------------------------------------------------------------
+    def _batch_limit(self) -> int:
+        # Batches end at multiples of chunks_per_batch, so a stream that
+        # starts mid-file (append, write) still lays out whole-batch records.
+        session = self.session
+        return (session.chunks_per_batch - self._next_chunk % session.chunks_per_batch) * session.chunk_size
+
     def free_space(self) -> memoryview:
         """Where the next bytes of the file should be read to (never empty)."""
-        return self.session.view[self.session.crc_room + self._fill:]
+        start = self.session.crc_room + self._fill
+        return self.session.view[start:self.session.crc_room + self._batch_limit()]
 
     def filled(self, nbytes: int) -> None:
         """``nbytes`` were written into ``free_space()``."""
         self._fill += nbytes
-        if self._fill == self.session.batch_payload_bytes:
+        if self._fill == self._batch_limit():
             self._ship()
 
     def write(self, data) -> None:
@@ -277,14 +287,23 @@ class UploadStream:
         self.size += self._fill
         self._fill = 0
 
+    @property
+    def written(self) -> int:
+        """Bytes given to the stream so far (shipped or still in the batch buffer)."""
+        return self.size + self._fill
+
+    def flush(self) -> None:
+        """Ship the partly filled batch, if any."""
+        if self._fill:
+            self._ship()
+
     def seal(self, client_sha256: str) -> dict:
         """Ship the last batch and return the file entry (not yet durable).
 
         Raises ChecksumMismatch if the client's SHA-256 differs from what the
         master received; the upload must then be discarded.
         """
-        if self._fill:
-            self._ship()
+        self.flush()
         sha256 = self._sha.hexdigest()
         if client_sha256 != sha256:
             raise protocol.ChecksumMismatch(
@@ -301,7 +320,7 @@ class UploadStream:
 
 
 def plan_pieces(entry: dict, offset: int, length: int):
-    """Yield (first_chunk, count, node_ids, skip, take) covering [offset, offset+length).
+    """Yield (first_chunk, count, node_ids, blob, skip, take) covering [offset, offset+length).
 
     ``skip`` bytes of the piece's payload come before the range, ``take``
     bytes belong to it.  Pieces hold only chunks the range needs, never span
@@ -316,7 +335,9 @@ def plan_pieces(entry: dict, offset: int, length: int):
     last_needed = (offset + length - 1) // chunk_size
     position = offset
     end = offset + length
-    for run_first, run_count, node_ids in entry["runs"]:
+    for run in entry["runs"]:
+        run_first, run_count, node_ids = run[:3]
+        blob = run_blob(entry, run)
         run_last = run_first + run_count - 1
         if run_last < first_needed or run_first > last_needed:
             continue
@@ -327,7 +348,7 @@ def plan_pieces(entry: dict, offset: int, length: int):
             piece_start = chunk * chunk_size
             skip = position - piece_start
             take = min(end, (chunk + count) * chunk_size) - position
-            yield chunk, count, node_ids, skip, take
+            yield chunk, count, node_ids, blob, skip, take
             position += take
             chunk += count
 
@@ -340,14 +361,14 @@ def read_range(master, name: str, entry: dict, offset: int, length: int):
     could be reached.
     """
     buffer = bytearray(entry["batch_chunks"] * (entry["chunk_size"] + protocol.CRC_BYTES))
-    for first, count, node_ids, skip, take in plan_pieces(entry, offset, length):
-        body = read_piece(master, name, entry, first, count, node_ids, buffer)
+    for first, count, node_ids, blob, skip, take in plan_pieces(entry, offset, length):
+        body = read_piece(master, name, entry, blob, first, count, node_ids, buffer)
         payload = body[count * protocol.CRC_BYTES:]
         yield payload[skip:skip + take]
 
 
-def read_piece(master, name, entry, first, count, node_ids, buffer) -> memoryview:
-    """Chunks [first, first+count) of a file from the first replica that has them intact.
+def read_piece(master, name, entry, blob, first, count, node_ids, buffer) -> memoryview:
+    """Chunks [first, first+count) of a file (held in ``blob``) from the first intact replica.
 
     Returns the verified CHUNK_DATA body (CRCs, then payload) read into
     ``buffer``.  Replicas that fail are reported to the master (bad copies
@@ -365,7 +386,7 @@ def read_piece(master, name, entry, first, count, node_ids, buffer) -> memoryvie
             master.note_node_failure(node_id, exc)
             continue
         try:
-            reply = conn.request(protocol.GetChunks(blob=entry["version"], first=first, count=count),
+            reply = conn.request(protocol.GetChunks(blob=blob, first=first, count=count),
                                  protocol.ChunkData, body_buffer=buffer)
             crc_bytes, payload = protocol.split_chunk_body(reply.body, count)
             bad = protocol.verify_chunks(payload, crc_bytes, entry["chunk_size"])
@@ -374,7 +395,7 @@ def read_piece(master, name, entry, first, count, node_ids, buffer) -> memoryvie
             return memoryview(reply.body)
         except (protocol.ChecksumMismatch, protocol.ChunkNotFound) as exc:
             failures.append(f"{node_id}: {exc.message}")
-            master.note_bad_replica(node_id, name, entry, first, count, exc)
+            master.note_bad_replica(node_id, name, entry, blob, first, count, exc)
         except protocol.BackupError as exc:
             failures.append(f"{node_id}: {exc.message}")
             unreachable += 1

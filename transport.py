@@ -372,7 +372,10 @@ class RequestHandler(socketserver.StreamRequestHandler):
                 if remaining <= 0:
                     raise socket.timeout("handshake not finished in time")
                 self.request.settimeout(remaining)
-                piece = self.rfile.read1(size - len(data))
+                # peek: one recv of whatever has arrived into the buffer (so a
+                # peer's unread bytes do not turn our close into a reset that
+                # would swallow our ERROR frame); read1 then takes from it.
+                piece = self.rfile.read1(size - len(data)) if self.rfile.peek(1) else b""
                 if not piece:
                     if eof_ok and not data:
                         return None

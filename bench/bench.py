@@ -58,6 +58,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import uuid
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -454,8 +455,32 @@ def list_all(address: str, prefix: str = "") -> list[dict]:
 def start_cluster(data_dir: str) -> cluster_module.LocalCluster:
     cluster = cluster_module.LocalCluster(data_dir, nodes=NODES, node_args=NODE_ARGS)
     cluster.start()
-    wait_for_nodes(cluster.master_address)
+    try:
+        wait_for_nodes(cluster.master_address)
+    except BaseException:
+        cluster.stop()
+        raise
     return cluster
+
+
+def guarded(results: Results, name: str, workload, *args) -> None:
+    """Run one workload; if it crashes (e.g. the product's API moved), mark its rows failed and go on.
+
+    The one broad ``except`` of the bench: a workload's top level, where the
+    alternative is losing every other row.  The traceback goes to stderr.
+    """
+    known = set(results.order)
+    try:
+        workload(results, *args)
+    except Exception as exc:  # noqa: BLE001 - top level of a workload, logged with its traceback
+        traceback.print_exc()
+        print(f"bench: {name} crashed: {exc!r}", file=sys.stderr, flush=True)
+        new = [results.rows[k] for k in results.order if k not in known]
+        if not new:
+            new = [results.add(Row(name, name, ""))]
+        for row in new:
+            if row.status == "ok":
+                row.fail(f"crashed: {type(exc).__name__}: {exc}")
 
 
 # --- workload 1 and 3: throughput and memory -----------------------------------------
@@ -742,7 +767,8 @@ def tiny_upload(client, path: str, name: str) -> float:
     return time.monotonic() - started
 
 
-def namespace_scale(results: Results, work: str, count: int, reps: int, full_size: bool) -> list:
+def namespace_scale(results: Results, work: str, count: int, reps: int, full_size: bool, clusters: list) -> None:
+    """Fill ``clusters`` with the clusters it starts, so the caller stops them whatever happens."""
     label = f"{count:,} files"
     restart_small = Row("restart_100", "  baseline: master restart, 100 files", "s", higher_is_better=False)
     restart = Row("restart_big", f"master restart until list, {label}", "s", higher_is_better=False,
@@ -759,7 +785,6 @@ def namespace_scale(results: Results, work: str, count: int, reps: int, full_siz
     restart.note = "spawn of master.py until its first list answers; SIGKILL before each restart"
     list_big.note = "Client.list() in the bench process (no CLI start-up, no printing)"
     commit_big.note = f"Client.upload_file of a 1-byte file, median of {TINY_UPLOADS}, alternating between masters"
-    clusters = []
     try:
         print(f"bench: namespace scale ({label} vs 100)", flush=True)
         small = start_cluster(os.path.join(work, "scale-100"))
@@ -802,7 +827,6 @@ def namespace_scale(results: Results, work: str, count: int, reps: int, full_siz
         for row in (restart, restart_small, list_big, list_small, commit_big, commit_small):
             if row.status == "ok":
                 row.fail(f"failed: {exc}")
-    return clusters
 
 
 # --- main ----------------------------------------------------------------------------
@@ -841,7 +865,8 @@ def main(argv=None) -> int:
     try:
         try:
             cluster = start_cluster(os.path.join(work, "cluster"))
-            relay = Relay(os.path.join(work, "relay")).start()
+            relay = Relay(os.path.join(work, "relay"))
+            relay.start()
         except (cluster_module.ProcessFailed, WorkloadFailed) as exc:
             print(f"bench: cannot start: {exc}", file=sys.stderr)
             return EXIT_SETUP_FAILED
@@ -852,16 +877,21 @@ def main(argv=None) -> int:
             product_client(cluster.master_address, "upload", warm, "bench/warm-up")
         except WorkloadFailed as exc:
             print(f"bench: warm-up upload failed: {exc}", file=sys.stderr)
-        relay.send(warm)
+        try:
+            relay.send(warm)
+        except WorkloadFailed as exc:
+            print(f"bench: warm-up relay failed: {exc}", file=sys.stderr)
         os.unlink(warm)
-        throughput(results, cluster, relay, work, params["file_mib"], params["reps"])
+        guarded(results, "throughput", throughput, cluster, relay, work, params["file_mib"], params["reps"])
         if args.large:
-            throughput(results, cluster, relay, work, 1024, params["reps"])
-        metadata(results, cluster)
-        small_files(results, cluster, relay, work, params["small_files"], params["reps"], full)
+            guarded(results, "throughput_1gib", throughput, cluster, relay, work, 1024, params["reps"])
+        guarded(results, "metadata", metadata, cluster)
+        guarded(results, "small_files", small_files, cluster, relay, work, params["small_files"], params["reps"],
+                full)
         cluster.stop()
         relay.stop()
-        scale_clusters = namespace_scale(results, work, params["namespace_files"], params["reps"], full)
+        guarded(results, "namespace_scale", namespace_scale, work, params["namespace_files"], params["reps"], full,
+                scale_clusters)
     finally:
         for c in [cluster, *scale_clusters]:
             if c is not None:

@@ -22,7 +22,7 @@ import threading
 
 import pytest
 
-from conftest import ROOT, CliResult, wait_until
+from conftest import FAST_MASTER, FAST_TIMING, ROOT, CliResult, TestCluster, wait_until
 
 import client as client_module
 import protocol
@@ -492,7 +492,7 @@ def test_download_in_progress_survives_a_replace_of_its_name(make_cluster, tmp_p
     # A longer I/O timeout than FAST_MASTER's, so the master waits for our stalled reader.
     cluster = make_cluster(master_args=["--heartbeat-interval", "0.2", "--dead-after", "1", "--io-timeout", "10"])
     seed = 8108
-    old, new = random_bytes(seed, 12 * MIB + 5), random_bytes(seed + 1, 64 * KIB)
+    old, new = random_bytes(seed, 10 * MIB + 5), random_bytes(seed + 1, 64 * KIB)
     upload(cluster, "moving", old, tmp_path)
     reader = SlowReader(master_address(cluster))
     request.addfinalizer(reader.close)
@@ -698,10 +698,22 @@ MALFORMED = {
 }
 
 
+@pytest.fixture(scope="module")
+def frame_cluster(tmp_path_factory):
+    """A master and two nodes shared by the frame tests, which store nothing but a probe file."""
+    c = TestCluster(str(tmp_path_factory.mktemp("frames")), nodes=2, master_args=FAST_MASTER, node_args=FAST_TIMING)
+    try:
+        c.start()
+        c.wait_nodes_alive(2)
+        yield c
+    finally:
+        c.stop()
+
+
 @pytest.mark.parametrize("case", list(MALFORMED))
-def test_malformed_frames_leave_master_and_node_serving(make_cluster, tmp_path, case):
+def test_malformed_frames_leave_master_and_node_serving(frame_cluster, tmp_path, case):
     """A malformed frame gets at most an ERROR frame and a closed connection; both servers keep serving."""
-    cluster = make_cluster(nodes=2)
+    cluster = frame_cluster
     payload, codes = MALFORMED[case]
     for address in (master_address(cluster), node_address(cluster, 0)):
         frames = exchange_raw(address, payload)
@@ -720,9 +732,9 @@ UNSERVED_OPS = {
 
 
 @pytest.mark.parametrize("case", list(UNSERVED_OPS))
-def test_unserved_op_gets_unknown_op_and_connection_stays_usable(make_cluster, case):
+def test_unserved_op_gets_unknown_op_and_connection_stays_usable(frame_cluster, case):
     """A well-formed frame with an op the server does not serve gets UNKNOWN_OP and the connection goes on."""
-    cluster = make_cluster(nodes=2)
+    cluster = frame_cluster
     to_master, to_node = UNSERVED_OPS[case]
     targets = [("master", master_address(cluster), "client", to_master, protocol.Status(), protocol.StatusReply),
                ("node", node_address(cluster, 0), "master", to_node, protocol.NodeStat(), protocol.NodeStatReply)]

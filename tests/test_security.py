@@ -559,7 +559,7 @@ def test_fuzzed_frames_leave_master_and_node_up_and_bounded(make_cluster, tmp_pa
     after = {role: vm_rss_kib(server.pid) for role, (server, _) in targets.items()}
     print(f"VmRSS KiB before {before}, after {after}")
     for role in targets:
-        assert after[role] < before[role] + 200 * 1024, f"{role} RSS {before[role]} -> {after[role]} KiB (seed {seed})"
+        assert after[role] < before[role] + 64 * 1024, f"{role} RSS {before[role]} -> {after[role]} KiB (seed {seed})"
     assert "Traceback" not in read_logs(cluster), "a fuzzed frame raised an unhandled exception (see the logs)"
     # Still correct afterwards.
     cluster.wait_nodes_alive(2)
