@@ -40,6 +40,8 @@ logger = logging.getLogger("master.transfers")
 # both the network and the node's disk busy; bounded so a dead node is
 # noticed within a few batches.
 ACK_WINDOW = 8
+# Pieces a download requests ahead of the one it is sending.
+READ_AHEAD = 4
 
 
 class NodeChannel:
@@ -356,15 +358,86 @@ def plan_pieces(entry: dict, offset: int, length: int):
 def read_range(master, name: str, entry: dict, offset: int, length: int):
     """Yield memoryviews of the bytes [offset, offset+length) of a file.
 
-    Each view is valid until the next one is requested.  Raises DataLost if
-    every replica of some piece is corrupt or missing, Unavailable if none
-    could be reached.
+    Each view is valid until the next one is requested.  Requests run up to
+    READ_AHEAD pieces ahead of the one being yielded, on one connection per
+    node (replies come back in request order), so the nodes read from disk
+    while the caller sends to its client.  A piece whose replica fails is
+    read again from the others (``read_piece``).  Raises DataLost if every
+    replica of some piece is corrupt or missing, Unavailable if none could be
+    reached.
     """
+    pieces = list(plan_pieces(entry, offset, length))
     buffer = bytearray(entry["batch_chunks"] * (entry["chunk_size"] + protocol.CRC_BYTES))
-    for first, count, node_ids, blob, skip, take in plan_pieces(entry, offset, length):
-        body = read_piece(master, name, entry, blob, first, count, node_ids, buffer)
-        payload = body[count * protocol.CRC_BYTES:]
-        yield payload[skip:skip + take]
+    conns: dict[str, object] = {}
+    broken: set[str] = set()
+    asked: dict[int, str | None] = {}  # piece index -> node asked (None: not pipelined)
+    outstanding: dict[str, int] = {}
+    next_request = 0
+    try:
+        for index, (first, count, node_ids, blob, skip, take) in enumerate(pieces):
+            while next_request < len(pieces) and next_request <= index + READ_AHEAD:
+                asked[next_request] = _request_piece(master, pieces[next_request], conns, broken)
+                if asked[next_request] is not None:
+                    outstanding[asked[next_request]] = outstanding.get(asked[next_request], 0) + 1
+                next_request += 1
+            node_id = asked.pop(index)
+            body = None
+            if node_id is not None:
+                outstanding[node_id] -= 1
+                if node_id not in broken:
+                    body = _receive_piece(master, name, entry, blob, first, count, node_id, conns[node_id],
+                                          buffer, broken)
+            if body is None:  # fail over to the other replicas, one request at a time
+                others = [n for n in node_ids if n != node_id]
+                body = read_piece(master, name, entry, blob, first, count, others or node_ids, buffer)
+            yield body[count * protocol.CRC_BYTES:][skip:skip + take]
+    finally:
+        for node_id, conn in conns.items():
+            if node_id in broken or outstanding.get(node_id):
+                conn.broken = True  # replies still in flight: out of step
+            master.pool.release(conn)
+
+
+def _request_piece(master, piece, conns: dict, broken: set) -> str | None:
+    """Send GET_CHUNKS for a piece to its preferred replica; the node asked, or None."""
+    first, count, node_ids, blob, _, _ = piece
+    for node_id in master.read_order(node_ids):
+        if node_id in broken:
+            continue
+        try:
+            conn = conns.get(node_id)
+            if conn is None:
+                conn = conns[node_id] = master.pool.acquire(master.node_address(node_id))
+            conn.send(protocol.GetChunks(blob=blob, first=first, count=count))
+            return node_id
+        except protocol.BackupError as exc:
+            broken.add(node_id)
+            master.note_node_failure(node_id, exc)
+        return None  # let read_piece try the other replicas in order
+    return None
+
+
+def _receive_piece(master, name, entry, blob, first, count, node_id, conn, buffer, broken) -> memoryview | None:
+    """The reply to a pipelined GET_CHUNKS, verified; None if this replica failed."""
+    try:
+        reply = conn.expect(protocol.ChunkData, body_buffer=buffer)
+        return _verified(reply, entry, first, count)
+    except (protocol.ChecksumMismatch, protocol.ChunkNotFound) as exc:
+        master.note_bad_replica(node_id, name, entry, blob, first, count, exc)
+    except protocol.BackupError as exc:
+        broken.add(node_id)
+        master.note_node_failure(node_id, exc)
+    return None
+
+
+def _verified(reply: protocol.ChunkData, entry: dict, first: int, count: int) -> memoryview:
+    """The body of a CHUNK_DATA reply after checking every chunk's CRC32."""
+    crc_bytes, payload = protocol.split_chunk_body(reply.body, count)
+    bad = protocol.verify_chunks(payload, crc_bytes, entry["chunk_size"])
+    if reply.chunk_size != entry["chunk_size"] or bad >= 0 or len(payload) > count * entry["chunk_size"] \
+            or reply.first != first or reply.count != count:
+        raise protocol.ChecksumMismatch(f"chunk {first + max(bad, 0)} failed its CRC in transit")
+    return memoryview(reply.body)
 
 
 def read_piece(master, name, entry, blob, first, count, node_ids, buffer) -> memoryview:
@@ -388,11 +461,7 @@ def read_piece(master, name, entry, blob, first, count, node_ids, buffer) -> mem
         try:
             reply = conn.request(protocol.GetChunks(blob=blob, first=first, count=count),
                                  protocol.ChunkData, body_buffer=buffer)
-            crc_bytes, payload = protocol.split_chunk_body(reply.body, count)
-            bad = protocol.verify_chunks(payload, crc_bytes, entry["chunk_size"])
-            if reply.chunk_size != entry["chunk_size"] or bad >= 0 or len(payload) > count * entry["chunk_size"]:
-                raise protocol.ChecksumMismatch(f"chunk {first + max(bad, 0)} failed its CRC in transit")
-            return memoryview(reply.body)
+            return _verified(reply, entry, first, count)
         except (protocol.ChecksumMismatch, protocol.ChunkNotFound) as exc:
             failures.append(f"{node_id}: {exc.message}")
             master.note_bad_replica(node_id, name, entry, blob, first, count, exc)

@@ -343,7 +343,9 @@ def test_corrupt_copy_found_by_a_read_is_dropped_and_re_replicated(make_cluster,
     """A payload byte flipped on the replica read first still downloads correctly, and that copy ends up replaced by exactly one good one."""
     seed = 303
     rng = random.Random(seed)
-    cluster = heal_cluster(make_cluster, nodes=2)
+    # Heartbeats (which carry the node's own report of the bad copy) at 0.5 s,
+    # still well within dead_after: the repair of the read's report comes first.
+    cluster = heal_cluster(make_cluster, nodes=2, node_args=["--heartbeat-interval", "0.5"])
     data = random_bytes(seed, 2 * MIB + 123)
     reply = upload(cluster, "rotten", data, tmp_path)
     # Idle replicas are read in the order of the run's node list.
@@ -362,7 +364,8 @@ def test_corrupt_copy_found_by_a_read_is_dropped_and_re_replicated(make_cluster,
     assert download(cluster, "rotten", tmp_path) == data, f"download with node{index} corrupt (seed {seed})"
     # The node drops the bad extent and reports it with its next heartbeat.
     wait_until(lambda: totals(cluster)["corrupt_replicas_found"] >= 1, 5.0, message="the bad copy reported")
-    wait_fully_replicated(cluster, [0, 1, 2], {"rotten": reply}, tmp_path, what="after the bad copy was found")
+    wait_fully_replicated(cluster, [0, 1, 2], {"rotten": reply}, tmp_path, timeout_s=8.0,
+                          what="after the bad copy was found")
     bad = {i: verify_copies(cluster, i, tmp_path) for i in range(3)}
     assert not any(bad.values()), f"corrupt extents still held: {bad} (seed {seed})"
     assert download(cluster, "rotten", tmp_path) == data, f"seed {seed}"
