@@ -41,9 +41,20 @@ but whose payload did not is caught by its length running past end of file.
 Index: blob -> list of extents sorted by first chunk, one small tuple per
 record (a record holds a batch of up to ~1024 chunks), never one object per
 chunk.  Later records win: a re-put of the same (first, count) replaces the
-old extent.  Callers must re-put exactly the ranges they put before or ranges
-that overlap nothing; put() refuses a partial overlap, and a blob has one
-chunk size.  (During the scan, a later record drops any extent it overlaps.)
+old extent.  Callers must re-put ranges that cover every stored extent they
+touch (the same ranges as before, or unions of them) or ranges that overlap
+nothing; put() refuses a partial overlap, and a blob has one chunk size.
+
+Range drops split extents: drop_range() forgets any run of whole chunks, and
+an extent it cuts into keeps its remaining part(s) as extents of their own,
+new tuples pointing into the same record (first, count, CRC offset, payload
+offset and length adjusted; chunk size and record offset unchanged), so one
+record may back several extents.  The drop record (kind 3) holds the range
+dropped, and replay applies it with the same code (_cut_range).  During the
+scan a later chunks record likewise replaces exactly the chunks it covers,
+splitting an extent it partly overlaps; put() never lets that happen live,
+but compaction can move records out of file order (a part copied by
+compaction lands after a later put into the dropped gap).
 
 Durability: put() and delete_blobs() write but never fsync; flush() fsyncs
 every segment written since the last flush (and the directory when a segment
@@ -51,7 +62,8 @@ was created), so a node answers FLUSH only once the data is on disk.
 
 Compaction (compact()) reclaims the space of replaced extents, deleted blobs
 and dropped extents: it copies the live records of a mostly dead, non-active
-segment to the active one, repoints the index record by record, fsyncs, then
+segment to the active one (of a split record, only its live parts, each as a
+record of its own), repoints the index record by record, fsyncs, then
 unlinks the old segment.  Tombstones and drop records are carried forward only
 while an older segment still holds records of their blob; a carried copy gets
 a segment bound so it can never hide chunks put after the original (moving it
@@ -62,7 +74,7 @@ closed only once the last reader is done; the file itself is unlinked at once.
 Scrubbing: scrub_step() re-reads a bounded slice of the live extents per call
 and reports those whose payload no longer matches the stored CRCs; repair is a
 re-put of the same range (it replaces the extent), or drop_extent() to forget
-it for good.
+it for good.  A part of a split record is checked (and reported) on its own.
 
 Left out: compacting the active segment (it is compacted once it has rolled),
 Bitcask hint files (the header-only scan makes them unnecessary for now).
@@ -98,9 +110,12 @@ _MAX_U64 = 2**64 - 1
 SEGMENT_DIR = "segments"
 _SEGMENT_NAME = re.compile(r"^seg-(\d{8})\.dat$")
 
-# Index entry, one per record:
-# (first, count, chunk_size, seg_no, crc_offset, payload_offset, payload_len)
-FIRST, COUNT, CHUNK_SIZE, SEG_NO, CRC_OFFSET, PAYLOAD_OFFSET, PAYLOAD_LEN = range(7)
+# Index entry, one per record, or per live part of a record split by drop_range:
+# (first, count, chunk_size, seg_no, crc_offset, payload_offset, payload_len, record_offset)
+# record_offset is where the record starts in its segment; the parts of one
+# record share it (and seg_no), which is how segment live accounting counts the
+# record's header once.
+FIRST, COUNT, CHUNK_SIZE, SEG_NO, CRC_OFFSET, PAYLOAD_OFFSET, PAYLOAD_LEN, RECORD_OFFSET = range(8)
 
 
 class _TornRecord(Exception):
@@ -169,9 +184,13 @@ def _read_header(fd: int, offset: int, file_size: int) -> tuple:
     return kind, blob_id.decode("ascii"), first, count, chunk_size, payload_len, end
 
 
-def _record_bytes(blob: str, extent: tuple) -> int:
-    """Length on disk of the record holding extent: header, blob id, CRCs, payload."""
-    return HEADER_BYTES + len(blob) + CRC_BYTES * extent[COUNT] + extent[PAYLOAD_LEN]
+def _part(extent: tuple, first: int, count: int) -> tuple:
+    """The extent of chunks first..first+count-1 (inside extent), pointing into the same record."""
+    skip = first - extent[FIRST]
+    start = skip * extent[CHUNK_SIZE]
+    stop = min((skip + count) * extent[CHUNK_SIZE], extent[PAYLOAD_LEN])
+    return (first, count, extent[CHUNK_SIZE], extent[SEG_NO], extent[CRC_OFFSET] + CRC_BYTES * skip,
+            extent[PAYLOAD_OFFSET] + start, stop - start, extent[RECORD_OFFSET])
 
 
 def _write_all(fd: int, buffers: list) -> None:
@@ -189,8 +208,8 @@ def _write_all(fd: int, buffers: list) -> None:
 class ChunkStore:
     """Chunks of blobs in append-only segment files under ``data_dir/segments``.
 
-    Callers use put/get/has/delete_blobs/flush/inventory and the stats
-    properties; a node's background threads use compact, segment_stats,
+    Callers use put/get/has/delete_blobs/drop_range/flush/inventory and the
+    stats properties; a node's background threads use compact, segment_stats,
     scrub_step and drop_extent.  Everything is thread-safe.  One lock guards
     appends, the index and the stats; get() and scrub_step() hold it only to
     look up extents and pin their descriptors, and read outside it.  close()
@@ -209,6 +228,9 @@ class ChunkStore:
         self._retired: set[int] = set()  # fds of unlinked segments, closed at refcount 0
         self._seg_size: dict[int, int] = {}  # seg_no -> bytes in the file
         self._seg_live: dict[int, int] = {}  # seg_no -> bytes of records the index holds
+        # (seg_no, record_offset) -> live extents backed by that record, only
+        # for records split into two or more (absent: one, or none left).
+        self._split_parts: dict[tuple[int, int], int] = {}
         # seg_no -> blobs with a chunks record there, live or dead: compaction
         # carries a tombstone forward only while an older segment is in here.
         self._seg_blobs: dict[int, set[str]] = {}
@@ -260,11 +282,11 @@ class ChunkStore:
             if kind == KIND_TOMBSTONE:
                 self._drop_blob(blob, before_seg=chunk_size)
             elif kind == KIND_DROP:
-                self._drop_range(blob, first, count, before_seg=chunk_size)
+                self._cut_range(blob, first, count, before_seg=chunk_size)
             else:
                 crc_offset = offset + HEADER_BYTES + len(blob)
                 self._insert(blob, (first, count, chunk_size, seg_no, crc_offset,
-                                    crc_offset + CRC_BYTES * count, payload_len))
+                                    crc_offset + CRC_BYTES * count, payload_len, offset))
                 self._seg_blobs[seg_no].add(blob)
             offset = end
         self._used_bytes += size
@@ -282,59 +304,103 @@ class ChunkStore:
         return lo, bisect.bisect_left(extents, (first + count,))
 
     def _insert(self, blob: str, extent: tuple) -> None:
-        """Add extent to the index; any extent it overlaps is dropped (later wins)."""
+        """Add extent, a whole new record, to the index; it replaces whatever chunks it covers (later wins)."""
+        self._cut_range(blob, extent[FIRST], extent[COUNT])
         extents = self._index.setdefault(blob, [])
-        lo, hi = self._overlapping(extents, extent[FIRST], extent[COUNT])
-        for old in extents[lo:hi]:
-            self._account(blob, old, -1)
-        extents[lo:hi] = [extent]
-        self._account(blob, extent, +1)
+        extents.insert(bisect.bisect_left(extents, (extent[FIRST],)), extent)
+        self._account(extent, +1)
+        self._seg_live[extent[SEG_NO]] += HEADER_BYTES + len(blob)
 
     def _drop_blob(self, blob: str, before_seg: int = 0) -> bool:
         """Forget blob's extents (only those in segments below before_seg, if not 0)."""
         extents = self._index.get(blob)
         if extents is None:
             return False
-        keep = [e for e in extents if e[SEG_NO] >= before_seg] if before_seg else []
-        self._replace_extents(blob, extents, keep)
-        return True
-
-    def _drop_range(self, blob: str, first: int, count: int, before_seg: int = 0) -> None:
-        """Forget blob's extents overlapping first..first+count-1 (segment bound as in _drop_blob)."""
-        extents = self._index.get(blob)
-        if extents is None:
-            return
-        lo, hi = self._overlapping(extents, first, count)
-        keep = extents[:lo] + [e for e in extents[lo:hi] if before_seg and e[SEG_NO] >= before_seg] + extents[hi:]
-        self._replace_extents(blob, extents, keep)
-
-    def _replace_extents(self, blob: str, extents: list, keep: list) -> None:
-        """Make keep (a sub-list of extents) blob's extents; no blob entry if empty."""
-        kept = set(map(id, keep))
+        keep = []
         for old in extents:
-            if id(old) not in kept:
-                self._account(blob, old, -1)
+            if before_seg and old[SEG_NO] >= before_seg:
+                keep.append(old)
+            else:
+                self._replace_part(blob, old, [])
         if keep:
             self._index[blob] = keep
         else:
             del self._index[blob]
+        return True
 
-    def _find_extent(self, blob: str, first: int, seg_no: int, crc_offset: int) -> tuple[list, int] | None:
-        """(extents, i) if the index still holds the record at seg_no/crc_offset for chunk first."""
+    def _cut_range(self, blob: str, first: int, count: int, before_seg: int = 0) -> int:
+        """Forget chunks first..first+count-1 of blob; return how many were held.
+
+        The one place a range drop is applied: drop_range(), the replay of a
+        drop record, and _insert() (a record replaces the chunks it covers).
+        Extents inside the range go; one it cuts into is split into the
+        part(s) outside the range, which point into the same record.  With
+        before_seg, only extents in segments below it are touched (the segment
+        bound of a drop record carried forward by compaction).
+        """
         extents = self._index.get(blob)
         if not extents:
-            return None
-        i = bisect.bisect_left(extents, (first,))
-        if i < len(extents) and extents[i][FIRST] == first and extents[i][SEG_NO] == seg_no \
-                and extents[i][CRC_OFFSET] == crc_offset:
-            return extents, i
-        return None
+            return 0
+        lo, hi = self._overlapping(extents, first, count)
+        end, kept, dropped = first + count, [], 0
+        for old in extents[lo:hi]:
+            if before_seg and old[SEG_NO] >= before_seg:
+                kept.append(old)
+                continue
+            old_end = old[FIRST] + old[COUNT]
+            parts = ([_part(old, old[FIRST], first - old[FIRST])] if old[FIRST] < first else []) \
+                + ([_part(old, end, old_end - end)] if old_end > end else [])
+            self._replace_part(blob, old, parts)
+            dropped += old[COUNT] - sum(part[COUNT] for part in parts)
+            kept += parts
+        extents[lo:hi] = kept
+        if not extents:
+            del self._index[blob]
+        return dropped
 
-    def _account(self, blob: str, extent: tuple, sign: int) -> None:
+    def _held(self, blob: str, first: int, count: int) -> int:
+        """How many of chunks first..first+count-1 of blob the index holds."""
+        extents = self._index.get(blob, [])
+        lo, hi = self._overlapping(extents, first, count)
+        return sum(min(e[FIRST] + e[COUNT], first + count) - max(e[FIRST], first) for e in extents[lo:hi])
+
+    def _record_parts(self, blob: str, seg_no: int, offset: int, first: int, count: int) -> list[tuple]:
+        """The live extents backed by the chunks record (first, count) of blob at seg_no/offset."""
+        extents = self._index.get(blob, [])
+        lo, hi = self._overlapping(extents, first, count)
+        return [e for e in extents[lo:hi] if e[SEG_NO] == seg_no and e[RECORD_OFFSET] == offset]
+
+    def _find_extent(self, blob: str, extent: tuple) -> bool:
+        """True if the index still holds exactly extent (not replaced, moved or split since)."""
+        extents = self._index.get(blob)
+        if not extents:
+            return False
+        i = bisect.bisect_left(extents, (extent[FIRST],))
+        return i < len(extents) and extents[i] == extent
+
+    def _replace_part(self, blob: str, old: tuple, parts: list) -> None:
+        """Account for live extent old giving way to parts, extents of the same record (none: forgotten).
+
+        Segment live bytes count a record's header and blob id once while any
+        extent backed by it is live, plus the CRCs and payload of each live
+        extent; _split_parts counts the extents of records split in two or more.
+        """
+        key = (old[SEG_NO], old[RECORD_OFFSET])
+        left = self._split_parts.pop(key, 1) - 1 + len(parts)
+        if left > 1:
+            self._split_parts[key] = left
+        self._account(old, -1)
+        for part in parts:
+            self._account(part, +1)
+        if not left:
+            self._seg_live[old[SEG_NO]] -= HEADER_BYTES + len(blob)
+
+    def _account(self, extent: tuple, sign: int) -> None:
+        """Add (sign +1) or remove (-1) extent's chunks, payload and CRCs+payload bytes; the header is the caller's."""
         self._chunk_count += sign * extent[COUNT]
         self._live_bytes += sign * extent[PAYLOAD_LEN]
         self._extent_count += sign
-        self._seg_live[extent[SEG_NO]] += sign * _record_bytes(blob, extent)
+        self._seg_live[extent[SEG_NO]] += sign * (CRC_BYTES * extent[COUNT] + extent[PAYLOAD_LEN])
 
     # --- descriptors (caller holds the lock) ---------------------------
     def _add_segment(self, seg_no: int, fd: int) -> None:
@@ -411,9 +477,11 @@ class ChunkStore:
         """Append count chunks of blob from chunk first as one record.
 
         Every chunk is checked against crc_bytes before anything is written.
-        Raises ChecksumMismatch naming the first bad chunk, RemoteProtocolError
-        for a bad blob id, inconsistent sizes, a partial overlap with stored
-        chunks or a chunk size other than the blob's.  Does not fsync.
+        Stored extents inside the range are replaced.  Raises ChecksumMismatch
+        naming the first bad chunk, RemoteProtocolError for a bad blob id,
+        inconsistent sizes, a stored extent that reaches outside the range
+        (partial overlap) or a chunk size other than the blob's.  Does not
+        fsync.
         """
         blob_id = _check_blob_id(blob)
         crc_bytes, payload = memoryview(crc_bytes).cast("B"), memoryview(payload).cast("B")
@@ -432,7 +500,8 @@ class ChunkStore:
             self._check_open()
             extents = self._index.get(blob, [])
             lo, hi = self._overlapping(extents, first, count)
-            if hi - lo > 1 or (hi - lo == 1 and extents[lo][:2] != (first, count)):
+            if lo < hi and (extents[lo][FIRST] < first
+                            or extents[hi - 1][FIRST] + extents[hi - 1][COUNT] > first + count):
                 raise RemoteProtocolError(f"blob {blob} chunks {first}+{count} partly overlap stored ones")
             if extents and extents[0][CHUNK_SIZE] != chunk_size:
                 raise RemoteProtocolError(f"blob {blob} has chunk size {extents[0][CHUNK_SIZE]}, not {chunk_size}")
@@ -440,7 +509,7 @@ class ChunkStore:
             self._seg_blobs[seg_no].add(blob)
             crc_offset = offset + len(header)
             self._insert(blob, (first, count, chunk_size, seg_no, crc_offset,
-                                crc_offset + len(crc_bytes), len(payload)))
+                                crc_offset + len(crc_bytes), len(payload), offset))
 
     def flush(self) -> None:
         """Make everything put or deleted before this call durable (fsync).
@@ -550,14 +619,31 @@ class ChunkStore:
                 self._drop_blob(blob)
             return len(present)
 
+    def drop_range(self, blob: str, first: int, count: int) -> int:
+        """Forget chunks first..first+count-1 of blob, now and after a restart; return how many were held.
+
+        The range need not match extents: those inside it are dropped, one it
+        cuts into is split and keeps its chunks outside the range (see the
+        index notes).  Appends one drop record (kind 3) holding the range, so
+        the chunks, and any older copy of them in a segment not yet compacted,
+        stay gone across restarts.  Returns 0, and writes nothing, if no chunk
+        of the range is held.  Raises RemoteProtocolError for a bad blob id or
+        range (count must fit a record, 1..2**32-1).  Does not fsync (call flush).
+        """
+        _check_blob_id(blob)
+        if not (0 <= first and 0 < count <= _MAX_U32 and first + count <= _MAX_U64):
+            raise RemoteProtocolError(f"bad range first={first} count={count}")
+        with self._lock:
+            self._check_open()
+            return self._write_drop(blob, first, count)[1]
+
     def drop_extent(self, blob: str, first: int, count: int) -> bool:
         """Forget the extent (first, count) of blob, now and after a restart.
 
         For an extent found corrupt that the node reports missing instead of
-        serving it.  Appends a drop record (kind 3), so the extent, and any
-        older copy of it in a segment not yet compacted, stays gone across
-        restarts.  Returns False (and writes nothing) unless blob has exactly
-        that extent.  Does not fsync (call flush).
+        serving it: drop_range() of exactly that extent (a part left by a
+        split is an extent too).  Returns False (and writes nothing) unless
+        blob has exactly that extent.  Does not fsync (call flush).
         """
         _check_blob_id(blob)
         with self._lock:
@@ -566,23 +652,28 @@ class ChunkStore:
             i = bisect.bisect_left(extents, (first,))
             if i == len(extents) or extents[i][:2] != (first, count):
                 return False
-            self._drop_extent(blob, extents, i)
+            self._write_drop(blob, first, count)
             return True
 
-    def _drop_extent(self, blob: str, extents: list, i: int) -> int:
-        """Append a drop record for extents[i] and forget it; return the bytes written.  Caller holds the lock."""
-        extent = extents[i]
-        record = _encode_header(KIND_DROP, blob.encode("ascii"), extent[FIRST], extent[COUNT], 0, 0)
+    def _write_drop(self, blob: str, first: int, count: int) -> tuple[int, int]:
+        """Append a drop record for the range and forget its chunks: (bytes written, chunks dropped).
+
+        Writes nothing if no chunk of the range is held.  Caller holds the lock.
+        """
+        if not self._held(blob, first, count):
+            return 0, 0
+        record = _encode_header(KIND_DROP, blob.encode("ascii"), first, count, 0, 0)
         self._append([record], len(record))
-        self._replace_extents(blob, extents, extents[:i] + extents[i + 1:])
-        return len(record)
+        return len(record), self._cut_range(blob, first, count)
 
     # --- compaction -----------------------------------------------------
     def segment_stats(self) -> list[dict]:
         """One dict per segment, oldest first: seg_no, size_bytes, live_bytes, live_fraction, is_active.
 
         live_bytes counts whole records (header, blob id, CRCs, payload) the
-        index still points at; tombstones and drop records count as dead.  An
+        index still points at; tombstones and drop records count as dead.  Of
+        a record split by drop_range(), it counts the header and blob id once
+        while any part is live, plus the CRCs and payload of the live parts.  An
         empty segment has live_fraction 0.0.  is_active marks the segment
         appends go to, which compact() leaves alone.
         """
@@ -609,11 +700,13 @@ class ChunkStore:
         bound (see the record layout).  A segment with nothing to copy is
         just unlinked.
 
-        A record whose CRCs no longer match is not copied: its extent is
-        dropped as by drop_extent() and listed in "corrupt" as (blob, first,
-        count) so the node can report it.  bytes_reclaimed is the size of the
-        unlinked segments minus the bytes appended.  With max_bytes_per_s,
-        sleeps (outside the lock) so records are copied no faster than that.
+        Of a record split by drop_range(), only the live parts are copied,
+        each as a new record of its range.  An extent (or part) whose CRCs no
+        longer match is not copied: it is dropped as by drop_extent() and
+        listed in "corrupt" as (blob, first, count) so the node can report it.
+        bytes_reclaimed is the size of the unlinked segments minus the bytes
+        appended.  With max_bytes_per_s, sleeps (outside the lock) so
+        records are copied no faster than that.
         Raises ValueError for a fraction outside 0..1 or a rate <= 0.
         """
         if not 0.0 <= min_dead_fraction <= 1.0:
@@ -678,36 +771,55 @@ class ChunkStore:
 
     def _copy_record(self, seg_no: int, fd: int, offset: int, end: int, blob: str, first: int,
                      count: int, chunk_size: int, corrupt: list) -> int:
-        """Append the chunks record at seg_no/offset if still live, or drop it if corrupt; return bytes appended."""
-        crc_offset = offset + HEADER_BYTES + len(blob)
+        """Append the live extents of the chunks record at seg_no/offset, dropping corrupt ones; return bytes appended.
+
+        Each live extent the record backs (the whole record, or the parts a
+        drop_range() left) becomes a record of its own, after its CRCs are
+        checked.  The check runs outside the lock; extents of a record can only
+        shrink meanwhile, so one inside an extent found good is good too, and
+        any other is checked again under the lock (rare).
+        """
         with self._lock:
-            if self._find_extent(blob, first, seg_no, crc_offset) is None:
-                return 0  # replaced or deleted: this is the space we reclaim
-        record = os.pread(fd, end - offset, offset)
-        view = memoryview(record)
-        payload_offset = crc_offset - offset + CRC_BYTES * count
-        good = len(record) == end - offset and verify_chunks(
-            view[payload_offset:], view[crc_offset - offset:payload_offset], chunk_size) < 0
+            checked = self._record_parts(blob, seg_no, offset, first, count)
+        if not checked:
+            return 0  # replaced or deleted: this is the space we reclaim
+        view = memoryview(os.pread(fd, end - offset, offset))
+        good = [part for part in checked if self._part_intact(view, offset, part)]
+        written = 0
         with self._lock:
             self._check_open()
-            found = self._find_extent(blob, first, seg_no, crc_offset)
-            if found is None:
-                return 0  # replaced or deleted while we read it
-            extents, i = found
-            if not good:
-                logger.warning("%s: blob %s chunks %d+%d fail their CRCs; dropped, not copied",
-                               _segment_name(seg_no), blob, first, count)
-                corrupt.append((blob, first, count))
-                return self._drop_extent(blob, extents, i)
-            new_seg, new_offset = self._append([record], len(record))
-            self._seg_blobs[new_seg].add(blob)
-            old = extents[i]
-            shift = new_offset - offset
-            new = old[:SEG_NO] + (new_seg, old[CRC_OFFSET] + shift, old[PAYLOAD_OFFSET] + shift, old[PAYLOAD_LEN])
-            self._account(blob, old, -1)
-            extents[i] = new
-            self._account(blob, new, +1)
-            return len(record)
+            for part in self._record_parts(blob, seg_no, offset, first, count):
+                part_end = part[FIRST] + part[COUNT]
+                if not any(g[FIRST] <= part[FIRST] and part_end <= g[FIRST] + g[COUNT] for g in good) \
+                        and not self._part_intact(view, offset, part):
+                    logger.warning("%s: blob %s chunks %d+%d fail their CRCs; dropped, not copied",
+                                   _segment_name(seg_no), blob, part[FIRST], part[COUNT])
+                    corrupt.append((blob, part[FIRST], part[COUNT]))
+                    written += self._write_drop(blob, part[FIRST], part[COUNT])[0]
+                    continue
+                header = _encode_header(KIND_CHUNKS, blob.encode("ascii"), part[FIRST], part[COUNT],
+                                        part[CHUNK_SIZE], part[PAYLOAD_LEN])
+                crc_start, payload_start = part[CRC_OFFSET] - offset, part[PAYLOAD_OFFSET] - offset
+                length = len(header) + CRC_BYTES * part[COUNT] + part[PAYLOAD_LEN]
+                new_seg, new_offset = self._append(
+                    [header, view[crc_start:crc_start + CRC_BYTES * part[COUNT]],
+                     view[payload_start:payload_start + part[PAYLOAD_LEN]]], length)
+                self._seg_blobs[new_seg].add(blob)
+                crc_offset = new_offset + len(header)
+                # Replaces part (same range) in the index, in this lock hold.
+                self._insert(blob, part[:SEG_NO] + (new_seg, crc_offset, crc_offset + CRC_BYTES * part[COUNT],
+                                                    part[PAYLOAD_LEN], new_offset))
+                written += length
+        return written
+
+    @staticmethod
+    def _part_intact(record: memoryview, offset: int, part: tuple) -> bool:
+        """True if extent part, inside the record read from offset, matches its CRCs and is all there."""
+        crc_start, payload_start = part[CRC_OFFSET] - offset, part[PAYLOAD_OFFSET] - offset
+        crcs = record[crc_start:crc_start + CRC_BYTES * part[COUNT]]
+        payload = record[payload_start:payload_start + part[PAYLOAD_LEN]]
+        return len(crcs) == CRC_BYTES * part[COUNT] and len(payload) == part[PAYLOAD_LEN] \
+            and verify_chunks(payload, crcs, part[CHUNK_SIZE]) < 0
 
     def _carry_forward(self, seg_no: int, kind: int, blob: str, first: int, count: int, bound: int) -> int:
         """Re-append a tombstone or drop record of segment seg_no if still needed; return bytes appended.
@@ -756,7 +868,8 @@ class ChunkStore:
         reaches max_bytes.  new_cursor is None when the pass is complete: the
         next call with None starts over (blobs stored since are seen then).
         corrupt lists (blob, first, count) of extents whose data no longer
-        matches their CRCs (or reads short); they are reported, not removed:
+        matches their CRCs (or reads short), a part left by drop_range()
+        being an extent of its own; they are reported, not removed:
         a re-put of the same range replaces one, drop_extent() forgets it.
         Holds the lock only to pick extents; reads outside it.
         """
@@ -778,18 +891,19 @@ class ChunkStore:
         suspects = []
         try:
             for (blob, extent), fd in zip(picked, fds):
-                crc_len = CRC_BYTES * extent[COUNT]
-                data = memoryview(os.pread(fd, crc_len + extent[PAYLOAD_LEN], extent[CRC_OFFSET]))
-                if len(data) != crc_len + extent[PAYLOAD_LEN] \
-                        or verify_chunks(data[crc_len:], data[:crc_len], extent[CHUNK_SIZE]) >= 0:
+                # Two reads: in a part of a split record, CRCs and payload are not adjacent.
+                crcs = os.pread(fd, CRC_BYTES * extent[COUNT], extent[CRC_OFFSET])
+                payload = os.pread(fd, extent[PAYLOAD_LEN], extent[PAYLOAD_OFFSET])
+                if len(crcs) != CRC_BYTES * extent[COUNT] or len(payload) != extent[PAYLOAD_LEN] \
+                        or verify_chunks(payload, crcs, extent[CHUNK_SIZE]) >= 0:
                     suspects.append((blob, extent))
         finally:
             self._unpin(fds)
         corrupt = []
         with self._lock:
             for blob, extent in suspects:
-                # Moved by compaction (which checked it) or replaced: not ours to report.
-                if self._find_extent(blob, extent[FIRST], extent[SEG_NO], extent[CRC_OFFSET]):
+                # Moved by compaction (which checked it), replaced or split: not ours to report.
+                if self._find_extent(blob, extent):
                     logger.warning("chunk store %s: blob %s chunks %d+%d fail their CRCs",
                                    self._dir, blob, extent[FIRST], extent[COUNT])
                     corrupt.append((blob, extent[FIRST], extent[COUNT]))
@@ -820,7 +934,7 @@ class ChunkStore:
 
     @property
     def extent_count(self) -> int:
-        """Index entries held: one per live record, never one per chunk."""
+        """Index entries held: one per live record (or live part of a split one), never one per chunk."""
         return self._extent_count
 
     def close(self) -> None:

@@ -39,7 +39,7 @@ import transport
 import transfers
 from metadata_log import MetadataLog
 from namespace import Namespace, NameLocks, entry_blobs, make_entry, run_blob, splice_runs
-from repair import Repairer
+from repair import Repairer, uncovered
 
 logger = logging.getLogger("master")
 
@@ -160,7 +160,9 @@ class Master:
         self.active_blobs: set[str] = set()  # blobs of uploads not yet committed or discarded
         self._readers: dict[str, int] = defaultdict(int)  # blob -> downloads in progress
         self.repairer = Repairer(self)
-        self._garbage: dict[str, set[str]] = defaultdict(set)  # node_id -> blobs to delete
+        # node_id -> garbage items: (blob, None, None) = the whole blob,
+        # (blob, first, count) = chunks of a blob that is still partly in use.
+        self._garbage: dict[str, set[tuple]] = defaultdict(set)
         self._garbage_cond = threading.Condition()
         self._stop = threading.Event()
         self._gc_thread = threading.Thread(target=self._gc_loop, name="gc", daemon=True)
@@ -303,6 +305,8 @@ class Master:
         """A read found a copy corrupt or missing: stop using it, repair it."""
         logger.error("bad replica of %r chunks %d..%d on node %s: %s",
                      name, first, first + count - 1, node_id, exc)
+        if isinstance(exc, protocol.ChecksumMismatch):
+            self.repairer.corrupt_replicas_found += 1
         self.repairer.remove_replica(name, entry, blob, first, count, node_id)
 
     # --- files -------------------------------------------------------------------------
@@ -414,28 +418,54 @@ class Master:
         """
         kept = entry_blobs(keep) if keep is not None else set()
         holders: dict[str, set] = defaultdict(set)
+        items: list[tuple[str, tuple]] = []
         for run in entry["runs"]:
-            holders[run_blob(entry, run)].update(run[2])
-        for blob, nodes in holders.items():
+            first, count, nodes = run[:3]
+            blob = run_blob(entry, run)
             if blob not in kept:
-                self.collect_garbage(blob, nodes)
+                holders[blob].update(nodes)
+                continue
+            # A blob the new version still uses in part: drop only the chunks
+            # it no longer references (a write replaced them).
+            still_used = sorted((r[0], r[1]) for r in keep["runs"] if run_blob(keep, r) == blob)
+            for gap_first, gap_count in uncovered(first, count, still_used):
+                items += [(node_id, (blob, gap_first, gap_count)) for node_id in nodes]
+        for blob, nodes in holders.items():
+            self.collect_garbage(blob, nodes)
+        if items:
+            with self._garbage_cond:
+                for node_id, item in items:
+                    self._garbage[node_id].add(item)
+                self._garbage_cond.notify_all()
 
     def collect_garbage_many(self, node_id: str, blobs) -> None:
         """Ask one node to drop many blobs soon."""
         with self._garbage_cond:
-            self._garbage[node_id].update(blobs)
+            self._garbage[node_id].update((blob, None, None) for blob in blobs)
             self._garbage_cond.notify_all()
 
     def collect_garbage(self, blob: str, node_ids) -> None:
         """Ask ``node_ids`` to drop ``blob`` soon (in the background, with retries)."""
         with self._garbage_cond:
             for node_id in node_ids:
-                self._garbage[node_id].add(blob)
+                self._garbage[node_id].add((blob, None, None))
             self._garbage_cond.notify_all()
 
     def _collectable(self) -> bool:
         """Some garbage is not pinned by a reader (caller holds _garbage_cond)."""
-        return any(b not in self._readers for blobs in self._garbage.values() for b in blobs)
+        return any(item[0] not in self._readers for items in self._garbage.values() for item in items)
+
+    def _collect_on(self, node_id: str, items: set[tuple]) -> None:
+        """Delete whole blobs and drop chunk ranges on one node."""
+        conn = self.pool.acquire(self.node_address(node_id))
+        try:
+            blobs = sorted(blob for blob, first, _ in items if first is None)
+            if blobs:
+                conn.request(protocol.DeleteBlobs(blobs=blobs), protocol.BlobsDeleted)
+            for blob, first, count in sorted(item for item in items if item[1] is not None):
+                conn.request(protocol.DropChunks(blob=blob, first=first, count=count), protocol.ChunksDropped)
+        finally:
+            self.pool.release(conn)
 
     def _gc_loop(self) -> None:
         while not self._stop.is_set():
@@ -443,26 +473,22 @@ class Master:
                 while not self._collectable() and not self._stop.is_set():
                     self._garbage_cond.wait(_GC_RETRY_S if self._garbage else None)
                 work = {}
-                for node_id, blobs in list(self._garbage.items()):
-                    ready = {b for b in blobs if b not in self._readers}
+                for node_id, items in list(self._garbage.items()):
+                    ready = {item for item in items if item[0] not in self._readers}
                     if ready:
                         work[node_id] = ready
-                        blobs -= ready
-                    if not blobs:
+                        items -= ready
+                    if not items:
                         del self._garbage[node_id]
             failed = False
-            for node_id, blobs in work.items():
+            for node_id, items in work.items():
                 try:
-                    conn = self.pool.acquire(self.node_address(node_id))
-                    try:
-                        conn.request(protocol.DeleteBlobs(blobs=sorted(blobs)), protocol.BlobsDeleted)
-                    finally:
-                        self.pool.release(conn)
+                    self._collect_on(node_id, items)
                 except protocol.BackupError as exc:
                     logger.debug("garbage for node %s deferred: %s", node_id, exc)
                     failed = True
                     with self._garbage_cond:
-                        self._garbage[node_id] |= blobs
+                        self._garbage[node_id] |= items
                 except Exception:
                     logger.exception("garbage collection on node %s failed", node_id)
             if failed:

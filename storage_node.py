@@ -208,23 +208,30 @@ class StorageNode:
             reports, self._corrupt = self._corrupt, []
         return reports
 
-    def drop_corrupt(self, blob: str, first: int, count: int) -> None:
-        """Forget a corrupt extent and report it, so the master re-copies it."""
+    def drop_corrupt(self, blob: str, first: int, count: int, report: bool = True) -> None:
+        """Forget a corrupt extent; with ``report``, tell the master in the next heartbeat."""
         if self.store.drop_extent(blob, first, count):
             self.store.flush()
             self.corrupt_found += 1
-            logger.error("dropped corrupt extent %s chunks %d..%d; reporting it", blob, first, first + count - 1)
-            self._queue_corrupt([(blob, first, count)])
+            logger.error("dropped corrupt extent %s chunks %d..%d%s", blob, first, first + count - 1,
+                         "; reporting it" if report else "")
+            if report:
+                self._queue_corrupt([(blob, first, count)])
 
     def find_corrupt(self, blob: str, first: int, count: int) -> None:
-        """A read of [first, first+count) failed its CRCs: find and drop the bad extents."""
+        """A read of [first, first+count) failed its CRCs: find and drop the bad extents.
+
+        Not reported in a heartbeat: the master that asked learns it from the
+        error reply.  A second, late report could arrive after the master
+        had already placed a fresh copy here, and take that good copy off.
+        """
         for extent_first, extent_count in self.store.inventory().get(blob, []):
             if extent_first + extent_count <= first or extent_first >= first + count:
                 continue
             try:
                 self.store.get(blob, extent_first, extent_count)
             except protocol.ChecksumMismatch:
-                self.drop_corrupt(blob, extent_first, extent_count)
+                self.drop_corrupt(blob, extent_first, extent_count, report=False)
 
     def _scrub_loop(self) -> None:
         """Re-read every stored chunk at scrub_rate_mb_s, forever."""

@@ -678,3 +678,204 @@ def test_get_planned_before_compaction_reads_after_unlink(tmp_path, rng, monkeyp
         resume.set()
         reader_thread[0].join()
         assert result == [payload]
+
+
+# --- drop_range: dropping chunk ranges, splitting extents --------------------
+def rec_bytes(blob, count, payload_len):
+    """Bytes on disk of a chunks record."""
+    return HEADER_BYTES + len(blob) + 4 * count + payload_len
+
+
+def seg_sizes(data_dir):
+    return [os.path.getsize(p) for p in segment_paths(data_dir)]
+
+
+def test_drop_range_splits_one_extent(tmp_path, rng):
+    """Dropping the middle of an extent keeps both ends readable, the middle gone, and every stat exact."""
+    with ChunkStore(str(tmp_path)) as store:
+        payload = put(store, rng, "b1", 0, 8, short=100)
+        assert store.drop_range("b1", 2, 3) == 3
+        assert store.inventory() == {"b1": [(0, 2), (5, 3)]}
+        assert store.get("b1", 0, 2)[2] == payload[:2 * CS]
+        assert store.get("b1", 5, 3)[2] == payload[5 * CS:]
+        assert store.get("b1", 6, 2)[2] == payload[6 * CS:]
+        for first, count in [(2, 1), (4, 1), (1, 2), (0, 8)]:
+            with pytest.raises(ChunkNotFound):
+                store.get("b1", first, count)
+        live = 5 * CS - 100
+        assert (store.chunk_count, store.live_bytes, store.extent_count, store.blob_count) == (5, live, 2, 1)
+        # The split record's header and blob id count once, plus the kept CRCs and payload.
+        assert store.segment_stats()[0]["live_bytes"] == HEADER_BYTES + 2 + 4 * 5 + live
+
+
+def test_drop_range_spanning_two_extents(tmp_path, rng):
+    """A range over the end of one extent and the start of the next trims both, and gets across the cut work."""
+    with ChunkStore(str(tmp_path)) as store:
+        a = put(store, rng, "b1", 0, 4)
+        b = put(store, rng, "b1", 4, 4)
+        c = put(store, rng, "b1", 8, 2, short=9)
+        assert store.drop_range("b1", 2, 4) == 4
+        assert store.inventory() == {"b1": [(0, 2), (6, 2), (8, 2)]}
+        assert store.get("b1", 0, 2)[2] == a[:2 * CS]
+        assert store.get("b1", 6, 4)[2] == b[2 * CS:] + c  # a kept part and the next record
+        with pytest.raises(ChunkNotFound):
+            store.get("b1", 1, 6)
+        assert (store.chunk_count, store.live_bytes, store.extent_count) == (6, 6 * CS - 9, 3)
+
+
+def test_drop_range_over_whole_extents_and_blob(tmp_path, rng):
+    """A range covering whole extents drops them without a split, and the blob once nothing is left."""
+    with ChunkStore(str(tmp_path)) as store:
+        put(store, rng, "b1", 0, 2)
+        put(store, rng, "b1", 2, 2)
+        put(store, rng, "b1", 6, 1)
+        assert store.drop_range("b1", 0, 5) == 4
+        assert store.inventory() == {"b1": [(6, 1)]}
+        assert store.drop_range("b1", 0, 100) == 1
+        assert store.inventory() == {} and (store.blob_count, store.chunk_count, store.live_bytes) == (0, 0, 0)
+        assert [s["live_bytes"] for s in store.segment_stats()] == [0]
+
+
+def test_drop_range_survives_reopen(tmp_path, rng):
+    """Replaying drop records splits extents the same way: inventory, data and stats are identical after reopen."""
+    with ChunkStore(str(tmp_path)) as store:
+        put(store, rng, "b1", 0, 8, short=5)
+        put(store, rng, "b1", 8, 4)
+        put(store, rng, "b2", 0, 6)
+        store.drop_range("b1", 1, 2)
+        store.drop_range("b1", 6, 4)  # trims the first extent again, and the second
+        store.drop_range("b2", 5, 10)
+        store.flush()
+        before = snapshot(store), store.segment_stats(), store.used_bytes
+        assert before[0][0] == {"b1": [(0, 1), (3, 3), (10, 2)], "b2": [(0, 5)]}
+    with ChunkStore(str(tmp_path)) as store:
+        assert (snapshot(store), store.segment_stats(), store.used_bytes) == before
+
+
+def test_drop_range_of_nothing_writes_nothing(tmp_path, rng):
+    """drop_range over an unknown blob, a gap or past the end returns 0 and writes no record."""
+    with ChunkStore(str(tmp_path)) as store:
+        put(store, rng, "b1", 0, 2)
+        put(store, rng, "b1", 5, 2)
+        used = store.used_bytes
+        for blob, first, count in [("nope", 0, 4), ("b1", 2, 3), ("b1", 7, 100)]:
+            assert store.drop_range(blob, first, count) == 0
+        assert store.used_bytes == used and seg_sizes(tmp_path) == [used]
+        assert store.inventory() == {"b1": [(0, 2), (5, 2)]}
+        for first, count in [(-1, 2), (0, 0), (0, 2**32)]:
+            with pytest.raises(RemoteProtocolError):
+                store.drop_range("b1", first, count)
+
+
+def test_drop_extent_still_needs_an_exact_extent(tmp_path, rng):
+    """drop_extent refuses a sub-range of an extent (writing nothing) but drops a part left by a split."""
+    with ChunkStore(str(tmp_path)) as store:
+        payload = put(store, rng, "b1", 0, 6)
+        used = store.used_bytes
+        assert not store.drop_extent("b1", 0, 2) and not store.drop_extent("b1", 1, 5)
+        assert store.used_bytes == used and store.inventory() == {"b1": [(0, 6)]}
+        assert store.drop_range("b1", 2, 2) == 2
+        assert store.drop_extent("b1", 4, 2) and not store.drop_extent("b1", 0, 6)
+        assert store.inventory() == {"b1": [(0, 2)]} and store.get("b1", 0, 2)[2] == payload[:2 * CS]
+        store.flush()
+    with ChunkStore(str(tmp_path)) as store:
+        assert store.inventory() == {"b1": [(0, 2)]} and store.chunk_count == 2
+
+
+def test_reput_of_original_range_replaces_split_parts(tmp_path, rng):
+    """Re-putting a whole range after a partial drop replaces its parts, now and after reopen."""
+    with ChunkStore(str(tmp_path)) as store:
+        put(store, rng, "b1", 0, 6)
+        store.drop_range("b1", 2, 2)
+        again = put(store, rng, "b1", 0, 6)
+        assert store.inventory() == {"b1": [(0, 6)]} and store.get("b1", 0, 6)[2] == again
+        assert (store.chunk_count, store.extent_count, store.live_bytes) == (6, 1, 6 * CS)
+        assert store.segment_stats()[0]["live_bytes"] == rec_bytes("b1", 6, 6 * CS)
+        with pytest.raises(RemoteProtocolError, match="overlap"):
+            put(store, rng, "b1", 3, 6)  # still refused: reaches past the stored extent
+    with ChunkStore(str(tmp_path)) as store:
+        assert store.inventory() == {"b1": [(0, 6)]} and store.get("b1", 0, 6)[2] == again
+
+
+def test_compaction_after_partial_drop_copies_only_kept_parts(tmp_path, rng):
+    """Compacting a split record reclaims the dropped chunks and keeps the rest identical, before and after reopen."""
+    with ChunkStore(str(tmp_path), segment_max_bytes=SMALL_SEG) as store:
+        payload = put(store, rng, "b1", 0, 8, short=3)  # segment 1, alone (larger than a segment)
+        put(store, rng, "tail", 0, 1)  # segment 2, active
+        assert store.drop_range("b1", 2, 4) == 4
+        before = snapshot(store)
+        result = store.compact(min_dead_fraction=0.4)
+        copies = rec_bytes("b1", 2, 2 * CS) + rec_bytes("b1", 2, 2 * CS - 3)
+        assert result == {"segments_compacted": 1, "bytes_reclaimed": rec_bytes("b1", 8, 8 * CS - 3) - copies,
+                          "corrupt": []}
+        assert 1 not in seg_nos(store) and snapshot(store) == before
+        assert store.get("b1", 6, 2)[2] == payload[6 * CS:]
+        live = [s["live_bytes"] for s in store.segment_stats()]
+        assert sum(live) == rec_bytes("tail", 1, CS) + copies  # each kept part is now a record of its own
+        assert store.used_bytes == sum(seg_sizes(tmp_path))
+        store.flush()
+    with ChunkStore(str(tmp_path), segment_max_bytes=SMALL_SEG) as store:
+        assert snapshot(store) == before and [s["live_bytes"] for s in store.segment_stats()] == live
+
+
+def test_dropping_every_part_leaves_segment_dead(tmp_path, rng):
+    """Once every part of a split record is dropped its header stops counting, and compaction just unlinks it."""
+    with ChunkStore(str(tmp_path), segment_max_bytes=SMALL_SEG) as store:
+        put(store, rng, "b1", 0, 8)  # segment 1
+        put(store, rng, "tail", 0, 1)  # segment 2, active
+        store.drop_range("b1", 3, 2)
+        store.drop_range("b1", 6, 2)
+        store.drop_range("b1", 0, 3)
+        assert store.inventory()["b1"] == [(5, 1)]
+        store.drop_range("b1", 5, 1)
+        assert store.segment_stats()[0]["live_bytes"] == 0
+        assert store.compact(min_dead_fraction=1.0)["segments_compacted"] == 1
+        assert store.inventory() == {"tail": [(0, 1)]}
+
+
+def test_carried_drop_record_spares_later_put_into_the_gap(tmp_path, rng):
+    """A drop record moved by compaction behind a later put into the dropped gap loses no kept chunk on reopen."""
+    with ChunkStore(str(tmp_path), segment_max_bytes=SMALL_SEG) as store:
+        payload = put(store, rng, "b1", 0, 8)  # segment 1, mostly live after the drop: not compacted
+        put(store, rng, "junk", 0, 3)  # segment 2
+        store.drop_range("b1", 2, 2)  # segment 2
+        store.delete_blobs(["junk"])  # segment 2, now all dead
+        gap = put(store, rng, "b1", 2, 2)  # segment 3, active
+        assert store.compact()["segments_compacted"] == 1 and seg_nos(store) == [1, 3]
+        store.flush()
+        before = snapshot(store)
+    with ChunkStore(str(tmp_path), segment_max_bytes=SMALL_SEG) as store:
+        assert store.inventory() == {"b1": [(0, 2), (2, 2), (4, 4)]}
+        assert store.get("b1", 0, 8)[2] == payload[:2 * CS] + gap + payload[4 * CS:]
+        assert snapshot(store) == before
+
+
+def test_scrub_after_split_reports_the_damaged_part(tmp_path, rng):
+    """After a split, scrub checks each kept part on its own: damage in a kept part reports it, in the dropped part nothing."""
+    with ChunkStore(str(tmp_path)) as store:
+        payload = put(store, rng, "b1", 0, 8)
+        store.drop_range("b1", 3, 2)
+        assert full_scrub(store) == ([], 1)
+        flip_byte(segment_paths(tmp_path)[0], payload_offset(0, "b1", 8) + 3 * CS + 7)  # dropped chunk 3
+        assert full_scrub(store)[0] == []
+        flip_byte(segment_paths(tmp_path)[0], payload_offset(0, "b1", 8) + 6 * CS + 7)  # kept chunk 6
+        assert full_scrub(store, max_bytes=1) == ([("b1", 5, 3)], 2)
+        assert store.get("b1", 0, 3)[2] == payload[:3 * CS]
+        with pytest.raises(ChecksumMismatch, match="b1 chunk 6"):
+            store.get("b1", 5, 3)
+
+
+def test_compaction_drops_corrupt_part_of_split_record(tmp_path, rng):
+    """Compaction re-checks each kept part of a split record: a damaged one is reported and dropped, the other copied."""
+    with ChunkStore(str(tmp_path), segment_max_bytes=SMALL_SEG) as store:
+        payload = put(store, rng, "b1", 0, 8)  # segment 1
+        put(store, rng, "tail", 0, 1)  # segment 2, active
+        store.drop_range("b1", 3, 2)
+        flip_byte(segment_paths(tmp_path)[0], payload_offset(0, "b1", 8) + 6 * CS + 7)  # kept chunk 6
+        result = store.compact(min_dead_fraction=0.0)
+        assert result["corrupt"] == [("b1", 5, 3)] and result["segments_compacted"] == 1
+        assert store.inventory() == {"b1": [(0, 3)], "tail": [(0, 1)]}
+        assert store.get("b1", 0, 3)[2] == payload[:3 * CS]
+        store.flush()
+    with ChunkStore(str(tmp_path), segment_max_bytes=SMALL_SEG) as store:
+        assert store.inventory() == {"b1": [(0, 3)], "tail": [(0, 1)]}

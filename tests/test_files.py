@@ -44,6 +44,9 @@ REPLICATION = 2  # replication in config.ini
 # A range file: five whole chunks and a partial sixth.
 RANGE_SIZE = 5 * CHUNK_BYTES + 300
 RANGE_SEED = 1601
+# Seconds for the master to have a discarded upload's chunks deleted (it
+# takes milliseconds: the GC thread is woken at once).
+GC_TIMEOUT_S = 5.0
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -111,7 +114,18 @@ def waiting_count(cluster, name: str) -> int:
 
 
 def stored_chunks(cluster) -> int:
+    """Chunks held by all nodes, as the master last heard in heartbeats."""
     return cluster.status().totals["chunks"]
+
+
+def node_chunks(cluster) -> int:
+    """Chunks held by all nodes right now, asked of each node (no heartbeat lag)."""
+    total = 0
+    for node in cluster.nodes:
+        host, _, port = node.address.rpartition(":")
+        with transport.Connection((host, int(port)), "master", timeout_s=10.0) as conn:
+            total += conn.request(protocol.NodeStat(), protocol.NodeStatReply).chunks
+    return total
 
 
 def wait_chunks_back_to(cluster, chunks: int, timeout_s: float = 15.0) -> None:
@@ -618,6 +632,28 @@ def test_killed_writer_process_releases_the_lock_and_changes_nothing(shared_clus
     assert download(shared_cluster, name, tmp_path) == old, f"seed {seed}"
 
 
+@pytest.mark.parametrize("how", ["connection-reset", "wrong-sha256"])
+def test_abandoned_append_leaves_no_chunks_behind(shared_cluster, tmp_path, holders, how):
+    """The batches an append shipped before it failed (connection reset, wrong SHA-256) are collected from the nodes."""
+    seed = 2120
+    name = f"locks/abandoned-{how}"
+    old = random_bytes(seed, 1500)
+    upload(shared_cluster, name, old, tmp_path)
+    baseline = node_chunks(shared_cluster)
+    holder = holders(shared_cluster, name, random_bytes(seed + 1, MIB + 100 * KIB))  # one whole batch shipped
+    wait_until(lambda: node_chunks(shared_cluster) > baseline, message="the first batch on the nodes")
+    if how == "connection-reset":
+        holder.reset()
+    else:
+        holder.conn.send(protocol.UploadEnd(sha256="0" * 64))
+        reply = holder.conn.recv()
+        assert isinstance(reply, protocol.Error) and reply.code == "CHECKSUM_MISMATCH", reply
+    wait_until(lambda: lock_of(shared_cluster, name) is None, 2.0, message="lock released")
+    wait_until(lambda: node_chunks(shared_cluster) == baseline, GC_TIMEOUT_S,
+               message=f"nodes back to {baseline} chunks (the failed append collected)")
+    assert download(shared_cluster, name, tmp_path) == old, f"seed {seed}"
+
+
 def test_stalled_writer_loses_the_lock_after_the_lease(lease_cluster, tmp_path, holders, spawn):
     """A writer silent past lock_lease_s (1 s) loses the lock: the file is unchanged and a waiting writer proceeds."""
     seed = 2200
@@ -640,12 +676,12 @@ def test_stalled_writer_partial_upload_is_discarded(lease_cluster, tmp_path, hol
     name = "lease/garbage"
     old = random_bytes(seed, 1500)
     upload(lease_cluster, name, old, tmp_path)
-    baseline = wait_until(lambda: stored_chunks(lease_cluster) or None, message="chunks reported")
-    wait_until(lambda: stored_chunks(lease_cluster) == baseline, message="stable chunk count")
+    baseline = node_chunks(lease_cluster)
     holders(lease_cluster, name, random_bytes(seed + 1, MIB + 100 * KIB))  # one whole batch shipped
-    wait_until(lambda: stored_chunks(lease_cluster) > baseline, message="the first batch on the nodes")
+    wait_until(lambda: node_chunks(lease_cluster) > baseline, message="the first batch on the nodes")
     wait_until(lambda: lock_of(lease_cluster, name) is None, 5.0, message="lock lost after the lease")
-    wait_chunks_back_to(lease_cluster, baseline, timeout_s=8.0)
+    wait_until(lambda: node_chunks(lease_cluster) == baseline, GC_TIMEOUT_S,
+               message=f"nodes back to {baseline} chunks (the partial upload collected)")
     assert download(lease_cluster, name, tmp_path) == old, f"seed {seed}"
 
 
