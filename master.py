@@ -24,7 +24,6 @@ import argparse
 import hashlib
 import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -868,19 +867,15 @@ def main(argv=None) -> int:
         print(f"master: cannot listen on {config.master_host}:{config.master_port}: {exc.strerror}",
               file=sys.stderr)
         return EXIT_START_FAILED
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(EXIT_OK))
     master.start()
     logger.info("serving %s with %d files from %s", server.address_text, len(master.namespace.files),
                 os.path.abspath(config.master_data_dir))
-    print(f"listening on {server.address_text}", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+
+    def stop():
         master.stop()
         logger.info("stopped")
+
+    transport.serve_until_stopped(server, stop)
     return EXIT_OK
 
 

@@ -21,7 +21,6 @@ import errno
 import json
 import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -374,20 +373,16 @@ def main(argv=None) -> int:
     except OSError as exc:
         print(f"storage_node: cannot listen on {config.node_host}:{config.node_port}: {exc.strerror}", file=sys.stderr)
         return EXIT_START_FAILED
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(EXIT_OK))
     node.start(server.server_address[:2])
     logger.info("node %s serving %s from %s", node.node_id, server.address_text, config.node_data_dir)
-    print(f"listening on {server.address_text}", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
+
+    def stop():
         node.stop()
-        server.server_close()
         node.store.flush()
         node.store.close()
         logger.info("stopped")
+
+    transport.serve_until_stopped(server, stop)
     return EXIT_OK
 
 

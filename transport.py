@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import logging
 import select
+import signal
 import socket
 import socketserver
+import sys
 import ssl
 import threading
 import time
@@ -487,3 +489,21 @@ class Server(socketserver.ThreadingTCPServer):
 
     def handle_error(self, request, client_address):
         logger.exception("unhandled error serving %s", format_address(client_address))
+
+
+def serve_until_stopped(server: Server, on_stop) -> None:
+    """The tail of every server's main(): announce, serve, stop cleanly.
+
+    Prints the one ``listening on HOST:PORT`` line scripts and tests wait
+    for, serves until SIGTERM or Ctrl-C, then closes the listening socket
+    and calls ``on_stop()``.
+    """
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    print(f"listening on {server.address_text}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        on_stop()

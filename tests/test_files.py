@@ -128,12 +128,6 @@ def node_chunks(cluster) -> int:
     return total
 
 
-def wait_chunks_back_to(cluster, chunks: int, timeout_s: float = 15.0) -> None:
-    """Wait until the nodes report ``chunks`` in total: garbage has been collected."""
-    wait_until(lambda: stored_chunks(cluster) == chunks, timeout_s,
-               message=f"nodes back to {chunks} chunks (garbage collected)")
-
-
 def chunk_placement(runs: list) -> dict[int, tuple]:
     """chunk index -> (replica node ids, blob), from STAT runs [first, count, nodes, blob]."""
     return {chunk: (tuple(sorted(nodes)), blob)
