@@ -653,26 +653,30 @@ class MasterHandler(transport.RequestHandler):
             raise protocol.InvalidRange(f"offset {offset} is outside {name!r} (size {size})")
         first_chunk = offset // chunk_size
         stream = transfers.UploadStream(self.session, name, first_chunk=first_chunk)
-        head = offset - first_chunk * chunk_size
-        if head:  # the old bytes before the offset in the first touched chunk
-            for piece in transfers.read_range(self.master, name, old, offset - head, head):
-                stream.write(piece)
-        data_sha = hashlib.sha256()
-        if not self._receive_upload(stream, data_sha):
-            stream.discard()
-            return None
-        if self._client_sha256 != data_sha.hexdigest():
-            raise protocol.ChecksumMismatch(f"{msg.mode} to {name!r} arrived corrupted")
-        end = offset + stream.written - head
-        tail_end = min(size, -(-end // chunk_size) * chunk_size)
-        if end < tail_end:  # the old bytes after the data in the last touched chunk
-            for piece in transfers.read_range(self.master, name, old, end, tail_end - end):
-                stream.write(piece)
-        stream.flush()
-        new_size = max(size, end)
-        runs = splice_runs(old, stream.runs, first_chunk, first_chunk + -(-stream.written // chunk_size))
-        stream.entry = make_entry(new_size, chunk_size, "", stream.blob, runs, stream.session.chunks_per_batch)
-        stream.needs_sha = True
+        try:
+            head = offset - first_chunk * chunk_size
+            if head:  # the old bytes before the offset in the first touched chunk
+                for piece in transfers.read_range(self.master, name, old, offset - head, head):
+                    stream.write(piece)
+            data_sha = hashlib.sha256()
+            if not self._receive_upload(stream, data_sha):
+                stream.discard()
+                return None
+            if self._client_sha256 != data_sha.hexdigest():
+                raise protocol.ChecksumMismatch(f"{msg.mode} to {name!r} arrived corrupted")
+            end = offset + stream.written - head
+            tail_end = min(size, -(-end // chunk_size) * chunk_size)
+            if end < tail_end:  # the old bytes after the data in the last touched chunk
+                for piece in transfers.read_range(self.master, name, old, end, tail_end - end):
+                    stream.write(piece)
+            stream.flush()
+            new_size = max(size, end)
+            runs = splice_runs(old, stream.runs, first_chunk, first_chunk + -(-stream.written // chunk_size))
+            stream.entry = make_entry(new_size, chunk_size, "", stream.blob, runs, stream.session.chunks_per_batch)
+            stream.needs_sha = True
+        except BaseException:
+            stream.discard()  # whatever it sent is garbage now
+            raise
         return stream
 
     def _fail_upload(self, exc: protocol.BackupError, ended: bool) -> None:
