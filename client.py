@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import json
 import os
+import queue
 import select
 import stat
 import sys
@@ -205,6 +206,73 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+class _FrameSink:
+    """Hashes and writes received frames, in a second thread when ``threaded``.
+
+    ``free_buffer()`` hands out a buffer to receive the next frame into;
+    ``put()`` queues its body; ``close()`` drains the queue and re-raises a
+    write error.  Three buffers rotate, so memory is three frames.
+    """
+
+    _BUFFERS = 3
+
+    def __init__(self, out, sha, progress: Progress, threaded: bool, first_buffer: bytearray):
+        self.out = out
+        self.sha = sha
+        self.progress = progress
+        self.error: BaseException | None = None
+        self._free: queue.Queue = queue.Queue()
+        self._free.put(first_buffer)
+        self._thread = None
+        if threaded:
+            for _ in range(self._BUFFERS - 1):
+                self._free.put(bytearray(len(first_buffer)))
+            self._work: queue.Queue = queue.Queue()
+            self._thread = threading.Thread(target=self._run, name="download-writer", daemon=True)
+            self._thread.start()
+
+    def free_buffer(self) -> bytearray:
+        if self.error is not None:
+            raise self.error
+        return self._free.get()
+
+    def put(self, buffer: bytearray, body) -> None:
+        if self._thread is None:
+            self._consume(body)
+            self._free.put(buffer)
+        else:
+            self._work.put((buffer, body))
+
+    def _consume(self, body) -> None:
+        if self.sha is not None:
+            self.sha.update(body)
+        try:
+            self.out.write(body)
+        except OSError as exc:
+            raise LocalFileError(f"cannot write: {exc.strerror}") from None
+        self.progress.advance(len(body))
+
+    def _run(self) -> None:
+        while True:
+            item = self._work.get()
+            if item is None:
+                return
+            buffer, body = item
+            try:
+                if self.error is None:
+                    self._consume(body)
+            except BaseException as exc:
+                self.error = exc
+            self._free.put(buffer)
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._work.put(None)
+            self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+
 class Client:
     """A session with the master: one connection, opened on first use."""
 
@@ -316,30 +384,33 @@ class Client:
         return info
 
     def _receive(self, name: str, out) -> protocol.FileInfo:
+        """Read one download reply (FILE_INFO, DATA..., DATA_END) into ``out``.
+
+        The socket is read in this thread while a second one hashes and
+        writes the previous frame (hashlib and file writes release the GIL),
+        so receiving never waits for the disk.  Small files skip the thread.
+        """
         conn = self.conn
         info = conn.expect(protocol.FileInfo)
         whole_file = info.offset == 0 and info.length == info.size
-        sha = hashlib.sha256()
+        sha = hashlib.sha256() if whole_file else None
         progress = Progress(f"download {name}", info.length,
                             self.show_progress and out is not sys.stdout.buffer and info.length >= self.frame_bytes)
-        buffer = self._buffer()
+        sink = _FrameSink(out, sha, progress, threaded=info.length > self.frame_bytes, first_buffer=self._buffer())
         received = 0
-        while True:
-            msg = conn.recv(buffer)
-            if isinstance(msg, protocol.Data):
+        try:
+            while True:
+                buffer = sink.free_buffer()
+                msg = conn.recv(buffer)
+                if not isinstance(msg, protocol.Data):
+                    protocol.expect(msg, protocol.DataEnd)
+                    break
                 received += len(msg.body)
                 if received > info.length:
                     raise protocol.RemoteProtocolError("master sent more bytes than announced")
-                if whole_file:
-                    sha.update(msg.body)
-                try:
-                    out.write(msg.body)
-                except OSError as exc:
-                    raise LocalFileError(f"cannot write: {exc.strerror}") from None
-                progress.advance(len(msg.body))
-            else:
-                protocol.expect(msg, protocol.DataEnd)
-                break
+                sink.put(buffer, msg.body)
+        finally:
+            sink.close()
         if received != info.length:
             raise protocol.RemoteProtocolError(f"master sent {received} bytes, announced {info.length}")
         if whole_file and sha.hexdigest() != info.sha256:
