@@ -295,7 +295,7 @@ class NodeHandler(transport.RequestHandler):
         self.reply(reply)
 
     def do_DROP_CHUNKS(self, msg: protocol.DropChunks) -> None:
-        dropped = self.node.store.drop_extent(msg.blob, msg.first, msg.count)
+        dropped = self.node.store.drop_range(msg.blob, msg.first, msg.count) > 0
         if dropped:
             self.node.store.flush()
             logger.info("dropped %s chunks %d..%d at the master's request", msg.blob, msg.first,
