@@ -734,9 +734,10 @@ class BlobsDeleted(Message):
 
 @message
 class DropChunks(Message):
-    """Forget the extent ``[first, first+count)`` of ``blob`` (a surplus or bad copy).
+    """Forget chunks ``[first, first+count)`` of ``blob``: a surplus or bad copy,
+    or chunks an in-place write replaced (the rest of the blob stays).
 
-    Reply: ``CHUNKS_DROPPED`` with ``dropped`` true if the node held it.
+    Reply: ``CHUNKS_DROPPED`` with ``dropped`` true if the node held any of them.
     """
 
     OP = "DROP_CHUNKS"
