@@ -7,7 +7,9 @@ fails.  Waits poll a condition with a deadline (``wait_until``).
 
 from __future__ import annotations
 
+import hashlib
 import os
+import random
 import subprocess
 import sys
 import time
@@ -38,6 +40,27 @@ def wait_until(condition, timeout_s: float = 15.0, interval_s: float = 0.05, mes
             last_error = exc
         time.sleep(interval_s)
     raise AssertionError(f"timed out after {timeout_s}s waiting for {message} (last error: {last_error!r})")
+
+
+def random_bytes(seed: int, size: int) -> bytes:
+    """``size`` reproducible random bytes (the seed goes in assertion messages)."""
+    return random.Random(seed).randbytes(size)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_local(tmp_path, label: str, data: bytes) -> str:
+    """Write ``data`` to a local file under ``tmp_path``; its path."""
+    path = tmp_path / f"local-{label}"
+    path.write_bytes(data)
+    return str(path)
+
+
+def master_address(cluster) -> tuple[str, int]:
+    host, _, port = cluster.master_address.rpartition(":")
+    return host, int(port)
 
 
 class CliResult:

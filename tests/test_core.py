@@ -8,10 +8,8 @@ seed is named in the assertion messages.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import random
 import re
 import shutil
 import socket
@@ -22,7 +20,8 @@ import threading
 
 import pytest
 
-from conftest import FAST_MASTER, FAST_TIMING, ROOT, CliResult, TestCluster, wait_until
+from conftest import (FAST_MASTER, FAST_TIMING, ROOT, CliResult, TestCluster, master_address, random_bytes, sha256,
+                      wait_until, write_local)
 
 import client as client_module
 import protocol
@@ -36,23 +35,6 @@ BATCH_BYTES = MIB  # batch_bytes in config.ini
 
 
 # --- helpers --------------------------------------------------------------------------------
-def random_bytes(seed: int, size: int) -> bytes:
-    return random.Random(seed).randbytes(size)
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def write_local(tmp_path, label: str, data: bytes) -> str:
-    path = tmp_path / f"local-{label}"
-    path.write_bytes(data)
-    return str(path)
-
-
-def master_address(cluster) -> tuple[str, int]:
-    host, _, port = cluster.master_address.rpartition(":")
-    return host, int(port)
 
 
 def node_address(cluster, index: int) -> tuple[str, int]:

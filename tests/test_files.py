@@ -29,7 +29,8 @@ import time
 
 import pytest
 
-from conftest import FAST_MASTER, FAST_TIMING, ROOT, TestCluster, wait_until
+from conftest import (FAST_MASTER, FAST_TIMING, ROOT, TestCluster, master_address, random_bytes, sha256,
+                      wait_until, write_local)
 
 import client as client_module
 import protocol
@@ -50,23 +51,6 @@ GC_TIMEOUT_S = 5.0
 
 
 # --- helpers --------------------------------------------------------------------------------
-def random_bytes(seed: int, size: int) -> bytes:
-    return random.Random(seed).randbytes(size)
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def write_local(tmp_path, label: str, data: bytes) -> str:
-    path = tmp_path / f"local-{label}"
-    path.write_bytes(data)
-    return str(path)
-
-
-def master_address(cluster) -> tuple[str, int]:
-    host, _, port = cluster.master_address.rpartition(":")
-    return host, int(port)
 
 
 def with_client(cluster, call):

@@ -26,7 +26,7 @@ import signal
 import struct
 import time
 
-from conftest import FAST_MASTER, FAST_TIMING, ROOT, wait_until
+from conftest import FAST_MASTER, FAST_TIMING, ROOT, random_bytes, wait_until
 
 import client as client_module
 import protocol
@@ -47,9 +47,6 @@ HEAL_NODE = [*FAST_TIMING, "--scrub-rate", "0"]
 
 
 # --- helpers -----------------------------------------------------------------------------------
-def random_bytes(seed: int, size: int) -> bytes:
-    return random.Random(seed).randbytes(size)
-
 
 def heal_cluster(make_cluster, nodes: int = 3, master_args=(), node_args=(), **kwargs):
     return make_cluster(nodes=nodes, master_args=[*HEAL_MASTER, *master_args],
