@@ -696,14 +696,25 @@ def cmd_list(client: Client, args) -> int:
 
 def cmd_status(client: Client, args) -> int:
     reply = client.status()
-    print(f"{'NODE':<14} {'ADDRESS':<22} {'STATE':<6} {'HEARD':>7} {'USED':>11} {'CHUNKS':>10}")
+    print(f"{'NODE':<14} {'ADDRESS':<22} {'STATE':<6} {'HEARD':>9} {'USED':>11} {'CHUNKS':>10}")
     for node in reply.nodes:
-        heard = "never" if node["last_heard_s"] is None else f"{node['last_heard_s']:.1f}s"
-        print(f"{node['id']:<14} {node['address']:<22} {'alive' if node['alive'] else 'DEAD':<6} {heard:>7} "
+        heard = "never" if node["last_heard_s"] is None else f"{node['last_heard_s']:.1f}s ago"
+        state = ("alive" if node["alive"] else "DEAD") + (" full" if node.get("full") else "")
+        print(f"{node['id']:<14} {node['address']:<22} {state:<6} {heard:>9} "
               f"{human_bytes(node['used_bytes']):>11} {node['chunks']:>10}")
     t = reply.totals
     print(f"nodes: {t['nodes_alive']}/{t['nodes']} alive; files: {t['files']} ({human_bytes(t['file_bytes'])}); "
           f"stored: {human_bytes(t['used_bytes'])} in {t['chunks']} chunks; replication {t['replication']}")
+    print(f"under-replicated chunks: {t.get('under_replicated_chunks', 0)}; "
+          f"repairs in progress: {t.get('repairs_pending', 0)}; "
+          f"chunks re-replicated: {t.get('repaired_chunks', 0)}; "
+          f"corrupt replicas found: {t.get('corrupt_replicas_found', 0)}"
+          + ("; SAFE MODE (no repairs yet)" if t.get("safe_mode") else ""))
+    damaged = t.get("damaged_files", [])
+    if damaged:
+        more = t.get("damaged_file_count", len(damaged)) - len(damaged)
+        print(f"damaged files (no live copy of some chunk): {', '.join(damaged)}"
+              + (f" and {more} more" if more > 0 else ""))
     return EXIT_OK
 
 
