@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import struct
 import subprocess
 import sys
 import time
@@ -61,6 +62,42 @@ def write_local(tmp_path, label: str, data: bytes) -> str:
 def master_address(cluster) -> tuple[str, int]:
     host, _, port = cluster.master_address.rpartition(":")
     return host, int(port)
+
+
+# Record header of chunk_store.py's segment files (see its module docstring).
+_RECORD_HEAD = struct.Struct(">4sBBHQIIQI")
+_KIND_CHUNKS = 1
+
+
+def segment_records(path: str):
+    """Yield (blob, first, count, payload_offset, payload_len) of each chunk record in a segment file.
+
+    Parsed independently of chunk_store.py, so tests can corrupt bytes on disk
+    at an exact place without trusting the code under test.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    offset = 0
+    while offset + _RECORD_HEAD.size <= len(data):
+        magic, kind, id_len, _, first, count, _, payload_len, _ = _RECORD_HEAD.unpack_from(data, offset)
+        if magic != b"BKR1":
+            return
+        blob = data[offset + _RECORD_HEAD.size:offset + _RECORD_HEAD.size + id_len].decode("ascii")
+        crc_len = 4 * count if kind == _KIND_CHUNKS else 0  # tombstones and drops carry no CRCs
+        payload_offset = offset + _RECORD_HEAD.size + id_len + crc_len
+        if kind == _KIND_CHUNKS:
+            yield blob, first, count, payload_offset, payload_len
+        offset = payload_offset + payload_len
+
+
+def payload_locations(cluster, index: int, blob: str) -> list[tuple[str, int, int, int]]:
+    """(segment path, first chunk, payload offset, payload length) of ``blob``'s records on node ``index``."""
+    seg_dir = os.path.join(cluster.node_data_dir(index), "chunks", "segments")
+    found = []
+    for name in sorted(os.listdir(seg_dir)):
+        path = os.path.join(seg_dir, name)
+        found += [(path, first, off, length) for b, first, _, off, length in segment_records(path) if b == blob]
+    return found
 
 
 class CliResult:

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -21,7 +20,7 @@ import threading
 import pytest
 
 from conftest import (FAST_MASTER, FAST_TIMING, ROOT, CliResult, TestCluster, master_address, random_bytes, sha256,
-                      wait_until, write_local)
+                      payload_locations, wait_until, write_local)
 
 import client as client_module
 import protocol
@@ -114,35 +113,6 @@ def holders_per_chunk(inventories: dict, blob: str, chunks: int) -> list[set[str
 
 
 # Record header of chunk_store.py, as drawn in its module docstring.
-_RECORD_HEAD = struct.Struct(">4sBBHQIIQI")
-
-
-def segment_records(path: str):
-    """Yield (blob, first, count, payload_offset, payload_len) of each chunk record."""
-    with open(path, "rb") as f:
-        data = f.read()
-    offset = 0
-    while offset + _RECORD_HEAD.size <= len(data):
-        magic, kind, id_len, _, first, count, _, payload_len, _ = _RECORD_HEAD.unpack_from(data, offset)
-        if magic != b"BKR1":
-            return
-        blob = data[offset + _RECORD_HEAD.size:offset + _RECORD_HEAD.size + id_len].decode("ascii")
-        payload_offset = offset + _RECORD_HEAD.size + id_len + 4 * count
-        if kind == 1:
-            yield blob, first, count, payload_offset, payload_len
-        offset = payload_offset + payload_len
-
-
-def payload_locations(cluster, index: int, blob: str) -> list[tuple[str, int, int]]:
-    """(segment path, payload offset, payload length) of ``blob``'s records on node ``index``."""
-    seg_dir = os.path.join(cluster.node_data_dir(index), "chunks", "segments")
-    found = []
-    for name in sorted(os.listdir(seg_dir)):
-        path = os.path.join(seg_dir, name)
-        found += [(path, off, length) for b, _, _, off, length in segment_records(path) if b == blob]
-    return found
-
-
 def flip_byte(path: str, offset: int) -> None:
     with open(path, "r+b") as f:
         f.seek(offset)
@@ -810,6 +780,6 @@ def test_corrupt_replica_on_disk_is_failed_over(cluster, tmp_path):
     # With both replicas alive and idle, the master reads the one listed first in the run.
     [[_, _, replicas]] = committed_runs(cluster, "rot")
     index = next(i for i in holders if node_id(cluster, i) == replicas[0])
-    path, offset, length = payload_locations(cluster, index, reply.version)[0]
+    path, _, offset, length = payload_locations(cluster, index, reply.version)[0]
     flip_byte(path, offset + length - 50)
     assert download(cluster, "rot", tmp_path) == data, f"node{index} corrupt (seed {seed})"

@@ -23,10 +23,9 @@ import random
 import re
 import shutil
 import signal
-import struct
 import time
 
-from conftest import FAST_MASTER, FAST_TIMING, ROOT, random_bytes, wait_until
+from conftest import FAST_MASTER, FAST_TIMING, ROOT, payload_locations, random_bytes, wait_until
 
 import client as client_module
 import protocol
@@ -220,35 +219,9 @@ def master_entry(cluster, name: str) -> dict | None:
 
 # Bytes 0..35 of a record of chunk_store.py: magic, kind, L, reserved, first, count,
 # chunk_size, P, header CRC -- big-endian, as its module docstring draws them.
-_RECORD_HEAD = struct.Struct(">4sBBHQIIQI")
-_KIND_CHUNKS = 1
-
-
-def chunk_records(cluster, index: int, blob: str) -> list[tuple[str, int, int, int]]:
-    """(segment path, first chunk, payload offset, payload length) of ``blob``'s records on node ``index``."""
-    seg_dir = os.path.join(cluster.node_data_dir(index), "chunks", "segments")
-    found = []
-    for seg_name in sorted(os.listdir(seg_dir)):
-        path = os.path.join(seg_dir, seg_name)
-        with open(path, "rb") as f:
-            data = f.read()
-        offset = 0
-        while offset + _RECORD_HEAD.size <= len(data):
-            magic, kind, id_len, _, first, count, _, payload_len, _ = _RECORD_HEAD.unpack_from(data, offset)
-            if magic != b"BKR1":
-                break
-            record_blob = data[offset + _RECORD_HEAD.size:offset + _RECORD_HEAD.size + id_len].decode("ascii")
-            crc_len = 4 * count if kind == _KIND_CHUNKS else 0
-            payload_offset = offset + _RECORD_HEAD.size + id_len + crc_len
-            if kind == _KIND_CHUNKS and record_blob == blob:
-                found.append((path, first, payload_offset, payload_len))
-            offset = payload_offset + payload_len
-    return found
-
-
 def corrupt_record(cluster, index: int, blob: str, first: int, rng: random.Random) -> None:
     """Flip one random payload byte of the record of ``blob`` starting at chunk ``first`` on node ``index``."""
-    records = [r for r in chunk_records(cluster, index, blob) if r[1] == first]
+    records = [r for r in payload_locations(cluster, index, blob) if r[1] == first]
     assert records, f"node{index} holds no record of {blob} at chunk {first}"
     path, _, payload_offset, payload_len = records[-1]
     position = payload_offset + rng.randrange(payload_len)
@@ -262,7 +235,7 @@ def corrupt_record(cluster, index: int, blob: str, first: int, rng: random.Rando
 
 
 def holders(cluster, blob: str, first: int, indexes) -> list[int]:
-    return [i for i in indexes if any(r[1] == first for r in chunk_records(cluster, i, blob))]
+    return [i for i in indexes if any(r[1] == first for r in payload_locations(cluster, i, blob))]
 
 
 # --- 1. node loss ------------------------------------------------------------------------------
