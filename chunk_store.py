@@ -83,6 +83,7 @@ Bitcask hint files (the header-only scan makes them unnecessary for now).
 from __future__ import annotations
 
 import bisect
+import errno
 import logging
 import os
 import re
@@ -240,6 +241,7 @@ class ChunkStore:
         self._tail_seg = 0
         self._tail_size = 0
         self._closed = False
+        self._failed: OSError | None = None  # a failed fsync poisons the store (see flush)
         os.makedirs(data_dir, mode=0o700, exist_ok=True)
         if not os.path.isdir(self._dir):
             os.mkdir(self._dir, mode=0o700)
@@ -471,6 +473,9 @@ class ChunkStore:
     def _check_open(self) -> None:
         if self._closed:
             raise ValueError("chunk store is closed")
+        if self._failed is not None:
+            raise OSError(self._failed.errno or errno.EIO,
+                          f"chunk store failed an fsync earlier ({self._failed}); restart the node")
 
     # --- public API -----------------------------------------------------
     def put(self, blob: str, first: int, count: int, chunk_size: int, crc_bytes, payload) -> None:
@@ -521,12 +526,25 @@ class ChunkStore:
         with self._flush_lock:
             with self._lock:
                 self._check_open()
-                fds = [self._fds[seg_no] for seg_no in sorted(self._dirty)]
+                dirty = sorted(self._dirty)
+                fds = [self._fds[seg_no] for seg_no in dirty]
                 dir_dirty, self._dirty, self._dir_dirty = self._dir_dirty, set(), False
-            for fd in fds:
-                os.fsync(fd)
-            if dir_dirty:
-                self._fsync_dir(self._dir)
+            try:
+                for fd in fds:
+                    os.fsync(fd)
+                if dir_dirty:
+                    self._fsync_dir(self._dir)
+            except OSError as exc:
+                # After a failed fsync the kernel may have dropped the dirty
+                # pages and a retried fsync can "succeed" (fsyncgate): nothing
+                # written before can be called durable any more.  Fail every
+                # later write and flush until a restart rescans the segments.
+                with self._lock:
+                    self._dirty.update(dirty)
+                    self._dir_dirty = self._dir_dirty or dir_dirty
+                    self._failed = exc
+                logger.error("chunk store %s: fsync failed, refusing writes until restart: %s", self._dir, exc)
+                raise
 
     @staticmethod
     def _fsync_dir(path: str) -> None:

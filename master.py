@@ -86,8 +86,12 @@ class NodeState:
     reported: bool = False  # its inventory arrived since it last registered
 
     def alive(self, now: float, dead_after_s: float) -> bool:
-        """Heard within ``dead_after_s``, and done reporting its inventory."""
-        return self.reported and self.last_heard is not None and now - self.last_heard <= dead_after_s
+        """Heard within ``dead_after_s`` (a node re-reporting its inventory stays alive).
+
+        Placement additionally waits for ``reported``: what a node holds must
+        be known before anything new lands on it.
+        """
+        return self.last_heard is not None and now - self.last_heard <= dead_after_s
 
     @property
     def free_bytes(self) -> int:
@@ -152,10 +156,13 @@ class Master:
         self.locks = NameLocks()
         self.pool = NodePool(config.io_timeout_s, self.security)
         self._nodes_lock = threading.Lock()
-        self._nodes: dict[str, NodeState] = {
-            node_id: NodeState(node_id, config_module.parse_address(info["address"]))
-            for node_id, info in self.namespace.nodes.items()
-        }
+        self._nodes: dict[str, NodeState] = {}
+        for node_id, info in self.namespace.nodes.items():
+            try:
+                self._nodes[node_id] = NodeState(node_id, config_module.parse_address(info["address"]))
+            except ValueError:
+                # Its next REGISTER tells us where it is; no reason not to start.
+                logger.warning("node %s has an unusable recorded address %r", node_id, info["address"])
         self.active_blobs: set[str] = set()  # blobs of uploads not yet committed or discarded
         self._readers: dict[str, int] = defaultdict(int)  # blob -> downloads in progress
         self.repairer = Repairer(self)
@@ -179,6 +186,11 @@ class Master:
 
     # --- nodes -------------------------------------------------------------------------
     def register(self, msg: protocol.Register, peer: str) -> None:
+        if not 1 <= msg.port <= 65535 or not msg.host or len(msg.host) > 255 or \
+                any(not (ch.isalnum() or ch in ".-:_%") for ch in msg.host):
+            raise protocol.RemoteProtocolError(f"node {msg.node_id[:64]!r} registered a bad address")
+        if not msg.node_id or len(msg.node_id) > 64 or not msg.node_id.isascii() or not msg.node_id.isprintable():
+            raise protocol.RemoteProtocolError("bad node id")
         address = (msg.host, msg.port)
         address_text = transport.format_address(address)
         with self._nodes_lock:
@@ -260,7 +272,7 @@ class Master:
         now = self.clock()
         with self._nodes_lock:
             live = [n for n in self._nodes.values()
-                    if n.alive(now, self.config.dead_after_s) and n.node_id not in avoid
+                    if n.alive(now, self.config.dead_after_s) and n.reported and n.node_id not in avoid
                     and n.suspect_until <= now]
             roomy = [n for n in live if not n.full and n.free_bytes >= nbytes]
             roomy.sort(key=lambda n: n.free_bytes, reverse=True)
@@ -292,8 +304,15 @@ class Master:
             return sorted(node_ids, key=rank)
 
     def note_node_failure(self, node_id: str, exc: protocol.BackupError) -> None:
-        """A request to a node failed: place nothing new on it for a while."""
+        """A request to a node failed: place nothing new on it for a while.
+
+        Only a broken conversation (unreachable, timed out, garbled) makes it
+        suspect and asks it to re-report; a typed answer such as
+        INSUFFICIENT_SPACE is the node working as designed.
+        """
         logger.warning("node %s failed a request: %s", node_id, exc)
+        if not isinstance(exc, (protocol.Unavailable, protocol.Timeout, protocol.RemoteProtocolError)):
+            return
         with self._nodes_lock:
             node = self._nodes.get(node_id)
             if node is not None:
@@ -388,7 +407,8 @@ class Master:
             nodes = [{
                 "id": n.node_id,
                 "address": transport.format_address(n.address),
-                "alive": n.alive(now, self.config.dead_after_s),
+                # Alive for users means usable: heard recently and inventory in.
+                "alive": n.alive(now, self.config.dead_after_s) and n.reported,
                 "last_heard_s": None if n.last_heard is None else round(now - n.last_heard, 1),
                 "capacity_bytes": n.capacity_bytes,
                 "used_bytes": n.used_bytes,
@@ -700,6 +720,7 @@ class MasterHandler(transport.RequestHandler):
         session = self.session
         replies: list[protocol.Message | None] = [None] * len(group)
         ready = []
+        uncertain: set[int] = set()  # a log commit failed: these may be on disk anyway
         try:
             session.sync(set().union(*(p.stream.nodes_touched for p in group)))
             for index, p in enumerate(group):
@@ -712,7 +733,9 @@ class MasterHandler(transport.RequestHandler):
                     logger.warning("%s: upload of %r failed: %s", self.peer, p.stream.name, exc)
                     replies[index] = protocol.error_message(exc)
             if ready:
+                uncertain = {index for index, _ in ready}
                 self.master.commit_uploads([(p.stream.name, p.entry) for _, p in ready])
+                uncertain = set()
             for index, p in ready:
                 e = p.entry
                 replies[index] = protocol.Uploaded(name=p.stream.name, size=e["size"], chunks=e["chunks"],
@@ -725,7 +748,10 @@ class MasterHandler(transport.RequestHandler):
                 raise
         finally:
             for index, p in enumerate(group):
-                if not isinstance(replies[index], protocol.Uploaded):
+                # Never collect what a failed log write may still have made
+                # durable: after the restart such a failure requires, the
+                # node's reconciliation deletes it if it was not committed.
+                if not isinstance(replies[index], protocol.Uploaded) and index not in uncertain:
                     p.stream.discard()
                 self.master.locks.release(p.stream.name, p.token)
             if session.failed:

@@ -9,8 +9,10 @@ Records (JSON objects; the log adds the index ``"i"``):
 
     {"op": "put", "name": N, "file": ENTRY}      store or replace a file
     {"op": "delete", "name": N}                  remove a file
-    {"op": "replicas", "name": N, "version": V,  chunks [first, first+count) of
-     "first": f, "count": c, "nodes": [ID..]}   version V now live on these nodes
+    {"op": "replicas", "name": N, "blob": B,     chunks [first, first+count) of
+     "first": f, "count": c, "expect": [ID..],  blob B move from the nodes in
+     "nodes": [ID..]}                            expect to those in nodes (only
+                                                 if still on expect: CAS)
     {"op": "node", "node_id": ID, "address": A}  remember where a node lives
 
 A file ENTRY::
@@ -56,10 +58,11 @@ class Namespace:
         elif op == "delete":
             self.files.pop(record["name"], None)
         elif op == "replicas":
+            # Compare and set: the file may have been replaced, deleted or
+            # re-placed since the record was decided; then nothing changes.
             entry = self.files.get(record["name"])
-            # The file may have been replaced or deleted since the repair
-            # started: a record for another version changes nothing.
-            if entry is not None and entry["version"] == record["version"]:
+            if entry is not None and placed_on(entry, record["blob"], record["first"], record["count"],
+                                               record["expect"]):
                 runs = set_run_nodes(entry["runs"], record["first"], record["count"], record["nodes"])
                 self.files[record["name"]] = {**entry, "runs": runs}
         elif op == "node":
@@ -118,6 +121,20 @@ def run_blob(entry: dict, run: list) -> str:
 def entry_blobs(entry: dict) -> set[str]:
     """Every blob an entry's chunks live in."""
     return {run_blob(entry, run) for run in entry["runs"]} or {entry["version"]}
+
+
+def placed_on(entry: dict, blob: str, first: int, count: int, nodes: list) -> bool:
+    """True if every chunk of [first, first+count) lives in ``blob`` on exactly ``nodes``."""
+    end = first + count
+    covered = 0
+    for run in entry["runs"]:
+        lo, hi = max(run[0], first), min(run[0] + run[1], end)
+        if lo >= hi:
+            continue
+        if run_blob(entry, run) != blob or run[2] != nodes:
+            return False
+        covered += hi - lo
+    return covered == count
 
 
 def set_run_nodes(runs: list, first: int, count: int, node_ids: list[str]) -> list:
@@ -187,6 +204,11 @@ def add_run(runs: list, first: int, count: int, node_ids: list[str], blob: str |
     runs.append([first, count, list(node_ids), *tail])
 
 
+# Longest a writer may ask to wait for a name (a day): bounds what a peer's
+# wait_s can make a server thread do.
+MAX_LOCK_WAIT_S = 24 * 3600.0
+
+
 class NameLocks:
     """Exclusive per-name write locks, granted first-come first-served.
 
@@ -202,20 +224,27 @@ class NameLocks:
 
     def acquire(self, name: str, owner: str, timeout_s: float) -> "LockTicket":
         ticket = LockTicket(owner, time.time())
-        deadline = time.monotonic() + timeout_s
+        deadline = time.monotonic() + min(max(timeout_s, 0.0), MAX_LOCK_WAIT_S)
         with self._cond:
             queue = self._queues.setdefault(name, deque())
             queue.append(ticket)
-            while queue[0] is not ticket:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    queue.remove(ticket)
-                    holder = queue[0]
-                    self._cond.notify_all()
-                    raise protocol.FileLocked(
-                        f"{name!r} is being written by {holder.owner} since "
-                        f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder.granted_at))}")
-                self._cond.wait(remaining)
+            try:
+                while queue[0] is not ticket:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        holder = queue[0]
+                        raise protocol.FileLocked(
+                            f"{name!r} is being written by {holder.owner} since "
+                            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder.granted_at))}")
+                    self._cond.wait(remaining)
+            except BaseException:
+                # Whatever ends the wait, our place in the queue must go, or
+                # the name would pass to a writer that is no longer there.
+                queue.remove(ticket)
+                if not queue:
+                    del self._queues[name]
+                self._cond.notify_all()
+                raise
             ticket.granted_at = time.time()
         return ticket
 

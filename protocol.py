@@ -817,6 +817,12 @@ def parse_header_length(prefix: bytes, max_header_bytes: int = MAX_HEADER_BYTES)
     return length
 
 
+def _refuse_constant(name: str):
+    # NaN and Infinity are not JSON; Python accepts them by default, and an
+    # infinite timeout from a peer must not reach a Condition.wait.
+    raise ValueError(f"{name} is not a number this protocol accepts")
+
+
 def parse_header(data: bytes, max_body_bytes: int = MAX_BODY_BYTES) -> tuple[type[Message], dict, int]:
     """Decode a JSON header into (message class, fields, body length).
 
@@ -825,7 +831,7 @@ def parse_header(data: bytes, max_body_bytes: int = MAX_BODY_BYTES) -> tuple[typ
     mistyped fields, a body on a message without one, an oversized body.
     """
     try:
-        header = json.loads(data.decode("utf-8"))
+        header = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
     except (UnicodeDecodeError, ValueError) as exc:
         raise RemoteProtocolError(f"header is not UTF-8 JSON: {exc}") from None
     except RecursionError:

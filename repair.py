@@ -25,8 +25,8 @@ restart never starts a replication storm or deletes data of nodes that have
 not spoken yet.
 
 The namespace is read without locks (see namespace.py); a repair re-checks
-the file's version before and after copying, and a ``replicas`` record for
-a version that is no longer current changes nothing.
+nothing; every ``replicas`` record is a compare-and-set on the placement
+it was computed from, so one decided on a stale view changes nothing.
 """
 
 from __future__ import annotations
@@ -51,9 +51,20 @@ _RESCAN_INTERVAL_S = 30.0
 class RepairTask:
     copies: int
     name: str
-    version: str
     first: int
     count: int
+
+
+def replicas_record(name: str, blob: str, first: int, count: int, expect: list, nodes: list) -> dict:
+    """A log record moving chunks [first, first+count) of ``blob`` from ``expect`` to ``nodes``.
+
+    Compare-and-set: namespace.apply changes nothing unless those chunks are
+    still in that blob on exactly ``expect``, so a decision taken on a stale
+    view (a reader's pinned entry, a repair that raced another) never undoes
+    a newer placement.
+    """
+    return {"op": "replicas", "name": name, "blob": blob, "first": first, "count": count,
+            "expect": list(expect), "nodes": list(nodes)}
 
 
 def nodes_of(entry: dict, first: int, count: int, blob: str | None = None) -> list[tuple[int, int, list, str]]:
@@ -190,16 +201,11 @@ class Repairer:
         batch = entry["batch_chunks"]
         lo = first // batch * batch
         hi = min(entry["chunks"], -(-(first + count) // batch) * batch)
-        records = [self._replicas_record(name, entry, f, c, [n for n in nodes if n != node_id])
+        records = [replicas_record(name, blob, f, c, nodes, [n for n in nodes if n != node_id])
                    for f, c, nodes, _ in nodes_of(entry, lo, hi - lo, blob) if node_id in nodes]
         if records:
             self.master.log.commit(records)
             self._wake.set()
-
-    @staticmethod
-    def _replicas_record(name, entry, first, count, nodes) -> dict:
-        return {"op": "replicas", "name": name, "version": entry["version"], "first": first, "count": count,
-                "nodes": list(nodes)}
 
     def _blob_owners(self) -> dict[str, tuple[str, dict]]:
         """blob -> (name, entry) of the file whose chunks live in it."""
@@ -245,7 +251,7 @@ class Repairer:
                     short_of_copies = True
                     continue  # nothing to copy from: damaged until a holder returns
                 for piece_first, piece_count in transfers.batch_pieces(first, count, entry["batch_chunks"]):
-                    tasks.append(RepairTask(live, name, entry["version"], piece_first, piece_count))
+                    tasks.append(RepairTask(live, name, piece_first, piece_count))
             if short_of_copies:
                 damaged.append(name)
         tasks.sort()
@@ -262,7 +268,7 @@ class Repairer:
                 return
             started = time.monotonic()
             entry = self.master.namespace.files.get(task.name)
-            if entry is None or entry["version"] != task.version:
+            if entry is None:
                 self.repairs_pending -= 1
                 continue
             size = entry["batch_chunks"] * (entry["chunk_size"] + protocol.CRC_BYTES)
@@ -302,12 +308,11 @@ class Repairer:
                     logger.warning("repair copy to node %s failed: %s", target, exc)
             if not placed:
                 continue
-            current = master.namespace.files.get(task.name)
-            if current is None or current["version"] != entry["version"]:
-                for target in placed:  # the file changed meanwhile: our copies are surplus
-                    self._drop_quietly(target, blob, first, count)
-                return copied
-            master.log.commit([self._replicas_record(task.name, entry, first, count, live + placed)])
+            # Applies only if the placement is still what we copied from; if
+            # the file changed meanwhile, our copies are surplus and the
+            # node's next reconciliation drops them.  (Dropping them here
+            # could race with an upload that just placed the same range.)
+            master.log.commit([replicas_record(task.name, blob, first, count, nodes, live + placed)])
             copied += payload_bytes * len(placed)
             logger.info("re-replicated %r chunks %d..%d to %s (%d live copies before)", task.name, first,
                         first + count - 1, ",".join(placed), len(live))
@@ -329,12 +334,16 @@ class Repairer:
         master = self.master
         replication = self.config.replication
         alive = {n.node_id for n in master.live_nodes()} | {node_id}
+        # Read the uploads in progress before the namespace: a commit applies
+        # its record before it leaves active_blobs, so a blob missing from
+        # both really is an orphan.
+        active = set(master.active_blobs)
         owners = self._blob_owners()
         orphans, drops, records = [], [], []
         for blob, extents in inventory.items():
             found = owners.get(blob)
             if found is None:
-                if blob not in master.active_blobs:
+                if blob not in active:
                     orphans.append(blob)
                 continue
             name, entry = found
@@ -345,22 +354,22 @@ class Repairer:
                 short = [(f, c, nodes) for f, c, nodes, _ in overlapping
                          if sum(1 for n in nodes if n in alive) < replication]
                 if short:  # a copy we lack elsewhere: adopt it
-                    records += [self._replicas_record(name, entry, f, c, [*nodes, node_id]) for f, c, nodes in short]
+                    records += [replicas_record(name, blob, f, c, nodes, [*nodes, node_id]) for f, c, nodes in short]
                 else:
                     drops.append((blob, first, count))
         # Chunks the namespace places on this node that it does not hold.
+        # Only placements older than the node's report count (the snapshot
+        # taken at REGISTER), and each change applies only if the placement
+        # is still the same (replicas records compare and set).
         for name, entry in snapshot.items():
-            current = master.namespace.files.get(name)
-            if current is None or current["version"] != entry["version"]:
-                continue
-            for run in current["runs"]:
+            for run in entry["runs"]:
                 first, count, nodes = run[:3]
                 if node_id not in nodes:
                     continue
-                held = inventory.get(run_blob(current, run), [])
-                for gap_first, gap_count in uncovered(first, count, held):
-                    records.append(self._replicas_record(name, current, gap_first, gap_count,
-                                                         [n for n in nodes if n != node_id]))
+                blob = run_blob(entry, run)
+                for gap_first, gap_count in uncovered(first, count, inventory.get(blob, [])):
+                    records.append(replicas_record(name, blob, gap_first, gap_count, nodes,
+                                                   [n for n in nodes if n != node_id]))
         if records:
             master.log.commit(records)
         if orphans:
@@ -371,13 +380,6 @@ class Repairer:
             logger.info("reconciled node %s: %d orphan blob(s) deleted, %d surplus extent(s) dropped, "
                         "%d placement change(s)", node_id, len(orphans), len(drops), len(records))
             self._wake.set()
-
-    def _drop_quietly(self, node_id: str, blob: str, first: int, count: int) -> None:
-        """Best effort: a copy left behind is found by the next reconciliation."""
-        try:
-            self._drop(node_id, blob, first, count)
-        except protocol.BackupError as exc:
-            logger.debug("could not drop surplus copy on %s: %s", node_id, exc)
 
     def _drop(self, node_id: str, blob: str, first: int, count: int) -> None:
         master = self.master

@@ -124,7 +124,10 @@ class StorageNode:
             try:
                 self.store.flush()
             except OSError:
-                logger.exception("background flush failed; the next FLUSH will report it")
+                # The store is now failed: every later PUT and FLUSH is refused.
+                logger.exception("background flush failed; refusing writes until restart")
+            except ValueError:
+                return  # store closed: we are stopping
 
     # --- heartbeats -----------------------------------------------------------
     def start(self, advertised_address: tuple[str, int]) -> None:
@@ -282,7 +285,10 @@ class NodeHandler(transport.RequestHandler):
         self.reply(protocol.PutOk(blob=msg.blob, first=msg.first, count=msg.count))
 
     def do_FLUSH(self, msg: protocol.Flush) -> None:
-        self.node.store.flush()
+        try:
+            self.node.store.flush()
+        except OSError as exc:
+            raise protocol.BackupError(f"node {self.node.node_id} cannot make data durable: {exc}") from None
         self.reply(protocol.Flushed())
 
     def do_GET_CHUNKS(self, msg: protocol.GetChunks) -> None:

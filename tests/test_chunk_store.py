@@ -879,3 +879,24 @@ def test_compaction_drops_corrupt_part_of_split_record(tmp_path, rng):
         store.flush()
     with ChunkStore(str(tmp_path), segment_max_bytes=SMALL_SEG) as store:
         assert store.inventory() == {"b1": [(0, 3)], "tail": [(0, 1)]}
+
+
+def test_failed_fsync_poisons_the_store(tmp_path, monkeypatch):
+    """After an fsync fails, a later flush must not report success for the lost writes."""
+    store = ChunkStore(str(tmp_path / "store"))
+    payload = b"x" * 100
+    store.put("blob", 0, 1, 1024, crcs_to_bytes(chunk_crcs(payload, 1024)), payload)
+    calls = []
+
+    def failing_fsync(fd):
+        calls.append(fd)
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError):
+        store.flush()
+    monkeypatch.undo()
+    with pytest.raises(OSError):
+        store.flush()
+    with pytest.raises(OSError):
+        store.put("blob2", 0, 1, 1024, crcs_to_bytes(chunk_crcs(payload, 1024)), payload)
