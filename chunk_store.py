@@ -92,7 +92,7 @@ import threading
 import time
 import zlib
 
-from protocol import CRC_BYTES, ChecksumMismatch, ChunkNotFound, RemoteProtocolError, verify_chunks
+from protocol import CRC_BYTES, MAX_BODY_BYTES, ChecksumMismatch, ChunkNotFound, RemoteProtocolError, verify_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -586,6 +586,10 @@ class ChunkStore:
             pieces = self._locate(blob, first, count)
             fds = self._pin(extent[SEG_NO] for extent, _, _ in pieces)
         chunk_size = pieces[0][0][CHUNK_SIZE]
+        if count * (chunk_size + CRC_BYTES) > MAX_BODY_BYTES:
+            # The answer must fit one frame; refuse before reading gigabytes.
+            self._unpin(fds)
+            raise RemoteProtocolError(f"{count} chunks of {chunk_size} bytes do not fit one reply")
         crc_parts, payload_parts = [], []
         try:
             for n, ((extent, skip, take), fd) in enumerate(zip(pieces, fds)):

@@ -575,7 +575,14 @@ class MasterHandler(transport.RequestHandler):
             self.master.check_writable()
             if any(p.stream.name == name for p in self.pending):
                 self._commit_pending()  # we hold that name's lock ourselves
-            token = self.master.lock_name(name, self.peer, msg.wait_s)
+            try:
+                token = self.master.lock_name(name, self.peer, 0.0)
+            except protocol.FileLocked:
+                # About to wait: first commit the group, whose locks another
+                # writer may be waiting for (two directory uploads in
+                # opposite orders would otherwise deadlock).
+                self._commit_pending()
+                token = self.master.lock_name(name, self.peer, msg.wait_s)
         except protocol.BackupError as exc:
             self._fail_upload(exc, ended=False)
             return

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -783,3 +784,30 @@ def test_corrupt_replica_on_disk_is_failed_over(cluster, tmp_path):
     path, _, offset, length = payload_locations(cluster, index, reply.version)[0]
     flip_byte(path, offset + length - 50)
     assert download(cluster, "rot", tmp_path) == data, f"node{index} corrupt (seed {seed})"
+
+
+def test_grouped_uploads_in_opposite_orders_do_not_deadlock(cluster):
+    """Two pipelined uploads taking the same names in opposite orders both finish promptly."""
+    a, b = b"first" * 100, b"second" * 100
+
+    def begin(conn, name, data):
+        conn.send(protocol.UploadBegin(name=name, size=len(data), group=True), flush=False)
+        conn.send(protocol.Data(body=data), flush=False)
+        conn.send(protocol.UploadEnd(sha256=sha256(data)))
+
+    with raw_connection(master_address(cluster)) as one, raw_connection(master_address(cluster)) as two:
+        begin(one, "dl-a", a)  # pending on one: holds dl-a
+        begin(two, "dl-b", b)  # pending on two: holds dl-b
+        wait_until(lambda: {lock["name"] for lock in cluster.client().locks()} == {"dl-a", "dl-b"},
+                   message="both grouped uploads pending")
+        started = time.monotonic()
+        begin(one, "dl-b", a)  # one must commit dl-a before waiting for dl-b
+        begin(two, "dl-a", b)
+        two.send(protocol.Sync())
+        replies_two = [two.recv() for _ in range(3)]
+        one.send(protocol.Sync())
+        replies_one = [one.recv() for _ in range(3)]
+        elapsed = time.monotonic() - started
+    assert [type(r) for r in replies_one] == [protocol.Uploaded, protocol.Uploaded, protocol.Synced], replies_one
+    assert [type(r) for r in replies_two] == [protocol.Uploaded, protocol.Uploaded, protocol.Synced], replies_two
+    assert elapsed < 10, f"took {elapsed:.1f} s: the writers waited for each other"
