@@ -239,6 +239,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         pass
     print("stopping...", flush=True)
+    # A second Ctrl-C (or the terminal's SIGINT reaching us again) must not
+    # cut the orderly stop short and leave children behind.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     cluster.stop(graceful=True)
     return EXIT_OK
 
