@@ -25,6 +25,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 EXIT_OK = 0
+EXIT_CHILD_DIED = 1
 EXIT_START_FAILED = 3
 
 
@@ -228,10 +229,12 @@ def main(argv=None) -> int:
     for index, node in enumerate(cluster.nodes):
         print(f"node{index} listening on {node.address} (data in {cluster.node_data_dir(index)})")
     print(f"logs in {cluster.log_dir}; press Ctrl-C to stop", flush=True)
+    status = EXIT_OK
     try:
         while not stopping.is_set():
             for server in [cluster.master, *cluster.nodes]:
                 if not server.running():
+                    status = EXIT_CHILD_DIED
                     print(f"cluster: {server.name} exited with status {server.process.returncode}; "
                           f"see {server.log_path}", file=sys.stderr)
                     stopping.set()
@@ -243,7 +246,7 @@ def main(argv=None) -> int:
     # cut the orderly stop short and leave children behind.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     cluster.stop(graceful=True)
-    return EXIT_OK
+    return status
 
 
 if __name__ == "__main__":
