@@ -42,6 +42,7 @@ class Config:
     scrub_rate_mb_s: float = 4.0
     compact_dead_fraction: float = 0.5
     compact_interval_s: float = 30.0
+    inventory_interval_s: float = 600.0
     client_master: str = "127.0.0.1:7700"
     # [security]: see security.py and docs/SECURITY.md.  repr=False: a
     # Config may be logged, the secret must never be.
@@ -82,6 +83,7 @@ _KEYS = [
     ("repair", "scrub_rate_mb_s", "scrub_rate_mb_s", float),
     ("repair", "compact_dead_fraction", "compact_dead_fraction", float),
     ("repair", "compact_interval_s", "compact_interval_s", float),
+    ("repair", "inventory_interval_s", "inventory_interval_s", float),
     ("client", "master", "client_master", str),
     ("security", "secret", "secret", str),
     ("security", "secret_file", "secret_file", str),
@@ -136,7 +138,7 @@ def validate(config: Config) -> None:
     for name in ("safe_mode_s", "scrub_rate_mb_s"):
         if getattr(config, name) < 0:
             raise ValueError(f"{name} must not be negative")
-    for name in ("repair_rate_mb_s", "compact_interval_s"):
+    for name in ("repair_rate_mb_s", "compact_interval_s", "inventory_interval_s"):
         if getattr(config, name) <= 0:
             raise ValueError(f"{name} must be positive")
     if not 0 < config.compact_dead_fraction <= 1:

@@ -144,10 +144,16 @@ class StorageNode:
         self._flush_wanted.set()
 
     def _heartbeat_loop(self) -> None:
-        """Register with the master, then heartbeat; reconnect on any failure."""
+        """Register with the master, then heartbeat; reconnect on any failure.
+
+        Every ``inventory_interval_s`` the node registers again on purpose,
+        so its inventory is reconciled even if nothing went wrong: surplus
+        copies left by races (see repair.py) do not linger.
+        """
         master = config_module.parse_address(self.config.node_master, "master")
         interval = self.config.heartbeat_interval_s
         connected_before = False
+        re_register = False
         while not self._stop.is_set():
             try:
                 with transport.Connection(master, "node", self.config.io_timeout_s, self.security) as conn:
@@ -162,7 +168,11 @@ class StorageNode:
                     self._send_inventory(conn)
                     logger.info("registered with master %s as %s:%d", transport.format_address(master), host, port)
                     connected_before = True
+                    report_due = time.monotonic() + self.config.inventory_interval_s
                     while not self._stop.wait(interval):
+                        if time.monotonic() >= report_due:
+                            re_register = True
+                            break
                         corrupt = self._take_corrupt_reports()
                         try:
                             conn.request(protocol.Heartbeat(
@@ -181,6 +191,9 @@ class StorageNode:
                 connected_before = False
             except Exception:
                 logger.exception("heartbeat loop failed; retrying")
+            if re_register:
+                re_register = False  # a scheduled re-report: reconnect at once
+                continue
             self._stop.wait(interval)
 
 
@@ -350,6 +363,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         help="the master's dead_after_s, checked against --heartbeat-interval")
     parser.add_argument("--scrub-rate", type=float, metavar="MB_S", help="scrub speed in MB/s; 0 = off")
     parser.add_argument("--compact-interval", type=float, metavar="S", help="seconds between compaction checks")
+    parser.add_argument("--inventory-interval", type=float, metavar="S",
+                        help="seconds between full inventory reports to the master")
     parser.add_argument("--io-timeout", type=float, metavar="S", help="seconds a network read or write may take")
     return parser
 
@@ -362,7 +377,8 @@ def main(argv=None) -> int:
             node_master=args.master, capacity_bytes=args.capacity,
             heartbeat_interval_s=args.heartbeat_interval, io_timeout_s=args.io_timeout,
             dead_after_s=args.dead_after, scrub_rate_mb_s=args.scrub_rate,
-            compact_interval_s=args.compact_interval, **config_module.security_overrides(args))
+            compact_interval_s=args.compact_interval, inventory_interval_s=args.inventory_interval,
+            **config_module.security_overrides(args))
         security = security_module.for_server(config, config.node_host, args.insecure)
     except ValueError as exc:
         print(f"storage_node: bad configuration: {exc}", file=sys.stderr)

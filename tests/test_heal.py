@@ -29,6 +29,7 @@ from conftest import FAST_MASTER, FAST_TIMING, ROOT, payload_locations, random_b
 
 import client as client_module
 import protocol
+import transport
 from chunk_store import ChunkStore
 from namespace import Namespace
 
@@ -538,3 +539,27 @@ def test_master_restart_mid_repair_finishes_the_repair(make_cluster, tmp_path):
     print(f"\nrepair finished {took:.1f} s after the master restart")
     for name, blob in data.items():
         assert download(cluster, name, tmp_path) == blob, f"{name} (seed {seed})"
+
+
+def test_periodic_inventory_report_drops_a_surplus_copy(make_cluster, tmp_path):
+    """A copy the namespace does not list is dropped at the node's next periodic inventory report."""
+    cluster = heal_cluster(make_cluster, node_args=["--inventory-interval", "1"])
+    data = random_bytes(306, 5000)
+    reply = upload(cluster, "surplus", data, tmp_path)
+    listed = set(master_entry(cluster, "surplus")["runs"][0][2])
+    spare = next(i for i in range(3) if node_id(cluster, i) not in listed)
+    host, _, port = cluster.nodes[spare].address.rpartition(":")
+
+    def stored_chunks() -> int:
+        with transport.Connection((host, int(port)), "master", 5.0) as conn:
+            return conn.request(protocol.NodeStat(), protocol.NodeStatReply).chunks
+
+    before = stored_chunks()
+    crcs = protocol.crcs_to_bytes(protocol.chunk_crcs(data, 1024))
+    with transport.Connection((host, int(port)), "master", 5.0) as conn:
+        conn.request(protocol.PutChunks(blob=reply.version, first=0, count=5, chunk_size=1024, body=crcs + data),
+                     protocol.PutOk)
+        conn.request(protocol.Flush(), protocol.Flushed)
+    assert stored_chunks() == before + 5
+    wait_until(lambda: stored_chunks() == before, 10.0, message="the surplus copy dropped by reconciliation")
+    assert download(cluster, "surplus", tmp_path) == data
