@@ -316,7 +316,8 @@ class Client:
             size = -1 if path == "-" else os.fstat(f.fileno()).st_size
             conn = self.conn
             conn.send(protocol.UploadBegin(name=name, size=size, mode=mode, offset=offset, wait_s=wait_s))
-            progress = Progress(f"{'upload' if mode == 'replace' else mode} {name}", size, self.show_progress and size >= self.frame_bytes)
+            verb = "upload" if mode == "replace" else mode
+            progress = Progress(f"{verb} {name}", size, self.show_progress and size >= self.frame_bytes)
             sha = hashlib.sha256()
             buffer = self._buffer()
             view = memoryview(buffer)
