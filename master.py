@@ -37,8 +37,8 @@ import security as security_module
 import transport
 import transfers
 from metadata_log import MetadataLog
-from namespace import Namespace, NameLocks, entry_blobs, make_entry, run_blob, splice_runs
-from repair import Repairer, uncovered
+from namespace import Namespace, NameLocks, entry_blobs, make_entry, run_blob, splice_runs, uncovered
+from repair import Repairer
 
 logger = logging.getLogger("master")
 
@@ -430,24 +430,26 @@ class Master:
 
     # --- garbage ----------------------------------------------------------------------
     def _collect_entry(self, entry: dict, keep: dict | None = None) -> None:
-        """Collect the blobs of a replaced or deleted entry that ``keep`` does not use.
+        """Collect what a replaced or deleted entry used and ``keep`` does not.
 
-        Chunks of a blob still partly used by ``keep`` (the untouched part of
-        a file after a write) stay until the whole blob is unused.
+        Blobs ``keep`` does not use are deleted whole; of a blob it still
+        uses in part (the untouched chunks after a write), only the chunk
+        ranges it no longer references are dropped.
         """
-        kept = entry_blobs(keep) if keep is not None else set()
+        still_used: dict[str, list] = defaultdict(list)  # blob -> sorted (first, count) kept
+        for run in (keep["runs"] if keep is not None else []):
+            still_used[run_blob(keep, run)].append((run[0], run[1]))
+        for ranges in still_used.values():
+            ranges.sort()
         holders: dict[str, set] = defaultdict(set)
         items: list[tuple[str, tuple]] = []
         for run in entry["runs"]:
             first, count, nodes = run[:3]
             blob = run_blob(entry, run)
-            if blob not in kept:
+            if blob not in still_used:
                 holders[blob].update(nodes)
                 continue
-            # A blob the new version still uses in part: drop only the chunks
-            # it no longer references (a write replaced them).
-            still_used = sorted((r[0], r[1]) for r in keep["runs"] if run_blob(keep, r) == blob)
-            for gap_first, gap_count in uncovered(first, count, still_used):
+            for gap_first, gap_count in uncovered(first, count, still_used[blob]):
                 items += [(node_id, (blob, gap_first, gap_count)) for node_id in nodes]
         for blob, nodes in holders.items():
             self.collect_garbage(blob, nodes)

@@ -137,6 +137,25 @@ def placed_on(entry: dict, blob: str, first: int, count: int, nodes: list) -> bo
     return covered == count
 
 
+def uncovered(first: int, count: int, extents) -> list[tuple[int, int]]:
+    """Parts of [first, first+count) not covered by sorted (first, count) ``extents``."""
+    gaps = []
+    position, end = first, first + count
+    for extent_first, extent_count in extents:
+        if extent_first + extent_count <= position:
+            continue
+        if extent_first >= end:
+            break
+        if extent_first > position:
+            gaps.append((position, extent_first - position))
+        position = max(position, extent_first + extent_count)
+        if position >= end:
+            break
+    if position < end:
+        gaps.append((position, end - position))
+    return gaps
+
+
 def set_run_nodes(runs: list, first: int, count: int, node_ids: list[str]) -> list:
     """New runs in which chunks [first, first+count) are on ``node_ids``.
 

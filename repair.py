@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import protocol
 import transfers
-from namespace import entry_blobs, run_blob
+from namespace import entry_blobs, run_blob, uncovered
 
 logger = logging.getLogger("master.repair")
 
@@ -83,25 +83,6 @@ def nodes_of(entry: dict, first: int, count: int, blob: str | None = None) -> li
         if lo < hi:
             out.append((lo, hi - lo, nodes, run_blob_id))
     return out
-
-
-def uncovered(first: int, count: int, extents) -> list[tuple[int, int]]:
-    """Parts of [first, first+count) not covered by sorted (first, count) ``extents``."""
-    gaps = []
-    position, end = first, first + count
-    for extent_first, extent_count in extents:
-        if extent_first + extent_count <= position:
-            continue
-        if extent_first >= end:
-            break
-        if extent_first > position:
-            gaps.append((position, extent_first - position))
-        position = max(position, extent_first + extent_count)
-        if position >= end:
-            break
-    if position < end:
-        gaps.append((position, end - position))
-    return gaps
 
 
 class Repairer:

@@ -62,13 +62,11 @@ class StorageNode:
         self.store = store or ChunkStore(os.path.join(data_dir, "chunks"), config.segment_max_bytes)
         self.advertised_address: tuple[str, int] | None = None
         self._stop = threading.Event()
-        self._heartbeat_thread: threading.Thread | None = None
         self._unsynced_lock = threading.Lock()
         self._unsynced_bytes = 0
         self._flush_wanted = threading.Event()
         self._corrupt_lock = threading.Lock()
         self._corrupt: list = []  # extents dropped as corrupt, not yet reported
-        self.corrupt_found = 0
         self._disk_full_until = 0.0
 
     def _load_or_create_id(self) -> str:
@@ -132,8 +130,7 @@ class StorageNode:
     # --- heartbeats -----------------------------------------------------------
     def start(self, advertised_address: tuple[str, int]) -> None:
         self.advertised_address = advertised_address
-        self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
-        self._heartbeat_thread.start()
+        threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
         threading.Thread(target=self._flush_loop, name="write-behind", daemon=True).start()
         threading.Thread(target=self._compact_loop, name="compact", daemon=True).start()
         if self.config.scrub_rate_mb_s > 0:
@@ -227,7 +224,6 @@ class StorageNode:
         """Forget a corrupt extent; with ``report``, tell the master in the next heartbeat."""
         if self.store.drop_extent(blob, first, count):
             self.store.flush()
-            self.corrupt_found += 1
             logger.error("dropped corrupt extent %s chunks %d..%d%s", blob, first, first + count - 1,
                          "; reporting it" if report else "")
             if report:
@@ -277,7 +273,6 @@ class StorageNode:
                 logger.exception("compaction failed")
                 continue
             for blob, first, count in result.get("corrupt", []):
-                self.corrupt_found += 1
                 self._queue_corrupt([(blob, first, count)])
             if result.get("segments_compacted"):
                 logger.info("compacted %d segment(s), reclaimed %d bytes", result["segments_compacted"],

@@ -165,11 +165,7 @@ class Worker(threading.Thread):
             reply = self.connect().upload_file(self.upload_path, name)
         except (protocol.BackupError, OSError) as exc:
             # The reply may be lost after the commit: it may or may not exist now.
-            self.model[name].add(digest)
-            self.stats.add("upload-uncertain")
-            self.stats.add(f"error-{error_code(exc)}")
-            self.drop_client()
-            self.stop_event.wait(0.1)  # do not spin while the master restarts
+            self.uncertain(name, digest, "upload", exc)
             return
         if reply.sha256 != digest:
             self.stats.problem("wrong", f"upload of {name} acknowledged with SHA-256 {reply.sha256}, sent {digest}")
@@ -185,14 +181,18 @@ class Worker(threading.Thread):
             self.stats.add("delete-not-found")
             return
         except (protocol.BackupError, OSError) as exc:
-            self.model[name].add(None)
-            self.stats.add("delete-uncertain")
-            self.stats.add(f"error-{error_code(exc)}")
-            self.drop_client()
-            self.stop_event.wait(0.1)  # do not spin while the master restarts
+            self.uncertain(name, None, "delete", exc)
             return
         self.model[name] = {None}
         self.stats.add("delete-ok")
+
+    def uncertain(self, name: str, outcome, operation: str, exc: BaseException) -> None:
+        """An operation failed without a clear answer: it may or may not have happened."""
+        self.model[name].add(outcome)
+        self.stats.add(f"{operation}-uncertain")
+        self.stats.add(f"error-{error_code(exc)}")
+        self.drop_client()
+        self.stop_event.wait(0.1)  # do not spin while the master restarts
 
     def check_absent(self, name: str, what: str) -> None:
         if None not in self.model[name]:

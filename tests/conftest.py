@@ -90,6 +90,17 @@ def segment_records(path: str):
         offset = payload_offset + payload_len
 
 
+def flip_byte(path: str, offset: int) -> None:
+    """Invert one byte of a file on disk, durably: rot that a read must catch."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def payload_locations(cluster, index: int, blob: str) -> list[tuple[str, int, int, int]]:
     """(segment path, first chunk, payload offset, payload length) of ``blob``'s records on node ``index``."""
     seg_dir = os.path.join(cluster.node_data_dir(index), "chunks", "segments")

@@ -14,6 +14,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from chunk_store import HEADER_BYTES, ChunkStore  # noqa: E402
+from conftest import flip_byte  # noqa: E402
 from protocol import ChecksumMismatch, ChunkNotFound, RemoteProtocolError, chunk_crcs, crcs_to_bytes  # noqa: E402
 
 SEED = 20240601
@@ -373,14 +374,6 @@ def test_concurrent_puts_and_gets(tmp_path):
 
 # --- compaction and scrubbing -------------------------------------------
 SMALL_SEG = 4 * CS  # holds one 3-chunk record, or a 2-chunk and a 1-chunk one
-
-
-def flip_byte(path, offset):
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0x40]))
 
 
 def payload_offset(record_offset, blob, count):

@@ -21,7 +21,7 @@ import time
 import pytest
 
 from conftest import (FAST_MASTER, FAST_TIMING, ROOT, CliResult, TestCluster, master_address, random_bytes, sha256,
-                      payload_locations, wait_until, write_local)
+                      flip_byte, payload_locations, wait_until, write_local)
 
 import client as client_module
 import protocol
@@ -111,17 +111,6 @@ def holders_per_chunk(inventories: dict, blob: str, chunks: int) -> list[set[str
             for index in range(first, min(first + count, chunks)):
                 holders[index].add(nid)
     return holders
-
-
-# Record header of chunk_store.py, as drawn in its module docstring.
-def flip_byte(path: str, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0xFF]))
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def free_port() -> int:

@@ -25,7 +25,7 @@ import shutil
 import signal
 import time
 
-from conftest import FAST_MASTER, FAST_TIMING, ROOT, payload_locations, random_bytes, wait_until
+from conftest import FAST_MASTER, FAST_TIMING, ROOT, flip_byte, payload_locations, random_bytes, wait_until
 
 import client as client_module
 import protocol
@@ -218,21 +218,12 @@ def master_entry(cluster, name: str) -> dict | None:
     return namespace.files.get(name)
 
 
-# Bytes 0..35 of a record of chunk_store.py: magic, kind, L, reserved, first, count,
-# chunk_size, P, header CRC -- big-endian, as its module docstring draws them.
 def corrupt_record(cluster, index: int, blob: str, first: int, rng: random.Random) -> None:
     """Flip one random payload byte of the record of ``blob`` starting at chunk ``first`` on node ``index``."""
     records = [r for r in payload_locations(cluster, index, blob) if r[1] == first]
     assert records, f"node{index} holds no record of {blob} at chunk {first}"
     path, _, payload_offset, payload_len = records[-1]
-    position = payload_offset + rng.randrange(payload_len)
-    with open(path, "r+b") as f:
-        f.seek(position)
-        byte = f.read(1)
-        f.seek(position)
-        f.write(bytes([byte[0] ^ 0xFF]))
-        f.flush()
-        os.fsync(f.fileno())
+    flip_byte(path, payload_offset + rng.randrange(payload_len))
 
 
 def holders(cluster, blob: str, first: int, indexes) -> list[int]:
