@@ -37,7 +37,7 @@ import security as security_module
 import transport
 import transfers
 from metadata_log import MetadataLog
-from namespace import Namespace, NameLocks, entry_blobs, make_entry, run_blob, splice_runs, uncovered
+from namespace import Namespace, NameLocks, entry_blobs, make_entry, put_record, run_blob, splice_runs, uncovered
 from repair import Repairer
 
 logger = logging.getLogger("master")
@@ -65,6 +65,8 @@ class PendingUpload:
     token: object
     entry: dict
     tag: int
+    # An append or write: what the entry was derived from (namespace.put_record).
+    base: dict | None = None
 
 
 @dataclass
@@ -332,20 +334,23 @@ class Master:
         """Take ``name``'s write lock, waiting ``wait_s`` (negative: lock_wait_s; 0: not at all)."""
         return self.locks.acquire(name, owner, self.config.lock_wait_s if wait_s < 0 else wait_s)
 
-    def commit_uploads(self, uploads: list[tuple[str, dict]]) -> None:
+    def commit_uploads(self, uploads: list[tuple[str, dict, dict | None]]) -> None:
         """Make uploaded files visible with one log commit.
 
-        The caller holds each name's lock and has made every chunk durable.
-        Replaced versions are collected afterwards.
+        ``uploads`` holds (name, entry, base): ``base`` is None for a whole
+        new file, else what an append or write was derived from, so that the
+        chunks it did not touch keep the placement current at commit time
+        (namespace.rebase_entry).  The caller holds each name's lock and has
+        made every chunk durable.  Replaced versions are collected afterwards.
         """
-        previous = [self.namespace.files.get(name) for name, _ in uploads]
-        self.log.commit([{"op": "put", "name": name, "file": entry} for name, entry in uploads])
-        for _, entry in uploads:
+        previous = [self.namespace.files.get(name) for name, _, _ in uploads]
+        self.log.commit([put_record(name, entry, base) for name, entry, base in uploads])
+        for _, entry, _ in uploads:
             self.active_blobs.discard(entry["version"])
-        for old, (_, new) in zip(previous, uploads):
+        for old, (name, _, _) in zip(previous, uploads):
             if old is not None:
-                self._collect_entry(old, keep=new)
-        for name, entry in uploads:
+                self._collect_entry(old, keep=self.namespace.files[name])
+        for name, entry, _ in uploads:
             logger.info("stored %r: %d bytes, %d chunks, version %s", name, entry["size"], entry["chunks"],
                         entry["version"])
 
@@ -394,10 +399,13 @@ class Master:
                 empty = hashlib.sha256().hexdigest()
                 entry = make_entry(0, self.config.chunk_size_bytes, empty, uuid.uuid4().hex, [],
                                    self.config.chunks_per_batch)
+                self.log.commit([put_record(name, entry)])
             else:
-                entry = {**old, "mtime": round(time.time(), 3)}
-            self.log.commit([{"op": "put", "name": name, "file": entry}])
-            return entry
+                # Only the mtime changes: the placement is whatever it is when
+                # the record applies, not what was read here.
+                self.log.commit([put_record(name, {**old, "mtime": round(time.time(), 3)},
+                                            base={"version": old["version"], "first": 0, "end": 0})])
+            return self.namespace.files[name]
         finally:
             self.locks.release(name, token)
 
@@ -608,7 +616,7 @@ class MasterHandler(transport.RequestHandler):
             stream = self._receive_mutation(msg, name, old)
             if stream is not None:
                 self._commit_pending()  # earlier replies first
-                self.pending.append(PendingUpload(stream, token, stream.entry, msg.tag))
+                self.pending.append(PendingUpload(stream, token, stream.entry, msg.tag, stream.base))
                 kept = True
                 self._commit_pending()
         except protocol.BackupError as exc:
@@ -668,8 +676,9 @@ class MasterHandler(transport.RequestHandler):
         The new bytes, plus the old bytes that share their first and last
         chunk, go to a new blob starting at the first touched chunk; untouched
         chunks keep their replicas (namespace.splice_runs).  Returns the
-        stream, with ``entry`` set to the new file entry, or None if the client
-        abandoned it.
+        stream, with ``entry`` set to the new file entry and ``base`` to what
+        it was derived from (re-based on the current placement at commit),
+        or None if the client abandoned it.
         """
         config = self.master.config
         size = old["size"] if old else 0
@@ -700,8 +709,11 @@ class MasterHandler(transport.RequestHandler):
                     stream.write(piece)
             stream.flush()
             new_size = max(size, end)
-            runs = splice_runs(old, stream.runs, first_chunk, first_chunk + -(-stream.written // chunk_size))
+            end_chunk = first_chunk + -(-stream.written // chunk_size)
+            runs = splice_runs(old, stream.runs, first_chunk, end_chunk)
             stream.entry = make_entry(new_size, chunk_size, "", stream.blob, runs, stream.session.chunks_per_batch)
+            stream.base = None if old is None else {"version": old["version"], "first": first_chunk,
+                                                    "end": end_chunk}
             stream.needs_sha = True
         except BaseException:
             stream.discard()  # whatever it sent is garbage now
@@ -743,7 +755,7 @@ class MasterHandler(transport.RequestHandler):
                     replies[index] = protocol.error_message(exc)
             if ready:
                 uncertain = {index for index, _ in ready}
-                self.master.commit_uploads([(p.stream.name, p.entry) for _, p in ready])
+                self.master.commit_uploads([(p.stream.name, p.entry, p.base) for _, p in ready])
                 uncertain = set()
             for index, p in ready:
                 e = p.entry

@@ -8,6 +8,10 @@ the same code path as normal operation.
 Records (JSON objects; the log adds the index ``"i"``):
 
     {"op": "put", "name": N, "file": ENTRY}      store or replace a file
+    {"op": "put", "name": N, "file": ENTRY,      the same, derived from the name's
+     "base": {"version": V,                      version V (append, write, touch):
+              "first": f, "end": e}}             chunks outside [f, e) keep the
+                                                 placement of the current entry
     {"op": "delete", "name": N}                  remove a file
     {"op": "replicas", "name": N, "blob": B,     chunks [first, first+count) of
      "first": f, "count": c, "expect": [ID..],  blob B move from the nodes in
@@ -54,7 +58,10 @@ class Namespace:
     def apply(self, record: dict) -> None:
         op = record["op"]
         if op == "put":
-            self.files[record["name"]] = record["file"]
+            entry = record["file"]
+            if "base" in record:
+                entry = rebase_entry(entry, self.files.get(record["name"]), record["base"])
+            self.files[record["name"]] = entry
         elif op == "delete":
             self.files.pop(record["name"], None)
         elif op == "replicas":
@@ -111,6 +118,45 @@ def make_entry(size: int, chunk_size: int, sha256: str, version: str, runs: list
         "batch_chunks": batch_chunks,
         "runs": runs,
     }
+
+
+def put_record(name: str, entry: dict, base: dict | None = None) -> dict:
+    """A log record storing ``entry`` as ``name``.
+
+    ``base`` (``{"version", "first", "end"}``, see ``rebase_entry``) marks an
+    entry derived from the name's current version, of which it rewrote only
+    chunks [first, end): an append or write (the chunks it touched) or a
+    touch (none).  Without it the entry replaces the file whole.
+    """
+    record = {"op": "put", "name": name, "file": entry}
+    if base is not None:
+        record["base"] = base
+    return record
+
+
+def rebase_entry(entry: dict, current: dict | None, base: dict) -> dict:
+    """``entry`` with its chunks outside [base first, base end) placed as ``current`` places them.
+
+    A writer reads the file's entry when it starts and commits seconds or
+    minutes later.  Meanwhile repair and reconciliation may have moved the
+    chunks it did not touch (``replicas`` records: a dead or wiped node taken
+    off, copies made elsewhere); putting back the runs read at the start
+    would list nodes that no longer hold those chunks and forget the new
+    copies, which their nodes then drop as surplus.  So the put is re-based
+    here, in the log's ordered apply, where no placement change can slip in
+    between the read and the write.  The writer holds the name's lock, so
+    ``current`` is the version it read; if it is not (a bug), ``entry`` is
+    kept as computed rather than losing the writer's data.
+    """
+    if current is None or current["version"] != base["version"]:
+        return entry
+    first, end = base["first"], base["end"]
+    own = []  # the runs this put wrote, clipped to [first, end)
+    for run in entry["runs"]:
+        lo, hi = max(run[0], first), min(run[0] + run[1], end)
+        if lo < hi:
+            own.append([lo, hi - lo, run[2], *run[3:]])
+    return {**entry, "runs": splice_runs(current, own, first, end, version=entry["version"])}
 
 
 def run_blob(entry: dict, run: list) -> str:
@@ -184,18 +230,20 @@ def set_run_nodes(runs: list, first: int, count: int, node_ids: list[str]) -> li
     return merged
 
 
-def splice_runs(old: dict | None, new_runs: list, first: int, end: int) -> list:
+def splice_runs(old: dict | None, new_runs: list, first: int, end: int, version: str | None = None) -> list:
     """Runs of a file whose chunks [first, end) were rewritten as ``new_runs``.
 
     Chunks of ``old`` outside that range keep their replicas and name their
-    blob explicitly (the new entry's version is the new blob), so a write
-    or append rewrites only the chunks it touches (copy-on-write).
+    blob explicitly unless it is ``version``, the new entry's own blob, so a
+    write or append rewrites only the chunks it touches (copy-on-write).
     """
     runs: list = []
     kept_after = []
     for run in (old["runs"] if old else []):
         run_first, run_count, nodes = run[:3]
         blob = run_blob(old, run)
+        if blob == version:
+            blob = None
         run_end = run_first + run_count
         if run_first < first:
             add_run(runs, run_first, min(run_end, first) - run_first, nodes, blob)

@@ -142,22 +142,27 @@ class UploadSession:
                 self._fail(channel.node_id, exc)
 
     def heal_entry(self, name: str, entry: dict, nodes_touched: set) -> dict:
-        """``entry`` with every copy on a failed node re-made on a healthy one.
+        """``entry`` with every copy this upload made on a failed node re-made on a healthy one.
 
         Call after ``sync``: the surviving copies are durable, and each piece
         is read from one of them (CRCs checked), written and flushed to a new
-        node.  Raises Unavailable if a piece has no surviving copy, or
+        node.  Only the chunks of the upload's own blob (the entry's version)
+        are healed: chunks an append or write kept from the previous version
+        are placed as repair last decided, which the commit re-bases on
+        (namespace.rebase_entry), and repair re-replicates them if the node
+        is gone.  Raises Unavailable if a piece has no surviving copy, or
         InsufficientNodes/Space if no node can take the copy.
         """
         runs = entry["runs"]
-        if not any(n in self.failed for run in runs for n in run[2]):
+        own = [run for run in runs if run_blob(entry, run) == entry["version"]]
+        if not any(n in self.failed for run in own for n in run[2]):
             return entry
         batch = entry["batch_chunks"]
         if self._copy_buffer is None:
             self._copy_buffer = bytearray(self.crc_room + self.batch_payload_bytes)
-        for run in list(runs):
+        for run in own:
             first, count, nodes = run[:3]
-            blob = run_blob(entry, run)
+            blob = entry["version"]
             lost = [n for n in nodes if n in self.failed]
             if not lost:
                 continue
