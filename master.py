@@ -101,34 +101,59 @@ class NodeState:
 
 
 class NodePool:
-    """Reusable connections to nodes, keyed by address.
+    """Reusable connections to nodes, keyed by node id and address.
 
-    ``acquire`` returns an idle connection or opens one; ``release`` keeps a
-    healthy one for the next caller and closes a broken one.  A connection is
-    used by one thread at a time.
+    ``acquire(node_id)`` returns an idle connection to that node or opens one
+    to the address it last registered from (``locate``), and checks the id
+    the server gives in its handshake: a node restarted on another node's
+    old port must not receive that node's reads, writes or deletes.  A
+    different id is refused with WrongNode, an Unavailable, so callers fail
+    over exactly as for an unreachable node.  ``release`` keeps a healthy
+    connection for the next caller and closes a broken one.  A connection
+    is used by one thread at a time.
     """
 
-    def __init__(self, timeout_s: float, security: transport.Security | None = None):
+    def __init__(self, locate, timeout_s: float, security: transport.Security | None = None):
+        self.locate = locate  # node_id -> (host, port); raises Unavailable for an unknown node
         self.timeout_s = timeout_s
         self.security = security  # secret and TLS for the connections to nodes
         self._lock = threading.Lock()
-        self._idle: dict[tuple, list] = defaultdict(list)
+        self._idle: dict[tuple, list] = defaultdict(list)  # (node_id, address) -> connections
+        self._wrong_seen: set[tuple] = set()  # (node_id, address, peer_id) already logged at WARNING
 
-    def acquire(self, address: tuple[str, int]) -> transport.Connection:
+    def acquire(self, node_id: str) -> transport.Connection:
+        address = self.locate(node_id)
         while True:
             with self._lock:
-                idle = self._idle.get(address)
+                idle = self._idle.get((node_id, address))
                 conn = idle.pop() if idle else None
             if conn is None:
-                return transport.Connection(address, "master", self.timeout_s, self.security)
+                return self._connect(node_id, address)
             if not conn.peer_closed():
                 return conn
             conn.close()  # the node closed it while idle (restart, idle timeout)
 
+    def _connect(self, node_id: str, address: tuple[str, int]) -> transport.Connection:
+        conn = transport.Connection(address, "master", self.timeout_s, self.security)
+        if conn.peer_id != node_id:
+            conn.close()
+            where = transport.format_address(address)
+            # Retries (garbage collection, reads) meet the same impostor again
+            # and again: one WARNING per situation, the rest at DEBUG.
+            seen = (node_id, address, conn.peer_id)
+            with self._lock:
+                first = seen not in self._wrong_seen
+                self._wrong_seen.add(seen)
+            logger.log(logging.WARNING if first else logging.DEBUG,
+                       "refused %s: it answered as node %r, but node %s was expected there "
+                       "(a node restarted on another node's port?)", where, conn.peer_id[:64], node_id)
+            raise protocol.WrongNode(f"{where} is node {conn.peer_id[:64]!r}, not node {node_id}")
+        return conn
+
     def release(self, conn: transport.Connection) -> None:
         if not conn.broken:
             with self._lock:
-                idle = self._idle[conn.address]
+                idle = self._idle[(conn.peer_id, conn.address)]
                 if len(idle) < _POOL_IDLE_PER_NODE:
                     idle.append(conn)
                     return
@@ -136,7 +161,8 @@ class NodePool:
 
     def discard_address(self, address: tuple[str, int]) -> None:
         with self._lock:
-            idle = self._idle.pop(address, [])
+            keys = [key for key in self._idle if key[1] == address]
+            idle = [conn for key in keys for conn in self._idle.pop(key)]
         for conn in idle:
             conn.close()
 
@@ -156,7 +182,7 @@ class Master:
         self.log = MetadataLog(data_dir, self.namespace, checkpoint_every=config.checkpoint_every)
         self.log.open()
         self.locks = NameLocks()
-        self.pool = NodePool(config.io_timeout_s, self.security)
+        self.pool = NodePool(self.node_address, config.io_timeout_s, self.security)
         self._nodes_lock = threading.Lock()
         self._nodes: dict[str, NodeState] = {}
         for node_id, info in self.namespace.nodes.items():
@@ -486,7 +512,7 @@ class Master:
 
     def _collect_on(self, node_id: str, items: set[tuple]) -> None:
         """Delete whole blobs and drop chunk ranges on one node."""
-        conn = self.pool.acquire(self.node_address(node_id))
+        conn = self.pool.acquire(node_id)
         try:
             blobs = sorted(blob for blob, first, _ in items if first is None)
             if blobs:

@@ -178,6 +178,14 @@ class Unavailable(BackupError):
     code = "UNAVAILABLE"
 
 
+class WrongNode(Unavailable):
+    """The server at a node's address gave another node's id in its handshake.
+
+    The node moved (or died) and another took its port: for the caller the
+    node it wanted is unreachable there.  Never sent on the wire as such.
+    """
+
+
 class AuthFailed(BackupError):
     code = "AUTH_FAILED"
 

@@ -364,7 +364,7 @@ class Repairer:
 
     def _drop(self, node_id: str, blob: str, first: int, count: int) -> None:
         master = self.master
-        conn = master.pool.acquire(master.node_address(node_id))
+        conn = master.pool.acquire(node_id)
         try:
             conn.request(protocol.DropChunks(blob=blob, first=first, count=count), protocol.ChunksDropped)
         finally:

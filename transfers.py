@@ -97,7 +97,7 @@ class UploadSession:
         try:
             channel = self.channels.get(node_id)
             if channel is None:
-                conn = self.master.pool.acquire(self.master.node_address(node_id))
+                conn = self.master.pool.acquire(node_id)
                 channel = self.channels[node_id] = NodeChannel(node_id, conn)
             self.master.reserve(node_id, nbytes)
             self.reserved[node_id] = self.reserved.get(node_id, 0) + nbytes
@@ -205,7 +205,7 @@ def batch_pieces(first: int, count: int, batch: int):
 
 def put_piece(master, node_id: str, entry: dict, blob: str, first: int, count: int, body) -> None:
     """Write one piece (CRCs + payload) of a file's ``blob`` to a node and flush it."""
-    conn = master.pool.acquire(master.node_address(node_id))
+    conn = master.pool.acquire(node_id)
     try:
         conn.request(protocol.PutChunks(blob=blob, first=first, count=count,
                                         chunk_size=entry["chunk_size"], body=body), protocol.PutOk)
@@ -412,7 +412,7 @@ def _request_piece(master, piece, conns: dict, broken: set) -> str | None:
         try:
             conn = conns.get(node_id)
             if conn is None:
-                conn = conns[node_id] = master.pool.acquire(master.node_address(node_id))
+                conn = conns[node_id] = master.pool.acquire(node_id)
             conn.send(protocol.GetChunks(blob=blob, first=first, count=count))
             return node_id
         except protocol.BackupError as exc:
@@ -457,7 +457,7 @@ def read_piece(master, name, entry, blob, first, count, node_ids, buffer) -> mem
     unreachable = 0
     for node_id in master.read_order(node_ids):
         try:
-            conn = master.pool.acquire(master.node_address(node_id))
+            conn = master.pool.acquire(node_id)
         except protocol.BackupError as exc:
             failures.append(f"{node_id}: {exc.message}")
             unreachable += 1

@@ -246,3 +246,33 @@ def test_writers_paused_while_repair_moves_a_wiped_nodes_chunks_commit_where_the
         assert reply.sha256 == hashlib.sha256(data).hexdigest(), f"{name} (seed {seed})"
         missing = missing_copies(cluster, reply, range(4))
         assert not missing, f"committed runs name nodes without the chunks (seed {seed}): {missing}"
+
+
+def test_node_on_another_nodes_old_port_is_refused_and_gets_none_of_its_data(make_cluster, tmp_path):
+    """A node restarted on a dead node's port answers with its own id: the master refuses to treat it as the dead one."""
+    seed = 9200
+    # dead_after long enough that the master still counts the killed node as alive.
+    cluster = make_cluster(nodes=3, master_args=[*FAST_MASTER, "--dead-after", "30"])
+    cluster.restart_node(0, extra_args=["--capacity", BIG_CAPACITY])  # node 0: every placement's first choice
+    moved_id = node_id_of(cluster, 0)
+    wait_until(lambda: any(n["id"] == moved_id and n["alive"] and n["capacity_bytes"] == int(BIG_CAPACITY)
+                           for n in cluster.status().nodes), message="node 0 back with its large capacity")
+    old_port = str(node_addr(cluster.nodes[0])[1])
+    cluster.nodes[0].kill()
+    cluster.restart_node(1, extra_args=["--port", old_port])
+    wait_until(lambda: any(n["address"].endswith(":" + old_port) and n["id"] != moved_id and n["alive"]
+                           for n in cluster.status().nodes), message="node 1 registered on node 0's old port")
+    data = random_bytes(seed, 3 * MIB)
+    path = tmp_path / "after-move"
+    path.write_bytes(data)
+    c = cluster.client()
+    try:
+        c.upload_file(str(path), "after-move")
+    finally:
+        c.close()
+        path.unlink()
+    reply = stat(cluster, "after-move")
+    assert all(moved_id not in run[2] for run in reply.runs), \
+        f"chunks placed on the dead node {moved_id} (really on the node that took its port): {reply.runs}"
+    missing = missing_copies(cluster, reply, [1, 2])
+    assert not missing, f"committed runs name nodes without the chunks (seed {seed}): {missing}"
