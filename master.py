@@ -591,6 +591,24 @@ class MasterHandler(transport.RequestHandler):
         if not isinstance(msg, protocol.UploadBegin):
             self._commit_pending()
 
+    def idle_deadline_s(self) -> float | None:
+        # Pending grouped uploads hold their names' locks: the lease applies
+        # to a client that goes quiet after an UPLOAD_END as to one that
+        # goes quiet mid-upload.
+        return self.master.config.lock_lease_s if self.pending else None
+
+    def on_idle(self) -> None:
+        """A grouped upload went quiet past lock_lease_s: commit what it finished, release its locks.
+
+        Its pending files are whole (UPLOAD_END came, SHA-256 checked), so
+        they are committed, not discarded: the client sent them and will
+        read their UPLOADED replies when it goes on, exactly as if the group
+        had filled up.  Other writers no longer wait for an idle client.
+        """
+        logger.info("%s: silent for lock_lease_s with %d finished upload(s) pending; committing them",
+                    self.peer, len(self.pending))
+        self._commit_pending()
+
     def _close_session(self) -> None:
         if self.session is not None:
             self.session.close()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import select
+import selectors
 import signal
 import socket
 import socketserver
@@ -259,7 +260,7 @@ class RequestHandler(socketserver.StreamRequestHandler):
             self.body_buffer = bytearray(size) if size else None
             while True:
                 try:
-                    msg = self.next_message(self.server.idle_timeout_s)
+                    msg = self._next_request()
                 except protocol.UnknownOperation as exc:
                     if not exc.recoverable:
                         raise
@@ -390,6 +391,48 @@ class RequestHandler(socketserver.StreamRequestHandler):
     # --- requests -------------------------------------------------------------------------
     def before_request(self, msg: protocol.Message) -> None:
         """Hook run before each request is dispatched; subclasses may override."""
+
+    def idle_deadline_s(self) -> float | None:
+        """Seconds the peer may stay silent between requests before ``on_idle`` runs.
+
+        None (the default): no such deadline, only the server's idle timeout,
+        which closes the connection.  Subclasses that hold something on the
+        peer's behalf between requests override both.
+        """
+        return None
+
+    def on_idle(self) -> None:
+        """The peer sent nothing for ``idle_deadline_s``; the connection stays open."""
+
+    def _next_request(self):
+        """The next request frame (None at EOF), running ``on_idle`` if the peer is quiet too long."""
+        idle_s = self.server.idle_timeout_s
+        deadline_s = self.idle_deadline_s()
+        if deadline_s is not None and deadline_s < idle_s and not self._wait_readable(deadline_s):
+            self.on_idle()
+            idle_s -= deadline_s
+        return self.next_message(idle_s)
+
+    def _wait_readable(self, timeout_s: float) -> bool:
+        """True once a byte (or EOF) can be read at once, False after ``timeout_s`` of silence.
+
+        Unlike a read that times out (which leaves a socket file unusable),
+        this leaves the connection as it was.  Bytes already buffered (a
+        pipelined next request) count; else the socket is polled.
+        """
+        try:
+            self.request.settimeout(0.0)
+            # Non-blocking: returns buffered bytes, or b"" if nothing came yet
+            # (TLS raises SSLWantReadError instead).
+            if self.rfile.peek(1):
+                return True
+        except (BlockingIOError, ssl.SSLWantReadError):
+            pass
+        finally:
+            self.request.settimeout(self.server.io_timeout_s)
+        with selectors.DefaultSelector() as selector:  # select.select fails on fds past 1023
+            selector.register(self.request, selectors.EVENT_READ)
+            return bool(selector.select(timeout_s))
 
     def next_message(self, timeout_s: float | None = None, body_buffer=None):
         """Read the next request frame (None at EOF); body into the handler's buffer.

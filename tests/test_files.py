@@ -663,6 +663,31 @@ def test_stalled_writer_partial_upload_is_discarded(lease_cluster, tmp_path, hol
     assert download(lease_cluster, name, tmp_path) == old, f"seed {seed}"
 
 
+def test_idle_grouped_upload_is_committed_and_unlocked_after_the_lease(lease_cluster, tmp_path):
+    """A pipelined upload that sent UPLOAD_END and went quiet is committed and its lock freed within about the lease (1 s)."""
+    seed = 2220
+    name = "lease/grouped"
+    first, second = random_bytes(seed, 3000), random_bytes(seed + 1, 2000)
+    conn = transport.Connection(master_address(lease_cluster), "client", timeout_s=20.0)
+    try:
+        conn.send(protocol.UploadBegin(name=name, tag=7, group=True), flush=False)
+        conn.send(protocol.Data(body=first), flush=False)
+        conn.send(protocol.UploadEnd(sha256=sha256(first)))
+        wait_until(lambda: lock_of(lease_cluster, name), message="the grouped upload holding the lock")
+        idle_since = time.monotonic()
+        path = write_local(tmp_path, "second", second)
+        with_client(lease_cluster, lambda c: c.upload_file(path, name, wait_s=10.0))
+        waited = time.monotonic() - idle_since
+        assert waited < 3.0, f"the second writer got the lock after {waited:.2f} s (lease 1 s)"
+        # The idle client's finished file was committed; its reply waits for it, in order.
+        reply = conn.expect(protocol.Uploaded)
+        assert (reply.tag, reply.sha256) == (7, sha256(first)), reply
+        conn.request(protocol.Sync(), protocol.Synced)
+    finally:
+        conn.close()
+    assert download(lease_cluster, name, tmp_path) == second, f"seed {seed}"
+
+
 # --- master crash -----------------------------------------------------------------------------
 def test_master_killed_mid_append_keeps_the_old_file(make_cluster, tmp_path):
     """A master SIGKILLed in the middle of an append comes back with the file's old length and content."""
