@@ -122,6 +122,8 @@ class NodePool:
         self._wrong_seen: set[tuple] = set()  # (node_id, address, peer_id) already logged at WARNING
 
     def acquire(self, node_id: str) -> transport.Connection:
+        if not isinstance(node_id, str):  # the old acquire(address) form would skip the id check
+            raise TypeError(f"NodePool.acquire takes a node id, not {node_id!r}")
         address = self.locate(node_id)
         while True:
             with self._lock:

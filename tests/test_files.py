@@ -678,7 +678,7 @@ def test_idle_grouped_upload_is_committed_and_unlocked_after_the_lease(lease_clu
         path = write_local(tmp_path, "second", second)
         with_client(lease_cluster, lambda c: c.upload_file(path, name, wait_s=10.0))
         waited = time.monotonic() - idle_since
-        assert waited < 3.0, f"the second writer got the lock after {waited:.2f} s (lease 1 s)"
+        assert waited < 5.0, f"the second writer got the lock after {waited:.2f} s (lease 1 s)"
         # The idle client's finished file was committed; its reply waits for it, in order.
         reply = conn.expect(protocol.Uploaded)
         assert (reply.tag, reply.sha256) == (7, sha256(first)), reply
