@@ -73,6 +73,11 @@ MAX_HANDSHAKE_HEADER_BYTES = 4096
 # Blobs per INVENTORY page: a blob id (32 hex) and a few extents per blob
 # keep a page around 100 KiB, under MAX_HEADER_BYTES.
 INVENTORY_PAGE_BLOBS = 1000
+# Ranges in a CHUNK_DATA reply's missing or corrupt list.  A batch of the
+# default 1,024 chunks has at most 512 damaged runs; 4,096 ranges of ~25 bytes
+# of JSON stay near 100 KiB, under MAX_HEADER_BYTES.  A node that would list
+# more fails the request as a whole instead.
+MAX_CHUNK_RANGES = 4096
 
 _PREFIX_BYTES = 4
 CRC_BYTES = 4
@@ -276,6 +281,51 @@ def split_chunk_body(body, count: int) -> tuple[memoryview, memoryview]:
     if count < 0 or len(view) < crc_len:
         raise RemoteProtocolError(f"body of {len(view)} bytes cannot hold {count} CRCs")
     return view[:crc_len], view[crc_len:]
+
+
+def bad_chunk_ranges(payload, crc_bytes, chunk_size: int) -> list[tuple[int, int]]:
+    """Runs ``(index, count)`` of the chunks whose CRC32 differs; ``[]`` if all match.
+
+    Indexes count from the first chunk; there are ``len(crc_bytes) // 4``
+    chunks, and one the payload is too short for counts as bad.  One
+    comparison of two arrays when all is well; the per-chunk loop runs only
+    when something differs, and the answer holds one tuple per damaged run,
+    never one per chunk.
+    """
+    expected = crcs_from_bytes(crc_bytes)
+    actual = chunk_crcs(payload, chunk_size)
+    if actual == expected:
+        return []
+    ranges: list[tuple[int, int]] = []
+    for index, want in enumerate(expected):
+        if index < len(actual) and actual[index] == want:
+            continue
+        if ranges and ranges[-1][0] + ranges[-1][1] == index:
+            ranges[-1] = (ranges[-1][0], ranges[-1][1] + 1)
+        else:
+            ranges.append((index, 1))
+    return ranges
+
+
+def chunk_ranges(value, first: int, count: int) -> list[tuple[int, int]]:
+    """A peer's list of ``[first, count]`` chunk ranges, checked to lie in ``[first, first+count)``.
+
+    ``None`` is the empty list.  Raises RemoteProtocolError for anything
+    else than such a list of at most MAX_CHUNK_RANGES ranges.
+    """
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > MAX_CHUNK_RANGES:
+        raise RemoteProtocolError("chunk ranges are not a list of at most "
+                                  f"{MAX_CHUNK_RANGES} [first, count] pairs")
+    ranges = []
+    for item in value:
+        if not (isinstance(item, list) and len(item) == 2
+                and all(type(n) is int for n in item)  # bool is an int subclass: refuse it
+                and first <= item[0] and 0 < item[1] <= first + count - item[0]):
+            raise RemoteProtocolError(f"chunk range {str(item)[:40]} is not inside {first}+{count}")
+        ranges.append((item[0], item[1]))
+    return sorted(ranges)
 
 
 def verify_chunks(payload, crc_bytes, chunk_size: int) -> int:
@@ -715,7 +765,15 @@ class GetChunks(Message):
 
 @message
 class ChunkData(Message):
-    """Body: CRC32s then payload, laid out as in ``PUT_CHUNKS``."""
+    """Body: CRC32s then payload, laid out as in ``PUT_CHUNKS``.
+
+    ``missing`` and ``corrupt`` (``[[first, count], ...]``, absent when empty)
+    name the chunks the node cannot serve intact: not stored, or failing
+    their CRC on its disk (it has dropped those).  In the body their CRCs
+    and bytes are zeros, a whole ``chunk_size`` for a missing one, so every
+    other chunk keeps its place; the reader fetches just those chunks from
+    another replica.
+    """
 
     OP = "CHUNK_DATA"
     HAS_BODY = True
@@ -723,6 +781,8 @@ class ChunkData(Message):
     first: int
     count: int
     chunk_size: int
+    missing: list | None = None
+    corrupt: list | None = None
     body: bytes = b""
 
 

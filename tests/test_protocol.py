@@ -24,6 +24,8 @@ SAMPLES = [
     protocol.Download(name="x", offset=5, length=-1),
     protocol.ListPage(entries=[{"name": "a", "size": 1, "chunks": 1, "mtime": 1.5}], done=True),
     protocol.PutChunks(blob="b1", first=7, count=2, chunk_size=64, body=bytes(8) + b"x" * 100),
+    protocol.ChunkData(blob="b1", first=7, count=3, chunk_size=64, missing=[[8, 1]], corrupt=[[7, 1]],
+                       body=bytes(12) + b"x" * 150),
     protocol.Error(code="FILE_NOT_FOUND", message="no file named 'x'"),
     protocol.StatusReply(nodes=[], totals={"files": 0}),
 ]
@@ -190,6 +192,33 @@ def test_crc_helpers_round_trip_and_detect_flips():
     assert protocol.verify_chunks(payload, wire, 1024) == -1
     payload[2048 + 5] ^= 0xFF
     assert protocol.verify_chunks(payload, wire, 1024) == 2
+
+
+def test_bad_chunk_ranges_lists_each_damaged_run():
+    """bad_chunk_ranges names runs of damaged chunks, counting chunks the payload is too short for."""
+    rng = random.Random(2)
+    payload = bytearray(rng.randbytes(64 * 9 + 10))
+    wire = protocol.crcs_to_bytes(protocol.chunk_crcs(payload, 64))
+    assert protocol.bad_chunk_ranges(payload, wire, 64) == []
+    for chunk in (1, 2, 3, 6, 9):
+        payload[chunk * 64 + 3] ^= 1
+    assert protocol.bad_chunk_ranges(payload, wire, 64) == [(1, 3), (6, 1), (9, 1)]
+    assert protocol.bad_chunk_ranges(payload[:64 * 7 + 5], wire, 64) == [(1, 3), (6, 4)]
+
+
+@pytest.mark.parametrize("value", [
+    "x", [[1]], [[0, 0]], [[-1, 2]], [[2, 4]], [[True, 1]], [[1.0, 1]], [[1, 1]] * (protocol.MAX_CHUNK_RANGES + 1),
+])
+def test_chunk_ranges_refuses_what_is_not_inside_the_request(value):
+    """A peer's chunk range list must be [first, count] pairs inside the request, and not too many."""
+    with pytest.raises(protocol.RemoteProtocolError):
+        protocol.chunk_ranges(value, 1, 4)
+
+
+def test_chunk_ranges_accepts_and_sorts():
+    """None is no ranges; valid ranges come back sorted as tuples."""
+    assert protocol.chunk_ranges(None, 0, 4) == []
+    assert protocol.chunk_ranges([[3, 2], [1, 1]], 1, 4) == [(1, 1), (3, 2)]
 
 
 def test_errors_map_back_to_their_class():
