@@ -35,15 +35,15 @@ Record layout (all integers unsigned big-endian)::
 Main trade-off: the header CRC covers the header and blob id only, so start-up
 reads ~100 bytes per record and never a payload (start time grows with the
 number of records, not bytes).  Payload damage is caught instead by the
-per-chunk CRCs, checked on every get().  A record whose header reached the disk
+per-chunk CRCs, checked on every read.  A record whose header reached the disk
 but whose payload did not is caught by its length running past end of file.
 
 Index: blob -> list of extents sorted by first chunk, one small tuple per
 record (a record holds a batch of up to ~1024 chunks), never one object per
-chunk.  Later records win: a re-put of the same (first, count) replaces the
-old extent.  Callers must re-put ranges that cover every stored extent they
-touch (the same ranges as before, or unions of them) or ranges that overlap
-nothing; put() refuses a partial overlap, and a blob has one chunk size.
+chunk.  Later records win: a put replaces exactly the chunks it covers (a
+re-put of the same (first, count) replaces the old extent; one that covers
+only part of an extent splits it as a range drop does), and a blob has one
+chunk size.
 
 Range drops split extents: drop_range() forgets any run of whole chunks, and
 an extent it cuts into keeps its remaining part(s) as extents of their own,
@@ -52,9 +52,9 @@ offset and length adjusted; chunk size and record offset unchanged), so one
 record may back several extents.  The drop record (kind 3) holds the range
 dropped, and replay applies it with the same code (_cut_range).  During the
 scan a later chunks record likewise replaces exactly the chunks it covers,
-splitting an extent it partly overlaps; put() never lets that happen live,
-but compaction can move records out of file order (a part copied by
-compaction lands after a later put into the dropped gap).
+splitting an extent it partly overlaps, as put() does live (and compaction
+can move records out of file order: a part copied by compaction lands after
+a later put into the dropped gap).
 
 Durability: put() and delete_blobs() write but never fsync; flush() fsyncs
 every segment written since the last flush (and the directory when a segment
@@ -71,10 +71,14 @@ to the tail puts it after them in file order).  Readers pin the descriptors
 they pread from (a reference count), so a compacted segment's descriptor is
 closed only once the last reader is done; the file itself is unlinked at once.
 
-Scrubbing: scrub_step() re-reads a bounded slice of the live extents per call
-and reports those whose payload no longer matches the stored CRCs; repair is a
-re-put of the same range (it replaces the extent), or drop_extent() to forget
-it for good.  A part of a split record is checked (and reported) on its own.
+Corruption is handled per chunk, never per record: a record is a whole
+batch, and its other chunks are as good as ever.  get_intact() (what a node
+serves), scrub_step() (a bounded slice of the live extents per call) and
+compaction drop exactly the chunks whose payload no longer matches their
+stored CRCs, as drop_range() would, and say which; the node reports them and
+the master re-puts just those chunks from a good replica.  get() stays
+strict: any bad chunk fails it.  A part of a split record is checked on its
+own.
 
 Left out: compacting the active segment (it is compacted once it has rolled),
 Bitcask hint files (the header-only scan makes them unnecessary for now).
@@ -92,7 +96,8 @@ import threading
 import time
 import zlib
 
-from protocol import CRC_BYTES, MAX_BODY_BYTES, ChecksumMismatch, ChunkNotFound, RemoteProtocolError, verify_chunks
+from protocol import (CRC_BYTES, MAX_BODY_BYTES, ChecksumMismatch, ChunkNotFound, RemoteProtocolError,
+                      bad_chunk_ranges, verify_chunks)
 
 logger = logging.getLogger(__name__)
 
@@ -209,9 +214,9 @@ def _write_all(fd: int, buffers: list) -> None:
 class ChunkStore:
     """Chunks of blobs in append-only segment files under ``data_dir/segments``.
 
-    Callers use put/get/has/delete_blobs/drop_range/flush/inventory and the
-    stats properties; a node's background threads use compact, segment_stats,
-    scrub_step and drop_extent.  Everything is thread-safe.  One lock guards
+    Callers use put/get/get_intact/has/delete_blobs/drop_range/flush/inventory
+    and the stats properties; a node's background threads use compact,
+    segment_stats and scrub_step.  Everything is thread-safe.  One lock guards
     appends, the index and the stats; get() and scrub_step() hold it only to
     look up extents and pin their descriptors, and read outside it.  close()
     must come after every other call has returned.
@@ -372,14 +377,6 @@ class ChunkStore:
         lo, hi = self._overlapping(extents, first, count)
         return [e for e in extents[lo:hi] if e[SEG_NO] == seg_no and e[RECORD_OFFSET] == offset]
 
-    def _find_extent(self, blob: str, extent: tuple) -> bool:
-        """True if the index still holds exactly extent (not replaced, moved or split since)."""
-        extents = self._index.get(blob)
-        if not extents:
-            return False
-        i = bisect.bisect_left(extents, (extent[FIRST],))
-        return i < len(extents) and extents[i] == extent
-
     def _replace_part(self, blob: str, old: tuple, parts: list) -> None:
         """Account for live extent old giving way to parts, extents of the same record (none: forgotten).
 
@@ -482,11 +479,13 @@ class ChunkStore:
         """Append count chunks of blob from chunk first as one record.
 
         Every chunk is checked against crc_bytes before anything is written.
-        Stored extents inside the range are replaced.  Raises ChecksumMismatch
-        naming the first bad chunk, RemoteProtocolError for a bad blob id,
-        inconsistent sizes, a stored extent that reaches outside the range
-        (partial overlap) or a chunk size other than the blob's.  Does not
-        fsync.
+        The record replaces exactly the chunks it covers: stored extents
+        inside the range go, one it partly overlaps is split as by
+        drop_range() (a repair re-puts the few chunks a node lost of a batch,
+        or that a reader could not use, and the rest of that batch stays).
+        Raises ChecksumMismatch naming the first bad chunk,
+        RemoteProtocolError for a bad blob id, inconsistent sizes or a chunk
+        size other than the blob's.  Does not fsync.
         """
         blob_id = _check_blob_id(blob)
         crc_bytes, payload = memoryview(crc_bytes).cast("B"), memoryview(payload).cast("B")
@@ -504,10 +503,6 @@ class ChunkStore:
         with self._lock:
             self._check_open()
             extents = self._index.get(blob, [])
-            lo, hi = self._overlapping(extents, first, count)
-            if lo < hi and (extents[lo][FIRST] < first
-                            or extents[hi - 1][FIRST] + extents[hi - 1][COUNT] > first + count):
-                raise RemoteProtocolError(f"blob {blob} chunks {first}+{count} partly overlap stored ones")
             if extents and extents[0][CHUNK_SIZE] != chunk_size:
                 raise RemoteProtocolError(f"blob {blob} has chunk size {extents[0][CHUNK_SIZE]}, not {chunk_size}")
             seg_no, offset = self._append([header, crc_bytes, payload], length)
@@ -554,18 +549,30 @@ class ChunkStore:
         finally:
             os.close(fd)
 
-    def _locate(self, blob: str, first: int, count: int) -> list[tuple]:
-        """(extent, skip, take) pieces covering the range; ChunkNotFound if any chunk is missing."""
+    def _locate(self, blob: str, first: int, count: int, gaps: list | None = None) -> list[tuple]:
+        """(extent, skip, take) pieces covering the stored chunks of the range, in order.
+
+        A chunk not stored raises ChunkNotFound, or, when gaps is a list, is
+        added to it as part of a (first, count) run and skipped.
+        """
         if first < 0 or count <= 0:
             raise RemoteProtocolError(f"bad range first={first} count={count}")
         extents = self._index.get(blob)
         if not extents:
             raise ChunkNotFound(f"blob {blob} not stored")
         pieces, pos, end = [], first, first + count
-        i = bisect.bisect_right(extents, (first, _MAX_U64 + 1)) - 1
+        i = max(bisect.bisect_right(extents, (first, _MAX_U64 + 1)) - 1, 0)
         while pos < end:
-            if i < 0 or i >= len(extents) or not extents[i][FIRST] <= pos < extents[i][FIRST] + extents[i][COUNT]:
-                raise ChunkNotFound(f"blob {blob} chunk {pos} not stored")
+            if i < len(extents) and extents[i][FIRST] + extents[i][COUNT] <= pos:
+                i += 1  # only the first extent looked at can end before the range
+                continue
+            if i == len(extents) or extents[i][FIRST] > pos:
+                if gaps is None:
+                    raise ChunkNotFound(f"blob {blob} chunk {pos} not stored")
+                stop = end if i == len(extents) else min(end, extents[i][FIRST])
+                gaps.append((pos, stop - pos))
+                pos = stop
+                continue
             extent = extents[i]
             skip = pos - extent[FIRST]
             take = min(extent[COUNT] - skip, end - pos)
@@ -574,6 +581,58 @@ class ChunkStore:
             i += 1
         return pieces
 
+    def _read(self, blob: str, first: int, count: int, gaps: list | None) -> tuple[int, bytes, bytes, list]:
+        """Chunks first..first+count-1 as stored, unverified: (chunk_size, crc_bytes, payload, parts).
+
+        parts lists (extent, chunk, take, crc_at, payload_at, payload_len) of
+        each extent read: its chunks chunk..chunk+take-1 sit at those offsets
+        of crc_bytes and payload.  Chunks not stored raise ChunkNotFound, or
+        with gaps a list are added to it and read as zeros (chunk_size bytes,
+        CRCs too) so the chunks after them keep their places; ChunkNotFound
+        still if none of the range is stored.  A short read is padded with
+        zeros (it then fails its CRC).  Two preads per extent, none per chunk.
+        """
+        with self._lock:
+            self._check_open()
+            pieces = self._locate(blob, first, count, gaps)
+            if not pieces:
+                raise ChunkNotFound(f"blob {blob} chunks {first}..{first + count - 1} not stored")
+            fds = self._pin(extent[SEG_NO] for extent, _, _ in pieces)
+        chunk_size = pieces[0][0][CHUNK_SIZE]
+        if count * (chunk_size + CRC_BYTES) > MAX_BODY_BYTES:
+            # The answer must fit one frame; refuse before reading gigabytes.
+            self._unpin(fds)
+            raise RemoteProtocolError(f"{count} chunks of {chunk_size} bytes do not fit one reply")
+        reads = sorted([(extent[FIRST] + skip, take, extent, skip, fd) for (extent, skip, take), fd in zip(pieces, fds)]
+                       + [(gap_first, gap_count, None, 0, None) for gap_first, gap_count in gaps or ()],
+                       key=lambda item: item[0])
+        crc_parts, payload_parts, parts = [], [], []
+        crc_at = payload_at = 0
+        try:
+            for n, (chunk, take, extent, skip, fd) in enumerate(reads):
+                if extent is None:
+                    crcs, data = bytes(CRC_BYTES * take), bytes(chunk_size * take)
+                else:
+                    start = skip * chunk_size
+                    stop = min((skip + take) * chunk_size, extent[PAYLOAD_LEN])
+                    # A short chunk may only end the answer, or the chunks would shift.
+                    if extent[CHUNK_SIZE] != chunk_size or (n < len(reads) - 1 and stop - start != take * chunk_size):
+                        raise RemoteProtocolError(f"blob {blob} mixes chunk sizes in chunks {first}+{count}")
+                    crcs = os.pread(fd, CRC_BYTES * take, extent[CRC_OFFSET] + CRC_BYTES * skip)
+                    data = os.pread(fd, stop - start, extent[PAYLOAD_OFFSET] + start)
+                    crcs += bytes(CRC_BYTES * take - len(crcs))
+                    data += bytes(stop - start - len(data))
+                    parts.append((extent, chunk, take, crc_at, payload_at, len(data)))
+                crc_parts.append(crcs)
+                payload_parts.append(data)
+                crc_at += len(crcs)
+                payload_at += len(data)
+        finally:
+            self._unpin(fds)
+        crc_bytes = crc_parts[0] if len(crc_parts) == 1 else b"".join(crc_parts)
+        payload = payload_parts[0] if len(payload_parts) == 1 else b"".join(payload_parts)
+        return chunk_size, crc_bytes, payload, parts
+
     def get(self, blob: str, first: int, count: int) -> tuple[int, bytes, bytes]:
         """(chunk_size, crc_bytes, payload) of chunks first..first+count-1 of blob.
 
@@ -581,35 +640,50 @@ class ChunkStore:
         any chunk is missing, ChecksumMismatch naming blob and chunk if one is
         damaged.  Two preads per extent (CRCs, payload), none per chunk.
         """
-        with self._lock:
-            self._check_open()
-            pieces = self._locate(blob, first, count)
-            fds = self._pin(extent[SEG_NO] for extent, _, _ in pieces)
-        chunk_size = pieces[0][0][CHUNK_SIZE]
-        if count * (chunk_size + CRC_BYTES) > MAX_BODY_BYTES:
-            # The answer must fit one frame; refuse before reading gigabytes.
-            self._unpin(fds)
-            raise RemoteProtocolError(f"{count} chunks of {chunk_size} bytes do not fit one reply")
-        crc_parts, payload_parts = [], []
-        try:
-            for n, ((extent, skip, take), fd) in enumerate(zip(pieces, fds)):
-                start = skip * chunk_size
-                stop = min((skip + take) * chunk_size, extent[PAYLOAD_LEN])
-                # A short chunk may only end the answer, or the chunks would shift.
-                if extent[CHUNK_SIZE] != chunk_size or (n < len(pieces) - 1 and stop - start != take * chunk_size):
-                    raise RemoteProtocolError(f"blob {blob} mixes chunk sizes in chunks {first}+{count}")
-                crc_parts.append(os.pread(fd, CRC_BYTES * take, extent[CRC_OFFSET] + CRC_BYTES * skip))
-                payload_parts.append(os.pread(fd, stop - start, extent[PAYLOAD_OFFSET] + start))
-                if len(crc_parts[-1]) != CRC_BYTES * take or len(payload_parts[-1]) != stop - start:
-                    raise ChecksumMismatch(f"blob {blob} chunk {extent[FIRST] + skip}: short read")
-        finally:
-            self._unpin(fds)
-        crc_bytes = crc_parts[0] if len(crc_parts) == 1 else b"".join(crc_parts)
-        payload = payload_parts[0] if len(payload_parts) == 1 else b"".join(payload_parts)
+        chunk_size, crc_bytes, payload, _ = self._read(blob, first, count, None)
         bad = verify_chunks(payload, crc_bytes, chunk_size)
         if bad >= 0:
             raise ChecksumMismatch(f"blob {blob} chunk {first + bad}: stored CRC does not match data")
         return chunk_size, crc_bytes, payload
+
+    def get_intact(self, blob: str, first: int, count: int) -> tuple[int, bytes, bytes, list, list]:
+        """(chunk_size, crc_bytes, payload, missing, corrupt): every chunk of the range that is intact.
+
+        Like get(), but a chunk that is not stored or fails its CRC does not
+        fail the call: it is listed in missing or corrupt, as part of a sorted
+        (first, count) run, and its CRC and bytes are zeros (a whole
+        chunk_size for a missing one), so the other chunks keep their places
+        and a reader can fetch just those chunks elsewhere.  Corrupt chunks
+        are dropped at once, as by drop_range(), unless what was read has
+        been replaced or moved since: never served again, and gone from the
+        inventory.  Does not fsync (call flush).  Raises ChunkNotFound if no
+        chunk of the range is stored, RemoteProtocolError as get().
+        """
+        missing: list[tuple[int, int]] = []
+        chunk_size, crc_bytes, payload, parts = self._read(blob, first, count, missing)
+        if verify_chunks(payload, crc_bytes, chunk_size) < 0 and not missing:
+            return chunk_size, crc_bytes, payload, [], []
+        damaged = []  # (extent, first, count) of each bad run, per extent read
+        for extent, chunk, take, crc_at, payload_at, payload_len in parts:
+            damaged += [(extent, chunk + index, n) for index, n in bad_chunk_ranges(
+                memoryview(payload)[payload_at:payload_at + payload_len],
+                memoryview(crc_bytes)[crc_at:crc_at + CRC_BYTES * take], chunk_size)]
+        if not damaged:
+            return chunk_size, crc_bytes, payload, missing, []
+        crc_bytes, payload = bytearray(crc_bytes), bytearray(payload)
+        for extent, bad_first, bad_count in damaged:
+            skip = bad_first - first  # missing chunks before it are chunk_size zeros: offsets hold
+            crc_bytes[CRC_BYTES * skip:CRC_BYTES * (skip + bad_count)] = bytes(CRC_BYTES * bad_count)
+            stop = min((skip + bad_count) * chunk_size, len(payload))
+            payload[skip * chunk_size:stop] = bytes(stop - skip * chunk_size)
+        with self._lock:
+            self._check_open()
+            for extent, bad_first, bad_count in damaged:
+                for dropped_first, dropped_count in self._drop_if_from(blob, bad_first, bad_count, extent):
+                    logger.warning("chunk store %s: blob %s chunks %d+%d fail their CRCs on read; dropped",
+                                   self._dir, blob, dropped_first, dropped_count)
+        corrupt = [(bad_first, bad_count) for _, bad_first, bad_count in damaged]
+        return chunk_size, bytes(crc_bytes), bytes(payload), missing, corrupt
 
     def has(self, blob: str, first: int, count: int) -> bool:
         """True if every chunk first..first+count-1 of blob is stored (data not read)."""
@@ -659,23 +733,24 @@ class ChunkStore:
             self._check_open()
             return self._write_drop(blob, first, count)[1]
 
-    def drop_extent(self, blob: str, first: int, count: int) -> bool:
-        """Forget the extent (first, count) of blob, now and after a restart.
+    def _drop_if_from(self, blob: str, first: int, count: int, extent: tuple) -> list[tuple[int, int]]:
+        """Drop the chunks of first..first+count-1 of blob still served from extent's record; the runs dropped.
 
-        For an extent found corrupt that the node reports missing instead of
-        serving it: drop_range() of exactly that extent (a part left by a
-        split is an extent too).  Returns False (and writes nothing) unless
-        blob has exactly that extent.  Does not fsync (call flush).
+        For chunks found corrupt in a read of that record: chunks re-put or
+        moved by compaction since are another copy (compaction checks what
+        it moves) and stay.  Caller holds the lock.  Does not fsync.
         """
-        _check_blob_id(blob)
-        with self._lock:
-            self._check_open()
-            extents = self._index.get(blob, [])
-            i = bisect.bisect_left(extents, (first,))
-            if i == len(extents) or extents[i][:2] != (first, count):
-                return False
-            self._write_drop(blob, first, count)
-            return True
+        record = (extent[SEG_NO], extent[RECORD_OFFSET])
+        extents = self._index.get(blob, [])
+        lo, hi = self._overlapping(extents, first, count)
+        dropped = []
+        for held in extents[lo:hi]:  # a copy: _write_drop changes the list
+            if (held[SEG_NO], held[RECORD_OFFSET]) == record:
+                start = max(held[FIRST], first)
+                dropped.append((start, min(held[FIRST] + held[COUNT], first + count) - start))
+        for dropped_first, dropped_count in dropped:
+            self._write_drop(blob, dropped_first, dropped_count)
+        return dropped
 
     def _write_drop(self, blob: str, first: int, count: int) -> tuple[int, int]:
         """Append a drop record for the range and forget its chunks: (bytes written, chunks dropped).
@@ -723,9 +798,10 @@ class ChunkStore:
         just unlinked.
 
         Of a record split by drop_range(), only the live parts are copied,
-        each as a new record of its range.  An extent (or part) whose CRCs no
-        longer match is not copied: it is dropped as by drop_extent() and
-        listed in "corrupt" as (blob, first, count) so the node can report it.
+        each as a new record of its range.  Chunks whose CRCs no longer match
+        are not copied: they are dropped as by drop_range() and listed in
+        "corrupt" as (blob, first, count) runs so the node can report them;
+        the rest of their extent is copied.
         bytes_reclaimed is the size of the unlinked segments minus the bytes
         appended.  With max_bytes_per_s, sleeps (outside the lock) so
         records are copied no faster than that.
@@ -793,32 +869,36 @@ class ChunkStore:
 
     def _copy_record(self, seg_no: int, fd: int, offset: int, end: int, blob: str, first: int,
                      count: int, chunk_size: int, corrupt: list) -> int:
-        """Append the live extents of the chunks record at seg_no/offset, dropping corrupt ones; return bytes appended.
+        """Append the live extents of the chunks record at seg_no/offset, dropping corrupt chunks; return bytes appended.
 
         Each live extent the record backs (the whole record, or the parts a
         drop_range() left) becomes a record of its own, after its CRCs are
-        checked.  The check runs outside the lock; extents of a record can only
-        shrink meanwhile, so one inside an extent found good is good too, and
-        any other is checked again under the lock (rare).
+        checked; of one that fails, only the chunks that fail are dropped
+        (and listed in corrupt) and the rest is copied.  The check runs
+        outside the lock; extents of a record can only shrink meanwhile, so
+        one inside an extent found good is good too, and any other is
+        checked again under the lock (rare).
         """
         with self._lock:
             checked = self._record_parts(blob, seg_no, offset, first, count)
         if not checked:
             return 0  # replaced or deleted: this is the space we reclaim
         view = memoryview(os.pread(fd, end - offset, offset))
-        good = [part for part in checked if self._part_intact(view, offset, part)]
+        good = [part for part in checked if not self._part_damage(view, offset, part)]
         written = 0
         with self._lock:
             self._check_open()
             for part in self._record_parts(blob, seg_no, offset, first, count):
                 part_end = part[FIRST] + part[COUNT]
-                if not any(g[FIRST] <= part[FIRST] and part_end <= g[FIRST] + g[COUNT] for g in good) \
-                        and not self._part_intact(view, offset, part):
-                    logger.warning("%s: blob %s chunks %d+%d fail their CRCs; dropped, not copied",
-                                   _segment_name(seg_no), blob, part[FIRST], part[COUNT])
-                    corrupt.append((blob, part[FIRST], part[COUNT]))
-                    written += self._write_drop(blob, part[FIRST], part[COUNT])[0]
+                if any(g[FIRST] <= part[FIRST] and part_end <= g[FIRST] + g[COUNT] for g in good):
                     continue
+                for index, bad_count in self._part_damage(view, offset, part):
+                    logger.warning("%s: blob %s chunks %d+%d fail their CRCs; dropped, not copied",
+                                   _segment_name(seg_no), blob, part[FIRST] + index, bad_count)
+                    corrupt.append((blob, part[FIRST] + index, bad_count))
+                    written += self._write_drop(blob, part[FIRST] + index, bad_count)[0]
+            # Every part left now is intact: checked above, or inside a good one.
+            for part in self._record_parts(blob, seg_no, offset, first, count):
                 header = _encode_header(KIND_CHUNKS, blob.encode("ascii"), part[FIRST], part[COUNT],
                                         part[CHUNK_SIZE], part[PAYLOAD_LEN])
                 crc_start, payload_start = part[CRC_OFFSET] - offset, part[PAYLOAD_OFFSET] - offset
@@ -835,13 +915,16 @@ class ChunkStore:
         return written
 
     @staticmethod
-    def _part_intact(record: memoryview, offset: int, part: tuple) -> bool:
-        """True if extent part, inside the record read from offset, matches its CRCs and is all there."""
+    def _part_damage(record: memoryview, offset: int, part: tuple) -> list[tuple[int, int]]:
+        """Runs (index in part, count) of extent part's chunks that fail their CRCs or are cut short; [] if intact.
+
+        record is the bytes read from offset on.
+        """
         crc_start, payload_start = part[CRC_OFFSET] - offset, part[PAYLOAD_OFFSET] - offset
         crcs = record[crc_start:crc_start + CRC_BYTES * part[COUNT]]
-        payload = record[payload_start:payload_start + part[PAYLOAD_LEN]]
-        return len(crcs) == CRC_BYTES * part[COUNT] and len(payload) == part[PAYLOAD_LEN] \
-            and verify_chunks(payload, crcs, part[CHUNK_SIZE]) < 0
+        if len(crcs) != CRC_BYTES * part[COUNT]:
+            return [(0, part[COUNT])]
+        return bad_chunk_ranges(record[payload_start:payload_start + part[PAYLOAD_LEN]], crcs, part[CHUNK_SIZE])
 
     def _carry_forward(self, seg_no: int, kind: int, blob: str, first: int, count: int, bound: int) -> int:
         """Re-append a tombstone or drop record of segment seg_no if still needed; return bytes appended.
@@ -882,18 +965,20 @@ class ChunkStore:
 
     # --- scrubbing ------------------------------------------------------
     def scrub_step(self, cursor, max_bytes: int) -> tuple[object, list[tuple[str, int, int]]]:
-        """Check the next live extents against their stored CRCs: (new_cursor, corrupt).
+        """Check the next live extents against their stored CRCs: (new_cursor, dropped).
 
         Start a pass with cursor None and pass each returned cursor back in;
         the cursor is opaque (it holds the pass's list of blob ids).  Each call
         reads at least one extent and stops adding extents once their payload
         reaches max_bytes.  new_cursor is None when the pass is complete: the
         next call with None starts over (blobs stored since are seen then).
-        corrupt lists (blob, first, count) of extents whose data no longer
-        matches their CRCs (or reads short), a part left by drop_range()
-        being an extent of its own; they are reported, not removed:
-        a re-put of the same range replaces one, drop_extent() forgets it.
-        Holds the lock only to pick extents; reads outside it.
+        A part left by drop_range() is an extent of its own.  Chunks whose
+        data no longer matches their CRCs (or reads short) are dropped, as by
+        drop_range(), only those chunks, and listed as (blob, first, count)
+        runs in dropped for the node to report; chunks re-put or moved by
+        compaction since they were read are another copy and stay.  Does not
+        fsync (call flush).  Holds the lock only to pick extents and to drop;
+        reads outside it.
         """
         with self._lock:
             self._check_open()
@@ -916,20 +1001,23 @@ class ChunkStore:
                 # Two reads: in a part of a split record, CRCs and payload are not adjacent.
                 crcs = os.pread(fd, CRC_BYTES * extent[COUNT], extent[CRC_OFFSET])
                 payload = os.pread(fd, extent[PAYLOAD_LEN], extent[PAYLOAD_OFFSET])
-                if len(crcs) != CRC_BYTES * extent[COUNT] or len(payload) != extent[PAYLOAD_LEN] \
-                        or verify_chunks(payload, crcs, extent[CHUNK_SIZE]) >= 0:
-                    suspects.append((blob, extent))
+                crcs += bytes(CRC_BYTES * extent[COUNT] - len(crcs))  # short reads fail their CRCs
+                bad = bad_chunk_ranges(payload, crcs, extent[CHUNK_SIZE])
+                if bad:
+                    suspects.append((blob, extent, bad))
         finally:
             self._unpin(fds)
-        corrupt = []
-        with self._lock:
-            for blob, extent in suspects:
-                # Moved by compaction (which checked it), replaced or split: not ours to report.
-                if self._find_extent(blob, extent):
-                    logger.warning("chunk store %s: blob %s chunks %d+%d fail their CRCs",
-                                   self._dir, blob, extent[FIRST], extent[COUNT])
-                    corrupt.append((blob, extent[FIRST], extent[COUNT]))
-        return (blobs, pos, next_first) if pos < len(blobs) else None, corrupt
+        dropped = []
+        if suspects:
+            with self._lock:
+                self._check_open()
+                for blob, extent, bad in suspects:
+                    for index, count in bad:
+                        for run in self._drop_if_from(blob, extent[FIRST] + index, count, extent):
+                            logger.warning("chunk store %s: blob %s chunks %d+%d fail their CRCs; dropped",
+                                           self._dir, blob, *run)
+                            dropped.append((blob, *run))
+        return (blobs, pos, next_first) if pos < len(blobs) else None, dropped
 
     def inventory(self) -> dict[str, list[tuple[int, int]]]:
         """blob -> sorted (first, count) of every extent held, for reconciliation."""

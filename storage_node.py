@@ -8,8 +8,10 @@ re-opens whenever it drops.  It has no idea which files its chunks belong
 to: names live on the master only.
 
 The node checks every CRC on the way in (a batch corrupted in transit is
-refused, never stored) and on the way out (rotten bytes are reported as
-CHECKSUM_MISMATCH, never served).  Its identity, a random id created on
+refused, never stored) and on the way out: a chunk whose bytes rotted is
+dropped and named in the reply's ``corrupt`` list, never served, while the
+other chunks of the same request are (the master fetches just the bad ones
+from another replica).  Its identity, a random id created on
 first start, is kept in ``node.json`` in its data dir, so a restarted node
 is recognised and its chunks remain reachable.
 """
@@ -43,6 +45,10 @@ EXIT_START_FAILED = 3
 WRITE_BEHIND_BYTES = 16 * 1024 * 1024
 # After ENOSPC, report ourselves full for this long before trying again.
 DISK_FULL_BACKOFF_S = 60.0
+# Corrupt chunk runs reported per heartbeat (~50 bytes of JSON each): a disk
+# that rots everywhere at once is reported over several heartbeats instead
+# of in one header past protocol.MAX_HEADER_BYTES.
+CORRUPT_REPORTS_PER_HEARTBEAT = 1000
 
 
 class StorageNode:
@@ -66,7 +72,7 @@ class StorageNode:
         self._unsynced_bytes = 0
         self._flush_wanted = threading.Event()
         self._corrupt_lock = threading.Lock()
-        self._corrupt: list = []  # extents dropped as corrupt, not yet reported
+        self._corrupt: list = []  # (blob, first, count) runs dropped as corrupt, not yet reported
         self._disk_full_until = 0.0
 
     def _load_or_create_id(self) -> str:
@@ -95,9 +101,35 @@ class StorageNode:
             raise protocol.BackupError(f"node {self.node_id} cannot write: {exc.strerror}") from None
 
     def get(self, msg: protocol.GetChunks) -> protocol.ChunkData:
-        chunk_size, crc_bytes, payload = self.store.get(msg.blob, msg.first, msg.count)
-        return protocol.ChunkData(blob=msg.blob, first=msg.first, count=msg.count,
-                                  chunk_size=chunk_size, body=crc_bytes + payload)
+        """The chunks asked for that are intact, naming (and zeroing) the ones that are not.
+
+        Corrupt chunks are dropped by the store; they are not reported in a
+        heartbeat as well: the master that asked learns it from this reply,
+        and a second, late report could arrive after it had already placed a
+        fresh copy here, and take that good copy off.
+        """
+        chunk_size, crc_bytes, payload, missing, corrupt = self.store.get_intact(msg.blob, msg.first, msg.count)
+        if len(missing) + len(corrupt) > protocol.MAX_CHUNK_RANGES:
+            raise protocol.ChecksumMismatch(f"blob {msg.blob} chunks {msg.first}+{msg.count}: "
+                                            f"{len(missing) + len(corrupt)} damaged or missing runs")
+        if corrupt:
+            logger.error("read of %s hit corrupt chunks %s; dropped them", msg.blob,
+                         ", ".join(f"{first}+{count}" for first, count in corrupt[:10]))
+            self._flush_drops()
+        return protocol.ChunkData(blob=msg.blob, first=msg.first, count=msg.count, chunk_size=chunk_size,
+                                  missing=[list(r) for r in missing] or None,
+                                  corrupt=[list(r) for r in corrupt] or None, body=crc_bytes + payload)
+
+    def _flush_drops(self) -> None:
+        """Make drops of corrupt chunks durable; a failure is logged, not raised.
+
+        Until a restart a dropped chunk is gone either way; if the drop
+        record is lost, the chunk comes back after one and is found again.
+        """
+        try:
+            self.store.flush()
+        except OSError:
+            logger.exception("cannot make the drop of corrupt chunks durable")
 
     def _note_written(self, nbytes: int) -> None:
         """Wake the write-behind flusher every WRITE_BEHIND_BYTES written.
@@ -217,32 +249,9 @@ class StorageNode:
 
     def _take_corrupt_reports(self) -> list:
         with self._corrupt_lock:
-            reports, self._corrupt = self._corrupt, []
+            reports = self._corrupt[:CORRUPT_REPORTS_PER_HEARTBEAT]
+            del self._corrupt[:CORRUPT_REPORTS_PER_HEARTBEAT]
         return reports
-
-    def drop_corrupt(self, blob: str, first: int, count: int, report: bool = True) -> None:
-        """Forget a corrupt extent; with ``report``, tell the master in the next heartbeat."""
-        if self.store.drop_extent(blob, first, count):
-            self.store.flush()
-            logger.error("dropped corrupt extent %s chunks %d..%d%s", blob, first, first + count - 1,
-                         "; reporting it" if report else "")
-            if report:
-                self._queue_corrupt([(blob, first, count)])
-
-    def find_corrupt(self, blob: str, first: int, count: int) -> None:
-        """A read of [first, first+count) failed its CRCs: find and drop the bad extents.
-
-        Not reported in a heartbeat: the master that asked learns it from the
-        error reply.  A second, late report could arrive after the master
-        had already placed a fresh copy here, and take that good copy off.
-        """
-        for extent_first, extent_count in self.store.inventory().get(blob, []):
-            if extent_first + extent_count <= first or extent_first >= first + count:
-                continue
-            try:
-                self.store.get(blob, extent_first, extent_count)
-            except protocol.ChecksumMismatch:
-                self.drop_corrupt(blob, extent_first, extent_count, report=False)
 
     def _scrub_loop(self) -> None:
         """Re-read every stored chunk at scrub_rate_mb_s, forever."""
@@ -258,8 +267,12 @@ class StorageNode:
             except OSError:
                 logger.exception("scrub step failed")
                 cursor, corrupt = None, []
-            for blob, first, count in corrupt:
-                self.drop_corrupt(blob, first, count)
+            if corrupt:
+                # The store dropped exactly these chunks; the master re-copies them.
+                self._flush_drops()
+                logger.error("scrub found %d corrupt chunk run(s), dropped them, reporting: %s", len(corrupt),
+                             ", ".join(f"{blob} {first}+{count}" for blob, first, count in corrupt[:10]))
+                self._queue_corrupt(corrupt)
             # Sleep so that this step's bytes take 1/rate seconds in all.
             self._stop.wait(max(step_bytes / rate - (time.monotonic() - started), 0.05))
 
@@ -300,13 +313,7 @@ class NodeHandler(transport.RequestHandler):
         self.reply(protocol.Flushed())
 
     def do_GET_CHUNKS(self, msg: protocol.GetChunks) -> None:
-        try:
-            reply = self.node.get(msg)
-        except protocol.ChecksumMismatch as exc:
-            logger.error("read by %s hit a corrupt chunk: %s", self.peer, exc)
-            self.node.find_corrupt(msg.blob, msg.first, msg.count)
-            raise
-        self.reply(reply)
+        self.reply(self.node.get(msg))
 
     def do_DROP_CHUNKS(self, msg: protocol.DropChunks) -> None:
         dropped = self.node.store.drop_range(msg.blob, msg.first, msg.count) > 0

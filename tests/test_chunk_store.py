@@ -221,15 +221,19 @@ def test_reput_same_range_replaces_extent(tmp_path, rng):
         assert store.get("b1", 0, 4)[2] == newer and store.extent_count == 1
 
 
-def test_partial_overlap_and_other_chunk_size_refused(tmp_path, rng):
-    """A put that partly overlaps stored chunks, or changes the blob's chunk size, is refused."""
+def test_partial_overlap_splits_and_other_chunk_size_refused(tmp_path, rng):
+    """A put that partly overlaps stored chunks replaces just those (now and after reopen); another chunk size is refused."""
     with ChunkStore(str(tmp_path)) as store:
-        put(store, rng, "b1", 0, 4)
-        with pytest.raises(RemoteProtocolError, match="overlap"):
-            put(store, rng, "b1", 2, 4)
+        old = put(store, rng, "b1", 0, 4)
+        new = put(store, rng, "b1", 2, 4)
         with pytest.raises(RemoteProtocolError, match="chunk size"):
-            put(store, rng, "b1", 4, 4, chunk_size=512)
-        assert store.inventory() == {"b1": [(0, 4)]}
+            put(store, rng, "b1", 6, 4, chunk_size=512)
+        assert store.inventory() == {"b1": [(0, 2), (2, 4)]}
+        assert store.get("b1", 0, 6)[2] == old[:2 * CS] + new
+        assert (store.chunk_count, store.extent_count, store.live_bytes) == (6, 2, 6 * CS)
+        store.flush()
+    with ChunkStore(str(tmp_path)) as store:
+        assert store.inventory() == {"b1": [(0, 2), (2, 4)]} and store.get("b1", 0, 6)[2] == old[:2 * CS] + new
 
 
 def test_delete_blobs_survives_reopen(tmp_path, rng):
@@ -308,6 +312,58 @@ def test_missing_chunks_raise_chunk_not_found(tmp_path, rng):
                 store.get(blob, first, count)
             assert not store.has(blob, first, count)
         assert store.has("b1", 3, 2) and store.has("b1", 1, 1)
+
+
+def test_get_intact_serves_good_chunks_and_drops_only_the_bad_one(tmp_path, rng):
+    """get_intact returns every chunk but the rotten one, zeroed and named; only that chunk is dropped, also after reopen."""
+    with ChunkStore(str(tmp_path)) as store:
+        crcs, payload = make_chunks(rng, 6, short=10)
+        store.put("b1", 0, 6, CS, crcs, payload)
+        flip_byte(segment_paths(tmp_path)[0], payload_offset(0, "b1", 6) + 2 * CS + 9)
+        chunk_size, got_crcs, got, missing, corrupt = store.get_intact("b1", 1, 5)
+        assert (chunk_size, missing, corrupt) == (CS, [], [(2, 1)])
+        assert got == payload[CS:2 * CS] + bytes(CS) + payload[3 * CS:]
+        assert got_crcs == crcs[4:8] + bytes(4) + crcs[12:]
+        assert store.inventory() == {"b1": [(0, 2), (3, 3)]}
+        store.flush()
+    with ChunkStore(str(tmp_path)) as store:
+        assert store.inventory() == {"b1": [(0, 2), (3, 3)]}
+        assert store.get_intact("b1", 0, 6)[2:] == (payload[:2 * CS] + bytes(CS) + payload[3 * CS:], [(2, 1)], [])
+
+
+def test_get_intact_zero_fills_missing_chunks_in_place(tmp_path, rng):
+    """Missing chunks, inside and at the end of the range, are listed and read as whole zero chunks; none stored is ChunkNotFound."""
+    with ChunkStore(str(tmp_path)) as store:
+        a = put(store, rng, "b1", 0, 2)
+        b = put(store, rng, "b1", 4, 1)
+        _, crcs, payload, missing, corrupt = store.get_intact("b1", 1, 6)
+        assert (missing, corrupt) == ([(2, 2), (5, 2)], [])
+        assert payload == a[CS:] + bytes(2 * CS) + b + bytes(2 * CS) and len(crcs) == 6 * 4
+        assert store.get_intact("b1", 0, 2)[3:] == ([], [])
+        for first, count in [(2, 2), (5, 9)]:
+            with pytest.raises(ChunkNotFound):
+                store.get_intact("b1", first, count)
+        assert store.inventory() == {"b1": [(0, 2), (4, 1)]}
+
+
+def test_corrupt_chunk_re_put_while_read_is_not_dropped(tmp_path, rng, monkeypatch):
+    """A chunk found corrupt by a read that a repair re-put meanwhile keeps its fresh copy."""
+    with ChunkStore(str(tmp_path)) as store:
+        crcs, payload = make_chunks(rng, 3)
+        store.put("b1", 0, 3, CS, crcs, payload)
+        flip_byte(segment_paths(tmp_path)[0], payload_offset(0, "b1", 3) + CS + 1)
+        real_pread, calls = os.pread, []
+
+        def pread(fd, length, offset):
+            data = real_pread(fd, length, offset)
+            calls.append(offset)
+            if len(calls) == 2:  # after the read, before the drop: the repair's put lands
+                store.put("b1", 1, 1, CS, crcs[4:8], payload[CS:2 * CS])
+            return data
+        monkeypatch.setattr(os, "pread", pread)
+        assert store.get_intact("b1", 0, 3)[4] == [(1, 1)]
+        monkeypatch.undo()
+        assert store.get("b1", 0, 3)[2] == payload
 
 
 def test_index_holds_one_entry_per_record(tmp_path):
@@ -470,7 +526,7 @@ def test_tombstone_survives_compaction_of_its_segment(tmp_path, rng, forget):
         if forget == "delete":
             store.delete_blobs(["gone"])
         else:
-            assert store.drop_extent("gone", 0, 1)
+            assert store.drop_range("gone", 0, 1) == 1
         store.delete_blobs(["filler"])
         put(store, rng, "tail", 0, 3)  # segment 3, active
         assert seg_nos(store) == [1, 2, 3]
@@ -559,19 +615,21 @@ def test_gets_during_compaction_never_fail(tmp_path):
         assert not failures and reads[0] > 0
 
 
-def test_corrupt_record_found_by_compaction_is_reported_not_copied(tmp_path, rng):
-    """A record failing its CRCs while compacted is listed in "corrupt" and is gone from the index."""
+def test_corrupt_chunk_found_by_compaction_is_reported_not_copied(tmp_path, rng):
+    """A chunk failing its CRC while compacted is listed in "corrupt" and gone; the other chunk of its record is copied."""
     with ChunkStore(str(tmp_path), segment_max_bytes=CS) as store:  # one record per segment
-        put(store, rng, "bad", 0, 2)
+        bad = put(store, rng, "bad", 0, 2)
         good = put(store, rng, "good", 0, 2)
         put(store, rng, "tail", 0, 1)
         flip_byte(segment_paths(tmp_path)[0], payload_offset(0, "bad", 2) + CS + 5)
         result = store.compact(min_dead_fraction=0.0)
-        assert result["corrupt"] == [("bad", 0, 2)] and result["segments_compacted"] == 2
-        assert set(store.inventory()) == {"good", "tail"} and store.get("good", 0, 2)[2] == good
+        assert result["corrupt"] == [("bad", 1, 1)] and result["segments_compacted"] == 2
+        assert store.inventory() == {"bad": [(0, 1)], "good": [(0, 2)], "tail": [(0, 1)]}
+        assert store.get("good", 0, 2)[2] == good and store.get("bad", 0, 1)[2] == bad[:CS]
         store.flush()
     with ChunkStore(str(tmp_path), segment_max_bytes=CS) as store:
-        assert set(store.inventory()) == {"good", "tail"}
+        assert store.inventory() == {"bad": [(0, 1)], "good": [(0, 2)], "tail": [(0, 1)]}
+        assert store.get("bad", 0, 1)[2] == bad[:CS]
 
 
 def test_corrupt_extent_dropped_by_compaction_does_not_resurrect(tmp_path, rng):
@@ -591,17 +649,22 @@ def test_corrupt_extent_dropped_by_compaction_does_not_resurrect(tmp_path, rng):
         assert "b1" not in store.inventory()
 
 
-def test_scrub_reports_exactly_the_flipped_extent(tmp_path, rng):
-    """A byte flipped in one extent's payload makes a scrub pass report that extent only."""
+def test_scrub_drops_and_reports_exactly_the_flipped_chunk(tmp_path, rng):
+    """A byte flipped in one chunk makes a scrub pass drop and report that chunk only, now and after reopen."""
     with ChunkStore(str(tmp_path)) as store:
         put(store, rng, "a", 0, 3)
         put(store, rng, "b", 0, 2)
         offset = store.used_bytes
-        put(store, rng, "b", 2, 4, short=7)
+        payload = put(store, rng, "b", 2, 4, short=7)
         put(store, rng, "c", 0, 1)
         flip_byte(segment_paths(tmp_path)[0], payload_offset(offset, "b", 4) + 2 * CS + 1)
-        assert full_scrub(store, max_bytes=CS) == ([("b", 2, 4)], 4)
-        assert store.inventory()["b"] == [(0, 2), (2, 4)]  # reported, not removed
+        assert full_scrub(store, max_bytes=CS) == ([("b", 4, 1)], 4)
+        assert store.inventory()["b"] == [(0, 2), (2, 2), (5, 1)]
+        assert store.get("b", 5, 1)[2] == payload[3 * CS:]
+        assert full_scrub(store) == ([], 1)
+        store.flush()
+    with ChunkStore(str(tmp_path)) as store:
+        assert store.inventory()["b"] == [(0, 2), (2, 2), (5, 1)]
 
 
 def test_scrub_passes_in_steps_and_wraps(tmp_path, rng):
@@ -617,33 +680,21 @@ def test_scrub_passes_in_steps_and_wraps(tmp_path, rng):
         assert store.scrub_step(cursor, 1) == (None, [])
 
 
-def test_reput_repairs_corrupt_extent(tmp_path, rng):
-    """Re-putting a range scrub reported corrupt makes get() and the next scrub pass clean."""
+def test_reput_of_a_dropped_chunk_repairs_it(tmp_path, rng):
+    """Re-putting just the chunk scrub dropped makes get() of the whole range and the next scrub pass clean, after reopen too."""
     with ChunkStore(str(tmp_path)) as store:
         crcs, payload = make_chunks(rng, 3)
         store.put("b1", 0, 3, CS, crcs, payload)
-        flip_byte(segment_paths(tmp_path)[0], payload_offset(0, "b1", 3) + 100)
-        assert full_scrub(store)[0] == [("b1", 0, 3)]
-        with pytest.raises(ChecksumMismatch):
+        flip_byte(segment_paths(tmp_path)[0], payload_offset(0, "b1", 3) + CS + 100)
+        assert full_scrub(store)[0] == [("b1", 1, 1)]
+        with pytest.raises(ChunkNotFound, match="chunk 1"):
             store.get("b1", 0, 3)
-        store.put("b1", 0, 3, CS, crcs, payload)
+        store.put("b1", 1, 1, CS, crcs[4:8], payload[CS:2 * CS])
         assert store.get("b1", 0, 3)[2] == payload
         assert full_scrub(store)[0] == []
-
-
-def test_drop_extent_persists_across_reopen(tmp_path, rng):
-    """drop_extent forgets exactly one extent, now and after reopen; unknown ranges return False."""
-    with ChunkStore(str(tmp_path)) as store:
-        put(store, rng, "b1", 0, 2)
-        kept = put(store, rng, "b1", 2, 2)
-        put(store, rng, "b2", 0, 1)
-        assert not store.drop_extent("b1", 0, 1) and not store.drop_extent("nope", 0, 2)
-        assert store.drop_extent("b1", 0, 2) and store.drop_extent("b2", 0, 1)
-        assert store.inventory() == {"b1": [(2, 2)]} and store.blob_count == 1
         store.flush()
     with ChunkStore(str(tmp_path)) as store:
-        assert store.inventory() == {"b1": [(2, 2)]} and store.get("b1", 2, 2)[2] == kept
-        assert (store.chunk_count, store.extent_count) == (2, 1)
+        assert store.get("b1", 0, 3)[2] == payload
 
 
 def test_get_planned_before_compaction_reads_after_unlink(tmp_path, rng, monkeypatch):
@@ -760,21 +811,6 @@ def test_drop_range_of_nothing_writes_nothing(tmp_path, rng):
                 store.drop_range("b1", first, count)
 
 
-def test_drop_extent_still_needs_an_exact_extent(tmp_path, rng):
-    """drop_extent refuses a sub-range of an extent (writing nothing) but drops a part left by a split."""
-    with ChunkStore(str(tmp_path)) as store:
-        payload = put(store, rng, "b1", 0, 6)
-        used = store.used_bytes
-        assert not store.drop_extent("b1", 0, 2) and not store.drop_extent("b1", 1, 5)
-        assert store.used_bytes == used and store.inventory() == {"b1": [(0, 6)]}
-        assert store.drop_range("b1", 2, 2) == 2
-        assert store.drop_extent("b1", 4, 2) and not store.drop_extent("b1", 0, 6)
-        assert store.inventory() == {"b1": [(0, 2)]} and store.get("b1", 0, 2)[2] == payload[:2 * CS]
-        store.flush()
-    with ChunkStore(str(tmp_path)) as store:
-        assert store.inventory() == {"b1": [(0, 2)]} and store.chunk_count == 2
-
-
 def test_reput_of_original_range_replaces_split_parts(tmp_path, rng):
     """Re-putting a whole range after a partial drop replaces its parts, now and after reopen."""
     with ChunkStore(str(tmp_path)) as store:
@@ -784,8 +820,6 @@ def test_reput_of_original_range_replaces_split_parts(tmp_path, rng):
         assert store.inventory() == {"b1": [(0, 6)]} and store.get("b1", 0, 6)[2] == again
         assert (store.chunk_count, store.extent_count, store.live_bytes) == (6, 1, 6 * CS)
         assert store.segment_stats()[0]["live_bytes"] == rec_bytes("b1", 6, 6 * CS)
-        with pytest.raises(RemoteProtocolError, match="overlap"):
-            put(store, rng, "b1", 3, 6)  # still refused: reaches past the stored extent
     with ChunkStore(str(tmp_path)) as store:
         assert store.inventory() == {"b1": [(0, 6)]} and store.get("b1", 0, 6)[2] == again
 
@@ -843,8 +877,8 @@ def test_carried_drop_record_spares_later_put_into_the_gap(tmp_path, rng):
         assert snapshot(store) == before
 
 
-def test_scrub_after_split_reports_the_damaged_part(tmp_path, rng):
-    """After a split, scrub checks each kept part on its own: damage in a kept part reports it, in the dropped part nothing."""
+def test_scrub_after_split_reports_the_damaged_chunk(tmp_path, rng):
+    """After a split, scrub checks each kept part on its own: damage in a kept part drops that chunk, in the dropped part nothing."""
     with ChunkStore(str(tmp_path)) as store:
         payload = put(store, rng, "b1", 0, 8)
         store.drop_range("b1", 3, 2)
@@ -852,26 +886,27 @@ def test_scrub_after_split_reports_the_damaged_part(tmp_path, rng):
         flip_byte(segment_paths(tmp_path)[0], payload_offset(0, "b1", 8) + 3 * CS + 7)  # dropped chunk 3
         assert full_scrub(store)[0] == []
         flip_byte(segment_paths(tmp_path)[0], payload_offset(0, "b1", 8) + 6 * CS + 7)  # kept chunk 6
-        assert full_scrub(store, max_bytes=1) == ([("b1", 5, 3)], 2)
+        assert full_scrub(store, max_bytes=1) == ([("b1", 6, 1)], 2)
         assert store.get("b1", 0, 3)[2] == payload[:3 * CS]
-        with pytest.raises(ChecksumMismatch, match="b1 chunk 6"):
-            store.get("b1", 5, 3)
+        assert store.inventory() == {"b1": [(0, 3), (5, 1), (7, 1)]}
+        assert store.get("b1", 7, 1)[2] == payload[7 * CS:]
 
 
-def test_compaction_drops_corrupt_part_of_split_record(tmp_path, rng):
-    """Compaction re-checks each kept part of a split record: a damaged one is reported and dropped, the other copied."""
+def test_compaction_drops_corrupt_chunk_of_split_record(tmp_path, rng):
+    """Compaction re-checks each kept part of a split record: a damaged chunk is reported and dropped, the rest copied."""
     with ChunkStore(str(tmp_path), segment_max_bytes=SMALL_SEG) as store:
         payload = put(store, rng, "b1", 0, 8)  # segment 1
         put(store, rng, "tail", 0, 1)  # segment 2, active
         store.drop_range("b1", 3, 2)
         flip_byte(segment_paths(tmp_path)[0], payload_offset(0, "b1", 8) + 6 * CS + 7)  # kept chunk 6
         result = store.compact(min_dead_fraction=0.0)
-        assert result["corrupt"] == [("b1", 5, 3)] and result["segments_compacted"] == 1
-        assert store.inventory() == {"b1": [(0, 3)], "tail": [(0, 1)]}
-        assert store.get("b1", 0, 3)[2] == payload[:3 * CS]
+        assert result["corrupt"] == [("b1", 6, 1)] and result["segments_compacted"] == 1
+        kept = {"b1": [(0, 3), (5, 1), (7, 1)], "tail": [(0, 1)]}
+        assert store.inventory() == kept
+        assert store.get("b1", 0, 3)[2] == payload[:3 * CS] and store.get("b1", 7, 1)[2] == payload[7 * CS:]
         store.flush()
     with ChunkStore(str(tmp_path), segment_max_bytes=SMALL_SEG) as store:
-        assert store.inventory() == {"b1": [(0, 3)], "tail": [(0, 1)]}
+        assert store.inventory() == kept and store.get("b1", 5, 1)[2] == payload[5 * CS:6 * CS]
 
 
 def test_failed_fsync_poisons_the_store(tmp_path, monkeypatch):
