@@ -349,13 +349,16 @@ class Master:
                 node.suspect_until = self.clock() + self.config.dead_after_s
                 node.needs_report = True
 
-    def note_bad_replica(self, node_id, name, entry, blob, first, count, exc) -> None:
-        """A read found a copy corrupt or missing: stop using it, repair it."""
-        logger.error("bad replica of %r chunks %d..%d on node %s: %s",
-                     name, first, first + count - 1, node_id, exc)
+    def note_bad_replica(self, node_id, name, entry, blob, ranges, exc) -> None:
+        """A read found a node's copy of chunk ``ranges`` ([(first, count)]) corrupt or missing.
+
+        Stop using that copy of just those chunks, and repair them.
+        """
+        logger.error("bad replica of %r chunks %s on node %s: %s", name,
+                     ", ".join(f"{first}..{first + count - 1}" for first, count in ranges[:5]), node_id, exc)
         if isinstance(exc, protocol.ChecksumMismatch):
-            self.repairer.corrupt_replicas_found += 1
-        self.repairer.remove_replica(name, entry, blob, first, count, node_id)
+            self.repairer.corrupt_replicas_found += len(ranges)
+        self.repairer.remove_replica(name, entry, blob, ranges, node_id)
 
     # --- files -------------------------------------------------------------------------
     def lock_name(self, name: str, owner: str, wait_s: float = -1.0) -> object:

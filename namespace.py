@@ -202,6 +202,18 @@ def uncovered(first: int, count: int, extents) -> list[tuple[int, int]]:
     return gaps
 
 
+def merge_ranges(ranges) -> list[tuple[int, int]]:
+    """(first, count) ranges sorted, with overlapping or touching ones joined."""
+    merged: list[tuple[int, int]] = []
+    for first, count in sorted(ranges):
+        if merged and first <= merged[-1][0] + merged[-1][1]:
+            last_first, last_count = merged[-1]
+            merged[-1] = (last_first, max(last_first + last_count, first + count) - last_first)
+        else:
+            merged.append((first, count))
+    return merged
+
+
 def set_run_nodes(runs: list, first: int, count: int, node_ids: list[str]) -> list:
     """New runs in which chunks [first, first+count) are on ``node_ids``.
 

@@ -15,9 +15,12 @@ metadata log (so a master restart resumes where it stopped):
   namespace does not place on the node are adopted if their run is short of
   copies, else dropped; chunks the namespace places on the node that it does
   not hold are taken off the node's list, and then repaired.
-* **Bad replicas.**  A node reports extents that failed their CRCs (its
-  scrubber, or a read); a read that hits a bad or missing copy reports it
-  too.  The copy is taken off the list and repaired from a good one.
+* **Bad replicas.**  A node reports the chunks that failed their CRCs (its
+  scrubber, or compaction); a read that hits a bad or missing copy reports
+  it too.  That node is taken off the list of just those chunks, never of
+  the rest of their batch, and they are repaired from whichever replica
+  holds each of them intact, so a file is damaged only when some chunk has
+  no good copy left.
 
 Safe mode: for ``safe_mode_s`` after the master starts (or until every node
 it knows has reported), nothing is repaired, dropped or deleted, so a master
@@ -38,7 +41,7 @@ from dataclasses import dataclass
 
 import protocol
 import transfers
-from namespace import entry_blobs, run_blob, uncovered
+from namespace import entry_blobs, placed_on, run_blob, uncovered
 
 logger = logging.getLogger("master.repair")
 
@@ -161,29 +164,34 @@ class Repairer:
 
     # --- bad copies ----------------------------------------------------------------------
     def report_corrupt(self, node_id: str, extents: list) -> None:
-        """A node dropped corrupt extents ([blob, first, count]): take it off their lists."""
-        owners = self._blob_owners()
+        """A node dropped corrupt chunks ([blob, first, count] runs): take it off their lists."""
+        by_blob: dict[str, list[tuple[int, int]]] = {}
         for item in extents:
-            try:
-                blob, first, count = item
-            except (TypeError, ValueError):
-                raise protocol.RemoteProtocolError("malformed corrupt-extent report") from None
+            if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
+                    and all(type(n) is int for n in item[1:]) and item[1] >= 0 and item[2] > 0):
+                raise protocol.RemoteProtocolError("malformed corrupt-chunks report")
             self.corrupt_replicas_found += 1
+            by_blob.setdefault(item[0], []).append((item[1], item[2]))
+        owners = self._blob_owners()
+        for blob, ranges in by_blob.items():
             found = owners.get(blob)
             if found is None:
                 continue
             name, entry = found
-            logger.warning("node %s found %r chunks %d..%d corrupt; re-replicating", node_id, name, first,
-                           first + count - 1)
-            self.remove_replica(name, entry, blob, first, count, node_id)
+            logger.warning("node %s found %r chunks %s corrupt; re-replicating", node_id, name,
+                           ", ".join(f"{first}..{first + count - 1}" for first, count in ranges[:5]))
+            self.remove_replica(name, entry, blob, ranges, node_id)
 
-    def remove_replica(self, name: str, entry: dict, blob: str, first: int, count: int, node_id: str) -> None:
-        """Take ``node_id`` off the list of the batches of ``blob`` holding [first, first+count)."""
-        batch = entry["batch_chunks"]
-        lo = first // batch * batch
-        hi = min(entry["chunks"], -(-(first + count) // batch) * batch)
+    def remove_replica(self, name: str, entry: dict, blob: str, ranges: list, node_id: str) -> None:
+        """Take ``node_id`` off the list of exactly the chunks ``ranges`` ([(first, count)]) of ``blob``.
+
+        Per chunk, not per batch: the node still holds the rest of the batch
+        (nodes drop only the chunks that fail), and another replica may
+        have lost other chunks of it.  One log commit for all ranges.
+        """
         records = [replicas_record(name, blob, f, c, nodes, [n for n in nodes if n != node_id])
-                   for f, c, nodes, _ in nodes_of(entry, lo, hi - lo, blob) if node_id in nodes]
+                   for first, count in ranges
+                   for f, c, nodes, _ in nodes_of(entry, first, count, blob) if node_id in nodes]
         if records:
             self.master.log.commit(records)
             self._wake.set()
@@ -279,6 +287,12 @@ class Repairer:
                 targets = master.choose_replicas(payload_bytes, avoid=set(nodes), count=missing)
             except protocol.BackupError as exc:
                 logger.warning("cannot repair %r chunks %d..%d yet: %s", task.name, first, first + count - 1, exc)
+                continue
+            current = master.namespace.files.get(task.name)
+            if current is None or not placed_on(current, blob, first, count, nodes):
+                # The read found a replica short of some chunks and took it
+                # off them: the record below would not apply.  The next scan
+                # repairs from the new placement.
                 continue
             placed = []
             for target in targets:

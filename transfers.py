@@ -14,7 +14,13 @@ buffer, whatever the file size or the number of files.
 
 Read (``read_range``): for each batch-sized piece of the requested range,
 ask a replica for the chunks, verify every CRC, and yield the payload; on
-an error, a timeout or a bad CRC, fail over to the next replica.
+an error or a timeout, fail over to the next replica.  Bad copies are
+handled per chunk, not per piece: the chunks a replica cannot serve intact
+(it says they are missing or corrupt, or their CRC fails here) are reported
+to the master, which takes that replica off just those chunks, and only
+those chunks are fetched from the next replica (``read_piece``).  So a
+file stays readable while every chunk has one good copy somewhere, even if
+no replica holds a whole piece intact.
 
 A node that fails or hangs mid-upload does not fail the upload: the session
 marks it failed, places later batches elsewhere, and before commit re-copies
@@ -32,7 +38,7 @@ import uuid
 from collections import deque
 
 import protocol
-from namespace import add_run, make_entry, run_blob, set_run_nodes
+from namespace import add_run, make_entry, merge_ranges, run_blob, set_run_nodes, uncovered
 
 logger = logging.getLogger("master.transfers")
 
@@ -367,9 +373,9 @@ def read_range(master, name: str, entry: dict, offset: int, length: int):
     READ_AHEAD pieces ahead of the one being yielded, on one connection per
     node (replies come back in request order), so the nodes read from disk
     while the caller sends to its client.  A piece whose replica fails is
-    read again from the others (``read_piece``).  Raises DataLost if every
-    replica of some piece is corrupt or missing, Unavailable if none could be
-    reached.
+    read again from the others, and chunks it could not serve intact are
+    fetched from them (``read_piece``).  Raises DataLost if every replica of
+    some chunk is corrupt or missing, Unavailable if none could be reached.
     """
     pieces = list(plan_pieces(entry, offset, length))
     buffer = bytearray(entry["batch_chunks"] * (entry["chunk_size"] + protocol.CRC_BYTES))
@@ -386,15 +392,15 @@ def read_range(master, name: str, entry: dict, offset: int, length: int):
                     outstanding[asked[next_request]] = outstanding.get(asked[next_request], 0) + 1
                 next_request += 1
             node_id = asked.pop(index)
-            body = None
+            need = None  # chunk ranges still to read; None: the whole piece
             if node_id is not None:
                 outstanding[node_id] -= 1
                 if node_id not in broken:
-                    body = _receive_piece(master, name, entry, blob, first, count, node_id, conns[node_id],
+                    need = _receive_piece(master, name, entry, blob, first, count, node_id, conns[node_id],
                                           buffer, broken)
-            if body is None:  # fail over to the other replicas, one request at a time
-                others = [n for n in node_ids if n != node_id]
-                body = read_piece(master, name, entry, blob, first, count, others or node_ids, buffer)
+            # Fail over to the other replicas, one request at a time.
+            others = [n for n in node_ids if n != node_id]
+            body = read_piece(master, name, entry, blob, first, count, others or node_ids, buffer, need)
             yield body[count * protocol.CRC_BYTES:][skip:skip + take]
     finally:
         for node_id, conn in conns.items():
@@ -422,40 +428,113 @@ def _request_piece(master, piece, conns: dict, broken: set) -> str | None:
     return None
 
 
-def _receive_piece(master, name, entry, blob, first, count, node_id, conn, buffer, broken) -> memoryview | None:
-    """The reply to a pipelined GET_CHUNKS, verified; None if this replica failed."""
+def _receive_piece(master, name, entry, blob, first, count, node_id, conn, buffer, broken) -> list | None:
+    """Read the reply to a pipelined GET_CHUNKS into ``buffer``; the chunk ranges it lacks, or None if it failed."""
     try:
         reply = conn.expect(protocol.ChunkData, body_buffer=buffer)
-        return _verified(reply, entry, first, count)
+        missing, corrupt = _unusable(reply, entry, first, count)
     except (protocol.ChecksumMismatch, protocol.ChunkNotFound) as exc:
-        master.note_bad_replica(node_id, name, entry, blob, first, count, exc)
+        master.note_bad_replica(node_id, name, entry, blob, [(first, count)], exc)
+        return None
     except protocol.BackupError as exc:
         broken.add(node_id)
         master.note_node_failure(node_id, exc)
-    return None
+        return None
+    _report_unusable(master, node_id, name, entry, blob, missing, corrupt)
+    return merge_ranges(missing + corrupt)
 
 
-def _verified(reply: protocol.ChunkData, entry: dict, first: int, count: int) -> memoryview:
-    """The body of a CHUNK_DATA reply after checking every chunk's CRC32."""
-    crc_bytes, payload = protocol.split_chunk_body(reply.body, count)
-    bad = protocol.verify_chunks(payload, crc_bytes, entry["chunk_size"])
-    if reply.chunk_size != entry["chunk_size"] or bad >= 0 or len(payload) > count * entry["chunk_size"] \
-            or reply.first != first or reply.count != count:
-        raise protocol.ChecksumMismatch(f"chunk {first + max(bad, 0)} failed its CRC in transit")
-    return memoryview(reply.body)
+def piece_payload_bytes(entry: dict, first: int, count: int) -> int:
+    """Bytes of file data in chunks [first, first+count): every chunk is whole but the file's last."""
+    chunk_size = entry["chunk_size"]
+    return max(0, min(entry["size"], (first + count) * chunk_size) - first * chunk_size)
 
 
-def read_piece(master, name, entry, blob, first, count, node_ids, buffer) -> memoryview:
-    """Chunks [first, first+count) of a file (held in ``blob``) from the first intact replica.
+def _unusable(reply: protocol.ChunkData, entry: dict, first: int, count: int) -> tuple[list, list]:
+    """(missing, corrupt): sorted chunk ranges of a CHUNK_DATA reply for [first, first+count) not to use.
 
-    Returns the verified CHUNK_DATA body (CRCs, then payload) read into
-    ``buffer``.  Replicas that fail are reported to the master (bad copies
-    are then re-replicated).  Raises DataLost if every replica is corrupt or
-    missing, Unavailable if some could not be reached.
+    missing: chunks the node says it does not hold.  corrupt: chunks it
+    found corrupt on its disk, whose CRC32 fails here (damaged on its disk
+    or in transit), or, for the last one, whose length is not the file's.
+    Raises ChecksumMismatch if the reply as a whole does not answer the
+    request, RemoteProtocolError if its range lists are malformed.
     """
+    chunk_size = entry["chunk_size"]
+    crc_bytes, payload = protocol.split_chunk_body(reply.body, count)
+    if reply.chunk_size != chunk_size or reply.first != first or reply.count != count \
+            or not (count - 1) * chunk_size < len(payload) <= count * chunk_size:
+        raise protocol.ChecksumMismatch(f"chunks {first}..{first + count - 1}: the reply does not fit the request")
+    missing = merge_ranges(protocol.chunk_ranges(reply.missing, first, count))
+    corrupt = protocol.chunk_ranges(reply.corrupt, first, count)
+    corrupt += [(first + index, n) for index, n in protocol.bad_chunk_ranges(payload, crc_bytes, chunk_size)]
+    if len(payload) != piece_payload_bytes(entry, first, count):
+        corrupt.append((first + count - 1, 1))
+    return missing, _minus(merge_ranges(corrupt), missing)
+
+
+def _minus(ranges: list, holes: list) -> list[tuple[int, int]]:
+    """The parts of sorted chunk ranges outside the sorted ranges ``holes``."""
+    return [gap for first, count in ranges for gap in uncovered(first, count, holes)]
+
+
+def _report_unusable(master, node_id, name, entry, blob, missing, corrupt) -> None:
+    """Tell the master which chunks a replica could not serve, so it stops counting on those copies."""
+    if missing:
+        master.note_bad_replica(node_id, name, entry, blob, missing,
+                                protocol.ChunkNotFound(f"chunks {_describe(missing)} not stored"))
+    if corrupt:
+        master.note_bad_replica(node_id, name, entry, blob, corrupt,
+                                protocol.ChecksumMismatch(f"chunks {_describe(corrupt)} corrupt"))
+
+
+def _describe(ranges: list) -> str:
+    """Chunk ranges for a message: "5, 900..903", the first few only."""
+    text = ", ".join(str(first) if count == 1 else f"{first}..{first + count - 1}" for first, count in ranges[:5])
+    return text + (f" and {len(ranges) - 5} more run(s)" if len(ranges) > 5 else "")
+
+
+def _copy_chunks(body, first: int, count: int, source, source_first: int, source_count: int,
+                 ranges: list, chunk_size: int) -> None:
+    """Copy the CRCs and payload of chunk ``ranges`` from a reply body for [source_first, +source_count)
+    into ``body``, the piece [first, first+count) (CRCs, then payload, laid out as on the wire)."""
+    crc = protocol.CRC_BYTES
+    for range_first, range_count in ranges:
+        to, at = range_first - first, range_first - source_first
+        body[crc * to:crc * (to + range_count)] = source[crc * at:crc * (at + range_count)]
+        to, at = crc * count + to * chunk_size, crc * source_count + at * chunk_size
+        length = min(range_count * chunk_size, len(body) - to)  # the file's last chunk may be short
+        body[to:to + length] = source[at:at + length]
+
+
+def read_piece(master, name, entry, blob, first, count, node_ids, buffer, need=None) -> memoryview:
+    """Chunks [first, first+count) of a file (held in ``blob``), each from a replica that has it intact.
+
+    Returns the verified body (CRCs, then payload) in ``buffer``, which must
+    hold ``count`` whole chunks and their CRCs.  Each replica in read order
+    is asked for the span of the chunks still needed; chunks it cannot serve
+    intact (missing, corrupt on its disk, failing their CRC here) are
+    reported to the master, which takes that replica off just those chunks
+    and re-replicates them, and are asked of the next replica.  ``need``
+    (sorted chunk ranges) says ``buffer`` already holds the piece but those
+    chunks (a pipelined reply that lacked them); None: nothing read yet.
+    Raises DataLost if some chunk is intact on no replica, Unavailable if a
+    replica that might have it could not be reached.
+    """
+    chunk_size = entry["chunk_size"]
+    body = memoryview(buffer)[:count * protocol.CRC_BYTES + piece_payload_bytes(entry, first, count)]
+    need = [(first, count)] if need is None else list(need)
+    if not need:
+        return body
+    scratch = None
     failures = []
     unreachable = 0
     for node_id in master.read_order(node_ids):
+        span_first = need[0][0]
+        span_count = need[-1][0] + need[-1][1] - span_first
+        # Nothing read yet: the reply lands in place, no copy (the usual case).
+        in_place = need == [(first, count)]
+        if not in_place and scratch is None:
+            scratch = bytearray(len(buffer))
         try:
             conn = master.pool.acquire(node_id)
         except protocol.BackupError as exc:
@@ -464,19 +543,32 @@ def read_piece(master, name, entry, blob, first, count, node_ids, buffer) -> mem
             master.note_node_failure(node_id, exc)
             continue
         try:
-            reply = conn.request(protocol.GetChunks(blob=blob, first=first, count=count),
-                                 protocol.ChunkData, body_buffer=buffer)
-            return _verified(reply, entry, first, count)
+            reply = conn.request(protocol.GetChunks(blob=blob, first=span_first, count=span_count),
+                                 protocol.ChunkData, body_buffer=buffer if in_place else scratch)
+            missing, corrupt = _unusable(reply, entry, span_first, span_count)
         except (protocol.ChecksumMismatch, protocol.ChunkNotFound) as exc:
             failures.append(f"{node_id}: {exc.message}")
-            master.note_bad_replica(node_id, name, entry, blob, first, count, exc)
+            master.note_bad_replica(node_id, name, entry, blob, need, exc)
+            continue
         except protocol.BackupError as exc:
             failures.append(f"{node_id}: {exc.message}")
             unreachable += 1
             master.note_node_failure(node_id, exc)
+            continue
         finally:
             master.pool.release(conn)
+        _report_unusable(master, node_id, name, entry, blob, missing, corrupt)
+        lacking = merge_ranges(missing + corrupt)
+        if lacking:
+            failures.append(f"{node_id}: chunks {_describe(lacking)} missing or corrupt")
+        got = _minus(need, lacking)
+        if not in_place:
+            _copy_chunks(body, first, count, reply.body, span_first, span_count, got, chunk_size)
+        need = _minus(need, got)
+        if not need:
+            return body
     detail = "; ".join(failures) or "no copy left"
+    chunks = f"{name!r}: chunks {_describe(need)}"
     if unreachable:
-        raise protocol.Unavailable(f"{name!r}: chunks {first}..{first + count - 1} unreachable ({detail})")
-    raise protocol.DataLost(f"{name!r}: chunks {first}..{first + count - 1} lost on every replica ({detail})")
+        raise protocol.Unavailable(f"{chunks} unreachable ({detail})")
+    raise protocol.DataLost(f"{chunks} lost on every replica ({detail})")

@@ -31,7 +31,7 @@ import client as client_module
 import protocol
 import transport
 from chunk_store import ChunkStore
-from namespace import Namespace
+from namespace import Namespace, uncovered
 
 KIB = 1024
 MIB = 1024 * 1024
@@ -226,6 +226,15 @@ def corrupt_record(cluster, index: int, blob: str, first: int, rng: random.Rando
     flip_byte(path, payload_offset + rng.randrange(payload_len))
 
 
+def corrupt_chunk(cluster, index: int, blob: str, chunk: int, rng: random.Random) -> None:
+    """Flip one random byte of chunk ``chunk`` of ``blob`` in the record holding it on node ``index``."""
+    records = [r for r in payload_locations(cluster, index, blob) if r[1] <= chunk < r[1] + -(-r[3] // KIB)]
+    assert records, f"node{index} holds no record of {blob} with chunk {chunk}"
+    path, first, payload_offset, payload_len = records[-1]
+    start = (chunk - first) * KIB
+    flip_byte(path, payload_offset + start + rng.randrange(min(KIB, payload_len - start)))
+
+
 def holders(cluster, blob: str, first: int, indexes) -> list[int]:
     return [i for i in indexes if any(r[1] == first for r in payload_locations(cluster, i, blob))]
 
@@ -351,17 +360,50 @@ def test_scrubber_finds_unread_corruption_and_it_is_repaired(make_cluster, tmp_p
     assert download(cluster, "quiet-rot", tmp_path) == data, f"seed {seed}"
 
 
+def test_two_bad_chunks_on_different_holders_lose_nothing(make_cluster, tmp_path):
+    """Chunk 5 rotten on one holder of batch 0 and chunk 900 on the other: downloads are exact at once and after the scrubbers ran, nothing is listed damaged, and both chunks end up with two good copies."""
+    seed = 305
+    rng = random.Random(seed)
+    cluster = heal_cluster(make_cluster)
+    data = {name: random_bytes(seed + n, 2 * MIB + 77) for n, name in enumerate(("read-first", "scrub-only"))}
+    files = {name: upload(cluster, name, blob, tmp_path) for name, blob in data.items()}
+    for reply in files.values():
+        first, second = holders(cluster, reply.version, 0, range(3))
+        corrupt_chunk(cluster, first, reply.version, 5, rng)
+        corrupt_chunk(cluster, second, reply.version, 900, rng)
+        assert verify_copies(cluster, first, tmp_path) and verify_copies(cluster, second, tmp_path)
+
+    assert download(cluster, "read-first", tmp_path) == data["read-first"], f"at once (seed {seed})"
+    for i in range(3):  # scrubbers on; quickly, so nothing is declared dead meanwhile
+        cluster.restart_node(i, ["--scrub-rate", "100"])
+    # Each file has two bad copies; of "read-first" the download found one or both.
+    wait_until(lambda: totals(cluster)["corrupt_replicas_found"] >= 4, 10.0, message="every bad chunk reported")
+    wait_fully_replicated(cluster, [0, 1, 2], files, tmp_path, what="after scrubbing")
+    assert totals(cluster)["damaged_files"] == [], f"seed {seed}"
+    bad = {i: verify_copies(cluster, i, tmp_path) for i in range(3)}
+    assert not any(bad.values()), f"corrupt extents still held: {bad} (seed {seed})"
+    inventories = {node_id(cluster, i): inventory(cluster, i, tmp_path) for i in range(3)}
+    for name, reply in files.items():
+        for first, count, nodes, *_ in master_entry(cluster, name)["runs"]:
+            assert len(nodes) == REPLICATION, f"{name} chunks {first}+{count} on {nodes} (seed {seed})"
+            for nid in nodes:  # the master places each chunk where it is held, on disk, intact
+                assert not uncovered(first, count, inventories[nid].get(reply.version, [])), \
+                    f"{name} chunks {first}+{count} placed on {nid}, which lacks some (seed {seed})"
+        assert download(cluster, name, tmp_path) == data[name], f"{name} after scrubbing (seed {seed})"
+
+
 # --- 4. every copy corrupt -------------------------------------------------------------------------
 def test_all_copies_corrupt_fails_data_lost_and_is_listed_damaged(make_cluster, tmp_path):
-    """With one batch corrupt on both holders, the download exits DATA_LOST naming the file, writes nothing, and status lists it damaged."""
+    """With one chunk corrupt on both holders, the download exits DATA_LOST naming the file, writes nothing, and status lists it damaged."""
     seed = 404
     rng = random.Random(seed)
     cluster = heal_cluster(make_cluster)
     reply = upload(cluster, "doomed", random_bytes(seed, 2 * MIB + 77), tmp_path)
     both = holders(cluster, reply.version, MIB // KIB, range(3))
     assert len(both) == REPLICATION, f"batch 1 held by nodes {both}"
+    chunk = MIB // KIB + rng.randrange(MIB // KIB)
     for index in both:
-        corrupt_record(cluster, index, reply.version, MIB // KIB, rng)
+        corrupt_chunk(cluster, index, reply.version, chunk, rng)
 
     out_dir = tmp_path / "out"
     out_dir.mkdir()
