@@ -54,8 +54,8 @@ class FakePool:
     def __init__(self, nodes: dict):
         self.nodes = nodes
 
-    def acquire(self, address):
-        return FakeConn(self.nodes[address])
+    def acquire(self, node_id):
+        return FakeConn(self.nodes[node_id])
 
     def release(self, conn):
         pass
@@ -68,9 +68,6 @@ class FakeMaster:
         self.pool = FakePool(nodes)
         self.bad: list[tuple[str, list, str]] = []
         self.failures: list[str] = []
-
-    def node_address(self, node_id):
-        return node_id
 
     def read_order(self, node_ids):
         return list(node_ids)
