@@ -8,7 +8,9 @@ raises ``ValueError`` naming the key, so a typo fails at start, not at 3 am.
 from __future__ import annotations
 
 import argparse
+import ast
 import configparser
+import difflib
 import os
 from dataclasses import dataclass, field
 
@@ -98,27 +100,96 @@ def load_config(path: str | None = None, **overrides) -> Config:
     """Read ``path`` (default: config.ini beside this file), apply overrides.
 
     Overrides whose value is None are ignored, so argparse results can be
-    passed straight in.  Raises ValueError naming the first bad key.
+    passed straight in.  Raises ValueError with a one-line message naming the
+    file, section and key of the first mistake: an unreadable or malformed
+    file, an unknown section or key (a typo must not silently fall back to a
+    default), or a value of the wrong type or out of range.
     """
     values = {}
     if path is None:
         path = DEFAULT_CONFIG_PATH
-    parser = configparser.ConfigParser()
-    if os.path.exists(path):
-        parser.read(path, encoding="utf-8")
-    elif path != DEFAULT_CONFIG_PATH:
-        raise ValueError(f"config file {path} does not exist")
+    if os.path.exists(path) or path != DEFAULT_CONFIG_PATH:
+        parser = read_ini(path)
+    else:
+        parser = configparser.ConfigParser(interpolation=None)
+    check_known_keys(parser, path)
     for section, key, field_name, kind in _KEYS:
         if parser.has_option(section, key):
             raw = parser.get(section, key)
             try:
                 values[field_name] = kind(raw)
             except ValueError:
-                raise ValueError(f"[{section}] {key} = {raw!r} is not a valid {kind.__name__}") from None
+                raise ValueError(f"{path}: [{section}] {key} = {raw!r} is not a valid {kind.__name__}") from None
     values.update({k: v for k, v in overrides.items() if v is not None})
     config = Config(**values)
     validate(config)
     return config
+
+
+def read_ini(path: str) -> configparser.ConfigParser:
+    """Parse an ini file; any problem is a one-line ValueError naming the file.
+
+    No interpolation: a ``%`` in a value (a secret, a path) is taken as is.
+    configparser's own errors span several lines and name internals, so they
+    are reworded here.
+    """
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f)
+    except FileNotFoundError:
+        raise ValueError(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
+    except configparser.MissingSectionHeaderError as exc:
+        raise ValueError(f"{path}: line {exc.lineno}: {exc.line.strip()!r} comes before any [section] header") \
+            from None
+    except configparser.DuplicateSectionError as exc:
+        raise ValueError(f"{path}: line {exc.lineno}: section [{exc.section}] appears twice") from None
+    except configparser.DuplicateOptionError as exc:
+        raise ValueError(f"{path}: line {exc.lineno}: [{exc.section}] {exc.option} is set twice") from None
+    except configparser.ParsingError as exc:
+        lineno, line = exc.errors[0] if exc.errors else (0, "''")
+        try:
+            line = ast.literal_eval(line)  # configparser stores the repr of the line
+        except (ValueError, SyntaxError):
+            pass
+        raise ValueError(f"{path}: line {lineno}: cannot parse {str(line).strip()!r} (expected key = value)") \
+            from None
+    except configparser.Error as exc:
+        raise ValueError(f"{path}: {exc.message.splitlines()[0]}") from None
+    return parser
+
+
+def check_known_keys(parser: configparser.ConfigParser, path: str) -> None:
+    """Raise ValueError at the first section or key the program does not know.
+
+    Says "did you mean" when a known name is close (``replicaton`` ->
+    ``replication``), since a misspelt key would otherwise be ignored and
+    its default used without a word.
+    """
+    known: dict[str, list[str]] = {}
+    for section, key, _, _ in _KEYS:
+        known.setdefault(section, []).append(key)
+    for key in parser.defaults():
+        raise ValueError(f"{path}: [{parser.default_section}] {key} is not a known key "
+                         f"(keys belong in one of {', '.join(f'[{s}]' for s in known)})")
+    for section in parser.sections():
+        if section not in known:
+            raise ValueError(f"{path}: [{section}] is not a known section{_did_you_mean(section, known, '[', ']')}")
+        for key in parser.options(section):
+            if key not in known[section]:
+                elsewhere = [s for s, keys in known.items() if key in keys]
+                hint = (f" (it belongs in [{elsewhere[0]}])" if elsewhere
+                        else _did_you_mean(key, known[section]))
+                raise ValueError(f"{path}: [{section}] {key} is not a known key{hint}")
+
+
+def _did_you_mean(word: str, choices, before: str = "", after: str = "") -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {before}{close[0]}{after}?)" if close else ""
 
 
 def validate(config: Config) -> None:
@@ -169,15 +240,27 @@ def parse_address(text: str, what: str = "address") -> tuple[str, int]:
     return host.strip("[]"), port_number
 
 
-def add_common_flags(parser: argparse.ArgumentParser) -> None:
+def add_common_flags(parser: argparse.ArgumentParser, default_log_level: str = "INFO") -> None:
     """Flags every program shares."""
     parser.add_argument("--config", metavar="PATH", help="config file (default: config.ini beside the program)")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    parser.add_argument("--log-level", default=default_log_level, type=log_level, metavar="LEVEL",
+                        help=f"{', '.join(LOG_LEVELS)} (default {default_log_level})")
     parser.add_argument("--secret-file", metavar="PATH",
                         help="file holding the cluster's shared secret (overrides [security] secret)")
     parser.add_argument("--tls-ca", metavar="PATH",
                         help="CA certificate (or the self-signed certificate) that peers' TLS certificates must "
                              "chain to; turns on TLS for connections this program opens (default [security] tls_ca)")
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def log_level(text: str) -> str:
+    """argparse type of --log-level: a level name in any case, else a usage error (exit 2)."""
+    level = text.upper()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a log level; use one of {', '.join(LOG_LEVELS)}")
+    return level
 
 
 def add_server_flags(parser: argparse.ArgumentParser) -> None:
