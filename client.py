@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import queue
 import select
@@ -31,6 +32,8 @@ import config as config_module
 import protocol
 import security as security_module
 import transport
+
+logger = logging.getLogger("client")
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -289,6 +292,8 @@ class Client:
     @property
     def conn(self) -> transport.Connection:
         if self._conn is None:
+            logger.debug("connecting to master %s (timeout %g s)", transport.format_address(self.master),
+                         self.timeout_s)
             self._conn = transport.Connection(self.master, "client", self.timeout_s, self.security)
         return self._conn
 
@@ -697,11 +702,13 @@ def cmd_list(client: Client, args) -> int:
 
 def cmd_status(client: Client, args) -> int:
     reply = client.status()
-    print(f"{'NODE':<14} {'ADDRESS':<22} {'STATE':<6} {'HEARD':>9} {'USED':>11} {'CHUNKS':>10}")
+    print(f"{'NODE':<14} {'ADDRESS':<22} {'STATE':<9} {'HEARD':>9} {'USED':>11} {'CHUNKS':>10}")
     for node in reply.nodes:
-        heard = "never" if node["last_heard_s"] is None else f"{node['last_heard_s']:.1f}s ago"
-        state = ("alive" if node["alive"] else "DEAD") + (" full" if node.get("full") else "")
-        print(f"{node['id']:<14} {node['address']:<22} {state:<6} {heard:>9} "
+        # "-": not heard since the master started (it knows the node from its log only).
+        heard = "-" if node["last_heard_s"] is None else f"{node['last_heard_s']:.1f}s ago"
+        state = node.get("state") or ("alive" if node["alive"] else "dead")
+        state = (state.upper() if state == "dead" else state) + (" full" if node.get("full") else "")
+        print(f"{node['id']:<14} {node['address']:<22} {state:<9} {heard:>9} "
               f"{human_bytes(node['used_bytes']):>11} {node['chunks']:>10}")
     t = reply.totals
     print(f"nodes: {t['nodes_alive']}/{t['nodes']} alive; files: {t['files']} ({human_bytes(t['file_bytes'])}); "
@@ -736,7 +743,8 @@ COMMANDS = {
 
 def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Back up, restore and manage files on a backup cluster.")
-    config_module.add_common_flags(parser)
+    # Quiet by default: the CLI's own output is its report; DEBUG shows what it does.
+    config_module.add_common_flags(parser, default_log_level="WARNING")
     parser.add_argument("--master", metavar="HOST:PORT", help="master address (default from config)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar, no summary lines")
     parser.add_argument("--timeout", type=float, metavar="S",
@@ -793,6 +801,7 @@ def main(argv=None) -> int:
     except ValueError as exc:
         print(f"client: bad configuration: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    logging.basicConfig(level=args.log_level, stream=sys.stderr, format="client %(levelname)s %(name)s: %(message)s")
     # A writer may first wait up to lock_wait_s for another writer of the name.
     timeout_s = args.timeout or config.lock_wait_s + config.io_timeout_s * 3
     client = Client(master, timeout_s, config.batch_bytes, show_progress=not args.quiet and sys.stderr.isatty(),

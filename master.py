@@ -32,6 +32,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import config as config_module
+import dirlock
 import protocol
 import security as security_module
 import transport
@@ -50,6 +51,9 @@ EXIT_START_FAILED = 3
 _POOL_IDLE_PER_NODE = 16
 # Seconds between retries of garbage collection on unreachable nodes.
 _GC_RETRY_S = 5.0
+# Longest pause between two checks for nodes that fell silent, so a death is
+# logged within about this long of dead_after_s.
+_LIVENESS_CHECK_S = 1.0
 # A group of pipelined uploads is committed (one FLUSH per node, one log
 # fsync) once it holds this many files or bytes, or when the client syncs.
 GROUP_MAX_FILES = 256
@@ -86,14 +90,16 @@ class NodeState:
     # upload): the next heartbeat asks it to register and report again.
     needs_report: bool = False
     reported: bool = False  # its inventory arrived since it last registered
+    stopped: bool = False  # it said GOODBYE (stopped cleanly) and has not registered since
+    declared_dead: bool = False  # its death was logged; the next REGISTER logs it back
 
     def alive(self, now: float, dead_after_s: float) -> bool:
-        """Heard within ``dead_after_s`` (a node re-reporting its inventory stays alive).
+        """Heard within ``dead_after_s`` and not stopped (a node re-reporting its inventory stays alive).
 
         Placement additionally waits for ``reported``: what a node holds must
         be known before anything new lands on it.
         """
-        return self.last_heard is not None and now - self.last_heard <= dead_after_s
+        return not self.stopped and self.last_heard is not None and now - self.last_heard <= dead_after_s
 
     @property
     def free_bytes(self) -> int:
@@ -179,6 +185,7 @@ class Master:
                  security: transport.Security | None = None):
         self.config = config
         self.clock = clock
+        self.started = clock()
         self.security = security or transport.NO_SECURITY
         self.namespace = Namespace()
         self.log = MetadataLog(data_dir, self.namespace, checkpoint_every=config.checkpoint_every)
@@ -202,9 +209,11 @@ class Master:
         self._garbage_cond = threading.Condition()
         self._stop = threading.Event()
         self._gc_thread = threading.Thread(target=self._gc_loop, name="gc", daemon=True)
+        self._liveness_thread = threading.Thread(target=self._liveness_loop, name="liveness", daemon=True)
 
     def start(self) -> None:
         self._gc_thread.start()
+        self._liveness_thread.start()
         self.repairer.start()
 
     def stop(self) -> None:
@@ -228,6 +237,8 @@ class Master:
             if node is None:
                 node = self._nodes[msg.node_id] = NodeState(msg.node_id, address)
             old_address, node.address = node.address, address
+            was = "stopped" if node.stopped else "dead" if node.declared_dead else None
+            node.stopped = node.declared_dead = False
             node.capacity_bytes = msg.capacity_bytes
             node.used_bytes = msg.used_bytes
             node.chunks = msg.chunks
@@ -243,6 +254,8 @@ class Master:
             self.log.commit([{"op": "node", "node_id": msg.node_id, "address": address_text}])
         logger.info("node %s registered from %s at %s (%d chunks, %d bytes)",
                     msg.node_id, peer, address_text, msg.chunks, msg.used_bytes)
+        if was is not None:
+            logger.warning("node %s is back at %s (it was %s)", msg.node_id, address_text, was)
         with self._garbage_cond:
             self._garbage_cond.notify_all()  # a returning node may have garbage waiting
 
@@ -263,15 +276,83 @@ class Master:
             if node.needs_report or not node.alive(now, self.config.dead_after_s):
                 # Back from the dead (or from a failed upload): what it holds
                 # must be reconciled before it is trusted again.
+                why = "a request to it failed" if node.needs_report else \
+                    "it said goodbye" if node.stopped else f"it was silent for {now - node.last_heard:.1f} s"
                 node.needs_report = False
                 node.reported = False
-                raise protocol.Unavailable(f"node {msg.node_id}: register again and report your inventory")
+                raise protocol.Unavailable(f"node {msg.node_id}: register again and report your inventory ({why})")
             node.used_bytes = msg.used_bytes
             node.chunks = msg.chunks
+            became_full = msg.full and not node.full
+            has_room = node.full and not msg.full
             node.full = msg.full
             node.last_heard = now
+        if became_full:
+            logger.warning("node %s is full (%d of %d bytes used): no new chunks go to it",
+                           msg.node_id, msg.used_bytes, node.capacity_bytes)
+        elif has_room:
+            logger.warning("node %s has room again (%d of %d bytes used)", msg.node_id, msg.used_bytes,
+                           node.capacity_bytes)
         if msg.corrupt:
             self.repairer.report_corrupt(msg.node_id, msg.corrupt)
+
+    def goodbye(self, msg: protocol.Goodbye) -> None:
+        """A node is stopping cleanly: stop using it now rather than after dead_after_s of silence."""
+        with self._nodes_lock:
+            node = self._nodes.get(msg.node_id)
+            if node is None or node.stopped:
+                return
+            node.stopped = True
+            node.reported = False
+            address = transport.format_address(node.address)
+        logger.warning("node %s at %s stopped (it said goodbye)", msg.node_id, address)
+        self.repairer.wake()
+
+    def _liveness_loop(self) -> None:
+        interval = min(self.config.heartbeat_interval_s, _LIVENESS_CHECK_S)
+        while not self._stop.wait(interval):
+            try:
+                self.check_liveness()
+            except Exception:
+                logger.exception("liveness check failed")
+
+    def check_liveness(self) -> None:
+        """Log, once per death, each node that fell silent past dead_after_s (WARNING).
+
+        A known node not heard at all since the master started counts once
+        ``waiting_for_nodes`` is over.  Its REGISTER logs it back.
+        """
+        now = self.clock()
+        dead = []
+        waiting = self.waiting_for_nodes(now)
+        with self._nodes_lock:
+            for n in self._nodes.values():
+                if n.stopped or n.declared_dead or n.alive(now, self.config.dead_after_s):
+                    continue
+                if n.last_heard is None and waiting:
+                    continue
+                n.declared_dead = True
+                dead.append((n.node_id, transport.format_address(n.address), n.last_heard))
+        for node_id, address, last_heard in dead:
+            if last_heard is None:
+                logger.warning("node %s at %s is dead: not heard from since the master started %.0f s ago",
+                               node_id, address, now - self.started)
+            else:
+                logger.warning("node %s at %s is dead: silent for %.1f s", node_id, address, now - last_heard)
+
+    def waiting_for_nodes(self, now: float) -> bool:
+        """Known nodes not heard since start are still expected (safe mode, or within dead_after_s of start)."""
+        return self.repairer.safe_mode or now - self.started <= self.config.dead_after_s
+
+    def node_state(self, node: NodeState, now: float, waiting: bool) -> str:
+        """What STATUS says of a node (caller holds _nodes_lock)."""
+        if node.stopped:
+            return "stopped"
+        if node.alive(now, self.config.dead_after_s):
+            return "alive" if node.reported else "reporting"
+        if node.last_heard is None and waiting:
+            return "waiting"
+        return "dead"
 
     def node_address(self, node_id: str) -> tuple[str, int]:
         with self._nodes_lock:
@@ -442,12 +523,14 @@ class Master:
 
     def status(self) -> protocol.StatusReply:
         now = self.clock()
+        waiting = self.waiting_for_nodes(now)
         with self._nodes_lock:
             nodes = [{
                 "id": n.node_id,
                 "address": transport.format_address(n.address),
                 # Alive for users means usable: heard recently and inventory in.
                 "alive": n.alive(now, self.config.dead_after_s) and n.reported,
+                "state": self.node_state(n, now, waiting),
                 "last_heard_s": None if n.last_heard is None else round(now - n.last_heard, 1),
                 "capacity_bytes": n.capacity_bytes,
                 "used_bytes": n.used_bytes,
@@ -574,6 +657,10 @@ class MasterHandler(transport.RequestHandler):
     def do_HEARTBEAT(self, msg: protocol.Heartbeat) -> None:
         self.master.heartbeat(msg)
         self.reply(protocol.HeartbeatOk())
+
+    def do_GOODBYE(self, msg: protocol.Goodbye) -> None:
+        self.master.goodbye(msg)
+        self.reply(protocol.GoodbyeOk())
 
     # --- clients: uploads ---
     def setup(self):
@@ -953,7 +1040,16 @@ def main(argv=None) -> int:
     except ValueError as exc:
         print(f"master: bad configuration: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+    try:
+        # Held until the process exits: a second master must not replay, append to or truncate this op log.
+        data_dir_lock = dirlock.lock_data_dir(config.master_data_dir)  # noqa: F841
+    except dirlock.DataDirLocked as exc:
+        print(f"master: {exc}; only one master may use a data dir", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as exc:
+        print(f"master: cannot use data dir {config.master_data_dir}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_START_FAILED
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s master %(levelname)s %(name)s: %(message)s")
     try:
         master = Master(config, config.master_data_dir, security=security)

@@ -105,6 +105,15 @@ class RemoteProtocolError(BackupError):
     code = "BAD_REQUEST"
 
 
+class ClosedMidFrame(RemoteProtocolError):
+    """The peer closed the connection in the middle of a frame.
+
+    The frame is lost, so to the reader this is a protocol error; but it is
+    routine (a client killed or interrupted mid-transfer, ``cat | head``),
+    so servers log it as a peer going away, not as a bad frame.
+    """
+
+
 class LocalProtocolError(BackupError):
     """We were asked to send something the protocol forbids (our fault)."""
 
@@ -647,7 +656,7 @@ class Status(Message):
 @message
 class StatusReply(Message):
     OP = "STATUS_REPLY"
-    nodes: list  # [{"id", "address", "alive", "last_heard_s", "used_bytes", "chunks", ...}]
+    nodes: list  # [{"id", "address", "alive", "state", "last_heard_s", "used_bytes", "chunks", ...}]
     totals: dict
 
 
@@ -691,6 +700,19 @@ class Heartbeat(Message):
 @message
 class HeartbeatOk(Message):
     OP = "HEARTBEAT_OK"
+
+
+@message
+class Goodbye(Message):
+    """A node stopping cleanly (SIGTERM, Ctrl-C) tells the master, which stops using it at once."""
+
+    OP = "GOODBYE"
+    node_id: str
+
+
+@message
+class GoodbyeOk(Message):
+    OP = "GOODBYE_OK"
 
 
 @message
@@ -999,7 +1021,7 @@ class FrameDecoder:
 def _read_exact(rfile, size: int) -> bytes:
     data = rfile.read(size)
     if data is None or len(data) != size:
-        raise RemoteProtocolError(f"connection closed mid-frame ({len(data or b'')} of {size} bytes)")
+        raise ClosedMidFrame(f"connection closed mid-frame ({len(data or b'')} of {size} bytes)")
     return data
 
 
@@ -1008,7 +1030,7 @@ def _read_into(rfile, view: memoryview) -> None:
     while got < len(view):
         n = rfile.readinto(view[got:])
         if not n:
-            raise RemoteProtocolError(f"connection closed mid-body ({got} of {len(view)} bytes)")
+            raise ClosedMidFrame(f"connection closed mid-body ({got} of {len(view)} bytes)")
         got += n
 
 
@@ -1017,7 +1039,7 @@ def _skip(rfile, size: int) -> None:
     while size:
         data = rfile.read(min(size, 64 * 1024))
         if not data:
-            raise RemoteProtocolError("connection closed mid-body")
+            raise ClosedMidFrame("connection closed mid-body")
         size -= len(data)
 
 
@@ -1039,7 +1061,7 @@ def read_message(rfile, body_buffer: bytearray | None = None, max_header_bytes: 
         rest = rfile.read(_PREFIX_BYTES - len(prefix)) or b""
         prefix += rest
         if len(prefix) != _PREFIX_BYTES:
-            raise RemoteProtocolError("connection closed mid-frame (in length prefix)")
+            raise ClosedMidFrame("connection closed mid-frame (in length prefix)")
     header_len = parse_header_length(prefix, max_header_bytes)
     try:
         cls, fields, body_len = parse_header(_read_exact(rfile, header_len), max_body_bytes)
@@ -1072,7 +1094,7 @@ def _read_growing(rfile, size: int) -> memoryview:
         step = min(size - len(body), _BODY_STEP_BYTES)
         piece = rfile.read(step)
         if not piece or len(piece) < step:
-            raise RemoteProtocolError(f"connection closed mid-body ({len(body) + len(piece or b'')} of {size} bytes)")
+            raise ClosedMidFrame(f"connection closed mid-body ({len(body) + len(piece or b'')} of {size} bytes)")
         body += piece
     return memoryview(body)
 

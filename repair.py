@@ -48,6 +48,9 @@ logger = logging.getLogger("master.repair")
 # A full scan of the namespace also runs this often with nothing to wake it,
 # as a safety net for missed events.
 _RESCAN_INTERVAL_S = 30.0
+# A repair pass logs its progress this often: a node's death is a start
+# line, a progress line every so often and a done line, not a line per batch.
+PROGRESS_LOG_INTERVAL_S = 10.0
 
 
 @dataclass(order=True)
@@ -88,6 +91,60 @@ def nodes_of(entry: dict, first: int, count: int, blob: str | None = None) -> li
     return out
 
 
+class RepairProgress:
+    """The log of one repair pass: a start line, progress every PROGRESS_LOG_INTERVAL_S, a done line.
+
+    Pieces that could not be repaired (no live target, a copy failed) are
+    counted and the done line names the last reason, at WARNING.  A pass
+    that achieves nothing, after one that achieved nothing on as many
+    pieces, logs at DEBUG only, so a lasting shortage of nodes is reported
+    once, not every rescan.
+    """
+
+    def __init__(self, tasks: list[RepairTask], quiet: bool = False, clock=time.monotonic):
+        self.clock = clock
+        self.pieces = len(tasks)
+        self.chunks = sum(t.count for t in tasks)
+        self.done_pieces = self.copied_chunks = self.copied_bytes = self.failed = 0
+        self.last_error = ""
+        self.quiet = quiet
+        self.started = self.last_logged = clock()
+        self._log(logging.INFO, "repair started: %d batch(es), %d chunk(s) with too few live copies",
+                  self.pieces, self.chunks)
+
+    def _log(self, level: int, *args) -> None:
+        logger.log(logging.DEBUG if self.quiet else level, *args)
+
+    def step(self, task: RepairTask, copied_bytes: int) -> None:
+        self.done_pieces += 1
+        if copied_bytes:
+            self.copied_chunks += task.count
+            self.copied_bytes += copied_bytes
+        now = self.clock()
+        if now - self.last_logged >= PROGRESS_LOG_INTERVAL_S:
+            self.last_logged = now
+            self._log(logging.INFO, "repair progress: %d of %d batch(es), %d chunk(s) copied (%.1f MiB) in %.0f s",
+                      self.done_pieces, self.pieces, self.copied_chunks, self.copied_bytes / 2 ** 20,
+                      now - self.started)
+
+    def fail(self, reason: str) -> None:
+        self.failed += 1
+        self.last_error = reason
+
+    @property
+    def futile(self) -> bool:
+        return not self.copied_bytes and self.failed > 0
+
+    def finish(self, interrupted: bool = False) -> None:
+        how = "stopped" if interrupted else "done"
+        self._log(logging.INFO, "repair %s: %d of %d batch(es), %d chunk(s) re-replicated (%.1f MiB copied) "
+                  "in %.1f s", how, self.done_pieces, self.pieces, self.copied_chunks, self.copied_bytes / 2 ** 20,
+                  self.clock() - self.started)
+        if self.failed:
+            self._log(logging.WARNING, "repair: %d attempt(s) failed, retrying later; last: %s",
+                      self.failed, self.last_error)
+
+
 class Repairer:
     """Re-replication, reconciliation and bad-replica handling for a Master."""
 
@@ -109,6 +166,7 @@ class Repairer:
         self.repaired_chunks = 0
         self.corrupt_replicas_found = 0
         self.damaged_files: list[str] = []
+        self._last_pass_futile = 0  # pieces of the last pass, if it repaired nothing
         self._thread = threading.Thread(target=self._run, name="repair", daemon=True)
 
     def start(self) -> None:
@@ -250,29 +308,41 @@ class Repairer:
         return tasks
 
     def _repair(self, tasks: list[RepairTask]) -> None:
+        if not tasks:
+            return
         rate = self.config.repair_rate_mb_s * 1024 * 1024
         buffer = None
+        progress = RepairProgress(tasks, quiet=self._last_pass_futile == len(tasks))
         for task in tasks:
             if self._stop.is_set() or self.in_safe_mode():
+                progress.finish(interrupted=True)
                 return
             started = time.monotonic()
             entry = self.master.namespace.files.get(task.name)
             if entry is None:
                 self.repairs_pending -= 1
+                progress.step(task, 0)
                 continue
             size = entry["batch_chunks"] * (entry["chunk_size"] + protocol.CRC_BYTES)
             if buffer is None or len(buffer) < size:
                 buffer = bytearray(size)
-            copied = self._repair_piece(task, entry, buffer)
+            copied = self._repair_piece(task, entry, buffer, progress)
             self.repairs_pending -= 1
+            progress.step(task, copied)
             if copied:
                 self.repaired_chunks += task.count
                 self.under_replicated_chunks = max(0, self.under_replicated_chunks - task.count)
                 # Pace: this piece's bytes should take copied/rate seconds.
                 self._stop.wait(max(0.0, copied / rate - (time.monotonic() - started)))
+        progress.finish()
+        self._last_pass_futile = len(tasks) if progress.futile else 0
 
-    def _repair_piece(self, task: RepairTask, entry: dict, buffer: bytearray) -> int:
-        """Copy one piece to new nodes until it has enough live copies; return bytes copied."""
+    def _repair_piece(self, task: RepairTask, entry: dict, buffer: bytearray, progress: RepairProgress) -> int:
+        """Copy one piece to new nodes until it has enough live copies; return bytes copied.
+
+        Each batch is logged at DEBUG; ``progress`` makes the INFO lines and
+        counts the failures.
+        """
         master = self.master
         alive = {n.node_id for n in master.live_nodes()}
         copied = 0
@@ -286,7 +356,8 @@ class Repairer:
                 payload_bytes = len(body) - count * protocol.CRC_BYTES
                 targets = master.choose_replicas(payload_bytes, avoid=set(nodes), count=missing)
             except protocol.BackupError as exc:
-                logger.warning("cannot repair %r chunks %d..%d yet: %s", task.name, first, first + count - 1, exc)
+                logger.debug("cannot repair %r chunks %d..%d yet: %s", task.name, first, first + count - 1, exc)
+                progress.fail(f"{task.name!r} chunks {first}..{first + count - 1}: {exc}")
                 continue
             current = master.namespace.files.get(task.name)
             if current is None or not placed_on(current, blob, first, count, nodes):
@@ -300,7 +371,8 @@ class Repairer:
                     transfers.put_piece(master, target, entry, blob, first, count, body)
                     placed.append(target)
                 except protocol.BackupError as exc:
-                    logger.warning("repair copy to node %s failed: %s", target, exc)
+                    logger.debug("repair copy to node %s failed: %s", target, exc)
+                    progress.fail(f"copy to node {target} failed: {exc}")
             if not placed:
                 continue
             # Applies only if the placement is still what we copied from; if
@@ -309,7 +381,7 @@ class Repairer:
             # could race with an upload that just placed the same range.)
             master.log.commit([replicas_record(task.name, blob, first, count, nodes, live + placed)])
             copied += payload_bytes * len(placed)
-            logger.info("re-replicated %r chunks %d..%d to %s (%d live copies before)", task.name, first,
+            logger.debug("re-replicated %r chunks %d..%d to %s (%d live copies before)", task.name, first,
                         first + count - 1, ",".join(placed), len(live))
         return copied
 

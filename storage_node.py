@@ -29,6 +29,7 @@ import time
 import uuid
 
 import config as config_module
+import dirlock
 import protocol
 import security as security_module
 import transport
@@ -49,6 +50,41 @@ DISK_FULL_BACKOFF_S = 60.0
 # that rots everywhere at once is reported over several heartbeats instead
 # of in one header past protocol.MAX_HEADER_BYTES.
 CORRUPT_REPORTS_PER_HEARTBEAT = 1000
+# While the master cannot be reached, say so at the first failure and then
+# once per this many seconds: a mistyped --master must show, but not flood.
+UNREACHABLE_LOG_INTERVAL_S = 60.0
+# A stopping node waits at most this long to say goodbye to its master.
+GOODBYE_TIMEOUT_S = 2.0
+
+
+class OutageLog:
+    """Logs an outage at its first failure, then at most once per ``interval_s``, and its end."""
+
+    def __init__(self, interval_s: float, clock=time.monotonic):
+        self.interval_s = interval_s
+        self.clock = clock
+        self.since: float | None = None  # start of the current outage
+        self.failures = 0
+        self._logged_at = float("-inf")
+
+    def failed(self, message: str, level: int = logging.WARNING) -> None:
+        now = self.clock()
+        if self.since is None:
+            self.since, self.failures = now, 0
+        self.failures += 1
+        if now - self._logged_at >= self.interval_s:
+            self._logged_at = now
+            if self.failures == 1:
+                logger.log(level, "%s", message)
+            else:
+                logger.log(level, "%s (failing for %.0f s, %d attempts)", message, now - self.since, self.failures)
+
+    def recovered(self) -> float | None:
+        """End the outage; its length in seconds, or None if there was none."""
+        if self.since is None:
+            return None
+        lasted, self.since, self._logged_at = self.clock() - self.since, None, float("-inf")
+        return lasted
 
 
 class StorageNode:
@@ -177,13 +213,18 @@ class StorageNode:
 
         Every ``inventory_interval_s`` the node registers again on purpose,
         so its inventory is reconciled even if nothing went wrong: surplus
-        copies left by races (see repair.py) do not linger.
+        copies left by races (see repair.py) do not linger.  An unreachable
+        master is logged at WARNING at once and then every
+        UNREACHABLE_LOG_INTERVAL_S; a master that answers a heartbeat with
+        ERROR UNAVAILABLE is reachable and wants our inventory again, which
+        is logged as such.
         """
         master = config_module.parse_address(self.config.node_master, "master")
+        where = transport.format_address(master)
         interval = self.config.heartbeat_interval_s
-        connected_before = False
-        re_register = False
+        outage = OutageLog(UNREACHABLE_LOG_INTERVAL_S)
         while not self._stop.is_set():
+            reconnect_now = False
             try:
                 with transport.Connection(master, "node", self.config.io_timeout_s, self.security) as conn:
                     host, port = self.advertised_address
@@ -195,12 +236,13 @@ class StorageNode:
                         capacity_bytes=self.config.capacity_bytes,
                         used_bytes=self.store.used_bytes, chunks=self.store.chunk_count), protocol.Registered)
                     self._send_inventory(conn)
-                    logger.info("registered with master %s as %s:%d", transport.format_address(master), host, port)
-                    connected_before = True
+                    down_s = outage.recovered()
+                    logger.info("registered with master %s as %s:%d%s", where, host, port,
+                                "" if down_s is None else f" (it was unreachable for {down_s:.0f} s)")
                     report_due = time.monotonic() + self.config.inventory_interval_s
                     while not self._stop.wait(interval):
                         if time.monotonic() >= report_due:
-                            re_register = True
+                            reconnect_now = True  # a scheduled re-report
                             break
                         corrupt = self._take_corrupt_reports()
                         try:
@@ -208,23 +250,36 @@ class StorageNode:
                                 node_id=self.node_id, used_bytes=self.store.used_bytes,
                                 chunks=self.store.chunk_count, full=self.full,
                                 corrupt=[list(c) for c in corrupt]), protocol.HeartbeatOk)
-                        except BaseException:
+                        except BaseException as exc:
                             self._queue_corrupt(corrupt)  # report them on the next connection
+                            if isinstance(exc, protocol.Unavailable) and not conn.broken:
+                                # An ERROR frame, not a lost connection: the master is there.
+                                logger.info("master asked to re-register: %s", exc)
+                                reconnect_now = True
+                                break
                             raise
             except protocol.AuthFailed as exc:
-                logger.error("cannot register with master %s: %s", transport.format_address(master), exc)
-                connected_before = False
+                outage.failed(f"cannot register with master {where}: {exc}", logging.ERROR)
             except protocol.BackupError as exc:
-                level = logging.WARNING if connected_before else logging.DEBUG
-                logger.log(level, "master %s unreachable, retrying: %s", transport.format_address(master), exc)
-                connected_before = False
+                outage.failed(f"master {where} unreachable, retrying every {interval:g} s: {exc}")
             except Exception:
                 logger.exception("heartbeat loop failed; retrying")
-            if re_register:
-                re_register = False  # a scheduled re-report: reconnect at once
+            if reconnect_now:
                 continue
             self._stop.wait(interval)
 
+    def say_goodbye(self) -> None:
+        """Tell the master we are stopping, so it stops using us now (best effort, bounded wait)."""
+        master = config_module.parse_address(self.config.node_master, "master")
+        where = transport.format_address(master)
+        try:
+            with transport.Connection(master, "node", min(self.config.io_timeout_s, GOODBYE_TIMEOUT_S),
+                                      self.security) as conn:
+                conn.request(protocol.Goodbye(node_id=self.node_id), protocol.GoodbyeOk)
+        except protocol.BackupError as exc:
+            logger.info("could not say goodbye to master %s: %s", where, exc)
+            return
+        logger.info("said goodbye to master %s", where)
 
     def _send_inventory(self, conn) -> None:
         """Tell the master every extent held, in pages, so it can reconcile."""
@@ -386,11 +441,22 @@ def main(argv=None) -> int:
         print(f"storage_node: bad configuration: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     try:
+        # Held until the process exits: two nodes on one dir would share a node id and segment files.
+        data_dir_lock = dirlock.lock_data_dir(config.node_data_dir)  # noqa: F841
+    except dirlock.DataDirLocked as exc:
+        hint = ("give each node its own data dir with --data-dir DIR" if args.data_dir is None
+                else "only one node may use a data dir")
+        print(f"storage_node: {exc}; {hint}", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as exc:
+        print(f"storage_node: cannot use data dir {config.node_data_dir}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_START_FAILED
+    try:
         node = StorageNode(config, config.node_data_dir, security=security)
     except (OSError, ValueError, KeyError) as exc:
         print(f"storage_node: cannot open data dir {config.node_data_dir}: {exc}", file=sys.stderr)
         return EXIT_START_FAILED
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format=f"%(asctime)s node {node.node_id} %(levelname)s %(name)s: %(message)s")
     try:
         server = make_server(node, config.node_host, config.node_port)
@@ -402,6 +468,7 @@ def main(argv=None) -> int:
 
     def stop():
         node.stop()
+        node.say_goodbye()
         node.store.flush()
         node.store.close()
         logger.info("stopped")

@@ -242,10 +242,21 @@ class RequestHandler(socketserver.StreamRequestHandler):
         # handshake: a stranger's connection costs no batch-sized buffer.
         self.body_buffer = None
         self.role = None
+        self._gone_logged = False
 
     def finish(self):
         try:
             super().finish()
+        except OSError as exc:
+            # StreamRequestHandler.finish ignores a failed flush, then flushes
+            # the same unsent bytes again in wfile.close(), unguarded: a peer
+            # that left with a reply still buffered would end in a traceback.
+            self._peer_gone(exc)
+            for stream in (self.wfile, self.rfile):
+                try:
+                    stream.close()
+                except OSError:
+                    pass  # the failed flush closed the socket file; nothing left to send
         finally:
             # socketserver closes the socket it accepted, which the TLS
             # wrapper took over; close the wrapper ourselves.
@@ -280,6 +291,8 @@ class RequestHandler(socketserver.StreamRequestHandler):
                 except BackupError as exc:
                     logger.debug("%s: %s failed: %s", self.peer, msg.OP, exc)
                     self.reply(protocol.error_message(exc))
+        except protocol.ClosedMidFrame as exc:
+            self._peer_gone(exc)
         except RemoteProtocolError as exc:
             logger.warning("%s: bad frame, closing: %s", self.peer, exc)
             try:
@@ -288,8 +301,18 @@ class RequestHandler(socketserver.StreamRequestHandler):
                 pass
         except (socket.timeout, TimeoutError):
             logger.info("%s: idle or stalled past the timeout, closing", self.peer)
-        except (ConnectionError, OSError) as exc:
-            logger.debug("%s: connection ended: %s", self.peer, exc)
+        except OSError as exc:
+            self._peer_gone(exc)
+
+    def _peer_gone(self, exc: BaseException) -> None:
+        """Log, once per connection, that the peer went away (one line, no traceback)."""
+        if self._gone_logged:
+            return
+        self._gone_logged = True
+        if is_peer_gone(exc):
+            logger.info("%s: peer went away (%s)", self.peer, _describe(exc))
+        else:
+            logger.warning("%s: connection failed: %s", self.peer, _describe(exc))
 
     # --- handshake ------------------------------------------------------------------------
     def _handshake(self) -> bool:
@@ -382,7 +405,7 @@ class RequestHandler(socketserver.StreamRequestHandler):
                 if not piece:
                     if eof_ok and not data:
                         return None
-                    raise RemoteProtocolError(f"connection closed mid-frame ({len(data)} of {size} bytes)")
+                    raise protocol.ClosedMidFrame(f"connection closed mid-frame ({len(data)} of {size} bytes)")
                 data += piece
         finally:
             self.request.settimeout(self.server.io_timeout_s)
@@ -531,7 +554,22 @@ class Server(socketserver.ThreadingTCPServer):
             self._refused = 0
 
     def handle_error(self, request, client_address):
+        exc = sys.exc_info()[1]
+        if is_peer_gone(exc):
+            logger.info("%s: peer went away (%s)", format_address(client_address), _describe(exc))
+            return
         logger.exception("unhandled error serving %s", format_address(client_address))
+
+
+def is_peer_gone(exc: BaseException | None) -> bool:
+    """True for the ways a connection ends when the peer closes, dies or resets it: routine, not a bug."""
+    return isinstance(exc, (ConnectionError, protocol.ClosedMidFrame, ssl.SSLEOFError, ssl.SSLZeroReturnError))
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
 
 
 def serve_until_stopped(server: Server, on_stop) -> None:
