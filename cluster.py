@@ -1,14 +1,19 @@
 """Run a local cluster, a master and N storage nodes, as child processes.
 
 ``python cluster.py`` is the quickest way to try the system: it starts the
-master on the configured port (7700) and three nodes on free ports, prints
-their addresses, and stops them all on Ctrl-C or SIGTERM.  Each process
-logs to ``DATA_DIR/logs/``.
+master on the configured port (``[master] port``, 7700) and three nodes,
+node1..node3, on free ports, prints their addresses and pids, and stops them
+all on Ctrl-C or SIGTERM.  Each process logs to ``DATA_DIR/logs/``.  While it
+runs it supervises its children: one that dies (a crash, a ``kill -9``) is
+restarted after a pause that doubles on every quick death (``Supervisor``),
+so you can kill a node and watch the master re-replicate and then take it
+back.
 
-``LocalCluster`` is the same thing as a class; the tests and benchmarks use
-it to start real processes on 127.0.0.1 with ephemeral ports, kill them
-(SIGKILL), freeze them (SIGSTOP) and restart them.  Every process it starts
-is killed by PID in ``stop()``, whatever state it is in.
+``LocalCluster`` is the same thing as a class, without the supervision; the
+tests and benchmarks use it to start real processes on 127.0.0.1 with
+ephemeral ports, kill them (SIGKILL), freeze them (SIGSTOP) and restart
+them, and a killed child stays dead until they restart it.  Every process
+it starts is killed by PID in ``stop()``, whatever state it is in.
 """
 
 from __future__ import annotations
@@ -22,11 +27,25 @@ import sys
 import threading
 import time
 
+import config as config_module
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 EXIT_OK = 0
 EXIT_CHILD_DIED = 1
+EXIT_CONFIG = 2
 EXIT_START_FAILED = 3
+
+# Lines of a child's log shown when it fails to start or dies.
+LOG_TAIL_LINES = 10
+# Supervision (cluster.py main only): the first restart of a dead child waits
+# RESTART_BACKOFF_S; each death within RESTART_STABLE_S of its start doubles
+# the wait, up to RESTART_BACKOFF_MAX_S.  After RESTART_MAX_FAILED_STARTS
+# starts in a row that fail (bad config, port taken) it gives up.
+RESTART_BACKOFF_S = 1.0
+RESTART_BACKOFF_MAX_S = 30.0
+RESTART_STABLE_S = 60.0
+RESTART_MAX_FAILED_STARTS = 5
 
 
 class ProcessFailed(RuntimeError):
@@ -51,8 +70,8 @@ class Server:
         # Logs name files and peers: readable by the owner only, like the data.
         log = os.fdopen(os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
         try:
-            self.process = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
-                                            cwd=HERE)
+            # The caller's cwd, so relative paths in flags and config mean what they say.
+            self.process = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
         finally:
             log.close()
         lines: queue.Queue = queue.Queue()
@@ -70,8 +89,27 @@ class Server:
             if line.startswith("listening on "):
                 self.address = line.split(" ", 2)[2].strip()
                 return self.address
+        exited = self.process.poll()
         self.kill()
-        raise ProcessFailed(f"{self.name} did not start (see {self.log_path})")
+        how = f"exited with status {exited}" if exited is not None else f"did not listen within {timeout_s:g} s"
+        raise ProcessFailed(f"{self.name} did not start ({how}); {self.log_tail_text()}")
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> list[str]:
+        """The last ``lines`` lines of this child's log (its stderr)."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 64 * 1024))
+                tail = f.read().decode("utf-8", "replace").splitlines()
+        except OSError:
+            return []
+        return tail[-lines:]
+
+    def log_tail_text(self) -> str:
+        tail = self.log_tail()
+        if not tail:
+            return f"{self.log_path} is empty"
+        return f"last lines of {self.log_path}:\n" + "\n".join("    " + line for line in tail)
 
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -126,7 +164,8 @@ class LocalCluster:
         self.master_args = list(master_args)
         self.node_args = list(node_args)
         # Given to the master and every node alike (the secret file by path: never on a command line).
-        self.config_args = ["--config", config_path] if config_path else []
+        # Absolute: a path the caller gave is relative to the caller's cwd.
+        self.config_args = ["--config", os.path.abspath(config_path)] if config_path else []
         if secret_file:
             self.config_args += ["--secret-file", os.path.abspath(secret_file)]
         if insecure:
@@ -142,8 +181,13 @@ class LocalCluster:
     def master_address(self) -> str:
         return self.master.address
 
+    @staticmethod
+    def node_name(index: int) -> str:
+        """Nodes are node1..N (as in the README), though ``nodes`` is indexed from 0."""
+        return f"node{index + 1}"
+
     def node_data_dir(self, index: int) -> str:
-        return os.path.join(self.data_dir, f"node{index}")
+        return os.path.join(self.data_dir, self.node_name(index))
 
     def start(self) -> "LocalCluster":
         try:
@@ -168,7 +212,8 @@ class LocalCluster:
         argv = [sys.executable, os.path.join(HERE, "storage_node.py"), *self.config_args, "--host", self.host,
                 "--port", "0", "--data-dir", self.node_data_dir(index), "--master", self.master.address,
                 *self.node_args, *extra_args]
-        server = Server(f"node{index}", argv, os.path.join(self.log_dir, f"node{index}.log"))
+        name = self.node_name(index)
+        server = Server(name, argv, os.path.join(self.log_dir, f"{name}.log"))
         server.start()
         if index < len(self.nodes):
             self.nodes[index] = server
@@ -205,19 +250,99 @@ class LocalCluster:
         self.stop()
 
 
+class Supervisor:
+    """Restarts the dead children of a started LocalCluster (what ``cluster.py`` does, not the tests).
+
+    Call ``poll()`` now and then.  A child found dead is reported with its
+    exit status and the tail of its log, and restarted after a backoff: 1 s,
+    doubled after each death within RESTART_STABLE_S of its (re)start, at
+    most RESTART_BACKOFF_MAX_S.  The master keeps its port, so the nodes find
+    it again; a node keeps its data dir and node id.  ``poll()`` returns False
+    once a child has failed RESTART_MAX_FAILED_STARTS starts in a row.
+    """
+
+    def __init__(self, cluster: LocalCluster, say=None, clock=time.monotonic):
+        self.cluster = cluster
+        self.say = say or (lambda text: print(f"cluster: {text}", file=sys.stderr, flush=True))
+        self.clock = clock
+        now = clock()
+        self._children = [_Supervised("master", cluster.restart_master, lambda: cluster.master, now)]
+        self._children += [_Supervised(cluster.node_name(i), lambda i=i: cluster.restart_node(i),
+                                       lambda i=i: cluster.nodes[i], now) for i in range(len(cluster.nodes))]
+
+    def poll(self) -> bool:
+        now = self.clock()
+        for child in self._children:
+            server = child.server()
+            if server.running():
+                continue
+            if child.restart_at is None:  # just found dead
+                if now - child.started_at >= RESTART_STABLE_S:
+                    child.backoff_s = RESTART_BACKOFF_S
+                child.restart_at = now + child.backoff_s
+                self.say(f"{child.name} (pid {server.pid}) exited with status {server.process.returncode}; "
+                         f"restarting it in {child.backoff_s:g} s; {server.log_tail_text()}")
+                continue
+            if now < child.restart_at:
+                continue
+            try:
+                child.restart()
+            except ProcessFailed as exc:
+                child.failed_starts += 1
+                if child.failed_starts >= RESTART_MAX_FAILED_STARTS:
+                    self.say(f"{exc}\ngave up on {child.name} after {child.failed_starts} failed starts")
+                    return False
+                child.backoff_s = min(child.backoff_s * 2, RESTART_BACKOFF_MAX_S)
+                child.restart_at = self.clock() + child.backoff_s
+                self.say(f"{exc}\nretrying in {child.backoff_s:g} s")
+                continue
+            server = child.server()
+            child.started_at, child.restart_at, child.failed_starts = self.clock(), None, 0
+            child.backoff_s = min(child.backoff_s * 2, RESTART_BACKOFF_MAX_S)
+            self.say(f"restarted {child.name}: listening on {server.address} (pid {server.pid})")
+        return True
+
+
+class _Supervised:
+    """One child as the Supervisor sees it."""
+
+    def __init__(self, name: str, restart, server, now: float):
+        self.name = name
+        self.restart = restart  # () -> starts it again (raises ProcessFailed)
+        self.server = server  # () -> its current Server
+        self.started_at = now
+        self.restart_at: float | None = None
+        self.backoff_s = RESTART_BACKOFF_S
+        self.failed_starts = 0
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Start a local master and storage nodes; Ctrl-C stops them.")
+    parser = argparse.ArgumentParser(
+        description="Start a local master and storage nodes node1..N; restart any that dies; Ctrl-C stops them.")
     parser.add_argument("--nodes", type=int, default=3, help="number of storage nodes (default 3)")
     parser.add_argument("--data-dir", default="data", help="where the master and nodes keep data and logs")
-    parser.add_argument("--port", type=int, default=7700, help="master port (default 7700, the client's default)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind every process to")
-    parser.add_argument("--config", metavar="PATH", help="config file passed to every process")
+    parser.add_argument("--port", type=int, help="master port (default [master] port of the config, 7700)")
+    parser.add_argument("--host", help="address to bind every process to (default [master] host of the config)")
+    parser.add_argument("--config", metavar="PATH",
+                        help="config file passed to every process (relative to the current directory)")
     parser.add_argument("--secret-file", metavar="PATH", help="shared secret file passed to every process")
     parser.add_argument("--insecure", action="store_true",
                         help="let the master and nodes listen beyond loopback without a secret")
+    parser.add_argument("--log-level", type=config_module.log_level, metavar="LEVEL",
+                        help=f"log level of every process: {', '.join(config_module.LOG_LEVELS)} (default INFO)")
     args = parser.parse_args(argv)
-    cluster = LocalCluster(args.data_dir, nodes=args.nodes, host=args.host, master_port=args.port,
-                           config_path=args.config, secret_file=args.secret_file, insecure=args.insecure)
+    try:
+        # The children check it too, but a mistake is one line here rather than in a child's log.
+        config = config_module.load_config(args.config)
+    except ValueError as exc:
+        print(f"cluster: bad configuration: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    port = config.master_port if args.port is None else args.port
+    host = config.master_host if args.host is None else args.host
+    log_args = ["--log-level", args.log_level] if args.log_level else []
+    cluster = LocalCluster(args.data_dir, nodes=args.nodes, host=host, master_port=port, master_args=log_args,
+                           node_args=log_args, config_path=args.config, secret_file=args.secret_file,
+                           insecure=args.insecure)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stopping.set())
     try:
@@ -225,19 +350,17 @@ def main(argv=None) -> int:
     except ProcessFailed as exc:
         print(f"cluster: {exc}", file=sys.stderr)
         return EXIT_START_FAILED
-    print(f"master listening on {cluster.master_address}")
+    print(f"master listening on {cluster.master_address} (pid {cluster.master.pid})")
     for index, node in enumerate(cluster.nodes):
-        print(f"node{index} listening on {node.address} (data in {cluster.node_data_dir(index)})")
-    print(f"logs in {cluster.log_dir}; press Ctrl-C to stop", flush=True)
+        print(f"{node.name} listening on {node.address} (pid {node.pid}, data in {cluster.node_data_dir(index)})")
+    print(f"logs in {cluster.log_dir}; a process that dies is restarted; press Ctrl-C to stop", flush=True)
+    supervisor = Supervisor(cluster)
     status = EXIT_OK
     try:
         while not stopping.is_set():
-            for server in [cluster.master, *cluster.nodes]:
-                if not server.running():
-                    status = EXIT_CHILD_DIED
-                    print(f"cluster: {server.name} exited with status {server.process.returncode}; "
-                          f"see {server.log_path}", file=sys.stderr)
-                    stopping.set()
+            if not supervisor.poll():
+                status = EXIT_CHILD_DIED
+                break
             stopping.wait(0.5)
     except KeyboardInterrupt:
         pass

@@ -405,8 +405,8 @@ def test_cluster_with_a_secret_serves_only_those_who_know_it(make_secure_cluster
         assert result.returncode == client_module.EXIT_AUTH_FAILED, (label, result)
         assert result.stderr.count("\n") == 1 and "AUTH_FAILED" in result.stderr, result
 
-    cluster.add_node(extra_args=["--secret-file", wrong_file])  # the last --secret-file wins
-    wait_until(lambda: "cannot register" in open(os.path.join(cluster.log_dir, "node2.log")).read(), 10,
+    wrong_node = cluster.add_node(extra_args=["--secret-file", wrong_file])  # the last --secret-file wins
+    wait_until(lambda: "cannot register" in open(wrong_node.log_path).read(), 10,
                message="the wrong node's log line")
     assert cluster.status().totals["nodes_alive"] == 2
     logs = read_logs(cluster)
