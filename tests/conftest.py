@@ -7,6 +7,7 @@ fails.  Waits poll a condition with a deadline (``wait_until``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -147,6 +148,18 @@ class TestCluster(cluster_module.LocalCluster):
     def wait_nodes_alive(self, count: int, timeout_s: float = 15.0):
         return wait_until(lambda: self.status().totals["nodes_alive"] == count or None, timeout_s,
                           message=f"{count} live nodes")
+
+
+@contextlib.contextmanager
+def running_cluster(directory, nodes: int = 2, master_args=FAST_MASTER, node_args=FAST_TIMING, **kwargs):
+    """A started TestCluster with every node alive, stopped on exit (for module-scoped fixtures)."""
+    c = TestCluster(str(directory), nodes=nodes, master_args=master_args, node_args=node_args, **kwargs)
+    try:
+        c.start()
+        c.wait_nodes_alive(nodes)
+        yield c
+    finally:
+        c.stop()
 
 
 @pytest.fixture

@@ -20,8 +20,8 @@ import time
 
 import pytest
 
-from conftest import (FAST_MASTER, FAST_TIMING, ROOT, CliResult, TestCluster, master_address, random_bytes, sha256,
-                      flip_byte, payload_locations, wait_until, write_local)
+from conftest import (ROOT, CliResult, master_address, random_bytes, running_cluster, sha256, flip_byte,
+                      payload_locations, wait_until, write_local)
 
 import client as client_module
 import protocol
@@ -643,13 +643,8 @@ MALFORMED = {
 @pytest.fixture(scope="module")
 def frame_cluster(tmp_path_factory):
     """A master and two nodes shared by the frame tests, which store nothing but a probe file."""
-    c = TestCluster(str(tmp_path_factory.mktemp("frames")), nodes=2, master_args=FAST_MASTER, node_args=FAST_TIMING)
-    try:
-        c.start()
-        c.wait_nodes_alive(2)
+    with running_cluster(tmp_path_factory.mktemp("frames")) as c:
         yield c
-    finally:
-        c.stop()
 
 
 @pytest.mark.parametrize("case", list(MALFORMED))
