@@ -382,7 +382,7 @@ class Repairer:
             master.log.commit([replicas_record(task.name, blob, first, count, nodes, live + placed)])
             copied += payload_bytes * len(placed)
             logger.debug("re-replicated %r chunks %d..%d to %s (%d live copies before)", task.name, first,
-                        first + count - 1, ",".join(placed), len(live))
+                         first + count - 1, ",".join(placed), len(live))
         return copied
 
     # --- reconciliation ---------------------------------------------------------------
