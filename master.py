@@ -715,7 +715,7 @@ class MasterHandler(transport.RequestHandler):
         may be committed with their group; appends and writes commit at once.
         """
         try:
-            name = protocol.validate_name(msg.name)
+            name = protocol.validate_name(msg.name, storing=True)
             if msg.mode not in UPLOAD_MODES:
                 raise protocol.InvalidRange(f"unknown upload mode {msg.mode[:20]!r}")
             self.master.check_writable()
@@ -953,6 +953,8 @@ class MasterHandler(transport.RequestHandler):
         size = entry["size"]
         if msg.offset < 0 or msg.offset > size:
             raise protocol.InvalidRange(f"offset {msg.offset} is outside {msg.name!r} (size {size})")
+        if msg.length < -1:  # -1 alone means "to the end"
+            raise protocol.InvalidRange(f"length {msg.length} is negative")
         length = size - msg.offset if msg.length < 0 else min(msg.length, size - msg.offset)
         self.reply(protocol.FileInfo(name=msg.name, size=size, chunks=entry["chunks"], sha256=entry["sha256"],
                                      mtime=entry["mtime"], version=entry["version"],
@@ -972,7 +974,7 @@ class MasterHandler(transport.RequestHandler):
         self.reply(protocol.Deleted(name=name))
 
     def do_TOUCH(self, msg: protocol.Touch) -> None:
-        name = protocol.validate_name(msg.name)
+        name = protocol.validate_name(msg.name, storing=True)
         entry = self.master.touch(name, self.peer, msg.wait_s)
         self.reply(protocol.Touched(name=name, size=entry["size"], version=entry["version"]))
 

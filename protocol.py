@@ -223,12 +223,19 @@ def error_from_code(code: str, message: str) -> BackupError:
 
 
 # --- names ----------------------------------------------------------------
-def validate_name(name: str) -> str:
+def validate_name(name: str, storing: bool = False) -> str:
     """Return ``name`` if it is a valid stored-file name, else raise InvalidName.
 
-    Names are opaque keys: slashes, spaces and any non-control Unicode are
-    fine.  Refused: empty, longer than MAX_NAME_BYTES in UTF-8, containing
+    Names are keys: slashes, spaces and any non-control Unicode are fine.
+    Refused always: empty, longer than MAX_NAME_BYTES in UTF-8, containing
     NUL or any other control character (they break terminals and listings).
+
+    ``storing``: the name is about to be created or written (upload, append,
+    write, touch), so it must also restore as a relative path below a
+    directory: no empty component (a leading or trailing ``/``, ``a//b``) and
+    no ``.`` or ``..`` component.  Reads and deletes leave that out, so
+    names stored before the rule existed can still be fetched and removed.
+    The message says why, since the user has to pick another name.
     """
     if not isinstance(name, str) or not name:
         raise InvalidName("name is empty")
@@ -241,7 +248,35 @@ def validate_name(name: str) -> str:
     for ch in name:
         if unicodedata.category(ch) == "Cc":
             raise InvalidName(f"name contains control character {ch!r}")
+    if storing:
+        reason = path_problem(name)
+        if reason:
+            raise InvalidName(f"name {name!r} {reason}: a stored name must be a relative file path (no "
+                              f"leading or trailing '/', no empty, '.' or '..' component) so that it can be "
+                              f"restored below a directory")
     return name
+
+
+def path_problem(path: str) -> str | None:
+    """Why ``path`` cannot be restored as a relative path below a directory, or None.
+
+    The one definition of a restorable name: the master refuses to store a
+    name with a problem (``validate_name(storing=True)``), and a directory
+    restore skips, with this reason, names stored before that rule existed.
+    """
+    if not path:
+        return "is empty"
+    if path.startswith("/"):
+        return "starts with '/'"
+    if path.endswith("/"):
+        return "ends with '/'"
+    parts = path.split("/")
+    if "" in parts:
+        return "has an empty path component ('//')"
+    for part in ("..", "."):
+        if part in parts:
+            return f"has a {part!r} path component"
+    return None
 
 
 # --- checksums ------------------------------------------------------------

@@ -207,8 +207,8 @@ def test_round_trip_of_edge_sizes_via_cli(cluster, tmp_path):
 
 # --- 2. names ---------------------------------------------------------------------------------
 def test_names_with_spaces_slashes_and_non_ascii_round_trip(cluster, tmp_path):
-    """Names are opaque keys: spaces, slashes and non-ASCII letters store and list as given."""
-    names = ["dir/sub/ünï côdé.txt", "with  two spaces", "/leading/slash", "日本語/ファイル.dat"]
+    """Names are keys: spaces, slashes, dots and non-ASCII letters store and list as given."""
+    names = ["dir/sub/ünï côdé.txt", "with  two spaces", "dots.in/.hidden..name", "日本語/ファイル.dat"]
     for n, name in enumerate(names):
         data = f"content of {name}".encode("utf-8") * (n + 1)
         local = write_local(tmp_path, f"name-{n}", data)
@@ -708,7 +708,7 @@ class LyingMasterHandler(transport.RequestHandler):
 @pytest.fixture
 def lying_master(request):
     """An in-process fake master on 127.0.0.1 whose downloads fail verification."""
-    server = transport.Server(("127.0.0.1", 0), LyingMasterHandler, server_id="lying-master",
+    server = transport.Server(("127.0.0.1", 0), LyingMasterHandler, server_id="master",  # it passes for one
                               io_timeout_s=5.0, idle_timeout_s=5.0)
     thread = threading.Thread(target=server.serve_forever, name="lying-master", daemon=True)
     thread.start()

@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from conftest import FAST_MASTER, FAST_TIMING, ROOT, CliResult, TestCluster, wait_until
+from conftest import FAST_MASTER, FAST_TIMING, ROOT, CliResult, SecureCluster, wait_until
 
 import client as client_module
 import config as config_module
@@ -344,25 +344,6 @@ def certifi_like_default_bundle(cert: str) -> str:
 
 
 # --- real clusters ------------------------------------------------------------------------------------
-class SecureCluster(TestCluster):
-    """A TestCluster whose own client and CLI use ``client_args`` (secret file, TLS CA)."""
-
-    __test__ = False
-
-    def __init__(self, *args, client_args=(), client_security=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.client_args = list(client_args)
-        self.client_security = client_security
-
-    def cli(self, *args, **kwargs) -> CliResult:
-        return super().cli(*self.client_args, *args, **kwargs)
-
-    def client(self) -> client_module.Client:
-        host, _, port = self.master_address.rpartition(":")
-        return client_module.Client((host, int(port)), timeout_s=20.0, frame_bytes=1024 * 1024,
-                                    show_progress=False, security=self.client_security)
-
-
 @pytest.fixture
 def make_secure_cluster(tmp_path):
     started = []
@@ -583,36 +564,37 @@ def files_under(root) -> set[str]:
     return {os.path.relpath(os.path.join(d, n), root) for d, _, names in os.walk(root) for n in names}
 
 
-def test_dotdot_names_are_stored_as_names_and_restored_inside_the_target(make_cluster, tmp_path):
-    """'../../x' is a key on the servers; downloads land in the cwd or target, never above; no silent overwrite."""
-    cluster = make_cluster(nodes=2)
+def test_dotdot_names_are_refused_and_old_ones_restore_inside_the_target(make_cluster, tmp_path):
+    """'../../x' is refused at upload; one stored earlier lands in the cwd or target, never above; no silent overwrite."""
+    legacy = ("../../x", "t/../../evil", "/abs/y", "..")
+    cluster = make_cluster(nodes=2, unchecked_names=legacy)
     work = tmp_path / "a" / "b" / "work"
     work.mkdir(parents=True)
     outside_before = files_under(tmp_path)
     source = tmp_path / "src.bin"
     source.write_bytes(b"payload of a dotted name")
-    for name in ("../../x", "t/../../evil", "/abs/y", ".."):
+    for name in legacy:
         result = run_client(cluster, "upload", str(source), name, cwd=work)
-        assert result.returncode == 0, (name, result)
+        assert result.returncode == client_module.EXIT_INVALID_NAME, (name, result)
     listed = run_client(cluster, "list", cwd=work)
-    assert {"../../x", "t/../../evil", "/abs/y", ".."} <= set(listed.stdout.decode().split()), listed.stdout
+    assert set(legacy) <= set(listed.stdout.decode().split()), listed.stdout
     new_files = files_under(tmp_path) - outside_before - {"src.bin"}
     assert all(f.startswith(os.path.relpath(cluster.data_dir, tmp_path)) for f in new_files), new_files
 
     assert run_client(cluster, "download", "../../x", cwd=work).returncode == 0
-    assert (work / "x").read_bytes() == source.read_bytes()
+    assert (work / "x").read_bytes() == b""  # the names were stored as empty files
     (work / "x").write_bytes(b"mine")
     kept = run_client(cluster, "download", "../../x", cwd=work)
     assert kept.returncode == client_module.EXIT_LOCAL_IO and "--force" in kept.stderr
     assert (work / "x").read_bytes() == b"mine"
     assert run_client(cluster, "download", "--force", "../../x", cwd=work).returncode == 0
-    assert (work / "x").read_bytes() == source.read_bytes()
+    assert (work / "x").read_bytes() == b""
     assert run_client(cluster, "download", "/abs/y", cwd=work).returncode == 0 and (work / "y").exists()
 
     refused = run_client(cluster, "download", "..", cwd=work)
     assert refused.returncode == client_module.EXIT_LOCAL_IO, refused
     tree = run_client(cluster, "download", "t/", "restore", cwd=work)
-    assert tree.returncode == client_module.EXIT_PARTIAL and "outside" in tree.stderr, tree
+    assert tree.returncode == client_module.EXIT_PARTIAL and "'..' path component" in tree.stderr, tree
     assert run_client(cluster, "download", "../../", cwd=work).returncode in (0, client_module.EXIT_PARTIAL)
     cluster_dir = os.path.relpath(cluster.data_dir, tmp_path) + os.sep
     stray = {f for f in files_under(tmp_path) - outside_before - {"src.bin"}
