@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 # Socket buffering of the file objects: large enough that a header and a
 # small body are one syscall, small enough not to matter per connection.
 _STREAM_BUFFER_BYTES = 256 * 1024
+# Bytes of a non-protocol answer to HELLO quoted in the error: enough to
+# recognise "HTTP/1.1 400 Bad Request" or an SSH banner.
+_ANSWER_QUOTED_BYTES = 48
 # The frame's length prefix (protocol.py: 4 bytes, big-endian).
 _FRAME_PREFIX_BYTES = 4
 # A server over its max_connections logs one line per this many seconds at
@@ -64,7 +67,8 @@ class Connection:
 
     def __init__(self, address: tuple[str, int], role: str, timeout_s: float,
                  security: Security | None = None, *, secret: bytes | None = None,
-                 ssl_context: ssl.SSLContext | None = None):
+                 ssl_context: ssl.SSLContext | None = None, handshake_timeout_s: float | None = None,
+                 expect_server_id: str | None = None):
         """Connect, (TLS,) HELLO, and authenticate when the server asks to.
 
         ``security`` bundles the shared secret and the client TLS context;
@@ -72,6 +76,15 @@ class Connection:
         the server rejects our secret, if it asks for one we lack, if it
         cannot prove it knows ours, or if we hold a secret and it asks for
         none (it might be an impostor collecting our data).
+
+        ``handshake_timeout_s`` (default ``timeout_s``) bounds connecting
+        and the handshake; ``timeout_s`` then bounds each read or write.  A
+        caller that may wait long for a reply (a writer queued behind a
+        lock) still learns within the short bound that the peer is not a
+        backup server at all.  A peer that answers HELLO with anything but a
+        handshake frame, or (``expect_server_id``) with another server id,
+        raises Unavailable "HOST:PORT is not a backup ... (it answered ...)";
+        one that answers nothing raises Timeout saying so.
         """
         security = security or NO_SECURITY
         secret = secret if secret is not None else security.secret
@@ -79,8 +92,10 @@ class Connection:
         self.address = address
         self.broken = False
         where = format_address(address)
+        if handshake_timeout_s is None:
+            handshake_timeout_s = timeout_s
         try:
-            self.sock = socket.create_connection(address, timeout=timeout_s)
+            self.sock = socket.create_connection(address, timeout=handshake_timeout_s)
         except socket.timeout:
             raise protocol.Timeout(f"timed out connecting to {where}") from None
         except OSError as exc:
@@ -102,12 +117,51 @@ class Connection:
         self.rfile = self.sock.makefile("rb", buffering=_STREAM_BUFFER_BYTES)
         self.wfile = self.sock.makefile("wb", buffering=_STREAM_BUFFER_BYTES)
         try:
-            reply = self.request(protocol.Hello(version=protocol.PROTOCOL_VERSION, role=role), protocol.HelloOk)
+            reply = self._hello(role, handshake_timeout_s, expect_server_id)
             self._authenticate(reply, role, secret)
+            self.sock.settimeout(timeout_s)
         except BaseException:
             self.close()
             raise
         self.peer_id = reply.server_id
+
+    def _hello(self, role: str, timeout_s: float, expect_server_id: str | None) -> protocol.HelloOk:
+        """Send HELLO and read HELLO_OK, telling a peer that is no backup server apart.
+
+        The reply is read with the server-side handshake limits (a small
+        header, no body), so an HTTP server's "HTTP" read as a length asks
+        for nothing; what the peer sent is quoted in the error instead.
+        """
+        where = format_address(self.address)
+        kind = "backup storage node" if role == "master" else "backup master"
+        self.send(protocol.Hello(version=protocol.PROTOCOL_VERSION, role=role))
+        try:
+            answer = self.rfile.peek(_ANSWER_QUOTED_BYTES)[:_ANSWER_QUOTED_BYTES]
+            if not answer:
+                raise protocol.Unavailable(f"{where} is not a {kind} (it closed the connection without answering)")
+            msg = protocol.read_message(self.rfile, max_header_bytes=protocol.MAX_HANDSHAKE_HEADER_BYTES,
+                                        max_body_bytes=0)
+        except socket.timeout:
+            self.broken = True
+            raise protocol.Timeout(f"{where} accepted the connection but answered nothing within "
+                                   f"{timeout_s:g} s: it is not a {kind}, or it is hung") from None
+        except RemoteProtocolError:
+            self.broken = True
+            text = bytes(answer).decode("ascii", "backslashreplace")
+            raise protocol.Unavailable(f"{where} is not a {kind} (it answered {text!r})") from None
+        except OSError as exc:
+            self.broken = True
+            raise protocol.Unavailable(f"lost connection to {where}: {exc}") from None
+        if isinstance(msg, protocol.Error):
+            raise protocol.error_from_code(msg.code, msg.message)
+        if not isinstance(msg, protocol.HelloOk):
+            self.broken = True
+            raise protocol.Unavailable(f"{where} is not a {kind} (it answered {msg.OP} to HELLO)")
+        if expect_server_id is not None and msg.server_id != expect_server_id:
+            self.broken = True
+            raise protocol.Unavailable(f"{where} is not a {kind} (it answered as {msg.server_id[:64]!r}, "
+                                       f"not {expect_server_id!r}: a storage node's address?)")
+        return msg
 
     def _authenticate(self, hello_ok: protocol.HelloOk, role: str, secret: bytes | None) -> None:
         where = format_address(self.address)
