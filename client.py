@@ -81,6 +81,18 @@ class LocalFileError(Exception):
     """A problem with a file on this machine (missing, unreadable, unwritable)."""
 
 
+class UnsafeDestination(LocalFileError):
+    """A download target that must not be replaced: a symlink, device, FIFO, socket or directory.
+
+    Its own exit status (EXIT_USAGE): ``--force`` does not help, the user
+    has to give another path.
+    """
+
+
+class UsageError(Exception):
+    """Arguments that parse but make no sense together (exit EXIT_USAGE)."""
+
+
 @dataclass
 class TreeSummary:
     """Outcome of a directory upload or restore."""
@@ -102,7 +114,7 @@ class TreeSummary:
 
     def line(self, verb: str) -> str:
         elapsed = max(time.monotonic() - self.started, 1e-6)
-        return (f"{verb} {self.files} files, {human_bytes(self.bytes)} in {elapsed:.2f} s "
+        return (f"{verb} {plural(self.files, 'file')}, {human_bytes(self.bytes)} in {elapsed:.2f} s "
                 f"({self.files / elapsed:.0f} files/s, {human_bytes(self.bytes / elapsed)}/s); "
                 f"{len(self.failures)} failed, {self.skipped} skipped")
 
@@ -130,17 +142,6 @@ def walk_tree(root: str):
                 yield path, relative, "special file"
 
 
-def safe_join(directory: str, relative: str) -> str:
-    """``directory/relative``, refusing anything that would land outside it."""
-    parts = [p for p in relative.split("/") if p not in ("", ".")]
-    if not parts or any(p == ".." for p in parts) or relative.startswith("/"):
-        raise LocalFileError(f"refusing to restore {relative!r}: it would land outside {directory}")
-    path = os.path.join(os.path.abspath(directory), *parts)
-    if os.path.commonpath([path, os.path.abspath(directory)]) != os.path.abspath(directory):
-        raise LocalFileError(f"refusing to restore {relative!r}: it would land outside {directory}")
-    return path
-
-
 def local_base_name(name: str) -> str:
     """The last component of a stored name, as a file name in the current directory.
 
@@ -154,10 +155,117 @@ def local_base_name(name: str) -> str:
     return base
 
 
+def file_kind(mode: int) -> str:
+    """What ``stat`` says a path is, in words for an error message."""
+    for test, kind in ((stat.S_ISREG, "regular file"), (stat.S_ISDIR, "directory"), (stat.S_ISLNK, "symlink"),
+                       (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return kind
+    return "special file"
+
+
 def check_destination(path: str, force: bool) -> None:
-    """Refuse to replace an existing local file unless ``force``."""
-    if path != "-" and not force and os.path.lexists(path):
+    """Refuse a download target that exists, unless it is a regular file and ``force``.
+
+    A download replaces its target by renaming a temporary file over it, so
+    whatever sits there is gone: ``--force`` may do that to a regular file
+    only.  A symlink (even one to a regular file: renaming would replace the
+    link, not write through it), a directory, FIFO, socket or device raises
+    UnsafeDestination whatever ``force`` says; ``-`` is the way to write to
+    standard output.  Called before the download and again just before the
+    rename, so a target that appeared meanwhile is not replaced either.
+    """
+    if path == "-":
+        return
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise LocalFileError(f"cannot check {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise UnsafeDestination(f"refusing to replace {path}: it is a {file_kind(mode)}, and --force replaces "
+                                f"regular files only (give - to write to standard output)")
+    if not force:
         raise LocalFileError(f"{path} exists; use --force to overwrite it")
+
+
+def name_max(directory: str) -> int:
+    """Longest file name (bytes) the file system of ``directory`` (or its nearest existing parent) takes."""
+    directory = os.path.abspath(directory)
+    while True:
+        try:
+            return os.pathconf(directory, "PC_NAME_MAX")
+        except (OSError, ValueError):
+            parent = os.path.dirname(directory)
+            if parent == directory:
+                return _DEFAULT_NAME_MAX
+            directory = parent
+
+
+# NAME_MAX of Linux and most other systems, when pathconf cannot tell.
+_DEFAULT_NAME_MAX = 255
+# A temporary file is ".BASE.XXXXXXXX.part": two dots, mkstemp's 8 random
+# characters and the suffix come on top of (a cut of) the target's name.
+_TEMP_SUFFIX = ".part"
+_TEMP_EXTRA_BYTES = 2 + 8 + len(_TEMP_SUFFIX)
+
+
+def open_temp_beside(destination: str) -> tuple[int, str]:
+    """A new private temporary file in ``destination``'s directory: (fd, path).
+
+    Named after the target so a leftover is recognisable, but the target's
+    name is cut (at a character boundary) so the temporary name fits the
+    file system's NAME_MAX however long the target's name is: a 255-byte
+    name must be restorable.  Raises LocalFileError.
+    """
+    directory = os.path.dirname(os.path.abspath(destination))
+    base = os.fsencode(os.path.basename(destination))
+    keep = max(0, name_max(directory) - _TEMP_EXTRA_BYTES)
+    if len(base) > keep:
+        while keep and (base[keep] & 0xC0) == 0x80:  # not inside a UTF-8 sequence
+            keep -= 1
+        base = base[:keep]
+    try:
+        return tempfile.mkstemp(dir=directory, prefix="." + os.fsdecode(base) + ".", suffix=_TEMP_SUFFIX)
+    except OSError as exc:
+        raise LocalFileError(f"cannot write in {directory}: {exc.strerror}") from None
+
+
+def make_parents(root: str, path: str) -> None:
+    """Create the directories between ``root`` and ``path``'s parent, never through a link.
+
+    A tree restore writes only below ``root``: an existing symlink on the
+    way (which could point anywhere) is refused, not followed, and so is a
+    file where a directory is needed.  Raises LocalFileError naming it.
+    """
+    current = os.path.abspath(root)
+    relative = os.path.relpath(os.path.dirname(path), current)
+    if relative == ".":
+        return
+    for part in relative.split(os.sep):
+        current = os.path.join(current, part)
+        try:
+            mode = os.lstat(current).st_mode
+        except FileNotFoundError:
+            try:
+                os.mkdir(current)
+                continue
+            except FileExistsError:  # created meanwhile: look again
+                mode = os.lstat(current).st_mode
+            except OSError as exc:
+                raise LocalFileError(f"cannot create directory {current}: {exc.strerror}") from None
+        except OSError as exc:
+            raise LocalFileError(f"cannot check {current}: {exc.strerror}") from None
+        if not stat.S_ISDIR(mode):
+            raise LocalFileError(f"{current} is a {file_kind(mode)}, not a directory; a restore does not "
+                                 f"follow links or replace files on the way")
+
+
+def plural(count: int, word: str) -> str:
+    """"1 file", "2 files"."""
+    return f"{count} {word}{'' if count == 1 else 's'}"
 
 
 class Progress:
@@ -214,15 +322,21 @@ class _FrameSink:
 
     ``free_buffer()`` hands out a buffer to receive the next frame into;
     ``put()`` queues its body; ``close()`` drains the queue and re-raises a
-    write error.  Three buffers rotate, so memory is three frames.
+    write error.  Three buffers rotate, so memory is three frames.  With
+    ``keep_going`` a write error does not stop the caller from receiving:
+    later frames are dropped and the error comes from ``close()``, so the
+    reply is read to its end and the connection stays in step (a directory
+    restore then goes on with the next file).
     """
 
     _BUFFERS = 3
 
-    def __init__(self, out, sha, progress: Progress, threaded: bool, first_buffer: bytearray):
+    def __init__(self, out, sha, progress: Progress, threaded: bool, first_buffer: bytearray,
+                 keep_going: bool = False):
         self.out = out
         self.sha = sha
         self.progress = progress
+        self.keep_going = keep_going
         self.error: BaseException | None = None
         self._free: queue.Queue = queue.Queue()
         self._free.put(first_buffer)
@@ -235,7 +349,7 @@ class _FrameSink:
             self._thread.start()
 
     def free_buffer(self) -> bytearray:
-        if self.error is not None:
+        if self.error is not None and not self.keep_going:
             raise self.error
         return self._free.get()
 
@@ -247,13 +361,20 @@ class _FrameSink:
             self._work.put((buffer, body))
 
     def _consume(self, body) -> None:
-        if self.sha is not None:
-            self.sha.update(body)
+        if self.error is not None:
+            return
         try:
-            self.out.write(body)
-        except OSError as exc:
-            raise LocalFileError(f"cannot write: {exc.strerror}") from None
-        self.progress.advance(len(body))
+            if self.sha is not None:
+                self.sha.update(body)
+            try:
+                self.out.write(body)
+            except OSError as exc:
+                raise LocalFileError(f"cannot write: {exc.strerror}") from None
+            self.progress.advance(len(body))
+        except BaseException as exc:
+            self.error = exc
+            if self._thread is None and not self.keep_going:
+                raise
 
     def _run(self) -> None:
         while True:
@@ -261,11 +382,7 @@ class _FrameSink:
             if item is None:
                 return
             buffer, body = item
-            try:
-                if self.error is None:
-                    self._consume(body)
-            except BaseException as exc:
-                self.error = exc
+            self._consume(body)
             self._free.put(buffer)
 
     def close(self) -> None:
@@ -276,14 +393,31 @@ class _FrameSink:
             raise self.error
 
 
+class _Discard:
+    """A writable that keeps nothing: the sink of a reply nobody needs."""
+
+    def write(self, data) -> int:
+        return len(data)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 class Client:
     """A session with the master: one connection, opened on first use."""
 
     def __init__(self, master: tuple[str, int], timeout_s: float, frame_bytes: int, show_progress: bool,
-                 security: transport.Security | None = None):
+                 security: transport.Security | None = None, handshake_timeout_s: float | None = None):
         self.master = master
         self.security = security  # shared secret and TLS (security.py); None = neither
         self.timeout_s = timeout_s
+        # Connecting and HELLO must succeed within this (io_timeout_s from
+        # the CLI), even when timeout_s allows a long wait for a lock.
+        self.handshake_timeout_s = handshake_timeout_s
         self.frame_bytes = frame_bytes
         self.show_progress = show_progress
         self._conn: transport.Connection | None = None
@@ -292,10 +426,17 @@ class Client:
     @property
     def conn(self) -> transport.Connection:
         if self._conn is None:
-            logger.debug("connecting to master %s (timeout %g s)", transport.format_address(self.master),
-                         self.timeout_s)
-            self._conn = transport.Connection(self.master, "client", self.timeout_s, self.security)
+            logger.debug("connecting to master %s (timeout %g s, handshake %s s)", transport.format_address(self.master),
+                         self.timeout_s, self.handshake_timeout_s or self.timeout_s)
+            self._conn = transport.Connection(self.master, "client", self.timeout_s, self.security,
+                                              handshake_timeout_s=self.handshake_timeout_s,
+                                              expect_server_id="master")
         return self._conn
+
+    @property
+    def in_step(self) -> bool:
+        """True unless the connection broke mid-reply (a later request would read garbage)."""
+        return self._conn is None or not self._conn.broken
 
     def close(self) -> None:
         if self._conn is not None:
@@ -312,7 +453,7 @@ class Client:
         for another writer of the name (0 = not at all, negative = the
         master's default).  Returns the master's UPLOADED.
         """
-        protocol.validate_name(name)
+        protocol.validate_name(name, storing=True)
         try:
             f = sys.stdin.buffer if path == "-" else open(path, "rb")
         except OSError as exc:
@@ -360,41 +501,59 @@ class Client:
 
         A whole-file download is checked against the SHA-256 recorded at
         upload; on any failure the destination is left untouched.  An
-        existing destination is replaced only with ``force``.
+        existing destination is replaced only with ``force``, and only if it
+        is a regular file (``check_destination``).
         """
         protocol.validate_name(name)
+        if offset < 0:
+            raise protocol.InvalidRange(f"offset {offset} is negative")
+        if length < -1:  # -1 alone means "to the end"
+            raise protocol.InvalidRange(f"length {length} is negative")
         check_destination(destination, force)
-        self.conn.send(protocol.Download(name=name, offset=offset, length=length))
-        return self._receive_to(name, destination)
-
-    def _receive_to(self, name: str, destination: str) -> protocol.FileInfo:
-        """Read one download reply into ``destination`` via a temporary file."""
         if destination == "-":
+            self.conn.send(protocol.Download(name=name, offset=offset, length=length))
             return self._receive(name, sys.stdout.buffer)
-        directory = os.path.dirname(os.path.abspath(destination))
+        fd, temp_path = open_temp_beside(destination)  # before asking: a local failure costs no transfer
         try:
-            fd, temp_path = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(destination) + ".",
-                                             suffix=".part")
-        except OSError as exc:
-            raise LocalFileError(f"cannot write in {directory}: {exc.strerror}") from None
-        try:
-            with os.fdopen(fd, "wb") as out:
-                info = self._receive(name, out)
-            os.replace(temp_path, destination)
+            self.conn.send(protocol.Download(name=name, offset=offset, length=length))
         except BaseException:
+            os.close(fd)
+            _unlink_quietly(temp_path)
+            raise
+        return self._receive_into(name, fd, temp_path, destination, force)
+
+    def _receive_into(self, name: str, fd: int, temp_path: str, destination: str, force: bool,
+                      keep_going: bool = False) -> protocol.FileInfo:
+        """Read one download reply into the temporary file ``fd`` and rename it to ``destination``.
+
+        The rename happens only if every byte arrived and verified; before
+        it, ``check_destination`` looks at the target once more.  On any
+        failure the temporary file is removed and the target left as it was.
+        """
+        try:
             try:
-                os.unlink(temp_path)
-            except OSError:
-                pass
+                with os.fdopen(fd, "wb") as out:
+                    info = self._receive(name, out, keep_going)
+            except OSError as exc:  # the final flush or close of the file
+                raise LocalFileError(f"cannot write {destination}: {exc.strerror}") from None
+            check_destination(destination, force)
+            try:
+                os.replace(temp_path, destination)
+            except OSError as exc:
+                raise LocalFileError(f"cannot write {destination}: {exc.strerror}") from None
+        except BaseException:
+            _unlink_quietly(temp_path)
             raise
         return info
 
-    def _receive(self, name: str, out) -> protocol.FileInfo:
+    def _receive(self, name: str, out, keep_going: bool = False) -> protocol.FileInfo:
         """Read one download reply (FILE_INFO, DATA..., DATA_END) into ``out``.
 
         The socket is read in this thread while a second one hashes and
         writes the previous frame (hashlib and file writes release the GIL),
         so receiving never waits for the disk.  Small files skip the thread.
+        ``keep_going``: a local write error is raised only once the whole
+        reply has been read (see _FrameSink), so the connection stays usable.
         """
         conn = self.conn
         info = conn.expect(protocol.FileInfo)
@@ -402,13 +561,16 @@ class Client:
         sha = hashlib.sha256() if whole_file else None
         progress = Progress(f"download {name}", info.length,
                             self.show_progress and out is not sys.stdout.buffer and info.length >= self.frame_bytes)
-        sink = _FrameSink(out, sha, progress, threaded=info.length > self.frame_bytes, first_buffer=self._buffer())
+        sink = _FrameSink(out, sha, progress, threaded=info.length > self.frame_bytes, first_buffer=self._buffer(),
+                          keep_going=keep_going)
         received = 0
         try:
             while True:
                 buffer = sink.free_buffer()
                 msg = conn.recv(buffer)
                 if not isinstance(msg, protocol.Data):
+                    if msg is None:
+                        conn.broken = True
                     protocol.expect(msg, protocol.DataEnd)
                     break
                 received += len(msg.body)
@@ -433,21 +595,37 @@ class Client:
     def download_tree(self, prefix: str, directory: str, force: bool = False, report=None) -> TreeSummary:
         """Restore every file whose name starts with ``prefix`` under ``directory``.
 
-        Names map to paths below ``directory`` with the prefix removed; a name
-        that would land outside it (``..``, absolute) is refused, never
-        followed.  Requests are pipelined DOWNLOAD_WINDOW deep.
+        Names map to paths below ``directory`` with the prefix removed.  Every
+        file that can be restored is; each one that cannot is named with the
+        reason (``report`` and the summary's failures) and the rest go on:
+        a name that is no relative path (``..``, ``//``, trailing ``/``,
+        stored before the master refused such names), a component longer
+        than the file system allows, a name that is both a file and a
+        directory (``a`` and ``a/b``: the file wins), a target that exists
+        (without ``force``) or is no regular file, a symlink or file on the
+        way, a write error, a file lost or deleted on the cluster.  Only a
+        broken connection stops the restore.  Requests are pipelined
+        DOWNLOAD_WINDOW deep.
         """
         summary = TreeSummary()
+        root = os.path.abspath(directory)
+        try:
+            os.makedirs(root, exist_ok=True)
+        except OSError as exc:
+            raise LocalFileError(f"cannot create {directory}: {exc.strerror}") from None
+        longest = name_max(root)
         todo = []
-        for entry in self.list(prefix):
-            relative = entry["name"][len(prefix):].lstrip("/")
+        files: set[str] = set()  # relative paths restored as files so far
+        for entry in sorted(self.list(prefix), key=lambda e: e["name"]):
+            name = entry["name"]
             try:
-                path = safe_join(directory, relative or os.path.basename(entry["name"]))
+                path = self._tree_path(root, name, prefix, files, longest)
                 check_destination(path, force)
             except LocalFileError as exc:
-                summary.fail(entry["name"], str(exc), report)
+                summary.fail(name, str(exc), report)
                 continue
-            todo.append((entry["name"], path))
+            files.add(path)
+            todo.append((name, path))
         sent = 0
         conn = self.conn
         for position, (name, path) in enumerate(todo):
@@ -456,18 +634,53 @@ class Client:
                 sent += 1
             conn.flush()
             try:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-            except OSError as exc:
-                raise LocalFileError(f"cannot create {os.path.dirname(path)}: {exc.strerror}") from None
+                make_parents(root, path)
+                fd, temp_path = open_temp_beside(path)
+            except LocalFileError as exc:
+                summary.fail(name, str(exc), report)
+                self._skip_reply(name)  # already requested: read it so the next reply lines up
+                continue
             try:
-                info = self._receive_to(name, path)
+                info = self._receive_into(name, fd, temp_path, path, force, keep_going=True)
+            except LocalFileError as exc:
+                summary.fail(name, str(exc), report)
+                continue
             except (protocol.FileNotFound, protocol.DataLost, protocol.Unavailable, protocol.ChecksumMismatch) as exc:
                 summary.fail(name, f"{exc.code}: {exc.message}", report)
-                if self._conn is None or self._conn.broken:
+                if not self.in_step:
                     raise
                 continue
             summary.ok(info.length)
         return summary
+
+    @staticmethod
+    def _tree_path(root: str, name: str, prefix: str, files: set, longest: int) -> str:
+        """Where ``name`` goes below ``root`` in a restore of ``prefix``; LocalFileError if nowhere."""
+        relative = name[len(prefix):]
+        problem = protocol.path_problem(relative)
+        if problem:
+            raise LocalFileError(f"not restored: the part after {prefix!r}, {relative!r}, {problem}, so it has no "
+                                 f"place below {root} (download it alone to a path of your choice)")
+        parts = relative.split("/")
+        for part in parts:
+            if len(os.fsencode(part)) > longest:
+                raise LocalFileError(f"not restored: a path component is {len(os.fsencode(part))} bytes, more than "
+                                     f"this file system allows ({longest}) (download it alone under a shorter name)")
+        path = os.path.join(root, *parts)
+        for end in range(1, len(parts)):
+            above = os.path.join(root, *parts[:end])
+            if above in files:
+                raise LocalFileError(f"not restored: {prefix}{'/'.join(parts[:end])} is a file too, so it cannot "
+                                     f"also be a directory (download it alone to a path of your choice)")
+        return path
+
+    def _skip_reply(self, name: str) -> None:
+        """Read one download reply and drop it; raise only if the connection broke."""
+        try:
+            self._receive(name, _Discard())
+        except protocol.BackupError:
+            if not self.in_step:
+                raise
 
     # --- directories -----------------------------------------------------------------
     def upload_tree(self, root: str, prefix: str, report=None) -> TreeSummary:
@@ -477,8 +690,10 @@ class Client:
         while a receiver thread collects the replies, and the master commits
         them in groups (``group=True``), so thousands of small files cost a
         few fsyncs, not thousands.  Symlinks and special files are skipped
-        with a note.
+        with a note.  A ``prefix`` that is no valid name (after dropping a
+        trailing ``/``) raises InvalidName before anything is sent.
         """
+        prefix = protocol.validate_name(prefix.rstrip("/"), storing=True)
         summary = TreeSummary()
         files = []
         for path, relative, kind in walk_tree(root):
@@ -487,7 +702,7 @@ class Client:
                     report(f"skipped {kind} {path}")
                 summary.skipped += 1
                 continue
-            files.append((path, prefix.rstrip("/") + "/" + relative))
+            files.append((path, prefix + "/" + relative))
         conn = self.conn
         in_flight: deque = deque()
         failed_tags: set[int] = set()
@@ -519,7 +734,7 @@ class Client:
                 if receiver_error:
                     break
                 try:
-                    protocol.validate_name(name)
+                    protocol.validate_name(name, storing=True)
                     f = open(path, "rb")
                 except (OSError, protocol.InvalidName) as exc:
                     summary.fail(name, str(exc), report)
@@ -557,7 +772,8 @@ class Client:
         self.conn.request(protocol.Delete(name=protocol.validate_name(name), wait_s=wait_s), protocol.Deleted)
 
     def touch(self, name: str, wait_s: float = -1.0) -> protocol.Touched:
-        return self.conn.request(protocol.Touch(name=protocol.validate_name(name), wait_s=wait_s), protocol.Touched)
+        return self.conn.request(protocol.Touch(name=protocol.validate_name(name, storing=True), wait_s=wait_s),
+                                 protocol.Touched)
 
     def stat(self, name: str) -> protocol.StatReply:
         return self.conn.request(protocol.Stat(name=protocol.validate_name(name)), protocol.StatReply)
@@ -585,10 +801,15 @@ def format_time(timestamp: float) -> str:
 
 
 def cmd_upload(client: Client, args) -> int:
-    if not os.path.exists(args.local):
+    if args.local == "-":
+        if args.name is None:
+            raise UsageError("upload - (standard input) needs the NAME to store it under")
+        name = args.name
+    elif not os.path.exists(args.local):
         raise LocalFileError(f"{args.local}: no such file or directory")
-    name = args.name if args.name is not None else os.path.basename(os.path.abspath(args.local))
-    if os.path.isdir(args.local):
+    else:
+        name = args.name if args.name is not None else os.path.basename(os.path.abspath(args.local))
+    if args.local != "-" and os.path.isdir(args.local):
         summary = client.upload_tree(args.local, name, report=note)
         if not args.quiet:
             print(summary.line("uploaded"))
@@ -597,13 +818,18 @@ def cmd_upload(client: Client, args) -> int:
     reply = client.upload_file(args.local, name, wait_s=wait_seconds(args))
     elapsed = time.monotonic() - started
     if not args.quiet:
-        print(f"uploaded {reply.name}: {reply.size} bytes, {reply.chunks} chunks "
+        print(f"uploaded {reply.name}: {plural(reply.size, 'byte')}, {plural(reply.chunks, 'chunk')} "
               f"in {elapsed:.2f} s ({human_bytes(reply.size / max(elapsed, 1e-6))}/s), sha256 {reply.sha256}")
     return EXIT_OK
 
 
 def cmd_download(client: Client, args) -> int:
     if args.name.endswith("/"):
+        if args.local == "-":
+            raise UsageError(f"{args.name} is a tree of files: they cannot go to standard output; "
+                             f"give a directory to restore them into")
+        if args.offset is not None or args.length is not None:
+            raise UsageError("--offset and --length apply to one file, not to a tree")
         base = args.name.rstrip("/").rpartition("/")[2]
         directory = args.local or (base if base not in ("", ".", "..") else ".")  # never above the cwd
         summary = client.download_tree(args.name, directory, force=args.force, report=note)
@@ -612,16 +838,41 @@ def cmd_download(client: Client, args) -> int:
         if not summary.files and not summary.failures:
             raise protocol.FileNotFound(f"no file named {args.name}...")
         return EXIT_PARTIAL if summary.failures else EXIT_OK
+    offset, length = byte_range(args)
     destination = args.local or local_base_name(args.name)
-    if destination != "-" and os.path.isdir(destination):
+    if destination != "-" and os.path.isdir(destination) and not os.path.islink(destination):
         destination = os.path.join(destination, local_base_name(args.name))
     started = time.monotonic()
-    info = client.download(args.name, destination, args.offset, args.length, force=args.force)
+    try:
+        info = client.download(args.name, destination, offset, length, force=args.force)
+    except protocol.FileNotFound as exc:
+        raise with_tree_hint(client, args.name, exc) from None
     elapsed = time.monotonic() - started
     if not args.quiet and destination != "-":
-        print(f"downloaded {info.name} to {destination}: {info.length} bytes in {elapsed:.2f} s "
+        print(f"downloaded {info.name} to {destination}: {plural(info.length, 'byte')} in {elapsed:.2f} s "
               f"({human_bytes(info.length / max(elapsed, 1e-6))}/s)")
     return EXIT_OK
+
+
+def byte_range(args) -> tuple[int, int]:
+    """(offset, length) of --offset/--length; -1 = to the end.  Negative values are INVALID_RANGE."""
+    offset = 0 if args.offset is None else args.offset
+    if offset < 0:
+        raise protocol.InvalidRange(f"--offset {offset} is negative")
+    if args.length is not None and args.length < 0:
+        raise protocol.InvalidRange(f"--length {args.length} is negative")
+    return offset, -1 if args.length is None else args.length
+
+
+def with_tree_hint(client: Client, name: str, exc: protocol.FileNotFound) -> protocol.FileNotFound:
+    """``exc``, plus a hint when files are stored below ``name/`` (the user meant the tree)."""
+    if not client.in_step:
+        return exc
+    below = len(client.list(name + "/"))
+    if not below:
+        return exc
+    return protocol.FileNotFound(f"{exc.message}, but {plural(below, 'file')} {'is' if below == 1 else 'are'} "
+                                 f"stored under {name}/: to restore them, run: download {name}/ [DIR]")
 
 
 def note(text: str) -> None:
@@ -640,26 +891,31 @@ def wait_seconds(args) -> float:
 def cmd_append(client: Client, args) -> int:
     reply = client.upload_file(args.local, args.name, mode="append", wait_s=wait_seconds(args))
     if not args.quiet:
-        print(f"appended to {reply.name}: now {reply.size} bytes, {reply.chunks} chunks, sha256 {reply.sha256}")
+        print(f"appended to {reply.name}: now {plural(reply.size, 'byte')}, {plural(reply.chunks, 'chunk')}, "
+              f"sha256 {reply.sha256}")
     return EXIT_OK
 
 
 def cmd_write(client: Client, args) -> int:
     reply = client.upload_file(args.local, args.name, mode="write", offset=args.offset, wait_s=wait_seconds(args))
     if not args.quiet:
-        print(f"wrote {reply.name} at offset {args.offset}: now {reply.size} bytes, sha256 {reply.sha256}")
+        print(f"wrote {reply.name} at offset {args.offset}: now {plural(reply.size, 'byte')}, sha256 {reply.sha256}")
     return EXIT_OK
 
 
 def cmd_cat(client: Client, args) -> int:
-    client.download(args.name, "-", args.offset, args.length)
+    offset, length = byte_range(args)
+    try:
+        client.download(args.name, "-", offset, length)
+    except protocol.FileNotFound as exc:
+        raise with_tree_hint(client, args.name, exc) from None
     return EXIT_OK
 
 
 def cmd_touch(client: Client, args) -> int:
     reply = client.touch(args.name, wait_seconds(args))
     if not args.quiet:
-        print(f"touched {reply.name} ({reply.size} bytes)")
+        print(f"touched {reply.name} ({plural(reply.size, 'byte')})")
     return EXIT_OK
 
 
@@ -687,15 +943,38 @@ def cmd_locks(client: Client, args) -> int:
     return EXIT_OK
 
 
+# Errors that concern one name: deleting the next one still makes sense.
+_PER_NAME_ERRORS = (protocol.FileNotFound, protocol.FileLocked, protocol.InvalidName)
+
+
 def cmd_delete(client: Client, args) -> int:
-    client.delete(args.name, wait_seconds(args))
-    if not args.quiet:
-        print(f"deleted {args.name}")
-    return EXIT_OK
+    """Delete each name in turn; one that fails is named and the rest still go.
+
+    Exit status: that of the first failure, else EXIT_OK.  An error that is
+    not about the name (master unreachable, ...) stops at once.
+    """
+    status = EXIT_OK
+    for name in args.names:
+        try:
+            client.delete(name, wait_seconds(args))
+        except _PER_NAME_ERRORS as exc:
+            print(f"client: {exc.code}: {exc.message}", file=sys.stderr)
+            status = status or EXIT_CODES[exc.code]
+            continue
+        if not args.quiet:
+            print(f"deleted {name}")
+    return status
 
 
 def cmd_list(client: Client, args) -> int:
-    for entry in client.list(args.prefix):
+    prefix = args.prefix
+    entries = client.list(prefix)
+    if prefix and not prefix.endswith("/"):
+        # Whole path components: "a" is the file a and the files below a/, not "ab".
+        entries = [e for e in entries if e["name"] == prefix or e["name"].startswith(prefix + "/")]
+    if not args.quiet:
+        print(f"{'SIZE':>14} {'CHUNKS':>10}  {'MODIFIED':<19}  NAME")
+    for entry in entries:
         print(f"{entry['size']:>14} {entry['chunks']:>10}  {format_time(entry['mtime'])}  {entry['name']}")
     return EXIT_OK
 
@@ -712,7 +991,7 @@ def cmd_status(client: Client, args) -> int:
               f"{human_bytes(node['used_bytes']):>11} {node['chunks']:>10}")
     t = reply.totals
     print(f"nodes: {t['nodes_alive']}/{t['nodes']} alive; files: {t['files']} ({human_bytes(t['file_bytes'])}); "
-          f"stored: {human_bytes(t['used_bytes'])} in {t['chunks']} chunks; replication {t['replication']}")
+          f"stored: {human_bytes(t['used_bytes'])} in {plural(t['chunks'], 'chunk')}; replication {t['replication']}")
     print(f"under-replicated chunks: {t.get('under_replicated_chunks', 0)}; "
           f"repairs in progress: {t.get('repairs_pending', 0)}; "
           f"chunks re-replicated: {t.get('repaired_chunks', 0)}; "
@@ -739,64 +1018,162 @@ COMMANDS = {
     "list": cmd_list,
     "status": cmd_status,
 }
+# Commands that take a name's write lock, and so --wait / --no-wait.
+WRITERS = ("upload", "delete", "append", "write", "touch")
+
+# Environment variables the client reads; a flag beats them, they beat the config file.
+ENV_MASTER = "BACKUP_MASTER"
+ENV_SECRET_FILE = "BACKUP_SECRET_FILE"
+
+EPILOG = (f"Client options work before or after the command.  Environment: {ENV_MASTER}=HOST:PORT (as "
+          f"--master) and {ENV_SECRET_FILE}=PATH (as --secret-file); a flag overrides them, they override the "
+          f"config file.  'COMMAND --help' describes a command; the README lists the exit statuses.")
+
+
+class _OptionRecorder:
+    """Passes ``add_argument`` on to an argument group and remembers the actions it made."""
+
+    def __init__(self, group, actions: list | None = None):
+        self.group = group
+        self.actions = [] if actions is None else actions
+
+    def add_argument(self, *args, **kwargs):
+        action = self.group.add_argument(*args, **kwargs)
+        self.actions.append(action)
+        return action
+
+    def add_mutually_exclusive_group(self):
+        return _OptionRecorder(self.group.add_mutually_exclusive_group(), self.actions)
+
+
+def add_client_options(parser: argparse.ArgumentParser, writer: bool, top: bool) -> None:
+    """The options every command takes, before or after its name.
+
+    They are added to the top-level parser (with defaults) and to every
+    subcommand (``top`` False: default SUPPRESS, so an option given before
+    the command is not reset by the subcommand's parse).
+    """
+    group = _OptionRecorder(parser.add_argument_group("client options (before or after the command)"))
+    # Quiet by default: the CLI's own output is its report; DEBUG shows what it does.
+    config_module.add_common_flags(group, default_log_level="WARNING")
+    group.add_argument("--master", metavar="HOST:PORT",
+                       help=f"master address (default: ${ENV_MASTER}, else [client] master in the config)")
+    group.add_argument("--quiet", "-q", action="store_true",
+                       help="no progress bar, no summary lines, no list header")
+    group.add_argument("--timeout", type=float, metavar="S",
+                       help="seconds to wait for the master at any step (default: lock_wait_s + 3 x io_timeout_s)")
+    if writer:
+        waiting = group.add_mutually_exclusive_group()
+        waiting.add_argument("--wait", type=float, metavar="SECONDS",
+                             help="wait at most this long for another writer of the name (default: lock_wait_s)")
+        waiting.add_argument("--no-wait", action="store_true",
+                             help="fail at once with FILE_LOCKED if the name is busy")
+    if not top:
+        for action in group.actions:
+            action.default = argparse.SUPPRESS
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Back up, restore and manage files on a backup cluster.")
-    # Quiet by default: the CLI's own output is its report; DEBUG shows what it does.
-    config_module.add_common_flags(parser, default_log_level="WARNING")
-    parser.add_argument("--master", metavar="HOST:PORT", help="master address (default from config)")
-    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar, no summary lines")
-    parser.add_argument("--timeout", type=float, metavar="S",
-                        help="seconds to wait for the master at any step (default: lock_wait_s + 3 x io_timeout_s)")
-    commands = parser.add_subparsers(dest="command", required=True)
-    upload = commands.add_parser("upload", help="store a local file, or every file below a directory")
-    upload.add_argument("local", help="local file or directory")
-    upload.add_argument("name", nargs="?",
-                        help="name to store it under (default: base name); a directory's files go under NAME/")
-    download = commands.add_parser("download", help="restore a stored file, or every file under NAME/")
-    download.add_argument("name", help="stored name; ending in / restores every file with that prefix")
-    download.add_argument("local", nargs="?",
-                          help="local path, or - for stdout (default: base name of NAME); a directory for NAME/")
-    download.add_argument("--offset", type=int, default=0, help="first byte to read")
-    download.add_argument("--length", type=int, default=-1, help="bytes to read (default: to the end)")
-    download.add_argument("--force", action="store_true", help="overwrite existing local files")
-    delete = commands.add_parser("delete", help="delete a stored file")
-    delete.add_argument("name")
-    append = commands.add_parser("append", help="append local bytes (or stdin) to a stored file, creating it")
-    append.add_argument("name")
-    append.add_argument("local", help="local file, or - for stdin")
-    write = commands.add_parser("write", help="overwrite a byte range of a stored file in place")
-    write.add_argument("name")
-    write.add_argument("local", help="local file, or - for stdin")
-    write.add_argument("--offset", type=int, required=True, help="first byte to overwrite (<= size)")
-    cat = commands.add_parser("cat", help="print a stored file, or a byte range of it, to stdout")
-    cat.add_argument("name")
-    cat.add_argument("--offset", type=int, default=0, help="first byte to read")
-    cat.add_argument("--length", type=int, default=-1, help="bytes to read (default: to the end)")
-    touch = commands.add_parser("touch", help="create an empty file, or refresh a file's modified time")
-    touch.add_argument("name")
-    stat_cmd = commands.add_parser("stat", help="size, chunks, SHA-256, modified time, version, replicas")
-    stat_cmd.add_argument("name")
+    parser = argparse.ArgumentParser(
+        description="Back up, restore and manage files on a backup cluster.", epilog=EPILOG)
+    add_client_options(parser, writer=True, top=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=summary, description=description)
+
+    upload = command("upload", "store a local file, or every file below a directory",
+                     "Store LOCAL as NAME.  A directory's regular files are stored as NAME/relative/path over "
+                     "one connection (symlinks and special files are skipped with a note).  NAME must be a "
+                     "relative path of a file: no leading or trailing /, no empty, . or .. component.")
+    upload.add_argument("local", metavar="LOCAL", help="local file or directory, or - for standard input")
+    upload.add_argument("name", metavar="NAME", nargs="?",
+                        help="name to store it under (default: LOCAL's base name; required for -); "
+                             "a directory's files go under NAME/")
+    download = command("download", "restore a stored file, or every file under PREFIX/",
+                       "Restore NAME to LOCAL, or restore every file under PREFIX/ below directory DIR.  The "
+                       "data is written to a temporary file and renamed only once its SHA-256 matches.  An "
+                       "existing LOCAL is replaced only with --force, and only if it is a regular file.")
+    download.add_argument("name", metavar="NAME|PREFIX/",
+                          help="stored name; ending in / restores every file whose name starts with it")
+    download.add_argument("local", metavar="LOCAL|DIR", nargs="?",
+                          help="where to write: a file, - for standard output, or an existing directory "
+                               "(default: NAME's base name); for PREFIX/, the directory to restore into "
+                               "(default: PREFIX's last component)")
+    download.add_argument("--offset", type=int, help="first byte to read (default 0)")
+    download.add_argument("--length", type=int, help="bytes to read (default: to the end)")
+    download.add_argument("--force", action="store_true", help="replace existing local regular files")
+    delete = command("delete", "delete stored files",
+                     "Delete each NAME (space is reclaimed on the nodes in the background).  A name that "
+                     "fails is named on stderr and the others are still deleted.")
+    delete.add_argument("names", metavar="NAME", nargs="+", help="stored name")
+    append = command("append", "append local bytes (or stdin) to a stored file, creating it",
+                     "Append LOCAL (or standard input) to NAME; NAME is created if missing.")
+    append.add_argument("name", metavar="NAME", help="stored name")
+    append.add_argument("local", metavar="LOCAL", help="local file, or - for standard input")
+    write = command("write", "overwrite a byte range of a stored file in place",
+                    "Overwrite NAME from byte --offset with the bytes of LOCAL (or standard input); "
+                    "the file grows if they run past its end.")
+    write.add_argument("name", metavar="NAME", help="stored name")
+    write.add_argument("local", metavar="LOCAL", help="local file, or - for standard input")
+    write.add_argument("--offset", type=int, required=True, help="first byte to overwrite (0 <= offset <= size)")
+    cat = command("cat", "print a stored file, or a byte range of it, to stdout",
+                  "Print NAME, or LENGTH bytes of it from OFFSET, to standard output.  Only the chunks that "
+                  "cover the range are read.")
+    cat.add_argument("name", metavar="NAME", help="stored name")
+    cat.add_argument("--offset", type=int, help="first byte to read (default 0)")
+    cat.add_argument("--length", type=int, help="bytes to read (default: to the end)")
+    touch = command("touch", "create an empty file, or refresh a file's modified time",
+                    "Create NAME as an empty file if it does not exist, else give it a new modified time.")
+    touch.add_argument("name", metavar="NAME", help="stored name")
+    stat_cmd = command("stat", "size, chunks, SHA-256, modified time, version, replicas",
+                       "Show what the master knows of NAME: size, chunk count, SHA-256, modified time, "
+                       "version, and the nodes and blob of each run of chunks.")
+    stat_cmd.add_argument("name", metavar="NAME", help="stored name")
     stat_cmd.add_argument("--json", action="store_true", help="machine-readable output")
-    commands.add_parser("locks", help="list held write locks and their queues")
-    for writer in (upload, delete, append, write, touch):
-        waiting = writer.add_mutually_exclusive_group()
-        waiting.add_argument("--wait", type=float, metavar="SECONDS",
-                             help="wait at most this long for another writer of the name (default: lock_wait_s)")
-        waiting.add_argument("--no-wait", action="store_true", help="fail at once with FILE_LOCKED if the name is busy")
-    listing = commands.add_parser("list", help="list stored files: size, chunks, modified time, name")
-    listing.add_argument("prefix", nargs="?", default="")
-    commands.add_parser("status", help="show the storage nodes and totals")
+    locks = command("locks", "list held write locks and their queues",
+                    "List the write locks held now: the holder, since when, and the writers queued behind it.")
+    listing = command("list", "list stored files: size, chunks, modified time, name",
+                      "List stored files.  PREFIX matches whole path components: 'list a' shows the file a "
+                      "and the files below a/, not ab; 'list a/' only the files below a/.")
+    listing.add_argument("prefix", metavar="PREFIX", nargs="?", default="",
+                         help="a name, or the directory part of names (default: every file)")
+    status = command("status", "show the storage nodes and totals",
+                     "Show each storage node (id, address, alive or dead, last heard, bytes used, chunks) "
+                     "and the cluster's totals: under-replicated chunks, repairs, corrupt replicas, damaged files.")
+    for name, sub in (("upload", upload), ("download", download), ("delete", delete), ("append", append),
+                      ("write", write), ("cat", cat), ("touch", touch), ("stat", stat_cmd), ("locks", locks),
+                      ("list", listing), ("status", status)):
+        add_client_options(sub, writer=name in WRITERS, top=False)
     return parser
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse the command line; exits 2 (argparse's usage error) on nonsense."""
+    parser = build_arg_parser()
+    args = parser.parse_args(argv)
+    if args.wait is not None and args.no_wait:
+        parser.error("--wait and --no-wait cannot be used together")
+    if (args.wait is not None or args.no_wait) and args.command not in WRITERS:
+        parser.error(f"--wait and --no-wait apply to {', '.join(WRITERS)} only, not to {args.command}")
+    return args
+
+
 def main(argv=None) -> int:
-    args = build_arg_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
-        config = config_module.load_config(args.config, client_master=args.master,
-                                           **config_module.security_overrides(args))
-        master = config_module.parse_address(config.client_master, "master")
+        # The master address: flag, else environment, else config file; an
+        # error names where the bad value came from.
+        master_text, source = args.master, "--master"
+        if not master_text and os.environ.get(ENV_MASTER):
+            master_text, source = os.environ[ENV_MASTER], ENV_MASTER
+        if master_text:
+            config_module.parse_address(master_text, source)
+        overrides = config_module.security_overrides(args)
+        if not overrides.get("secret_file") and os.environ.get(ENV_SECRET_FILE):
+            overrides["secret_file"] = os.environ[ENV_SECRET_FILE]
+        config = config_module.load_config(args.config, client_master=master_text or None, **overrides)
+        master = config_module.parse_address(config.client_master, "[client] master")
         security = security_module.from_config(config)
     except ValueError as exc:
         print(f"client: bad configuration: {exc}", file=sys.stderr)
@@ -805,9 +1182,15 @@ def main(argv=None) -> int:
     # A writer may first wait up to lock_wait_s for another writer of the name.
     timeout_s = args.timeout or config.lock_wait_s + config.io_timeout_s * 3
     client = Client(master, timeout_s, config.batch_bytes, show_progress=not args.quiet and sys.stderr.isatty(),
-                    security=security)
+                    security=security, handshake_timeout_s=min(config.io_timeout_s, timeout_s))
     try:
         return COMMANDS[args.command](client, args)
+    except UsageError as exc:
+        print(f"client: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except UnsafeDestination as exc:
+        print(f"client: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except LocalFileError as exc:
         print(f"client: {exc}", file=sys.stderr)
         return EXIT_LOCAL_IO

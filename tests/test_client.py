@@ -1,0 +1,543 @@
+"""The command-line client: names, destinations, tree restores, options, and the README's examples.
+
+One cluster (a master with a shared secret and two nodes) serves the whole
+module: tests store under names of their own and never stop a process.
+Names an older master accepted and today's refuses (``t/../escape``) are
+put in the master's metadata before it starts (``conftest.seed_names``).
+The CLI runs as a subprocess, as a user runs it, and its exit status is
+checked; pure parts (temporary names, option parsing, help) run in-process.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import (FAST_MASTER, FAST_TIMING, ROOT, CliResult, SecureCluster, master_address, random_bytes,
+                      seed_names, sha256)
+
+import client as client_module
+import protocol
+import security as security_module
+import transport
+
+CLIENT = os.path.join(ROOT, "client.py")
+SECRET = b"0123456789abcdef0123456789abcdef-client-tests"
+# Stored straight into the metadata: today's master refuses this name at upload.
+ESCAPING_NAME = "t/../escape"
+
+
+# --- the shared cluster -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A master with a shared secret and two nodes; ESCAPING_NAME stored as an older master would."""
+    base = tmp_path_factory.mktemp("client-cluster")
+    secret_file = base / "secret"
+    secret_file.write_bytes(SECRET)
+    os.chmod(secret_file, 0o600)
+    c = SecureCluster(str(base / "cluster"), nodes=2, master_args=FAST_MASTER, node_args=FAST_TIMING,
+                      secret_file=str(secret_file), client_args=["--secret-file", str(secret_file)],
+                      client_security=security_module.Security(SECRET, None))
+    c.secret_file = str(secret_file)
+    seed_names(os.path.join(c.data_dir, "master"), [ESCAPING_NAME])
+    try:
+        c.start()
+        c.wait_nodes_alive(2)
+        yield c
+    finally:
+        c.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def run_client(*args, cwd, env=None, stdin: bytes | None = None, timeout_s: float = 60.0) -> CliResult:
+    """``python client.py ARGS`` as a user runs it; BACKUP_* variables only as given in ``env``."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("BACKUP_")}
+    full_env.update(env or {})
+    proc = subprocess.run([sys.executable, CLIENT, *args], input=stdin, capture_output=True, timeout=timeout_s,
+                          cwd=cwd, env=full_env)
+    return CliResult(proc)
+
+
+def cli(cluster, *args, cwd, stdin: bytes | None = None) -> CliResult:
+    """The CLI against the shared cluster, master and secret given as flags before the command."""
+    return run_client("--master", cluster.master_address, "--secret-file", cluster.secret_file, *args,
+                      cwd=cwd, stdin=stdin)
+
+
+def store(cluster, name: str, data: bytes, tmp_path) -> None:
+    """Store ``data`` as ``name`` through an in-process client (quicker than the CLI)."""
+    local = tmp_path / "store.tmp"
+    local.write_bytes(data)
+    c = cluster.client()
+    try:
+        c.upload_file(str(local), name)
+    finally:
+        c.close()
+        local.unlink()
+
+
+def stored_names(cluster) -> set[str]:
+    c = cluster.client()
+    try:
+        return {entry["name"] for entry in c.list()}
+    finally:
+        c.close()
+
+
+def raw_connection(cluster) -> transport.Connection:
+    return transport.Connection(master_address(cluster), "client", 10.0, secret=SECRET)
+
+
+def files_below(root) -> dict[str, bytes]:
+    """relative path -> content of every regular file below ``root``."""
+    found = {}
+    for directory, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(directory, name)
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                with open(path, "rb") as f:
+                    found[os.path.relpath(path, root)] = f.read()
+    return found
+
+
+# --- issue 9 defect 5: long base names ---------------------------------------------------------------
+def base_of(nbytes: int, letter: str) -> str:
+    """A file name of exactly ``nbytes`` UTF-8 bytes made of ``letter`` (1 or 2 bytes) and 'x' padding."""
+    width = len(letter.encode("utf-8"))
+    return letter * (nbytes // width) + "x" * (nbytes % width)
+
+
+LONG_BASES = {245: base_of(245, "a"), 250: base_of(250, "b"), 255: base_of(255, "é")}
+
+
+def test_names_with_245_to_255_byte_base_names_download(cluster, tmp_path):
+    """Base names of 245, 250 and 255 bytes (NAME_MAX) download to a file of that name, leaving no temp file."""
+    for nbytes, base in LONG_BASES.items():
+        store(cluster, f"long/{base}", f"{nbytes} bytes of name".encode(), tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    for nbytes, base in LONG_BASES.items():
+        result = cli(cluster, "download", f"long/{base}", cwd=out)
+        assert result.returncode == 0, f"{nbytes}-byte base name: {result}"
+    tree = cli(cluster, "download", "long/", str(tmp_path / "tree"), cwd=tmp_path)
+    assert tree.returncode == 0, tree
+    expected = {base: f"{nbytes} bytes of name".encode() for nbytes, base in LONG_BASES.items()}
+    assert files_below(out) == expected
+    assert files_below(tmp_path / "tree") == expected
+
+
+@pytest.mark.parametrize("letter", ["a", "é", "語"])
+def test_temporary_names_fit_name_max_whatever_the_target(tmp_path, letter):
+    """The temporary file beside a target of any name length fits NAME_MAX and cuts no character in two."""
+    limit = client_module.name_max(str(tmp_path))
+    for nbytes in (1, 100, limit - 16, limit - 15, limit - 14, limit - 1, limit):
+        target = tmp_path / base_of(nbytes, letter)
+        fd, temp_path = client_module.open_temp_beside(str(target))
+        os.close(fd)
+        temp_name = os.path.basename(temp_path)
+        os.unlink(temp_path)
+        assert len(os.fsencode(temp_name)) <= limit, (nbytes, temp_name)
+        assert temp_name.startswith("." + target.name[:8]) and temp_name.endswith(".part")
+        os.fsencode(temp_name).decode("utf-8")  # no UTF-8 sequence cut in two
+
+
+# --- issue 9 defect 6: a tree restore restores what it can ---------------------------------------------
+def test_tree_restore_restores_every_file_it_can_and_names_the_rest(cluster, tmp_path):
+    """Ten files restore beside '..', a 300-byte component and a file/directory clash; each refusal is named; exit 15."""
+    ordinary = {f"f{n}": random_bytes(9000 + n, 100 + n) for n in range(10)}
+    for relative, data in ordinary.items():
+        store(cluster, f"t/{relative}", data, tmp_path)
+    long_component = "c" * 300
+    for name, data in ((f"t/{long_component}", b"long"), ("t/dup", b"the file"), ("t/dup/inner", b"below it")):
+        store(cluster, name, data, tmp_path)
+    target = tmp_path / "restore"
+    result = cli(cluster, "download", "t/", str(target), cwd=tmp_path)
+    assert result.returncode == client_module.EXIT_PARTIAL, result
+    assert files_below(target) == {**ordinary, "dup": b"the file"}
+    refused = [line for line in result.stderr.splitlines() if line.startswith("client: failed ")]
+    for name, reason in ((ESCAPING_NAME, "'..' path component"), (f"t/{long_component}", "300 bytes"),
+                         ("t/dup/inner", "t/dup is a file too")):
+        assert any(line.startswith(f"client: failed {name}: ") and reason in line for line in refused), \
+            (name, result.stderr)
+    assert len(refused) == 3, result.stderr
+    assert not (tmp_path / "escape").exists()
+
+
+# --- issue 10 item 2: --force replaces regular files only ---------------------------------------------
+def special_files(directory) -> dict[str, str]:
+    """A FIFO, a socket, a symlink to a regular file and one to /dev/stdout in ``directory``: name -> kind."""
+    os.mkfifo(directory / "fifo")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(directory / "socket"))
+    listener.close()
+    (directory / "real").write_bytes(b"the link's target")
+    os.symlink("real", directory / "link")
+    os.symlink("/dev/stdout", directory / "stdout-link")
+    return {"fifo": "FIFO", "socket": "socket", "link": "symlink", "stdout-link": "symlink"}
+
+
+def test_force_refuses_to_replace_anything_but_a_regular_file(cluster, tmp_path):
+    """download --force onto a FIFO, socket or symlink exits 2 naming what it is, and leaves it in place."""
+    store(cluster, "special/data", b"new bytes", tmp_path)
+    kinds = special_files(tmp_path)
+    before = {name: os.lstat(tmp_path / name) for name in kinds}
+    for name, kind in kinds.items():
+        result = cli(cluster, "download", "special/data", name, "--force", cwd=tmp_path)
+        assert result.returncode == client_module.EXIT_USAGE and f"it is a {kind}" in result.stderr, (name, result)
+        after = os.lstat(tmp_path / name)
+        assert (after.st_ino, after.st_mode) == (before[name].st_ino, before[name].st_mode), name
+    assert (tmp_path / "real").read_bytes() == b"the link's target"
+    assert [n for n in os.listdir(tmp_path) if n.endswith(".part")] == []
+
+
+def test_tree_restore_writes_neither_onto_special_files_nor_through_symlinks(cluster, tmp_path):
+    """In a tree restore with --force a FIFO target and a symlinked directory are refused per file; the rest restore."""
+    for name in ("s/a", "s/sub/b", "s/c"):
+        store(cluster, name, name.encode(), tmp_path)
+    target, elsewhere = tmp_path / "target", tmp_path / "elsewhere"
+    target.mkdir()
+    elsewhere.mkdir()
+    os.mkfifo(target / "a")
+    os.symlink(elsewhere, target / "sub")
+    result = cli(cluster, "download", "s/", str(target), "--force", cwd=tmp_path)
+    assert result.returncode == client_module.EXIT_PARTIAL, result
+    assert stat.S_ISFIFO(os.lstat(target / "a").st_mode)
+    assert os.listdir(elsewhere) == [], "a restore wrote through a symlink"
+    assert (target / "c").read_bytes() == b"s/c"
+    assert "failed s/a: " in result.stderr and "failed s/sub/b: " in result.stderr, result.stderr
+
+
+# --- issue 10 item 5: names that could not be restored are refused at upload ----------------------------
+UNRESTORABLE = {"dir/": "ends with '/'", "a//b": "empty path component", "/abs": "starts with '/'",
+                "./a": "'.' path component", "a/../b": "'..' path component", "..": "'..' path component"}
+
+
+def test_client_refuses_unrestorable_names_before_sending_and_says_why(cluster, tmp_path):
+    """upload, append and touch of 'dir/', 'a//b', 'a/../b' exit INVALID_NAME with the rule broken."""
+    local = tmp_path / "f"
+    local.write_bytes(b"data")
+    for args in (("upload", str(local), "dir/"), ("append", "a//b", str(local)), ("touch", "a/../b")):
+        result = cli(cluster, *args, cwd=tmp_path)
+        assert result.returncode == client_module.EXIT_INVALID_NAME, (args, result)
+        assert UNRESTORABLE[args[1] if args[0] != "upload" else args[2]] in result.stderr, result
+    assert not {"dir/", "a//b", "a/../b"} & stored_names(cluster)
+
+
+def test_master_refuses_unrestorable_names_at_upload_and_touch(cluster):
+    """The master itself answers INVALID_NAME, saying why, to an upload or touch of each unrestorable name."""
+    with raw_connection(cluster) as conn:
+        for name, reason in UNRESTORABLE.items():
+            conn.send(protocol.UploadBegin(name=name, size=3))
+            conn.send(protocol.Data(body=b"abc"))
+            conn.send(protocol.UploadEnd(sha256=sha256(b"abc")))
+            with pytest.raises(protocol.InvalidName, match=re.escape(reason)):
+                conn.expect(protocol.Uploaded)
+            with pytest.raises(protocol.InvalidName, match=re.escape(reason)):
+                conn.request(protocol.Touch(name=name), protocol.Touched)
+    assert not set(UNRESTORABLE) & stored_names(cluster)
+
+
+# --- issue 10 items 6 and 7 -----------------------------------------------------------------------------
+def test_tree_to_stdout_is_refused(cluster, tmp_path):
+    """download PREFIX/ - exits 2 and creates no directory named '-'."""
+    store(cluster, "stdout-tree/x", b"x", tmp_path)
+    result = cli(cluster, "download", "stdout-tree/", "-", cwd=tmp_path)
+    assert result.returncode == client_module.EXIT_USAGE and "standard output" in result.stderr, result
+    assert not os.path.lexists(tmp_path / "-")
+
+
+def test_negative_length_is_refused_like_a_negative_offset(cluster, tmp_path):
+    """--length -5 exits INVALID_RANGE for cat and download (no file); the master refuses it too."""
+    store(cluster, "range/neg", b"0123456789", tmp_path)
+    for args in (("cat", "range/neg", "--length", "-5"), ("download", "range/neg", "out", "--length", "-5")):
+        result = cli(cluster, *args, cwd=tmp_path)
+        assert result.returncode == client_module.EXIT_INVALID_RANGE and "-5" in result.stderr, (args, result)
+    assert not (tmp_path / "out").exists()
+    with raw_connection(cluster) as conn:
+        with pytest.raises(protocol.InvalidRange):
+            conn.request(protocol.Download(name="range/neg", length=-5), protocol.FileInfo)
+
+
+# --- issue 10 item 12: options in either position ------------------------------------------------------
+def test_client_options_work_before_and_after_the_command(cluster, tmp_path):
+    """--no-wait, --master, --secret-file and --quiet are accepted before the command and after it."""
+    store(cluster, "options/1", b"1", tmp_path)
+    store(cluster, "options/2", b"2", tmp_path)
+    before = run_client("--master", cluster.master_address, "--secret-file", cluster.secret_file, "--no-wait",
+                        "--quiet", "delete", "options/1", cwd=tmp_path)
+    assert before.returncode == 0 and before.stdout == b"", before
+    after = run_client("delete", "options/2", "--master", cluster.master_address, "--secret-file",
+                       cluster.secret_file, "--no-wait", "--quiet", cwd=tmp_path)
+    assert after.returncode == 0 and after.stdout == b"", after
+    assert not {"options/1", "options/2"} & stored_names(cluster)
+
+
+def test_wait_options_are_refused_where_no_lock_is_taken():
+    """--no-wait with a reading command, or with --wait, is a usage error (exit 2)."""
+    for argv in (["--no-wait", "list"], ["stat", "x", "--wait", "3"], ["--wait", "3", "delete", "x", "--no-wait"]):
+        with pytest.raises(SystemExit) as exit_info:
+            client_module.parse_args(argv)
+        assert exit_info.value.code == client_module.EXIT_USAGE, argv
+
+
+# --- issue 10 item 13: a peer that is no backup master ----------------------------------------------------
+class FakePeer:
+    """A loopback listener that is no backup master: silent, or answering like an HTTP server."""
+
+    def __init__(self, answer: bytes | None):
+        self.answer = answer
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = "127.0.0.1:%d" % self.listener.getsockname()[1]
+        self.held: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.held.append(conn)  # a silent peer keeps the connection open, answering nothing
+            if self.answer is not None:
+                conn.recv(4096)
+                conn.sendall(self.answer)
+                conn.close()
+
+    def close(self) -> None:
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() (close alone does not)
+        except OSError:
+            pass
+        self.listener.close()
+        for conn in self.held:
+            conn.close()
+        self.thread.join(5)
+
+
+@pytest.mark.parametrize("peer", ["silent", "http", "storage node"])
+def test_a_peer_that_is_no_master_fails_within_io_timeout_saying_so(cluster, tmp_path, peer):
+    """status against a silent peer, an HTTP server or a node fails within io_timeout_s naming what answered."""
+    config = tmp_path / "client.ini"
+    config.write_text("[timing]\nio_timeout_s = 1\n")
+    fake = None
+    if peer == "storage node":
+        address = cluster.nodes[0].address
+    else:
+        fake = FakePeer(None if peer == "silent" else b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+        address = fake.address
+    try:
+        started = time.monotonic()
+        result = run_client("--config", str(config), "--master", address, "status", cwd=tmp_path, timeout_s=20)
+        elapsed = time.monotonic() - started
+    finally:
+        if fake is not None:
+            fake.close()
+    assert elapsed < 8, f"took {elapsed:.1f} s with io_timeout_s = 1"
+    expected = {"silent": (client_module.EXIT_TIMEOUT, "answered nothing within 1 s"),
+                "http": (client_module.EXIT_UNAVAILABLE, "is not a backup master (it answered 'HTTP/1.1 400"),
+                "storage node": (client_module.EXIT_UNAVAILABLE, "is not a backup master")}[peer]
+    assert result.returncode == expected[0] and expected[1] in result.stderr, result
+    assert f"{address} " in result.stderr and len(result.stderr.splitlines()) == 1, result
+
+
+def test_a_bad_master_address_names_the_flag_or_variable_it_came_from(tmp_path):
+    """--master localhost names --master; BACKUP_MASTER=localhost names BACKUP_MASTER; both exit 2."""
+    flag = run_client("--master", "localhost", "status", cwd=tmp_path)
+    assert flag.returncode == client_module.EXIT_USAGE and "--master 'localhost'" in flag.stderr, flag
+    env = run_client("status", cwd=tmp_path, env={"BACKUP_MASTER": "localhost"})
+    assert env.returncode == client_module.EXIT_USAGE and "BACKUP_MASTER 'localhost'" in env.stderr, env
+
+
+# --- client friction -------------------------------------------------------------------------------------
+def test_upload_from_stdin_needs_a_name_and_round_trips(cluster, tmp_path):
+    """upload - NAME stores standard input; upload - alone exits 2 asking for the name."""
+    data = random_bytes(4242, 5000)
+    assert cli(cluster, "upload", "-", "stdin/data", cwd=tmp_path, stdin=data).returncode == 0
+    assert cli(cluster, "cat", "stdin/data", cwd=tmp_path).stdout == data
+    nameless = cli(cluster, "upload", "-", cwd=tmp_path, stdin=data)
+    assert nameless.returncode == client_module.EXIT_USAGE and "NAME" in nameless.stderr, nameless
+
+
+def test_delete_takes_several_names_and_goes_on_past_a_missing_one(cluster, tmp_path):
+    """delete a missing b deletes a and b, names the missing one, and exits FILE_NOT_FOUND."""
+    store(cluster, "several/a", b"a", tmp_path)
+    store(cluster, "several/b", b"b", tmp_path)
+    result = cli(cluster, "delete", "several/a", "several/missing", "several/b", cwd=tmp_path)
+    assert result.returncode == client_module.EXIT_NOT_FOUND and "several/missing" in result.stderr, result
+    assert not {"several/a", "several/b"} & stored_names(cluster)
+
+
+def test_download_of_a_directory_name_hints_at_the_trailing_slash(cluster, tmp_path):
+    """download tree (files stored under tree/) exits FILE_NOT_FOUND with a hint to use tree/."""
+    store(cluster, "hint/x", b"x", tmp_path)
+    store(cluster, "hint/y", b"y", tmp_path)
+    result = cli(cluster, "download", "hint", cwd=tmp_path)
+    assert result.returncode == client_module.EXIT_NOT_FOUND, result
+    assert "2 files are stored under hint/" in result.stderr and "download hint/" in result.stderr, result
+
+
+def test_list_has_a_header_and_matches_whole_path_components(cluster, tmp_path):
+    """list lp/a shows a header, lp/a and lp/a/x but not lp/ab; --quiet drops the header."""
+    for name in ("lp/a", "lp/a/x", "lp/ab"):
+        store(cluster, name, b"listed", tmp_path)
+    result = cli(cluster, "list", "lp/a", cwd=tmp_path)
+    lines = result.stdout.decode().splitlines()
+    assert result.returncode == 0 and lines[0].split() == ["SIZE", "CHUNKS", "MODIFIED", "NAME"], result.stdout
+    assert [line.split()[-1] for line in lines[1:]] == ["lp/a", "lp/a/x"], result.stdout
+    quiet = cli(cluster, "list", "lp/a", "--quiet", cwd=tmp_path)
+    assert [line.split()[-1] for line in quiet.stdout.decode().splitlines()] == ["lp/a", "lp/a/x"], quiet.stdout
+
+
+def test_one_file_and_one_chunk_are_singular(cluster, tmp_path):
+    """Summaries say '1 chunk' and '1 file', not '1 chunks' and '1 files'."""
+    single = tmp_path / "one"
+    single.mkdir()
+    (single / "only").write_bytes(b"ten bytes!")
+    file_line = cli(cluster, "upload", str(single / "only"), "plural/only", cwd=tmp_path).stdout.decode()
+    tree_line = cli(cluster, "upload", str(single), "plural/tree", cwd=tmp_path).stdout.decode()
+    assert "10 bytes, 1 chunk " in file_line, file_line
+    assert tree_line.startswith("uploaded 1 file, "), tree_line
+
+
+def test_every_command_help_describes_it_and_its_positionals(capsys):
+    """COMMAND --help has a description beyond the usage line and help text for every positional argument."""
+    for command in client_module.COMMANDS:
+        with pytest.raises(SystemExit):
+            client_module.parse_args([command, "--help"])
+        text = capsys.readouterr().out
+        blocks = text.split("\n\n")
+        assert len(blocks) > 2 and not blocks[1].startswith(("positional", "options")), (command, text)
+        if "positional arguments:" in text:
+            section = text.split("positional arguments:\n")[1].split("\n\n")[0].splitlines()
+            for n, line in enumerate(section):
+                if re.match(r"^  \S", line):  # an argument: its help on this line or the next
+                    has_help = re.match(r"^  \S+\s{2,}\S", line) or (
+                        n + 1 < len(section) and re.match(r"^\s{6,}\S", section[n + 1]))
+                    assert has_help, (command, line)
+
+
+def test_environment_gives_master_and_secret_and_flags_override_it(cluster, tmp_path):
+    """BACKUP_MASTER and BACKUP_SECRET_FILE reach the cluster; --master and --secret-file beat them."""
+    store(cluster, "env/marker", b"m", tmp_path)
+    wrong_secret = tmp_path / "wrong"
+    wrong_secret.write_bytes(b"not the secret of this cluster")
+    os.chmod(wrong_secret, 0o600)
+    by_env = run_client("list", "env", cwd=tmp_path,
+                        env={"BACKUP_MASTER": cluster.master_address, "BACKUP_SECRET_FILE": cluster.secret_file})
+    assert by_env.returncode == 0 and b"env/marker" in by_env.stdout, by_env
+    by_flags = run_client("list", "env", "--master", cluster.master_address, "--secret-file", cluster.secret_file,
+                          cwd=tmp_path, env={"BACKUP_MASTER": "127.0.0.1:1", "BACKUP_SECRET_FILE": str(wrong_secret)})
+    assert by_flags.returncode == 0 and b"env/marker" in by_flags.stdout, by_flags
+
+
+# --- the README's examples ----------------------------------------------------------------------------------
+README = os.path.join(ROOT, "README.md")
+# Local files the examples name, created in the examples' working directory
+# (HOME is that directory too, so ~/photos is there).  A new example that
+# reads another local file needs it added here.
+PLACEHOLDER_FILES = {"FILE": 3000, "report.pdf": 5000, "disk.img": 10000, "patch.bin": 100, "notes.txt": 200,
+                     "photos/2024/beach.jpg": 4000, "photos/cat.jpg": 3000, "docs/a.txt": 100}
+
+
+def readme_client_examples(text: str) -> list[str]:
+    """Every ``python client.py ...`` command line in README.md, in order.
+
+    From code blocks (fenced or indented) and from inline code; a synopsis
+    (it has ``[`` for optional parts) is not an example.
+    """
+    examples = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if "python client.py" not in line:
+            continue
+        spans = re.findall(r"`([^`]*python client\.py[^`]*)`", line)
+        if spans:
+            examples += [span for span in spans if "[" not in span]
+        elif not stripped.startswith("|") and "[" not in stripped.split("#")[0]:
+            examples.append(stripped)
+    return examples
+
+
+def test_readme_parser_finds_commands_in_blocks_and_inline_but_not_synopses():
+    """The example finder takes code lines and inline commands and leaves synopses out."""
+    text = ("Then `python client.py list` and `python client.py download FILE out`.\n"
+            "```sh\npython client.py upload FILE   # comment\n```\n"
+            "    python client.py --secret-file secret status\n"
+            "Client (`python client.py [--master HOST:PORT] COMMAND`):\n")
+    assert readme_client_examples(text) == ["python client.py list", "python client.py download FILE out",
+                                            "python client.py upload FILE   # comment",
+                                            "python client.py --secret-file secret status"]
+
+
+@pytest.fixture(scope="module")
+def tls_master(tmp_path_factory, cluster):
+    """A master alone with TLS and the cluster's secret (for the README's --tls-ca example); skips without openssl."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("the openssl command is not installed, so no test certificate can be made")
+    base = tmp_path_factory.mktemp("tls-master")
+    cert, key = str(base / "cert.pem"), str(base / "key.pem")
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "2", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    ini = base / "config.ini"
+    ini.write_text(f"[security]\nsecret_file = {cluster.secret_file}\ntls_cert = {cert}\ntls_key = {key}\n"
+                   f"tls_ca = {cert}\n")
+    c = SecureCluster(str(base / "cluster"), nodes=0, master_args=FAST_MASTER, config_path=str(ini))
+    c.cert = cert
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_every_readme_client_example_runs(cluster, request, tmp_path):
+    """Each `python client.py` example of README.md runs, in order, and every client run in it exits 0."""
+    with open(README, encoding="utf-8") as f:
+        examples = readme_client_examples(f.read())
+    assert len(examples) >= 10, examples
+    work = tmp_path / "work"
+    for relative, size in PLACEHOLDER_FILES.items():
+        (work / relative).parent.mkdir(parents=True, exist_ok=True)
+        (work / relative).write_bytes(random_bytes(size, size))
+    shutil.copy(cluster.secret_file, work / "secret")
+    os.chmod(work / "secret", 0o600)
+    # A `python` that records each client run's exit status: an example's
+    # shell may hide it (`|| echo`, a pipe).
+    bin_dir, runs = tmp_path / "bin", tmp_path / "runs"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(f'#!/bin/sh\n{shlex.quote(sys.executable)} "$@"\nstatus=$?\n'
+                                    f'echo "$status $*" >> {shlex.quote(str(runs))}\nexit $status\n')
+    os.chmod(bin_dir / "python", 0o755)
+    failures = []
+    for example in examples:
+        master = cluster
+        if "--tls-ca" in example:
+            master = request.getfixturevalue("tls_master")
+            shutil.copy(master.cert, work / "cert.pem")
+        command = re.sub(r"\b\d{1,3}(\.\d{1,3}){3}:\d+\b", master.master_address, example)
+        command = command.replace("python client.py", f"python {shlex.quote(CLIENT)}")
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("BACKUP_")},
+               "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "HOME": str(work),
+               "BACKUP_MASTER": master.master_address, "BACKUP_SECRET_FILE": str(work / "secret")}
+        runs.write_text("")
+        proc = subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=work, env=env, capture_output=True,
+                              timeout=60)
+        statuses = [line.split(" ", 1)[0] for line in runs.read_text().splitlines()]
+        if proc.returncode != 0 or not statuses or set(statuses) != {"0"}:
+            failures.append(f"{example!r}: shell exit {proc.returncode}, client exits {statuses}, "
+                            f"stderr {proc.stderr.decode(errors='replace')[-300:]!r}")
+    assert not failures, "\n".join(failures)
