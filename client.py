@@ -840,7 +840,7 @@ def cmd_download(client: Client, args) -> int:
         return EXIT_PARTIAL if summary.failures else EXIT_OK
     offset, length = byte_range(args)
     destination = args.local or local_base_name(args.name)
-    if destination != "-" and os.path.isdir(destination) and not os.path.islink(destination):
+    if destination != "-" and os.path.isdir(destination):  # into it (a link to a directory is followed)
         destination = os.path.join(destination, local_base_name(args.name))
     started = time.monotonic()
     try:
