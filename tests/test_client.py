@@ -40,7 +40,10 @@ ESCAPING_NAME = "t/../escape"
 # --- the shared cluster -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """A master with a shared secret and two nodes; ESCAPING_NAME stored as an older master would."""
+    """A master with a shared secret and two nodes; ESCAPING_NAME stored as an older master would.
+
+    Overrides conftest's function-scoped ``cluster`` in this module: one cluster for every test here.
+    """
     base = tmp_path_factory.mktemp("client-cluster")
     secret_file = base / "secret"
     secret_file.write_bytes(SECRET)
