@@ -426,8 +426,9 @@ class Client:
     @property
     def conn(self) -> transport.Connection:
         if self._conn is None:
-            logger.debug("connecting to master %s (timeout %g s, handshake %s s)", transport.format_address(self.master),
-                         self.timeout_s, self.handshake_timeout_s or self.timeout_s)
+            logger.debug("connecting to master %s (timeout %g s, handshake %g s)",
+                         transport.format_address(self.master), self.timeout_s,
+                         self.handshake_timeout_s or self.timeout_s)
             self._conn = transport.Connection(self.master, "client", self.timeout_s, self.security,
                                               handshake_timeout_s=self.handshake_timeout_s,
                                               expect_server_id="master")

@@ -203,7 +203,10 @@ class SecureCluster(TestCluster):
 
 @pytest.fixture
 def make_cluster(tmp_path):
-    """Factory: ``make_cluster(nodes=3, master_args=..., node_args=..., unchecked_names=...)`` -> started TestCluster."""
+    """Factory: ``make_cluster(nodes=3, master_args=..., node_args=..., unchecked_names=...)`` -> TestCluster.
+
+    ``unchecked_names``: empty files stored before the master starts (``seed_names``).
+    """
     started = []
 
     def factory(nodes: int = 3, master_args=FAST_MASTER, node_args=FAST_TIMING, unchecked_names=(),

@@ -155,7 +155,7 @@ def test_temporary_names_fit_name_max_whatever_the_target(tmp_path, letter):
 
 # --- issue 9 defect 6: a tree restore restores what it can ---------------------------------------------
 def test_tree_restore_restores_every_file_it_can_and_names_the_rest(cluster, tmp_path):
-    """Ten files restore beside '..', a 300-byte component and a file/directory clash; each refusal is named; exit 15."""
+    """Ten files restore beside '..', a 300-byte component and a file/directory clash; each refusal named; exit 15."""
     ordinary = {f"f{n}": random_bytes(9000 + n, 100 + n) for n in range(10)}
     for relative, data in ordinary.items():
         store(cluster, f"t/{relative}", data, tmp_path)
