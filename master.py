@@ -366,6 +366,17 @@ class Master:
         with self._nodes_lock:
             return [n for n in self._nodes.values() if n.alive(now, self.config.dead_after_s)]
 
+    def holding_nodes(self) -> list[NodeState]:
+        """Live nodes plus those that said GOODBYE less than ``dead_after_s`` after last being heard.
+
+        Repair waits for these: a cleanly stopped node is usually restarting.
+        """
+        now = self.clock()
+        dead_after_s = self.config.dead_after_s
+        with self._nodes_lock:
+            return [n for n in self._nodes.values()
+                    if n.last_heard is not None and now - n.last_heard <= dead_after_s]
+
     def check_writable(self) -> None:
         """Raise InsufficientNodes unless ``replication`` nodes are alive."""
         live = len(self.live_nodes())

@@ -276,16 +276,27 @@ class Repairer:
                     continue
                 self._reconcile_pending()
                 alive = {n.node_id for n in self.master.live_nodes()}
+                holding = {n.node_id for n in self.master.holding_nodes()}
                 now = time.monotonic()
-                if woken or alive != last_alive or now - last_scan >= _RESCAN_INTERVAL_S or self.repairs_pending:
-                    last_alive, last_scan = alive, now
-                    self._repair(self.scan(alive))
+                if woken or (alive, holding) != last_alive or now - last_scan >= _RESCAN_INTERVAL_S \
+                        or self.repairs_pending:
+                    last_alive, last_scan = (alive, holding), now
+                    self._repair(self.scan(alive, holding))
             except Exception:
                 logger.exception("repair pass failed; retrying")
 
-    def scan(self, alive: set[str]) -> list[RepairTask]:
-        """Every batch with fewer than ``replication`` live copies, fewest copies first."""
+    def scan(self, alive: set[str], holding: set[str] | None = None) -> list[RepairTask]:
+        """Every batch with fewer than ``replication`` copies on ``holding`` nodes, fewest copies first.
+
+        ``alive`` nodes serve now; ``holding`` (default: ``alive``) adds nodes
+        that stopped cleanly less than ``dead_after_s`` ago.  A batch with a
+        copy on such a node counts as under-replicated (status tells the
+        truth) but is not re-copied yet: a planned restart comes back within
+        the grace, and copying its data meanwhile would only leave surplus
+        copies to drop (Ceph marks a stopped OSD down at once, out later).
+        """
         replication = self.config.replication
+        holding = alive if holding is None else holding | alive
         tasks, damaged, under = [], [], 0
         for name, entry in list(self.master.namespace.files.items()):
             short_of_copies = False
@@ -297,6 +308,8 @@ class Repairer:
                 if live == 0:
                     short_of_copies = True
                     continue  # nothing to copy from: damaged until a holder returns
+                if sum(1 for n in nodes if n in holding) >= replication:
+                    continue  # a copy is on a node that stopped cleanly: wait out its grace
                 for piece_first, piece_count in transfers.batch_pieces(first, count, entry["batch_chunks"]):
                     tasks.append(RepairTask(live, name, piece_first, piece_count))
             if short_of_copies:

@@ -331,6 +331,25 @@ def test_status_says_stopped_at_once_and_waiting_in_safe_mode(make_cluster):
     assert result.returncode == 0 and "waiting" in result.stdout.decode() and "DEAD" not in result.stdout.decode()
 
 
+def test_repair_waits_dead_after_s_for_a_node_that_said_goodbye(make_cluster, tmp_path):
+    """A cleanly stopped node's chunks count as degraded at once but are re-copied only after dead_after_s."""
+    dead_after_s = 4.0
+    cluster = make_cluster(nodes=3, master_args=["--heartbeat-interval", "0.2", "--dead-after", str(dead_after_s),
+                                                 "--io-timeout", "3"])
+    path = write_local(tmp_path, "f.bin", random_bytes(7, 300_000))
+    assert cluster.cli("upload", path, "f.bin").returncode == 0
+    holder = next(run[2][0] for run in cluster.client().stat("f.bin").runs)
+    index = next(i for i in range(3) if node_id(cluster, i) == holder)
+    stopped_at = time.monotonic()
+    cluster.nodes[index].terminate()
+    totals = lambda: cluster.status().totals  # noqa: E731
+    wait_until(lambda: totals()["under_replicated_chunks"] > 0, 5, message="the degraded count")
+    assert totals()["repaired_chunks"] == 0
+    wait_until(lambda: totals()["under_replicated_chunks"] == 0, 20, message="the repair after the grace")
+    assert time.monotonic() - stopped_at >= dead_after_s - 0.5, "repair did not wait for dead_after_s"
+    assert totals()["repaired_chunks"] > 0
+
+
 # --- cluster.py -----------------------------------------------------------------------------------
 
 class ClusterProcess:
