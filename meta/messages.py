@@ -276,11 +276,6 @@ class Ready:
     failed_reads: list = field(default_factory=list)
     notes: list = field(default_factory=list)
 
-    def must_persist(self) -> bool:
-        """True when step 1 has anything to write."""
-        return bool(self.hard_state or self.snapshot_pieces or self.snapshot
-                    or self.truncate_from is not None or self.entries)
-
 
 # --- wire form -----------------------------------------------------------------------
 

@@ -476,6 +476,9 @@ def test_learner_catches_up_without_counting_then_is_promoted():
     d.up = True
     net.tick(4)
     assert d.applied == a.applied and d.core.membership.learners == {"d"}
+    assert a.core.progress("d") == a.core.last_index == d.core.last_index
+    assert a.core.status()["learners"] == ["d"] and a.core.status()["peers"]["d"]["state"] == "replicate"
+    assert d.core.entries(1, d.core.last_index) == a.core.entries(1, a.core.last_index)
     assert d.core.role == FOLLOWER  # a learner never campaigns
     a.core.promote("d")
     net.handle(a)
