@@ -774,7 +774,8 @@ class RaftCore:
         self._snap = self._install = meta
         self.commit = self._applied = i
         self._compact_to = max(self._compact_to or 0, i)
-        self._notes.append(f"installed snapshot {i} (term {meta.term}, {meta.size_bytes} bytes) from {leader}")
+        self._notes.append(f"installed snapshot {i} (term {meta.term}, {meta.size_bytes} bytes) "
+                           f"from {leader}")
 
     # --- leader ------------------------------------------------------------------------
 

@@ -354,7 +354,8 @@ def test_lagging_follower_receives_the_snapshot_in_bounded_pieces():
     net.tick(2)
     net.snapshot("a")
     a = net.nodes["a"]
-    assert a.core.snapshot.index == a.applied_index and a.core.snapshot.size_bytes > 3 * CFG.snapshot_piece_bytes
+    assert a.core.snapshot.index == a.applied_index
+    assert a.core.snapshot.size_bytes > 3 * CFG.snapshot_piece_bytes
     net.nodes["c"].up = True
     net.tick(6)
     pieces = [m for m in net.sent if isinstance(m, InstallSnapshot) and m.dst == "c"]
@@ -627,7 +628,8 @@ def test_core_imports_no_io(module):
             imported.add(node.module.split(".")[0])
         elif isinstance(node, ast.ImportFrom):
             assert node.module in ("messages", "raft"), f"relative import of {node.module}"
-        elif isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("__import__", "open", "eval", "exec"):
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", None) in (
+                "__import__", "open", "eval", "exec"):
             pytest.fail(f"{module} calls {node.func.id}")
     assert imported <= {"__future__", "dataclasses", "typing"}, imported
     assert not imported & FORBIDDEN
