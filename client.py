@@ -29,6 +29,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import config as config_module
+import history
 import protocol
 import security as security_module
 import transport
@@ -497,13 +498,14 @@ class Client:
 
     # --- download --------------------------------------------------------------------
     def download(self, name: str, destination: str, offset: int = 0, length: int = -1,
-                 force: bool = False) -> protocol.FileInfo:
+                 force: bool = False, version: int | None = None, at: float | None = None) -> protocol.FileInfo:
         """Write ``name`` (or a byte range of it) to ``destination`` ("-" = stdout).
 
         A whole-file download is checked against the SHA-256 recorded at
         upload; on any failure the destination is left untouched.  An
         existing destination is replaced only with ``force``, and only if it
-        is a regular file (``check_destination``).
+        is a regular file (``check_destination``).  ``version`` (an id) or
+        ``at`` (unix time) pick an older version (history.py).
         """
         protocol.validate_name(name)
         if offset < 0:
@@ -512,11 +514,11 @@ class Client:
             raise protocol.InvalidRange(f"length {length} is negative")
         check_destination(destination, force)
         if destination == "-":
-            self.conn.send(protocol.Download(name=name, offset=offset, length=length))
+            self.conn.send(protocol.Download(name=name, offset=offset, length=length, version=version, at=at))
             return self._receive(name, sys.stdout.buffer)
         fd, temp_path = open_temp_beside(destination)  # before asking: a local failure costs no transfer
         try:
-            self.conn.send(protocol.Download(name=name, offset=offset, length=length))
+            self.conn.send(protocol.Download(name=name, offset=offset, length=length, version=version, at=at))
         except BaseException:
             os.close(fd)
             _unlink_quietly(temp_path)
@@ -776,8 +778,24 @@ class Client:
         return self.conn.request(protocol.Touch(name=protocol.validate_name(name, storing=True), wait_s=wait_s),
                                  protocol.Touched)
 
-    def stat(self, name: str) -> protocol.StatReply:
-        return self.conn.request(protocol.Stat(name=protocol.validate_name(name)), protocol.StatReply)
+    def stat(self, name: str, version: int | None = None, at: float | None = None) -> protocol.StatReply:
+        return self.conn.request(protocol.Stat(name=protocol.validate_name(name), version=version, at=at),
+                                 protocol.StatReply)
+
+    def versions(self, name: str) -> list[dict]:
+        """The kept versions of ``name``, oldest first (history.version_info)."""
+        return self._pages(protocol.Versions(name=protocol.validate_name(name)), protocol.VersionsPage)
+
+    def _pages(self, request: protocol.Message, page_cls: type[protocol.Message]) -> list[dict]:
+        """Send ``request`` and gather the entries of its reply pages up to the one marked done."""
+        conn = self.conn
+        conn.send(request)
+        entries = []
+        while True:
+            page = conn.expect(page_cls)
+            entries.extend(page.entries)
+            if page.done:
+                return entries
 
     def locks(self) -> list[dict]:
         return self.conn.request(protocol.Locks(), protocol.LocksReply).locks
@@ -831,6 +849,8 @@ def cmd_download(client: Client, args) -> int:
                              f"give a directory to restore them into")
         if args.offset is not None or args.length is not None:
             raise UsageError("--offset and --length apply to one file, not to a tree")
+        if args.version is not None or args.at is not None:
+            raise UsageError("--version and --at apply to one file, not to a tree")
         base = args.name.rstrip("/").rpartition("/")[2]
         directory = args.local or (base if base not in ("", ".", "..") else ".")  # never above the cwd
         summary = client.download_tree(args.name, directory, force=args.force, report=note)
@@ -845,7 +865,7 @@ def cmd_download(client: Client, args) -> int:
         destination = os.path.join(destination, local_base_name(args.name))
     started = time.monotonic()
     try:
-        info = client.download(args.name, destination, offset, length, force=args.force)
+        info = client.download(args.name, destination, offset, length, force=args.force, **version_args(args))
     except protocol.FileNotFound as exc:
         raise with_tree_hint(client, args.name, exc) from None
     elapsed = time.monotonic() - started
@@ -907,9 +927,35 @@ def cmd_write(client: Client, args) -> int:
 def cmd_cat(client: Client, args) -> int:
     offset, length = byte_range(args)
     try:
-        client.download(args.name, "-", offset, length)
+        client.download(args.name, "-", offset, length, **version_args(args))
     except protocol.FileNotFound as exc:
         raise with_tree_hint(client, args.name, exc) from None
+    return EXIT_OK
+
+
+def version_args(args) -> dict:
+    """--version ID / --at TIME as the version and at fields of a request."""
+    return {"version": getattr(args, "version", None), "at": getattr(args, "at", None)}
+
+
+def at_time(text: str) -> float:
+    """argparse type of --at: unix seconds (history.parse_time), else a usage error (exit 2)."""
+    try:
+        return history.parse_time(text, time.time())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def cmd_versions(client: Client, args) -> int:
+    entries = client.versions(args.name)
+    if args.json:
+        print(json.dumps(entries, indent=2, ensure_ascii=False))
+        return EXIT_OK
+    if not args.quiet:
+        print(f"{'ID':>10} {'SIZE':>14}  {'MODIFIED':<19}  {'COMMITTED':<19}  SHA-256")
+    for v in entries:
+        print(f"{v['id']:>10} {v['size']:>14}  {format_time(v['mtime'])}  {format_time(v['committed_at'])}  "
+              f"{v['sha256'][:16]}{'  (current)' if v['current'] else ''}")
     return EXIT_OK
 
 
@@ -921,13 +967,14 @@ def cmd_touch(client: Client, args) -> int:
 
 
 def cmd_stat(client: Client, args) -> int:
-    reply = client.stat(args.name)
-    fields = {k: getattr(reply, k) for k in ("name", "size", "chunks", "chunk_size", "sha256", "mtime", "version")}
+    reply = client.stat(args.name, **version_args(args))
+    fields = {k: getattr(reply, k) for k in ("name", "size", "chunks", "chunk_size", "sha256", "mtime", "version",
+                                             "version_id", "committed_at")}
     if args.json:
         print(json.dumps({**fields, "runs": reply.runs}, indent=2, ensure_ascii=False))
         return EXIT_OK
     for key, value in fields.items():
-        print(f"{key + ':':<12}{format_time(value) if key == 'mtime' else value}")
+        print(f"{key + ':':<14}{format_time(value) if key in ('mtime', 'committed_at') and value else value}")
     for first, count, nodes, blob in reply.runs:
         print(f"  chunks {first}..{first + count - 1}: nodes {', '.join(nodes) or '(none)'} (blob {blob})")
     return EXIT_OK
@@ -1018,6 +1065,7 @@ COMMANDS = {
     "locks": cmd_locks,
     "list": cmd_list,
     "status": cmd_status,
+    "versions": cmd_versions,
 }
 # Commands that take a name's write lock, and so --wait / --no-wait.
 WRITERS = ("upload", "delete", "append", "write", "touch")
@@ -1132,6 +1180,16 @@ def build_arg_parser() -> argparse.ArgumentParser:
                        "version, and the nodes and blob of each run of chunks.")
     stat_cmd.add_argument("name", metavar="NAME", help="stored name")
     stat_cmd.add_argument("--json", action="store_true", help="machine-readable output")
+    versions = command("versions", "list the kept versions of a stored file, oldest first",
+                       "List the versions of NAME the cluster keeps ([retention] keep_versions), oldest first: "
+                       "version id, size, modified time, commit time, SHA-256; the current one is marked.")
+    versions.add_argument("name", metavar="NAME", help="stored name")
+    versions.add_argument("--json", action="store_true", help="machine-readable output")
+    for reader in (download, cat, stat_cmd):
+        which = reader.add_mutually_exclusive_group()
+        which.add_argument("--version", type=int, metavar="ID", help="an older version, by id (see: versions NAME)")
+        which.add_argument("--at", metavar="TIME", type=at_time,
+                           help="the version current at TIME: ISO 8601 (2024-05-01T13:00) or a time ago (2h, 3d)")
     locks = command("locks", "list held write locks and their queues",
                     "List the write locks held now: the holder, since when, and the writers queued behind it.")
     listing = command("list", "list stored files: size, chunks, modified time, name",
@@ -1144,7 +1202,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
                      "and the cluster's totals: under-replicated chunks, repairs, corrupt replicas, damaged files.")
     for name, sub in (("upload", upload), ("download", download), ("delete", delete), ("append", append),
                       ("write", write), ("cat", cat), ("touch", touch), ("stat", stat_cmd), ("locks", locks),
-                      ("list", listing), ("status", status)):
+                      ("list", listing), ("status", status), ("versions", versions)):
         add_client_options(sub, writer=name in WRITERS, top=False)
     return parser
 

@@ -54,6 +54,7 @@ class Config:
     tls_key: str = ""
     tls_ca: str = ""
     max_connections: int = 256
+    keep_versions: int = 10
 
     @property
     def chunks_per_batch(self) -> int:
@@ -93,6 +94,7 @@ _KEYS = [
     ("security", "tls_key", "tls_key", str),
     ("security", "tls_ca", "tls_ca", str),
     ("security", "max_connections", "max_connections", int),
+    ("retention", "keep_versions", "keep_versions", int),
 ]
 
 
@@ -220,6 +222,8 @@ def validate(config: Config) -> None:
         raise ValueError("capacity_bytes must be positive")
     if config.checkpoint_every < 1:
         raise ValueError("checkpoint_every must be at least 1")
+    if config.keep_versions < 1:
+        raise ValueError("keep_versions must be at least 1 (1 = no older versions)")
     if config.max_connections < 1:
         raise ValueError("max_connections must be at least 1")
     for name in ("node_master", "client_master"):

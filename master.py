@@ -13,9 +13,12 @@ locks (``NameLocks``) serialize writers of one name, first come first
 served, and readers take no lock at all.  No lock is ever held across
 network I/O.
 
-Deleted and replaced versions are collected lazily: the master asks the
-nodes to drop the old blob in the background and retries a node that is
-unreachable for as long as the master runs.
+A write to an existing name keeps the version it replaces (history.py,
+``[retention] keep_versions``); what frees chunks is a version being
+dropped (the oldest beyond keep_versions) or a delete.  Those are collected
+lazily: the master asks the nodes to drop what no kept version of the name
+uses, in the background, and retries a node that is unreachable for as
+long as the master runs.
 """
 
 from __future__ import annotations
@@ -38,7 +41,9 @@ import security as security_module
 import transport
 import transfers
 from metadata_log import MetadataLog
-from namespace import Namespace, NameLocks, entry_blobs, make_entry, put_record, run_blob, splice_runs, uncovered
+import history
+from namespace import (Namespace, NameLocks, entry_blobs, make_entry, merge_ranges, put_record, run_blob, splice_runs,
+                       uncovered)
 from repair import Repairer
 
 logger = logging.getLogger("master")
@@ -464,34 +469,42 @@ class Master:
         new file, else what an append or write was derived from, so that the
         chunks it did not touch keep the placement current at commit time
         (namespace.rebase_entry).  The caller holds each name's lock and has
-        made every chunk durable.  Replaced versions are collected afterwards.
+        made every chunk durable.  The replaced entry becomes an older
+        version; versions dropped past keep_versions are collected afterwards.
         """
-        previous = [self.namespace.files.get(name) for name, _, _ in uploads]
-        self.log.commit([put_record(name, entry, base) for name, entry, base in uploads])
+        previous = [self.namespace.entries_of(name) for name, _, _ in uploads]
+        self.log.commit([self.put(name, entry, base) for name, entry, base in uploads])
         for _, entry, _ in uploads:
             self.active_blobs.discard(entry["version"])
-        for old, (name, _, _) in zip(previous, uploads):
-            if old is not None:
-                self._collect_entry(old, keep=self.namespace.files[name])
+        for before, (name, _, _) in zip(previous, uploads):
+            self._collect_dropped(name, before)
         for name, entry, _ in uploads:
             logger.info("stored %r: %d bytes, %d chunks, version %s", name, entry["size"], entry["chunks"],
                         entry["version"])
 
-    def open_for_read(self, name: str) -> dict:
-        """The current entry of ``name``, pinned until ``close_read(entry)``.
+    def put(self, name: str, entry: dict, base: dict | None = None) -> dict:
+        """The log record storing ``entry`` as ``name``, keeping ``keep_versions`` versions (history.py)."""
+        record = put_record(name, entry, base)
+        record["t"] = round(time.time(), 3)
+        record["keep"] = self.config.keep_versions
+        return record
+
+    def open_for_read(self, name: str, version: int | None = None, at: float | None = None) -> dict:
+        """The entry of ``name`` (its current one, or the version a request names), pinned until ``close_read``.
 
         A pinned version is not garbage collected even if the name is
-        replaced or deleted meanwhile, so a download that started on it
-        finishes on it: readers never wait for writers and never see a mix.
+        replaced, deleted or the version dropped meanwhile, so a download
+        that started on it finishes on it: readers never wait for writers
+        and never see a mix.
         """
         while True:
-            entry = self.namespace.lookup(name)
+            entry = self.namespace.lookup_version(name, version, at)
             with self._garbage_cond:
                 for blob in entry_blobs(entry):
                     self._readers[blob] += 1
             # Pinned before the re-check: a replace committed after the
             # re-check queues its garbage after our pin, so the GC sees it.
-            if self.namespace.files.get(name) is entry:
+            if self.namespace.find_entry(name, history.version_id(entry)) is entry:
                 return entry
             self.close_read(entry)
 
@@ -507,10 +520,11 @@ class Master:
         token = self.lock_name(name, owner, wait_s)
         try:
             entry = self.namespace.lookup(name)
+            before = self.namespace.entries_of(name)
             self.log.commit([{"op": "delete", "name": name}])
         finally:
             self.locks.release(name, token)
-        self._collect_entry(entry)
+        self._collect_dropped(name, before)
         logger.info("deleted %r (version %s)", name, entry["version"])
 
     def touch(self, name: str, owner: str, wait_s: float = -1.0) -> dict:
@@ -522,12 +536,15 @@ class Master:
                 empty = hashlib.sha256().hexdigest()
                 entry = make_entry(0, self.config.chunk_size_bytes, empty, uuid.uuid4().hex, [],
                                    self.config.chunks_per_batch)
-                self.log.commit([put_record(name, entry)])
+                self.log.commit([self.put(name, entry)])
             else:
                 # Only the mtime changes: the placement is whatever it is when
-                # the record applies, not what was read here.
-                self.log.commit([put_record(name, {**old, "mtime": round(time.time(), 3)},
-                                            base={"version": old["version"], "first": 0, "end": 0})])
+                # the record applies, not what was read here.  The entry it
+                # replaces is kept as a version like any other write's.
+                before = self.namespace.entries_of(name)
+                self.log.commit([self.put(name, {**old, "mtime": round(time.time(), 3)},
+                                          base={"version": old["version"], "first": 0, "end": 0})])
+                self._collect_dropped(name, before)
             return self.namespace.files[name]
         finally:
             self.locks.release(name, token)
@@ -562,18 +579,32 @@ class Master:
         return protocol.StatusReply(nodes=nodes, totals=totals)
 
     # --- garbage ----------------------------------------------------------------------
-    def _collect_entry(self, entry: dict, keep: dict | None = None) -> None:
-        """Collect what a replaced or deleted entry used and ``keep`` does not.
+    def _collect_dropped(self, name: str, before: list[dict]) -> None:
+        """Collect what entries of ``name`` kept ``before`` a commit, and dropped by it, used.
 
-        Blobs ``keep`` does not use are deleted whole; of a blob it still
-        uses in part (the untouched chunks after a write), only the chunk
-        ranges it no longer references are dropped.
+        The one place where a write or delete frees chunks: an entry that is
+        no longer kept (the oldest version past keep_versions, or every
+        version of a deleted name) gives back what no kept entry still uses.
+        """
+        after = self.namespace.entries_of(name)
+        kept_ids = {history.version_id(e) for e in after}
+        for entry in before:
+            if history.version_id(entry) not in kept_ids:
+                self._collect_entry(entry, keep=after)
+
+    def _collect_entry(self, entry: dict, keep: list[dict] = ()) -> None:
+        """Collect what a dropped entry used and no entry of ``keep`` uses.
+
+        Blobs no kept entry uses are deleted whole; of a blob still used in
+        part (versions share the untouched chunks of an append or write),
+        only the chunk ranges no kept entry references are dropped.
         """
         still_used: dict[str, list] = defaultdict(list)  # blob -> sorted (first, count) kept
-        for run in (keep["runs"] if keep is not None else []):
-            still_used[run_blob(keep, run)].append((run[0], run[1]))
-        for ranges in still_used.values():
-            ranges.sort()
+        for kept in keep:
+            for run in kept["runs"]:
+                still_used[run_blob(kept, run)].append((run[0], run[1]))
+        for blob, ranges in still_used.items():
+            still_used[blob] = merge_ranges(ranges)
         holders: dict[str, set] = defaultdict(set)
         items: list[tuple[str, tuple]] = []
         for run in entry["runs"]:
@@ -954,7 +985,7 @@ class MasterHandler(transport.RequestHandler):
 
     # --- clients: the rest ---
     def do_DOWNLOAD(self, msg: protocol.Download) -> None:
-        entry = self.master.open_for_read(protocol.validate_name(msg.name))
+        entry = self.master.open_for_read(protocol.validate_name(msg.name), msg.version, msg.at)
         try:
             self._send_file(msg, entry)
         finally:
@@ -991,10 +1022,23 @@ class MasterHandler(transport.RequestHandler):
 
     def do_STAT(self, msg: protocol.Stat) -> None:
         name = protocol.validate_name(msg.name)
-        e = self.master.namespace.lookup(name)
+        e = self.master.namespace.lookup_version(name, msg.version, msg.at)
         runs = [[run[0], run[1], run[2], run_blob(e, run)] for run in e["runs"]]
         self.reply(protocol.StatReply(name=name, size=e["size"], chunks=e["chunks"], chunk_size=e["chunk_size"],
-                                      sha256=e["sha256"], mtime=e["mtime"], version=e["version"], runs=runs))
+                                      sha256=e["sha256"], mtime=e["mtime"], version=e["version"], runs=runs,
+                                      version_id=history.version_id(e),
+                                      committed_at=history.entry_committed_at(e)))
+
+    def do_VERSIONS(self, msg: protocol.Versions) -> None:
+        name = protocol.validate_name(msg.name)
+        entries = self.master.namespace.history(name)
+        if not entries:
+            raise protocol.FileNotFound(f"no file named {name!r}")
+        infos = [history.version_info(e, current=n == len(entries) - 1) for n, e in enumerate(entries)]
+        pages = protocol.pages_by_size(infos)
+        for n, page in enumerate(pages):
+            done = n == len(pages) - 1
+            self.reply(protocol.VersionsPage(entries=page, done=done), flush=done)
 
     def do_LOCKS(self, msg: protocol.Locks) -> None:
         self.reply(protocol.LocksReply(locks=self.master.locks.held()))
@@ -1038,6 +1082,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--safe-mode", type=float, metavar="S",
                         help="seconds after start with no repair or deletion (default from config)")
     parser.add_argument("--repair-rate", type=float, metavar="MB_S", help="re-replication speed limit in MB/s")
+    parser.add_argument("--keep-versions", type=int, metavar="N",
+                        help="versions kept per name, the current one included (default [retention] keep_versions)")
     return parser
 
 
@@ -1048,6 +1094,7 @@ def main(argv=None) -> int:
             args.config, master_host=args.host, master_port=args.port, master_data_dir=args.data_dir,
             dead_after_s=args.dead_after, heartbeat_interval_s=args.heartbeat_interval,
             io_timeout_s=args.io_timeout, safe_mode_s=args.safe_mode, repair_rate_mb_s=args.repair_rate,
+            keep_versions=args.keep_versions,
             **config_module.security_overrides(args))
         security = security_module.for_server(config, config.master_host, args.insecure)
     except ValueError as exc:

@@ -7,7 +7,10 @@ the same code path as normal operation.
 
 Records (JSON objects; the log adds the index ``"i"``):
 
-    {"op": "put", "name": N, "file": ENTRY}      store or replace a file
+    {"op": "put", "name": N, "file": ENTRY,      store or replace a file; the entry
+     "t": time, "keep": K}                       it replaces becomes an older version,
+                                                 of which K - 1 stay (oldest dropped
+                                                 first; no "keep" = 1: no history)
     {"op": "put", "name": N, "file": ENTRY,      the same, derived from the name's
      "base": {"version": V,                      version V (append, write, touch):
               "first": f, "end": e}}             chunks outside [f, e) keep the
@@ -24,6 +27,10 @@ A file ENTRY::
     {"size": bytes, "chunks": n, "chunk_size": bytes, "sha256": hex,
      "mtime": unix seconds, "version": blob id, "batch_chunks": n,
      "runs": [[first_chunk, count, [node_id, ...]], ...]}
+
+``apply`` adds ``commit_index`` (the record's index: the version id) and
+``committed_at`` (the record's ``t``) to the entry; see history.py.
+Older versions of a live name are kept in ``versions[name]``, oldest first.
 
 A run has a fourth element, a blob id, when its chunks live in another blob
 than the entry's version: after an append or an in-place write, untouched
@@ -44,6 +51,7 @@ import threading
 import time
 from collections import deque
 
+import history
 import protocol
 
 
@@ -53,36 +61,62 @@ class Namespace:
     def __init__(self):
         self.files: dict[str, dict] = {}
         self.nodes: dict[str, dict] = {}
+        # name -> older versions of a live name, oldest first.  Lists are
+        # replaced, never changed in place (snapshot shares them).
+        self.versions: dict[str, list[dict]] = {}
 
     # --- the state machine (driven by MetadataLog) --------------------------------
     def apply(self, record: dict) -> None:
         op = record["op"]
         if op == "put":
+            name = record["name"]
             entry = record["file"]
+            old = self.files.get(name)
             if "base" in record:
-                entry = rebase_entry(entry, self.files.get(record["name"]), record["base"])
-            self.files[record["name"]] = entry
+                entry = rebase_entry(entry, old, record["base"])
+            entry = {**entry, "commit_index": record.get("i", 0), "committed_at": record.get("t", entry["mtime"])}
+            if old is not None:
+                kept, _ = history.trim_versions([*self.versions.get(name, ()), old], record.get("keep", 1))
+                self._set_versions(name, kept)
+            self.files[name] = entry
         elif op == "delete":
             self.files.pop(record["name"], None)
+            self.versions.pop(record["name"], None)
         elif op == "replicas":
             # Compare and set: the file may have been replaced, deleted or
             # re-placed since the record was decided; then nothing changes.
-            entry = self.files.get(record["name"])
-            if entry is not None and placed_on(entry, record["blob"], record["first"], record["count"],
-                                               record["expect"]):
-                runs = set_run_nodes(entry["runs"], record["first"], record["count"], record["nodes"])
-                self.files[record["name"]] = {**entry, "runs": runs}
+            # Every version of the name placed so changes with it: versions
+            # share the chunks an append or write did not touch.
+            name, blob, first, count = record["name"], record["blob"], record["first"], record["count"]
+
+            def moved(entry: dict) -> dict:
+                if not placed_on(entry, blob, first, count, record["expect"]):
+                    return entry
+                return {**entry, "runs": set_run_nodes(entry["runs"], first, count, record["nodes"])}
+
+            entry = self.files.get(name)
+            if entry is not None:
+                self.files[name] = moved(entry)
+            if name in self.versions:
+                self.versions[name] = [moved(e) for e in self.versions[name]]
         elif op == "node":
             self.nodes[record["node_id"]] = {"address": record["address"]}
         else:
             raise ValueError(f"unknown record op {op!r}")
 
+    def _set_versions(self, name: str, older: list[dict]) -> None:
+        if older:
+            self.versions[name] = older
+        else:
+            self.versions.pop(name, None)
+
     def snapshot(self) -> dict:
-        return {"files": dict(self.files), "nodes": dict(self.nodes)}
+        return {"files": dict(self.files), "nodes": dict(self.nodes), "versions": dict(self.versions)}
 
     def restore(self, snapshot: dict) -> None:
         self.files = dict(snapshot.get("files", {}))
         self.nodes = dict(snapshot.get("nodes", {}))
+        self.versions = dict(snapshot.get("versions", {}))
 
     # --- reads (no lock) -----------------------------------------------------------
     def lookup(self, name: str) -> dict:
@@ -90,6 +124,40 @@ class Namespace:
         if entry is None:
             raise protocol.FileNotFound(f"no file named {name!r}")
         return entry
+
+    def history(self, name: str) -> list[dict]:
+        """Every kept version of a live ``name``, oldest first, the current one last ([] if none)."""
+        current = self.files.get(name)
+        return [] if current is None else [*self.versions.get(name, ()), current]
+
+    def lookup_version(self, name: str, version: int | None = None, at: float | None = None) -> dict:
+        """The entry of ``name`` a request names (history.pick_version); FileNotFound if none."""
+        if version is None and at is None:
+            return self.lookup(name)
+        entry = history.pick_version(self.history(name), version, at)
+        if entry is None:
+            if name not in self.files:
+                raise protocol.FileNotFound(f"no file named {name!r}")
+            raise history.no_such_version(name, version, at)
+        return entry
+
+    def entries_of(self, name: str) -> list[dict]:
+        """Every entry whose chunks must be kept for ``name`` (what GC compares before and after a change)."""
+        return self.history(name)
+
+    def find_entry(self, name: str, commit_index: int) -> dict | None:
+        """The kept entry of ``name`` with this commit index, or None (it was dropped or re-placed away)."""
+        return next((e for e in self.entries_of(name) if history.version_id(e) == commit_index), None)
+
+    def all_entries(self) -> list[tuple[str, dict]]:
+        """(name, entry) for every kept entry: older versions first, then current files.
+
+        What repair and reconciliation must keep at ``replication`` copies
+        and treat as known.  Current files come last, so a map built from
+        this list prefers them.
+        """
+        pairs = [(name, entry) for name, older in list(self.versions.items()) for entry in older]
+        return pairs + list(self.files.items())
 
     def listing(self, prefix: str = "") -> list[tuple[str, dict]]:
         """(name, entry) pairs whose name starts with ``prefix``, sorted by name."""

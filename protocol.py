@@ -65,6 +65,9 @@ MAX_CHUNK_BYTES = 4 * 1024 * 1024
 # Entries per LIST_PAGE frame, sized so a page of maximal names still fits
 # well under MAX_HEADER_BYTES.
 LIST_PAGE_ENTRIES = 100
+# Header bytes of listing entries per page for replies paged by size
+# (VERSIONS_PAGE): well under MAX_HEADER_BYTES whatever the entries hold.
+PAGE_BYTES = 64 * 1024
 # Before a peer has completed the handshake (HELLO, and AUTH when a secret is
 # configured) a server reads headers of at most this size and no body at all:
 # the handshake frames are a few hundred bytes, and an unauthenticated
@@ -581,6 +584,10 @@ class Download(Message):
     name: str
     offset: int = 0
     length: int = -1
+    # An older version: by id (VERSIONS lists them), or the one current at
+    # a unix time.  Both absent = the current version.
+    version: int | None = None
+    at: float | None = None
 
 
 @message
@@ -637,6 +644,8 @@ class Stat(Message):
 
     OP = "STAT"
     name: str
+    version: int | None = None  # as in DOWNLOAD
+    at: float | None = None
 
 
 @message
@@ -650,6 +659,23 @@ class StatReply(Message):
     mtime: float
     version: str
     runs: list  # [[first_chunk, count, [node ids], blob], ...]
+    version_id: int | None = None  # the version's id (VERSIONS)
+    committed_at: float | None = None
+
+
+@message
+class Versions(Message):
+    """The kept versions of one file, oldest first.  Reply: VERSIONS_PAGE x n, the last ``done``."""
+
+    OP = "VERSIONS"
+    name: str
+
+
+@message
+class VersionsPage(Message):
+    OP = "VERSIONS_PAGE"
+    entries: list  # [{"id", "size", "sha256", "mtime", "committed_at", "current"}]
+    done: bool
 
 
 @message
@@ -894,6 +920,25 @@ class NodeStatReply(Message):
 
 
 # --- encoding -------------------------------------------------------------
+def pages_by_size(entries: list, max_bytes: int = PAGE_BYTES) -> list[list]:
+    """``entries`` (JSON-able) cut into pages whose encoded size stays under ``max_bytes``.
+
+    At least one page (possibly empty), and at least one entry per page, so
+    a reply always makes progress; an entry larger than ``max_bytes`` alone
+    is still bounded by MAX_HEADER_BYTES when it is encoded.
+    """
+    pages: list[list] = [[]]
+    size = 0
+    for entry in entries:
+        entry_bytes = len(json.dumps(entry, ensure_ascii=False, separators=(",", ":")).encode("utf-8")) + 1
+        if pages[-1] and size + entry_bytes > max_bytes:
+            pages.append([])
+            size = 0
+        pages[-1].append(entry)
+        size += entry_bytes
+    return pages
+
+
 def encode_header(msg: Message) -> bytes:
     """Length prefix plus JSON header of ``msg`` (without the body)."""
     cls = type(msg)

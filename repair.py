@@ -27,6 +27,11 @@ it knows has reported), nothing is repaired, dropped or deleted, so a master
 restart never starts a replication storm or deletes data of nodes that have
 not spoken yet.
 
+Older versions of a file (history.py) are data like the current one: they
+are repaired, and their blobs are known to reconciliation.  Tasks name the
+version by its commit index; a ``replicas`` record moves the chunks of
+every version of the name placed as it expects.
+
 The namespace is read without locks (see namespace.py); a repair re-checks
 nothing; every ``replicas`` record is a compare-and-set on the placement
 it was computed from, so one decided on a stale view changes nothing.
@@ -41,6 +46,7 @@ from dataclasses import dataclass
 
 import protocol
 import transfers
+from history import version_id
 from namespace import entry_blobs, placed_on, run_blob, uncovered
 
 logger = logging.getLogger("master.repair")
@@ -59,6 +65,7 @@ class RepairTask:
     name: str
     first: int
     count: int
+    version: int = 0  # commit index of the entry (history.version_id)
 
 
 def replicas_record(name: str, blob: str, first: int, count: int, expect: list, nodes: list) -> dict:
@@ -155,7 +162,7 @@ class Repairer:
         self.safe_mode = self.config.safe_mode_s > 0
         self.reported: set[str] = set()  # nodes whose inventory arrived since start
         self._lock = threading.Lock()
-        self._reports: dict[str, dict] = {}  # node_id -> files snapshot taken at REGISTER
+        self._reports: dict[str, list] = {}  # node_id -> (name, entry) pairs kept at REGISTER
         self._inventories: dict[str, dict] = {}  # node_id -> blob -> extents, being received
         self._to_reconcile: list[tuple[str, dict, dict]] = []
         self._wake = threading.Event()
@@ -197,7 +204,7 @@ class Repairer:
         inventory without being lost, so only files in this snapshot are
         checked for chunks the node should have.
         """
-        snapshot = dict(self.master.namespace.files)
+        snapshot = self.master.namespace.all_entries()
         with self._lock:
             self._reports[node_id] = snapshot
             self._inventories[node_id] = {}
@@ -257,7 +264,7 @@ class Repairer:
     def _blob_owners(self) -> dict[str, tuple[str, dict]]:
         """blob -> (name, entry) of the file whose chunks live in it."""
         owners = {}
-        for name, entry in list(self.master.namespace.files.items()):
+        for name, entry in self.master.namespace.all_entries():
             for blob in entry_blobs(entry):
                 owners[blob] = (name, entry)
         return owners
@@ -298,12 +305,19 @@ class Repairer:
         replication = self.config.replication
         holding = alive if holding is None else holding | alive
         tasks, damaged, under = [], [], 0
-        for name, entry in list(self.master.namespace.files.items()):
+        seen: set[tuple] = set()  # runs already counted: versions share untouched chunks
+        damaged_names: set[str] = set()
+        for name, entry in self.master.namespace.all_entries():
             short_of_copies = False
-            for first, count, nodes in (run[:3] for run in entry["runs"]):
+            for run in entry["runs"]:
+                first, count, nodes = run[:3]
                 live = sum(1 for n in nodes if n in alive)
                 if live >= replication:
                     continue
+                key = (name, run_blob(entry, run), first, count, tuple(nodes))
+                if key in seen:
+                    continue
+                seen.add(key)
                 under += count
                 if live == 0:
                     short_of_copies = True
@@ -311,8 +325,9 @@ class Repairer:
                 if sum(1 for n in nodes if n in holding) >= replication:
                     continue  # a copy is on a node that stopped cleanly: wait out its grace
                 for piece_first, piece_count in transfers.batch_pieces(first, count, entry["batch_chunks"]):
-                    tasks.append(RepairTask(live, name, piece_first, piece_count))
-            if short_of_copies:
+                    tasks.append(RepairTask(live, name, piece_first, piece_count, version_id(entry)))
+            if short_of_copies and name not in damaged_names:
+                damaged_names.add(name)
                 damaged.append(name)
         tasks.sort()
         self.under_replicated_chunks = under
@@ -331,7 +346,7 @@ class Repairer:
                 progress.finish(interrupted=True)
                 return
             started = time.monotonic()
-            entry = self.master.namespace.files.get(task.name)
+            entry = self.master.namespace.find_entry(task.name, task.version)
             if entry is None:
                 self.repairs_pending -= 1
                 progress.step(task, 0)
@@ -372,7 +387,7 @@ class Repairer:
                 logger.debug("cannot repair %r chunks %d..%d yet: %s", task.name, first, first + count - 1, exc)
                 progress.fail(f"{task.name!r} chunks {first}..{first + count - 1}: {exc}")
                 continue
-            current = master.namespace.files.get(task.name)
+            current = master.namespace.find_entry(task.name, task.version)
             if current is None or not placed_on(current, blob, first, count, nodes):
                 # The read found a replica short of some chunks and took it
                 # off them: the record below would not apply.  The next scan
@@ -409,7 +424,7 @@ class Repairer:
                 logger.warning("reconciling node %s failed, will retry at its next registration: %s",
                                node_id, exc)
 
-    def reconcile(self, node_id: str, snapshot: dict, inventory: dict) -> None:
+    def reconcile(self, node_id: str, snapshot: list, inventory: dict) -> None:
         """Bring the namespace and one node's inventory into agreement (see module docstring)."""
         master = self.master
         replication = self.config.replication
@@ -441,7 +456,7 @@ class Repairer:
         # Only placements older than the node's report count (the snapshot
         # taken at REGISTER), and each change applies only if the placement
         # is still the same (replicas records compare and set).
-        for name, entry in snapshot.items():
+        for name, entry in snapshot:
             for run in entry["runs"]:
                 first, count, nodes = run[:3]
                 if node_id not in nodes:

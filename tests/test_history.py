@@ -1,0 +1,257 @@
+"""Backups that keep history: versions (issue 13).
+
+Unit tests drive the pure rules (history.py), the namespace's versions and a
+Master without nodes (what a dropped version gives back to the garbage
+collector, what reconciliation and repair treat as known).  One module
+cluster of real processes checks versions through the CLI and the client,
+across replace, append, write and touch, with a master restart in between.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+
+import pytest
+
+from conftest import FAST_MASTER, FAST_TIMING, random_bytes, running_cluster, sha256, wait_until, write_local
+
+import config as config_module
+import history
+import protocol
+import transport
+from master import Master
+from metadata_log import MetadataLog
+from namespace import Namespace, make_entry, put_record, splice_runs
+from repair import replicas_record
+
+CHUNK = 1024
+BATCH = 4
+A, B, C, D = "node-a", "node-b", "node-c", "node-d"
+KEEP = 3  # --keep-versions of the test cluster and of the unit masters
+
+
+# --- unit: rules ------------------------------------------------------------------------------
+def entry_at(commit_index: int, committed_at: float) -> dict:
+    return {"commit_index": commit_index, "committed_at": committed_at, "mtime": committed_at}
+
+
+def test_trim_versions_drops_the_oldest_beyond_keep():
+    """keep counts the current version: keep=3 leaves two older ones, the newest two."""
+    older = [entry_at(i, i) for i in (1, 2, 3, 4)]
+    kept, dropped = history.trim_versions(older, 3)
+    assert [e["commit_index"] for e in kept] == [3, 4] and [e["commit_index"] for e in dropped] == [1, 2]
+    assert history.trim_versions(older, 1) == ([], older)
+
+
+@pytest.mark.parametrize("version, at, expected", [
+    (None, None, 30), (20, None, 20), (99, None, None),
+    (None, 25.0, 20), (None, 20.0, 20), (None, 9.9, None), (None, 1e12, 30)])
+def test_pick_version_by_id_or_by_time(version, at, expected):
+    """--version picks by id, --at the newest committed at or before the time, neither the current one."""
+    entries = [entry_at(10, 10.0), entry_at(20, 20.0), entry_at(30, 30.0)]
+    chosen = history.pick_version(entries, version, at)
+    assert (chosen and chosen["commit_index"]) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("2h", 100_000 - 7200), ("90s", 100_000 - 90), ("1.5d", 100_000 - 1.5 * 86400), ("1w", 100_000 - 604800),
+    ("2024-05-01T13:00:00+00:00", 1714568400.0), ("2024-05-01 13:00:00+02:00", 1714561200.0)])
+def test_parse_time_relative_and_iso(text, expected):
+    """--at accepts a duration ago or an ISO 8601 time (with or without a zone)."""
+    assert history.parse_time(text, 100_000) == expected
+
+
+def test_parse_time_naive_iso_is_local_and_garbage_is_refused():
+    """A time without a zone is local time; anything else is a ValueError saying what is accepted."""
+    assert history.parse_time("2024-05-01", 0) == datetime.datetime(2024, 5, 1).timestamp()
+    with pytest.raises(ValueError, match="ISO 8601"):
+        history.parse_time("yesterday", 0)
+
+
+# --- unit: namespace --------------------------------------------------------------------------
+def stored(version: str, chunks: int = 4, nodes=(A, B)) -> dict:
+    return make_entry(chunks * CHUNK, CHUNK, version[-1] * 64, version, [[0, chunks, list(nodes)]], BATCH)
+
+
+def put(name: str, entry: dict, i: int, keep: int = KEEP, base=None) -> dict:
+    record = put_record(name, entry, base)
+    record.update(i=i, t=float(i), keep=keep)
+    return record
+
+
+def test_namespace_keeps_versions_replays_and_checkpoints_them(tmp_path):
+    """Each put keeps the replaced entry, keep bounds them, and replay and checkpoint give the same state."""
+    namespace = Namespace()
+    log = MetadataLog(str(tmp_path / "meta"), namespace, checkpoint_every=1000)
+    log.open()
+    for n in range(1, 5):
+        record = put("f", stored(f"v{n}"), 0)
+        del record["i"]
+        log.commit([record])
+    assert [history.version_id(e) for e in namespace.history("f")] == [2, 3, 4]
+    assert [e["version"] for e in namespace.history("f")] == ["v2", "v3", "v4"]
+    log.close()
+    replayed = Namespace()
+    MetadataLog(str(tmp_path / "meta"), replayed).open()
+    assert replayed.history("f") == namespace.history("f")
+    restored = Namespace()
+    restored.restore(json.loads(json.dumps(namespace.snapshot())))
+    assert restored.history("f") == namespace.history("f")
+
+
+def test_put_without_keep_keeps_no_history():
+    """A record from before versions existed (no "keep") replaces as it always did."""
+    namespace = Namespace()
+    namespace.apply({"op": "put", "name": "f", "file": stored("v1"), "i": 1})
+    namespace.apply({"op": "put", "name": "f", "file": stored("v2"), "i": 2})
+    assert [e["version"] for e in namespace.history("f")] == ["v2"]
+
+
+def test_replicas_record_moves_every_version_placed_so():
+    """Repair of chunks shared by versions changes all of them, so none stays short of copies."""
+    namespace = Namespace()
+    namespace.apply(put("f", stored("v1"), 1))
+    namespace.apply(put("f", {**namespace.files["f"], "mtime": 5.0}, 2,
+                        base={"version": "v1", "first": 0, "end": 0}))  # a touch
+    namespace.apply(replicas_record("f", "v1", 0, 4, [A, B], [A, C]) | {"i": 3})
+    assert [e["runs"] for e in namespace.history("f")] == [[[0, 4, [A, C]]], [[0, 4, [A, C]]]]
+
+
+def test_lookup_version_errors_name_the_problem():
+    """An unknown version or a time before the first commit is FILE_NOT_FOUND saying so."""
+    namespace = Namespace()
+    namespace.apply(put("f", stored("v1"), 7))
+    with pytest.raises(protocol.FileNotFound, match="no version 3"):
+        namespace.lookup_version("f", version=3)
+    with pytest.raises(protocol.FileNotFound, match="did not exist at"):
+        namespace.lookup_version("f", at=1.0)
+    assert namespace.lookup_version("f", at=7.0)["version"] == "v1"
+
+
+# --- unit: garbage collection, repair and reconciliation of versions ----------------------------
+@pytest.fixture
+def bare_master(tmp_path):
+    config = config_module.load_config(None, keep_versions=KEEP, safe_mode_s=0)
+    master = Master(config, str(tmp_path / "master"))
+    yield master
+    master.log.close()
+
+
+def garbage(master: Master) -> dict[str, set]:
+    return {node: set(items) for node, items in master._garbage.items() if items}
+
+
+def test_dropping_a_version_frees_only_what_no_kept_version_uses(bare_master):
+    """A replace frees nothing while the old version is kept; dropping v1 keeps chunks an append shared."""
+    m = bare_master
+    v1 = stored("v1", chunks=4, nodes=(A, B))
+    m.commit_uploads([("f", v1, None)])
+    runs = splice_runs(m.namespace.files["f"], [[4, 2, [C, D]]], 4, 6)  # an append in blob v2
+    m.commit_uploads([("f", make_entry(6 * CHUNK, CHUNK, "2" * 64, "v2", runs, BATCH),
+                       {"version": "v1", "first": 4, "end": 6})])
+    m.commit_uploads([("f", stored("v3", nodes=(B, C)), None)])
+    assert not garbage(m), "a kept version's chunks were collected"
+    m.commit_uploads([("f", stored("v4", nodes=(A, D)), None)])  # drops v1: its chunks live on in v2
+    assert not garbage(m), f"chunks v2 shares with v1 were collected: {garbage(m)}"
+    m.commit_uploads([("f", stored("v5", nodes=(A, D)), None)])  # drops v2: blobs v1 and v2 go
+    assert garbage(m) == {A: {("v1", None, None)}, B: {("v1", None, None)},
+                          C: {("v2", None, None)}, D: {("v2", None, None)}}
+
+
+def test_repair_and_reconciliation_know_older_versions(bare_master):
+    """An older version's blob is not an orphan, and its lost copies are repair tasks."""
+    m = bare_master
+    m.commit_uploads([("f", stored("v1", nodes=(A, B)), None)])
+    m.commit_uploads([("f", stored("v2", nodes=(C, D)), None)])
+    m.repairer.reconcile(A, m.namespace.all_entries(), {"v1": [(0, 4)]})
+    assert not garbage(m), "an older version's blob was taken for an orphan"
+    tasks = m.repairer.scan(alive={B, C, D})
+    assert [(t.name, t.version, t.copies) for t in tasks] == [("f", 1, 1)]
+
+
+# --- process tests: one cluster -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def history_cluster(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("history")
+    with running_cluster(directory / "cluster", nodes=2, master_args=[*FAST_MASTER, "--keep-versions", str(KEEP)],
+                         node_args=[*FAST_TIMING, "--scrub-rate", "0"]) as cluster:
+        yield cluster
+
+
+def call(cluster, fn):
+    c = cluster.client()
+    try:
+        return fn(c)
+    finally:
+        c.close()
+
+
+def fetch(cluster, tmp_path, name: str, **which) -> bytes:
+    destination = tmp_path / "fetched"
+    call(cluster, lambda c: c.download(name, str(destination), force=True, **which))
+    data = destination.read_bytes()
+    destination.unlink()
+    return data
+
+
+def node_chunks(cluster) -> int:
+    total = 0
+    for node in cluster.nodes:
+        host, _, port = node.address.rpartition(":")
+        with transport.Connection((host, int(port)), "master", timeout_s=10.0) as conn:
+            total += conn.request(protocol.NodeStat(), protocol.NodeStatReply).chunks
+    return total
+
+
+def test_versions_across_replace_append_write_touch_and_a_master_restart(history_cluster, tmp_path):
+    """Every write keeps the version it replaced; --version and --at read them, before and after a restart."""
+    cluster = history_cluster
+    seed = 1301
+    v1, v2, tail, patch = (random_bytes(seed + n, size) for n, size in enumerate((3000, 5000, 1500, 700)))
+    upload = lambda data, **kw: call(cluster, lambda c: c.upload_file(write_local(tmp_path, "v", data), "doc", **kw))
+    upload(v1)
+    upload(v2)
+    cluster.restart_master()
+    cluster.wait_nodes_alive(2)
+    upload(tail, mode="append")
+    v3 = v2 + tail
+    upload(patch, mode="write", offset=100)
+    v4 = v3[:100] + patch + v3[800:]
+    versions = call(cluster, lambda c: c.versions("doc"))
+    assert [v["sha256"] for v in versions] == [sha256(v2), sha256(v3), sha256(v4)], f"seed {seed}"
+    assert [v["current"] for v in versions] == [False, False, True]
+    call(cluster, lambda c: c.touch("doc"))  # keeps v4's data as a version too; v2 is dropped
+    versions = call(cluster, lambda c: c.versions("doc"))
+    assert [v["sha256"] for v in versions] == [sha256(v3), sha256(v4), sha256(v4)], f"seed {seed}"
+    cluster.restart_master()
+    cluster.wait_nodes_alive(2)
+    assert call(cluster, lambda c: c.versions("doc")) == versions
+    assert fetch(cluster, tmp_path, "doc", version=versions[0]["id"]) == v3, f"seed {seed}"
+    assert fetch(cluster, tmp_path, "doc", at=versions[1]["committed_at"]) == v4, f"seed {seed}"
+    with pytest.raises(protocol.FileNotFound):
+        fetch(cluster, tmp_path, "doc", at=versions[0]["committed_at"] - 3600)
+    # The CLI: versions --json, cat --version, stat --at.
+    listed = cluster.cli("versions", "doc", "--json")
+    assert listed.returncode == 0 and json.loads(listed.stdout) == versions, listed
+    cat = cluster.cli("cat", "doc", "--version", str(versions[0]["id"]))
+    assert cat.returncode == 0 and cat.stdout == v3, cat
+    when = datetime.datetime.fromtimestamp(versions[1]["committed_at"] + 0.0005).isoformat()
+    shown = cluster.cli("stat", "doc", "--at", when, "--json")
+    assert shown.returncode == 0 and json.loads(shown.stdout)["version_id"] == versions[1]["id"], shown
+    assert cluster.cli("cat", "doc", "--version", "1").returncode == 3  # dropped: FILE_NOT_FOUND
+    assert cluster.cli("cat", "doc", "--at", "not-a-time").returncode == 2
+
+
+def test_dropping_old_versions_frees_their_chunks_on_the_nodes(history_cluster, tmp_path):
+    """With keep_versions 3, four whole replaces leave three versions' chunks on the nodes, no more."""
+    cluster = history_cluster
+    seed = 1302
+    baseline = node_chunks(cluster)
+    for n in range(4):
+        data = random_bytes(seed + n, 5 * CHUNK)
+        call(cluster, lambda c: c.upload_file(write_local(tmp_path, f"r{n}", data), "rotating"))
+    expected = baseline + KEEP * 5 * 2  # 3 versions x 5 chunks x replication 2
+    wait_until(lambda: node_chunks(cluster) == expected, 10.0,
+               message=f"{expected} chunks on the nodes (got {node_chunks(cluster)})")
+    assert len(call(cluster, lambda c: c.versions("rotating"))) == KEEP
