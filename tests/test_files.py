@@ -774,7 +774,8 @@ def test_stat_json_parses_to_the_same_fields(shared_cluster, tmp_path):
     parsed = json.loads(result.stdout)
     reply = stat(shared_cluster, "stat/json")
     assert parsed == {"name": "stat/json", "size": len(data), "chunks": 2, "chunk_size": CHUNK_BYTES,
-                      "sha256": sha256(data), "mtime": reply.mtime, "version": reply.version, "runs": reply.runs}
+                      "sha256": sha256(data), "mtime": reply.mtime, "version": reply.version, "runs": reply.runs,
+                      "version_id": reply.version_id, "committed_at": reply.committed_at}
 
 
 # --- range-read latency (measured, printed, never asserted) ----------------------------------
