@@ -53,6 +53,7 @@ EXIT_FILE_LOCKED = 13
 EXIT_AUTH_FAILED = 14
 EXIT_PARTIAL = 15
 EXIT_INVALID_RANGE = 16
+EXIT_FILE_EXISTS = 17
 
 # Wire error code -> exit status.  Codes not listed exit with EXIT_ERROR.
 EXIT_CODES = {
@@ -70,6 +71,7 @@ EXIT_CODES = {
     "DATA_LOST": EXIT_DATA_LOST,
     "INSUFFICIENT_SPACE": EXIT_INSUFFICIENT_SPACE,
     "FILE_LOCKED": EXIT_FILE_LOCKED,
+    "FILE_EXISTS": EXIT_FILE_EXISTS,
     "AUTH_FAILED": EXIT_AUTH_FAILED,
 }
 
@@ -771,8 +773,18 @@ class Client:
         return summary
 
     # --- the rest --------------------------------------------------------------------
-    def delete(self, name: str, wait_s: float = -1.0) -> None:
-        self.conn.request(protocol.Delete(name=protocol.validate_name(name), wait_s=wait_s), protocol.Deleted)
+    def delete(self, name: str, wait_s: float = -1.0, purge: bool = False) -> None:
+        """Move ``name`` and its versions to the trash, or with ``purge`` remove it and its trash at once."""
+        self.conn.request(protocol.Delete(name=protocol.validate_name(name), wait_s=wait_s, purge=purge or None),
+                          protocol.Deleted)
+
+    def undelete(self, name: str, wait_s: float = -1.0) -> protocol.Undeleted:
+        return self.conn.request(protocol.Undelete(name=protocol.validate_name(name), wait_s=wait_s),
+                                 protocol.Undeleted)
+
+    def trash(self, prefix: str = "") -> list[dict]:
+        """Trashed versions whose names start with ``prefix``, by name, oldest delete first."""
+        return self._pages(protocol.Trash(prefix=prefix), protocol.TrashPage)
 
     def touch(self, name: str, wait_s: float = -1.0) -> protocol.Touched:
         return self.conn.request(protocol.Touch(name=protocol.validate_name(name, storing=True), wait_s=wait_s),
@@ -1001,17 +1013,64 @@ def cmd_delete(client: Client, args) -> int:
     Exit status: that of the first failure, else EXIT_OK.  An error that is
     not about the name (master unreachable, ...) stops at once.
     """
+    if args.purge and not args.yes:
+        raise UsageError("--purge removes at once, with every version and the trash: add --yes to confirm")
+    names = delete_targets(client, args)
     status = EXIT_OK
-    for name in args.names:
+    for name in names:
         try:
-            client.delete(name, wait_seconds(args))
+            client.delete(name, wait_seconds(args), purge=args.purge)
         except _PER_NAME_ERRORS as exc:
             print(f"client: {exc.code}: {exc.message}", file=sys.stderr)
             status = status or EXIT_CODES[exc.code]
             continue
         if not args.quiet:
-            print(f"deleted {name}")
+            print(f"{'purged' if args.purge else 'deleted'} {name}")
     return status
+
+
+def delete_targets(client: Client, args) -> list[str]:
+    """The names a delete acts on: each NAME, or with --recursive every file under each PREFIX/.
+
+    A purge also reaches names that are only in the trash.
+    """
+    if not args.recursive:
+        bad = [name for name in args.names if name.endswith("/")]
+        if bad:
+            raise UsageError(f"{bad[0]} is a prefix: add --recursive to delete every file under it")
+        return args.names
+    names: list[str] = []
+    for prefix in args.names:
+        if not prefix.endswith("/"):
+            raise UsageError(f"--recursive takes prefixes ending in /, not {prefix!r}")
+        found = [e["name"] for e in client.list(prefix)]
+        if args.purge:
+            found += [e["name"] for e in client.trash(prefix)]
+        found = sorted(set(found))
+        if not found:
+            raise protocol.FileNotFound(f"no file under {prefix}")
+        names += found
+    return names
+
+
+def cmd_undelete(client: Client, args) -> int:
+    reply = client.undelete(args.name, wait_seconds(args))
+    if not args.quiet:
+        print(f"undeleted {reply.name}: {plural(reply.size, 'byte')}, version {reply.version_id}")
+    return EXIT_OK
+
+
+def cmd_trash(client: Client, args) -> int:
+    entries = client.trash(args.prefix)
+    if args.json:
+        print(json.dumps(entries, indent=2, ensure_ascii=False))
+        return EXIT_OK
+    if not args.quiet:
+        print(f"{'ID':>10} {'SIZE':>14}  {'DELETED':<19}  {'EXPIRES':<19}  NAME")
+    for e in entries:
+        print(f"{e['id']:>10} {e['size']:>14}  {format_time(e['trashed_at'])}  {format_time(e['expires_at'])}  "
+              f"{e['name']}")
+    return EXIT_OK
 
 
 def cmd_list(client: Client, args) -> int:
@@ -1066,9 +1125,11 @@ COMMANDS = {
     "list": cmd_list,
     "status": cmd_status,
     "versions": cmd_versions,
+    "undelete": cmd_undelete,
+    "trash": cmd_trash,
 }
 # Commands that take a name's write lock, and so --wait / --no-wait.
-WRITERS = ("upload", "delete", "append", "write", "touch")
+WRITERS = ("upload", "delete", "append", "write", "touch", "undelete")
 
 # Environment variables the client reads; a flag beats them, they beat the config file.
 ENV_MASTER = "BACKUP_MASTER"
@@ -1152,10 +1213,23 @@ def build_arg_parser() -> argparse.ArgumentParser:
     download.add_argument("--offset", type=int, help="first byte to read (default 0)")
     download.add_argument("--length", type=int, help="bytes to read (default: to the end)")
     download.add_argument("--force", action="store_true", help="replace existing local regular files")
-    delete = command("delete", "delete stored files",
-                     "Delete each NAME (space is reclaimed on the nodes in the background).  A name that "
-                     "fails is named on stderr and the others are still deleted.")
-    delete.add_argument("names", metavar="NAME", nargs="+", help="stored name")
+    delete = command("delete", "move stored files (and their versions) to the trash",
+                     "Move each NAME and its versions to the trash for [retention] trash_days, from where "
+                     "undelete brings it back; then its space is reclaimed.  --purge removes at once.  A name "
+                     "that fails is named on stderr and the others are still deleted.")
+    delete.add_argument("names", metavar="NAME", nargs="+", help="stored name; PREFIX/ with --recursive")
+    delete.add_argument("--recursive", "-r", action="store_true", help="delete every file under each PREFIX/")
+    delete.add_argument("--purge", action="store_true",
+                        help="remove at once, with every version and whatever the trash holds of the name")
+    delete.add_argument("--yes", action="store_true", help="confirm --purge")
+    undelete = command("undelete", "bring a deleted file back from the trash",
+                       "Bring back what the newest delete of NAME moved to the trash: its newest version "
+                       "becomes current again, with its older versions.  Fails with FILE_EXISTS if NAME exists.")
+    undelete.add_argument("name", metavar="NAME", help="stored name")
+    trash = command("trash", "list the trash: deleted files and when they expire",
+                    "List what the trash holds, by name: version id, size, when deleted, when it expires.")
+    trash.add_argument("prefix", metavar="PREFIX", nargs="?", default="", help="only names starting with this")
+    trash.add_argument("--json", action="store_true", help="machine-readable output")
     append = command("append", "append local bytes (or stdin) to a stored file, creating it",
                      "Append LOCAL (or standard input) to NAME; NAME is created if missing.")
     append.add_argument("name", metavar="NAME", help="stored name")
@@ -1202,7 +1276,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                      "and the cluster's totals: under-replicated chunks, repairs, corrupt replicas, damaged files.")
     for name, sub in (("upload", upload), ("download", download), ("delete", delete), ("append", append),
                       ("write", write), ("cat", cat), ("touch", touch), ("stat", stat_cmd), ("locks", locks),
-                      ("list", listing), ("status", status), ("versions", versions)):
+                      ("list", listing), ("status", status), ("versions", versions), ("undelete", undelete),
+                      ("trash", trash)):
         add_client_options(sub, writer=name in WRITERS, top=False)
     return parser
 

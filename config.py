@@ -55,6 +55,7 @@ class Config:
     tls_ca: str = ""
     max_connections: int = 256
     keep_versions: int = 10
+    trash_days: float = 7.0
 
     @property
     def chunks_per_batch(self) -> int:
@@ -95,6 +96,7 @@ _KEYS = [
     ("security", "tls_ca", "tls_ca", str),
     ("security", "max_connections", "max_connections", int),
     ("retention", "keep_versions", "keep_versions", int),
+    ("retention", "trash_days", "trash_days", float),
 ]
 
 
@@ -222,6 +224,8 @@ def validate(config: Config) -> None:
         raise ValueError("capacity_bytes must be positive")
     if config.checkpoint_every < 1:
         raise ValueError("checkpoint_every must be at least 1")
+    if config.trash_days < 0:
+        raise ValueError("trash_days must not be negative (0 = deletes free space at once)")
     if config.keep_versions < 1:
         raise ValueError("keep_versions must be at least 1 (1 = no older versions)")
     if config.max_connections < 1:

@@ -15,7 +15,8 @@ network I/O.
 
 A write to an existing name keeps the version it replaces (history.py,
 ``[retention] keep_versions``); what frees chunks is a version being
-dropped (the oldest beyond keep_versions) or a delete.  Those are collected
+dropped (the oldest beyond keep_versions), trash expiring (a delete moves
+a file and its versions to the trash for trash_days) or a purge.  Those are collected
 lazily: the master asks the nodes to drop what no kept version of the name
 uses, in the background, and retries a node that is unreachable for as
 long as the master runs.
@@ -215,10 +216,12 @@ class Master:
         self._stop = threading.Event()
         self._gc_thread = threading.Thread(target=self._gc_loop, name="gc", daemon=True)
         self._liveness_thread = threading.Thread(target=self._liveness_loop, name="liveness", daemon=True)
+        self._trash_thread = threading.Thread(target=self._trash_loop, name="trash", daemon=True)
 
     def start(self) -> None:
         self._gc_thread.start()
         self._liveness_thread.start()
+        self._trash_thread.start()
         self.repairer.start()
 
     def stop(self) -> None:
@@ -516,16 +519,81 @@ class Master:
                     del self._readers[blob]
             self._garbage_cond.notify_all()
 
-    def delete(self, name: str, owner: str, wait_s: float = -1.0) -> None:
+    def delete(self, name: str, owner: str, wait_s: float = -1.0, purge: bool = False) -> None:
+        """Move ``name`` and its versions to the trash (none if trash_days is 0), or with ``purge``
+        drop it, its versions and its trash at once."""
         token = self.lock_name(name, owner, wait_s)
         try:
-            entry = self.namespace.lookup(name)
             before = self.namespace.entries_of(name)
-            self.log.commit([{"op": "delete", "name": name}])
+            if purge:
+                if not before:
+                    raise protocol.FileNotFound(f"no file named {name!r}, in use or in the trash")
+                record = {"op": "purge", "name": name}
+            else:
+                self.namespace.lookup(name)
+                record = {"op": "delete", "name": name, "t": round(time.time(), 3)}
+                if self.config.trash_days > 0:
+                    record["trash"] = True
+            self.log.commit([record])
         finally:
             self.locks.release(name, token)
         self._collect_dropped(name, before)
-        logger.info("deleted %r (version %s)", name, entry["version"])
+        logger.info("%s %r", "purged" if purge else "deleted" if self.config.trash_days <= 0 else "trashed", name)
+
+    def undelete(self, name: str, owner: str, wait_s: float = -1.0) -> dict:
+        """Bring back what the newest delete of ``name`` trashed; its newest version becomes current."""
+        token = self.lock_name(name, owner, wait_s)
+        try:
+            if name in self.namespace.files:
+                raise protocol.FileExists(f"{name!r} exists: delete or rename it before undeleting")
+            if not self.namespace.trash.get(name):
+                raise protocol.FileNotFound(f"{name!r} is not in the trash")
+            self.log.commit([{"op": "undelete", "name": name}])
+            entry = self.namespace.files[name]
+        finally:
+            self.locks.release(name, token)
+        logger.info("undeleted %r (version %s)", name, history.version_id(entry))
+        return entry
+
+    def trash_expiry_s(self) -> float:
+        return self.config.trash_days * 86400.0
+
+    def expire_trash(self, now: float) -> int:
+        """Drop trash older than trash_days (freeing its chunks); returns the names expired.
+
+        A name whose lock is busy is left for the next pass.  Not in safe
+        mode: nothing is deleted before the nodes have reported.
+        """
+        if self.repairer.in_safe_mode():
+            return 0
+        before_t = now - self.trash_expiry_s()
+        expired = 0
+        for name, entries in list(self.namespace.trash.items()):
+            if not any(e["trashed_at"] <= before_t for e in entries):
+                continue
+            try:
+                token = self.lock_name(name, "trash expiry", 0.0)
+            except protocol.FileLocked:
+                continue
+            try:
+                before = self.namespace.entries_of(name)
+                self.log.commit([{"op": "expire", "name": name, "before": before_t}])
+            finally:
+                self.locks.release(name, token)
+            self._collect_dropped(name, before)
+            expired += 1
+            logger.info("trash of %r expired (older than %g days)", name, self.config.trash_days)
+        return expired
+
+    def _trash_loop(self) -> None:
+        # Often enough that an entry outlives trash_days by a tenth at most,
+        # never busier than once a second nor lazier than once a minute.
+        interval = min(max(self.trash_expiry_s() / 10, 1.0), 60.0)
+        while not self._stop.wait(interval):
+            try:
+                self.expire_trash(time.time())
+            except Exception:
+                logger.exception("trash expiry failed; retrying")
 
     def touch(self, name: str, owner: str, wait_s: float = -1.0) -> dict:
         """Create ``name`` empty, or give an existing file a new mtime."""
@@ -1012,8 +1080,23 @@ class MasterHandler(transport.RequestHandler):
 
     def do_DELETE(self, msg: protocol.Delete) -> None:
         name = protocol.validate_name(msg.name)
-        self.master.delete(name, self.peer, msg.wait_s)
+        self.master.delete(name, self.peer, msg.wait_s, purge=bool(msg.purge))
         self.reply(protocol.Deleted(name=name))
+
+    def do_UNDELETE(self, msg: protocol.Undelete) -> None:
+        name = protocol.validate_name(msg.name)
+        entry = self.master.undelete(name, self.peer, msg.wait_s)
+        self.reply(protocol.Undeleted(name=name, size=entry["size"], version_id=history.version_id(entry)))
+
+    def do_TRASH(self, msg: protocol.Trash) -> None:
+        expiry_s = self.master.trash_expiry_s()
+        infos = [{"name": name, "id": history.version_id(e), "size": e["size"], "sha256": e["sha256"],
+                  "mtime": e["mtime"], "trashed_at": e["trashed_at"], "expires_at": e["trashed_at"] + expiry_s}
+                 for name, e in self.master.namespace.trash_listing(msg.prefix)]
+        pages = protocol.pages_by_size(infos)
+        for n, page in enumerate(pages):
+            done = n == len(pages) - 1
+            self.reply(protocol.TrashPage(entries=page, done=done), flush=done)
 
     def do_TOUCH(self, msg: protocol.Touch) -> None:
         name = protocol.validate_name(msg.name, storing=True)
@@ -1084,6 +1167,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repair-rate", type=float, metavar="MB_S", help="re-replication speed limit in MB/s")
     parser.add_argument("--keep-versions", type=int, metavar="N",
                         help="versions kept per name, the current one included (default [retention] keep_versions)")
+    parser.add_argument("--trash-days", type=float, metavar="DAYS",
+                        help="days a deleted file stays in the trash; 0 = none (default [retention] trash_days)")
     return parser
 
 
@@ -1094,7 +1179,7 @@ def main(argv=None) -> int:
             args.config, master_host=args.host, master_port=args.port, master_data_dir=args.data_dir,
             dead_after_s=args.dead_after, heartbeat_interval_s=args.heartbeat_interval,
             io_timeout_s=args.io_timeout, safe_mode_s=args.safe_mode, repair_rate_mb_s=args.repair_rate,
-            keep_versions=args.keep_versions,
+            keep_versions=args.keep_versions, trash_days=args.trash_days,
             **config_module.security_overrides(args))
         security = security_module.for_server(config, config.master_host, args.insecure)
     except ValueError as exc:

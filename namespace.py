@@ -15,7 +15,13 @@ Records (JSON objects; the log adds the index ``"i"``):
      "base": {"version": V,                      version V (append, write, touch):
               "first": f, "end": e}}             chunks outside [f, e) keep the
                                                  placement of the current entry
-    {"op": "delete", "name": N}                  remove a file
+    {"op": "delete", "name": N}                  remove a file and its versions
+    {"op": "delete", "name": N, "trash": true,   move them to the trash instead,
+     "t": time}                                  marked trashed_at = t
+    {"op": "undelete", "name": N}                bring back from the trash what the
+                                                 newest delete of N moved there
+    {"op": "expire", "name": N, "before": T}     drop N's trash trashed at or before T
+    {"op": "purge", "name": N}                   drop N, its versions and its trash
     {"op": "replicas", "name": N, "blob": B,     chunks [first, first+count) of
      "first": f, "count": c, "expect": [ID..],  blob B move from the nodes in
      "nodes": [ID..]}                            expect to those in nodes (only
@@ -30,7 +36,9 @@ A file ENTRY::
 
 ``apply`` adds ``commit_index`` (the record's index: the version id) and
 ``committed_at`` (the record's ``t``) to the entry; see history.py.
-Older versions of a live name are kept in ``versions[name]``, oldest first.
+Older versions of a live name are kept in ``versions[name]``, oldest first;
+what a delete moved to the trash in ``trash[name]`` (each entry with its
+``trashed_at``), in the order it was deleted.
 
 A run has a fourth element, a blob id, when its chunks live in another blob
 than the entry's version: after an append or an in-place write, untouched
@@ -64,6 +72,8 @@ class Namespace:
         # name -> older versions of a live name, oldest first.  Lists are
         # replaced, never changed in place (snapshot shares them).
         self.versions: dict[str, list[dict]] = {}
+        # name -> trashed entries (each with "trashed_at"), replaced like versions.
+        self.trash: dict[str, list[dict]] = {}
 
     # --- the state machine (driven by MetadataLog) --------------------------------
     def apply(self, record: dict) -> None:
@@ -80,8 +90,21 @@ class Namespace:
                 self._set_versions(name, kept)
             self.files[name] = entry
         elif op == "delete":
-            self.files.pop(record["name"], None)
-            self.versions.pop(record["name"], None)
+            name = record["name"]
+            if record.get("trash"):
+                moved = [{**e, "trashed_at": record["t"]} for e in self.history(name)]
+                if moved:
+                    self.trash[name] = [*self.trash.get(name, ()), *moved]
+            self.files.pop(name, None)
+            self.versions.pop(name, None)
+        elif op == "undelete":
+            self._undelete(record["name"])
+        elif op == "expire":
+            kept = [e for e in self.trash.get(record["name"], ()) if e["trashed_at"] > record["before"]]
+            self._set_list(self.trash, record["name"], kept)
+        elif op == "purge":
+            for table in (self.files, self.versions, self.trash):
+                table.pop(record["name"], None)
         elif op == "replicas":
             # Compare and set: the file may have been replaced, deleted or
             # re-placed since the record was decided; then nothing changes.
@@ -97,26 +120,48 @@ class Namespace:
             entry = self.files.get(name)
             if entry is not None:
                 self.files[name] = moved(entry)
-            if name in self.versions:
-                self.versions[name] = [moved(e) for e in self.versions[name]]
+            for table in (self.versions, self.trash):
+                if name in table:
+                    table[name] = [moved(e) for e in table[name]]
         elif op == "node":
             self.nodes[record["node_id"]] = {"address": record["address"]}
         else:
             raise ValueError(f"unknown record op {op!r}")
 
     def _set_versions(self, name: str, older: list[dict]) -> None:
-        if older:
-            self.versions[name] = older
+        self._set_list(self.versions, name, older)
+
+    @staticmethod
+    def _set_list(table: dict, name: str, entries: list[dict]) -> None:
+        if entries:
+            table[name] = entries
         else:
-            self.versions.pop(name, None)
+            table.pop(name, None)
+
+    def _undelete(self, name: str) -> None:
+        """The entries the newest delete of ``name`` trashed become its versions again, the newest current.
+
+        Nothing happens if the name is live (the master refuses that with
+        FILE_EXISTS before logging) or has no trash.
+        """
+        trashed = self.trash.get(name)
+        if name in self.files or not trashed:
+            return
+        newest = trashed[-1]["trashed_at"]
+        back = [{k: v for k, v in e.items() if k != "trashed_at"} for e in trashed if e["trashed_at"] == newest]
+        self._set_list(self.trash, name, [e for e in trashed if e["trashed_at"] != newest])
+        self._set_versions(name, back[:-1])
+        self.files[name] = back[-1]
 
     def snapshot(self) -> dict:
-        return {"files": dict(self.files), "nodes": dict(self.nodes), "versions": dict(self.versions)}
+        return {"files": dict(self.files), "nodes": dict(self.nodes), "versions": dict(self.versions),
+                "trash": dict(self.trash)}
 
     def restore(self, snapshot: dict) -> None:
         self.files = dict(snapshot.get("files", {}))
         self.nodes = dict(snapshot.get("nodes", {}))
         self.versions = dict(snapshot.get("versions", {}))
+        self.trash = dict(snapshot.get("trash", {}))
 
     # --- reads (no lock) -----------------------------------------------------------
     def lookup(self, name: str) -> dict:
@@ -142,21 +187,27 @@ class Namespace:
         return entry
 
     def entries_of(self, name: str) -> list[dict]:
-        """Every entry whose chunks must be kept for ``name`` (what GC compares before and after a change)."""
-        return self.history(name)
+        """Every entry whose chunks must be kept for ``name``: versions and trash (what GC compares)."""
+        return [*self.trash.get(name, ()), *self.history(name)]
+
+    def trash_listing(self, prefix: str = "") -> list[tuple[str, dict]]:
+        """(name, trashed entry) pairs whose name starts with ``prefix``, by name, oldest delete first."""
+        return [(name, entry) for name in sorted(n for n in list(self.trash) if n.startswith(prefix))
+                for entry in self.trash.get(name, ())]
 
     def find_entry(self, name: str, commit_index: int) -> dict | None:
         """The kept entry of ``name`` with this commit index, or None (it was dropped or re-placed away)."""
         return next((e for e in self.entries_of(name) if history.version_id(e) == commit_index), None)
 
     def all_entries(self) -> list[tuple[str, dict]]:
-        """(name, entry) for every kept entry: older versions first, then current files.
+        """(name, entry) for every kept entry: trash, older versions, then current files.
 
         What repair and reconciliation must keep at ``replication`` copies
         and treat as known.  Current files come last, so a map built from
         this list prefers them.
         """
-        pairs = [(name, entry) for name, older in list(self.versions.items()) for entry in older]
+        pairs = [(name, entry) for table in (self.trash, self.versions)
+                 for name, entries in list(table.items()) for entry in entries]
         return pairs + list(self.files.items())
 
     def listing(self, prefix: str = "") -> list[tuple[str, dict]]:

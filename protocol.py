@@ -169,6 +169,12 @@ class FileLocked(BackupError):
     code = "FILE_LOCKED"
 
 
+class FileExists(BackupError):
+    """``undelete`` of a name that exists: bringing the trash back would hide it."""
+
+    code = "FILE_EXISTS"
+
+
 class ChecksumMismatch(BackupError):
     code = "CHECKSUM_MISMATCH"
 
@@ -613,12 +619,47 @@ class Delete(Message):
     OP = "DELETE"
     name: str
     wait_s: float = -1.0  # as in UPLOAD_BEGIN
+    # True: remove at once, with its versions and its trash, instead of
+    # moving it to the trash.
+    purge: bool | None = None
 
 
 @message
 class Deleted(Message):
     OP = "DELETED"
     name: str
+
+
+@message
+class Undelete(Message):
+    """Bring back from the trash what the newest delete of ``name`` moved there.  Reply: UNDELETED."""
+
+    OP = "UNDELETE"
+    name: str
+    wait_s: float = -1.0
+
+
+@message
+class Undeleted(Message):
+    OP = "UNDELETED"
+    name: str
+    size: int
+    version_id: int
+
+
+@message
+class Trash(Message):
+    """Trashed files whose names start with ``prefix``.  Reply: TRASH_PAGE x n, the last ``done``."""
+
+    OP = "TRASH"
+    prefix: str = ""
+
+
+@message
+class TrashPage(Message):
+    OP = "TRASH_PAGE"
+    entries: list  # [{"name", "id", "size", "sha256", "mtime", "trashed_at", "expires_at"}]
+    done: bool
 
 
 @message

@@ -422,8 +422,8 @@ def test_all_copies_corrupt_fails_data_lost_and_is_listed_damaged(make_cluster, 
 def test_node_rejoining_after_delete_and_replace_drops_stale_blobs(make_cluster, tmp_path):
     """A node down while a file was deleted and another replaced loses those stale blobs when it returns, and neither old version reappears."""
     seed = 505
-    # No history: the replaced version is dropped at once (tests/test_history.py covers kept versions).
-    cluster = heal_cluster(make_cluster, master_args=["--keep-versions", "1"])
+    # No history and no trash: the replaced version and the deleted file are dropped at once (tests/test_history.py covers kept versions).
+    cluster = heal_cluster(make_cluster, master_args=["--keep-versions", "1", "--trash-days", "0"])
     keep = random_bytes(seed, MIB + 10)
     files = {"keep": upload(cluster, "keep", keep, tmp_path)}
     gone = upload(cluster, "gone", random_bytes(seed + 1, 900 * KIB), tmp_path)
@@ -537,7 +537,9 @@ def test_deleted_data_is_reclaimed_on_disk(make_cluster, tmp_path):
     config_path = tmp_path / "small-segments.ini"
     with open(config_path, "w", encoding="utf-8") as f:
         parser.write(f)
-    cluster = heal_cluster(make_cluster, node_args=["--compact-interval", "0.5"], config_path=str(config_path))
+    # No trash: a delete frees space at once (tests/test_history.py covers the trash).
+    cluster = heal_cluster(make_cluster, master_args=["--trash-days", "0"], node_args=["--compact-interval", "0.5"],
+                           config_path=str(config_path))
     # Whole batches: each record outgrows a segment alone, so the tombstones
     # that follow land in a new, active segment that holds no data.
     names = [f"r{i}" for i in range(4)]

@@ -10,6 +10,7 @@ across replace, append, write and touch, with a master restart in between.
 from __future__ import annotations
 
 import datetime
+import time
 import json
 
 import pytest
@@ -255,3 +256,85 @@ def test_dropping_old_versions_frees_their_chunks_on_the_nodes(history_cluster, 
     wait_until(lambda: node_chunks(cluster) == expected, 10.0,
                message=f"{expected} chunks on the nodes (got {node_chunks(cluster)})")
     assert len(call(cluster, lambda c: c.versions("rotating"))) == KEEP
+
+
+# --- trash ----------------------------------------------------------------------------------------
+def test_namespace_trash_delete_undelete_expire_purge():
+    """delete moves every version to the trash, undelete brings back the newest delete, expire and purge drop."""
+    namespace = Namespace()
+    namespace.apply(put("f", stored("v1"), 1))
+    namespace.apply(put("f", stored("v2"), 2))
+    namespace.apply({"op": "delete", "name": "f", "trash": True, "t": 10.0, "i": 3})
+    assert "f" not in namespace.files and [e["commit_index"] for e in namespace.trash["f"]] == [1, 2]
+    namespace.apply(put("f", stored("v4"), 4))
+    namespace.apply({"op": "delete", "name": "f", "trash": True, "t": 20.0, "i": 5})
+    assert [e["trashed_at"] for _, e in namespace.trash_listing("f")] == [10.0, 10.0, 20.0]
+    namespace.apply(replicas_record("f", "v1", 0, 4, [A, B], [A, C]) | {"i": 6})  # repair reaches the trash
+    assert namespace.find_entry("f", 1)["runs"] == [[0, 4, [A, C]]]
+    namespace.apply({"op": "undelete", "name": "f", "i": 7})
+    assert [history.version_id(e) for e in namespace.history("f")] == [4]
+    assert "trashed_at" not in namespace.files["f"]
+    namespace.apply({"op": "delete", "name": "f", "trash": True, "t": 30.0, "i": 8})
+    namespace.apply({"op": "undelete", "name": "f", "i": 9})
+    namespace.apply({"op": "expire", "name": "f", "before": 10.0, "i": 10})
+    assert "f" not in namespace.trash and history.version_id(namespace.files["f"]) == 4
+    namespace.apply({"op": "purge", "name": "f", "i": 11})
+    assert not namespace.entries_of("f")
+
+
+def test_trash_frees_space_only_when_it_expires_or_is_purged(bare_master):
+    """A delete frees nothing; expiry past trash_days and purge free every blob, undelete of a live name is refused."""
+    m = bare_master
+    for name, version in (("a", "va"), ("b", "vb")):
+        m.commit_uploads([(name, stored(version, nodes=(A, B)), None)])
+        m.delete(name, "test")
+    assert not garbage(m) and {n for n, _ in m.namespace.trash_listing()} == {"a", "b"}
+    m.undelete("a", "test")
+    with pytest.raises(protocol.FileExists):
+        m.undelete("a", "test")
+    assert m.expire_trash(time.time()) == 0
+    assert m.expire_trash(time.time() + m.trash_expiry_s() + 1) == 1
+    assert garbage(m) == {A: {("vb", None, None)}, B: {("vb", None, None)}}
+    m.delete("a", "test", purge=True)
+    assert garbage(m) == {A: {("va", None, None), ("vb", None, None)}, B: {("va", None, None), ("vb", None, None)}}
+    with pytest.raises(protocol.FileNotFound):
+        m.delete("a", "test", purge=True)
+
+
+def test_trash_undelete_and_recursive_delete_through_the_cli_across_a_restart(history_cluster, tmp_path):
+    """delete PREFIX/ --recursive trashes a tree, trash lists it, undelete survives a master restart, purge needs --yes."""
+    cluster = history_cluster
+    seed = 1303
+    files = {f"tree/{n}": random_bytes(seed + n, 2000 + n) for n in range(3)}
+    for name, data in files.items():
+        call(cluster, lambda c: c.upload_file(write_local(tmp_path, "t", data), name))
+    assert cluster.cli("delete", "tree/").returncode == 2  # a prefix needs --recursive
+    deleted = cluster.cli("delete", "tree/", "--recursive")
+    assert deleted.returncode == 0, deleted
+    assert not call(cluster, lambda c: c.list("tree/"))
+    trashed = json.loads(cluster.cli("trash", "tree/", "--json").stdout)
+    assert [e["name"] for e in trashed] == sorted(files)
+    assert all(e["expires_at"] - e["trashed_at"] == pytest.approx(7 * 86400) for e in trashed)
+    cluster.restart_master()
+    cluster.wait_nodes_alive(2)
+    assert cluster.cli("undelete", "tree/1").returncode == 0
+    assert fetch(cluster, tmp_path, "tree/1") == files["tree/1"], f"seed {seed}"
+    assert cluster.cli("undelete", "tree/1").returncode == 17  # FILE_EXISTS
+    assert cluster.cli("delete", "--purge", "tree/", "--recursive").returncode == 2  # no --yes
+    baseline = node_chunks(cluster)
+    purged = cluster.cli("delete", "--purge", "--yes", "tree/", "--recursive")
+    assert purged.returncode == 0, purged
+    assert not json.loads(cluster.cli("trash", "tree/", "--json").stdout)
+    wait_until(lambda: node_chunks(cluster) == baseline - 3 * 2 * 2, 10.0, message="purged chunks freed")
+
+
+def test_trash_expires_on_the_master(tmp_path):
+    """With trash_days of a few seconds, the master empties the trash by itself and frees the chunks."""
+    with running_cluster(tmp_path / "cluster", nodes=2, master_args=[*FAST_MASTER, "--trash-days", "0.00002"],
+                         node_args=FAST_TIMING) as cluster:
+        data = random_bytes(1304, 4 * CHUNK)
+        call(cluster, lambda c: c.upload_file(write_local(tmp_path, "e", data), "expiring"))
+        call(cluster, lambda c: c.delete("expiring"))
+        assert [e["name"] for e in call(cluster, lambda c: c.trash())] == ["expiring"]
+        wait_until(lambda: not call(cluster, lambda c: c.trash()) and node_chunks(cluster) == 0, 10.0,
+                   message="trash expired and its chunks freed")
