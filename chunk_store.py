@@ -1024,6 +1024,30 @@ class ChunkStore:
         with self._lock:
             return {blob: [(e[FIRST], e[COUNT]) for e in extents] for blob, extents in self._index.items()}
 
+    def iter_inventory(self, slice_extents: int = 4096):
+        """Yield (blob, sorted [(first, count), ...]) slices of the inventory, blobs in sorted order.
+
+        At most ``slice_extents`` extents per slice; a blob with more comes
+        in consecutive slices.  The lock is taken per slice, so a node with a
+        million extents never copies its whole index at once nor stalls its
+        writers meanwhile.  Extents stored or dropped during the walk may or
+        may not be seen (reconciliation allows for that: see repair.py).
+        """
+        with self._lock:
+            blobs = sorted(self._index)
+        for blob in blobs:
+            next_first = 0
+            while True:
+                with self._lock:
+                    extents = self._index.get(blob, [])
+                    start = bisect.bisect_left(extents, (next_first,))
+                    part = [(e[FIRST], e[COUNT]) for e in extents[start:start + slice_extents]]
+                if part:
+                    yield blob, part
+                if len(part) < slice_extents:
+                    break
+                next_first = part[-1][0] + 1
+
     @property
     def used_bytes(self) -> int:
         """Bytes of segment files on disk, dead records included."""

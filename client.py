@@ -14,6 +14,7 @@ names its class (see EXIT_CODES and the README).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -78,6 +79,10 @@ EXIT_CODES = {
 
 # Downloads requested ahead of the one being received when restoring a tree.
 DOWNLOAD_WINDOW = 32
+# Times `stat` restarts reading a file's runs because it was replaced meanwhile.
+_STAT_ATTEMPTS = 3
+# `stat` without --runs lists a file's runs only if it has at most this many.
+STAT_RUNS_SHOWN = 20
 
 
 class LocalFileError(Exception):
@@ -790,40 +795,59 @@ class Client:
         return self.conn.request(protocol.Touch(name=protocol.validate_name(name, storing=True), wait_s=wait_s),
                                  protocol.Touched)
 
-    def stat(self, name: str, version: int | None = None, at: float | None = None) -> protocol.StatReply:
-        return self.conn.request(protocol.Stat(name=protocol.validate_name(name), version=version, at=at),
-                                 protocol.StatReply)
+    def stat(self, name: str, version: int | None = None, at: float | None = None,
+             all_runs: bool = True) -> protocol.StatReply:
+        """STAT of ``name`` (or of one of its kept versions); with ``all_runs``, every page of runs joined.
+
+        Without ``all_runs`` only the first page of runs is asked for (the
+        summary fields are complete either way).  If the file is replaced
+        while its pages are read, the listing starts over on the new version.
+        """
+        protocol.validate_name(name)
+        for _ in range(_STAT_ATTEMPTS):
+            first = self.conn.request(protocol.Stat(name=name, version=version, at=at), protocol.StatReply)
+            runs, reply = list(first.runs), first
+            while all_runs and reply.next_chunk >= 0:
+                reply = self.conn.request(protocol.Stat(name=name, version=version, at=at,
+                                                        from_chunk=reply.next_chunk), protocol.StatReply)
+                if reply.version != first.version:
+                    break
+                runs += reply.runs
+            else:
+                return dataclasses.replace(first, runs=runs, next_chunk=reply.next_chunk)
+        raise protocol.Unavailable(f"{name!r} was replaced {_STAT_ATTEMPTS} times while its runs were read")
 
     def versions(self, name: str) -> list[dict]:
         """The kept versions of ``name``, oldest first (history.version_info)."""
-        return self._pages(protocol.Versions(name=protocol.validate_name(name)), protocol.VersionsPage)
-
-    def _pages(self, request: protocol.Message, page_cls: type[protocol.Message]) -> list[dict]:
-        """Send ``request`` and gather the entries of its reply pages up to the one marked done."""
-        conn = self.conn
-        conn.send(request)
-        entries = []
-        while True:
-            page = conn.expect(page_cls)
-            entries.extend(page.entries)
-            if page.done:
-                return entries
+        return self._pages(protocol.Versions(name=protocol.validate_name(name)), protocol.VersionsPage, "entries")
 
     def locks(self) -> list[dict]:
-        return self.conn.request(protocol.Locks(), protocol.LocksReply).locks
+        return self._pages(protocol.Locks(), protocol.LocksReply, "locks")
 
     def list(self, prefix: str = "") -> list[dict]:
-        conn = self.conn
-        conn.send(protocol.List(prefix=prefix))
-        entries = []
-        while True:
-            page = conn.expect(protocol.ListPage)
-            entries.extend(page.entries)
-            if page.done:
-                return entries
+        return self._pages(protocol.List(prefix=prefix), protocol.ListPage, "entries")
 
     def status(self) -> protocol.StatusReply:
-        return self.conn.request(protocol.Status(), protocol.StatusReply)
+        """STATUS with every page of nodes joined (totals come on the first page)."""
+        conn = self.conn
+        conn.send(protocol.Status())
+        first = conn.expect(protocol.StatusReply)
+        nodes, page = list(first.nodes), first
+        while not page.done:
+            page = conn.expect(protocol.StatusReply)
+            nodes += page.nodes
+        return dataclasses.replace(first, nodes=nodes)
+
+    def _pages(self, request: protocol.Message, reply_cls, field_name: str) -> list:
+        """Send ``request`` and join the ``field_name`` lists of its reply pages, up to the one marked done."""
+        conn = self.conn
+        conn.send(request)
+        items = []
+        while True:
+            page = conn.expect(reply_cls)
+            items.extend(getattr(page, field_name))
+            if page.done:
+                return items
 
 
 # --- command line -------------------------------------------------------------------------
@@ -979,7 +1003,9 @@ def cmd_touch(client: Client, args) -> int:
 
 
 def cmd_stat(client: Client, args) -> int:
-    reply = client.stat(args.name, **version_args(args))
+    """The file's fields, where its chunks are, and its runs: all of them with --runs or --json,
+    else only if there are few (a fragmented file may have millions)."""
+    reply = client.stat(args.name, **version_args(args), all_runs=args.runs or args.json)
     fields = {k: getattr(reply, k) for k in ("name", "size", "chunks", "chunk_size", "sha256", "mtime", "version",
                                              "version_id", "committed_at")}
     if args.json:
@@ -987,8 +1013,14 @@ def cmd_stat(client: Client, args) -> int:
         return EXIT_OK
     for key, value in fields.items():
         print(f"{key + ':':<14}{format_time(value) if key in ('mtime', 'committed_at') and value else value}")
-    for first, count, nodes, blob in reply.runs:
-        print(f"  chunks {first}..{first + count - 1}: nodes {', '.join(nodes) or '(none)'} (blob {blob})")
+    print(f"{'runs:':<14}{reply.run_count}")
+    held = ", ".join(f"{node_id} ({plural(count, 'chunk')})" for node_id, count in reply.node_chunks.items())
+    print(f"{'nodes:':<14}{held or '(none)'}")
+    if args.runs or reply.run_count <= STAT_RUNS_SHOWN:
+        for first, count, nodes, blob in reply.runs:
+            print(f"  chunks {first}..{first + count - 1}: nodes {', '.join(nodes) or '(none)'} (blob {blob})")
+    else:
+        print(f"  ({reply.run_count} runs: add --runs to list them)")
     return EXIT_OK
 
 
@@ -1251,9 +1283,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
     touch.add_argument("name", metavar="NAME", help="stored name")
     stat_cmd = command("stat", "size, chunks, SHA-256, modified time, version, replicas",
                        "Show what the master knows of NAME: size, chunk count, SHA-256, modified time, "
-                       "version, and the nodes and blob of each run of chunks.")
+                       "version, how many runs of chunks it has and how many chunks each node holds, and "
+                       f"the nodes and blob of each run if there are at most {STAT_RUNS_SHOWN} (or with --runs).")
     stat_cmd.add_argument("name", metavar="NAME", help="stored name")
-    stat_cmd.add_argument("--json", action="store_true", help="machine-readable output")
+    stat_cmd.add_argument("--json", action="store_true", help="machine-readable output, every run included")
+    stat_cmd.add_argument("--runs", action="store_true",
+                          help=f"list every run of chunks (by default only if there are at most {STAT_RUNS_SHOWN})")
     versions = command("versions", "list the kept versions of a stored file, oldest first",
                        "List the versions of NAME the cluster keeps ([retention] keep_versions), oldest first: "
                        "version id, size, modified time, commit time, SHA-256; the current one is marked.")

@@ -43,8 +43,8 @@ import transport
 import transfers
 from metadata_log import MetadataLog
 import history
-from namespace import (Namespace, NameLocks, entry_blobs, make_entry, merge_ranges, put_record, run_blob, splice_runs,
-                       uncovered)
+from namespace import (Namespace, NameLocks, entry_blobs, first_covering, make_entry, merge_ranges, put_record,
+                       run_blob, splice_runs, uncovered)
 from repair import Repairer
 
 logger = logging.getLogger("master")
@@ -714,7 +714,8 @@ class Master:
         try:
             blobs = sorted(blob for blob, first, _ in items if first is None)
             if blobs:
-                conn.request(protocol.DeleteBlobs(blobs=blobs), protocol.BlobsDeleted)
+                for page, _ in protocol.pages(blobs):
+                    conn.request(protocol.DeleteBlobs(blobs=page), protocol.BlobsDeleted)
             for blob, first, count in sorted(item for item in items if item[1] is not None):
                 conn.request(protocol.DropChunks(blob=blob, first=first, count=count), protocol.ChunksDropped)
         finally:
@@ -1104,11 +1105,23 @@ class MasterHandler(transport.RequestHandler):
         self.reply(protocol.Touched(name=name, size=entry["size"], version=entry["version"]))
 
     def do_STAT(self, msg: protocol.Stat) -> None:
+        """The file's fields and one page of its runs, from chunk ``from_chunk`` on.
+
+        A run that starts before ``from_chunk`` is cut to start there, so
+        paging by chunk lists every chunk exactly once even if repairs merge
+        or split runs between two pages.
+        """
         name = protocol.validate_name(msg.name)
+        if msg.from_chunk < 0:
+            raise protocol.InvalidRange(f"from_chunk {msg.from_chunk} is negative")
         e = self.master.namespace.lookup_version(name, msg.version, msg.at)
-        runs = [[run[0], run[1], run[2], run_blob(e, run)] for run in e["runs"]]
+        pager = protocol.pages(_runs_from(e, msg.from_chunk))
+        runs, last = next(pager)
+        next_chunk = -1 if last else next(pager)[0][0][0]
         self.reply(protocol.StatReply(name=name, size=e["size"], chunks=e["chunks"], chunk_size=e["chunk_size"],
                                       sha256=e["sha256"], mtime=e["mtime"], version=e["version"], runs=runs,
+                                      run_count=len(e["runs"]), next_chunk=next_chunk,
+                                      node_chunks={} if msg.from_chunk else _node_chunks(e),
                                       version_id=history.version_id(e),
                                       committed_at=history.entry_committed_at(e)))
 
@@ -1118,24 +1131,44 @@ class MasterHandler(transport.RequestHandler):
         if not entries:
             raise protocol.FileNotFound(f"no file named {name!r}")
         infos = [history.version_info(e, current=n == len(entries) - 1) for n, e in enumerate(entries)]
-        pages = protocol.pages_by_size(infos)
-        for n, page in enumerate(pages):
-            done = n == len(pages) - 1
-            self.reply(protocol.VersionsPage(entries=page, done=done), flush=done)
+        for page, last in protocol.pages(infos):
+            self.reply(protocol.VersionsPage(entries=page, done=last), flush=last)
 
     def do_LOCKS(self, msg: protocol.Locks) -> None:
-        self.reply(protocol.LocksReply(locks=self.master.locks.held()))
+        for page, last in protocol.pages(self.master.locks.held()):
+            self.reply(protocol.LocksReply(locks=page, done=last), flush=last)
 
     def do_LIST(self, msg: protocol.List) -> None:
-        entries = self.master.namespace.listing(msg.prefix)
-        for start in range(0, max(len(entries), 1), protocol.LIST_PAGE_ENTRIES):
-            page = [{"name": name, "size": e["size"], "chunks": e["chunks"], "mtime": e["mtime"]}
-                    for name, e in entries[start:start + protocol.LIST_PAGE_ENTRIES]]
-            done = start + protocol.LIST_PAGE_ENTRIES >= len(entries)
-            self.reply(protocol.ListPage(entries=page, done=done), flush=done)
+        entries = ({"name": name, "size": e["size"], "chunks": e["chunks"], "mtime": e["mtime"]}
+                   for name, e in self.master.namespace.listing(msg.prefix))
+        for page, last in protocol.pages(entries):
+            self.reply(protocol.ListPage(entries=page, done=last), flush=last)
 
     def do_STATUS(self, msg: protocol.Status) -> None:
-        self.reply(self.master.status())
+        status = self.master.status()
+        totals = status.totals
+        for page, last in protocol.pages(status.nodes):
+            self.reply(protocol.StatusReply(nodes=page, totals=totals, done=last), flush=last)
+            totals = {}  # on the first page only
+
+
+def _runs_from(entry: dict, chunk: int):
+    """STAT runs ``[first, count, nodes, blob]`` of ``entry`` from ``chunk`` on (the first one cut to start there)."""
+    runs = entry["runs"]
+    for index in range(first_covering(runs, chunk), len(runs)):
+        run = runs[index]
+        first, count, nodes = run[:3]
+        start = max(first, chunk)
+        yield [start, first + count - start, nodes, run_blob(entry, run)]
+
+
+def _node_chunks(entry: dict) -> dict[str, int]:
+    """node id -> chunks of the file it holds."""
+    held: dict[str, int] = defaultdict(int)
+    for run in entry["runs"]:
+        for node_id in run[2]:
+            held[node_id] += run[1]
+    return dict(sorted(held.items()))
 
 
 def make_server(master: Master, host: str, port: int) -> transport.Server:

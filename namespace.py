@@ -210,8 +210,12 @@ class Namespace:
                  for name, entries in list(table.items()) for entry in entries]
         return pairs + list(self.files.items())
 
-    def listing(self, prefix: str = "") -> list[tuple[str, dict]]:
-        """(name, entry) pairs whose name starts with ``prefix``, sorted by name."""
+    def listing(self, prefix: str = ""):
+        """Yield (name, entry) pairs whose name starts with ``prefix``, sorted by name.
+
+        Lazy: a listing holds the sorted names, not a pair per file, so a
+        paged LIST of a million files costs a list of references.
+        """
         names = sorted(self.files)  # copy under the GIL; sorting runs unlocked
         if prefix:
             start = bisect.bisect_left(names, prefix)
@@ -220,7 +224,10 @@ class Namespace:
                 end += 1
             names = names[start:end]
         files = self.files
-        return [(name, files[name]) for name in names if name in files]
+        for name in names:
+            entry = files.get(name)
+            if entry is not None:  # not deleted since the names were taken
+                yield name, entry
 
 
 def make_entry(size: int, chunk_size: int, sha256: str, version: str, runs: list, batch_chunks: int) -> dict:
@@ -288,11 +295,32 @@ def entry_blobs(entry: dict) -> set[str]:
     return {run_blob(entry, run) for run in entry["runs"]} or {entry["version"]}
 
 
+def first_covering(spans, chunk: int) -> int:
+    """Index of the first of sorted, disjoint ``spans`` that ends after ``chunk`` (len(spans) if none).
+
+    Spans are runs or extents, ``(first, count, ...)``.  A binary search: a
+    file of a million runs, or a node inventory of a million extents, is not
+    walked from its start for every lookup.
+    """
+    index = bisect.bisect_right(spans, chunk, key=_span_first) - 1
+    if index < 0 or spans[index][0] + spans[index][1] <= chunk:
+        index += 1
+    return index
+
+
+def _span_first(span) -> int:
+    return span[0]
+
+
 def placed_on(entry: dict, blob: str, first: int, count: int, nodes: list) -> bool:
     """True if every chunk of [first, first+count) lives in ``blob`` on exactly ``nodes``."""
     end = first + count
     covered = 0
-    for run in entry["runs"]:
+    runs = entry["runs"]
+    for index in range(first_covering(runs, first), len(runs)):
+        run = runs[index]
+        if run[0] >= end:
+            break
         lo, hi = max(run[0], first), min(run[0] + run[1], end)
         if lo >= hi:
             continue
@@ -306,7 +334,8 @@ def uncovered(first: int, count: int, extents) -> list[tuple[int, int]]:
     """Parts of [first, first+count) not covered by sorted (first, count) ``extents``."""
     gaps = []
     position, end = first, first + count
-    for extent_first, extent_count in extents:
+    for index in range(first_covering(extents, first), len(extents)):
+        extent_first, extent_count = extents[index]
         if extent_first + extent_count <= position:
             continue
         if extent_first >= end:

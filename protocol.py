@@ -47,9 +47,9 @@ from dataclasses import dataclass, field
 PROTOCOL_VERSION = 1
 
 # --- limits ---------------------------------------------------------------
-# A header holds metadata only (names, counts, a page of a listing), never
-# file data; 256 KiB fits a page of ~1,000 listing entries with long names
-# and keeps a hostile header from costing a server more than that.
+# A header holds metadata only (names, counts, one page of a list: see
+# PAGE_BYTES), never file data; 256 KiB is four pages with room to spare,
+# and bounds what one hostile header can make a server read.
 MAX_HEADER_BYTES = 256 * 1024
 # A body holds at most one batch of chunks plus its CRCs.  Batches are about
 # 1 MiB; 16 MiB leaves room for a larger configured batch while bounding
@@ -62,25 +62,26 @@ MAX_NAME_BYTES = 1024
 # per-chunk CRCs dominate the data.
 MIN_CHUNK_BYTES = 64
 MAX_CHUNK_BYTES = 4 * 1024 * 1024
-# Entries per LIST_PAGE frame, sized so a page of maximal names still fits
-# well under MAX_HEADER_BYTES.
-LIST_PAGE_ENTRIES = 100
-# Header bytes of listing entries per page for replies paged by size
-# (VERSIONS_PAGE): well under MAX_HEADER_BYTES whatever the entries hold.
-PAGE_BYTES = 64 * 1024
 # Before a peer has completed the handshake (HELLO, and AUTH when a secret is
 # configured) a server reads headers of at most this size and no body at all:
 # the handshake frames are a few hundred bytes, and an unauthenticated
 # stranger must not make a server allocate or parse 256 KiB per connection.
 MAX_HANDSHAKE_HEADER_BYTES = 4096
-# Blobs per INVENTORY page: a blob id (32 hex) and a few extents per blob
-# keep a page around 100 KiB, under MAX_HEADER_BYTES.
-INVENTORY_PAGE_BLOBS = 1000
 # Ranges in a CHUNK_DATA reply's missing or corrupt list.  A batch of the
 # default 1,024 chunks has at most 512 damaged runs; 4,096 ranges of ~25 bytes
 # of JSON stay near 100 KiB, under MAX_HEADER_BYTES.  A node that would list
 # more fails the request as a whole instead.
 MAX_CHUNK_RANGES = 4096
+# Every list that grows with the data (an INVENTORY's extents, a STAT's
+# runs, a listing, held locks, status's nodes, blobs to delete, corrupt
+# extents in a heartbeat) travels in pages whose list encodes to at most
+# this many bytes of JSON (``pages``, ``inventory_pages``).  Paged by size,
+# not by count: a count that fits small items (1,000 blobs of one extent)
+# overflows MAX_HEADER_BYTES with large ones (one blob of 40,000 extents).
+# A quarter of MAX_HEADER_BYTES leaves room for the frame's other fields, and
+# keeps what a receiver parses per frame (about ten times the JSON in Python
+# objects) under a megabyte.
+PAGE_BYTES = 64 * 1024
 
 _PREFIX_BYTES = 4
 CRC_BYTES = 4
@@ -286,6 +287,84 @@ def path_problem(path: str) -> str | None:
         if part in parts:
             return f"has a {part!r} path component"
     return None
+
+
+# --- pages ----------------------------------------------------------------
+def json_size(value) -> int:
+    """Bytes ``value`` takes in a frame header (compact UTF-8 JSON, as ``encode_header`` writes it)."""
+    if isinstance(value, str) and value.isascii() and value.isprintable() and '"' not in value \
+            and "\\" not in value:
+        return len(value) + 2  # blob ids and most names: no escapes, no multi-byte characters
+    return len(_dumps(value))
+
+
+def pages(items, budget: int = PAGE_BYTES, size=json_size):
+    """Cut ``items`` into consecutive lists whose JSON arrays take at most ``budget`` bytes.
+
+    Yields ``(page, last)`` pairs; always at least one (an empty page for no
+    items), so a paged reply always has a last frame to mark.  Lazy: only
+    the page being filled is held.  Raises LocalProtocolError for an item
+    that cannot fit a page on its own; callers split items that can grow
+    without bound (see ``inventory_pages``).
+    """
+    return _mark_last(_cut_pages(items, budget, size))
+
+
+def _cut_pages(items, budget: int, size):
+    page, used = [], 2  # the brackets of the array
+    for item in items:
+        needed = size(item) + 1  # and the comma before the next item
+        if page and used + needed > budget:
+            yield page
+            page, used = [], 2
+        if used + needed > budget:
+            raise LocalProtocolError(f"an item of {needed} bytes does not fit a page of {budget}")
+        page.append(item)
+        used += needed
+    yield page
+
+
+def inventory_pages(blobs, budget: int = PAGE_BYTES):
+    """INVENTORY ``blobs`` lists from ``(blob, [(first, count), ...])`` pairs, cut by size.
+
+    Yields ``(page, last)`` pairs, at least one.  A blob whose extents do
+    not fit what is left of a page goes on over the next pages, so one blob
+    of a million extents pages as well as a million blobs of one; the
+    receiver merges the extents of a blob that appears on several pages.
+    Consecutive pairs of the same blob (a store read in slices) are joined.
+    """
+    return _mark_last(_cut_inventory(blobs, budget))
+
+
+def _cut_inventory(blobs, budget: int):
+    page, used = [], 2
+    item = None  # the [blob, extents] entry being filled, on the current page
+    for blob, extents in blobs:
+        if item is not None and item[0] != blob:
+            item = None
+        head = json_size(blob) + 6  # ["blob",[]] and a comma
+        for first, count in extents:
+            needed = len(str(first)) + len(str(count)) + 4  # [first,count] and a comma
+            if item is None or used + needed > budget:
+                if page and used + (needed if item is not None else head + needed) > budget:
+                    yield page
+                    page, used = [], 2
+                item = [blob, []]
+                page.append(item)
+                used += head
+            item[1].append((first, count))  # a tuple, encoded as an array like a list, but no new object
+            used += needed
+    yield page
+
+
+def _mark_last(page_lists):
+    """(page, last) pairs from an iterator of pages: one page of lookahead."""
+    previous = None
+    for page in page_lists:
+        if previous is not None:
+            yield previous, False
+        previous = page
+    yield previous, True
 
 
 # --- checksums ------------------------------------------------------------
@@ -681,12 +760,18 @@ class Touched(Message):
 
 @message
 class Stat(Message):
-    """Everything the master knows of one file.  Reply: STAT_REPLY."""
+    """Everything the master knows of one file.  Reply: STAT_REPLY.
+
+    The placement runs come in pages: the reply lists the runs from chunk
+    ``from_chunk`` on, as many as fit PAGE_BYTES; ask again with the
+    reply's ``next_chunk`` for the next page.
+    """
 
     OP = "STAT"
     name: str
     version: int | None = None  # as in DOWNLOAD
     at: float | None = None
+    from_chunk: int = 0
 
 
 @message
@@ -699,7 +784,11 @@ class StatReply(Message):
     sha256: str
     mtime: float
     version: str
-    runs: list  # [[first_chunk, count, [node ids], blob], ...]
+    runs: list  # one page: [[first_chunk, count, [node ids], blob], ...] from the asked chunk on
+    run_count: int = 0  # runs of the whole file
+    next_chunk: int = -1  # -1: the runs are complete; else ask STAT from_chunk=next_chunk
+    # node id -> chunks of this file it holds; on the page from chunk 0 only ({} on later pages).
+    node_chunks: dict = field(default_factory=dict)
     version_id: int | None = None  # the version's id (VERSIONS)
     committed_at: float | None = None
 
@@ -728,8 +817,11 @@ class Locks(Message):
 
 @message
 class LocksReply(Message):
+    """One page of held locks; the last has ``done`` true."""
+
     OP = "LOCKS_REPLY"
     locks: list  # [{"name", "holder", "since", "waiting": [{"owner", "since"}]}]
+    done: bool = True
 
 
 @message
@@ -745,6 +837,8 @@ class List(Message):
 
 @message
 class ListPage(Message):
+    """Entries in name order, PAGE_BYTES of them at most; the last page has ``done`` true."""
+
     OP = "LIST_PAGE"
     entries: list  # [{"name", "size", "chunks", "mtime"}]
     done: bool
@@ -757,9 +851,12 @@ class Status(Message):
 
 @message
 class StatusReply(Message):
+    """One page of nodes; ``totals`` on the first page ({} on later ones); the last has ``done`` true."""
+
     OP = "STATUS_REPLY"
     nodes: list  # [{"id", "address", "alive", "state", "last_heard_s", "used_bytes", "chunks", ...}]
     totals: dict
+    done: bool = True
 
 
 # Node -> master ------------------------------------------------------------
@@ -788,7 +885,8 @@ class Heartbeat(Message):
     ``full``: the node refuses writes (at capacity or out of disk space).
     ``corrupt``: extents found corrupt since the last heartbeat (by the
     scrubber or a read), as ``[blob, first, count]``; the node has already
-    dropped them, the master re-replicates them from a good copy.
+    dropped them, the master re-replicates them from a good copy.  At most
+    PAGE_BYTES of them per heartbeat; the rest go in the next ones.
     """
 
     OP = "HEARTBEAT"
@@ -821,9 +919,12 @@ class GoodbyeOk(Message):
 class Inventory(Message):
     """One page of what a node holds, sent after REGISTER (reply INVENTORY_OK).
 
-    ``blobs``: ``[[blob, [[first, count], ...]], ...]``; the last page has
-    ``done`` true.  The master reconciles it with the namespace: orphans and
-    surplus copies are deleted, missing ones repaired.
+    ``blobs``: ``[[blob, [[first, count], ...]], ...]`` in blob order, at
+    most PAGE_BYTES of JSON (``inventory_pages``); a blob with more extents
+    than fit goes on over the next pages, and the master merges them.  The
+    last page has ``done`` true.  The master reconciles the whole report
+    with the namespace: orphans and surplus copies are deleted, missing
+    ones repaired.
     """
 
     OP = "INVENTORY"
@@ -912,7 +1013,7 @@ class ChunkData(Message):
 
 @message
 class DeleteBlobs(Message):
-    """Forget every chunk of the listed blobs.  Reply: ``BLOBS_DELETED``."""
+    """Forget every chunk of the listed blobs (a page: PAGE_BYTES at most).  Reply: ``BLOBS_DELETED``."""
 
     OP = "DELETE_BLOBS"
     blobs: list
@@ -961,25 +1062,6 @@ class NodeStatReply(Message):
 
 
 # --- encoding -------------------------------------------------------------
-def pages_by_size(entries: list, max_bytes: int = PAGE_BYTES) -> list[list]:
-    """``entries`` (JSON-able) cut into pages whose encoded size stays under ``max_bytes``.
-
-    At least one page (possibly empty), and at least one entry per page, so
-    a reply always makes progress; an entry larger than ``max_bytes`` alone
-    is still bounded by MAX_HEADER_BYTES when it is encoded.
-    """
-    pages: list[list] = [[]]
-    size = 0
-    for entry in entries:
-        entry_bytes = len(json.dumps(entry, ensure_ascii=False, separators=(",", ":")).encode("utf-8")) + 1
-        if pages[-1] and size + entry_bytes > max_bytes:
-            pages.append([])
-            size = 0
-        pages[-1].append(entry)
-        size += entry_bytes
-    return pages
-
-
 def encode_header(msg: Message) -> bytes:
     """Length prefix plus JSON header of ``msg`` (without the body)."""
     cls = type(msg)
@@ -999,10 +1081,17 @@ def encode_header(msg: Message) -> bytes:
             raise LocalProtocolError(f"body of {body_len} bytes exceeds {MAX_BODY_BYTES}")
         if body_len:
             header["body"] = body_len
-    data = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    data = _dumps(header)
     if len(data) > MAX_HEADER_BYTES:
         raise LocalProtocolError(f"header of {len(data)} bytes exceeds {MAX_HEADER_BYTES}")
     return len(data).to_bytes(_PREFIX_BYTES, "big") + data
+
+
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+def _dumps(value) -> bytes:
+    return _ENCODER.encode(value).encode("utf-8")
 
 
 def encode(msg: Message) -> bytes:

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import protocol
 import transfers
 from history import version_id
-from namespace import entry_blobs, placed_on, run_blob, uncovered
+from namespace import entry_blobs, first_covering, placed_on, run_blob, uncovered
 
 logger = logging.getLogger("master.repair")
 
@@ -57,6 +57,9 @@ _RESCAN_INTERVAL_S = 30.0
 # A repair pass logs its progress this often: a node's death is a start
 # line, a progress line every so often and a done line, not a line per batch.
 PROGRESS_LOG_INTERVAL_S = 10.0
+# STATUS lists the first damaged files by name in at most this many bytes of
+# JSON (names may be 1 KiB each); damaged_file_count gives the total.
+DAMAGED_LIST_BYTES = 8 * 1024
 
 
 @dataclass(order=True)
@@ -87,7 +90,11 @@ def nodes_of(entry: dict, first: int, count: int, blob: str | None = None) -> li
     """
     end = first + count
     out = []
-    for run in entry["runs"]:
+    runs = entry["runs"]
+    for index in range(first_covering(runs, first), len(runs)):
+        run = runs[index]
+        if run[0] >= end:
+            break
         run_first, run_count, nodes = run[:3]
         run_blob_id = run_blob(entry, run)
         if blob is not None and run_blob_id != blob:
@@ -152,6 +159,17 @@ class RepairProgress:
                       self.failed, self.last_error)
 
 
+def _extents(raw: list) -> list[tuple[int, int]]:
+    """(first, count) pairs of one INVENTORY entry; RemoteProtocolError if any is not two integers."""
+    try:
+        extents = [(first, count) for first, count in raw]
+    except (TypeError, ValueError):
+        raise protocol.RemoteProtocolError("malformed inventory extent") from None
+    if not all(type(first) is int and type(count) is int for first, count in extents):
+        raise protocol.RemoteProtocolError("inventory extents must be pairs of integers")
+    return extents
+
+
 class Repairer:
     """Re-replication, reconciliation and bad-replica handling for a Master."""
 
@@ -210,7 +228,11 @@ class Repairer:
             self._inventories[node_id] = {}
 
     def add_inventory(self, node_id: str, blobs: list, done: bool) -> bool:
-        """One INVENTORY page; returns True when the node's report is complete."""
+        """One INVENTORY page; returns True when the node's report is complete.
+
+        Pages are cut by size, so a blob with many extents spans several
+        pages: its extents are merged, and sorted once the report is done.
+        """
         with self._lock:
             inventory = self._inventories.get(node_id)
             if inventory is None:
@@ -219,9 +241,11 @@ class Repairer:
                 if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
                         and isinstance(item[1], list)):
                     raise protocol.RemoteProtocolError("malformed inventory entry")
-                inventory[item[0]] = sorted((int(f), int(c)) for f, c in item[1])
+                inventory.setdefault(item[0], []).extend(_extents(item[1]))
             if not done:
                 return False
+            for extents in inventory.values():
+                extents.sort()
             self._to_reconcile.append((node_id, self._reports.pop(node_id), self._inventories.pop(node_id)))
             self.reported.add(node_id)
         self._wake.set()
@@ -491,6 +515,7 @@ class Repairer:
             "repairs_pending": self.repairs_pending,
             "repaired_chunks": self.repaired_chunks,
             "corrupt_replicas_found": self.corrupt_replicas_found,
-            "damaged_files": self.damaged_files[:100],
+            # The first names only, a few KiB at most: the count says how many.
+            "damaged_files": next(protocol.pages(self.damaged_files[:100], DAMAGED_LIST_BYTES))[0],
             "damaged_file_count": len(self.damaged_files),
         }

@@ -46,10 +46,6 @@ EXIT_START_FAILED = 3
 WRITE_BEHIND_BYTES = 16 * 1024 * 1024
 # After ENOSPC, report ourselves full for this long before trying again.
 DISK_FULL_BACKOFF_S = 60.0
-# Corrupt chunk runs reported per heartbeat (~50 bytes of JSON each): a disk
-# that rots everywhere at once is reported over several heartbeats instead
-# of in one header past protocol.MAX_HEADER_BYTES.
-CORRUPT_REPORTS_PER_HEARTBEAT = 1000
 # While the master cannot be reached, say so at the first failure and then
 # once per this many seconds: a mistyped --master must show, but not flood.
 UNREACHABLE_LOG_INTERVAL_S = 60.0
@@ -235,7 +231,7 @@ class StorageNode:
                         node_id=self.node_id, host=host, port=port,
                         capacity_bytes=self.config.capacity_bytes,
                         used_bytes=self.store.used_bytes, chunks=self.store.chunk_count), protocol.Registered)
-                    self._send_inventory(conn)
+                    self.send_inventory(conn)
                     down_s = outage.recovered()
                     logger.info("registered with master %s as %s:%d%s", where, host, port,
                                 "" if down_s is None else f" (it was unreachable for {down_s:.0f} s)")
@@ -260,8 +256,14 @@ class StorageNode:
                             raise
             except protocol.AuthFailed as exc:
                 outage.failed(f"cannot register with master {where}: {exc}", logging.ERROR)
-            except protocol.BackupError as exc:
+            except (protocol.Unavailable, protocol.Timeout) as exc:
                 outage.failed(f"master {where} unreachable, retrying every {interval:g} s: {exc}")
+            except protocol.BackupError as exc:
+                # Not the network: a frame we could not build, or one the
+                # master refused.  It fails again on every retry: say so as
+                # an error, not as an outage.
+                outage.failed(f"registering or heartbeating with master {where} failed, retrying every "
+                              f"{interval:g} s: {exc.code}: {exc}", logging.ERROR)
             except Exception:
                 logger.exception("heartbeat loop failed; retrying")
             if reconnect_now:
@@ -281,14 +283,15 @@ class StorageNode:
             return
         logger.info("said goodbye to master %s", where)
 
-    def _send_inventory(self, conn) -> None:
-        """Tell the master every extent held, in pages, so it can reconcile."""
-        inventory = sorted(self.store.inventory().items())
-        page_size = protocol.INVENTORY_PAGE_BLOBS
-        for start in range(0, max(len(inventory), 1), page_size):
-            page = [[blob, [list(e) for e in extents]] for blob, extents in inventory[start:start + page_size]]
-            conn.request(protocol.Inventory(node_id=self.node_id, blobs=page,
-                                            done=start + page_size >= len(inventory)), protocol.InventoryOk)
+    def send_inventory(self, conn) -> None:
+        """Tell the master every extent held, in pages cut by size, so it can reconcile.
+
+        Pages are built as they are sent (protocol.inventory_pages), never the
+        whole inventory at once: a node with a million extents sends a few
+        hundred frames, each well under MAX_HEADER_BYTES.
+        """
+        for page, last in protocol.inventory_pages(self.store.iter_inventory()):
+            conn.request(protocol.Inventory(node_id=self.node_id, blobs=page, done=last), protocol.InventoryOk)
 
     @property
     def full(self) -> bool:
@@ -303,9 +306,10 @@ class StorageNode:
             self._corrupt.extend(extents)
 
     def _take_corrupt_reports(self) -> list:
+        """The corrupt extents for the next heartbeat: as many as fit one page, the rest wait for the next."""
         with self._corrupt_lock:
-            reports = self._corrupt[:CORRUPT_REPORTS_PER_HEARTBEAT]
-            del self._corrupt[:CORRUPT_REPORTS_PER_HEARTBEAT]
+            reports, _ = next(protocol.pages(self._corrupt))
+            self._corrupt = self._corrupt[len(reports):]
         return reports
 
     def _scrub_loop(self) -> None:

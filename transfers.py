@@ -38,7 +38,7 @@ import uuid
 from collections import deque
 
 import protocol
-from namespace import add_run, make_entry, merge_ranges, run_blob, set_run_nodes, uncovered
+from namespace import add_run, first_covering, make_entry, merge_ranges, run_blob, set_run_nodes, uncovered
 
 logger = logging.getLogger("master.transfers")
 
@@ -348,12 +348,14 @@ def plan_pieces(entry: dict, offset: int, length: int):
     last_needed = (offset + length - 1) // chunk_size
     position = offset
     end = offset + length
-    for run in entry["runs"]:
+    runs = entry["runs"]
+    for index in range(first_covering(runs, first_needed), len(runs)):
+        run = runs[index]
         run_first, run_count, node_ids = run[:3]
+        if run_first > last_needed:
+            break
         blob = run_blob(entry, run)
         run_last = run_first + run_count - 1
-        if run_last < first_needed or run_first > last_needed:
-            continue
         chunk = max(run_first, first_needed)
         stop = min(run_last, last_needed)
         while chunk <= stop:
@@ -377,21 +379,25 @@ def read_range(master, name: str, entry: dict, offset: int, length: int):
     fetched from them (``read_piece``).  Raises DataLost if every replica of
     some chunk is corrupt or missing, Unavailable if none could be reached.
     """
-    pieces = list(plan_pieces(entry, offset, length))
+    pieces = plan_pieces(entry, offset, length)  # lazy: memory does not grow with the file
     buffer = bytearray(entry["batch_chunks"] * (entry["chunk_size"] + protocol.CRC_BYTES))
     conns: dict[str, object] = {}
     broken: set[str] = set()
-    asked: dict[int, str | None] = {}  # piece index -> node asked (None: not pipelined)
+    window: deque = deque()  # (piece, node asked or None if not pipelined), oldest first
     outstanding: dict[str, int] = {}
-    next_request = 0
     try:
-        for index, (first, count, node_ids, blob, skip, take) in enumerate(pieces):
-            while next_request < len(pieces) and next_request <= index + READ_AHEAD:
-                asked[next_request] = _request_piece(master, pieces[next_request], conns, broken)
-                if asked[next_request] is not None:
-                    outstanding[asked[next_request]] = outstanding.get(asked[next_request], 0) + 1
-                next_request += 1
-            node_id = asked.pop(index)
+        while True:
+            while len(window) <= READ_AHEAD:
+                piece = next(pieces, None)
+                if piece is None:
+                    break
+                asked = _request_piece(master, piece, conns, broken)
+                if asked is not None:
+                    outstanding[asked] = outstanding.get(asked, 0) + 1
+                window.append((piece, asked))
+            if not window:
+                return
+            (first, count, node_ids, blob, skip, take), node_id = window.popleft()
             need = None  # chunk ranges still to read; None: the whole piece
             if node_id is not None:
                 outstanding[node_id] -= 1
