@@ -1253,16 +1253,20 @@ def _skip(rfile, size: int) -> None:
         size -= len(data)
 
 
-def read_message(rfile, body_buffer: bytearray | None = None, max_header_bytes: int = MAX_HEADER_BYTES,
-                 max_body_bytes: int = MAX_BODY_BYTES) -> Message | None:
+def read_message(rfile, body_buffer=None, max_header_bytes: int = MAX_HEADER_BYTES,
+                 max_body_bytes: int = MAX_BODY_BYTES, admit=None) -> Message | None:
     """Read one message from a binary file-like object; None at a clean EOF.
 
     If ``body_buffer`` is given and large enough, the body is read straight
     into it and the message carries a memoryview of it: valid only until the
-    next read with the same buffer.  Otherwise a new bytearray is allocated
-    (its size was already checked against ``max_body_bytes``).  Servers pass
-    smaller limits (MAX_HANDSHAKE_HEADER_BYTES, no body) before a peer has
-    completed the handshake.
+    next read with the same buffer.  ``body_buffer`` may also be a callable,
+    called with the body's length once the header is parsed and only if the
+    frame has a body; it returns the buffer to use (or None).  Otherwise a
+    new bytearray is allocated (its size was already checked against
+    ``max_body_bytes``).  Servers pass smaller limits
+    (MAX_HANDSHAKE_HEADER_BYTES, no body) before a peer has completed the
+    handshake.  ``admit``, if given, is called with the header's length
+    before the header is read: it may wait for memory, or raise.
     """
     prefix = rfile.read(_PREFIX_BYTES)
     if not prefix:
@@ -1273,6 +1277,8 @@ def read_message(rfile, body_buffer: bytearray | None = None, max_header_bytes: 
         if len(prefix) != _PREFIX_BYTES:
             raise ClosedMidFrame("connection closed mid-frame (in length prefix)")
     header_len = parse_header_length(prefix, max_header_bytes)
+    if admit is not None:
+        admit(header_len)
     try:
         cls, fields, body_len = parse_header(_read_exact(rfile, header_len), max_body_bytes)
     except UnknownOperation as exc:
@@ -1281,6 +1287,8 @@ def read_message(rfile, body_buffer: bytearray | None = None, max_header_bytes: 
         raise
     body = b""
     if body_len:
+        if callable(body_buffer):
+            body_buffer = body_buffer(body_len)
         if body_buffer is not None and len(body_buffer) >= body_len:
             body = memoryview(body_buffer)[:body_len]
             _read_into(rfile, body)

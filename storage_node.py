@@ -46,6 +46,11 @@ EXIT_START_FAILED = 3
 WRITE_BEHIND_BYTES = 16 * 1024 * 1024
 # After ENOSPC, report ourselves full for this long before trying again.
 DISK_FULL_BACKOFF_S = 60.0
+# Batches a node reads at once over all its connections (one buffer each,
+# allocated on first need and reused): eight uploads write at once, more
+# wait a moment for a buffer, and a flood of connections cannot make the
+# node hold more than eight batches of request bodies.
+BODY_BUFFERS = 8
 # While the master cannot be reached, say so at the first failure and then
 # once per this many seconds: a mistyped --master must show, but not flood.
 UNREACHABLE_LOG_INTERVAL_S = 60.0
@@ -399,12 +404,14 @@ class NodeHandler(transport.RequestHandler):
 
 def make_server(node: StorageNode, host: str, port: int) -> transport.Server:
     config = node.config
+    batch_frame = config.chunks_per_batch * (config.chunk_size_bytes + protocol.CRC_BYTES)
     server = transport.Server(
         (host, port), NodeHandler, server_id=node.node_id,
         io_timeout_s=config.io_timeout_s,
         # The master keeps its connections to nodes open between requests.
         idle_timeout_s=max(config.io_timeout_s, 600.0),
-        body_buffer_bytes=config.chunks_per_batch * (config.chunk_size_bytes + protocol.CRC_BYTES),
+        body_buffer_bytes=batch_frame,
+        body_budget_bytes=BODY_BUFFERS * batch_frame,
         security=node.security, max_connections=config.max_connections)
     server.node = node
     return server

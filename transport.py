@@ -38,14 +38,29 @@ logger = logging.getLogger(__name__)
 
 # Socket buffering of the file objects: large enough that a header and a
 # small body are one syscall, small enough not to matter per connection.
-_STREAM_BUFFER_BYTES = 256 * 1024
+# Bulk bodies bypass it (a BufferedReader reads a request larger than its
+# buffer straight into the caller's; a BufferedWriter writes one through).
+_STREAM_BUFFER_BYTES = 16 * 1024
+# What a connection may make its server allocate is bounded twice over.
+# Headers of up to FREE_HEADER_BYTES are read without asking: every request
+# that is not a page of a list (an upload's name, a heartbeat) fits.  JSON
+# decodes to Python objects of up to ~24 times its size ('[],[],...'), so a
+# free header costs at most ~24 KiB per connection.
+FREE_HEADER_BYTES = 1024
+# Larger headers (pages of INVENTORY or DELETE_BLOBS, or junk) share one
+# budget per server: at most this many header bytes are read and parsed at
+# once over all connections, so their objects stay under ~12 MiB however
+# many connections send them.  Eight full pages, so nodes that register
+# together still overlap.
+HEADER_BUDGET_BYTES = 4 * protocol.PAGE_BYTES
 # Bytes of a non-protocol answer to HELLO quoted in the error: enough to
 # recognise "HTTP/1.1 400 Bad Request" or an SSH banner.
 _ANSWER_QUOTED_BYTES = 48
 # The frame's length prefix (protocol.py: 4 bytes, big-endian).
 _FRAME_PREFIX_BYTES = 4
-# A server over its max_connections logs one line per this many seconds at
-# most, with the count refused meanwhile: a flood must not flood the log.
+# A server over its max_connections (or out of frame memory) logs one line
+# per this many seconds at most, with the count held back meanwhile: a
+# flood must not flood the log.
 _REFUSAL_LOG_INTERVAL_S = 5.0
 
 
@@ -266,15 +281,95 @@ def format_address(address: tuple[str, int]) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+class ServerBusy(RemoteProtocolError):
+    """The server could not get memory for a frame within ``io_timeout_s``.
+
+    The frame is half read, so the connection cannot go on: the peer gets
+    ``ERROR UNAVAILABLE`` and the connection is closed; it may retry.
+    """
+
+    code = "UNAVAILABLE"
+
+
+class MemoryBudget:
+    """Bytes that the connections of one server may hold at once for one purpose.
+
+    ``take(n, timeout_s)`` waits until ``n`` bytes are free and returns
+    True, or False after ``timeout_s``.  A request larger than the whole
+    budget is granted once nothing else is held, so no size is refused for
+    being large alone.  ``give(n)`` returns bytes taken.
+    """
+
+    def __init__(self, limit_bytes: int):
+        self.limit_bytes = limit_bytes
+        self.used_bytes = 0
+        self._cond = threading.Condition()
+
+    def take(self, nbytes: int, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self.used_bytes and self.used_bytes + nbytes > self.limit_bytes:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            self.used_bytes += nbytes
+            return True
+
+    def give(self, nbytes: int) -> None:
+        with self._cond:
+            self.used_bytes -= nbytes
+            self._cond.notify_all()
+
+
+class BodyBuffers(MemoryBudget):
+    """A budget for request bodies, with reusable buffers of ``buffer_bytes``.
+
+    ``lend(n, timeout_s)`` returns a buffer for a body of ``n`` bytes: a
+    pooled one when ``n <= buffer_bytes`` (allocated on first need, kept for
+    the next frame), else None (the reader allocates it as the bytes arrive);
+    either way ``n`` or ``buffer_bytes`` is counted against the budget until
+    ``give_back``.  Raises ServerBusy if the budget stays full for
+    ``timeout_s``.  So a connection that sends no body costs no buffer, and
+    all connections together hold at most about ``limit_bytes`` of bodies.
+    """
+
+    def __init__(self, limit_bytes: int, buffer_bytes: int = 0):
+        super().__init__(limit_bytes)
+        self.buffer_bytes = buffer_bytes
+        self._free: list[bytearray] = []
+
+    def lend(self, nbytes: int, timeout_s: float) -> tuple[bytearray | None, int]:
+        """(buffer or None, bytes counted): give both back with ``give_back``."""
+        pooled = 0 < nbytes <= self.buffer_bytes
+        counted = self.buffer_bytes if pooled else nbytes
+        if not self.take(counted, timeout_s):
+            raise ServerBusy(f"server busy: {self.used_bytes} bytes of request bodies in use, try again later")
+        if not pooled:
+            return None, counted
+        with self._cond:
+            buffer = self._free.pop() if self._free else None
+        return (buffer if buffer is not None else bytearray(self.buffer_bytes)), counted
+
+    def give_back(self, buffer: bytearray | None, counted: int) -> None:
+        if buffer is not None and len(buffer) == self.buffer_bytes:
+            with self._cond:
+                self._free.append(buffer)
+        self.give(counted)
+
+
 class RequestHandler(socketserver.StreamRequestHandler):
     """One connection on a server: handshake, then request -> do_<OP> -> reply.
 
     Subclasses add ``do_<OP>(self, msg)`` methods that use ``self.reply`` and
-    ``self.next_message``.  Bodies are read into one buffer per connection
-    of the server's ``body_buffer_bytes``, reused frame after frame.  An
-    exception of type ``BackupError`` becomes an ``ERROR`` frame; a
-    ``RemoteProtocolError`` (a malformed frame) also closes the connection,
-    because the stream can no longer be trusted to be in sync.
+    ``self.next_message``.  A body is read into a buffer lent by the
+    server's ``BodyBuffers`` (unless the caller passes its own), and a large
+    header only once the server's header budget allows: what a frame holds
+    is given back when the next frame is read, so a message's body and
+    fields stay valid until then.  An exception of type ``BackupError``
+    becomes an ``ERROR`` frame; a ``RemoteProtocolError`` (a malformed
+    frame, or ``ServerBusy``) also closes the connection, because the stream
+    can no longer be trusted to be in sync.
     """
 
     rbufsize = _STREAM_BUFFER_BYTES
@@ -292,14 +387,14 @@ class RequestHandler(socketserver.StreamRequestHandler):
                 self.request, server_side=True, do_handshake_on_connect=False)
         super().setup()
         self.peer = format_address(self.client_address)
-        # The body buffer is allocated once the peer is through the
-        # handshake: a stranger's connection costs no batch-sized buffer.
-        self.body_buffer = None
         self.role = None
         self._gone_logged = False
+        self._header_held = 0  # header budget held for the last frame read
+        self._body_loan: tuple[bytearray | None, int] | None = None  # its body buffer
 
     def finish(self):
         try:
+            self._release_frame()
             super().finish()
         except OSError as exc:
             # StreamRequestHandler.finish ignores a failed flush, then flushes
@@ -321,8 +416,6 @@ class RequestHandler(socketserver.StreamRequestHandler):
         try:
             if not self._handshake():
                 return
-            size = self.server.body_buffer_bytes
-            self.body_buffer = bytearray(size) if size else None
             while True:
                 try:
                     msg = self._next_request()
@@ -333,22 +426,18 @@ class RequestHandler(socketserver.StreamRequestHandler):
                     continue
                 if msg is None:
                     return
-                self.before_request(msg)
-                method = getattr(self, "do_" + msg.OP, None)
-                if method is None:
-                    self.reply(protocol.error_message(protocol.UnknownOperation(f"{msg.OP} is not served here")))
-                    continue
-                try:
-                    method(msg)
-                except RemoteProtocolError:
-                    raise
-                except BackupError as exc:
-                    logger.debug("%s: %s failed: %s", self.peer, msg.OP, exc)
-                    self.reply(protocol.error_message(exc))
+                self._dispatch(msg)
+                # A handled request holds nothing while the peer is idle: its
+                # fields may be a page's worth of objects (see _release_frame).
+                del msg
+                self._release_frame()
         except protocol.ClosedMidFrame as exc:
             self._peer_gone(exc)
         except RemoteProtocolError as exc:
-            logger.warning("%s: bad frame, closing: %s", self.peer, exc)
+            if isinstance(exc, ServerBusy):
+                self.server.log_limited("busy", "%s: %s; closing", self.peer, exc)
+            else:
+                logger.warning("%s: bad frame, closing: %s", self.peer, exc)
             try:
                 self.reply(protocol.error_message(exc))
             except OSError:
@@ -367,6 +456,21 @@ class RequestHandler(socketserver.StreamRequestHandler):
             logger.info("%s: peer went away (%s)", self.peer, _describe(exc))
         else:
             logger.warning("%s: connection failed: %s", self.peer, _describe(exc))
+
+    def _dispatch(self, msg: protocol.Message) -> None:
+        """``do_<OP>(msg)``; a BackupError it raises becomes an ERROR reply (RemoteProtocolError passes)."""
+        self.before_request(msg)
+        method = getattr(self, "do_" + msg.OP, None)
+        if method is None:
+            self.reply(protocol.error_message(protocol.UnknownOperation(f"{msg.OP} is not served here")))
+            return
+        try:
+            method(msg)
+        except RemoteProtocolError:
+            raise
+        except BackupError as exc:
+            logger.debug("%s: %s failed: %s", self.peer, msg.OP, exc)
+            self.reply(protocol.error_message(exc))
 
     # --- handshake ------------------------------------------------------------------------
     def _handshake(self) -> bool:
@@ -512,13 +616,17 @@ class RequestHandler(socketserver.StreamRequestHandler):
             return bool(selector.select(timeout_s))
 
     def next_message(self, timeout_s: float | None = None, body_buffer=None):
-        """Read the next request frame (None at EOF); body into the handler's buffer.
+        """Read the next request frame (None at EOF); the previous frame's memory is given back first.
 
-        ``timeout_s`` bounds only the wait for the frame's first byte (an
-        idle peer); the rest of the frame must then arrive at ``io_timeout_s``
-        per read, so a peer that sends half a frame and stalls is dropped
-        within ``io_timeout_s``, not after the idle timeout.
+        The body goes into ``body_buffer`` if it fits, else into a buffer
+        lent by the server.  ``timeout_s`` bounds only the wait for the
+        frame's first byte (an idle peer); the rest of the frame must then
+        arrive at ``io_timeout_s`` per read, so a peer that sends half a
+        frame and stalls is dropped within ``io_timeout_s``, not after the
+        idle timeout.  Raises ServerBusy if the server has no memory for the
+        frame within ``io_timeout_s``.
         """
+        self._release_frame()
         if timeout_s is not None:
             self.request.settimeout(timeout_s)
             try:
@@ -526,7 +634,31 @@ class RequestHandler(socketserver.StreamRequestHandler):
                     return None
             finally:
                 self.request.settimeout(self.server.io_timeout_s)
-        return protocol.read_message(self.rfile, body_buffer if body_buffer is not None else self.body_buffer)
+
+        def lend(nbytes: int):
+            if body_buffer is not None and len(body_buffer) >= nbytes:
+                return body_buffer
+            self._body_loan = self.server.body_buffers.lend(nbytes, self.server.io_timeout_s)
+            return self._body_loan[0]
+
+        return protocol.read_message(self.rfile, lend, admit=self._admit_header)
+
+    def _admit_header(self, nbytes: int) -> None:
+        """Wait for the server's header budget before reading a large header (see HEADER_BUDGET_BYTES)."""
+        if nbytes <= FREE_HEADER_BYTES:
+            return
+        if not self.server.header_budget.take(nbytes, self.server.io_timeout_s):
+            raise ServerBusy(f"server busy: no room to read a header of {nbytes} bytes, try again later")
+        self._header_held = nbytes
+
+    def _release_frame(self) -> None:
+        """Give back the header budget and body buffer of the last frame read."""
+        if self._header_held:
+            self.server.header_budget.give(self._header_held)
+            self._header_held = 0
+        if self._body_loan is not None:
+            loan, self._body_loan = self._body_loan, None
+            self.server.body_buffers.give_back(*loan)
 
     def reply(self, msg: protocol.Message, flush: bool = True) -> None:
         protocol.write_message(self.wfile, msg, flush=flush)
@@ -537,8 +669,12 @@ class Server(socketserver.ThreadingTCPServer):
 
     ``server_id`` names this server in HELLO_OK; ``io_timeout_s`` bounds any
     single read or write inside a request; ``idle_timeout_s`` bounds the wait
-    for the next request on an idle connection; ``body_buffer_bytes`` is the
-    size of each connection's reusable body buffer (0 = allocate per frame).
+    for the next request on an idle connection.  Request bodies come out of
+    ``body_buffers``: at most ``body_budget_bytes`` of them at once, over all
+    connections, in reusable buffers of ``body_buffer_bytes`` (0 = allocate
+    per frame); large headers out of ``header_budget``
+    (HEADER_BUDGET_BYTES).  So the memory a flood of connections can make
+    the server hold is bounded whatever the frames they send.
 
     ``security`` (security.Security): the shared secret every peer must
     prove it knows, and the TLS context to serve with; default none.
@@ -556,16 +692,17 @@ class Server(socketserver.ThreadingTCPServer):
     request_queue_size = 128
 
     def __init__(self, address, handler_cls, server_id: str, io_timeout_s: float, idle_timeout_s: float,
-                 body_buffer_bytes: int = 0, security: Security | None = None, max_connections: int = 256):
+                 body_buffer_bytes: int = 0, security: Security | None = None, max_connections: int = 256,
+                 body_budget_bytes: int = protocol.MAX_BODY_BYTES):
         self.server_id = server_id
-        self.body_buffer_bytes = body_buffer_bytes
+        self.body_buffers = BodyBuffers(body_budget_bytes, body_buffer_bytes)
+        self.header_budget = MemoryBudget(HEADER_BUDGET_BYTES)
+        self._log_times: dict[str, tuple[float, int]] = {}
         self.io_timeout_s = io_timeout_s
         self.idle_timeout_s = idle_timeout_s
         self.security = security or NO_SECURITY
         self.max_connections = max_connections
         self._slots = threading.BoundedSemaphore(max_connections)
-        self._refused = 0
-        self._refusal_logged_at = float("-inf")
         super().__init__(address, handler_cls)
 
     @property
@@ -598,14 +735,19 @@ class Server(socketserver.ThreadingTCPServer):
             except OSError:
                 pass
         self.shutdown_request(request)
-        self._refused += 1
+        self.log_limited("refused", "%s: refused, %d connection(s) already open (max_connections)",
+                         format_address(client_address), self.max_connections)
+
+    def log_limited(self, key: str, message: str, *args) -> None:
+        """A warning logged once per _REFUSAL_LOG_INTERVAL_S per ``key``, with the count held back."""
         now = time.monotonic()
-        if now - self._refusal_logged_at >= _REFUSAL_LOG_INTERVAL_S:
-            logger.warning("%s: refused, %d connection(s) already open (max_connections); "
-                           "%d refused since the last such line", format_address(client_address),
-                           self.max_connections, self._refused)
-            self._refusal_logged_at = now
-            self._refused = 0
+        last, held_back = self._log_times.get(key, (float("-inf"), 0))
+        if now - last < _REFUSAL_LOG_INTERVAL_S:
+            self._log_times[key] = (last, held_back + 1)
+            return
+        self._log_times[key] = (now, 0)
+        suffix = f" ({held_back} more since the last such line)" if held_back else ""
+        logger.warning(message + suffix, *args)
 
     def handle_error(self, request, client_address):
         exc = sys.exc_info()[1]

@@ -3,7 +3,8 @@
 Unit tests build the pages of a million-extent inventory and of other long
 lists and check that every frame fits and that the receiving side gets back
 what was sent.  Process tests store a file fragmented into 10,240 batches
-(what a 10 GiB file is at the default 1 MiB batches) and restart a node.
+(what a 10 GiB file is at the default 1 MiB batches), restart a node, and
+flood a master and a node with a few hundred connections.
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ import json
 import logging
 import os
 import re
+import subprocess
+import sys
 import threading
 import time
 import types
 
 import pytest
 
-from conftest import FAST_MASTER, FAST_TIMING, random_bytes, sha256, wait_until
+from conftest import FAST_MASTER, FAST_TIMING, ROOT, random_bytes, sha256, wait_until
 
 import config as config_module
 import protocol
@@ -298,3 +301,9 @@ def read_text(path: str) -> str:
     with open(path, encoding="utf-8", errors="replace") as f:
         return f.read()
 
+
+def test_connection_flood_keeps_servers_under_their_memory_targets():
+    """300 connections sending a 1 MiB body each keep the master under 100 MiB and a node under 64 MiB."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "flood.py"), "--connections", "300",
+                             "--modes", "body", "--hold", "0.5"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
