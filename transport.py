@@ -49,8 +49,8 @@ _STREAM_BUFFER_BYTES = 16 * 1024
 FREE_HEADER_BYTES = 1024
 # Larger headers (pages of INVENTORY or DELETE_BLOBS, or junk) share one
 # budget per server: at most this many header bytes are read and parsed at
-# once over all connections, so their objects stay under ~12 MiB however
-# many connections send them.  Eight full pages, so nodes that register
+# once over all connections, so their objects stay under ~6 MiB however
+# many connections send them.  Four full pages, so nodes that register
 # together still overlap.
 HEADER_BUDGET_BYTES = 4 * protocol.PAGE_BYTES
 # Bytes of a non-protocol answer to HELLO quoted in the error: enough to
