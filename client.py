@@ -819,13 +819,13 @@ class Client:
 
     def versions(self, name: str) -> list[dict]:
         """The kept versions of ``name``, oldest first (history.version_info)."""
-        return self._pages(protocol.Versions(name=protocol.validate_name(name)), protocol.VersionsPage, "entries")
+        return self._pages(protocol.Versions(name=protocol.validate_name(name)), protocol.VersionsPage)
 
     def locks(self) -> list[dict]:
         return self._pages(protocol.Locks(), protocol.LocksReply, "locks")
 
     def list(self, prefix: str = "") -> list[dict]:
-        return self._pages(protocol.List(prefix=prefix), protocol.ListPage, "entries")
+        return self._pages(protocol.List(prefix=prefix), protocol.ListPage)
 
     def status(self) -> protocol.StatusReply:
         """STATUS with every page of nodes joined (totals come on the first page)."""
@@ -838,7 +838,7 @@ class Client:
             nodes += page.nodes
         return dataclasses.replace(first, nodes=nodes)
 
-    def _pages(self, request: protocol.Message, reply_cls, field_name: str) -> list:
+    def _pages(self, request: protocol.Message, reply_cls, field_name: str = "entries") -> list:
         """Send ``request`` and join the ``field_name`` lists of its reply pages, up to the one marked done."""
         conn = self.conn
         conn.send(request)

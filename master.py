@@ -1094,10 +1094,8 @@ class MasterHandler(transport.RequestHandler):
         infos = [{"name": name, "id": history.version_id(e), "size": e["size"], "sha256": e["sha256"],
                   "mtime": e["mtime"], "trashed_at": e["trashed_at"], "expires_at": e["trashed_at"] + expiry_s}
                  for name, e in self.master.namespace.trash_listing(msg.prefix)]
-        pages = protocol.pages_by_size(infos)
-        for n, page in enumerate(pages):
-            done = n == len(pages) - 1
-            self.reply(protocol.TrashPage(entries=page, done=done), flush=done)
+        for page, last in protocol.pages(infos):
+            self.reply(protocol.TrashPage(entries=page, done=last), flush=last)
 
     def do_TOUCH(self, msg: protocol.Touch) -> None:
         name = protocol.validate_name(msg.name, storing=True)
