@@ -264,12 +264,19 @@ class Repairer:
         owners = self._blob_owners()
         for blob, ranges in by_blob.items():
             found = owners.get(blob)
-            if found is None:
+            if not found:
                 continue
-            name, entry = found
-            logger.warning("node %s found %r chunks %s corrupt; re-replicating", node_id, name,
+            logger.warning("node %s found %r chunks %s corrupt; re-replicating", node_id, found[0][0],
                            ", ".join(f"{first}..{first + count - 1}" for first, count in ranges[:5]))
-            self.remove_replica(name, entry, blob, ranges, node_id)
+            # Every kept entry using the blob: an older version may be the
+            # only one that places the bad chunks (a write moved the current
+            # one's copy of them to a new blob).  Each as it is after the
+            # records before it: one that moved chunks shared with a
+            # later-listed version split that version's runs.
+            for name, entry in found:
+                entry = self.master.namespace.find_entry(name, version_id(entry))
+                if entry is not None:
+                    self.remove_replica(name, entry, blob, ranges, node_id)
 
     def remove_replica(self, name: str, entry: dict, blob: str, ranges: list, node_id: str) -> None:
         """Take ``node_id`` off the list of exactly the chunks ``ranges`` ([(first, count)]) of ``blob``.
@@ -285,12 +292,17 @@ class Repairer:
             self.master.log.commit(records)
             self._wake.set()
 
-    def _blob_owners(self) -> dict[str, tuple[str, dict]]:
-        """blob -> (name, entry) of the file whose chunks live in it."""
-        owners = {}
+    def _blob_owners(self) -> dict[str, list[tuple[str, dict]]]:
+        """blob -> (name, entry) of every kept entry whose chunks live in it.
+
+        All of them, not one: versions share a blob, each placing its own
+        part of it (an append or write leaves the untouched chunks in the old
+        blob, and the older version alone still uses the ones it rewrote).
+        """
+        owners: dict[str, list[tuple[str, dict]]] = {}
         for name, entry in self.master.namespace.all_entries():
             for blob in entry_blobs(entry):
-                owners[blob] = (name, entry)
+                owners.setdefault(blob, []).append((name, entry))
         return owners
 
     # --- the loop ------------------------------------------------------------------------
@@ -461,19 +473,22 @@ class Repairer:
         orphans, drops, records = [], [], []
         for blob, extents in inventory.items():
             found = owners.get(blob)
-            if found is None:
+            if not found:
                 if blob not in active:
                     orphans.append(blob)
                 continue
-            name, entry = found
             for first, count in extents:
-                overlapping = nodes_of(entry, first, count, blob)
-                if not overlapping or any(node_id in nodes for _, _, nodes, _ in overlapping):
+                # Over every entry using the blob: a chunk only an older
+                # version uses is as much data as the current file's.
+                overlapping = [(name, f, c, nodes) for name, entry in found
+                               for f, c, nodes, _ in nodes_of(entry, first, count, blob)]
+                if not overlapping or any(node_id in nodes for _, _, _, nodes in overlapping):
                     continue  # placed here (or no longer part of the file): keep
-                short = [(f, c, nodes) for f, c, nodes, _ in overlapping
-                         if sum(1 for n in nodes if n in alive) < replication]
+                short = {(name, f, c, tuple(nodes)) for name, f, c, nodes in overlapping
+                         if sum(1 for n in nodes if n in alive) < replication}
                 if short:  # a copy we lack elsewhere: adopt it
-                    records += [replicas_record(name, blob, f, c, nodes, [*nodes, node_id]) for f, c, nodes in short]
+                    records += [replicas_record(name, blob, f, c, list(nodes), [*nodes, node_id])
+                                for name, f, c, nodes in sorted(short)]
                 else:
                     drops.append((blob, first, count))
         # Chunks the namespace places on this node that it does not hold.
