@@ -270,13 +270,11 @@ class Repairer:
                            ", ".join(f"{first}..{first + count - 1}" for first, count in ranges[:5]))
             # Every kept entry using the blob: an older version may be the
             # only one that places the bad chunks (a write moved the current
-            # one's copy of them to a new blob).  Each as it is after the
-            # records before it: one that moved chunks shared with a
-            # later-listed version split that version's runs.
+            # one's copy of them to a new blob).  remove_replica reads each
+            # as it is after the records before it: one that moved chunks
+            # shared with a later-listed version split that version's runs.
             for name, entry in found:
-                entry = self.master.namespace.find_entry(name, version_id(entry))
-                if entry is not None:
-                    self.remove_replica(name, entry, blob, ranges, node_id)
+                self.remove_replica(name, entry, blob, ranges, node_id)
 
     def remove_replica(self, name: str, entry: dict, blob: str, ranges: list, node_id: str) -> None:
         """Take ``node_id`` off the list of exactly the chunks ``ranges`` ([(first, count)]) of ``blob``.
@@ -284,7 +282,15 @@ class Repairer:
         Per chunk, not per batch: the node still holds the rest of the batch
         (nodes drop only the chunks that fail), and another replica may
         have lost other chunks of it.  One log commit for all ranges.
+
+        ``entry`` names the version; its placement is read again here: a
+        reader's entry is the one pinned when the download began, and repair
+        may have moved copies since, so records computed from it would not
+        apply (compare-and-set) and the dropped copy would stay listed.
         """
+        entry = self.master.namespace.find_entry(name, version_id(entry))
+        if entry is None:
+            return  # dropped meanwhile: nothing places the chunks any more
         records = [replicas_record(name, blob, f, c, nodes, [n for n in nodes if n != node_id])
                    for first, count in ranges
                    for f, c, nodes, _ in nodes_of(entry, first, count, blob) if node_id in nodes]

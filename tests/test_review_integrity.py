@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 import config as config_module
+import protocol
 from master import Master
 from namespace import make_entry, splice_runs
 from repair import replicas_record
@@ -66,3 +67,21 @@ def test_reconciliation_keeps_chunks_an_older_version_places_on_the_node(master,
     master.repairer.reconcile(B, master.namespace.all_entries(), {"v1": [(0, 6)]})
     lost = [d for d in dropped if d[1] == "v1" and d[2] < 6 and d[2] + d[3] > 4]
     assert not lost, f"reconciliation dropped chunks v1 places on node B: {dropped}"
+
+
+def test_a_bad_copy_found_by_a_reader_of_a_stale_entry_is_taken_off_the_current_placement(master):
+    """A download's entry is the one pinned when it started; repair may have moved other copies since.
+
+    The node dropped the bad chunk, so it must leave the placement current
+    when the read reports it, not only the one the reader started from.
+    """
+    v1 = make_entry(4 * CHUNK, CHUNK, "1" * 64, "v1", [[0, 4, [A, B]]], BATCH)
+    master.commit_uploads([("f", v1, None)])
+    pinned = master.open_for_read("f")
+    try:
+        master.log.commit([replicas_record("f", "v1", 0, 4, [A, B], [B, C])])  # A died, repaired to C
+        master.note_bad_replica(B, "f", pinned, "v1", [(2, 1)], protocol.ChecksumMismatch("bad"))
+    finally:
+        master.close_read(pinned)
+    assert master.namespace.files["f"]["runs"] == [[0, 2, [B, C]], [2, 1, [C]], [3, 1, [B, C]]], \
+        "node B still listed for the chunk it dropped"
