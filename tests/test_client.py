@@ -27,6 +27,7 @@ from conftest import (FAST_MASTER, FAST_TIMING, ROOT, CliResult, SecureCluster, 
                       seed_names, sha256)
 
 import client as client_module
+import metadata_log
 import protocol
 import security as security_module
 import transport
@@ -200,6 +201,32 @@ def test_force_refuses_to_replace_anything_but_a_regular_file(cluster, tmp_path)
         assert (after.st_ino, after.st_mode) == (before[name].st_ino, before[name].st_mode), name
     assert (tmp_path / "real").read_bytes() == b"the link's target"
     assert [n for n in os.listdir(tmp_path) if n.endswith(".part")] == []
+
+
+def test_force_fsyncs_the_new_bytes_and_directory_before_the_old_copy_is_gone(cluster, tmp_path, monkeypatch):
+    """Replacing a local file fsyncs the new file before the rename and its directory after it."""
+    store(cluster, "durable/data", b"restored bytes", tmp_path)
+    target = tmp_path / "target"
+    target.write_bytes(b"the only good local copy")
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), target.read_bytes()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    real_fsync_dir = metadata_log.fsync_dir
+    monkeypatch.setattr(metadata_log, "fsync_dir", lambda path: real_fsync_dir(path, fsync=recording_fsync))
+    c = cluster.client()
+    try:
+        c.download("durable/data", str(target), force=True)
+    finally:
+        c.close()
+    assert target.read_bytes() == b"restored bytes"
+    paths = [path for path, _ in synced]
+    assert any(p.endswith(".part") for p in paths), paths  # the new bytes, before the rename
+    assert synced[-1] == (str(tmp_path), b"restored bytes"), synced  # the directory, after it
 
 
 def test_tree_restore_writes_neither_onto_special_files_nor_through_symlinks(cluster, tmp_path):
