@@ -181,47 +181,126 @@ def one_line(text: str) -> bool:
     return len(text.strip().splitlines()) == 1
 
 
+# --- clusters shared by several tests ---------------------------------------------------------
+# A cluster start costs about a second; most tests here neither stop a process
+# nor count chunks cluster-wide, so they share one.  Each uses names of its own
+# and looks only at those.  Tests that kill and restart processes share another,
+# made whole again before each of them.  Tests that count every chunk of the
+# cluster, or need other flags, start their own through ``cluster``/``make_cluster``.
+
+@pytest.fixture(scope="module")
+def shared_cluster(tmp_path_factory):
+    """A master and three nodes shared by the tests that change no process and count no global totals."""
+    with running_cluster(tmp_path_factory.mktemp("core-shared"), nodes=3) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def restart_cluster_of_module(tmp_path_factory):
+    with running_cluster(tmp_path_factory.mktemp("core-restarts"), nodes=3) as c:
+        yield c
+
+
+def healed(cluster) -> bool:
+    t = cluster.status().totals
+    return (t["nodes_alive"] == len(cluster.nodes) and not t["safe_mode"] and not t["under_replicated_chunks"]
+            and not t["repairs_pending"])
+
+
+@pytest.fixture
+def restart_cluster(restart_cluster_of_module):
+    """A master and three nodes shared by the tests that kill and restart processes (each uses names of its own).
+
+    Before each test, whatever the previous one left down is started again,
+    and the test begins once every node is alive, nothing awaits repair and
+    an upload is placed, as on a fresh cluster.  (A node that failed a request
+    of the previous test takes no new chunks for dead_after_s, which STATUS
+    does not show: the probe upload waits that out.)
+    """
+    c = restart_cluster_of_module
+    if not c.master.running():
+        c.start_master()
+    for index, node in enumerate(c.nodes):
+        if not node.running():
+            c.add_node(index)
+    wait_until(lambda: healed(c), message="every node alive and nothing to repair")
+
+    probe = os.path.join(c.data_dir, "restart-probe")
+    with open(probe, "wb") as f:
+        f.write(b"one chunk")
+
+    def probe_placed() -> bool:
+        client = c.client()
+        try:
+            client.upload_file(probe, "restart-probe")
+            return True
+        finally:
+            client.close()
+
+    wait_until(probe_placed, message="an upload placed")
+    return c
+
+
 # --- 1. round trips -----------------------------------------------------------------------
 ROUND_TRIP_SIZES = [0, 1, 1023, 1024, 1025, 3 * 1024, MIB + 7, 3 * MIB + 12345]
 
 
-def test_round_trip_of_edge_sizes_via_cli(cluster, tmp_path):
+# The CLI (a process start each) for the empty file and the largest one; the
+# client library the CLI calls for every size, to a file and to stdout.
+CLI_ROUND_TRIP_SIZES = {0, 3 * MIB + 12345}
+
+
+def test_round_trip_of_edge_sizes_via_cli(shared_cluster, tmp_path, capsysbinary):
     """Files of chunk- and batch-boundary sizes come back byte-identical to a file and to stdout."""
     seed = 1001
-    for size in ROUND_TRIP_SIZES:
-        data = random_bytes(seed + size, size)
-        local = write_local(tmp_path, f"rt-{size}", data)
-        name = f"rt/{size}.bin"
-        up = cluster.cli("upload", local, name)
-        assert up.returncode == 0, f"size {size} (seed {seed + size}): {up}"
-        out = tmp_path / f"out-{size}"
-        down = cluster.cli("download", name, str(out))
-        assert down.returncode == 0, f"size {size} (seed {seed + size}): {down}"
-        assert out.read_bytes() == data, f"size {size} (seed {seed + size}): file differs"
-        to_stdout = cluster.cli("download", name, "-")
-        assert to_stdout.returncode == 0, f"size {size} (seed {seed + size}): {to_stdout}"
-        assert to_stdout.stdout == data, f"size {size} (seed {seed + size}): stdout differs"
-    sizes = {entry["name"]: entry["size"] for entry in listing(cluster).values()}
+    c = shared_cluster.client()
+    try:
+        for size in ROUND_TRIP_SIZES:
+            data = random_bytes(seed + size, size)
+            local = write_local(tmp_path, f"rt-{size}", data)
+            name = f"rt/{size}.bin"
+            out = tmp_path / f"out-{size}"
+            if size in CLI_ROUND_TRIP_SIZES:
+                up = shared_cluster.cli("upload", local, name)
+                assert up.returncode == 0, f"size {size} (seed {seed + size}): {up}"
+                down = shared_cluster.cli("download", name, str(out))
+                assert down.returncode == 0, f"size {size} (seed {seed + size}): {down}"
+                to_stdout = shared_cluster.cli("download", name, "-")
+                assert to_stdout.returncode == 0, f"size {size} (seed {seed + size}): {to_stdout}"
+                printed = to_stdout.stdout
+            else:
+                c.upload_file(local, name)
+                c.download(name, str(out))
+                capsysbinary.readouterr()
+                c.download(name, "-")
+                printed = capsysbinary.readouterr().out
+            assert out.read_bytes() == data, f"size {size} (seed {seed + size}): file differs"
+            assert printed == data, f"size {size} (seed {seed + size}): stdout differs"
+    finally:
+        c.close()
+    sizes = {name: entry["size"] for name, entry in listing(shared_cluster).items() if name.startswith("rt/")}
     assert sizes == {f"rt/{size}.bin": size for size in ROUND_TRIP_SIZES}
 
 
 # --- 2. names ---------------------------------------------------------------------------------
-def test_names_with_spaces_slashes_and_non_ascii_round_trip(cluster, tmp_path):
+def test_names_with_spaces_slashes_and_non_ascii_round_trip(shared_cluster, tmp_path):
     """Names are keys: spaces, slashes, dots and non-ASCII letters store and list as given."""
     names = ["dir/sub/ünï côdé.txt", "with  two spaces", "dots.in/.hidden..name", "日本語/ファイル.dat"]
+    names_before = list(listing(shared_cluster))
     for n, name in enumerate(names):
         data = f"content of {name}".encode("utf-8") * (n + 1)
         local = write_local(tmp_path, f"name-{n}", data)
-        assert cluster.cli("upload", local, name).returncode == 0, name
+        assert shared_cluster.cli("upload", local, name).returncode == 0, name
         out = tmp_path / f"name-out-{n}"
-        result = cluster.cli("download", name, str(out))
+        result = shared_cluster.cli("download", name, str(out))
         assert result.returncode == 0, f"{name!r}: {result}"
         assert out.read_bytes() == data, name
-    listed = cluster.cli("list")
+    listed = shared_cluster.cli("list")
     assert listed.returncode == 0, listed
     line_format = re.compile(r"^\s*\d+\s+\d+  \d{4}-\d\d-\d\d \d\d:\d\d:\d\d  (.*)$")
     listed_names = [line_format.match(line).group(1) for line in listed.stdout.decode("utf-8").splitlines()]
-    assert sorted(listed_names) == sorted(names)
+    # The cluster is shared: the names other tests stored before this one are listed too.
+    assert sorted(listed_names) == sorted([*names_before, *names])
 
 
 INVALID_NAMES = {
@@ -232,156 +311,162 @@ INVALID_NAMES = {
 }
 
 
-def test_invalid_names_exit_invalid_name_with_one_stderr_line(cluster, tmp_path):
+def test_invalid_names_exit_invalid_name_with_one_stderr_line(shared_cluster, tmp_path):
     """Upload and download with an invalid name exit EXIT_INVALID_NAME with one stderr line."""
     local = write_local(tmp_path, "valid", b"some data")
     failures = []
     for label, name in INVALID_NAMES.items():
         for args in (("upload", local, name), ("download", name, str(tmp_path / "never"))):
-            result = cluster.cli(*args)
+            result = shared_cluster.cli(*args)
             if result.returncode != client_module.EXIT_INVALID_NAME or not one_line(result.stderr):
                 failures.append(f"{args[0]} with {label} name: {result}")
-    assert_master_serves(cluster, tmp_path)
+    assert_master_serves(shared_cluster, tmp_path)
     assert not (tmp_path / "never").exists()
     assert not failures, "\n".join(failures)
 
 
-def test_master_refuses_invalid_names_from_a_raw_client(cluster, tmp_path):
+def test_master_refuses_invalid_names_from_a_raw_client(shared_cluster, tmp_path):
     """The master itself answers INVALID_NAME to an upload under a bad name and keeps the connection."""
-    with raw_connection(master_address(cluster)) as conn:
+    before = listing(shared_cluster)
+    with raw_connection(master_address(shared_cluster)) as conn:
         for label, name in INVALID_NAMES.items():
             conn.send(protocol.UploadBegin(name=name, size=3))
             conn.send(protocol.Data(body=b"abc"))
             conn.send(protocol.UploadEnd(sha256=sha256(b"abc")))
             with pytest.raises(protocol.InvalidName):
                 conn.expect(protocol.Uploaded)
-        assert conn.request(protocol.List(), protocol.ListPage).entries == [], "an invalid name was stored"
-    assert_master_serves(cluster, tmp_path)
+        conn.request(protocol.List(), protocol.ListPage)  # the connection is still usable
+    assert listing(shared_cluster).keys() == before.keys(), "an invalid name was stored"
+    assert_master_serves(shared_cluster, tmp_path)
 
 
 # --- 3. placement ---------------------------------------------------------------------------
-def test_every_chunk_is_on_exactly_two_distinct_nodes(cluster, tmp_path):
+def test_every_chunk_is_on_exactly_two_distinct_nodes(shared_cluster, tmp_path):
     """After uploads, each chunk of each committed blob is held by exactly two nodes."""
     seed = 3003
     sizes = [1, 1025, 300 * KIB + 3, 2 * MIB + 100]
-    uploaded = [upload(cluster, f"placed-{size}", random_bytes(seed + size, size), tmp_path) for size in sizes]
-    inventories = node_inventories(cluster, tmp_path)
+    uploaded = [upload(shared_cluster, f"placed-{size}", random_bytes(seed + size, size), tmp_path) for size in sizes]
+    inventories = node_inventories(shared_cluster, tmp_path)
     for reply in uploaded:
         holders = holders_per_chunk(inventories, reply.version, reply.chunks)
         bad = [(index, sorted(h)) for index, h in enumerate(holders) if len(h) != 2]
         assert not bad, f"{reply.name} (seed {seed}): chunks not on exactly 2 nodes: {bad[:5]}"
 
 
-def test_multi_batch_file_spreads_over_all_three_nodes(cluster, tmp_path):
+def test_multi_batch_file_spreads_over_all_three_nodes(shared_cluster, tmp_path):
     """A file of several batches puts chunks on every one of three nodes."""
     seed = 3100
-    reply = upload(cluster, "spread", random_bytes(seed, 4 * BATCH_BYTES + 5), tmp_path)
-    inventories = node_inventories(cluster, tmp_path)
+    reply = upload(shared_cluster, "spread", random_bytes(seed, 4 * BATCH_BYTES + 5), tmp_path)
+    inventories = node_inventories(shared_cluster, tmp_path)
     held = {nid: sum(count for _, count in inventory.get(reply.version, [])) for nid, inventory in inventories.items()}
     assert len(held) == 3 and all(held.values()), f"chunks per node {held} (seed {seed})"
     assert sum(held.values()) == 2 * reply.chunks, f"chunks per node {held} (seed {seed})"
 
 
 # --- 4. node loss ----------------------------------------------------------------------------
-def test_reads_fail_over_when_any_one_node_is_killed(cluster, tmp_path):
+def test_reads_fail_over_when_any_one_node_is_killed(restart_cluster, tmp_path):
     """With any single node killed by SIGKILL, every file still downloads identically."""
     seed = 4004
     files = {f"f{n}": random_bytes(seed + n, size) for n, size in enumerate([5, 70 * KIB, 2 * MIB + 1])}
     for name, data in files.items():
-        upload(cluster, name, data, tmp_path)
-    for index in range(len(cluster.nodes)):
-        cluster.nodes[index].kill()
+        upload(restart_cluster, name, data, tmp_path)
+    for index in range(len(restart_cluster.nodes)):
+        restart_cluster.nodes[index].kill()
         for name, data in files.items():
-            assert download(cluster, name, tmp_path) == data, f"{name} with node{index} dead (seed {seed})"
-        new_address = cluster.add_node(index).address
-        wait_until(lambda: any(n["address"] == new_address and n["alive"] for n in cluster.status().nodes),
+            assert download(restart_cluster, name, tmp_path) == data, f"{name} with node{index} dead (seed {seed})"
+        new_address = restart_cluster.add_node(index).address
+        wait_until(lambda: any(n["address"] == new_address and n["alive"] for n in restart_cluster.status().nodes),
                    message=f"node{index} re-registered at {new_address}")
 
 
 # --- 5. master restart ------------------------------------------------------------------------
-def test_list_right_after_master_kill_shows_acknowledged_uploads(cluster, tmp_path):
+def test_list_right_after_master_kill_shows_acknowledged_uploads(restart_cluster, tmp_path):
     """Right after a SIGKILL and restart of the master, list shows every acknowledged upload."""
     sizes = {f"ack/{n}": n * 1000 for n in range(6)}
     for name, size in sizes.items():
-        upload(cluster, name, b"x" * size, tmp_path)
-    cluster.restart_master()
-    assert {name: e["size"] for name, e in listing(cluster).items()} == sizes
+        upload(restart_cluster, name, b"x" * size, tmp_path)
+    restart_cluster.restart_master()
+    assert {name: e["size"] for name, e in listing(restart_cluster).items() if name.startswith("ack/")} == sizes
 
 
-def test_downloads_work_after_master_kill(cluster, tmp_path):
+def test_downloads_work_after_master_kill(restart_cluster, tmp_path):
     """After a SIGKILL and restart of the master, every file downloads identically."""
     seed = 5005
     files = {f"m{n}": random_bytes(seed + n, size) for n, size in enumerate([0, 4000, MIB + 3])}
     for name, data in files.items():
-        upload(cluster, name, data, tmp_path)
-    cluster.restart_master()
+        upload(restart_cluster, name, data, tmp_path)
+    restart_cluster.restart_master()
     for name, data in files.items():
-        assert download(cluster, name, tmp_path) == data, f"{name} (seed {seed})"
-    cluster.wait_nodes_alive(3)
+        assert download(restart_cluster, name, tmp_path) == data, f"{name} (seed {seed})"
+    restart_cluster.wait_nodes_alive(3)
     for name, data in files.items():
-        assert download(cluster, name, tmp_path) == data, f"{name} after re-registration (seed {seed})"
+        assert download(restart_cluster, name, tmp_path) == data, f"{name} after re-registration (seed {seed})"
 
 
 # --- 6. node restart ------------------------------------------------------------------------
-def test_restarted_nodes_keep_their_ids(cluster):
+def test_restarted_nodes_keep_their_ids(restart_cluster):
     """A restarted node re-registers under the id it had, at its new address."""
-    before = sorted(n["id"] for n in cluster.status().nodes)
-    for index in range(len(cluster.nodes)):
-        cluster.restart_node(index)
-    addresses = {node.address for node in cluster.nodes}
-    wait_until(lambda: {n["address"] for n in cluster.status().nodes if n["alive"]} == addresses,
+    before = sorted(n["id"] for n in restart_cluster.status().nodes)
+    for index in range(len(restart_cluster.nodes)):
+        restart_cluster.restart_node(index)
+    addresses = {node.address for node in restart_cluster.nodes}
+    wait_until(lambda: {n["address"] for n in restart_cluster.status().nodes if n["alive"]} == addresses,
                message=f"nodes re-registered at {addresses}")
-    assert sorted(n["id"] for n in cluster.status().nodes) == before
-    assert sorted(node_id(cluster, i) for i in range(len(cluster.nodes))) == before
+    assert sorted(n["id"] for n in restart_cluster.status().nodes) == before
+    assert sorted(node_id(restart_cluster, i) for i in range(len(restart_cluster.nodes))) == before
 
 
-def test_files_download_after_all_nodes_restarted(cluster, tmp_path):
+def test_files_download_after_all_nodes_restarted(restart_cluster, tmp_path):
     """Chunks survive a SIGKILL and restart of every node."""
     seed = 6006
     files = {f"n{n}": random_bytes(seed + n, size) for n, size in enumerate([1, 5000, 2 * MIB + 9])}
     for name, data in files.items():
-        upload(cluster, name, data, tmp_path)
-    for index in range(len(cluster.nodes)):
-        cluster.restart_node(index)
-    addresses = {node.address for node in cluster.nodes}
-    wait_until(lambda: {n["address"] for n in cluster.status().nodes if n["alive"]} == addresses,
+        upload(restart_cluster, name, data, tmp_path)
+    for index in range(len(restart_cluster.nodes)):
+        restart_cluster.restart_node(index)
+    addresses = {node.address for node in restart_cluster.nodes}
+    wait_until(lambda: {n["address"] for n in restart_cluster.status().nodes if n["alive"]} == addresses,
                message=f"nodes re-registered at {addresses}")
     for name, data in files.items():
-        assert download(cluster, name, tmp_path) == data, f"{name} (seed {seed})"
+        assert download(restart_cluster, name, tmp_path) == data, f"{name} (seed {seed})"
 
 
 # --- 7. replace -----------------------------------------------------------------------------
-def test_replacing_a_name_serves_the_new_version(cluster, tmp_path):
+def test_replacing_a_name_serves_the_new_version(shared_cluster, tmp_path):
     """Uploading B under A's name makes downloads return B and list one entry of B's size."""
     seed = 7007
     a, b = random_bytes(seed, 3 * KIB), random_bytes(seed + 1, 5 * KIB + 1)
-    assert cluster.cli("upload", write_local(tmp_path, "a", a), "x").returncode == 0
-    assert cluster.cli("upload", write_local(tmp_path, "b", b), "x").returncode == 0
-    assert download(cluster, "x", tmp_path) == b, f"seed {seed}"
-    entries = listing(cluster)
-    assert list(entries) == ["x"] and entries["x"]["size"] == len(b)
+    assert shared_cluster.cli("upload", write_local(tmp_path, "a", a), "x").returncode == 0
+    assert shared_cluster.cli("upload", write_local(tmp_path, "b", b), "x").returncode == 0
+    assert download(shared_cluster, "x", tmp_path) == b, f"seed {seed}"
+    c = shared_cluster.client()
+    try:
+        entries = [entry for entry in c.list() if entry["name"] == "x"]
+    finally:
+        c.close()
+    assert [entry["size"] for entry in entries] == [len(b)], entries
 
 
 # --- 8./9. concurrency ------------------------------------------------------------------------
-def test_concurrent_writers_and_readers_of_one_name_see_whole_versions(cluster, tmp_path):
+def test_concurrent_writers_and_readers_of_one_name_see_whole_versions(shared_cluster, tmp_path):
     """Concurrent writers of one name all succeed and readers only ever see a complete version."""
     seed = 8008
     size = 2 * BATCH_BYTES + 300 * KIB  # three batches: a read spans three GET_CHUNKS
     versions = [random_bytes(seed + n, size) for n in range(5)]
     known = {sha256(v): n for n, v in enumerate(versions)}
-    upload(cluster, "shared", versions[0], tmp_path)
+    upload(shared_cluster, "shared", versions[0], tmp_path)
     writers_done = threading.Event()
     errors: list[str] = []
     seen: list[int] = []
 
     def write(n):
         try:
-            upload(cluster, "shared", versions[n], tmp_path)
+            upload(shared_cluster, "shared", versions[n], tmp_path)
         except Exception as exc:
             errors.append(f"writer {n}: {exc!r}")
 
     def read(r):
-        c = cluster.client()
+        c = shared_cluster.client()
         destination = tmp_path / f"reader-{r}"
         try:
             while not writers_done.is_set() or len(seen) < 2:
@@ -407,7 +492,7 @@ def test_concurrent_writers_and_readers_of_one_name_see_whole_versions(cluster, 
     for t in readers:
         t.join(60)
     assert not errors, f"seed {seed}: " + "; ".join(errors)
-    final = download(cluster, "shared", tmp_path)
+    final = download(shared_cluster, "shared", tmp_path)
     assert sha256(final) in {sha256(v) for v in versions[1:]}, f"final content is no writer's (seed {seed})"
     assert seen, "readers downloaded nothing"
 
@@ -458,7 +543,7 @@ def test_download_in_progress_survives_a_replace_of_its_name(make_cluster, tmp_p
     assert info.sha256 == sha256(old) and sha256(received) == sha256(old), f"seed {seed}"
 
 
-def test_many_clients_in_parallel_all_succeed(cluster, tmp_path):
+def test_many_clients_in_parallel_all_succeed(shared_cluster, tmp_path):
     """Eight clients uploading and downloading distinct files at once all succeed."""
     seed = 9009
     errors: list[str] = []
@@ -468,9 +553,9 @@ def test_many_clients_in_parallel_all_succeed(cluster, tmp_path):
         try:
             for round_ in range(2):
                 name = f"par/{n}/{round_}"
-                reply = upload(cluster, name, data, tmp_path)
+                reply = upload(shared_cluster, name, data, tmp_path)
                 assert reply.size == len(data)
-                if download(cluster, name, tmp_path, label=f"par-{n}") != data:
+                if download(shared_cluster, name, tmp_path, label=f"par-{n}") != data:
                     errors.append(f"client {n}: {name} differs")
         except Exception as exc:
             errors.append(f"client {n}: {exc!r}")
@@ -481,7 +566,7 @@ def test_many_clients_in_parallel_all_succeed(cluster, tmp_path):
     for t in threads:
         t.join(60)
     assert not errors, f"seed {seed}: " + "; ".join(errors)
-    assert len(listing(cluster)) == 16
+    assert len([name for name in listing(shared_cluster) if name.startswith("par/")]) == 16
 
 
 # --- 10. too few nodes ----------------------------------------------------------------------
@@ -495,14 +580,14 @@ def test_upload_with_one_node_fails_insufficient_nodes(make_cluster, tmp_path):
     assert listing(cluster) == {}
 
 
-def test_upload_after_two_of_three_nodes_die_fails_insufficient_nodes(cluster, tmp_path):
+def test_upload_after_two_of_three_nodes_die_fails_insufficient_nodes(restart_cluster, tmp_path):
     """Once two of three nodes are seen dead, an upload exits EXIT_INSUFFICIENT_NODES."""
-    cluster.nodes[0].kill()
-    cluster.nodes[1].kill()
-    wait_until(lambda: cluster.status().totals["nodes_alive"] == 1, message="1 live node")
-    result = cluster.cli("upload", write_local(tmp_path, "late", b"data"), "late")
+    restart_cluster.nodes[0].kill()
+    restart_cluster.nodes[1].kill()
+    wait_until(lambda: restart_cluster.status().totals["nodes_alive"] == 1, message="1 live node")
+    result = restart_cluster.cli("upload", write_local(tmp_path, "late", b"data"), "late")
     assert result.returncode == client_module.EXIT_INSUFFICIENT_NODES, result
-    assert listing(cluster) == {}
+    assert "late" not in listing(restart_cluster)
 
 
 # --- 11./12./13. uploads that must not commit -------------------------------------------------
@@ -536,26 +621,26 @@ def test_disconnect_mid_upload_of_a_new_name_commits_nothing(cluster, tmp_path):
     assert result.returncode == client_module.EXIT_NOT_FOUND, result
 
 
-def test_wrong_sha256_at_upload_end_commits_nothing(cluster, tmp_path):
+def test_wrong_sha256_at_upload_end_commits_nothing(shared_cluster, tmp_path):
     """An UPLOAD_END whose SHA-256 differs from the data is refused and the old version stays."""
     seed = 12012
     old = random_bytes(seed, 4 * KIB)
-    upload(cluster, "checked", old, tmp_path)
+    upload(shared_cluster, "checked", old, tmp_path)
     new = random_bytes(seed + 1, 6 * KIB)
-    with raw_connection(master_address(cluster)) as conn:
+    with raw_connection(master_address(shared_cluster)) as conn:
         conn.send(protocol.UploadBegin(name="checked", size=len(new)))
         send_data(conn, new)
         conn.send(protocol.UploadEnd(sha256=sha256(new[:-1] + b"\0")))
         reply = conn.recv()
     assert isinstance(reply, protocol.Error) and reply.code == "CHECKSUM_MISMATCH", reply
-    assert listing(cluster)["checked"]["size"] == len(old)
-    assert download(cluster, "checked", tmp_path) == old, f"seed {seed}"
+    assert listing(shared_cluster)["checked"]["size"] == len(old)
+    assert download(shared_cluster, "checked", tmp_path) == old, f"seed {seed}"
 
 
-def test_connection_stays_usable_after_a_refused_upload_end(cluster, tmp_path):
+def test_connection_stays_usable_after_a_refused_upload_end(shared_cluster, tmp_path):
     """After CHECKSUM_MISMATCH for an UPLOAD_END, the next request on that connection gets its own reply."""
     data = b"payload" * 100
-    with raw_connection(master_address(cluster)) as conn:
+    with raw_connection(master_address(shared_cluster)) as conn:
         conn.send(protocol.UploadBegin(name="resync", size=len(data)))
         conn.send(protocol.Data(body=data))
         conn.send(protocol.UploadEnd(sha256="0" * 64))
@@ -565,47 +650,47 @@ def test_connection_stays_usable_after_a_refused_upload_end(cluster, tmp_path):
         conn.send(protocol.Data(body=data))
         conn.send(protocol.UploadEnd(sha256=sha256(data)))
         assert conn.expect(protocol.Uploaded).size == len(data)
-    assert download(cluster, "resync", tmp_path) == data
+    assert download(shared_cluster, "resync", tmp_path) == data
 
 
-def test_node_killed_mid_upload_never_leaves_a_partial_file(cluster, tmp_path):
+def test_node_killed_mid_upload_never_leaves_a_partial_file(restart_cluster, tmp_path):
     """A node dying mid-upload fails the upload cleanly or stores the whole file, never a part."""
     seed = 13013
     data = random_bytes(seed, 4 * MIB + 333)
     half = 2 * MIB
-    with raw_connection(master_address(cluster)) as conn:
+    with raw_connection(master_address(restart_cluster)) as conn:
         conn.send(protocol.UploadBegin(name="big", size=len(data)))
         send_data(conn, data[:half])
         # Wait until the master has shipped the first batches, so the kill lands mid-stream.
-        wait_until(lambda: cluster.status().totals["chunks"] > 0, message="first batches stored")
-        cluster.nodes[0].kill()
+        wait_until(lambda: restart_cluster.status().totals["chunks"] > 0, message="first batches stored")
+        restart_cluster.nodes[0].kill()
         send_data(conn, data[half:])
         conn.send(protocol.UploadEnd(sha256=sha256(data)))
         reply = conn.recv()
     assert isinstance(reply, (protocol.Uploaded, protocol.Error)), reply
-    entries = listing(cluster)
+    entries = listing(restart_cluster)
     if isinstance(reply, protocol.Error):
         assert reply.code in ("UNAVAILABLE", "TIMEOUT", "INSUFFICIENT_NODES"), reply
         assert reply.message and "\n" not in reply.message, reply
         assert "big" not in entries, f"failed upload was committed: {entries.get('big')}"
     else:
         assert entries["big"]["size"] == len(data)
-        assert download(cluster, "big", tmp_path) == data, f"seed {seed}"
+        assert download(restart_cluster, "big", tmp_path) == data, f"seed {seed}"
 
 
 # --- 14. errors -------------------------------------------------------------------------------
-def test_download_of_unknown_name_exits_not_found(cluster, tmp_path):
+def test_download_of_unknown_name_exits_not_found(shared_cluster, tmp_path):
     """Downloading a name that was never stored exits EXIT_NOT_FOUND and writes nothing."""
-    result = cluster.cli("download", "no/such/file", str(tmp_path / "out"))
+    result = shared_cluster.cli("download", "no/such/file", str(tmp_path / "out"))
     assert result.returncode == client_module.EXIT_NOT_FOUND, result
     assert one_line(result.stderr), result
     assert not (tmp_path / "out").exists()
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".part")]
 
 
-def test_upload_of_missing_local_file_exits_local_io(cluster, tmp_path):
+def test_upload_of_missing_local_file_exits_local_io(shared_cluster, tmp_path):
     """Uploading a local file that does not exist exits EXIT_LOCAL_IO."""
-    result = cluster.cli("upload", str(tmp_path / "missing"), "missing")
+    result = shared_cluster.cli("upload", str(tmp_path / "missing"), "missing")
     assert result.returncode == client_module.EXIT_LOCAL_IO, result
     assert one_line(result.stderr), result
 
@@ -618,13 +703,13 @@ def test_unreachable_master_exits_unavailable_naming_the_address(tmp_path):
     assert one_line(result.stderr) and address in result.stderr, result
 
 
-def test_deleted_file_is_not_found_and_not_listed(cluster, tmp_path):
+def test_deleted_file_is_not_found_and_not_listed(shared_cluster, tmp_path):
     """After delete, download exits EXIT_NOT_FOUND and list no longer shows the name."""
-    upload(cluster, "doomed", b"bye", tmp_path)
-    assert cluster.cli("delete", "doomed").returncode == 0
-    result = cluster.cli("download", "doomed", str(tmp_path / "doomed"))
+    upload(shared_cluster, "doomed", b"bye", tmp_path)
+    assert shared_cluster.cli("delete", "doomed").returncode == 0
+    result = shared_cluster.cli("download", "doomed", str(tmp_path / "doomed"))
     assert result.returncode == client_module.EXIT_NOT_FOUND, result
-    assert "doomed" not in listing(cluster)
+    assert "doomed" not in listing(shared_cluster)
 
 
 # --- 15. malformed frames --------------------------------------------------------------------
@@ -755,22 +840,22 @@ def committed_runs(cluster, name: str) -> list:
     return entry["runs"]
 
 
-def test_corrupt_replica_on_disk_is_failed_over(cluster, tmp_path):
+def test_corrupt_replica_on_disk_is_failed_over(shared_cluster, tmp_path):
     """With the first-read replica's bytes flipped on disk, the download still comes back identical."""
     seed = 17017
     data = random_bytes(seed, 300 * KIB + 17)
-    reply = upload(cluster, "rot", data, tmp_path)
-    holders = [i for i in range(len(cluster.nodes)) if payload_locations(cluster, i, reply.version)]
+    reply = upload(shared_cluster, "rot", data, tmp_path)
+    holders = [i for i in range(len(shared_cluster.nodes)) if payload_locations(shared_cluster, i, reply.version)]
     assert len(holders) == 2, f"blob on nodes {holders}"
     # With both replicas alive and idle, the master reads the one listed first in the run.
-    [[_, _, replicas]] = committed_runs(cluster, "rot")
-    index = next(i for i in holders if node_id(cluster, i) == replicas[0])
-    path, _, offset, length = payload_locations(cluster, index, reply.version)[0]
+    [[_, _, replicas]] = committed_runs(shared_cluster, "rot")
+    index = next(i for i in holders if node_id(shared_cluster, i) == replicas[0])
+    path, _, offset, length = payload_locations(shared_cluster, index, reply.version)[0]
     flip_byte(path, offset + length - 50)
-    assert download(cluster, "rot", tmp_path) == data, f"node{index} corrupt (seed {seed})"
+    assert download(shared_cluster, "rot", tmp_path) == data, f"node{index} corrupt (seed {seed})"
 
 
-def test_grouped_uploads_in_opposite_orders_do_not_deadlock(cluster):
+def test_grouped_uploads_in_opposite_orders_do_not_deadlock(shared_cluster):
     """Two pipelined uploads taking the same names in opposite orders both finish promptly."""
     a, b = b"first" * 100, b"second" * 100
 
@@ -779,10 +864,10 @@ def test_grouped_uploads_in_opposite_orders_do_not_deadlock(cluster):
         conn.send(protocol.Data(body=data), flush=False)
         conn.send(protocol.UploadEnd(sha256=sha256(data)))
 
-    with raw_connection(master_address(cluster)) as one, raw_connection(master_address(cluster)) as two:
+    with raw_connection(master_address(shared_cluster)) as one, raw_connection(master_address(shared_cluster)) as two:
         begin(one, "dl-a", a)  # pending on one: holds dl-a
         begin(two, "dl-b", b)  # pending on two: holds dl-b
-        wait_until(lambda: {lock["name"] for lock in cluster.client().locks()} == {"dl-a", "dl-b"},
+        wait_until(lambda: {lock["name"] for lock in shared_cluster.client().locks()} == {"dl-a", "dl-b"},
                    message="both grouped uploads pending")
         started = time.monotonic()
         begin(one, "dl-b", a)  # one must commit dl-a before waiting for dl-b
