@@ -80,7 +80,16 @@ the master re-puts just those chunks from a good replica.  get() stays
 strict: any bad chunk fails it.  A part of a split record is checked on its
 own.
 
-Left out: compacting the active segment (it is compacted once it has rolled),
+Full disks: compaction needs free space for the live bytes it copies, so it
+takes wholly dead segments first (they need none), shrinks a segment it has
+no room to copy at once from its end, record by record (dead tail cut, live
+records moved, file truncated), and stops a segment whose copying hits
+ENOSPC (the copies made are valid) instead of failing.  roll_if_dead() makes
+a mostly dead active segment a candidate.  forget_blobs()/forget_range() let
+a node whose disk cannot take even a tombstone still turn data dead.  The
+node keeps a reserve of free space (storage_node.py) so that these are rare.
+
+Left out: compacting the active segment in place (roll_if_dead() rolls it first),
 Bitcask hint files (the header-only scan makes them unnecessary for now).
 """
 
@@ -114,6 +123,13 @@ _MAX_U32 = 2**32 - 1
 _MAX_U64 = 2**64 - 1
 
 SEGMENT_DIR = "segments"
+# Free space compact() wants beyond a segment's live bytes before copying
+# them: room for the tombstones it carries forward and a new segment file.
+COMPACT_MARGIN_BYTES = 64 * 1024
+# Free space _shrink_segment leaves alone: a new segment file, filesystem metadata.
+SHRINK_MARGIN_BYTES = 16 * 1024
+# How long a shrink waits for readers of the part it cuts off.
+_UNPIN_WAIT_S = 2.0
 _SEGMENT_NAME = re.compile(r"^seg-(\d{8})\.dat$")
 
 # Index entry, one per record, or per live part of a record split by drop_range:
@@ -222,9 +238,11 @@ class ChunkStore:
     must come after every other call has returned.
     """
 
-    def __init__(self, data_dir: str, segment_max_bytes: int = 64 * 1024 * 1024):
+    def __init__(self, data_dir: str, segment_max_bytes: int = 64 * 1024 * 1024, statvfs=os.statvfs):
         self.segment_max_bytes = segment_max_bytes
         self._dir = os.path.join(data_dir, SEGMENT_DIR)
+        self._statvfs = statvfs  # seam: tests give a filesystem of any size
+        self._postponed: frozenset[int] = frozenset()  # segments compaction had no room for, last pass
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()  # serializes flushes; see flush()
         self._index: dict[str, list[tuple]] = {}
@@ -715,6 +733,30 @@ class ChunkStore:
                 self._drop_blob(blob)
             return len(present)
 
+    def forget_blobs(self, blobs) -> int:
+        """Forget each stored blob of blobs in memory only, writing nothing; return how many were stored.
+
+        For a disk too full to take even a tombstone (delete_blobs raised
+        ENOSPC): the blobs' records are dead at once, so compaction can
+        reclaim their segments and free the space, but a restart before it
+        has finds them again (the master then reconciles them as orphans).
+        """
+        blobs = list(blobs)
+        for blob in blobs:
+            _check_blob_id(blob)
+        with self._lock:
+            self._check_open()
+            return sum(self._drop_blob(blob) for blob in dict.fromkeys(blobs))
+
+    def forget_range(self, blob: str, first: int, count: int) -> int:
+        """drop_range() in memory only, writing nothing: see forget_blobs.  Returns the chunks held."""
+        _check_blob_id(blob)
+        if not (0 <= first and 0 < count <= _MAX_U32 and first + count <= _MAX_U64):
+            raise RemoteProtocolError(f"bad range first={first} count={count}")
+        with self._lock:
+            self._check_open()
+            return self._cut_range(blob, first, count)
+
     def drop_range(self, blob: str, first: int, count: int) -> int:
         """Forget chunks first..first+count-1 of blob, now and after a restart; return how many were held.
 
@@ -782,20 +824,31 @@ class ChunkStore:
                     for seg_no, size in sorted(self._seg_size.items())]
 
     def compact(self, min_dead_fraction: float = 0.5, max_bytes_per_s: float | None = None) -> dict:
-        """Rewrite mostly dead segments; return {"segments_compacted", "bytes_reclaimed", "corrupt"}.
+        """Rewrite mostly dead segments; return {"segments_compacted", "bytes_reclaimed", "corrupt", "postponed"}.
 
         A segment is compacted if it is not the active one and its dead bytes
         (size - live_bytes, see segment_stats) are at least min_dead_fraction
         of its size: 0.5 rewrites segments at most half live, 1.0 only those
-        with nothing live, 0.0 every non-active segment.  Oldest first, each
-        one's live records are appended to the active segment after their
-        CRCs are checked again, each repointed in the index in the same lock
-        hold as its append (a get() sees the old or the new copy, both
-        whole); then the copies are fsynced and the old file is unlinked and
-        the directory fsynced.  Tombstones and drop records are copied only if
-        an older segment still holds records of their blob, with a segment
-        bound (see the record layout).  A segment with nothing to copy is
-        just unlinked.
+        with nothing live, 0.0 every non-active segment.  Each one's live
+        records are appended to the active segment after their CRCs are
+        checked again, each repointed in the index in the same lock hold as
+        its append (a get() sees the old or the new copy, both whole); then
+        the copies are fsynced and the old file is unlinked and the directory
+        fsynced.  Tombstones and drop records are copied only if an older
+        segment still holds records of their blob, with a segment bound (see
+        the record layout).  A segment with nothing to copy is just unlinked.
+
+        Space: the copies are written before the old file goes, so a segment
+        needs free space for its live bytes.  Segments with nothing live go
+        first (oldest first; they need a few bytes at most, for carried
+        tombstones), then the others oldest first.  A segment whose live
+        bytes the filesystem has no room for (disk_free_bytes()) is shrunk
+        from its end instead, as far as the room allows (_shrink_segment:
+        room for one record at a time is enough).  One not freed whole, or
+        whose copying hits ENOSPC midway (the copies made so far are valid;
+        the rest stays where it is), is listed in "postponed" by segment
+        number.  So a full disk never makes compaction fail: it reclaims
+        what it can and goes on at the next call.
 
         Of a record split by drop_range(), only the live parts are copied,
         each as a new record of its range.  Chunks whose CRCs no longer match
@@ -811,7 +864,7 @@ class ChunkStore:
             raise ValueError(f"min_dead_fraction {min_dead_fraction} not in 0..1")
         if max_bytes_per_s is not None and max_bytes_per_s <= 0:
             raise ValueError(f"max_bytes_per_s {max_bytes_per_s} must be > 0")
-        result = {"segments_compacted": 0, "bytes_reclaimed": 0, "corrupt": []}
+        result = {"segments_compacted": 0, "bytes_reclaimed": 0, "corrupt": [], "postponed": []}
         started, copied = time.monotonic(), 0
 
         def pace(nbytes: int) -> None:
@@ -825,19 +878,76 @@ class ChunkStore:
         with self._compact_lock:
             with self._lock:
                 self._check_open()
-                victims = [seg_no for seg_no, size in sorted(self._seg_size.items())
-                           if seg_no != self._tail_seg
-                           and size - self._seg_live[seg_no] >= min_dead_fraction * size]
-            for seg_no in victims:
-                written = self._copy_segment(seg_no, result["corrupt"], pace)
+                # Wholly dead segments first: they free space without needing any.
+                victims = sorted((self._seg_live[seg_no] > 0, seg_no) for seg_no, size in self._seg_size.items()
+                                 if seg_no != self._tail_seg
+                                 and size - self._seg_live[seg_no] >= min_dead_fraction * size)
+            short = None  # (live bytes needed, bytes free) of the first segment postponed for room
+            for _, seg_no in victims:
+                with self._lock:
+                    live = self._seg_live[seg_no]
+                free = self.disk_free_bytes() if live else None
+                try:
+                    if free is not None and live + COMPACT_MARGIN_BYTES > free:
+                        cut, written = self._shrink_segment(seg_no, result["corrupt"], pace)
+                        result["bytes_reclaimed"] += cut - written
+                        with self._lock:
+                            done = self._seg_size[seg_no] == 0
+                        if not done:
+                            result["postponed"].append(seg_no)
+                            short = short or (live, free)
+                            continue
+                        written = 0
+                    else:
+                        written = self._copy_segment(seg_no, result["corrupt"], pace)
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        raise
+                    result["postponed"].append(seg_no)
+                    short = short or (live, self.disk_free_bytes())
+                    continue
                 freed = self._remove_segment(seg_no)
-                if freed:
+                if freed or seg_no not in self._seg_size:
                     result["segments_compacted"] += 1
                 result["bytes_reclaimed"] += freed - written
+        postponed = frozenset(result["postponed"])
+        if postponed and postponed != self._postponed:
+            # Once per change, not once per pass: a full disk is a state, not news every interval.
+            logger.warning("chunk store %s: compaction of %d segment(s) postponed for lack of disk space "
+                           "(%s live bytes to copy, %s bytes free); it resumes once space is freed",
+                           self._dir, len(postponed), *short)
+        self._postponed = postponed
         if result["segments_compacted"] or result["corrupt"]:
             logger.info("chunk store %s: compacted %d segments, reclaimed %d bytes, %d corrupt extents",
                         self._dir, result["segments_compacted"], result["bytes_reclaimed"], len(result["corrupt"]))
         return result
+
+    def roll_if_dead(self, min_dead_fraction: float, min_bytes: int) -> bool:
+        """Start a new active segment if the current one holds min_bytes or more, min_dead_fraction dead.
+
+        compact() leaves the active segment alone, and a segment rolls only
+        once it is full, which on a full disk it never is: without this, the
+        space of an aborted upload or of files deleted soon after upload
+        would stay taken until unrelated writes filled the segment.  Rolling
+        makes it a candidate for the next compact().  Returns True if it
+        rolled.  Raises OSError if the new segment cannot be created.
+        """
+        with self._lock:
+            self._check_open()
+            size = self._tail_size
+            if not size or size < min_bytes or size - self._seg_live[self._tail_seg] < min_dead_fraction * size:
+                return False
+            self._new_segment(self._tail_seg + 1)
+            return True
+
+    def disk_free_bytes(self) -> int | None:
+        """Bytes free on the filesystem of the segments for an unprivileged writer (statvfs), None if unknown."""
+        try:
+            st = self._statvfs(self._dir)
+        except OSError as exc:
+            logger.warning("chunk store %s: cannot read free space: %s", self._dir, exc)
+            return None
+        return st.f_bavail * st.f_frsize
 
     def _copy_segment(self, seg_no: int, corrupt: list, pace) -> int:
         """Copy what must outlive segment seg_no to the active one; return the bytes appended.
@@ -926,22 +1036,115 @@ class ChunkStore:
             return [(0, part[COUNT])]
         return bad_chunk_ranges(record[payload_start:payload_start + part[PAYLOAD_LEN]], crcs, part[CHUNK_SIZE])
 
-    def _carry_forward(self, seg_no: int, kind: int, blob: str, first: int, count: int, bound: int) -> int:
+    def _carry_forward(self, seg_no: int, kind: int, blob: str, first: int, count: int, bound: int,
+                       own_segment: bool = False) -> int:
         """Re-append a tombstone or drop record of segment seg_no if still needed; return bytes appended.
 
         It is needed while a segment older than what it covers still holds
         records of blob, or a restart would bring them back.  The copy says
         which segments it covers (bound), so it cannot hide chunks put after
-        the original was written but before the copy.
+        the original was written but before the copy.  With own_segment (the
+        start of seg_no stays, see _shrink_segment), it covers seg_no too:
+        what followed the original there has been moved or was dead.
         """
-        bound = bound or seg_no
         with self._lock:
             self._check_open()
-            if not any(older < bound and blob in blobs for older, blobs in self._seg_blobs.items()):
+            if not self._carry_needed(seg_no, blob, bound, own_segment):
                 return 0
+            bound = bound or (seg_no + 1 if own_segment else seg_no)
             record = _encode_header(kind, blob.encode("ascii"), first, count, bound, 0)
             self._append([record], len(record))
             return len(record)
+
+    def _carry_needed(self, seg_no: int, blob: str, bound: int, own_segment: bool) -> bool:
+        """True if a tombstone or drop record of seg_no with this bound still covers records of blob.
+
+        Caller holds the lock.
+        """
+        bound = bound or (seg_no + 1 if own_segment else seg_no)
+        return any(older < bound and blob in blobs for older, blobs in self._seg_blobs.items())
+
+    def _records(self, seg_no: int) -> list[tuple] | None:
+        """(offset, end, kind, blob, first, count, chunk_size) of each record of seg_no; None past a bad one."""
+        with self._lock:
+            self._check_open()
+            fd, size = self._fds[seg_no], self._seg_size[seg_no]
+        records, offset = [], 0
+        while offset < size:
+            try:
+                kind, blob, first, count, chunk_size, payload_len, end = _read_header(fd, offset, size)
+            except _TornRecord:
+                return None  # what follows may be live, or garbage: leave the segment alone
+            records.append((offset, end, kind, blob, first, count, chunk_size))
+            offset = end
+        return records
+
+    def _shrink_segment(self, seg_no: int, corrupt: list, pace) -> tuple[int, int]:
+        """Free non-active segment seg_no from its end, as far as free space allows: (bytes cut, bytes appended).
+
+        For a disk without room to copy a segment's live bytes at once: the
+        last records are handled as compaction would (live parts copied to
+        the active segment, tombstones and drop records carried forward
+        covering seg_no itself), as many as disk_free_bytes() has room for,
+        then, once the copies are fsynced, the file is truncated before them.
+        Each round frees the dead bytes among them, so rounds go on until the
+        file is empty (the caller unlinks it) or not one more record fits.
+        The truncation waits for readers that pinned the segment before
+        their extents moved (up to _UNPIN_WAIT_S; else it stops there).
+        """
+        records = self._records(seg_no)
+        path = os.path.join(self._dir, _segment_name(seg_no))
+        cut_total = written = 0
+        while records:
+            room = (self.disk_free_bytes() or 0) - SHRINK_MARGIN_BYTES
+            keep = len(records)
+            with self._lock:
+                fd = self._fds[seg_no]
+            while keep:
+                offset, end, kind, blob, first, count, chunk_size = records[keep - 1]
+                with self._lock:
+                    self._check_open()
+                    if kind == KIND_CHUNKS:
+                        need = sum(len(blob) + HEADER_BYTES + CRC_BYTES * part[COUNT] + part[PAYLOAD_LEN]
+                                   for part in self._record_parts(blob, seg_no, offset, first, count))
+                    else:
+                        need = len(blob) + HEADER_BYTES if self._carry_needed(seg_no, blob, chunk_size, True) else 0
+                if need and need > room:  # dead records need no room: cutting them only frees
+                    break
+                if kind == KIND_CHUNKS:
+                    nbytes = self._copy_record(seg_no, fd, offset, end, blob, first, count, chunk_size, corrupt)
+                    pace(nbytes)
+                else:
+                    nbytes = self._carry_forward(seg_no, kind, blob, first, count, chunk_size, own_segment=True)
+                room -= nbytes
+                written += nbytes
+                keep -= 1
+            if keep == len(records):
+                break  # not one more record fits
+            cut_at = records[keep][0]
+            self.flush()  # the copies are durable before the originals go
+            if not self._wait_unpinned(fd):
+                break
+            with self._lock:
+                size = self._seg_size[seg_no]
+                os.truncate(path, cut_at)
+                self._seg_size[seg_no] = cut_at
+                self._used_bytes -= size - cut_at
+            os.fsync(fd)  # the segment's own descriptor: fsync needs no write access
+            cut_total += size - cut_at
+            records = records[:keep]
+        return cut_total, written
+
+    def _wait_unpinned(self, fd: int) -> bool:
+        """Wait until no reader pins fd (at most _UNPIN_WAIT_S); True if none does."""
+        deadline = time.monotonic() + _UNPIN_WAIT_S
+        while True:
+            with self._lock:
+                if not self._fd_refs.get(fd):
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
 
     def _remove_segment(self, seg_no: int) -> int:
         """fsync the copies, unlink segment seg_no, fsync the directory; return its size (0 if kept)."""

@@ -834,7 +834,7 @@ def test_compaction_after_partial_drop_copies_only_kept_parts(tmp_path, rng):
         result = store.compact(min_dead_fraction=0.4)
         copies = rec_bytes("b1", 2, 2 * CS) + rec_bytes("b1", 2, 2 * CS - 3)
         assert result == {"segments_compacted": 1, "bytes_reclaimed": rec_bytes("b1", 8, 8 * CS - 3) - copies,
-                          "corrupt": []}
+                          "corrupt": [], "postponed": []}
         assert 1 not in seg_nos(store) and snapshot(store) == before
         assert store.get("b1", 6, 2)[2] == payload[6 * CS:]
         live = [s["live_bytes"] for s in store.segment_stats()]
