@@ -36,6 +36,7 @@ class Config:
     node_master: str = "127.0.0.1:7700"
     capacity_bytes: int = 10 * 1024 ** 3
     segment_max_bytes: int = 64 * 1024 * 1024
+    reserve_bytes: int = 4 * 1024 * 1024
     heartbeat_interval_s: float = 2.0
     dead_after_s: float = 10.0
     io_timeout_s: float = 10.0
@@ -79,6 +80,7 @@ _KEYS = [
     ("node", "master", "node_master", str),
     ("node", "capacity_bytes", "capacity_bytes", int),
     ("node", "segment_max_bytes", "segment_max_bytes", int),
+    ("node", "reserve_bytes", "reserve_bytes", int),
     ("timing", "heartbeat_interval_s", "heartbeat_interval_s", float),
     ("timing", "dead_after_s", "dead_after_s", float),
     ("timing", "io_timeout_s", "io_timeout_s", float),
@@ -222,6 +224,8 @@ def validate(config: Config) -> None:
         raise ValueError("dead_after_s must be larger than heartbeat_interval_s")
     if config.capacity_bytes <= 0:
         raise ValueError("capacity_bytes must be positive")
+    if config.reserve_bytes < 0:
+        raise ValueError("reserve_bytes must not be negative")
     if config.checkpoint_every < 1:
         raise ValueError("checkpoint_every must be at least 1")
     if config.trash_days < 0:

@@ -854,7 +854,7 @@ class StatusReply(Message):
     """One page of nodes; ``totals`` on the first page ({} on later ones); the last has ``done`` true."""
 
     OP = "STATUS_REPLY"
-    nodes: list  # [{"id", "address", "alive", "state", "last_heard_s", "used_bytes", "chunks", ...}]
+    nodes: list  # [{"id", "address", "alive", "state", "last_heard_s", "capacity_bytes", "used_bytes", "free_bytes", ...}]
     totals: dict
     done: bool = True
 
@@ -862,7 +862,10 @@ class StatusReply(Message):
 # Node -> master ------------------------------------------------------------
 @message
 class Register(Message):
-    """A node announces itself; sent on every (re)connection to the master."""
+    """A node announces itself; sent on every (re)connection to the master.
+
+    ``free_bytes`` and ``put_seq``: as in ``HEARTBEAT``.
+    """
 
     OP = "REGISTER"
     node_id: str
@@ -871,6 +874,8 @@ class Register(Message):
     capacity_bytes: int
     used_bytes: int
     chunks: int
+    free_bytes: int = -1
+    put_seq: int = 0
 
 
 @message
@@ -887,6 +892,11 @@ class Heartbeat(Message):
     scrubber or a read), as ``[blob, first, count]``; the node has already
     dropped them, the master re-replicates them from a good copy.  At most
     PAGE_BYTES of them per heartbeat; the rest go in the next ones.
+    ``free_bytes``: bytes of chunks the node can still take, min(capacity -
+    used, filesystem free space - reserve); -1 = unknown (the master then
+    uses capacity - used).  ``put_seq``: the ``seq`` of the last ``PUT_OK``
+    this report counts, so the master knows which batches it has sent are
+    not in it yet.
     """
 
     OP = "HEARTBEAT"
@@ -895,6 +905,8 @@ class Heartbeat(Message):
     chunks: int
     full: bool = False
     corrupt: list = field(default_factory=list)
+    free_bytes: int = -1
+    put_seq: int = 0
 
 
 @message
@@ -960,10 +972,13 @@ class PutChunks(Message):
 
 @message
 class PutOk(Message):
+    """``seq``: the node's count of batches stored since it started, this one included (see HEARTBEAT)."""
+
     OP = "PUT_OK"
     blob: str
     first: int
     count: int
+    seq: int = 0
 
 
 @message

@@ -44,7 +44,8 @@ EXIT_START_FAILED = 3
 
 # Bytes written between two background fsyncs (see StorageNode._note_written).
 WRITE_BEHIND_BYTES = 16 * 1024 * 1024
-# After ENOSPC, report ourselves full for this long before trying again.
+# After ENOSPC although statvfs showed room (quotas, reserved blocks), report
+# ourselves full until the free space grows by a batch, or for this long.
 DISK_FULL_BACKOFF_S = 60.0
 # Batches a node reads at once over all its connections (one buffer each,
 # allocated on first need and reused): eight uploads write at once, more
@@ -86,6 +87,19 @@ class OutageLog:
             return None
         lasted, self.since, self._logged_at = self.clock() - self.since, None, float("-inf")
         return lasted
+# A mostly dead active segment at least this large is rolled so that
+# compaction can reclaim it (ChunkStore.roll_if_dead): an aborted upload's
+# space comes back without waiting for the segment to fill.  Each pass rolls
+# at most once and compacts the rolled segment at once, so small segments
+# do not pile up.
+ROLL_DEAD_ACTIVE_MIN_BYTES = 1024 * 1024
+# A node without room for one more batch compacts segments this dead, not
+# just compact_dead_fraction: on a full disk, copying live records is the
+# only way to get the dead ones' space back.
+FULL_DEAD_FRACTION = 0.1
+# After a delete, compaction waits this long for more deletes before it runs.
+COMPACT_AFTER_DELETE_S = 0.5
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 class StorageNode:
@@ -111,6 +125,11 @@ class StorageNode:
         self._corrupt_lock = threading.Lock()
         self._corrupt: list = []  # (blob, first, count) runs dropped as corrupt, not yet reported
         self._disk_full_until = 0.0
+        self._disk_full_free = 0  # free_bytes when the disk last said ENOSPC
+        self._put_seq_lock = threading.Lock()
+        self._put_seq = 0  # PUT_CHUNKS stored since start; see put() and the heartbeat
+        self._compact_wanted = threading.Event()  # space was freed or is short: compact soon
+        self._report_wanted = threading.Event()  # send a heartbeat now (free space changed)
 
     def _load_or_create_id(self) -> str:
         path = os.path.join(self.data_dir, "node.json")
@@ -123,19 +142,88 @@ class StorageNode:
             return node_id
 
     # --- requests from the master -------------------------------------------
-    def put(self, msg: protocol.PutChunks) -> None:
+    def put(self, msg: protocol.PutChunks) -> int:
+        """Store one batch; return its sequence number (see ``put_seq``).
+
+        Refused with INSUFFICIENT_SPACE if it does not fit ``free_bytes``
+        (capacity, or the filesystem's free space less the reserve) or the
+        disk says ENOSPC anyway.
+        """
         crc_bytes, payload = protocol.split_chunk_body(msg.body, msg.count)
-        if self.store.used_bytes + len(payload) > self.config.capacity_bytes:
+        free = self.free_bytes
+        if len(payload) > free:
             raise protocol.InsufficientSpace(
-                f"node {self.node_id} is full ({self.store.used_bytes} of {self.config.capacity_bytes} bytes used)")
+                f"node {self.node_id} is full: {free} bytes free for chunks, {len(payload)} needed "
+                f"({self.store.used_bytes} of {self.config.capacity_bytes} bytes used, "
+                f"{self.config.reserve_bytes} of disk space kept in reserve)")
         try:
             self.store.put(msg.blob, msg.first, msg.count, msg.chunk_size, crc_bytes, payload)
-            self._note_written(len(payload))
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            if exc.errno in _NO_SPACE:
+                self._disk_full_free = free + len(payload)  # full until this much is free
                 self._disk_full_until = time.monotonic() + DISK_FULL_BACKOFF_S
+                self._report_wanted.set()
+                self._compact_wanted.set()
                 raise protocol.InsufficientSpace(f"node {self.node_id} is out of disk space") from None
             raise protocol.BackupError(f"node {self.node_id} cannot write: {exc.strerror}") from None
+        with self._put_seq_lock:
+            self._put_seq += 1
+            seq = self._put_seq
+        self._note_written(len(payload))
+        return seq
+
+    @property
+    def put_seq(self) -> int:
+        """Batches stored since start.  Read it BEFORE reading used/free for a report: every
+        batch whose PUT_OK carried a seq up to it is then counted in that report."""
+        with self._put_seq_lock:
+            return self._put_seq
+
+    @property
+    def free_bytes(self) -> int:
+        """Bytes of chunks this node can still take: within capacity_bytes and, on the
+        filesystem, above reserve_bytes (statvfs, read now: freed space shows at once)."""
+        free = self.config.capacity_bytes - self.store.used_bytes
+        disk_free = self.store.disk_free_bytes()
+        if disk_free is not None:
+            free = min(free, disk_free - self.config.reserve_bytes)
+        return max(free, 0)
+
+    def delete_blobs(self, blobs: list) -> int:
+        """Tombstone blobs (durable on return); on a disk too full for the tombstones, forget them.
+
+        A full disk must still be able to free space: without room for even
+        a tombstone, the blobs are forgotten in memory (ChunkStore.forget_blobs)
+        and compaction reclaims their segments.
+        """
+        try:
+            count = self.store.delete_blobs(blobs)
+            self.store.flush()
+        except OSError as exc:
+            if exc.errno not in _NO_SPACE:
+                raise
+            count = self.store.forget_blobs(blobs)
+            logger.warning("disk full: %d deleted blob(s) forgotten without a tombstone; compaction "
+                           "reclaims them (a restart before that finds them again, as orphans)", count)
+        if count:
+            self._compact_wanted.set()
+        return count
+
+    def drop_range(self, blob: str, first: int, count: int) -> int:
+        """ChunkStore.drop_range, durable on return; on a disk too full for the record, forget the range."""
+        try:
+            dropped = self.store.drop_range(blob, first, count)
+            if dropped:
+                self.store.flush()
+        except OSError as exc:
+            if exc.errno not in _NO_SPACE:
+                raise
+            dropped = self.store.forget_range(blob, first, count)
+            logger.warning("disk full: %s chunks %d..%d forgotten without a drop record", blob, first,
+                           first + count - 1)
+        if dropped:
+            self._compact_wanted.set()
+        return dropped
 
     def get(self, msg: protocol.GetChunks) -> protocol.ChunkData:
         """The chunks asked for that are intact, naming (and zeroing) the ones that are not.
@@ -199,6 +287,10 @@ class StorageNode:
     # --- heartbeats -----------------------------------------------------------
     def start(self, advertised_address: tuple[str, int]) -> None:
         self.advertised_address = advertised_address
+        disk_free = self.store.disk_free_bytes()
+        if disk_free is not None and disk_free <= self.config.reserve_bytes:
+            logger.warning("only %d bytes free on the filesystem of %s, reserve_bytes is %d: this node takes "
+                           "no chunks until space is freed", disk_free, self.data_dir, self.config.reserve_bytes)
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
         threading.Thread(target=self._flush_loop, name="write-behind", daemon=True).start()
         threading.Thread(target=self._compact_loop, name="compact", daemon=True).start()
@@ -208,6 +300,14 @@ class StorageNode:
     def stop(self) -> None:
         self._stop.set()
         self._flush_wanted.set()
+        self._report_wanted.set()
+        self._compact_wanted.set()
+
+    def _wait(self, event: threading.Event, timeout_s: float) -> bool:
+        """Sleep up to timeout_s or until event is set (it is then cleared); True if stopping."""
+        event.wait(timeout_s)
+        event.clear()
+        return self._stop.is_set()
 
     def _heartbeat_loop(self) -> None:
         """Register with the master, then heartbeat; reconnect on any failure.
@@ -232,25 +332,31 @@ class StorageNode:
                     if host in ("", "0.0.0.0", "::"):
                         # Bound to every interface: advertise the one that reaches the master.
                         host = conn.sock.getsockname()[0]
+                    put_seq = self.put_seq  # before the usage it covers
                     conn.request(protocol.Register(
                         node_id=self.node_id, host=host, port=port,
                         capacity_bytes=self.config.capacity_bytes,
-                        used_bytes=self.store.used_bytes, chunks=self.store.chunk_count), protocol.Registered)
+                        used_bytes=self.store.used_bytes, chunks=self.store.chunk_count,
+                        free_bytes=self.free_bytes, put_seq=put_seq), protocol.Registered)
                     self.send_inventory(conn)
                     down_s = outage.recovered()
                     logger.info("registered with master %s as %s:%d%s", where, host, port,
                                 "" if down_s is None else f" (it was unreachable for {down_s:.0f} s)")
                     report_due = time.monotonic() + self.config.inventory_interval_s
-                    while not self._stop.wait(interval):
+                    # Woken early when free space changes (deletes, compaction,
+                    # ENOSPC), so the master places by the disk as it is now.
+                    while not self._wait(self._report_wanted, interval):
                         if time.monotonic() >= report_due:
                             reconnect_now = True  # a scheduled re-report
                             break
                         corrupt = self._take_corrupt_reports()
+                        put_seq = self.put_seq  # before the usage it covers
                         try:
                             conn.request(protocol.Heartbeat(
                                 node_id=self.node_id, used_bytes=self.store.used_bytes,
                                 chunks=self.store.chunk_count, full=self.full,
-                                corrupt=[list(c) for c in corrupt]), protocol.HeartbeatOk)
+                                corrupt=[list(c) for c in corrupt], free_bytes=self.free_bytes,
+                                put_seq=put_seq), protocol.HeartbeatOk)
                         except BaseException as exc:
                             self._queue_corrupt(corrupt)  # report them on the next connection
                             if isinstance(exc, protocol.Unavailable) and not conn.broken:
@@ -300,10 +406,16 @@ class StorageNode:
 
     @property
     def full(self) -> bool:
-        """At capacity, or the disk said ENOSPC recently: placement should avoid us."""
-        if time.monotonic() < self._disk_full_until:
+        """No room for chunks (see free_bytes), or the disk said ENOSPC and no space was freed since.
+
+        An ENOSPC despite free space on statvfs (quotas, reserved blocks) is
+        believed until the free space has grown by the size of the write
+        that failed, or for DISK_FULL_BACKOFF_S: freeing space ends it at once.
+        """
+        free = self.free_bytes
+        if time.monotonic() < self._disk_full_until and free < self._disk_full_free:
             return True
-        return self.store.used_bytes >= self.config.capacity_bytes
+        return free <= 0
 
     # --- integrity: scrubbing, bad extents, compaction ----------------------------
     def _queue_corrupt(self, extents) -> None:
@@ -341,9 +453,18 @@ class StorageNode:
             self._stop.wait(max(step_bytes / rate - (time.monotonic() - started), 0.05))
 
     def _compact_loop(self) -> None:
-        while not self._stop.wait(self.config.compact_interval_s):
+        """Compact every compact_interval_s, and soon after deletes (space of aborted uploads and
+        deleted files comes back in about a second, not an interval later)."""
+        batch_bytes = self.config.chunks_per_batch * self.config.chunk_size_bytes
+        while not self._wait(self._compact_wanted, self.config.compact_interval_s):
+            if self._stop.wait(COMPACT_AFTER_DELETE_S):  # let a burst of deletes finish
+                return
+            fraction = self.config.compact_dead_fraction
+            if self.free_bytes < batch_bytes:
+                fraction = min(fraction, FULL_DEAD_FRACTION)
             try:
-                result = self.store.compact(self.config.compact_dead_fraction)
+                self.store.roll_if_dead(fraction, ROLL_DEAD_ACTIVE_MIN_BYTES)
+                result = self.store.compact(fraction)
             except ValueError:
                 return
             except OSError:
@@ -354,6 +475,7 @@ class StorageNode:
             if result.get("segments_compacted"):
                 logger.info("compacted %d segment(s), reclaimed %d bytes", result["segments_compacted"],
                             result["bytes_reclaimed"])
+                self._report_wanted.set()
 
 
 class NodeHandler(transport.RequestHandler):
@@ -364,10 +486,10 @@ class NodeHandler(transport.RequestHandler):
         return self.server.node
 
     def do_PUT_CHUNKS(self, msg: protocol.PutChunks) -> None:
-        self.node.put(msg)
+        seq = self.node.put(msg)
         # Replies are pipelined by the master; flushing each tiny reply at
         # once keeps its window moving.
-        self.reply(protocol.PutOk(blob=msg.blob, first=msg.first, count=msg.count))
+        self.reply(protocol.PutOk(blob=msg.blob, first=msg.first, count=msg.count, seq=seq))
 
     def do_FLUSH(self, msg: protocol.Flush) -> None:
         try:
@@ -380,9 +502,8 @@ class NodeHandler(transport.RequestHandler):
         self.reply(self.node.get(msg))
 
     def do_DROP_CHUNKS(self, msg: protocol.DropChunks) -> None:
-        dropped = self.node.store.drop_range(msg.blob, msg.first, msg.count) > 0
+        dropped = self.node.drop_range(msg.blob, msg.first, msg.count) > 0
         if dropped:
-            self.node.store.flush()
             logger.info("dropped %s chunks %d..%d at the master's request", msg.blob, msg.first,
                         msg.first + msg.count - 1)
         self.reply(protocol.ChunksDropped(dropped=dropped))
@@ -390,8 +511,7 @@ class NodeHandler(transport.RequestHandler):
     def do_DELETE_BLOBS(self, msg: protocol.DeleteBlobs) -> None:
         if not all(isinstance(blob, str) for blob in msg.blobs):
             raise protocol.RemoteProtocolError("DELETE_BLOBS takes a list of strings")
-        count = self.node.store.delete_blobs(msg.blobs)
-        self.node.store.flush()
+        count = self.node.delete_blobs(msg.blobs)
         if count:
             logger.info("deleted %d blob(s) at the master's request", count)
         self.reply(protocol.BlobsDeleted(count=count))
