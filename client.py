@@ -1133,17 +1133,27 @@ def cmd_list(client: Client, args) -> int:
 
 def cmd_status(client: Client, args) -> int:
     reply = client.status()
-    print(f"{'NODE':<14} {'ADDRESS':<22} {'STATE':<9} {'HEARD':>9} {'USED':>11} {'CHUNKS':>10}")
+    print(f"{'NODE':<14} {'ADDRESS':<22} {'STATE':<10} {'HEARD':>9} {'CAPACITY':>10} {'USED':>10} {'FREE':>10} "
+          f"{'CHUNKS':>10}")
     for node in reply.nodes:
         # "-": not heard since the master started (it knows the node from its log only).
         heard = "-" if node["last_heard_s"] is None else f"{node['last_heard_s']:.1f}s ago"
         state = node.get("state") or ("alive" if node["alive"] else "dead")
         state = (state.upper() if state == "dead" else state) + (" full" if node.get("full") else "")
-        print(f"{node['id']:<14} {node['address']:<22} {state:<9} {heard:>9} "
-              f"{human_bytes(node['used_bytes']):>11} {node['chunks']:>10}")
+        # CAPACITY: what the node can hold, its disk permitting.  Older masters send no free space.
+        free = node.get("free_bytes")
+        print(f"{node['id']:<14} {node['address']:<22} {state:<10} {heard:>9} "
+              f"{human_bytes(node.get('usable_bytes', node['capacity_bytes'])):>10} "
+              f"{human_bytes(node['used_bytes']):>10} "
+              f"{'?' if free is None else human_bytes(free):>10} {node['chunks']:>10}")
     t = reply.totals
     print(f"nodes: {t['nodes_alive']}/{t['nodes']} alive; files: {t['files']} ({human_bytes(t['file_bytes'])}); "
-          f"stored: {human_bytes(t['used_bytes'])} in {plural(t['chunks'], 'chunk')}; replication {t['replication']}")
+          f"stored on live nodes: {human_bytes(t['used_bytes'])} in {plural(t['chunks'], 'chunk')}"
+          + (f", {human_bytes(t['free_bytes'])} free of {human_bytes(t['usable_bytes'])}" if "free_bytes" in t else "")
+          + f"; replication {t['replication']}")
+    if t.get("dead_used_bytes") or t.get("dead_chunks"):
+        print(f"on nodes not alive (last known, not counted above): {human_bytes(t['dead_used_bytes'])} "
+              f"in {plural(t['dead_chunks'], 'chunk')}")
     print(f"under-replicated chunks: {t.get('under_replicated_chunks', 0)}; "
           f"repairs in progress: {t.get('repairs_pending', 0)}; "
           f"chunks re-replicated: {t.get('repaired_chunks', 0)}; "

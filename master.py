@@ -33,7 +33,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import config as config_module
 import dirlock
@@ -67,6 +67,13 @@ GROUP_MAX_BYTES = 64 * 1024 * 1024
 UPLOAD_MODES = ("replace", "append", "write")
 
 
+def upload_words(mode: str, new_name: bool) -> str:
+    """What a log line calls an upload of ``mode``: a replace of a name not stored yet is an upload."""
+    if mode == "replace":
+        return "upload of new file" if new_name else "replace of"
+    return f"{mode} to"
+
+
 @dataclass
 class PendingUpload:
     """An upload received and sent to its nodes, waiting to be committed."""
@@ -86,10 +93,15 @@ class NodeState:
     node_id: str
     address: tuple[str, int]
     capacity_bytes: int = 0
-    used_bytes: int = 0
+    used_bytes: int = 0  # as of its last report
+    reported_free: int = -1  # free_bytes of its last report; -1: unknown, capacity - used counts
     chunks: int = 0
     last_heard: float | None = None  # monotonic seconds; None = not heard since start
-    reserved_bytes: int = 0  # bytes being uploaded to it right now
+    reserved_bytes: int = 0  # bytes sent to it whose PUT_OK has not been read yet
+    # Batches it acknowledged that its last report may not count yet:
+    # (its PUT_OK seq, payload bytes, monotonic time acknowledged).
+    unreported: list = field(default_factory=list)
+    unreported_bytes: int = 0
     full: bool = False  # the node refuses writes (capacity reached or ENOSPC)
     suspect_until: float = 0.0  # a data request failed: no new placements before this
     # Its holdings may differ from the namespace (it was dead, or failed mid-
@@ -107,9 +119,34 @@ class NodeState:
         """
         return not self.stopped and self.last_heard is not None and now - self.last_heard <= dead_after_s
 
+    def take_report(self, used_bytes: int, free_bytes: int, put_seq: int, now: float, max_age_s: float) -> None:
+        """Its own count of used and free bytes, covering every batch up to ``put_seq``.
+
+        Batches acknowledged with a higher seq are not in it and stay
+        counted here; so are none older than ``max_age_s`` (dead_after_s: a
+        live node has reported since; this also forgets the seqs of a node
+        that restarted and counts from 0 again).
+        """
+        self.used_bytes = used_bytes
+        self.reported_free = free_bytes
+        self.unreported = [u for u in self.unreported if u[0] > put_seq and u[2] >= now - max_age_s]
+        self.unreported_bytes = sum(u[1] for u in self.unreported)
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes on its disk now: its last report plus what it acknowledged since."""
+        return self.used_bytes + self.unreported_bytes
+
+    @property
+    def room_bytes(self) -> int:
+        """Bytes of chunks it can take now: its last report less what it acknowledged since."""
+        free = self.reported_free if self.reported_free >= 0 else self.capacity_bytes - self.used_bytes
+        return max(free - self.unreported_bytes, 0)
+
     @property
     def free_bytes(self) -> int:
-        return self.capacity_bytes - self.used_bytes - self.reserved_bytes
+        """Room for placement: room_bytes less the bytes on their way to it."""
+        return self.room_bytes - self.reserved_bytes
 
 
 class NodePool:
@@ -248,7 +285,7 @@ class Master:
             was = "stopped" if node.stopped else "dead" if node.declared_dead else None
             node.stopped = node.declared_dead = False
             node.capacity_bytes = msg.capacity_bytes
-            node.used_bytes = msg.used_bytes
+            node.take_report(msg.used_bytes, msg.free_bytes, msg.put_seq, self.clock(), self.config.dead_after_s)
             node.chunks = msg.chunks
             node.last_heard = self.clock()
             # Not a placement target until its inventory is in: what it holds
@@ -289,18 +326,18 @@ class Master:
                 node.needs_report = False
                 node.reported = False
                 raise protocol.Unavailable(f"node {msg.node_id}: register again and report your inventory ({why})")
-            node.used_bytes = msg.used_bytes
+            node.take_report(msg.used_bytes, msg.free_bytes, msg.put_seq, now, self.config.dead_after_s)
             node.chunks = msg.chunks
             became_full = msg.full and not node.full
             has_room = node.full and not msg.full
             node.full = msg.full
             node.last_heard = now
         if became_full:
-            logger.warning("node %s is full (%d of %d bytes used): no new chunks go to it",
-                           msg.node_id, msg.used_bytes, node.capacity_bytes)
+            logger.warning("node %s is full (%d bytes used, %d free for chunks): no new chunks go to it",
+                           msg.node_id, msg.used_bytes, max(msg.free_bytes, 0))
         elif has_room:
-            logger.warning("node %s has room again (%d of %d bytes used)", msg.node_id, msg.used_bytes,
-                           node.capacity_bytes)
+            logger.warning("node %s has room again (%d bytes used, %d free for chunks)", msg.node_id,
+                           msg.used_bytes, max(msg.free_bytes, 0))
         if msg.corrupt:
             self.repairer.report_corrupt(msg.node_id, msg.corrupt)
 
@@ -422,6 +459,21 @@ class Master:
             if node is not None:
                 node.reserved_bytes += nbytes
 
+    def note_stored(self, node_id: str, seq: int, nbytes: int, reserved: bool = True) -> None:
+        """A node acknowledged a batch (PUT_OK ``seq``): count it as stored until its report does.
+
+        With ``reserved``, the batch's reservation is released (see reserve).
+        So a node's bytes count once in placement: in flight, then
+        acknowledged, then in its report, never in two at once nor in none.
+        """
+        with self._nodes_lock:
+            node = self._nodes.get(node_id)
+            if node is not None:
+                if reserved:
+                    node.reserved_bytes -= nbytes
+                node.unreported.append((seq, nbytes, self.clock()))
+                node.unreported_bytes += nbytes
+
     def read_order(self, node_ids: list[str]) -> list[str]:
         """Replicas to try for a read: live ones first, least loaded first."""
         now = self.clock()
@@ -441,6 +493,13 @@ class Master:
         INSUFFICIENT_SPACE is the node working as designed.
         """
         logger.warning("node %s failed a request: %s", node_id, exc)
+        if isinstance(exc, protocol.InsufficientSpace):
+            # No room now, whatever its last report said: no placement on it until the next one.
+            with self._nodes_lock:
+                node = self._nodes.get(node_id)
+                if node is not None:
+                    node.reported_free = 0
+            return
         if not isinstance(exc, (protocol.Unavailable, protocol.Timeout, protocol.RemoteProtocolError)):
             return
         with self._nodes_lock:
@@ -618,9 +677,13 @@ class Master:
             self.locks.release(name, token)
 
     def status(self) -> protocol.StatusReply:
+        """Nodes and totals.  A node's usage is its last report plus the batches it acknowledged
+        since (so an upload shows at once); totals count live nodes only, dead ones apart."""
         now = self.clock()
         waiting = self.waiting_for_nodes(now)
         with self._nodes_lock:
+            # Bytes of a node heard from recently are there, even while it re-reports its inventory.
+            heard = {n.node_id for n in self._nodes.values() if n.alive(now, self.config.dead_after_s)}
             nodes = [{
                 "id": n.node_id,
                 "address": transport.format_address(n.address),
@@ -628,19 +691,30 @@ class Master:
                 "alive": n.alive(now, self.config.dead_after_s) and n.reported,
                 "state": self.node_state(n, now, waiting),
                 "last_heard_s": None if n.last_heard is None else round(now - n.last_heard, 1),
-                "capacity_bytes": n.capacity_bytes,
-                "used_bytes": n.used_bytes,
+                "capacity_bytes": n.capacity_bytes,  # what it offers (its config)
+                # What it can hold in all: on disk now plus what it can still take
+                # (less than capacity_bytes when its disk is smaller).
+                "usable_bytes": n.stored_bytes + n.room_bytes,
+                "used_bytes": n.stored_bytes,
+                "free_bytes": n.room_bytes,
                 "chunks": n.chunks,
                 "full": n.full,
             } for n in sorted(self._nodes.values(), key=lambda n: n.node_id)]
         files = list(self.namespace.files.values())
+        live = [n for n in nodes if n["id"] in heard]
+        dead = [n for n in nodes if n["id"] not in heard]
         totals = {
             "nodes": len(nodes),
             "nodes_alive": sum(1 for n in nodes if n["alive"]),
             "files": len(files),
             "file_bytes": sum(f["size"] for f in files),
-            "used_bytes": sum(n["used_bytes"] for n in nodes),
-            "chunks": sum(n["chunks"] for n in nodes),
+            "usable_bytes": sum(n["usable_bytes"] for n in live),
+            "used_bytes": sum(n["used_bytes"] for n in live),
+            "free_bytes": sum(n["free_bytes"] for n in live),
+            "chunks": sum(n["chunks"] for n in live),
+            # Last known usage of nodes not alive now: not reachable, so not in the totals above.
+            "dead_used_bytes": sum(n["used_bytes"] for n in dead),
+            "dead_chunks": sum(n["chunks"] for n in dead),
             "replication": self.config.replication,
             **self.repairer.status(),
         }
@@ -848,8 +922,8 @@ class MasterHandler(transport.RequestHandler):
         self._upload_ended = False
         stream = None
         kept = False  # the lock and stream now belong to self.pending
+        old = self.master.namespace.files.get(name)
         try:
-            old = self.master.namespace.files.get(name)
             if msg.mode == "replace":
                 stream = transfers.UploadStream(self.session, name)
                 if self._receive_upload(stream):
@@ -869,7 +943,7 @@ class MasterHandler(transport.RequestHandler):
         except protocol.BackupError as exc:
             if isinstance(exc, protocol.RemoteProtocolError):
                 raise
-            logger.warning("%s: %s of %r failed: %s", self.peer, msg.mode, name, exc)
+            logger.warning("%s: %s %r failed: %s", self.peer, upload_words(msg.mode, old is None), name, exc)
             self._release_upload(stream, name, token)
             kept = True  # released above
             self._fail_upload(exc, self._upload_ended)

@@ -56,7 +56,7 @@ class NodeChannel:
     def __init__(self, node_id: str, conn):
         self.node_id = node_id
         self.conn = conn
-        self.unacked: deque = deque()  # (blob, first) of each PUT_CHUNKS not yet acknowledged
+        self.unacked: deque = deque()  # (blob, first, payload bytes) of each PUT_CHUNKS not yet acknowledged
         self.dirty = False  # written since the last FLUSH
 
 
@@ -85,12 +85,15 @@ class UploadSession:
         self.crc_room = self.chunks_per_batch * protocol.CRC_BYTES
         self.view = memoryview(bytearray(self.crc_room + self.batch_payload_bytes))
         self.channels: dict[str, NodeChannel] = {}
-        self.reserved: dict[str, int] = {}
+        self.reserved: dict[str, int] = {}  # node -> bytes sent whose PUT_OK is not read yet
         self.failed: set[str] = set()
+        self.space_failed: set[str] = set()  # failed nodes that answered INSUFFICIENT_SPACE
         self._copy_buffer: bytearray | None = None
 
     def _fail(self, node_id: str, exc: protocol.BackupError) -> None:
         self.failed.add(node_id)
+        if isinstance(exc, protocol.InsufficientSpace):
+            self.space_failed.add(node_id)
         channel = self.channels.get(node_id)
         if channel is not None:
             channel.conn.broken = True
@@ -108,7 +111,7 @@ class UploadSession:
             self.master.reserve(node_id, nbytes)
             self.reserved[node_id] = self.reserved.get(node_id, 0) + nbytes
             channel.conn.send(msg)
-            channel.unacked.append((msg.blob, msg.first))
+            channel.unacked.append((msg.blob, msg.first, nbytes))
             channel.dirty = True
             while len(channel.unacked) > ACK_WINDOW:
                 self._read_ack(channel)
@@ -118,10 +121,46 @@ class UploadSession:
         return True
 
     def _read_ack(self, channel: NodeChannel) -> None:
-        blob, first = channel.unacked.popleft()
+        blob, first, nbytes = channel.unacked.popleft()
         ack = channel.conn.expect(protocol.PutOk)
         if ack.blob != blob or ack.first != first:
             raise protocol.RemoteProtocolError(f"node {channel.node_id} acknowledged the wrong batch")
+        # Stored: from now on the node's reports count it, not our reservation.
+        self.reserved[channel.node_id] -= nbytes
+        self.master.note_stored(channel.node_id, ack.seq, nbytes)
+
+    def drain(self, node_ids) -> None:
+        """Read every outstanding PUT_OK of ``node_ids`` (a node that fails is marked failed).
+
+        Once this returns, each healthy node has applied every batch sent to
+        it, so a DELETE_BLOBS sent afterwards cannot be overtaken by one of
+        them (which would leave its chunks behind as an orphan).
+        """
+        for node_id in node_ids:
+            channel = self.channels.get(node_id)
+            if channel is None or node_id in self.failed:
+                continue
+            try:
+                while channel.unacked:
+                    self._read_ack(channel)
+            except protocol.BackupError as exc:
+                self._fail(node_id, exc)
+
+    def choose_replicas(self, nbytes: int, avoid, count: int) -> list[str]:
+        """``master.choose_replicas``; a shortage due to nodes that ran out of space is INSUFFICIENT_SPACE.
+
+        Nodes that failed in this session are avoided, so when those that
+        answered INSUFFICIENT_SPACE leave too few, the cause is space, not
+        the number of nodes alive.
+        """
+        try:
+            return self.master.choose_replicas(nbytes, avoid=avoid, count=count)
+        except protocol.InsufficientNodes as exc:
+            if not self.space_failed:
+                raise
+            raise protocol.InsufficientSpace(
+                f"out of space: node(s) {', '.join(sorted(self.space_failed))} ran out of disk space "
+                f"during the upload, and the others cannot take the rest ({exc.message})") from None
 
     def sync(self, node_ids) -> None:
         """Make every chunk sent to ``node_ids`` durable, or mark the node failed.
@@ -174,13 +213,15 @@ class UploadSession:
                 continue
             live = [n for n in nodes if n not in self.failed]
             if not live:
-                raise protocol.Unavailable(f"every replica of {name!r} chunks {first}..{first + count - 1} "
-                                           f"failed during the upload")
+                what = f"{name!r} chunks {first}..{first + count - 1}"
+                if all(n in self.space_failed for n in lost):
+                    raise protocol.InsufficientSpace(f"no room for {what}: node(s) {', '.join(lost)} "
+                                                     f"ran out of disk space during the upload")
+                raise protocol.Unavailable(f"every replica of {what} failed during the upload")
             for piece_first, piece_count in batch_pieces(first, count, batch):
                 body = read_piece(self.master, name, entry, blob, piece_first, piece_count, live, self._copy_buffer)
                 payload_bytes = len(body) - piece_count * protocol.CRC_BYTES
-                targets = self.master.choose_replicas(payload_bytes, avoid=self.failed | set(nodes),
-                                                      count=len(lost))
+                targets = self.choose_replicas(payload_bytes, avoid=self.failed | set(nodes), count=len(lost))
                 for target in targets:
                     nodes_touched.add(target)
                     put_piece(self.master, target, entry, blob, piece_first, piece_count, body)
@@ -213,8 +254,9 @@ def put_piece(master, node_id: str, entry: dict, blob: str, first: int, count: i
     """Write one piece (CRCs + payload) of a file's ``blob`` to a node and flush it."""
     conn = master.pool.acquire(node_id)
     try:
-        conn.request(protocol.PutChunks(blob=blob, first=first, count=count,
-                                        chunk_size=entry["chunk_size"], body=body), protocol.PutOk)
+        ack = conn.request(protocol.PutChunks(blob=blob, first=first, count=count,
+                                              chunk_size=entry["chunk_size"], body=body), protocol.PutOk)
+        master.note_stored(node_id, ack.seq, len(body) - count * protocol.CRC_BYTES, reserved=False)
         conn.request(protocol.Flush(), protocol.Flushed)
     finally:
         master.pool.release(conn)
@@ -290,8 +332,8 @@ class UploadStream:
         wanted = self.master.config.replication
         while len(placed) < wanted:
             # Raises InsufficientNodes/Space once no healthy node is left.
-            for node_id in self.master.choose_replicas(self._fill, avoid=session.failed | set(placed),
-                                                       count=wanted - len(placed)):
+            for node_id in session.choose_replicas(self._fill, avoid=session.failed | set(placed),
+                                                   count=wanted - len(placed)):
                 self.nodes_touched.add(node_id)
                 if session.send(node_id, msg, self._fill):
                     placed.append(node_id)
@@ -326,7 +368,12 @@ class UploadStream:
                           self.session.chunks_per_batch)
 
     def discard(self) -> None:
-        """This upload will not be committed: collect whatever it sent."""
+        """This upload will not be committed: collect whatever it sent, at once.
+
+        The batches still in flight are acknowledged first, so the delete
+        reaches each node after them and frees all of them.
+        """
+        self.session.drain(self.nodes_touched)
         self.master.active_blobs.discard(self.blob)
         if self.nodes_touched:
             self.master.collect_garbage(self.blob, self.nodes_touched)
