@@ -60,6 +60,9 @@ class SyntheticStore:
     def flush(self) -> None:
         pass
 
+    def disk_free_bytes(self):
+        return None  # unknown: the node offers its capacity_bytes
+
 
 def decoded(msg: protocol.Message) -> protocol.Message:
     """``msg`` as the peer gets it: encoded (which refuses a header over the limit) and read back."""
