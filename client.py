@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import config as config_module
+import filemeta
 import history
 import protocol
 import security as security_module
@@ -130,11 +132,15 @@ class TreeSummary:
 def walk_tree(root: str):
     """Yield (path, relative name with '/', kind) for everything below ``root``.
 
-    kind is "file" for regular files, else "symlink", "directory link" or
-    "special file"; symlinks are never followed.  Sorted, so runs repeat.
+    kind is "file" for regular files, "symlink" (never followed), "directory"
+    for an empty directory (its files re-create the others), else "special
+    file".  Sorted, so runs repeat.
     """
     for directory, subdirs, names in os.walk(root, followlinks=False):
         subdirs.sort()
+        if not subdirs and not names and os.path.abspath(directory) != os.path.abspath(root):
+            yield directory, os.path.relpath(directory, root).replace(os.sep, "/"), "directory"
+            continue
         for name in sorted(names) + [d for d in subdirs if os.path.islink(os.path.join(directory, d))]:
             path = os.path.join(directory, name)
             relative = os.path.relpath(path, root).replace(os.sep, "/")
@@ -148,6 +154,26 @@ def walk_tree(root: str):
                 yield path, relative, "symlink"
             else:
                 yield path, relative, "special file"
+
+
+# walk_tree's kinds that a directory upload stores, as filemeta kinds.
+_STORED_KINDS = {"file": filemeta.FILE, "symlink": filemeta.SYMLINK, "directory": filemeta.DIRECTORY}
+
+
+def open_source(path: str, kind: str):
+    """(readable file, size, metadata) of what a directory upload stores for ``path``.
+
+    A regular file is opened (its metadata taken from the open file, so it
+    describes the bytes sent); a symlink gives its target's bytes, an empty
+    directory no bytes.  Raises OSError.
+    """
+    if kind == filemeta.FILE:
+        f = open(path, "rb")
+        st = os.fstat(f.fileno())
+        return f, st.st_size, filemeta.capture(st)
+    st = os.lstat(path)
+    data = os.fsencode(os.readlink(path)) if kind == filemeta.SYMLINK else b""
+    return io.BytesIO(data), len(data), filemeta.capture(st, kind)
 
 
 def local_base_name(name: str) -> str:
@@ -197,6 +223,52 @@ def check_destination(path: str, force: bool) -> None:
                                 f"regular files only (give - to write to standard output)")
     if not force:
         raise LocalFileError(f"{path} exists; use --force to overwrite it")
+
+
+@dataclass(frozen=True)
+class Restore:
+    """What a restore gives back besides the bytes (recorded at upload: filemeta.py)."""
+
+    metadata: bool = True  # mode and mtime; False with --no-metadata
+    owners: bool = False  # uid and gid too (--owners; only a restore run as root can)
+
+
+def place_restored(temp_path: str, destination: str, force: bool, meta: dict | None,
+                   restore: Restore | None) -> None:
+    """Put a downloaded temporary file in place as what ``meta`` says it was.
+
+    A regular file (or an entry stored without metadata) is renamed over
+    ``destination``; a symlink's bytes become a link made under the
+    temporary name and renamed the same way (so a restore never leaves half
+    a link); an empty directory is created.  Mode, mtime (and owner) are set
+    before the rename unless ``restore`` says not to.  The temporary path
+    is the caller's to remove on failure.  Raises LocalFileError.
+    """
+    kind = filemeta.kind_of(meta)
+    apply_meta = restore is not None and restore.metadata
+    try:
+        if kind == filemeta.DIRECTORY:
+            os.unlink(temp_path)
+            if not os.path.isdir(destination) or os.path.islink(destination):
+                check_destination(destination, force)
+                os.mkdir(destination)
+            if apply_meta:
+                filemeta.apply(destination, meta, restore.owners)
+            return
+        if kind == filemeta.SYMLINK:
+            with open(temp_path, "rb") as f:
+                target = f.read(filemeta.MAX_LINK_BYTES + 1)
+            os.unlink(temp_path)
+            os.symlink(target, temp_path)  # the unique temporary name, now a link
+        if apply_meta:
+            filemeta.apply(temp_path, meta, restore.owners)
+    except OSError as exc:
+        raise LocalFileError(f"cannot restore {destination}: {exc.strerror}") from None
+    check_destination(destination, force)
+    try:
+        os.replace(temp_path, destination)
+    except OSError as exc:
+        raise LocalFileError(f"cannot write {destination}: {exc.strerror}") from None
 
 
 def name_max(directory: str) -> int:
@@ -468,9 +540,12 @@ class Client:
         except OSError as exc:
             raise LocalFileError(f"cannot read {path}: {exc.strerror}") from None
         try:
-            size = -1 if path == "-" else os.fstat(f.fileno()).st_size
+            st = None if path == "-" else os.fstat(f.fileno())
+            size = -1 if st is None else st.st_size
+            # A whole local file keeps its mode and mtime (given back by download).
+            meta = filemeta.capture(st) if st is not None and mode == "replace" else None
             conn = self.conn
-            conn.send(protocol.UploadBegin(name=name, size=size, mode=mode, offset=offset, wait_s=wait_s))
+            conn.send(protocol.UploadBegin(name=name, size=size, mode=mode, offset=offset, wait_s=wait_s, meta=meta))
             verb = "upload" if mode == "replace" else mode
             progress = Progress(f"{verb} {name}", size, self.show_progress and size >= self.frame_bytes)
             sha = hashlib.sha256()
@@ -505,14 +580,17 @@ class Client:
 
     # --- download --------------------------------------------------------------------
     def download(self, name: str, destination: str, offset: int = 0, length: int = -1,
-                 force: bool = False, version: int | None = None, at: float | None = None) -> protocol.FileInfo:
+                 force: bool = False, version: int | None = None, at: float | None = None,
+                 restore: "Restore | None" = None) -> protocol.FileInfo:
         """Write ``name`` (or a byte range of it) to ``destination`` ("-" = stdout).
 
         A whole-file download is checked against the SHA-256 recorded at
         upload; on any failure the destination is left untouched.  An
         existing destination is replaced only with ``force``, and only if it
         is a regular file (``check_destination``).  ``version`` (an id) or
-        ``at`` (unix time) pick an older version (history.py).
+        ``at`` (unix time) pick an older version (history.py).  A whole file
+        gets back the metadata recorded at upload as ``restore`` says
+        (default: mode and mtime; a symlink is re-created as a link).
         """
         protocol.validate_name(name)
         if offset < 0:
@@ -530,10 +608,11 @@ class Client:
             os.close(fd)
             _unlink_quietly(temp_path)
             raise
-        return self._receive_into(name, fd, temp_path, destination, force)
+        return self._receive_into(name, fd, temp_path, destination, force,
+                                  restore=(restore or Restore()) if offset == 0 and length == -1 else None)
 
     def _receive_into(self, name: str, fd: int, temp_path: str, destination: str, force: bool,
-                      keep_going: bool = False) -> protocol.FileInfo:
+                      keep_going: bool = False, restore: "Restore | None" = None) -> protocol.FileInfo:
         """Read one download reply into the temporary file ``fd`` and rename it to ``destination``.
 
         The rename happens only if every byte arrived and verified; before
@@ -544,7 +623,9 @@ class Client:
         the directory after it: otherwise a power loss can leave the target
         empty or truncated after the good local copy it replaced is gone.  A
         new file is not fsynced (a crash loses only the restore itself, which
-        is run again), so tree restores of many files stay fast.
+        is run again), so tree restores of many files stay fast.  With
+        ``restore``, the file gets back its recorded metadata first (a
+        symlink's bytes become a link, ``place_restored``).
         """
         try:
             try:
@@ -556,14 +637,13 @@ class Client:
                         os.fsync(out.fileno())
             except OSError as exc:  # the final flush or close of the file
                 raise LocalFileError(f"cannot write {destination}: {exc.strerror}") from None
-            check_destination(destination, force)
-            try:
-                os.replace(temp_path, destination)
-                if replacing:
-                    from metadata_log import fsync_dir  # only here: keeps the CLI's start-up lean
+            place_restored(temp_path, destination, force, info.meta if restore else None, restore)
+            if replacing:
+                from metadata_log import fsync_dir  # only here: keeps the CLI's start-up lean
+                try:
                     fsync_dir(os.path.dirname(os.path.abspath(destination)))
-            except OSError as exc:
-                raise LocalFileError(f"cannot write {destination}: {exc.strerror}") from None
+                except OSError as exc:
+                    raise LocalFileError(f"cannot write {destination}: {exc.strerror}") from None
         except BaseException:
             _unlink_quietly(temp_path)
             raise
@@ -615,7 +695,8 @@ class Client:
             self._frame_buffer = bytearray(self.frame_bytes)
         return self._frame_buffer
 
-    def download_tree(self, prefix: str, directory: str, force: bool = False, report=None) -> TreeSummary:
+    def download_tree(self, prefix: str, directory: str, force: bool = False, report=None,
+                      restore: Restore | None = None, entries: list[dict] | None = None) -> TreeSummary:
         """Restore every file whose name starts with ``prefix`` under ``directory``.
 
         Names map to paths below ``directory`` with the prefix removed.  Every
@@ -628,8 +709,12 @@ class Client:
         (without ``force``) or is no regular file, a symlink or file on the
         way, a write error, a file lost or deleted on the cluster.  Only a
         broken connection stops the restore.  Requests are pipelined
-        DOWNLOAD_WINDOW deep.
+        DOWNLOAD_WINDOW deep.  Symlinks and empty directories are re-created
+        and metadata reapplied as ``restore`` says (default: mode and mtime).
+        ``entries`` (dicts with name, meta and version) restores those
+        versions instead of the current files under ``prefix``.
         """
+        restore = restore or Restore()
         summary = TreeSummary()
         root = os.path.abspath(directory)
         try:
@@ -638,22 +723,28 @@ class Client:
             raise LocalFileError(f"cannot create {directory}: {exc.strerror}") from None
         longest = name_max(root)
         todo = []
+        directories = []  # (path, meta) of the empty directories recorded
         files: set[str] = set()  # relative paths restored as files so far
-        for entry in sorted(self.list(prefix), key=lambda e: e["name"]):
+        for entry in sorted(self.list(prefix) if entries is None else entries, key=lambda e: e["name"]):
             name = entry["name"]
+            is_directory = filemeta.kind_of(entry.get("meta")) == filemeta.DIRECTORY
             try:
                 path = self._tree_path(root, name, prefix, files, longest)
-                check_destination(path, force)
+                if not (is_directory and os.path.isdir(path) and not os.path.islink(path)):
+                    check_destination(path, force)
             except LocalFileError as exc:
                 summary.fail(name, str(exc), report)
                 continue
+            if is_directory:
+                directories.append((name, path, entry.get("meta")))
+                continue
             files.add(path)
-            todo.append((name, path))
+            todo.append((name, path, entry.get("version")))
         sent = 0
         conn = self.conn
-        for position, (name, path) in enumerate(todo):
+        for position, (name, path, _) in enumerate(todo):
             while sent < len(todo) and sent < position + DOWNLOAD_WINDOW:
-                conn.send(protocol.Download(name=todo[sent][0]), flush=False)
+                conn.send(protocol.Download(name=todo[sent][0], version=todo[sent][2]), flush=False)
                 sent += 1
             conn.flush()
             try:
@@ -664,7 +755,7 @@ class Client:
                 self._skip_reply(name)  # already requested: read it so the next reply lines up
                 continue
             try:
-                info = self._receive_into(name, fd, temp_path, path, force, keep_going=True)
+                info = self._receive_into(name, fd, temp_path, path, force, keep_going=True, restore=restore)
             except LocalFileError as exc:
                 summary.fail(name, str(exc), report)
                 continue
@@ -674,7 +765,37 @@ class Client:
                     raise
                 continue
             summary.ok(info.length)
+        self._restore_directories(root, directories, summary, restore, report)
         return summary
+
+    @staticmethod
+    def _restore_directories(root: str, directories: list, summary: TreeSummary, restore: Restore, report) -> None:
+        """Create the recorded empty directories; their metadata last, deepest first.
+
+        Last, because creating anything inside a directory changes its
+        mtime, and a read-only mode would forbid it.
+        """
+        made = []
+        for name, path, meta in directories:
+            try:
+                make_parents(root, path)
+                if not os.path.isdir(path):
+                    os.mkdir(path)
+            except LocalFileError as exc:
+                summary.fail(name, str(exc), report)
+                continue
+            except OSError as exc:
+                summary.fail(name, f"cannot create {path}: {exc.strerror}", report)
+                continue
+            made.append((name, path, meta))
+            summary.ok(0)
+        if not restore.metadata:
+            return
+        for name, path, meta in sorted(made, key=lambda d: d[1], reverse=True):
+            try:
+                filemeta.apply(path, meta, restore.owners)
+            except OSError as exc:
+                summary.fail(name, f"cannot set the metadata of {path}: {exc.strerror}", report)
 
     @staticmethod
     def _tree_path(root: str, name: str, prefix: str, files: set, longest: int) -> str:
@@ -712,7 +833,9 @@ class Client:
         One connection, uploads pipelined: a sender streams file after file
         while a receiver thread collects the replies, and the master commits
         them in groups (``group=True``), so thousands of small files cost a
-        few fsyncs, not thousands.  Symlinks and special files are skipped
+        few fsyncs, not thousands.  Each file goes with its metadata
+        (filemeta.py); a symlink is stored as its target, never followed,
+        and an empty directory as an empty entry.  Special files are skipped
         with a note.  A ``prefix`` that is no valid name (after dropping a
         trailing ``/``) raises InvalidName before anything is sent.
         """
@@ -720,12 +843,12 @@ class Client:
         summary = TreeSummary()
         files = []
         for path, relative, kind in walk_tree(root):
-            if kind != "file":
+            if kind not in _STORED_KINDS:
                 if report:
                     report(f"skipped {kind} {path}")
                 summary.skipped += 1
                 continue
-            files.append((path, prefix + "/" + relative))
+            files.append((path, prefix + "/" + relative, _STORED_KINDS[kind]))
         conn = self.conn
         in_flight: deque = deque()
         failed_tags: set[int] = set()
@@ -753,19 +876,19 @@ class Client:
         buffer = self._buffer()
         view = memoryview(buffer)
         try:
-            for tag, (path, name) in enumerate(files):
+            for tag, (path, name, kind) in enumerate(files):
                 if receiver_error:
                     break
                 try:
                     protocol.validate_name(name, storing=True)
-                    f = open(path, "rb")
+                    f, size, meta = open_source(path, kind)
                 except (OSError, protocol.InvalidName) as exc:
                     summary.fail(name, str(exc), report)
                     continue
                 with f:
-                    size = os.fstat(f.fileno()).st_size
                     in_flight.append((tag, name, size))
-                    conn.send(protocol.UploadBegin(name=name, size=size, tag=tag, group=True), flush=False)
+                    conn.send(protocol.UploadBegin(name=name, size=size, tag=tag, group=True, meta=meta),
+                              flush=False)
                     sha = hashlib.sha256()
                     while True:
                         if tag in failed_tags:
@@ -902,7 +1025,8 @@ def cmd_download(client: Client, args) -> int:
             raise UsageError("--version and --at apply to one file, not to a tree")
         base = args.name.rstrip("/").rpartition("/")[2]
         directory = args.local or (base if base not in ("", ".", "..") else ".")  # never above the cwd
-        summary = client.download_tree(args.name, directory, force=args.force, report=note)
+        summary = client.download_tree(args.name, directory, force=args.force, report=note,
+                                       restore=restore_args(args))
         if not args.quiet:
             print(summary.line("restored"))
         if not summary.files and not summary.failures:
@@ -914,7 +1038,8 @@ def cmd_download(client: Client, args) -> int:
         destination = os.path.join(destination, local_base_name(args.name))
     started = time.monotonic()
     try:
-        info = client.download(args.name, destination, offset, length, force=args.force, **version_args(args))
+        info = client.download(args.name, destination, offset, length, force=args.force, restore=restore_args(args),
+                               **version_args(args))
     except protocol.FileNotFound as exc:
         raise with_tree_hint(client, args.name, exc) from None
     elapsed = time.monotonic() - started
@@ -922,6 +1047,13 @@ def cmd_download(client: Client, args) -> int:
         print(f"downloaded {info.name} to {destination}: {plural(info.length, 'byte')} in {elapsed:.2f} s "
               f"({human_bytes(info.length / max(elapsed, 1e-6))}/s)")
     return EXIT_OK
+
+
+def restore_args(args) -> Restore:
+    """--no-metadata / --owners as a Restore; --owners without root is a note, not an error."""
+    if args.owners and not args.no_metadata and hasattr(os, "geteuid") and os.geteuid() != 0:
+        note("--owners: only a restore run as root can give files their owners; owners left as they are")
+    return Restore(metadata=not args.no_metadata, owners=args.owners)
 
 
 def byte_range(args) -> tuple[int, int]:
@@ -1249,7 +1381,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
     upload = command("upload", "store a local file, or every file below a directory",
                      "Store LOCAL as NAME.  A directory's regular files are stored as NAME/relative/path over "
-                     "one connection (symlinks and special files are skipped with a note).  NAME must be a "
+                     "one connection, with their mode and modified time; symlinks (not followed) and empty directories "
+                     "too, special files are skipped with a note.  NAME must be a "
                      "relative path of a file: no leading or trailing /, no empty, . or .. component.")
     upload.add_argument("local", metavar="LOCAL", help="local file or directory, or - for standard input")
     upload.add_argument("name", metavar="NAME", nargs="?",
@@ -1268,6 +1401,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     download.add_argument("--offset", type=int, help="first byte to read (default 0)")
     download.add_argument("--length", type=int, help="bytes to read (default: to the end)")
     download.add_argument("--force", action="store_true", help="replace existing local regular files")
+    download.add_argument("--no-metadata", action="store_true",
+                          help="do not reapply the recorded mode and modified time (symlinks and empty "
+                               "directories are still re-created)")
+    download.add_argument("--owners", action="store_true",
+                          help="also give files their recorded owner and group (only as root)")
     delete = command("delete", "move stored files (and their versions) to the trash",
                      "Move each NAME and its versions to the trash for [retention] trash_days, from where "
                      "undelete brings it back; then its space is reclaimed.  --purge removes at once.  A name "

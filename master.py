@@ -42,6 +42,7 @@ import security as security_module
 import transport
 import transfers
 from metadata_log import MetadataLog
+import filemeta
 import history
 from namespace import (Namespace, NameLocks, entry_blobs, first_covering, make_entry, merge_ranges, put_record,
                        run_blob, splice_runs, uncovered)
@@ -669,7 +670,11 @@ class Master:
                 # the record applies, not what was read here.  The entry it
                 # replaces is kept as a version like any other write's.
                 before = self.namespace.entries_of(name)
-                self.log.commit([self.put(name, {**old, "mtime": round(time.time(), 3)},
+                now = round(time.time(), 3)
+                touched = {**old, "mtime": now}
+                if old.get("meta"):
+                    touched["meta"] = filemeta.renewed(old["meta"], now)
+                self.log.commit([self.put(name, touched,
                                           base={"version": old["version"], "first": 0, "end": 0})])
                 self._collect_dropped(name, before)
             return self.namespace.files[name]
@@ -903,6 +908,9 @@ class MasterHandler(transport.RequestHandler):
             name = protocol.validate_name(msg.name, storing=True)
             if msg.mode not in UPLOAD_MODES:
                 raise protocol.InvalidRange(f"unknown upload mode {msg.mode[:20]!r}")
+            meta = None if msg.meta is None else filemeta.checked(msg.meta)
+            if meta is not None and msg.mode != "replace":
+                raise protocol.RemoteProtocolError("file metadata comes with a whole-file upload only")
             self.master.check_writable()
             if any(p.stream.name == name for p in self.pending):
                 self._commit_pending()  # we hold that name's lock ourselves
@@ -927,7 +935,7 @@ class MasterHandler(transport.RequestHandler):
             if msg.mode == "replace":
                 stream = transfers.UploadStream(self.session, name)
                 if self._receive_upload(stream):
-                    entry = stream.seal(self._client_sha256)
+                    entry = filemeta.stamp(stream.seal(self._client_sha256), meta)
                     self.pending.append(PendingUpload(stream, token, entry, msg.tag))
                     kept = True
                     if not msg.group or len(self.pending) >= GROUP_MAX_FILES or \
@@ -1033,6 +1041,8 @@ class MasterHandler(transport.RequestHandler):
             end_chunk = first_chunk + -(-stream.written // chunk_size)
             runs = splice_runs(old, stream.runs, first_chunk, end_chunk)
             stream.entry = make_entry(new_size, chunk_size, "", stream.blob, runs, stream.session.chunks_per_batch)
+            if old is not None and old.get("meta"):  # the same file, written now
+                stream.entry["meta"] = filemeta.renewed(old["meta"], stream.entry["mtime"])
             stream.base = None if old is None else {"version": old["version"], "first": first_chunk,
                                                     "end": end_chunk}
             stream.needs_sha = True
@@ -1143,7 +1153,7 @@ class MasterHandler(transport.RequestHandler):
         length = size - msg.offset if msg.length < 0 else min(msg.length, size - msg.offset)
         self.reply(protocol.FileInfo(name=msg.name, size=size, chunks=entry["chunks"], sha256=entry["sha256"],
                                      mtime=entry["mtime"], version=entry["version"],
-                                     offset=msg.offset, length=length), flush=False)
+                                     offset=msg.offset, length=length, meta=entry.get("meta")), flush=False)
         try:
             for piece in transfers.read_range(self.master, msg.name, entry, msg.offset, length):
                 self.reply(protocol.Data(body=piece), flush=False)
@@ -1211,7 +1221,8 @@ class MasterHandler(transport.RequestHandler):
             self.reply(protocol.LocksReply(locks=page, done=last), flush=last)
 
     def do_LIST(self, msg: protocol.List) -> None:
-        entries = ({"name": name, "size": e["size"], "chunks": e["chunks"], "mtime": e["mtime"]}
+        entries = ({"name": name, "size": e["size"], "chunks": e["chunks"], "mtime": e["mtime"],
+                    **({"meta": e["meta"]} if "meta" in e else {})}
                    for name, e in self.master.namespace.listing(msg.prefix))
         for page, last in protocol.pages(entries):
             self.reply(protocol.ListPage(entries=page, done=last), flush=last)

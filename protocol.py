@@ -606,6 +606,9 @@ class UploadBegin(Message):
     # Seconds to wait for the name's write lock; 0 = fail at once with
     # FILE_LOCKED; negative = the master's lock_wait_s.
     wait_s: float = -1.0
+    # mode "replace" only: the file's metadata (filemeta.py: type, mode,
+    # mtime_ns, uid, gid), kept with the file and given back on download.
+    meta: dict | None = None
 
 
 @message
@@ -686,6 +689,7 @@ class FileInfo(Message):
     version: str
     offset: int = 0
     length: int = 0
+    meta: dict | None = None  # as recorded at upload (UPLOAD_BEGIN); absent if none was
 
 
 @message
@@ -840,7 +844,7 @@ class ListPage(Message):
     """Entries in name order, PAGE_BYTES of them at most; the last page has ``done`` true."""
 
     OP = "LIST_PAGE"
-    entries: list  # [{"name", "size", "chunks", "mtime"}]
+    entries: list  # [{"name", "size", "chunks", "mtime", "meta" (if recorded: UPLOAD_BEGIN)}]
     done: bool
 
 
