@@ -34,8 +34,11 @@ import config as config_module
 import filemeta
 import history
 import protocol
-import security as security_module
-import transport
+
+# transport (sockets, TLS) and security (HMAC, TLS contexts) are imported
+# where a connection is made, not here: ``--help`` and usage errors never
+# need them, and their imports (ssl, logging, socketserver...) were a third
+# of the client's start-up.
 
 logger = logging.getLogger("client")
 
@@ -506,6 +509,7 @@ class Client:
     @property
     def conn(self) -> transport.Connection:
         if self._conn is None:
+            import transport  # noqa: PLC0415 - see the imports at the top
             logger.debug("connecting to master %s (timeout %g s, handshake %g s)",
                          transport.format_address(self.master), self.timeout_s,
                          self.handshake_timeout_s or self.timeout_s)
@@ -1504,6 +1508,7 @@ def main(argv=None) -> int:
             overrides["secret_file"] = os.environ[ENV_SECRET_FILE]
         config = config_module.load_config(args.config, client_master=master_text or None, **overrides)
         master = config_module.parse_address(config.client_master, "[client] master")
+        import security as security_module  # noqa: PLC0415 - see the imports at the top
         security = security_module.from_config(config)
     except ValueError as exc:
         print(f"client: bad configuration: {exc}", file=sys.stderr)

@@ -35,14 +35,13 @@ multiplexing (one request at a time per connection, pipelined in order).
 from __future__ import annotations
 
 import array
-import dataclasses
 import functools
 import json
 import sys
-import typing
+import threading
 import unicodedata
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import MISSING, Field, dataclass, field
 
 PROTOCOL_VERSION = 1
 
@@ -476,49 +475,89 @@ def verify_chunks(payload, crc_bytes, chunk_size: int) -> int:
 
 # --- messages -------------------------------------------------------------
 _MESSAGES: dict[str, type["Message"]] = {}
+# Serialises the one-time dataclass build of a message class (Message.__init__):
+# two threads may use a class for the first time at once.  Not I/O: a lock
+# around a class definition, nothing else.
+_BUILD_LOCK = threading.Lock()
 
 
-@dataclass(frozen=True)
 class Message:
     """Base of all messages.  Subclasses set ``OP`` and are registered.
 
     A subclass with ``HAS_BODY = True`` has a ``body`` field (bytes-like);
     all other fields travel in the JSON header.
+
+    Every message class is a frozen dataclass, built when the class is first
+    instantiated rather than at import: ``dataclass()`` compiles six methods
+    per class, and doing it for every message at import cost each program
+    ~50 ms of start-up, while a client command uses four or five of them.
+    Until then the class has only what ``@message`` set (``OP``, ``_FIELDS``);
+    ``dataclasses.fields()`` of a class never instantiated is refused.
     """
 
-    OP: typing.ClassVar[str] = ""
-    HAS_BODY: typing.ClassVar[bool] = False
+    OP = ""
+    HAS_BODY = False
+    # Set by @message: (name, JSON types, required) of each header field, in
+    # order, and the optional fields whose default is None (left out of the
+    # header when None, so a field added with default None does not change
+    # old frames).
+    _FIELDS: tuple = ()
+    _OMIT_IF_NONE: frozenset = frozenset()
+
+    def __init__(self, *args, **kwargs):
+        cls = type(self)
+        if cls is Message or cls.OP not in _MESSAGES:
+            raise TypeError(f"{cls.__name__} is not a registered message (use @message)")
+        with _BUILD_LOCK:
+            if "__dataclass_fields__" not in cls.__dict__:
+                dataclass(frozen=True)(cls)  # sets cls.__init__, __eq__, __repr__, __hash__...
+        cls.__init__(self, *args, **kwargs)
 
 
 def message(cls):
-    """Class decorator: make ``cls`` a frozen dataclass and register its OP."""
-    cls = dataclass(frozen=True)(cls)
+    """Class decorator: register ``cls`` under its OP; it becomes a frozen dataclass on first use.
+
+    Field annotations must be JSON types (``int``, ``float``, ``str``,
+    ``bool``, ``list``, ``dict``, ``bytes`` for the body) or unions of them
+    with ``None`` (``str | None``); defaults as in any dataclass, including
+    ``field(default_factory=list)``.
+    """
     if cls.OP in _MESSAGES:
         raise LocalProtocolError(f"duplicate op {cls.OP}")
-    hints = typing.get_type_hints(cls)
-    cls._FIELDS = tuple(
-        (f.name, _wire_type(hints[f.name]), f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
-        for f in dataclasses.fields(cls)
-        if f.name != "body"
-    )
+    fields = []
+    omit_if_none = set()
+    for name, annotation in cls.__dict__.get("__annotations__", {}).items():
+        default = cls.__dict__.get(name, MISSING)
+        if isinstance(default, Field):
+            required = default.default is MISSING and default.default_factory is MISSING
+            default = default.default
+        else:
+            required = default is MISSING
+        if default is None:
+            omit_if_none.add(name)
+        if name != "body":
+            fields.append((name, _wire_type(cls, name, annotation), required))
+    cls._FIELDS = tuple(fields)
+    cls._OMIT_IF_NONE = frozenset(omit_if_none)
     _MESSAGES[cls.OP] = cls
     return cls
 
 
-def _wire_type(hint) -> tuple[type, ...]:
-    """JSON types a field of this annotation may take on the wire."""
-    origin = typing.get_origin(hint)
-    if origin is typing.Union or type(hint).__name__ == "UnionType":
-        types: tuple[type, ...] = ()
-        for arg in typing.get_args(hint):
-            types += _wire_type(arg)
-        return types
-    if hint is type(None):
-        return (type(None),)
-    base = origin or hint
-    if base is float:
-        return (int, float)
-    return (base,)
+_JSON_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "list": (list,),
+               "dict": (dict,), "bytes": (bytes,), "None": (type(None),)}
+
+
+def _wire_type(cls, name: str, annotation) -> tuple[type, ...]:
+    """JSON types a field may take on the wire, from its annotation: a string
+    here (``from __future__ import annotations``), a type in a module without it."""
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    types: tuple[type, ...] = ()
+    for part in text.split("|"):
+        part_types = _JSON_TYPES.get(part.strip())
+        if part_types is None:
+            raise LocalProtocolError(f"{cls.__name__}.{name}: {annotation!r} is not a JSON type")
+        types += part_types
+    return types
 
 
 # Handshake -----------------------------------------------------------------
@@ -1091,7 +1130,7 @@ def encode_header(msg: Message) -> bytes:
         value = getattr(msg, name)
         # An optional field whose value is None is left out, so a field added
         # with default None (HELLO_OK.challenge) does not change old frames.
-        if value is None and not _required and _default_is_none(cls, name):
+        if value is None and name in cls._OMIT_IF_NONE:
             continue
         header[name] = value
     if cls.HAS_BODY:
@@ -1119,11 +1158,6 @@ def encode(msg: Message) -> bytes:
     if type(msg).HAS_BODY and msg.body:
         return head + bytes(msg.body)
     return head
-
-
-@functools.lru_cache(maxsize=None)
-def _default_is_none(cls: type[Message], name: str) -> bool:
-    return next(f.default for f in dataclasses.fields(cls) if f.name == name) is None
 
 
 def parse_header_length(prefix: bytes, max_header_bytes: int = MAX_HEADER_BYTES) -> int:

@@ -1,13 +1,20 @@
 """Unit tests of protocol.py: round trips and every malformed-frame case."""
 
+import dataclasses
 import io
 import json
+import os
 import random
+import subprocess
+import sys
+import threading
 
 import pytest
 
 import protocol
 from protocol import NEED_DATA, FrameDecoder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def frame(header: dict, body: bytes = b"") -> bytes:
@@ -235,3 +242,82 @@ def test_expect_raises_the_error_frame():
         protocol.expect(protocol.Error(code="FILE_NOT_FOUND", message="gone"), protocol.FileInfo)
     with pytest.raises(protocol.Unavailable):
         protocol.expect(None, protocol.FileInfo)
+
+
+def test_importing_protocol_builds_no_message_dataclass():
+    """Message classes are not turned into dataclasses at import (that cost every program ~50 ms of start-up)."""
+    code = ("import protocol; "
+            "print(len(protocol._MESSAGES), sum('__dataclass_fields__' in vars(c) for c in protocol._MESSAGES.values()))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    registered, built = map(int, out.split())
+    assert registered > 40 and built == 0
+
+
+def sample(types: tuple):
+    """A value of the first JSON type a field accepts."""
+    return {int: 7, float: 1.5, str: "s", bool: True, list: [1], dict: {"k": 1}, type(None): None}[types[0]]
+
+
+@pytest.mark.parametrize("cls", sorted(protocol._MESSAGES.values(), key=lambda c: c.OP), ids=lambda c: c.OP)
+def test_every_message_is_a_frozen_dataclass_of_its_declared_fields(cls):
+    """On first use each message class becomes a frozen dataclass whose fields, defaults and wire form match
+    what @message registered."""
+    values = {name: sample(types) for name, types, required in cls._FIELDS}
+    msg = cls(**values, **({"body": b"xyz"} if cls.HAS_BODY else {}))
+    assert dataclasses.is_dataclass(msg)
+    fields = [f for f in dataclasses.fields(cls) if f.name != "body"]
+    assert [(f.name, f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+            for f in fields] == [(name, required) for name, _, required in cls._FIELDS]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        msg.extra = 1
+    decoded = protocol.read_message(io.BytesIO(protocol.encode(msg)))
+    if cls.HAS_BODY:
+        assert bytes(decoded.body) == b"xyz"
+        decoded = dataclasses.replace(decoded, body=b"xyz")
+    assert decoded == msg
+    required_only = {name: values[name] for name, _, required in cls._FIELDS if required}
+    assert cls(**required_only) == protocol.read_message(io.BytesIO(protocol.encode(cls(**required_only))))
+
+
+def test_first_use_from_many_threads_builds_the_class_once():
+    """Threads that instantiate a message class for the first time at once all get a sound instance."""
+    @protocol.message
+    class Probe(protocol.Message):
+        OP = "TEST_PROBE"
+        name: str
+        items: list = dataclasses.field(default_factory=list)
+        note: str | None = None
+
+    try:
+        barrier = threading.Barrier(8)
+        made, errors = [], []
+
+        def make(i):
+            barrier.wait()
+            try:
+                made.append(Probe(name=str(i)))
+            except Exception as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=make, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == [] and len(made) == 8
+        assert len({id(m.items) for m in made}) == 8  # a fresh list each
+        data = protocol.encode(made[0])
+        assert b'"note"' not in data  # default None: left out of the header
+        assert protocol.read_message(io.BytesIO(data)) == made[0]
+    finally:
+        del protocol._MESSAGES["TEST_PROBE"]
+
+
+def test_message_field_of_a_non_json_type_is_refused_at_definition():
+    """A field annotated with a type JSON cannot carry fails when the message is defined, not on the wire."""
+    with pytest.raises(protocol.LocalProtocolError, match="not a JSON type"):
+        @protocol.message
+        class Bad(protocol.Message):
+            OP = "TEST_BAD"
+            when: set
+    assert "TEST_BAD" not in protocol._MESSAGES
