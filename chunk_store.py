@@ -493,7 +493,8 @@ class ChunkStore:
                           f"chunk store failed an fsync earlier ({self._failed}); restart the node")
 
     # --- public API -----------------------------------------------------
-    def put(self, blob: str, first: int, count: int, chunk_size: int, crc_bytes, payload) -> None:
+    def put(self, blob: str, first: int, count: int, chunk_size: int, crc_bytes, payload,
+            crcs_of_payload: bool = False) -> None:
         """Append count chunks of blob from chunk first as one record.
 
         Every chunk is checked against crc_bytes before anything is written.
@@ -503,7 +504,8 @@ class ChunkStore:
         or that a reader could not use, and the rest of that batch stays).
         Raises ChecksumMismatch naming the first bad chunk,
         RemoteProtocolError for a bad blob id, inconsistent sizes or a chunk
-        size other than the blob's.  Does not fsync.
+        size other than the blob's.  Does not fsync.  ``crcs_of_payload``:
+        the caller has just computed crc_bytes from payload (no check).
         """
         blob_id = _check_blob_id(blob)
         crc_bytes, payload = memoryview(crc_bytes).cast("B"), memoryview(payload).cast("B")
@@ -513,7 +515,7 @@ class ChunkStore:
         if len(crc_bytes) != CRC_BYTES * count or not _payload_fits(count, chunk_size, len(payload)):
             raise RemoteProtocolError(f"{len(crc_bytes)} CRC bytes and {len(payload)} payload bytes "
                                       f"do not make {count} chunks of {chunk_size}")
-        bad = verify_chunks(payload, crc_bytes, chunk_size)
+        bad = -1 if crcs_of_payload else verify_chunks(payload, crc_bytes, chunk_size)
         if bad >= 0:
             raise ChecksumMismatch(f"blob {blob} chunk {first + bad}: CRC does not match payload")
         header = _encode_header(KIND_CHUNKS, blob_id, first, count, chunk_size, len(payload))

@@ -374,8 +374,10 @@ def chunk_crcs(payload, chunk_size: int) -> array.array:
     one Python object.
     """
     view = memoryview(payload)
-    crc32 = zlib.crc32
-    return array.array("I", [crc32(view[piece]) for piece in _chunk_slices(len(view), chunk_size)])
+    # map() runs the loop in C: no bytecode per chunk, about half the time
+    # of a comprehension for 1 KiB chunks (zlib holds the GIL below 5 KiB,
+    # so the loop's overhead is not hidden by threads).
+    return array.array("I", map(zlib.crc32, map(view.__getitem__, _chunk_slices(len(view), chunk_size))))
 
 
 @functools.lru_cache(maxsize=64)
@@ -391,6 +393,31 @@ def crcs_to_bytes(crcs: array.array) -> bytes:
         crcs = array.array("I", crcs)
         crcs.byteswap()
     return crcs.tobytes()
+
+
+def payload_crcs(payload, count: int, chunk_size: int) -> bytes:
+    """Wire form of the CRC32s of ``count`` chunks of ``chunk_size`` that make up ``payload``.
+
+    What a node computes for a PUT_CHUNKS with ``node_crcs``.  Raises
+    RemoteProtocolError, before any work, unless ``payload`` is exactly
+    ``count`` chunks (the last may be short) of a chunk size within limits.
+    """
+    length = len(memoryview(payload).cast("B"))
+    if not (MIN_CHUNK_BYTES <= chunk_size <= MAX_CHUNK_BYTES and count > 0
+            and (count - 1) * chunk_size < length <= count * chunk_size):
+        raise RemoteProtocolError(f"{length} payload bytes are not {count} chunks of {chunk_size}")
+    return crcs_to_bytes(chunk_crcs(payload, chunk_size))
+
+
+def crcs_digest(crc_bytes) -> int:
+    """CRC32 of the wire form of a batch's chunk CRCs: 4 bytes that stand for all of them.
+
+    One differing CRC is a burst of at most 32 bits, which CRC32 always
+    detects (several are missed with odds of 2**-32), so a node that
+    computed the CRCs itself shows with these 4 bytes that it stores the
+    CRCs of the bytes the sender cut.
+    """
+    return zlib.crc32(crc_bytes)
 
 
 def crcs_from_bytes(data) -> array.array:
@@ -1002,6 +1029,12 @@ class PutChunks(Message):
     (the last chunk may be short).  The node checks every CRC before it
     writes.  Reply: ``PUT_OK`` (or ``ERROR``).  The chunks are written but
     not yet durable; ``FLUSH`` makes them so.
+
+    ``node_crcs`` true: the body is the payload alone; the node computes the
+    CRC32s, stores them, and returns ``crcs_crc32`` (see ``crcs_digest``) in
+    PUT_OK.  The sender compares it with the digest of the CRCs of the bytes
+    it sent, so the CRCs still protect the chunks from where they were cut
+    (see "Uploads" in docs/PROTOCOL.md).
     """
 
     OP = "PUT_CHUNKS"
@@ -1010,18 +1043,21 @@ class PutChunks(Message):
     first: int
     count: int
     chunk_size: int
+    node_crcs: bool = False
     body: bytes = b""
 
 
 @message
 class PutOk(Message):
-    """``seq``: the node's count of batches stored since it started, this one included (see HEARTBEAT)."""
+    """``seq``: the node's count of batches stored since it started, this one included (see HEARTBEAT).
+    ``crcs_crc32``: the digest of the CRCs the node computed (``node_crcs``), else absent."""
 
     OP = "PUT_OK"
     blob: str
     first: int
     count: int
     seq: int = 0
+    crcs_crc32: int | None = None
 
 
 @message

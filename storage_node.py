@@ -142,22 +142,31 @@ class StorageNode:
             return node_id
 
     # --- requests from the master -------------------------------------------
-    def put(self, msg: protocol.PutChunks) -> int:
-        """Store one batch; return its sequence number (see ``put_seq``).
+    def put(self, msg: protocol.PutChunks) -> protocol.PutOk:
+        """Store one batch; the PUT_OK that answers it.
 
-        Refused with INSUFFICIENT_SPACE if it does not fit ``free_bytes``
-        (capacity, or the filesystem's free space less the reserve) or the
-        disk says ENOSPC anyway.
+        The reply's ``seq`` is the batch's sequence number (see ``put_seq``);
+        with ``node_crcs`` the node computes the chunks' CRCs itself and the
+        reply's ``crcs_crc32`` is their digest.  Refused with
+        INSUFFICIENT_SPACE if it does not fit ``free_bytes`` (capacity, or the
+        filesystem's free space less the reserve) or the disk says ENOSPC
+        anyway.
         """
-        crc_bytes, payload = protocol.split_chunk_body(msg.body, msg.count)
+        if msg.node_crcs:
+            crc_bytes, payload = None, msg.body
+        else:
+            crc_bytes, payload = protocol.split_chunk_body(msg.body, msg.count)
         free = self.free_bytes
         if len(payload) > free:
             raise protocol.InsufficientSpace(
                 f"node {self.node_id} is full: {free} bytes free for chunks, {len(payload)} needed "
                 f"({self.store.used_bytes} of {self.config.capacity_bytes} bytes used, "
                 f"{self.config.reserve_bytes} of disk space kept in reserve)")
+        if crc_bytes is None:
+            crc_bytes = protocol.payload_crcs(payload, msg.count, msg.chunk_size)
         try:
-            self.store.put(msg.blob, msg.first, msg.count, msg.chunk_size, crc_bytes, payload)
+            self.store.put(msg.blob, msg.first, msg.count, msg.chunk_size, crc_bytes, payload,
+                           crcs_of_payload=msg.node_crcs)
         except OSError as exc:
             if exc.errno in _NO_SPACE:
                 self._disk_full_free = free + len(payload)  # full until this much is free
@@ -170,7 +179,8 @@ class StorageNode:
             self._put_seq += 1
             seq = self._put_seq
         self._note_written(len(payload))
-        return seq
+        return protocol.PutOk(blob=msg.blob, first=msg.first, count=msg.count, seq=seq,
+                              crcs_crc32=protocol.crcs_digest(crc_bytes) if msg.node_crcs else None)
 
     @property
     def put_seq(self) -> int:
@@ -486,10 +496,9 @@ class NodeHandler(transport.RequestHandler):
         return self.server.node
 
     def do_PUT_CHUNKS(self, msg: protocol.PutChunks) -> None:
-        seq = self.node.put(msg)
         # Replies are pipelined by the master; flushing each tiny reply at
         # once keeps its window moving.
-        self.reply(protocol.PutOk(blob=msg.blob, first=msg.first, count=msg.count, seq=seq))
+        self.reply(self.node.put(msg))
 
     def do_FLUSH(self, msg: protocol.Flush) -> None:
         try:

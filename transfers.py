@@ -1,16 +1,24 @@
 """The master's data path: streaming uploads to nodes and range reads back.
 
 Upload (``UploadSession``, ``UploadStream``): the client's bytes land,
-without a copy, in the session's batch buffer laid out as
-``[room for CRCs][payload]``.  When a batch is full
-the master computes one CRC32 per chunk, writes the CRCs just in front of
-the payload, and sends that contiguous slice as the body of one PUT_CHUNKS
-to each of the batch's replicas.  Replies are read lazily, up to
-``ACK_WINDOW`` batches behind, so the nodes write while the master reads
-the next batch.  ``seal`` returns the file entry; ``UploadSession.sync``
-drains the replies and sends FLUSH (fsync) to every node touched: only
-then may the entry be committed.  Memory per client connection is one batch
-buffer, whatever the file size or the number of files.
+without a copy, in one of the session's two batch buffers.  When a batch is
+full the master sends it as it is, the body of one PUT_CHUNKS with
+``node_crcs``, to each of the batch's replicas, and receives the next batch
+into the other buffer, while a worker thread (``BatchWorker``) adds the
+batch to the file's SHA-256 and computes its CRC32 per chunk.  Each node
+computes the CRCs too, stores them with the chunks, and returns a digest
+of them in PUT_OK; the master compares it with its own before the commit,
+so the CRCs protect the chunks from the moment they are cut, across the hop
+to the node, and then at rest (the node's check against what the master
+cut, just done in the opposite order: see docs/PROTOCOL.md).  Hashing and
+forwarding thus overlap instead of adding up (hashlib and the sockets release
+the GIL); a batch smaller than OFFLOAD_BYTES is hashed inline.  Replies are
+read lazily, up to ``ACK_WINDOW`` batches behind, so the nodes write while
+the master reads the next batch.  ``seal`` returns the file entry;
+``UploadSession.sync`` drains the replies and sends FLUSH (fsync) to every
+node touched: only then may the entry be committed.  Memory per client
+connection is two batch buffers, whatever the file size or the number of
+files.
 
 Read (``read_range``): for each batch-sized piece of the requested range,
 ask a replica for the chunks, verify every CRC, and yield the payload; on
@@ -34,6 +42,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import queue
+import threading
 import uuid
 from collections import deque
 
@@ -48,6 +58,64 @@ logger = logging.getLogger("master.transfers")
 ACK_WINDOW = 8
 # Pieces a download requests ahead of the one it is sending.
 READ_AHEAD = 4
+# Batches at least this large are hashed by the session's worker thread while
+# the handler forwards them and receives the next one; smaller ones (a small
+# file's only batch) inline, where handing them to a thread would cost more
+# than the ~1 microsecond per KiB the work takes.
+OFFLOAD_BYTES = 64 * 1024
+
+
+class BatchDigest:
+    """A batch's SHA-256 update and the digest of its chunk CRCs (protocol.crcs_digest).
+
+    ``run`` does the work (in the worker thread or inline); ``result``
+    waits for it and returns the digest, or raises what it raised.
+    """
+
+    def __init__(self, sha, payload: memoryview, chunk_size: int):
+        self.sha = sha
+        self.payload = payload
+        self.chunk_size = chunk_size
+        self.digest: int | None = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        try:
+            self.sha.update(self.payload)
+            self.digest = protocol.crcs_digest(protocol.crcs_to_bytes(
+                protocol.chunk_crcs(self.payload, self.chunk_size)))
+        except BaseException as exc:  # noqa: BLE001 - handed to the thread that waits in result()
+            self.error = exc
+        finally:
+            self.payload = None  # the buffer is free again
+            self.done.set()
+
+    def result(self) -> int:
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.digest
+
+
+class BatchWorker:
+    """One thread that runs a session's BatchDigests in submission order (the SHA-256 needs it)."""
+
+    def __init__(self):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="upload-digests", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: BatchDigest) -> None:
+        self._jobs.put(job)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            job.run()
+
+    def stop(self) -> None:
+        """Let the thread end once the jobs already submitted are done."""
+        self._jobs.put(None)
 
 
 class NodeChannel:
@@ -56,16 +124,17 @@ class NodeChannel:
     def __init__(self, node_id: str, conn):
         self.node_id = node_id
         self.conn = conn
-        self.unacked: deque = deque()  # (blob, first, payload bytes) of each PUT_CHUNKS not yet acknowledged
+        self.unacked: deque = deque()  # (blob, first, payload bytes, BatchDigest) of each PUT_CHUNKS not yet acknowledged
         self.dirty = False  # written since the last FLUSH
 
 
 class UploadSession:
-    """The uploads of one client connection: a batch buffer and node channels.
+    """The uploads of one client connection: batch buffers and node channels.
 
-    Uploads on one connection run one after another, so they share one batch
-    buffer (no allocation per file) and one connection per node (PUT_OK
-    replies come back in send order).  ``sync`` makes everything sent so far
+    Uploads on one connection run one after another, so they share two batch
+    buffers (no allocation per file; one is filled while the worker still
+    reads the other) and one connection per node (PUT_OK replies come back
+    in send order).  ``sync`` makes everything sent so far
     durable with one FLUSH per node, so a group of small files costs one
     fsync per node, not one per file.
 
@@ -83,12 +152,44 @@ class UploadSession:
         self.chunks_per_batch = config.chunks_per_batch
         self.batch_payload_bytes = self.chunks_per_batch * self.chunk_size
         self.crc_room = self.chunks_per_batch * protocol.CRC_BYTES
-        self.view = memoryview(bytearray(self.crc_room + self.batch_payload_bytes))
+        self._buffers = [memoryview(bytearray(self.batch_payload_bytes)) for _ in range(2)]
+        self._readers: list[BatchDigest | None] = [None, None]  # the digest still reading each buffer
+        self._last: BatchDigest | None = None  # the last one given to the worker
+        self._current = 0
+        self._worker: BatchWorker | None = None
         self.channels: dict[str, NodeChannel] = {}
         self.reserved: dict[str, int] = {}  # node -> bytes sent whose PUT_OK is not read yet
         self.failed: set[str] = set()
         self.space_failed: set[str] = set()  # failed nodes that answered INSUFFICIENT_SPACE
         self._copy_buffer: bytearray | None = None
+
+    @property
+    def view(self) -> memoryview:
+        """The batch buffer to fill: nothing else reads it."""
+        return self._buffers[self._current]
+
+    def digest(self, sha, payload: memoryview) -> BatchDigest:
+        """Start hashing a batch filled in ``view``: in the worker thread if it is large, else now.
+
+        Never inline while the worker still has a batch: the SHA-256 must
+        see the batches in order.
+        """
+        job = BatchDigest(sha, payload, self.chunk_size)
+        if len(payload) < OFFLOAD_BYTES and (self._last is None or self._last.done.is_set()):
+            job.run()
+            return job
+        if self._worker is None:
+            self._worker = BatchWorker()
+        self._readers[self._current] = self._last = job
+        self._worker.submit(job)
+        return job
+
+    def next_buffer(self) -> None:
+        """Fill the other buffer next, once the worker is done reading it."""
+        self._current ^= 1
+        reader, self._readers[self._current] = self._readers[self._current], None
+        if reader is not None:
+            reader.done.wait()
 
     def _fail(self, node_id: str, exc: protocol.BackupError) -> None:
         self.failed.add(node_id)
@@ -99,8 +200,11 @@ class UploadSession:
             channel.conn.broken = True
         self.master.note_node_failure(node_id, exc)
 
-    def send(self, node_id: str, msg: protocol.PutChunks, nbytes: int) -> bool:
-        """Send one batch to a node; False (and the node marked failed) if it fails."""
+    def send(self, node_id: str, msg: protocol.PutChunks, nbytes: int, digest: BatchDigest | None = None) -> bool:
+        """Send one batch to a node; False (and the node marked failed) if it fails.
+
+        ``digest``: for a PUT_CHUNKS with ``node_crcs``, what its PUT_OK must match.
+        """
         if node_id in self.failed:
             return False
         try:
@@ -111,7 +215,7 @@ class UploadSession:
             self.master.reserve(node_id, nbytes)
             self.reserved[node_id] = self.reserved.get(node_id, 0) + nbytes
             channel.conn.send(msg)
-            channel.unacked.append((msg.blob, msg.first, nbytes))
+            channel.unacked.append((msg.blob, msg.first, nbytes, digest))
             channel.dirty = True
             while len(channel.unacked) > ACK_WINDOW:
                 self._read_ack(channel)
@@ -121,13 +225,18 @@ class UploadSession:
         return True
 
     def _read_ack(self, channel: NodeChannel) -> None:
-        blob, first, nbytes = channel.unacked.popleft()
+        blob, first, nbytes, digest = channel.unacked.popleft()
         ack = channel.conn.expect(protocol.PutOk)
         if ack.blob != blob or ack.first != first:
             raise protocol.RemoteProtocolError(f"node {channel.node_id} acknowledged the wrong batch")
         # Stored: from now on the node's reports count it, not our reservation.
         self.reserved[channel.node_id] -= nbytes
         self.master.note_stored(channel.node_id, ack.seq, nbytes)
+        if digest is not None and ack.crcs_crc32 != digest.result():
+            # The node stores CRCs of other bytes than the ones cut here:
+            # damaged on the way or in its memory.  Its copy is not counted.
+            raise protocol.ChecksumMismatch(f"node {channel.node_id} stored chunks {first}.. of blob {blob} "
+                                            f"whose CRCs differ from those of the data sent")
 
     def drain(self, node_ids) -> None:
         """Read every outstanding PUT_OK of ``node_ids`` (a node that fails is marked failed).
@@ -230,7 +339,10 @@ class UploadSession:
         return {**entry, "runs": runs}
 
     def close(self) -> None:
-        """Return healthy connections to the pool; release space reservations."""
+        """Return healthy connections to the pool; release space reservations; stop the worker."""
+        if self._worker is not None:
+            self._worker.stop()
+            self._worker = None
         for channel in self.channels.values():
             if channel.unacked:
                 channel.conn.broken = True  # replies still in flight: out of sync
@@ -284,6 +396,7 @@ class UploadStream:
         self._next_chunk = first_chunk
         self.size = 0
         self._sha = hashlib.sha256()
+        self._digest: BatchDigest | None = None  # the last batch's
         self.runs: list = []
         self.nodes_touched: set[str] = set()
 
@@ -296,8 +409,7 @@ class UploadStream:
 
     def free_space(self) -> memoryview:
         """Where the next bytes of the file should be read to (never empty)."""
-        start = self.session.crc_room + self._fill
-        return self.session.view[start:self.session.crc_room + self._batch_limit()]
+        return self.session.view[self._fill:self._batch_limit()]
 
     def filled(self, nbytes: int) -> None:
         """``nbytes`` were written into ``free_space()``."""
@@ -319,24 +431,23 @@ class UploadStream:
     def _ship(self) -> None:
         session = self.session
         chunk_size = session.chunk_size
-        crc_room = session.crc_room
-        payload = session.view[crc_room:crc_room + self._fill]
-        self._sha.update(payload)
-        crcs = protocol.crcs_to_bytes(protocol.chunk_crcs(payload, chunk_size))
-        count = len(crcs) // protocol.CRC_BYTES
-        start = crc_room - len(crcs)
-        session.view[start:crc_room] = crcs
-        msg = protocol.PutChunks(blob=self.blob, first=self._next_chunk, count=count, chunk_size=chunk_size,
-                                 body=session.view[start:crc_room + self._fill])
-        placed: list[str] = []
-        wanted = self.master.config.replication
-        while len(placed) < wanted:
-            # Raises InsufficientNodes/Space once no healthy node is left.
-            for node_id in session.choose_replicas(self._fill, avoid=session.failed | set(placed),
-                                                   count=wanted - len(placed)):
-                self.nodes_touched.add(node_id)
-                if session.send(node_id, msg, self._fill):
-                    placed.append(node_id)
+        payload = session.view[:self._fill]
+        count = -(-self._fill // chunk_size)
+        self._digest = digest = session.digest(self._sha, payload)
+        try:
+            msg = protocol.PutChunks(blob=self.blob, first=self._next_chunk, count=count, chunk_size=chunk_size,
+                                     node_crcs=True, body=payload)
+            placed: list[str] = []
+            wanted = self.master.config.replication
+            while len(placed) < wanted:
+                # Raises InsufficientNodes/Space once no healthy node is left.
+                for node_id in session.choose_replicas(self._fill, avoid=session.failed | set(placed),
+                                                       count=wanted - len(placed)):
+                    self.nodes_touched.add(node_id)
+                    if session.send(node_id, msg, self._fill, digest):
+                        placed.append(node_id)
+        finally:
+            session.next_buffer()  # the worker may still read this one
         add_run(self.runs, self._next_chunk, count, placed)
         self._next_chunk += count
         self.size += self._fill
@@ -359,6 +470,8 @@ class UploadStream:
         master received; the upload must then be discarded.
         """
         self.flush()
+        if self._digest is not None:
+            self._digest.result()  # the SHA-256 has seen every batch
         sha256 = self._sha.hexdigest()
         if client_sha256 != sha256:
             raise protocol.ChecksumMismatch(

@@ -6,10 +6,12 @@ and protocol.read_message, so the wire form of CHUNK_DATA's missing/corrupt
 lists is exercised too.  Bytes are flipped on disk with conftest.flip_byte.
 """
 
+import hashlib
 import io
 import os
 import random
 import sys
+import time
 
 import pytest
 
@@ -158,3 +160,177 @@ def test_reply_with_wrong_last_chunk_length_is_not_used(replicas):
     longer = {**entry, "size": entry["size"] + 1}  # the entry says the last chunk is one byte longer
     with pytest.raises(protocol.DataLost, match=f"chunks {CHUNKS - 1} lost"):
         read(master, longer)
+
+
+# --- uploads: nodes compute the CRCs, the master checks them -------------------------
+class UploadConn:
+    """A master->node connection for uploads: PUT_CHUNKS and FLUSH go through the wire form.
+
+    ``damage`` (optional) changes a PUT_CHUNKS frame on the way, as a bad
+    link or bad memory between the master's cut and the node could.
+    """
+
+    def __init__(self, node: StorageNode, damage=None):
+        self.node = node
+        self.damage = damage
+        self.replies: list[bytes] = []
+        self.broken = False
+
+    def send(self, msg, flush=True):
+        frame = bytearray(protocol.encode(msg))
+        if self.damage is not None and isinstance(msg, protocol.PutChunks):
+            self.damage(frame)
+        msg = protocol.read_message(io.BytesIO(bytes(frame)))
+        try:
+            if isinstance(msg, protocol.PutChunks):
+                reply = self.node.put(msg)
+            elif isinstance(msg, protocol.Flush):
+                self.node.store.flush()
+                reply = protocol.Flushed()
+            else:
+                reply = self.node.get(msg)
+        except protocol.BackupError as exc:
+            reply = protocol.error_message(exc)
+        self.replies.append(protocol.encode(reply))
+
+    def expect(self, cls, body_buffer=None):
+        return protocol.expect(protocol.read_message(io.BytesIO(self.replies.pop(0)), body_buffer), cls)
+
+    def request(self, msg, cls, body_buffer=None):
+        self.send(msg)
+        return self.expect(cls, body_buffer)
+
+
+class UploadPool(FakePool):
+    def __init__(self, nodes: dict, damaged: dict):
+        super().__init__(nodes)
+        self.damaged = damaged
+
+    def acquire(self, node_id):
+        return UploadConn(self.nodes[node_id], self.damaged.get(node_id))
+
+
+class UploadMaster(FakeMaster):
+    """What UploadSession/UploadStream use of a Master: placement in the order the nodes were given."""
+
+    def __init__(self, nodes: dict, damaged: dict | None = None):
+        super().__init__(nodes)
+        self.pool = UploadPool(nodes, damaged or {})
+        self.config = config_module.load_config(None)
+        self.active_blobs: set = set()
+
+    def choose_replicas(self, nbytes, avoid=(), count=None):
+        ids = [n for n in self.pool.nodes if n not in avoid][:count or self.config.replication]
+        if len(ids) < (count or self.config.replication):
+            raise protocol.InsufficientNodes("too few nodes")
+        return ids
+
+    def reserve(self, node_id, nbytes):
+        pass
+
+    def note_stored(self, node_id, seq, nbytes, reserved=True):
+        pass
+
+    def collect_garbage(self, blob, node_ids):
+        pass
+
+
+def upload(master, data: bytes, frame_bytes: int):
+    """Feed ``data`` to an UploadStream in frames of ``frame_bytes`` (read in place, as the master does); (session, entry)."""
+    session = transfers.UploadSession(master)
+    stream = transfers.UploadStream(session, "f")
+    view = memoryview(data)
+    while len(view):
+        space = stream.free_space()
+        take = min(len(space), len(view), frame_bytes)
+        space[:take] = view[:take]
+        stream.filled(take)
+        view = view[take:]
+    entry = stream.seal(hashlib.sha256(data).hexdigest())
+    session.sync(stream.nodes_touched)
+    return session, stream, entry
+
+
+def read_all(master, entry) -> bytes:
+    return b"".join(bytes(v) for v in transfers.read_range(master, "f", entry, 0, entry["size"]))
+
+
+@pytest.fixture
+def upload_nodes(tmp_path):
+    config = config_module.load_config(None)
+    nodes = {node_id: StorageNode(config, str(tmp_path / node_id)) for node_id in ("a", "b", "c")}
+    yield nodes
+    for node in nodes.values():
+        node.store.close()
+
+
+def test_upload_hashes_batches_in_order_when_the_worker_lags(upload_nodes, monkeypatch):
+    """A short last batch waits behind the worker's batches: the SHA-256 and the stored bytes are the file's."""
+    real_run = transfers.BatchDigest.run
+
+    def slow_run(job):
+        if job.payload is not None and len(job.payload) >= transfers.OFFLOAD_BYTES:
+            time.sleep(0.05)  # the worker is behind the handler
+        real_run(job)
+
+    monkeypatch.setattr(transfers.BatchDigest, "run", slow_run)
+    master = UploadMaster(upload_nodes)
+    batch = master.config.batch_bytes
+    data = random.Random(SEED).randbytes(3 * batch + 12345)  # 3 offloaded batches, then an inline-sized one
+    session, stream, entry = upload(master, data, batch)
+    try:
+        assert entry["sha256"] == hashlib.sha256(data).hexdigest()
+        assert session.failed == set()
+        assert read_all(master, entry) == data
+    finally:
+        session.close()
+
+
+def test_nodes_store_crcs_that_reads_verify(upload_nodes):
+    """Nodes compute the CRCs of PUT_CHUNKS node_crcs; a read checks every chunk against them."""
+    master = UploadMaster(upload_nodes)
+    data = random.Random(SEED + 1).randbytes(master.config.batch_bytes + 5000)
+    session, stream, entry = upload(master, data, 64 * 1024)
+    try:
+        assert read_all(master, entry) == data
+        assert master.bad == [] and master.failures == []
+        for node_id in ("a", "b"):  # each replica alone
+            assert read_all(master, {**entry, "runs": [[0, entry["chunks"], [node_id]]]}) == data
+    finally:
+        session.close()
+
+
+def test_bytes_damaged_between_cut_and_node_are_not_counted(upload_nodes):
+    """A byte changed on the way to one node: its PUT_OK digest gives it away, the node is dropped from the
+    upload, and its batch is re-copied from the intact replica before the commit."""
+    def flip_payload_byte(frame: bytearray) -> None:
+        frame[-100] ^= 0x40  # in the payload: the node computes its CRCs over the damaged bytes
+
+    master = UploadMaster(upload_nodes, damaged={"a": flip_payload_byte})
+    data = random.Random(SEED + 2).randbytes(master.config.batch_bytes)
+    session, stream, entry = upload(master, data, master.config.batch_bytes)
+    try:
+        assert session.failed == {"a"} and master.failures == ["a"]
+        healed = session.heal_entry("f", entry, stream.nodes_touched)
+        assert healed["runs"] == [[0, entry["chunks"], ["b", "c"]]]
+        assert read_all(master, healed) == data
+        assert master.bad == []
+    finally:
+        session.close()
+
+
+def test_node_refuses_a_payload_that_is_not_count_chunks(upload_nodes):
+    """PUT_CHUNKS node_crcs whose payload does not make ``count`` chunks is BAD_REQUEST and stores nothing;
+    a good one returns the digest of the CRCs of what it stored."""
+    node = upload_nodes["a"]
+    payload = random.Random(SEED + 3).randbytes(3 * CS + 10)
+    for count, chunk_size in ((3, CS), (5, CS), (4, 16)):
+        with pytest.raises(protocol.RemoteProtocolError):
+            node.put(protocol.PutChunks(blob=BLOB, first=0, count=count, chunk_size=chunk_size, node_crcs=True,
+                                        body=payload))
+    assert node.store.inventory() == {}
+    ack = node.put(protocol.PutChunks(blob=BLOB, first=0, count=4, chunk_size=CS, node_crcs=True, body=payload))
+    assert (ack.blob, ack.first, ack.count) == (BLOB, 0, 4)
+    assert ack.crcs_crc32 == protocol.crcs_digest(protocol.crcs_to_bytes(protocol.chunk_crcs(payload, CS)))
+    reply = node.get(protocol.GetChunks(blob=BLOB, first=0, count=4))
+    assert bytes(reply.body) == protocol.crcs_to_bytes(protocol.chunk_crcs(payload, CS)) + payload
