@@ -3,26 +3,31 @@
 Three roles, each a process, doing the same durable work as the product on
 the same path and nothing else:
 
-    relay.py node   --port 0 --dir D        append blobs to one file in D, fsync on FLUSH
-    relay.py master --port 0 --nodes A,B    take a client's stream, CRC32 per 1 KiB,
-                                            forward every 1 MiB piece to both nodes,
-                                            ack the file once both nodes fsynced it
+    relay.py node   --port 0 --dir D        CRC32 per 1 KiB of each piece, append
+                                            CRCs + piece to one file in D, fsync on FLUSH
+    relay.py master --port 0 --nodes A,B    take a client's stream, forward every
+                                            1 MiB piece as it is to both nodes, ack
+                                            the file once both nodes fsynced it
     relay.py client FILE|DIR ... --master ADDR
 
 client -> master, per file:  8-byte big-endian size, then the raw bytes;
                              the master answers b"K" once the file is durable.
-master -> node, per piece:   b"P" + 4-byte big-endian body length + body, the
-                             body being the CRCs (4 bytes each) then the payload,
-                             as in the product's PUT_CHUNKS; b"F" = fsync, answered b"K".
+master -> node, per piece:   b"P" + 4-byte big-endian length + the piece;
+                             b"F" = fsync, answered b"K".
 
-Fair to the product where it matters: 1 MiB pieces received with
-``recv_into`` into one reused buffer, ``sendall`` of a memoryview to both
-nodes, one fsync per file on each node, one ack per file to the client
+The least work this architecture allows: the master only forwards (its one
+job that cannot move), and each node computes the per-chunk CRC32s of what
+it stores (1 KiB chunks, as the product stores them, with the cheapest
+stdlib loop: ``map`` over slices of one buffer) and writes them with the
+piece in one ``writev``, as a product node could.  1 MiB pieces received
+with ``recv_into`` into one reused buffer, ``sendall`` of a memoryview to
+both nodes, one fsync per file on each node, one ack per file to the client
 (so a directory of small files costs one round trip and two fsyncs per
 file, like the product).  Left out on purpose, because that is what the
-product adds: framing and headers, SHA-256, placement, metadata log and its
-fsync, per-batch acks, GC, errors.  Not a server to run anywhere else: no
-limits, no timeouts, no error replies; any problem closes the connection.
+product adds: framing and headers, SHA-256, CRCs computed where the data is
+cut (so they also cover the hop to the nodes), placement, metadata log and
+its fsync, per-batch acks, GC, errors.  Not a server to run anywhere else:
+no limits, no timeouts, no error replies; any problem closes the connection.
 
 Each server prints ``listening on HOST:PORT`` once ready (like the product).
 """
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import array
+import functools
 import os
 import socket
 import socketserver
@@ -45,7 +51,6 @@ EXIT_FAILED = 1
 
 PIECE_BYTES = 1 << 20  # the product's batch_bytes
 CHUNK_BYTES = 1024  # the product's chunk_size_bytes
-CRC_ROOM = PIECE_BYTES // CHUNK_BYTES * 4
 SIZE = struct.Struct(">Q")
 PUT = struct.Struct(">cI")
 FLUSH = PUT.pack(b"F", 0)
@@ -75,8 +80,21 @@ class _Server(socketserver.ThreadingTCPServer):
 
 
 # --- node ----------------------------------------------------------------------------
+def chunk_crcs(piece: memoryview) -> bytes:
+    """Big-endian CRC32 of each CHUNK_BYTES slice of ``piece`` (the product's wire form)."""
+    crcs = array.array("I", map(zlib.crc32, map(piece.__getitem__, _slices(len(piece)))))
+    if sys.byteorder == "little":
+        crcs.byteswap()
+    return crcs.tobytes()
+
+
+@functools.lru_cache(maxsize=8)
+def _slices(length: int) -> tuple[slice, ...]:
+    return tuple(slice(i, i + CHUNK_BYTES) for i in range(0, length, CHUNK_BYTES))
+
+
 class NodeHandler(socketserver.BaseRequestHandler):
-    """One master connection: append every PUT body to one file, fsync on FLUSH."""
+    """One master connection: CRC and append every piece to one file, fsync on FLUSH."""
 
     def handle(self) -> None:
         sock = self.request
@@ -84,17 +102,15 @@ class NodeHandler(socketserver.BaseRequestHandler):
         path = os.path.join(self.server.data_dir, f"relay-{threading.get_ident()}-{time.monotonic_ns()}.dat")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         head = bytearray(PUT.size)
-        buffer = bytearray(CRC_ROOM + PIECE_BYTES)
+        buffer = bytearray(PIECE_BYTES)
         view = memoryview(buffer)
         try:
             while recv_exactly(sock, memoryview(head)):
                 kind, length = PUT.unpack(head)
                 if kind == b"P":
-                    body = view[:length]
-                    recv_exactly(sock, body)
-                    written = 0
-                    while written < length:
-                        written += os.write(fd, body[written:])
+                    piece = view[:length]
+                    recv_exactly(sock, piece)
+                    write_all(fd, [chunk_crcs(piece), piece])
                 elif kind == b"F":
                     os.fsync(fd)
                     sock.sendall(ACK)
@@ -104,6 +120,17 @@ class NodeHandler(socketserver.BaseRequestHandler):
             return
         finally:
             os.close(fd)
+
+
+def write_all(fd: int, buffers: list) -> None:
+    """``os.writev`` until every byte of ``buffers`` is written."""
+    views = [memoryview(b).cast("B") for b in buffers]
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= len(views[0]):
+            written -= len(views.pop(0))
+        if views:
+            views[0] = views[0][written:]
 
 
 # --- master --------------------------------------------------------------------------
@@ -126,26 +153,17 @@ class MasterHandler(socketserver.BaseRequestHandler):
 
     def _relay(self, client: socket.socket, nodes: list[socket.socket]) -> None:
         size_buf = bytearray(SIZE.size)
-        buffer = bytearray(PUT.size + CRC_ROOM + PIECE_BYTES)
+        buffer = bytearray(PUT.size + PIECE_BYTES)
         view = memoryview(buffer)
-        payload_at = PUT.size + CRC_ROOM
-        crc32 = zlib.crc32
         ack = bytearray(1)
         while recv_exactly(client, memoryview(size_buf)):
             (remaining,) = SIZE.unpack(size_buf)
             while remaining:
                 n = min(remaining, PIECE_BYTES)
-                payload = view[payload_at:payload_at + n]
-                recv_exactly(client, payload)
+                recv_exactly(client, view[PUT.size:PUT.size + n])
                 remaining -= n
-                crcs = array.array("I", [crc32(payload[i:i + CHUNK_BYTES]) for i in range(0, n, CHUNK_BYTES)])
-                if sys.byteorder == "little":
-                    crcs.byteswap()
-                crc_bytes = crcs.tobytes()
-                start = payload_at - len(crc_bytes) - PUT.size
-                PUT.pack_into(buffer, start, b"P", len(crc_bytes) + n)
-                view[start + PUT.size:payload_at] = crc_bytes
-                frame = view[start:payload_at + n]
+                PUT.pack_into(buffer, 0, b"P", n)
+                frame = view[:PUT.size + n]
                 for node in nodes:
                     node.sendall(frame)
             for node in nodes:
