@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import io
 import json
 import logging
@@ -36,9 +35,9 @@ import history
 import protocol
 
 # transport (sockets, TLS) and security (HMAC, TLS contexts) are imported
-# where a connection is made, not here: ``--help`` and usage errors never
-# need them, and their imports (ssl, logging, socketserver...) were a third
-# of the client's start-up.
+# where a connection is made, and hashlib (it loads OpenSSL) where a file is
+# hashed, not here: ``--help``, usage errors and listings never need them,
+# and their imports were a third of the client's start-up.
 
 logger = logging.getLogger("client")
 
@@ -88,6 +87,12 @@ DOWNLOAD_WINDOW = 32
 _STAT_ATTEMPTS = 3
 # `stat` without --runs lists a file's runs only if it has at most this many.
 STAT_RUNS_SHOWN = 20
+
+
+def new_sha256():
+    """A fresh SHA-256 (hashlib imported on first use: see the imports at the top)."""
+    import hashlib  # noqa: PLC0415
+    return hashlib.sha256()
 
 
 class LocalFileError(Exception):
@@ -552,7 +557,7 @@ class Client:
             conn.send(protocol.UploadBegin(name=name, size=size, mode=mode, offset=offset, wait_s=wait_s, meta=meta))
             verb = "upload" if mode == "replace" else mode
             progress = Progress(f"{verb} {name}", size, self.show_progress and size >= self.frame_bytes)
-            sha = hashlib.sha256()
+            sha = new_sha256()
             buffer = self._buffer()
             view = memoryview(buffer)
             while True:
@@ -665,7 +670,7 @@ class Client:
         conn = self.conn
         info = conn.expect(protocol.FileInfo)
         whole_file = info.offset == 0 and info.length == info.size
-        sha = hashlib.sha256() if whole_file else None
+        sha = new_sha256() if whole_file else None
         progress = Progress(f"download {name}", info.length,
                             self.show_progress and out is not sys.stdout.buffer and info.length >= self.frame_bytes)
         sink = _FrameSink(out, sha, progress, threaded=info.length > self.frame_bytes, first_buffer=self._buffer(),
@@ -893,7 +898,7 @@ class Client:
                     in_flight.append((tag, name, size))
                     conn.send(protocol.UploadBegin(name=name, size=size, tag=tag, group=True, meta=meta),
                               flush=False)
-                    sha = hashlib.sha256()
+                    sha = new_sha256()
                     while True:
                         if tag in failed_tags:
                             conn.send(protocol.UploadAbort(), flush=False)

@@ -23,18 +23,18 @@ prints or formats the secret; ``Security``'s repr hides it.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import ipaddress
 import os
-import secrets
 import socket
 import ssl
 from dataclasses import dataclass, field
 
+# hashlib, hmac, secrets and ipaddress are imported by the functions that
+# use them: a client without a shared secret never does, and they are a
+# noticeable part of a short command's start-up.
+
 # 32 random bytes per nonce: 256 bits, far past any chance of reuse.
 NONCE_BYTES = 32
-MAC_BYTES = hashlib.sha256().digest_size
+MAC_BYTES = 32  # HMAC-SHA256
 # A secret file holds a line of text; anything bigger is a wrong path.
 MAX_SECRET_FILE_BYTES = 64 * 1024
 
@@ -68,21 +68,29 @@ NO_SECURITY = Security()
 
 # --- the handshake's arithmetic -----------------------------------------------------------
 def new_nonce() -> bytes:
+    import secrets  # noqa: PLC0415 - see the imports at the top
     return secrets.token_bytes(NONCE_BYTES)
+
+
+def _hmac_sha256(secret: bytes, message: bytes) -> bytes:
+    import hashlib  # noqa: PLC0415 - see the imports at the top
+    import hmac  # noqa: PLC0415
+    return hmac.new(secret, message, hashlib.sha256).digest()
 
 
 def client_mac(secret: bytes, challenge: bytes, client_nonce: bytes, role: str) -> bytes:
     """What the connecting side sends in AUTH: binds direction, both nonces and its role."""
-    return hmac.new(secret, b"client" + challenge + client_nonce + role.encode("utf-8"), hashlib.sha256).digest()
+    return _hmac_sha256(secret, b"client" + challenge + client_nonce + role.encode("utf-8"))
 
 
 def server_mac(secret: bytes, client_nonce: bytes, challenge: bytes) -> bytes:
     """What the server sends in AUTH_OK (label and nonce order differ from ``client_mac``)."""
-    return hmac.new(secret, b"server" + client_nonce + challenge, hashlib.sha256).digest()
+    return _hmac_sha256(secret, b"server" + client_nonce + challenge)
 
 
 def macs_equal(expected: bytes, received: bytes | None) -> bool:
     """Constant-time comparison; a malformed ``received`` (None) is simply unequal."""
+    import hmac  # noqa: PLC0415 - see the imports at the top
     return received is not None and hmac.compare_digest(expected, received)
 
 
@@ -181,6 +189,7 @@ def is_loopback(host: str) -> bool:
     """
     if host in ("", "0.0.0.0", "::"):
         return False
+    import ipaddress  # noqa: PLC0415 - see the imports at the top
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:

@@ -22,7 +22,7 @@ EXPECTED_ROWS = {
     "mem_master_32mib", "mem_node_32mib", "mem_client_32mib", "node_growth_32mib",
     "metadata_per_gib", "small_upload", "relay_small", "small_download",
     "restart_big", "restart_100", "list_big", "list_100", "commit_big", "commit_100",
-    "startup_pass", "startup_help", "startup_list",
+    "startup_pass", "startup_help", "startup_list", "startup_pass_cpu", "startup_help_cpu", "startup_list_cpu",
 }
 ROW_KEYS = {"key", "label", "unit", "values", "median", "min", "max", "baseline", "baseline_median", "ratio",
             "target", "met", "status", "note"}
