@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import io
 import json
-import logging
 import os
 import queue
 import select
@@ -35,11 +34,11 @@ import history
 import protocol
 
 # transport (sockets, TLS) and security (HMAC, TLS contexts) are imported
-# where a connection is made, and hashlib (it loads OpenSSL) where a file is
-# hashed, not here: ``--help``, usage errors and listings never need them,
-# and their imports were a third of the client's start-up.
+# where a connection is made, hashlib (it loads OpenSSL) where a file is
+# hashed and logging where it is set up, not here: ``--help`` and usage
+# errors never need them (nor listings hashlib), and their imports were a
+# third of the client's start-up.
 
-logger = logging.getLogger("client")
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -514,10 +513,11 @@ class Client:
     @property
     def conn(self) -> transport.Connection:
         if self._conn is None:
-            import transport  # noqa: PLC0415 - see the imports at the top
-            logger.debug("connecting to master %s (timeout %g s, handshake %g s)",
-                         transport.format_address(self.master), self.timeout_s,
-                         self.handshake_timeout_s or self.timeout_s)
+            import logging  # noqa: PLC0415 - see the imports at the top
+            import transport  # noqa: PLC0415
+            logging.getLogger("client").debug("connecting to master %s (timeout %g s, handshake %g s)",
+                                              transport.format_address(self.master), self.timeout_s,
+                                              self.handshake_timeout_s or self.timeout_s)
             self._conn = transport.Connection(self.master, "client", self.timeout_s, self.security,
                                               handshake_timeout_s=self.handshake_timeout_s,
                                               expect_server_id="master")
@@ -1518,6 +1518,7 @@ def main(argv=None) -> int:
     except ValueError as exc:
         print(f"client: bad configuration: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    import logging  # noqa: PLC0415 - see the imports at the top
     logging.basicConfig(level=args.log_level, stream=sys.stderr, format="client %(levelname)s %(name)s: %(message)s")
     # A writer may first wait up to lock_wait_s for another writer of the name.
     timeout_s = args.timeout or config.lock_wait_s + config.io_timeout_s * 3

@@ -17,8 +17,8 @@ read lazily, up to ``ACK_WINDOW`` batches behind, so the nodes write while
 the master reads the next batch.  ``seal`` returns the file entry;
 ``UploadSession.sync`` drains the replies and sends FLUSH (fsync) to every
 node touched: only then may the entry be committed.  Memory per client
-connection is two batch buffers, whatever the file size or the number of
-files.
+connection is at most two batch buffers (one if it only uploads small
+files), whatever the file size or the number of files.
 
 Read (``read_range``): for each batch-sized piece of the requested range,
 ask a replica for the chunks, verify every CRC, and yield the payload; on
@@ -131,9 +131,10 @@ class NodeChannel:
 class UploadSession:
     """The uploads of one client connection: batch buffers and node channels.
 
-    Uploads on one connection run one after another, so they share two batch
-    buffers (no allocation per file; one is filled while the worker still
-    reads the other) and one connection per node (PUT_OK replies come back
+    Uploads on one connection run one after another, so they share their
+    batch buffers (no allocation per file; a second one is filled while the
+    worker still reads the first, allocated once a batch is large enough to
+    go to the worker) and one connection per node (PUT_OK replies come back
     in send order).  ``sync`` makes everything sent so far
     durable with one FLUSH per node, so a group of small files costs one
     fsync per node, not one per file.
@@ -152,7 +153,8 @@ class UploadSession:
         self.chunks_per_batch = config.chunks_per_batch
         self.batch_payload_bytes = self.chunks_per_batch * self.chunk_size
         self.crc_room = self.chunks_per_batch * protocol.CRC_BYTES
-        self._buffers = [memoryview(bytearray(self.batch_payload_bytes)) for _ in range(2)]
+        # The second buffer is allocated when a batch first goes to the worker.
+        self._buffers: list[memoryview | None] = [memoryview(bytearray(self.batch_payload_bytes)), None]
         self._readers: list[BatchDigest | None] = [None, None]  # the digest still reading each buffer
         self._last: BatchDigest | None = None  # the last one given to the worker
         self._current = 0
@@ -162,6 +164,11 @@ class UploadSession:
         self.failed: set[str] = set()
         self.space_failed: set[str] = set()  # failed nodes that answered INSUFFICIENT_SPACE
         self._copy_buffer: bytearray | None = None
+
+    @property
+    def buffer_bytes(self) -> int:
+        """Bytes of batch buffers this session holds."""
+        return sum(len(b) for b in self._buffers if b is not None)
 
     @property
     def view(self) -> memoryview:
@@ -185,8 +192,17 @@ class UploadSession:
         return job
 
     def next_buffer(self) -> None:
-        """Fill the other buffer next, once the worker is done reading it."""
+        """The batch in ``view`` is shipped: make ``view`` a buffer nothing reads.
+
+        A batch hashed inline left its buffer free already.  One the worker
+        still reads makes the session fill the other buffer next, once the
+        worker is done with that one.
+        """
+        if self._readers[self._current] is None:
+            return
         self._current ^= 1
+        if self._buffers[self._current] is None:
+            self._buffers[self._current] = memoryview(bytearray(self.batch_payload_bytes))
         reader, self._readers[self._current] = self._readers[self._current], None
         if reader is not None:
             reader.done.wait()

@@ -334,3 +334,26 @@ def test_node_refuses_a_payload_that_is_not_count_chunks(upload_nodes):
     assert ack.crcs_crc32 == protocol.crcs_digest(protocol.crcs_to_bytes(protocol.chunk_crcs(payload, CS)))
     reply = node.get(protocol.GetChunks(blob=BLOB, first=0, count=4))
     assert bytes(reply.body) == protocol.crcs_to_bytes(protocol.chunk_crcs(payload, CS)) + payload
+
+
+def test_session_of_small_files_holds_one_batch_buffer(upload_nodes):
+    """Small uploads are hashed inline and reuse one buffer; the second comes with the first large batch."""
+    master = UploadMaster(upload_nodes)
+    batch = master.config.batch_bytes
+    session = transfers.UploadSession(master)
+    try:
+        for i in range(3):
+            data = random.Random(SEED + 10 + i).randbytes(4096)
+            stream = transfers.UploadStream(session, f"small-{i}")
+            stream.write(data)
+            assert stream.seal(hashlib.sha256(data).hexdigest())["size"] == 4096
+        assert session.buffer_bytes == batch
+        data = random.Random(SEED + 20).randbytes(2 * batch)
+        stream = transfers.UploadStream(session, "large")
+        stream.write(data)
+        entry = stream.seal(hashlib.sha256(data).hexdigest())
+        session.sync(stream.nodes_touched)
+        assert session.buffer_bytes == 2 * batch
+        assert read_all(master, entry) == data
+    finally:
+        session.close()
