@@ -58,6 +58,7 @@ EXIT_AUTH_FAILED = 14
 EXIT_PARTIAL = 15
 EXIT_INVALID_RANGE = 16
 EXIT_FILE_EXISTS = 17
+EXIT_DAMAGED = 19  # verify: a stored file is damaged, or (--against) the trees differ
 
 # Wire error code -> exit status.  Codes not listed exit with EXIT_ERROR.
 EXIT_CODES = {
@@ -134,6 +135,17 @@ class TreeSummary:
         return (f"{verb} {plural(self.files, 'file')}, {human_bytes(self.bytes)} in {elapsed:.2f} s "
                 f"({self.files / elapsed:.0f} files/s, {human_bytes(self.bytes / elapsed)}/s); "
                 f"{len(self.failures)} failed, {self.skipped} skipped")
+
+
+@dataclass
+class VerifySummary:
+    """Outcome of ``Client.verify``: files read whole and intact, the damaged ones, the vanished ones."""
+
+    files: int = 0
+    bytes: int = 0
+    damaged: list = field(default_factory=list)  # (name, error code, message)
+    gone: list = field(default_factory=list)  # deleted between listing and reading
+    started: float = field(default_factory=time.monotonic)
 
 
 def walk_tree(root: str):
@@ -835,6 +847,46 @@ class Client:
             if not self.in_step:
                 raise
 
+    # --- verify --------------------------------------------------------------------
+    def verify(self, names: list[str], version: int | None = None, report=None) -> "VerifySummary":
+        """Read every byte of each of ``names`` and check it; nothing is written locally.
+
+        The plain download path, into a sink that keeps nothing: the master
+        checks each chunk's CRC and falls back to the other replica, and a
+        chunk with no good copy fails the file with DATA_LOST; ``_receive``
+        checks the file's SHA-256 against the one recorded at upload.  A file
+        that fails is recorded with its error code and the others go on;
+        one deleted since it was listed counts as gone, not damaged.  Only a
+        broken connection stops.  Requests are pipelined DOWNLOAD_WINDOW deep.
+        ``version`` picks one version (one name only).
+        """
+        summary = VerifySummary()
+        sent = 0
+        conn = self.conn
+        for position, name in enumerate(names):
+            while sent < len(names) and sent < position + DOWNLOAD_WINDOW:
+                conn.send(protocol.Download(name=names[sent], version=version), flush=False)
+                sent += 1
+            conn.flush()
+            try:
+                info = self._receive(name, _Discard())
+            except protocol.FileNotFound:
+                if not self.in_step:
+                    raise
+                summary.gone.append(name)
+                continue
+            except (protocol.DataLost, protocol.Unavailable, protocol.ChecksumMismatch, protocol.Timeout,
+                    protocol.RemoteProtocolError) as exc:
+                if not self.in_step:
+                    raise
+                summary.damaged.append((name, exc.code, exc.message))
+                if report:
+                    report(f"damaged {name}: {exc.code}: {exc.message}")
+                continue
+            summary.files += 1
+            summary.bytes += info.length
+        return summary
+
     # --- directories -----------------------------------------------------------------
     def upload_tree(self, root: str, prefix: str, report=None) -> TreeSummary:
         """Back up every regular file below ``root`` as ``prefix/relative/path``.
@@ -1178,6 +1230,99 @@ def cmd_stat(client: Client, args) -> int:
     return EXIT_OK
 
 
+def cmd_verify(client: Client, args) -> int:
+    """Read and check stored files (or, with --against, compare a local tree); EXIT_DAMAGED if anything is wrong."""
+    import verify  # only here: keeps the CLI's start-up lean
+    if args.against is not None:
+        return verify_against(client, args, verify)
+    target = args.name or ""
+    if target and not target.endswith("/"):
+        if args.read_data_subset is not None:
+            raise UsageError("--read-data-subset picks among many files: give a PREFIX/ or no name")
+        names = [protocol.validate_name(target)]
+    else:
+        if args.version is not None:
+            raise UsageError("--version applies to one file, not to a tree")
+        names = [e["name"] for e in client.list(target)]
+        if target and not names:
+            raise protocol.FileNotFound(f"no file under {target}")
+    listed = len(names)
+    subset = None
+    if args.read_data_subset is not None:
+        seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "big")
+        try:
+            subset = verify.parse_subset(args.read_data_subset, seed)
+        except ValueError as exc:
+            raise UsageError(f"--read-data-subset {exc}") from None
+        names = [name for name in names if subset.selects(name)]
+    if not args.json and not args.quiet and subset is not None:
+        print(f"reading subset {subset.describe()}: {len(names)} of {plural(listed, 'file')}")
+    summary = client.verify(names, version=args.version, report=None if args.json else note)
+    elapsed = time.monotonic() - summary.started
+    if args.json:
+        print(json.dumps({"listed": listed, "selected": len(names),
+                          "subset": None if subset is None else subset.describe(),
+                          "seed": None if subset is None or subset.percent is None else subset.seed,
+                          "verified": summary.files, "bytes": summary.bytes,
+                          "damaged": [{"name": n, "code": c, "message": m} for n, c, m in summary.damaged],
+                          "gone": summary.gone}, indent=2, ensure_ascii=False))
+    elif not args.quiet:
+        print(f"verified {plural(summary.files, 'file')}, {human_bytes(summary.bytes)} in {elapsed:.2f} s: "
+              f"{len(summary.damaged)} damaged"
+              + (f", {len(summary.gone)} deleted meanwhile" if summary.gone else ""))
+    for name, code, message in summary.damaged if not args.json else ():
+        print(f"DAMAGED {name}: {code}")
+    return EXIT_DAMAGED if summary.damaged else EXIT_OK
+
+
+def verify_against(client: Client, args, verify) -> int:
+    """verify --against DIR NAME: list what differs between the local tree DIR and the stored NAME/."""
+    if not args.name:
+        raise UsageError("--against DIR needs the stored NAME (or NAME/) to compare it with")
+    if args.read_data_subset is not None or args.version is not None:
+        raise UsageError("--against compares with what is recorded; --read-data-subset and --version do not apply")
+    if not os.path.isdir(args.against):
+        raise LocalFileError(f"{args.against}: not a directory")
+    prefix = args.name.rstrip("/") + "/"
+    stored = {e["name"][len(prefix):]: (filemeta.kind_of(e.get("meta")), e["size"], e.get("sha256"))
+              for e in client.list(prefix)}
+    local, paths = {}, {}
+    for path, relative, kind in walk_tree(args.against):
+        if kind not in _STORED_KINDS:  # special files are never stored
+            continue
+        kind = _STORED_KINDS[kind]
+        paths[relative] = (path, kind)
+        try:
+            size = os.lstat(path).st_size if kind == filemeta.FILE else open_source(path, kind)[1]
+        except OSError:
+            size = -1  # unreadable: reported as different
+        local[relative] = (kind, size)
+
+    def local_sha256(relative: str) -> str | None:
+        path, kind = paths[relative]
+        sha = hashlib.sha256()
+        try:
+            f = open_source(path, kind)[0]
+            with f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    sha.update(block)
+        except OSError:
+            return None
+        return sha.hexdigest()
+
+    found = verify.compare_tree(local, stored, local_sha256)
+    if args.json:
+        print(json.dumps([{"difference": d, "name": prefix + n, "detail": detail} for d, n, detail in found],
+                         indent=2, ensure_ascii=False))
+    else:
+        for difference, name, detail in found:
+            print(f"{difference}: {prefix}{name}" + (f" ({detail})" if detail else ""))
+        if not args.quiet:
+            print(f"compared {plural(len(set(local) | set(stored)), 'name')}: {len(found)} "
+                  f"{'difference' if len(found) == 1 else 'differences'}")
+    return EXIT_DAMAGED if found else EXIT_OK
+
+
 def cmd_locks(client: Client, args) -> int:
     held = client.locks()
     if not held:
@@ -1323,6 +1468,7 @@ COMMANDS = {
     "versions": cmd_versions,
     "undelete": cmd_undelete,
     "trash": cmd_trash,
+    "verify": cmd_verify,
 }
 # Commands that take a name's write lock, and so --wait / --no-wait.
 WRITERS = ("upload", "delete", "append", "write", "touch", "undelete")
@@ -1464,6 +1610,21 @@ def build_arg_parser() -> argparse.ArgumentParser:
                        "version id, size, modified time, commit time, SHA-256; the current one is marked.")
     versions.add_argument("name", metavar="NAME", help="stored name")
     versions.add_argument("--json", action="store_true", help="machine-readable output")
+    verify_cmd = command("verify", "read stored files and check them, or compare a local tree with a stored one",
+                         "Read every chunk of the selected files (the current versions) as a restore would, "
+                         "checking each chunk's CRC32 and each file's SHA-256, without writing anything locally; "
+                         "list the damaged files and exit 19 if there is any.  --against DIR compares the local "
+                         "tree DIR with the stored NAME/ by kind, size and SHA-256 (reading no stored data) and "
+                         "lists what is missing locally, missing remotely or different (exit 19 if anything is).")
+    verify_cmd.add_argument("name", metavar="NAME|PREFIX/", nargs="?",
+                            help="one stored file, or every file under PREFIX/ (default: every file)")
+    verify_cmd.add_argument("--read-data-subset", metavar="n/t|P%",
+                            help="read only group n of t (by a hash of the names: 1/t..t/t cover every file "
+                                 "once) or about P percent of the files (random, seed printed)")
+    verify_cmd.add_argument("--seed", type=int, help="the seed of a P%% subset, to repeat a run")
+    verify_cmd.add_argument("--version", type=int, metavar="ID", help="verify this version of NAME (one file)")
+    verify_cmd.add_argument("--against", metavar="DIR", help="compare the local directory DIR with the stored NAME/")
+    verify_cmd.add_argument("--json", action="store_true", help="machine-readable output")
     for reader in (download, cat, stat_cmd):
         which = reader.add_mutually_exclusive_group()
         which.add_argument("--version", type=int, metavar="ID", help="an older version, by id (see: versions NAME)")
@@ -1482,7 +1643,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     for name, sub in (("upload", upload), ("download", download), ("delete", delete), ("append", append),
                       ("write", write), ("cat", cat), ("touch", touch), ("stat", stat_cmd), ("locks", locks),
                       ("list", listing), ("status", status), ("versions", versions), ("undelete", undelete),
-                      ("trash", trash)):
+                      ("trash", trash), ("verify", verify_cmd)):
         add_client_options(sub, writer=name in WRITERS, top=False)
     return parser
 

@@ -1222,6 +1222,7 @@ class MasterHandler(transport.RequestHandler):
 
     def do_LIST(self, msg: protocol.List) -> None:
         entries = ({"name": name, "size": e["size"], "chunks": e["chunks"], "mtime": e["mtime"],
+                    "sha256": e["sha256"],
                     **({"meta": e["meta"]} if "meta" in e else {})}
                    for name, e in self.master.namespace.listing(msg.prefix))
         for page, last in protocol.pages(entries):
