@@ -1300,7 +1300,7 @@ def verify_against(client: Client, args, verify) -> int:
 
     def local_sha256(relative: str) -> str | None:
         path, kind = paths[relative]
-        sha = hashlib.sha256()
+        sha = new_sha256()
         try:
             f = open_source(path, kind)[0]
             with f:
