@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import config as config_module
 import filemeta
 import history
+import master_link
 import protocol
 
 # transport (sockets, TLS) and security (HMAC, TLS contexts) are imported
@@ -58,6 +59,7 @@ EXIT_AUTH_FAILED = 14
 EXIT_PARTIAL = 15
 EXIT_INVALID_RANGE = 16
 EXIT_FILE_EXISTS = 17
+EXIT_NO_LEADER = 18  # no master of a replicated group led within failover_timeout_s
 EXIT_DAMAGED = 19  # verify: a stored file is damaged, or (--against) the trees differ
 
 # Wire error code -> exit status.  Codes not listed exit with EXIT_ERROR.
@@ -78,6 +80,7 @@ EXIT_CODES = {
     "FILE_LOCKED": EXIT_FILE_LOCKED,
     "FILE_EXISTS": EXIT_FILE_EXISTS,
     "AUTH_FAILED": EXIT_AUTH_FAILED,
+    "NO_LEADER": EXIT_NO_LEADER,
 }
 
 
@@ -507,11 +510,22 @@ def _unlink_quietly(path: str) -> None:
 
 
 class Client:
-    """A session with the master: one connection, opened on first use."""
+    """A session with the master: one connection, opened on first use.
 
-    def __init__(self, master: tuple[str, int], timeout_s: float, frame_bytes: int, show_progress: bool,
-                 security: transport.Security | None = None, handshake_timeout_s: float | None = None):
-        self.master = master
+    ``master``: one (host, port), or the list of a replicated group's
+    masters; a MasterLink (master_link.py) finds the leader and each public
+    method re-runs on a leader change when that is safe.
+    """
+
+    def __init__(self, master, timeout_s: float, frame_bytes: int, show_progress: bool,
+                 security: transport.Security | None = None, handshake_timeout_s: float | None = None,
+                 failover_timeout_s: float = 10.0):
+        self.link = master_link.MasterLink(master, "client", timeout_s, security,
+                                           handshake_timeout_s=handshake_timeout_s,
+                                           failover_timeout_s=failover_timeout_s)
+        # Directory uploads interrupted by a leader change resume from here: (root, prefix) ->
+        # (summary so far, names acknowledged).
+        self._tree_progress: dict = {}
         self.security = security  # shared secret and TLS (security.py); None = neither
         self.timeout_s = timeout_s
         # Connecting and HELLO must succeed within this (io_timeout_s from
@@ -523,17 +537,24 @@ class Client:
         self._frame_buffer: bytearray | None = None
 
     @property
+    def master(self) -> tuple[str, int]:
+        """The master this session talks to (the leader, once found)."""
+        return self.link.current
+
+    @property
     def conn(self) -> transport.Connection:
         if self._conn is None:
             import logging  # noqa: PLC0415 - see the imports at the top
-            import transport  # noqa: PLC0415
             logging.getLogger("client").debug("connecting to master %s (timeout %g s, handshake %g s)",
-                                              transport.format_address(self.master), self.timeout_s,
+                                              self.link.describe(), self.timeout_s,
                                               self.handshake_timeout_s or self.timeout_s)
-            self._conn = transport.Connection(self.master, "client", self.timeout_s, self.security,
-                                              handshake_timeout_s=self.handshake_timeout_s,
-                                              expect_server_id="master")
+            self._conn = self.link.connect()
         return self._conn
+
+    def _retrying(self, safe: bool, op):
+        """``op()`` through the MasterLink: re-sent to a new leader after NOT_LEADER, and after
+        a lost connection when ``safe`` (repeating it cannot do harm)."""
+        return self.link.run(op, safe=safe, on_retry=self.close)
 
     @property
     def in_step(self) -> bool:
@@ -548,6 +569,12 @@ class Client:
     # --- upload ----------------------------------------------------------------------
     def upload_file(self, path: str, name: str, mode: str = "replace", offset: int = 0,
                     wait_s: float = -1.0) -> protocol.Uploaded:
+        # A file is read again from the start when re-sent; stdin cannot be,
+        # and an append or write repeated would apply twice.
+        return self._retrying(path != "-" and mode == "replace",
+                              lambda: self._upload_file(path, name, mode, offset, wait_s))
+
+    def _upload_file(self, path: str, name: str, mode: str, offset: int, wait_s: float) -> protocol.Uploaded:
         """Send the local file ``path`` ("-" = stdin) to be stored as ``name``.
 
         ``mode``: "replace" (the whole file), "append" (added at the end), or
@@ -603,6 +630,12 @@ class Client:
     def download(self, name: str, destination: str, offset: int = 0, length: int = -1,
                  force: bool = False, version: int | None = None, at: float | None = None,
                  restore: "Restore | None" = None) -> protocol.FileInfo:
+        # A file is written to a temporary name first, so it can be fetched again; stdout cannot.
+        return self._retrying(destination != "-",
+                              lambda: self._download(name, destination, offset, length, force, version, at, restore))
+
+    def _download(self, name: str, destination: str, offset: int, length: int, force: bool,
+                  version: int | None, at: float | None, restore: "Restore | None") -> protocol.FileInfo:
         """Write ``name`` (or a byte range of it) to ``destination`` ("-" = stdout).
 
         A whole-file download is checked against the SHA-256 recorded at
@@ -889,6 +922,14 @@ class Client:
 
     # --- directories -----------------------------------------------------------------
     def upload_tree(self, root: str, prefix: str, report=None) -> TreeSummary:
+        """Back up every regular file below ``root`` (see _upload_tree); after a leader change
+        the files not yet acknowledged are sent to the new leader."""
+        try:
+            return self._retrying(True, lambda: self._upload_tree(root, prefix, report))
+        finally:
+            self._tree_progress.pop((root, prefix), None)
+
+    def _upload_tree(self, root: str, prefix: str, report=None) -> TreeSummary:
         """Back up every regular file below ``root`` as ``prefix/relative/path``.
 
         One connection, uploads pipelined: a sender streams file after file
@@ -900,16 +941,22 @@ class Client:
         with a note.  A ``prefix`` that is no valid name (after dropping a
         trailing ``/``) raises InvalidName before anything is sent.
         """
+        key = (root, prefix)
         prefix = protocol.validate_name(prefix.rstrip("/"), storing=True)
-        summary = TreeSummary()
+        resumed = key in self._tree_progress
+        summary, acknowledged = self._tree_progress.setdefault(key, (TreeSummary(), set()))
         files = []
         for path, relative, kind in walk_tree(root):
             if kind not in _STORED_KINDS:
-                if report:
-                    report(f"skipped {kind} {path}")
-                summary.skipped += 1
+                if not resumed:
+                    if report:
+                        report(f"skipped {kind} {path}")
+                    summary.skipped += 1
                 continue
-            files.append((path, prefix + "/" + relative, _STORED_KINDS[kind]))
+            if prefix + "/" + relative not in acknowledged:
+                files.append((path, prefix + "/" + relative, _STORED_KINDS[kind]))
+        if resumed:
+            summary.failures.clear()  # those files are tried again
         conn = self.conn
         in_flight: deque = deque()
         failed_tags: set[int] = set()
@@ -924,6 +971,11 @@ class Client:
                     tag, name, size = in_flight.popleft()
                     if isinstance(msg, protocol.Uploaded):
                         summary.ok(size)
+                        acknowledged.add(name)
+                        self.link.progress()
+                    elif isinstance(msg, protocol.Error) and msg.code == protocol.NotLeader.code:
+                        # Nothing of this file was done: it goes again to the new leader.
+                        raise protocol.error_from_code(msg.code, msg.message, msg.leader or "")
                     elif isinstance(msg, protocol.Error):
                         failed_tags.add(tag)
                         summary.fail(name, f"{msg.code}: {msg.message}", report)
@@ -977,23 +1029,26 @@ class Client:
     # --- the rest --------------------------------------------------------------------
     def delete(self, name: str, wait_s: float = -1.0, purge: bool = False) -> None:
         """Move ``name`` and its versions to the trash, or with ``purge`` remove it and its trash at once."""
-        self.conn.request(protocol.Delete(name=protocol.validate_name(name), wait_s=wait_s, purge=purge or None),
-                          protocol.Deleted)
+        request = protocol.Delete(name=protocol.validate_name(name), wait_s=wait_s, purge=purge or None)
+        self._retrying(False, lambda: self.conn.request(request, protocol.Deleted))
 
     def undelete(self, name: str, wait_s: float = -1.0) -> protocol.Undeleted:
-        return self.conn.request(protocol.Undelete(name=protocol.validate_name(name), wait_s=wait_s),
-                                 protocol.Undeleted)
+        request = protocol.Undelete(name=protocol.validate_name(name), wait_s=wait_s)
+        return self._retrying(False, lambda: self.conn.request(request, protocol.Undeleted))
 
     def trash(self, prefix: str = "") -> list[dict]:
         """Trashed versions whose names start with ``prefix``, by name, oldest delete first."""
-        return self._pages(protocol.Trash(prefix=prefix), protocol.TrashPage)
+        return self._retrying(True, lambda: self._pages(protocol.Trash(prefix=prefix), protocol.TrashPage))
 
     def touch(self, name: str, wait_s: float = -1.0) -> protocol.Touched:
-        return self.conn.request(protocol.Touch(name=protocol.validate_name(name, storing=True), wait_s=wait_s),
-                                 protocol.Touched)
+        request = protocol.Touch(name=protocol.validate_name(name, storing=True), wait_s=wait_s)
+        return self._retrying(False, lambda: self.conn.request(request, protocol.Touched))
 
     def stat(self, name: str, version: int | None = None, at: float | None = None,
              all_runs: bool = True) -> protocol.StatReply:
+        return self._retrying(True, lambda: self._stat(name, version, at, all_runs))
+
+    def _stat(self, name: str, version: int | None, at: float | None, all_runs: bool) -> protocol.StatReply:
         """STAT of ``name`` (or of one of its kept versions); with ``all_runs``, every page of runs joined.
 
         Without ``all_runs`` only the first page of runs is asked for (the
@@ -1016,16 +1071,20 @@ class Client:
 
     def versions(self, name: str) -> list[dict]:
         """The kept versions of ``name``, oldest first (history.version_info)."""
-        return self._pages(protocol.Versions(name=protocol.validate_name(name)), protocol.VersionsPage)
+        request = protocol.Versions(name=protocol.validate_name(name))
+        return self._retrying(True, lambda: self._pages(request, protocol.VersionsPage))
 
     def locks(self) -> list[dict]:
-        return self._pages(protocol.Locks(), protocol.LocksReply, "locks")
+        return self._retrying(True, lambda: self._pages(protocol.Locks(), protocol.LocksReply, "locks"))
 
     def list(self, prefix: str = "") -> list[dict]:
-        return self._pages(protocol.List(prefix=prefix), protocol.ListPage)
+        return self._retrying(True, lambda: self._pages(protocol.List(prefix=prefix), protocol.ListPage))
 
     def status(self) -> protocol.StatusReply:
         """STATUS with every page of nodes joined (totals come on the first page)."""
+        return self._retrying(True, self._status)
+
+    def _status(self) -> protocol.StatusReply:
         conn = self.conn
         conn.send(protocol.Status())
         first = conn.expect(protocol.StatusReply)
@@ -1508,8 +1567,9 @@ def add_client_options(parser: argparse.ArgumentParser, writer: bool, top: bool)
     group = _OptionRecorder(parser.add_argument_group("client options (before or after the command)"))
     # Quiet by default: the CLI's own output is its report; DEBUG shows what it does.
     config_module.add_common_flags(group, default_log_level="WARNING")
-    group.add_argument("--master", metavar="HOST:PORT",
-                       help=f"master address (default: ${ENV_MASTER}, else [client] master in the config)")
+    group.add_argument("--master", "--masters", dest="master", metavar="HOST:PORT[,HOST:PORT...]",
+                       help=f"the master, or every master of a replicated group (default: ${ENV_MASTER}, else "
+                            f"[cluster] masters, else [client] master in the config)")
     group.add_argument("--quiet", "-q", action="store_true",
                        help="no progress bar, no summary lines, no list header")
     group.add_argument("--timeout", type=float, metavar="S",
@@ -1668,12 +1728,12 @@ def main(argv=None) -> int:
         if not master_text and os.environ.get(ENV_MASTER):
             master_text, source = os.environ[ENV_MASTER], ENV_MASTER
         if master_text:
-            config_module.parse_address(master_text, source)
+            config_module.parse_addresses(master_text, source)
         overrides = config_module.security_overrides(args)
         if not overrides.get("secret_file") and os.environ.get(ENV_SECRET_FILE):
             overrides["secret_file"] = os.environ[ENV_SECRET_FILE]
-        config = config_module.load_config(args.config, client_master=master_text or None, **overrides)
-        master = config_module.parse_address(config.client_master, "[client] master")
+        config = config_module.load_config(args.config, masters=master_text or None, **overrides)
+        masters = config_module.master_addresses(config, "client_master")
         import security as security_module  # noqa: PLC0415 - see the imports at the top
         security = security_module.from_config(config)
     except ValueError as exc:
@@ -1683,8 +1743,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=args.log_level, stream=sys.stderr, format="client %(levelname)s %(name)s: %(message)s")
     # A writer may first wait up to lock_wait_s for another writer of the name.
     timeout_s = args.timeout or config.lock_wait_s + config.io_timeout_s * 3
-    client = Client(master, timeout_s, config.batch_bytes, show_progress=not args.quiet and sys.stderr.isatty(),
-                    security=security, handshake_timeout_s=min(config.io_timeout_s, timeout_s))
+    client = Client(masters, timeout_s, config.batch_bytes, show_progress=not args.quiet and sys.stderr.isatty(),
+                    security=security, handshake_timeout_s=min(config.io_timeout_s, timeout_s),
+                    failover_timeout_s=config.failover_timeout_s)
     try:
         return COMMANDS[args.command](client, args)
     except UsageError as exc:

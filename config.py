@@ -24,6 +24,9 @@ class Config:
     chunk_size_bytes: int = 1024
     replication: int = 2
     batch_bytes: int = 1024 * 1024
+    # [cluster] masters: every master of a replicated group, HOST:PORT,...;
+    # empty = the one master of [client] master / [node] master.
+    masters: str = ""
     master_host: str = "127.0.0.1"
     master_port: int = 7700
     master_data_dir: str = "data/master"
@@ -40,6 +43,7 @@ class Config:
     heartbeat_interval_s: float = 2.0
     dead_after_s: float = 10.0
     io_timeout_s: float = 10.0
+    failover_timeout_s: float = 10.0
     safe_mode_s: float = 15.0
     repair_rate_mb_s: float = 50.0
     scrub_rate_mb_s: float = 4.0
@@ -68,6 +72,7 @@ _KEYS = [
     ("cluster", "chunk_size_bytes", "chunk_size_bytes", int),
     ("cluster", "replication", "replication", int),
     ("cluster", "batch_bytes", "batch_bytes", int),
+    ("cluster", "masters", "masters", str),
     ("master", "host", "master_host", str),
     ("master", "port", "master_port", int),
     ("master", "data_dir", "master_data_dir", str),
@@ -84,6 +89,7 @@ _KEYS = [
     ("timing", "heartbeat_interval_s", "heartbeat_interval_s", float),
     ("timing", "dead_after_s", "dead_after_s", float),
     ("timing", "io_timeout_s", "io_timeout_s", float),
+    ("timing", "failover_timeout_s", "failover_timeout_s", float),
     ("repair", "safe_mode_s", "safe_mode_s", float),
     ("repair", "repair_rate_mb_s", "repair_rate_mb_s", float),
     ("repair", "scrub_rate_mb_s", "scrub_rate_mb_s", float),
@@ -209,7 +215,8 @@ def validate(config: Config) -> None:
     batch_body = config.chunks_per_batch * (config.chunk_size_bytes + protocol.CRC_BYTES)
     if batch_body > protocol.MAX_BODY_BYTES:
         raise ValueError(f"batch_bytes too large: a batch frame would exceed {protocol.MAX_BODY_BYTES} bytes")
-    for name in ("heartbeat_interval_s", "dead_after_s", "io_timeout_s", "lock_wait_s", "lock_lease_s"):
+    for name in ("heartbeat_interval_s", "dead_after_s", "io_timeout_s", "lock_wait_s", "lock_lease_s",
+                 "failover_timeout_s"):
         if getattr(config, name) <= 0:
             raise ValueError(f"{name} must be positive")
     for name in ("safe_mode_s", "scrub_rate_mb_s"):
@@ -235,7 +242,19 @@ def validate(config: Config) -> None:
     if config.max_connections < 1:
         raise ValueError("max_connections must be at least 1")
     for name in ("node_master", "client_master"):
-        parse_address(getattr(config, name), name)
+        parse_addresses(getattr(config, name), name)
+    if config.masters:
+        parse_addresses(config.masters, "masters")
+
+
+def master_addresses(config: Config, own: str) -> list[tuple[str, int]]:
+    """The masters a client or node talks to: ``[cluster] masters``, else its own key.
+
+    ``own`` is "client_master" or "node_master" (one address or a comma
+    list).  The --master/--masters flags and BACKUP_MASTER override
+    ``masters``, so they win over both keys.
+    """
+    return parse_addresses(config.masters or getattr(config, own), "masters" if config.masters else own)
 
 
 def parse_address(text: str, what: str = "address") -> tuple[str, int]:
@@ -250,6 +269,18 @@ def parse_address(text: str, what: str = "address") -> tuple[str, int]:
     if not 0 <= port_number <= 65535:
         raise ValueError(f"{what} {text!r} has a bad port")
     return host.strip("[]"), port_number
+
+
+def parse_addresses(text: str, what: str = "addresses") -> list[tuple[str, int]]:
+    """'HOST:PORT,HOST:PORT' -> [(host, port), ...] in order, without repeats; ValueError if bad or empty."""
+    addresses: list[tuple[str, int]] = []
+    for part in text.split(","):
+        if not part.strip():
+            raise ValueError(f"{what} {text!r} has an empty entry (expected HOST:PORT,HOST:PORT,...)")
+        address = parse_address(part.strip(), what)
+        if address not in addresses:
+            addresses.append(address)
+    return addresses
 
 
 def add_common_flags(parser: argparse.ArgumentParser, default_log_level: str = "INFO") -> None:

@@ -217,6 +217,30 @@ class VersionMismatch(BackupError):
     code = "VERSION_MISMATCH"
 
 
+class NotLeader(BackupError):
+    """This master is a follower of a replicated group: ask the leader.
+
+    ``leader`` is the leader's HOST:PORT when this master knows it, else "".
+    Sent before the request did anything, so any request may be re-sent to
+    the leader (master_link.MasterLink does).
+    """
+
+    code = "NOT_LEADER"
+
+    def __init__(self, message: str = "", leader: str = ""):
+        super().__init__(message)
+        self.leader = leader
+
+
+class NoLeader(BackupError):
+    """No master of the group answered as leader within failover_timeout_s.
+
+    Raised by the client side (master_link.py), never sent on the wire.
+    """
+
+    code = "NO_LEADER"
+
+
 _ERRORS_BY_CODE: dict[str, type[BackupError]] = {}
 for _cls in list(globals().values()):
     if isinstance(_cls, type) and issubclass(_cls, BackupError):
@@ -226,8 +250,10 @@ for _cls in list(globals().values()):
 _ERRORS_BY_CODE["INTERNAL"] = BackupError
 
 
-def error_from_code(code: str, message: str) -> BackupError:
-    """The exception a received ERROR frame stands for."""
+def error_from_code(code: str, message: str, leader: str = "") -> BackupError:
+    """The exception a received ERROR frame stands for (``leader``: NOT_LEADER's hint)."""
+    if code == NotLeader.code:
+        return NotLeader(message, leader)
     return _ERRORS_BY_CODE.get(code, BackupError)(message)
 
 
@@ -642,6 +668,7 @@ class Error(Message):
     OP = "ERROR"
     code: str
     message: str
+    leader: str | None = None  # NOT_LEADER only: the leader's HOST:PORT when known (else left out)
 
 
 # Client -> master --------------------------------------------------------------
@@ -1431,10 +1458,10 @@ def expect(msg: Message | None, cls: type[Message]) -> Message:
     if isinstance(msg, cls):
         return msg
     if isinstance(msg, Error):
-        raise error_from_code(msg.code, msg.message)
+        raise error_from_code(msg.code, msg.message, msg.leader or "")
     raise RemoteProtocolError(f"expected {cls.OP}, got {msg.OP}")
 
 
 def error_message(exc: BackupError) -> Error:
     """The ERROR frame that reports ``exc``."""
-    return Error(code=exc.code, message=exc.message[:4096])
+    return Error(code=exc.code, message=exc.message[:4096], leader=getattr(exc, "leader", None) or None)

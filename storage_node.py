@@ -30,6 +30,7 @@ import uuid
 
 import config as config_module
 import dirlock
+import master_link
 import protocol
 import security as security_module
 import transport
@@ -113,6 +114,7 @@ class StorageNode:
                  security: transport.Security | None = None):
         self.config = config
         self.security = security or transport.NO_SECURITY  # secret and TLS, both directions
+        self._last_leader: tuple[str, int] | None = None  # where the heartbeat loop last registered
         self.data_dir = data_dir
         os.makedirs(data_dir, mode=0o700, exist_ok=True)
         self.node_id = self._load_or_create_id()
@@ -330,14 +332,16 @@ class StorageNode:
         ERROR UNAVAILABLE is reachable and wants our inventory again, which
         is logged as such.
         """
-        master = config_module.parse_address(self.config.node_master, "master")
-        where = transport.format_address(master)
+        link = self.master_link()
         interval = self.config.heartbeat_interval_s
         outage = OutageLog(UNREACHABLE_LOG_INTERVAL_S)
         while not self._stop.is_set():
             reconnect_now = False
+            where = link.describe()
             try:
-                with transport.Connection(master, "node", self.config.io_timeout_s, self.security) as conn:
+                with link.connect() as conn:
+                    where = transport.format_address(conn.address)
+                    self._last_leader = conn.address
                     host, port = self.advertised_address
                     if host in ("", "0.0.0.0", "::"):
                         # Bound to every interface: advertise the one that reaches the master.
@@ -369,6 +373,12 @@ class StorageNode:
                                 put_seq=put_seq), protocol.HeartbeatOk)
                         except BaseException as exc:
                             self._queue_corrupt(corrupt)  # report them on the next connection
+                            if isinstance(exc, protocol.NotLeader):
+                                # It lost the leadership: find the new leader now.
+                                logger.info("master %s is no longer the leader: %s", where, exc)
+                                link.follow(exc)
+                                reconnect_now = True
+                                break
                             if isinstance(exc, protocol.Unavailable) and not conn.broken:
                                 # An ERROR frame, not a lost connection: the master is there.
                                 logger.info("master asked to re-register: %s", exc)
@@ -377,7 +387,10 @@ class StorageNode:
                             raise
             except protocol.AuthFailed as exc:
                 outage.failed(f"cannot register with master {where}: {exc}", logging.ERROR)
-            except (protocol.Unavailable, protocol.Timeout) as exc:
+            except protocol.NotLeader as exc:
+                link.follow(exc)  # REGISTER or INVENTORY refused by a master that just stepped down
+                reconnect_now = True
+            except (protocol.Unavailable, protocol.Timeout, protocol.NoLeader) as exc:
                 outage.failed(f"master {where} unreachable, retrying every {interval:g} s: {exc}")
             except protocol.BackupError as exc:
                 # Not the network: a frame we could not build, or one the
@@ -393,16 +406,31 @@ class StorageNode:
 
     def say_goodbye(self) -> None:
         """Tell the master we are stopping, so it stops using us now (best effort, bounded wait)."""
-        master = config_module.parse_address(self.config.node_master, "master")
-        where = transport.format_address(master)
+        link = self.master_link(min(self.config.io_timeout_s, GOODBYE_TIMEOUT_S))
+        link.failover_timeout_s = min(link.failover_timeout_s, GOODBYE_TIMEOUT_S)
+        where = link.describe()
         try:
-            with transport.Connection(master, "node", min(self.config.io_timeout_s, GOODBYE_TIMEOUT_S),
-                                      self.security) as conn:
+            with link.connect() as conn:
+                where = transport.format_address(conn.address)
                 conn.request(protocol.Goodbye(node_id=self.node_id), protocol.GoodbyeOk)
         except protocol.BackupError as exc:
             logger.info("could not say goodbye to master %s: %s", where, exc)
             return
         logger.info("said goodbye to master %s", where)
+
+    def master_link(self, timeout_s: float | None = None) -> master_link.MasterLink:
+        """A MasterLink to the leader of ``[cluster] masters`` (or the one ``[node] master``).
+
+        Each connect() tries every master once more per round, so the
+        heartbeat loop finds a new leader by itself; with one master a
+        failure goes up at once, as it always did.
+        """
+        link = master_link.MasterLink(config_module.master_addresses(self.config, "node_master"), "node",
+                                      timeout_s or self.config.io_timeout_s, self.security,
+                                      failover_timeout_s=self.config.failover_timeout_s, expect_server_id=None)
+        if self._last_leader is not None and self._last_leader in link.addresses:
+            link.current = self._last_leader
+        return link
 
     def send_inventory(self, conn) -> None:
         """Tell the master every extent held, in pages cut by size, so it can reconcile.
@@ -553,7 +581,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", help="address to listen on (default from config)")
     parser.add_argument("--port", type=int, help="port to listen on; 0 = any free port")
     parser.add_argument("--data-dir", help="directory for chunks and the node id")
-    parser.add_argument("--master", help="master address HOST:PORT")
+    parser.add_argument("--master", "--masters", dest="master", metavar="HOST:PORT[,HOST:PORT...]",
+                        help="the master, or every master of a replicated group (default: [cluster] masters, "
+                             "else [node] master)")
     parser.add_argument("--capacity", type=int, metavar="BYTES", help="bytes this node offers")
     parser.add_argument("--heartbeat-interval", type=float, metavar="S", help="seconds between heartbeats")
     parser.add_argument("--dead-after", type=float, metavar="S",
@@ -571,7 +601,7 @@ def main(argv=None) -> int:
     try:
         config = config_module.load_config(
             args.config, node_host=args.host, node_port=args.port, node_data_dir=args.data_dir,
-            node_master=args.master, capacity_bytes=args.capacity,
+            masters=args.master, capacity_bytes=args.capacity,
             heartbeat_interval_s=args.heartbeat_interval, io_timeout_s=args.io_timeout,
             dead_after_s=args.dead_after, scrub_rate_mb_s=args.scrub_rate,
             compact_interval_s=args.compact_interval, inventory_interval_s=args.inventory_interval,

@@ -168,7 +168,7 @@ class Connection:
             self.broken = True
             raise protocol.Unavailable(f"lost connection to {where}: {exc}") from None
         if isinstance(msg, protocol.Error):
-            raise protocol.error_from_code(msg.code, msg.message)
+            raise protocol.error_from_code(msg.code, msg.message, msg.leader or "")
         if not isinstance(msg, protocol.HelloOk):
             self.broken = True
             raise protocol.Unavailable(f"{where} is not a {kind} (it answered {msg.OP} to HELLO)")

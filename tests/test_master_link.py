@@ -1,0 +1,220 @@
+"""MasterLink (master_link.py): finding the leader, following NOT_LEADER, failing with NO_LEADER.
+
+The logic runs against a fake connector and clock (no sockets, no waiting);
+one test drives the real client CLI against a fake follower socket that
+answers every HELLO with NOT_LEADER and a real single-master cluster.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+
+import pytest
+
+from conftest import running_cluster, write_local
+
+import client as client_module
+import config as config_module
+import master_link
+import protocol
+
+A, B, C = ("127.0.0.1", 1), ("127.0.0.1", 2), ("127.0.0.1", 3)
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+        self.slept = []
+
+    def __call__(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def make_link(answers, addresses=(A, B, C), failover_timeout_s=2.0):
+    """A link whose connector answers from ``answers``: address -> exception to raise or value to return."""
+    clock = FakeClock()
+    tried = []
+
+    def connector(address, role, timeout_s, security, **kwargs):
+        tried.append(address)
+        answer = answers[address]
+        if callable(answer):
+            answer = answer()
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    link = master_link.MasterLink(list(addresses), "client", 5.0, failover_timeout_s=failover_timeout_s,
+                                  connector=connector, clock=clock, sleep=clock.sleep)
+    return link, tried, clock
+
+
+def test_follows_the_leader_hint():
+    link, tried, _ = make_link({A: protocol.NotLeader("follower", leader="127.0.0.1:3"),
+                                B: AssertionError("B must not be tried"), C: "conn-C"})
+    assert link.connect() == "conn-C"
+    assert tried == [A, C] and link.current == C
+
+
+def test_skips_unreachable_masters_in_order():
+    link, tried, clock = make_link({A: protocol.Unavailable("refused"), B: "conn-B", C: "conn-C"})
+    assert link.connect() == "conn-B"
+    assert tried == [A, B] and clock.slept == []
+    # The next connection starts at the master that led last time.
+    assert link.connect() == "conn-B" and tried[-1] == B
+
+
+def test_no_leader_within_failover_timeout():
+    link, tried, clock = make_link({A: protocol.Unavailable("down"), B: protocol.Unavailable("down"),
+                                    C: protocol.NotLeader("no leader yet")}, failover_timeout_s=2.0)
+    with pytest.raises(protocol.NoLeader) as info:
+        link.connect()
+    assert 2.0 <= clock.now <= 2.0 + master_link.BACKOFF_MAX_S
+    assert "127.0.0.1:1,127.0.0.1:2,127.0.0.1:3" in str(info.value) and "within 2 s" in str(info.value)
+    assert set(tried) == {A, B, C} and len(tried) > 6  # kept trying during the whole time
+
+
+def test_one_master_fails_at_once_as_before():
+    link, tried, clock = make_link({A: protocol.Unavailable("cannot reach 127.0.0.1:1")}, addresses=(A,))
+    with pytest.raises(protocol.Unavailable, match="cannot reach"):
+        link.connect()
+    assert tried == [A] and clock.now == 0.0
+    calls = []
+
+    def op():
+        calls.append(1)
+        raise protocol.Timeout("slow")
+    with pytest.raises(protocol.Timeout, match="^slow$"):
+        link.run(op, safe=True)
+    assert calls == [1]
+
+
+def test_run_resends_safe_operations_and_not_unsafe_ones():
+    link, _, _ = make_link({A: "conn-A", B: "conn-B", C: "conn-C"})
+    seen = []
+
+    def op():
+        conn = link.connect()
+        seen.append(conn)
+        if conn == "conn-A":
+            raise protocol.Unavailable("lost connection to 127.0.0.1:1")
+        return conn
+    retries = []
+    assert link.run(op, safe=True, on_retry=lambda: retries.append(1)) == "conn-B"
+    assert seen == ["conn-A", "conn-B"] and retries == [1]
+
+    link, _, _ = make_link({A: "conn-A", B: "conn-B", C: "conn-C"})
+    with pytest.raises(protocol.Unavailable, match="outcome is unknown"):
+        link.run(lambda: op() if link.connect() == "conn-A" else None, safe=False)
+
+
+def test_run_always_resends_after_not_leader():
+    """NOT_LEADER means nothing was done, so even an append goes again."""
+    link, _, clock = make_link({A: "conn-A", B: "conn-B", C: "conn-C"})
+    answers = iter([protocol.NotLeader("stepped down"), protocol.NotLeader("lost it", leader="127.0.0.1:3")])
+
+    def op():
+        conn = link.connect()
+        answer = next(answers, None)
+        if answer is not None:
+            raise answer
+        return conn
+    assert link.run(op, safe=False) == "conn-C"
+    assert clock.slept == [master_link.BACKOFF_FIRST_S]  # no hint: waited for the election once
+
+
+def test_run_gives_up_with_no_leader():
+    link, _, clock = make_link({A: "conn-A", B: "conn-B", C: "conn-C"}, failover_timeout_s=1.0)
+
+    def op():
+        link.connect()
+        raise protocol.NotLeader("no leader")
+    with pytest.raises(protocol.NoLeader):
+        link.run(op, safe=True)
+    assert 1.0 <= clock.now <= 1.0 + 2 * master_link.BACKOFF_MAX_S
+
+
+def test_addresses_and_precedence(tmp_path):
+    assert config_module.parse_addresses("h:1, h:2,h:1") == [("h", 1), ("h", 2)]
+    with pytest.raises(ValueError, match="empty entry"):
+        config_module.parse_addresses("h:1,,h:2")
+    ini = tmp_path / "c.ini"
+    ini.write_text("[cluster]\nmasters = a:1,b:2\n[client]\nmaster = c:3\n[timing]\nfailover_timeout_s = 4\n")
+    config = config_module.load_config(str(ini))
+    assert config_module.master_addresses(config, "client_master") == [("a", 1), ("b", 2)]
+    assert config.failover_timeout_s == 4.0
+    assert config_module.master_addresses(config_module.load_config(str(ini), masters="d:4"),
+                                          "client_master") == [("d", 4)]
+    assert config_module.master_addresses(config_module.load_config(None), "node_master") == [("127.0.0.1", 7700)]
+
+
+def test_not_leader_round_trips_with_its_hint():
+    frame = protocol.error_message(protocol.NotLeader("follower", leader="127.0.0.1:9"))
+    decoded = protocol.read_message(io.BytesIO(protocol.encode(frame)))
+    with pytest.raises(protocol.NotLeader) as info:
+        protocol.expect(decoded, protocol.StatusReply)
+    assert info.value.leader == "127.0.0.1:9"
+    # Other errors keep their old frames (no "leader" key).
+    assert b"leader" not in protocol.encode(protocol.error_message(protocol.FileNotFound("x")))
+
+
+class FakeFollower:
+    """A socket that answers every HELLO with ERROR NOT_LEADER naming ``leader``."""
+
+    def __init__(self, leader: str):
+        self.leader = leader
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.address = "127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.hellos = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn, conn.makefile("rb") as rfile, conn.makefile("wb") as wfile:
+                try:
+                    protocol.read_message(rfile)
+                    self.hellos += 1
+                    protocol.write_message(wfile, protocol.Error(code="NOT_LEADER", message="a follower",
+                                                                 leader=self.leader))
+                except (OSError, protocol.BackupError):
+                    pass
+
+    def close(self):
+        self.sock.close()
+
+
+def test_cli_follows_not_leader_and_exits_no_leader(tmp_path):
+    """The client CLI: redirected from a follower to the real master; NO_LEADER (exit 18) in time."""
+    with running_cluster(tmp_path / "cluster", nodes=2) as cluster:
+        follower = FakeFollower(cluster.master_address)
+        closed = socket.create_server(("127.0.0.1", 0))
+        dead = "127.0.0.1:%d" % closed.getsockname()[1]
+        closed.close()
+        try:
+            local = write_local(tmp_path, "f", b"hello leader")
+            result = cluster.cli("upload", local, "f", master=f"{dead},{follower.address}")
+            assert result.returncode == 0, result
+            assert follower.hellos >= 1
+            assert cluster.cli("cat", "f").stdout == b"hello leader"
+            ini = tmp_path / "short.ini"
+            ini.write_text("[timing]\nfailover_timeout_s = 0.5\n")
+            lone = FakeFollower("")  # knows no leader
+            started = time.monotonic()
+            result = cluster.cli("--config", str(ini), "list", master=f"{dead},{lone.address}")
+            elapsed = time.monotonic() - started
+            lone.close()
+            assert result.returncode == client_module.EXIT_NO_LEADER, result
+            assert "NO_LEADER" in result.stderr and elapsed < 5, (result, elapsed)
+        finally:
+            follower.close()
