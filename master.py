@@ -713,6 +713,8 @@ class Master:
             "nodes_alive": sum(1 for n in nodes if n["alive"]),
             "files": len(files),
             "file_bytes": sum(f["size"] for f in files),
+            # Data (before replication) of current files, of older versions only, of the trash only.
+            **self.namespace.space(),
             "usable_bytes": sum(n["usable_bytes"] for n in live),
             "used_bytes": sum(n["used_bytes"] for n in live),
             "free_bytes": sum(n["free_bytes"] for n in live),

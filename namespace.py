@@ -210,6 +210,13 @@ class Namespace:
                  for name, entries in list(table.items()) for entry in entries]
         return pairs + list(self.files.items())
 
+    def space(self) -> dict:
+        """Bytes held by current files, by older versions only and by the trash only (space_by_class)."""
+        older = [e for entries in list(self.versions.values()) for e in entries]
+        trashed = [e for entries in list(self.trash.values()) for e in entries]
+        live, versions, trash = space_by_class([list(self.files.values()), older, trashed])
+        return {"live_bytes": live, "version_bytes": versions, "trash_bytes": trash}
+
     def listing(self, prefix: str = ""):
         """Yield (name, entry) pairs whose name starts with ``prefix``, sorted by name.
 
@@ -360,6 +367,45 @@ def merge_ranges(ranges) -> list[tuple[int, int]]:
         else:
             merged.append((first, count))
     return merged
+
+
+def space_by_class(classes) -> list[int]:
+    """Bytes of data each class of entries holds that no earlier class holds, before replication.
+
+    ``classes``: lists of entries, e.g. current files, then older versions,
+    then the trash.  A chunk of a blob counts once, in the first class that
+    references it: versions share the chunks an append or write left
+    untouched (and undelete shares nothing new), so an older version costs
+    only the chunks it alone holds.  A file's partial last chunk counts its
+    real length.  Cost: one pass over every entry's runs (no per-chunk work).
+    """
+    counted: dict[str, list] = {}  # blob -> merged (first, count) ranges counted so far
+    totals = []
+    for entries in classes:
+        spans: dict[str, list] = {}
+        chunk_size: dict[str, int] = {}
+        short: dict[str, dict] = {}  # blob -> {chunk: bytes} of partial last chunks
+        for entry in entries:
+            runs = entry["runs"]
+            for run in runs:
+                blob = run_blob(entry, run)
+                spans.setdefault(blob, []).append((run[0], run[1]))
+                chunk_size[blob] = entry["chunk_size"]
+            tail = entry["size"] % entry["chunk_size"]
+            if tail and runs:
+                short.setdefault(run_blob(entry, runs[-1]), {})[entry["chunks"] - 1] = tail
+        total = 0
+        for blob, ranges in spans.items():
+            before = counted.get(blob, [])
+            merged = merge_ranges(ranges)
+            for first, count in merged:
+                total += sum(n for _, n in uncovered(first, count, before)) * chunk_size[blob]
+            for chunk, nbytes in short.get(blob, {}).items():
+                if uncovered(chunk, 1, before):  # counted here, as a whole chunk
+                    total -= chunk_size[blob] - nbytes
+            counted[blob] = merge_ranges(before + merged)
+        totals.append(total)
+    return totals
 
 
 def set_run_nodes(runs: list, first: int, count: int, node_ids: list[str]) -> list:

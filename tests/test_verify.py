@@ -135,3 +135,40 @@ def test_verify_against_lists_a_changed_and_a_missing_file(verify_cluster, tmp_p
     found = {(d["difference"], d["name"]) for d in json.loads(result.stdout)}
     assert found == {("different", "mine/sub/b"), ("missing locally", "mine/sub/c"),
                      ("missing remotely", "mine/new")}, found
+
+
+# --- space by class (issue 13 item 8) ---------------------------------------------------------------
+def test_space_counts_shared_chunks_once_and_partial_last_chunks_by_length():
+    """Current, older-versions-only and trash-only bytes; an append's untouched chunks count as current."""
+    from namespace import Namespace, make_entry, put_record
+
+    ns = Namespace()
+    put = lambda name, entry, i, **extra: ns.apply({**put_record(name, entry, extra.get("base")), "i": i, "t": i,
+                                                    "keep": 5})
+    put("a", make_entry(2500, KIB, "h1", "blob1", [[0, 3, ["n1", "n2"]]], 4), 1)  # chunks 1024+1024+452
+    # An append rewrote chunk 2 (now full) and added chunk 3 (100 bytes) in blob2; chunks 0-1 stay in blob1.
+    put("a", make_entry(3172, KIB, "h2", "blob2", [[0, 2, ["n1", "n2"], "blob1"], [2, 2, ["n1", "n2"]]], 4), 2)
+    assert ns.space() == {"live_bytes": 2048 + 1024 + 100, "version_bytes": 452, "trash_bytes": 0}
+    put("b", make_entry(10, KIB, "h3", "blob3", [[0, 1, ["n1", "n2"]]], 4), 3)
+    ns.apply({"op": "delete", "name": "b", "trash": True, "t": 4, "i": 4})
+    assert ns.space() == {"live_bytes": 3172, "version_bytes": 452, "trash_bytes": 10}
+    ns.apply({"op": "delete", "name": "a", "trash": True, "t": 5, "i": 5})
+    assert ns.space() == {"live_bytes": 0, "version_bytes": 0, "trash_bytes": 3172 + 452 + 10}
+
+
+def test_status_shows_the_space_of_current_files_versions_and_trash(verify_cluster, tmp_path):
+    before = verify_cluster.status().totals
+    c = verify_cluster.client()
+    try:
+        c.upload_file(write_local(tmp_path, "v1", b"x" * 5000), "space/f")
+        c.upload_file(write_local(tmp_path, "v2", b"y" * 3000), "space/f")
+        c.upload_file(write_local(tmp_path, "t", b"z" * 700), "space/t")
+        c.delete("space/t")
+    finally:
+        c.close()
+    after = verify_cluster.status().totals
+    assert after["live_bytes"] - before["live_bytes"] == 3000, (before, after)
+    assert after["version_bytes"] - before["version_bytes"] == 5000, (before, after)
+    assert after["trash_bytes"] - before["trash_bytes"] == 700, (before, after)
+    result = verify_cluster.cli("status")
+    assert result.returncode == 0 and b"older versions only" in result.stdout, result
