@@ -1496,12 +1496,12 @@ def cmd_status(client: Client, args) -> int:
           f"stored on live nodes: {human_bytes(t['used_bytes'])} in {plural(t['chunks'], 'chunk')}"
           + (f", {human_bytes(t['free_bytes'])} free of {human_bytes(t['usable_bytes'])}" if "free_bytes" in t else "")
           + f"; replication {t['replication']}")
-    if "live_bytes" in t:  # older masters do not send them
-        print(f"data (each byte once, before replication): current files {human_bytes(t['live_bytes'])}, "
-              f"older versions only {human_bytes(t['version_bytes'])}, trash only {human_bytes(t['trash_bytes'])}")
     if t.get("dead_used_bytes") or t.get("dead_chunks"):
         print(f"on nodes not alive (last known, not counted above): {human_bytes(t['dead_used_bytes'])} "
               f"in {plural(t['dead_chunks'], 'chunk')}")
+    if "live_bytes" in t:  # older masters do not send them
+        print(f"data (each byte once, before replication): current files {human_bytes(t['live_bytes'])}, "
+              f"older versions only {human_bytes(t['version_bytes'])}, trash only {human_bytes(t['trash_bytes'])}")
     print(f"under-replicated chunks: {t.get('under_replicated_chunks', 0)}; "
           f"repairs in progress: {t.get('repairs_pending', 0)}; "
           f"chunks re-replicated: {t.get('repaired_chunks', 0)}; "
