@@ -1229,6 +1229,15 @@ class ChunkStore:
         with self._lock:
             return {blob: [(e[FIRST], e[COUNT]) for e in extents] for blob, extents in self._index.items()}
 
+    def bytes_of(self, blobs) -> int:
+        """Payload bytes held of the listed blobs (0 for blobs not held)."""
+        with self._lock:
+            return sum(extent[PAYLOAD_LEN] for blob in blobs for extent in self._index.get(blob, ()))
+
+    def holds(self, blob: str) -> bool:
+        """True if some chunk of ``blob`` is stored."""
+        return blob in self._index
+
     def iter_inventory(self, slice_extents: int = 4096):
         """Yield (blob, sorted [(first, count), ...]) slices of the inventory, blobs in sorted order.
 

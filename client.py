@@ -1105,6 +1105,9 @@ class Client:
             if page.done:
                 return items
 
+    def reclaim_orphans(self, node_id: str) -> protocol.OrphansReclaimed:
+        return self.conn.request(protocol.ReclaimOrphans(node_id=node_id), protocol.OrphansReclaimed)
+
 
 # --- command line -------------------------------------------------------------------------
 def format_time(timestamp: float) -> str:
@@ -1479,7 +1482,7 @@ def cmd_list(client: Client, args) -> int:
 def cmd_status(client: Client, args) -> int:
     reply = client.status()
     print(f"{'NODE':<14} {'ADDRESS':<22} {'STATE':<10} {'HEARD':>9} {'CAPACITY':>10} {'USED':>10} {'FREE':>10} "
-          f"{'CHUNKS':>10}")
+          f"{'CHUNKS':>10} {'QUARANTINED':>11}")
     for node in reply.nodes:
         # "-": not heard since the master started (it knows the node from its log only).
         heard = "-" if node["last_heard_s"] is None else f"{node['last_heard_s']:.1f}s ago"
@@ -1490,7 +1493,10 @@ def cmd_status(client: Client, args) -> int:
         print(f"{node['id']:<14} {node['address']:<22} {state:<10} {heard:>9} "
               f"{human_bytes(node.get('usable_bytes', node['capacity_bytes'])):>10} "
               f"{human_bytes(node['used_bytes']):>10} "
-              f"{'?' if free is None else human_bytes(free):>10} {node['chunks']:>10}")
+              f"{'?' if free is None else human_bytes(free):>10} {node['chunks']:>10} "
+              f"{human_bytes(node.get('quarantined_bytes', 0)):>11}")
+    for node in reply.refused:
+        print(f"{node['id']:<14} {node['address']:<22} REFUSED: {node['reason']}")
     t = reply.totals
     print(f"nodes: {t['nodes_alive']}/{t['nodes']} alive; files: {t['files']} ({human_bytes(t['file_bytes'])}); "
           f"stored on live nodes: {human_bytes(t['used_bytes'])} in {plural(t['chunks'], 'chunk')}"
@@ -1507,11 +1513,28 @@ def cmd_status(client: Client, args) -> int:
           f"chunks re-replicated: {t.get('repaired_chunks', 0)}; "
           f"corrupt replicas found: {t.get('corrupt_replicas_found', 0)}"
           + ("; SAFE MODE (no repairs yet)" if t.get("safe_mode") else ""))
+    for warning in t.get("warnings", []):
+        print(f"WARNING: {warning}")
     damaged = t.get("damaged_files", [])
     if damaged:
         more = t.get("damaged_file_count", len(damaged)) - len(damaged)
         print(f"damaged files (no live copy of some chunk): {', '.join(damaged)}"
               + (f" and {more} more" if more > 0 else ""))
+    return EXIT_OK
+
+
+def cmd_reclaim_orphans(client: Client, args) -> int:
+    if not args.yes:
+        print(f"client: reclaim-orphans quarantines every blob of node {args.node_id} that the master's namespace "
+              f"does not know (erased after orphan_grace_s).  Check the master's metadata first (`list`, "
+              f"`status`); then run it again with --yes.", file=sys.stderr)
+        return EXIT_USAGE
+    reply = client.reclaim_orphans(args.node_id)
+    if not args.quiet:
+        if reply.blobs:
+            print(f"quarantined {reply.blobs} orphan blob(s), {reply.chunks} chunks, on node {reply.node_id}")
+        else:
+            print(f"nothing held back by the brake on node {reply.node_id}")
     return EXIT_OK
 
 
@@ -1531,6 +1554,7 @@ COMMANDS = {
     "undelete": cmd_undelete,
     "trash": cmd_trash,
     "verify": cmd_verify,
+    "reclaim-orphans": cmd_reclaim_orphans,
 }
 # Commands that take a name's write lock, and so --wait / --no-wait.
 WRITERS = ("upload", "delete", "append", "write", "touch", "undelete")
@@ -1703,10 +1727,17 @@ def build_arg_parser() -> argparse.ArgumentParser:
     status = command("status", "show the storage nodes and totals",
                      "Show each storage node (id, address, alive or dead, last heard, bytes used, chunks) "
                      "and the cluster's totals: under-replicated chunks, repairs, corrupt replicas, damaged files.")
+    reclaim = command("reclaim-orphans", "after the orphan brake tripped on a node: quarantine its orphans anyway",
+                      "Quarantine the orphan blobs (no stored file uses them) that the orphan brake held back on "
+                      "NODE_ID: they are erased after orphan_grace_s.  Run it only once the master's metadata is "
+                      "known to be right (list the files you expect); without --yes it only explains.")
+    reclaim.add_argument("node_id", metavar="NODE_ID", help="the node named in the brake warning of `status`")
+    reclaim.add_argument("--yes", action="store_true", help="confirm: the master's metadata is right")
     for name, sub in (("upload", upload), ("download", download), ("delete", delete), ("append", append),
                       ("write", write), ("cat", cat), ("touch", touch), ("stat", stat_cmd), ("locks", locks),
                       ("list", listing), ("status", status), ("versions", versions), ("undelete", undelete),
-                      ("trash", trash), ("verify", verify_cmd)):
+                      ("trash", trash), ("verify", verify_cmd),
+                      ("reclaim-orphans", reclaim)):
         add_client_options(sub, writer=name in WRITERS, top=False)
     return parser
 

@@ -50,6 +50,9 @@ class Config:
     compact_dead_fraction: float = 0.5
     compact_interval_s: float = 30.0
     inventory_interval_s: float = 600.0
+    orphan_grace_s: float = 7 * 24 * 3600.0
+    orphan_brake_fraction: float = 0.1
+    meta_backup_interval_s: float = 300.0
     client_master: str = "127.0.0.1:7700"
     # [security]: see security.py and docs/SECURITY.md.  repr=False: a
     # Config may be logged, the secret must never be.
@@ -79,6 +82,7 @@ _KEYS = [
     ("master", "checkpoint_every", "checkpoint_every", int),
     ("master", "lock_wait_s", "lock_wait_s", float),
     ("master", "lock_lease_s", "lock_lease_s", float),
+    ("master", "meta_backup_interval_s", "meta_backup_interval_s", float),
     ("node", "host", "node_host", str),
     ("node", "port", "node_port", int),
     ("node", "data_dir", "node_data_dir", str),
@@ -96,6 +100,8 @@ _KEYS = [
     ("repair", "compact_dead_fraction", "compact_dead_fraction", float),
     ("repair", "compact_interval_s", "compact_interval_s", float),
     ("repair", "inventory_interval_s", "inventory_interval_s", float),
+    ("repair", "orphan_grace_s", "orphan_grace_s", float),
+    ("repair", "orphan_brake_fraction", "orphan_brake_fraction", float),
     ("client", "master", "client_master", str),
     ("security", "secret", "secret", str),
     ("security", "secret_file", "secret_file", str),
@@ -219,14 +225,16 @@ def validate(config: Config) -> None:
                  "failover_timeout_s"):
         if getattr(config, name) <= 0:
             raise ValueError(f"{name} must be positive")
-    for name in ("safe_mode_s", "scrub_rate_mb_s"):
+    for name in ("safe_mode_s", "scrub_rate_mb_s", "orphan_grace_s"):
         if getattr(config, name) < 0:
             raise ValueError(f"{name} must not be negative")
-    for name in ("repair_rate_mb_s", "compact_interval_s", "inventory_interval_s"):
+    for name in ("repair_rate_mb_s", "compact_interval_s", "inventory_interval_s", "meta_backup_interval_s"):
         if getattr(config, name) <= 0:
             raise ValueError(f"{name} must be positive")
     if not 0 < config.compact_dead_fraction <= 1:
         raise ValueError("compact_dead_fraction must be in (0, 1]")
+    if not 0 < config.orphan_brake_fraction <= 1:
+        raise ValueError("orphan_brake_fraction must be in (0, 1]")
     if config.dead_after_s <= config.heartbeat_interval_s:
         raise ValueError("dead_after_s must be larger than heartbeat_interval_s")
     if config.capacity_bytes <= 0:

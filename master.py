@@ -20,6 +20,15 @@ a file and its versions to the trash for trash_days) or a purge.  Those are coll
 lazily: the master asks the nodes to drop what no kept version of the name
 uses, in the background, and retries a node that is unreachable for as
 long as the master runs.
+
+Nothing is erased that the master does not know: the master creates a
+cluster id with its metadata and raises its fencing epoch at every start,
+and every request that changes a node's data carries both (``fence``), so
+nodes obey no foreign or stale master (fencing.py).  Blobs the namespace
+does not know are quarantined, not deleted (quarantine.py).  Nodes are told
+what their blobs are (notes.py) and keep copies of the checkpoint
+(meta_backup.py), so ``--recover-from-nodes`` (recovery.py) can rebuild a
+lost metadata dir.
 """
 
 from __future__ import annotations
@@ -37,7 +46,10 @@ from dataclasses import dataclass, field
 
 import config as config_module
 import dirlock
+import meta_backup
+import notes
 import protocol
+import recovery
 import security as security_module
 import transport
 import transfers
@@ -46,6 +58,7 @@ import filemeta
 import history
 from namespace import (Namespace, NameLocks, entry_blobs, first_covering, make_entry, merge_ranges, put_record,
                        run_blob, splice_runs, uncovered)
+from quarantine import OrphanKeeper
 from repair import Repairer
 
 logger = logging.getLogger("master")
@@ -111,6 +124,7 @@ class NodeState:
     reported: bool = False  # its inventory arrived since it last registered
     stopped: bool = False  # it said GOODBYE (stopped cleanly) and has not registered since
     declared_dead: bool = False  # its death was logged; the next REGISTER logs it back
+    quarantined_bytes: int = 0  # payload bytes it holds in quarantine (heartbeat)
 
     def alive(self, now: float, dead_after_s: float) -> bool:
         """Heard within ``dead_after_s`` and not stopped (a node re-reporting its inventory stays alive).
@@ -234,6 +248,7 @@ class Master:
         self.namespace = Namespace()
         self.log = MetadataLog(data_dir, self.namespace, checkpoint_every=config.checkpoint_every)
         self.log.open()
+        self._begin_epoch()
         self.locks = NameLocks()
         self.pool = NodePool(self.node_address, config.io_timeout_s, self.security)
         self._nodes_lock = threading.Lock()
@@ -247,6 +262,11 @@ class Master:
         self.active_blobs: set[str] = set()  # blobs of uploads not yet committed or discarded
         self._readers: dict[str, int] = defaultdict(int)  # blob -> downloads in progress
         self.repairer = Repairer(self)
+        self.notes = notes.NoteSender(self)
+        self.meta_backup = meta_backup.MetaBackup(self)
+        self.orphans = OrphanKeeper(self)
+        # node_id -> {"id", "address", "reason"}: nodes that tried to register and were refused.
+        self._refused: dict[str, dict] = {}
         # node_id -> garbage items: (blob, None, None) = the whole blob,
         # (blob, first, count) = chunks of a blob that is still partly in use.
         self._garbage: dict[str, set[tuple]] = defaultdict(set)
@@ -256,15 +276,33 @@ class Master:
         self._liveness_thread = threading.Thread(target=self._liveness_loop, name="liveness", daemon=True)
         self._trash_thread = threading.Thread(target=self._trash_loop, name="trash", daemon=True)
 
+    def _begin_epoch(self) -> None:
+        """Create the cluster id (first start) and raise the epoch, durably, before talking to any node."""
+        records = []
+        if self.namespace.cluster_id is None:
+            records.append({"op": "cluster", "cluster_id": uuid.uuid4().hex})
+        records.append({"op": "epoch", "epoch": self.namespace.epoch + 1})
+        self.log.commit(records)
+        logger.info("%s cluster %s at epoch %d", "created" if len(records) == 2 else "serving",
+                    self.namespace.cluster_id, self.namespace.epoch)
+
+    def fence(self) -> dict:
+        """The fields every request that changes a node's data carries (cluster id, epoch)."""
+        return {"cluster_id": self.namespace.cluster_id, "epoch": self.namespace.epoch}
+
     def start(self) -> None:
         self._gc_thread.start()
         self._liveness_thread.start()
         self._trash_thread.start()
         self.repairer.start()
+        self.notes.start()
+        self.meta_backup.start()
 
     def stop(self) -> None:
         self._stop.set()
         self.repairer.stop()
+        self.notes.stop()
+        self.meta_backup.stop()  # a last copy of the checkpoint in the cluster
         with self._garbage_cond:
             self._garbage_cond.notify_all()
         self.log.close()
@@ -278,6 +316,7 @@ class Master:
             raise protocol.RemoteProtocolError("bad node id")
         address = (msg.host, msg.port)
         address_text = transport.format_address(address)
+        self._check_node_fence(msg, address_text)
         with self._nodes_lock:
             node = self._nodes.get(msg.node_id)
             if node is None:
@@ -305,8 +344,32 @@ class Master:
         with self._garbage_cond:
             self._garbage_cond.notify_all()  # a returning node may have garbage waiting
 
+    def _check_node_fence(self, msg: protocol.Register, address: str) -> None:
+        """Refuse a node of another cluster, or one that has seen a newer master (raises)."""
+        ours = self.namespace.cluster_id
+        if msg.cluster_id and msg.cluster_id != ours:
+            reason = f"belongs to cluster {msg.cluster_id}"
+            error = protocol.WrongCluster(f"node {msg.node_id} belongs to cluster {msg.cluster_id}, this master "
+                                          f"to cluster {ours}: refused (the node keeps its data)")
+        elif msg.epoch > self.namespace.epoch:
+            reason = f"has seen master epoch {msg.epoch}, newer than ours ({self.namespace.epoch})"
+            error = protocol.StaleMaster(
+                f"node {msg.node_id} has seen master epoch {msg.epoch}, this master is at {self.namespace.epoch}: "
+                f"a newer master exists, or this master's metadata is older than the cluster's "
+                f"(recover with master.py --recover-from-nodes)")
+        else:
+            with self._nodes_lock:
+                self._refused.pop(msg.node_id, None)
+            return
+        with self._nodes_lock:
+            before = self._refused.get(msg.node_id)
+            self._refused[msg.node_id] = {"id": msg.node_id, "address": address, "reason": reason}
+        if before is None or before["reason"] != reason:
+            logger.warning("refused node %s at %s: %s", msg.node_id, address, error.message)
+        raise error
+
     def inventory(self, msg: protocol.Inventory) -> None:
-        if self.repairer.add_inventory(msg.node_id, msg.blobs, msg.done):
+        if self.repairer.add_inventory(msg.node_id, msg.blobs, msg.done, msg.quarantined):
             with self._nodes_lock:
                 node = self._nodes[msg.node_id]
                 node.reported = True
@@ -332,6 +395,7 @@ class Master:
             became_full = msg.full and not node.full
             has_room = node.full and not msg.full
             node.full = msg.full
+            node.quarantined_bytes = msg.quarantined_bytes
             node.last_heard = now
         if became_full:
             logger.warning("node %s is full (%d bytes used, %d free for chunks): no new chunks go to it",
@@ -537,6 +601,7 @@ class Master:
         """
         previous = [self.namespace.entries_of(name) for name, _, _ in uploads]
         self.log.commit([self.put(name, entry, base) for name, entry, base in uploads])
+        self.notes.committed([(name, self.namespace.files[name]) for name, _, _ in uploads])
         for _, entry, _ in uploads:
             self.active_blobs.discard(entry["version"])
         for before, (name, _, _) in zip(previous, uploads):
@@ -677,6 +742,7 @@ class Master:
                 self.log.commit([self.put(name, touched,
                                           base={"version": old["version"], "first": 0, "end": 0})])
                 self._collect_dropped(name, before)
+            self.notes.committed([(name, self.namespace.files[name])])
             return self.namespace.files[name]
         finally:
             self.locks.release(name, token)
@@ -704,7 +770,10 @@ class Master:
                 "free_bytes": n.room_bytes,
                 "chunks": n.chunks,
                 "full": n.full,
+                "quarantined_bytes": n.quarantined_bytes,
+                "brake": self.orphans.is_braked(n.node_id),
             } for n in sorted(self._nodes.values(), key=lambda n: n.node_id)]
+            refused = [dict(r) for _, r in sorted(self._refused.items())]
         files = list(self.namespace.files.values())
         live = [n for n in nodes if n["id"] in heard]
         dead = [n for n in nodes if n["id"] not in heard]
@@ -724,8 +793,31 @@ class Master:
             "dead_chunks": sum(n["chunks"] for n in dead),
             "replication": self.config.replication,
             **self.repairer.status(),
+            "cluster_id": self.namespace.cluster_id,
+            "epoch": self.namespace.epoch,
+            "quarantined_bytes": sum(n["quarantined_bytes"] for n in nodes),
+            "commit_notes_pending": self.notes.pending(),
+            **self.meta_backup.status(),
+            "warnings": self.orphans.warnings() + [f"node {r['id']} at {r['address']} refused: {r['reason']}"
+                                                   for r in refused],
         }
-        return protocol.StatusReply(nodes=nodes, totals=totals)
+        return protocol.StatusReply(nodes=nodes, totals=totals, refused=refused)
+
+    def unknown_blobs(self, blobs) -> list[str]:
+        """Those of ``blobs`` that no file and no upload in progress uses (orphans now)."""
+        active = set(self.active_blobs)  # before the namespace: see Repairer.reconcile
+        used = {blob for _, entry in self.namespace.all_entries() for blob in entry_blobs(entry)}
+        return sorted(blob for blob in blobs if blob not in used and blob not in active)
+
+    def reclaim_orphans(self, node_id: str) -> tuple[int, int]:
+        """Operator's go-ahead after the brake: quarantine what it held back on ``node_id``."""
+        with self._nodes_lock:
+            if node_id not in self._nodes:
+                raise protocol.Unavailable(f"node {node_id} is unknown")
+        blobs, chunks = self.orphans.reclaim(node_id)
+        logger.warning("operator reclaimed orphans on node %s: %d blob(s), %d chunks quarantined",
+                       node_id, blobs, chunks)
+        return blobs, chunks
 
     # --- garbage ----------------------------------------------------------------------
     def _collect_dropped(self, name: str, before: list[dict]) -> None:
@@ -772,12 +864,6 @@ class Master:
                     self._garbage[node_id].add(item)
                 self._garbage_cond.notify_all()
 
-    def collect_garbage_many(self, node_id: str, blobs) -> None:
-        """Ask one node to drop many blobs soon."""
-        with self._garbage_cond:
-            self._garbage[node_id].update((blob, None, None) for blob in blobs)
-            self._garbage_cond.notify_all()
-
     def collect_garbage(self, blob: str, node_ids) -> None:
         """Ask ``node_ids`` to drop ``blob`` soon (in the background, with retries)."""
         with self._garbage_cond:
@@ -794,11 +880,13 @@ class Master:
         conn = self.pool.acquire(node_id)
         try:
             blobs = sorted(blob for blob, first, _ in items if first is None)
+            fence = self.fence()
             if blobs:
                 for page, _ in protocol.pages(blobs):
-                    conn.request(protocol.DeleteBlobs(blobs=page), protocol.BlobsDeleted)
+                    conn.request(protocol.DeleteBlobs(blobs=page, **fence), protocol.BlobsDeleted)
             for blob, first, count in sorted(item for item in items if item[1] is not None):
-                conn.request(protocol.DropChunks(blob=blob, first=first, count=count), protocol.ChunksDropped)
+                conn.request(protocol.DropChunks(blob=blob, first=first, count=count, **fence),
+                             protocol.ChunksDropped)
         finally:
             self.pool.release(conn)
 
@@ -840,7 +928,7 @@ class MasterHandler(transport.RequestHandler):
     # --- nodes ---
     def do_REGISTER(self, msg: protocol.Register) -> None:
         self.master.register(msg, self.peer)
-        self.reply(protocol.Registered())
+        self.reply(protocol.Registered(**self.master.fence()))
 
     def do_INVENTORY(self, msg: protocol.Inventory) -> None:
         self.master.inventory(msg)
@@ -1075,8 +1163,14 @@ class MasterHandler(transport.RequestHandler):
         replies: list[protocol.Message | None] = [None] * len(group)
         ready = []
         uncertain: set[int] = set()  # a log commit failed: these may be on disk anyway
+        describe = defaultdict(list)  # the nodes learn what they hold, with the FLUSH
+        for p in group:
+            item = notes.describe(p.stream.name, p.entry)
+            if notes.fits_a_page(item):
+                for node_id in notes.entry_nodes(p.entry) & p.stream.nodes_touched:
+                    describe[node_id].append(item)
         try:
-            session.sync(set().union(*(p.stream.nodes_touched for p in group)))
+            session.sync(set().union(*(p.stream.nodes_touched for p in group)), describe)
             for index, p in enumerate(group):
                 try:
                     p.entry = session.heal_entry(p.stream.name, p.entry, p.stream.nodes_touched)
@@ -1233,9 +1327,10 @@ class MasterHandler(transport.RequestHandler):
     def do_STATUS(self, msg: protocol.Status) -> None:
         status = self.master.status()
         totals = status.totals
+        refused = status.refused
         for page, last in protocol.pages(status.nodes):
-            self.reply(protocol.StatusReply(nodes=page, totals=totals, done=last), flush=last)
-            totals = {}  # on the first page only
+            self.reply(protocol.StatusReply(nodes=page, totals=totals, done=last, refused=refused), flush=last)
+            totals, refused = {}, []  # on the first page only
 
 
 def _runs_from(entry: dict, chunk: int):
@@ -1256,16 +1351,22 @@ def _node_chunks(entry: dict) -> dict[str, int]:
             held[node_id] += run[1]
     return dict(sorted(held.items()))
 
+    def do_RECLAIM_ORPHANS(self, msg: protocol.ReclaimOrphans) -> None:
+        blobs, chunks = self.master.reclaim_orphans(msg.node_id)
+        self.reply(protocol.OrphansReclaimed(node_id=msg.node_id, blobs=blobs, chunks=chunks))
 
-def make_server(master: Master, host: str, port: int) -> transport.Server:
-    config = master.config
+
+def make_server(master: Master | None, host: str, port: int, config: config_module.Config | None = None,
+                security: transport.Security | None = None, handler=MasterHandler) -> transport.Server:
+    """The master's server; ``master`` None (with ``config``, ``security``, ``handler``) while recovering."""
+    config = config or master.config
     server = transport.Server(
-        (host, port), MasterHandler, server_id="master",
+        (host, port), handler, server_id="master",
         io_timeout_s=config.io_timeout_s,
         # Nodes heartbeat on an open connection; clients may think between
         # requests.  Past this an idle connection is closed.
         idle_timeout_s=max(config.io_timeout_s, 300.0),
-        security=master.security, max_connections=config.max_connections)
+        security=security or master.security, max_connections=config.max_connections)
     server.master = master
     return server
 
@@ -1288,6 +1389,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         help="versions kept per name, the current one included (default [retention] keep_versions)")
     parser.add_argument("--trash-days", type=float, metavar="DAYS",
                         help="days a deleted file stays in the trash; 0 = none (default [retention] trash_days)")
+    parser.add_argument("--meta-backup-interval", type=float, metavar="S",
+                        help="seconds between copies of the checkpoint stored on the nodes (default from config)")
+    parser.add_argument("--recover-from-nodes", action="store_true",
+                        help="rebuild a lost metadata dir (--data-dir must be empty) from what the nodes hold, "
+                             "print a report, then serve")
     return parser
 
 
@@ -1299,6 +1405,7 @@ def main(argv=None) -> int:
             dead_after_s=args.dead_after, heartbeat_interval_s=args.heartbeat_interval,
             io_timeout_s=args.io_timeout, safe_mode_s=args.safe_mode, repair_rate_mb_s=args.repair_rate,
             keep_versions=args.keep_versions, trash_days=args.trash_days,
+            meta_backup_interval_s=args.meta_backup_interval,
             **config_module.security_overrides(args))
         security = security_module.for_server(config, config.master_host, args.insecure)
     except ValueError as exc:
@@ -1315,6 +1422,8 @@ def main(argv=None) -> int:
         return EXIT_START_FAILED
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s master %(levelname)s %(name)s: %(message)s")
+    if args.recover_from_nodes:
+        return recover_and_serve(config, security)
     try:
         master = Master(config, config.master_data_dir, security=security)
     except Exception as exc:  # a metadata problem must stop the start, loudly
@@ -1337,6 +1446,58 @@ def main(argv=None) -> int:
 
     transport.serve_until_stopped(server, stop)
     return EXIT_OK
+
+
+def recover_and_serve(config: config_module.Config, security: transport.Security) -> int:
+    """``--recover-from-nodes``: collect the nodes' reports, rebuild the metadata dir, then serve on it."""
+    data_dir = config.master_data_dir
+    if os.path.isdir(data_dir) and set(os.listdir(data_dir)) - {dirlock.LOCK_NAME}:
+        print(f"master: --recover-from-nodes needs an empty data dir; {data_dir} is not empty "
+              f"(move it aside first)", file=sys.stderr)
+        return EXIT_CONFIG
+    collector = recovery.RecoveryCollector(config, lambda locate: NodePool(locate, config.io_timeout_s, security))
+    try:
+        server = make_server(None, config.master_host, config.master_port, config, security,
+                             handler=recovery.RecoveryHandler)
+    except OSError as exc:
+        print(f"master: cannot listen on {config.master_host}:{config.master_port}: {exc.strerror}",
+              file=sys.stderr)
+        return EXIT_START_FAILED
+    server.collector = collector
+    outcome = {"master": None, "status": EXIT_OK}
+
+    def recover() -> None:
+        logger.warning("recovering the metadata from the nodes into %s", os.path.abspath(data_dir))
+        try:
+            report = collector.run(data_dir)
+            master = Master(config, data_dir, security=security)
+        except (recovery.RecoveryFailed, OSError, ValueError, protocol.BackupError) as exc:
+            logger.error("recovery failed: %s", exc)
+            print(f"master: recovery failed: {exc}", file=sys.stderr, flush=True)
+            outcome["status"] = EXIT_START_FAILED
+            server.shutdown()
+            return
+        line = recovery.report_line(report)
+        logger.warning("%s", line)
+        print(line, flush=True)
+        server.master = master
+        server.RequestHandlerClass = MasterHandler  # new connections; nodes re-register on their own
+        master.start()
+        outcome["master"] = master
+        # A fresh copy of the rebuilt checkpoint in the cluster, once the nodes are back.
+        while master.repairer.in_safe_mode() and not master._stop.wait(0.5):
+            pass
+        master.meta_backup.backup(force=True)
+
+    threading.Thread(target=recover, name="recovery", daemon=True).start()
+
+    def stop():
+        if outcome["master"] is not None:
+            outcome["master"].stop()
+        logger.info("stopped")
+
+    transport.serve_until_stopped(server, stop)
+    return outcome["status"]
 
 
 if __name__ == "__main__":

@@ -395,6 +395,20 @@ class MetadataLog:
                     os.unlink(path)
             logger.info("%s: checkpoint at index %d", self.data_dir, index)
 
+    def snapshot(self) -> tuple[int, dict]:
+        """(index, state snapshot) of everything applied so far, taken with commits paused.
+
+        For copies of the checkpoint kept elsewhere (meta_backup.py): nothing
+        is written here.  Raises ``MetadataLogFailed`` if the log failed.
+        """
+        with self._write_lock:
+            self._check_usable()
+            with self._applied:
+                self._applied.wait_for(lambda: self._applied_index == self._written_index
+                                       or self._failed is not None)
+            self._check_usable()
+            return self._applied_index, self._state.snapshot()
+
     def close(self) -> None:
         """Wait for a running checkpoint, then close the log.  Stop committing first."""
         self._closing = True

@@ -27,12 +27,20 @@ Records (JSON objects; the log adds the index ``"i"``):
      "nodes": [ID..]}                            expect to those in nodes (only
                                                  if still on expect: CAS)
     {"op": "node", "node_id": ID, "address": A}  remember where a node lives
+    {"op": "cluster", "cluster_id": C}           the cluster's id (first start)
+    {"op": "epoch", "epoch": E}                  the master's fencing epoch
+                                                 (one record per start)
 
 A file ENTRY::
 
     {"size": bytes, "chunks": n, "chunk_size": bytes, "sha256": hex,
      "mtime": unix seconds, "version": blob id, "batch_chunks": n,
-     "runs": [[first_chunk, count, [node_id, ...]], ...]}
+     "runs": [[first_chunk, count, [node_id, ...]], ...],
+     "commit_index": i}
+
+``commit_index`` is the index of the put record that made the entry (set by
+``apply``): the commit notes nodes keep carry it, so a recovery from the
+nodes knows which of two descriptions of a name is newer.
 
 ``apply`` adds ``commit_index`` (the record's index: the version id) and
 ``committed_at`` (the record's ``t``) to the entry; see history.py.
@@ -74,6 +82,8 @@ class Namespace:
         self.versions: dict[str, list[dict]] = {}
         # name -> trashed entries (each with "trashed_at"), replaced like versions.
         self.trash: dict[str, list[dict]] = {}
+        self.cluster_id: str | None = None
+        self.epoch = 0
 
     # --- the state machine (driven by MetadataLog) --------------------------------
     def apply(self, record: dict) -> None:
@@ -125,6 +135,10 @@ class Namespace:
                     table[name] = [moved(e) for e in table[name]]
         elif op == "node":
             self.nodes[record["node_id"]] = {"address": record["address"]}
+        elif op == "cluster":
+            self.cluster_id = record["cluster_id"]
+        elif op == "epoch":
+            self.epoch = record["epoch"]
         else:
             raise ValueError(f"unknown record op {op!r}")
 
@@ -155,13 +169,16 @@ class Namespace:
 
     def snapshot(self) -> dict:
         return {"files": dict(self.files), "nodes": dict(self.nodes), "versions": dict(self.versions),
-                "trash": dict(self.trash)}
+                "trash": dict(self.trash),
+                "cluster_id": self.cluster_id, "epoch": self.epoch}
 
     def restore(self, snapshot: dict) -> None:
         self.files = dict(snapshot.get("files", {}))
         self.nodes = dict(snapshot.get("nodes", {}))
         self.versions = dict(snapshot.get("versions", {}))
         self.trash = dict(snapshot.get("trash", {}))
+        self.cluster_id = snapshot.get("cluster_id")
+        self.epoch = snapshot.get("epoch", 0)
 
     # --- reads (no lock) -----------------------------------------------------------
     def lookup(self, name: str) -> dict:

@@ -241,6 +241,27 @@ class NoLeader(BackupError):
     code = "NO_LEADER"
 
 
+class StaleMaster(BackupError):
+    """A master's fencing epoch is lower than one the node has already seen.
+
+    The master was replaced by a newer one (restarted, recovered, or, with
+    replicated masters, deposed): it must not write, drop or delete anything.
+    """
+
+    code = "STALE_MASTER"
+
+
+class WrongCluster(BackupError):
+    """Node and master belong to different clusters (their cluster ids differ).
+
+    A node keeps all its data and serves only the cluster it first joined;
+    a master with another id (started on an empty or wrong data dir) is
+    refused instead of being allowed to reconcile the node's chunks away.
+    """
+
+    code = "WRONG_CLUSTER"
+
+
 _ERRORS_BY_CODE: dict[str, type[BackupError]] = {}
 for _cls in list(globals().values()):
     if isinstance(_cls, type) and issubclass(_cls, BackupError):
@@ -954,6 +975,28 @@ class StatusReply(Message):
     nodes: list  # [{"id", "address", "alive", "state", "last_heard_s", "capacity_bytes", "used_bytes", "free_bytes", ...}]
     totals: dict
     done: bool = True
+    # Nodes that tried to register and were refused (another cluster, or
+    # they have seen a newer master): [{"id", "address", "reason"}].
+    refused: list = field(default_factory=list)
+
+
+@message
+class ReclaimOrphans(Message):
+    """Operator's go-ahead to quarantine the orphans the brake held back on a node.
+
+    Reply: ``ORPHANS_RECLAIMED`` (0 blobs if the brake had not tripped there).
+    """
+
+    OP = "RECLAIM_ORPHANS"
+    node_id: str
+
+
+@message
+class OrphansReclaimed(Message):
+    OP = "ORPHANS_RECLAIMED"
+    node_id: str
+    blobs: int
+    chunks: int
 
 
 # Node -> master ------------------------------------------------------------
@@ -973,11 +1016,22 @@ class Register(Message):
     chunks: int
     free_bytes: int = -1
     put_seq: int = 0
+    # The cluster the node belongs to ("" = none yet: a fresh node) and the
+    # highest master epoch it has seen.  A master refuses a node of another
+    # cluster (WRONG_CLUSTER) or one that has seen a newer master (STALE_MASTER).
+    cluster_id: str = ""
+    epoch: int = 0
 
 
 @message
 class Registered(Message):
+    """The master's identity: a node joins ``cluster_id`` if it has none yet, and
+    refuses a master of another cluster or one older than ``epoch`` it has seen.
+    ``cluster_id`` "" means a master recovering its metadata (read-only)."""
+
     OP = "REGISTERED"
+    cluster_id: str = ""
+    epoch: int = 0
 
 
 @message
@@ -1004,6 +1058,7 @@ class Heartbeat(Message):
     corrupt: list = field(default_factory=list)
     free_bytes: int = -1
     put_seq: int = 0
+    quarantined_bytes: int = 0  # payload bytes of blobs held in quarantine
 
 
 @message
@@ -1040,6 +1095,8 @@ class Inventory(Message):
     node_id: str
     blobs: list
     done: bool
+    # Blobs of this page that the node holds in quarantine (see QUARANTINE).
+    quarantined: list = field(default_factory=list)
 
 
 @message
@@ -1071,6 +1128,8 @@ class PutChunks(Message):
     count: int
     chunk_size: int
     node_crcs: bool = False
+    cluster_id: str = ""  # the fence: see "Fencing" in docs/PROTOCOL.md
+    epoch: int = 0
     body: bytes = b""
 
 
@@ -1138,6 +1197,8 @@ class DeleteBlobs(Message):
 
     OP = "DELETE_BLOBS"
     blobs: list
+    cluster_id: str = ""
+    epoch: int = 0
 
 
 @message
@@ -1158,12 +1219,109 @@ class DropChunks(Message):
     blob: str
     first: int
     count: int
+    cluster_id: str = ""
+    epoch: int = 0
 
 
 @message
 class ChunksDropped(Message):
     OP = "CHUNKS_DROPPED"
     dropped: bool
+
+
+@message
+class Quarantine(Message):
+    """Keep the listed blobs, unknown to the namespace, in quarantine.
+
+    Nothing is copied or erased: the node marks them and erases them only
+    after its own ``orphan_grace_s``, unless a RELEASE comes first.  Reply:
+    ``QUARANTINED`` with how many of them it holds and their payload bytes.
+    """
+
+    OP = "QUARANTINE"
+    blobs: list
+    cluster_id: str = ""
+    epoch: int = 0
+
+
+@message
+class Quarantined(Message):
+    OP = "QUARANTINED"
+    count: int
+    bytes: int
+
+
+@message
+class Release(Message):
+    """The namespace knows these blobs again: take them out of quarantine."""
+
+    OP = "RELEASE"
+    blobs: list
+    cluster_id: str = ""
+    epoch: int = 0
+
+
+@message
+class Released(Message):
+    OP = "RELEASED"
+    count: int
+
+
+@message
+class Describe(Message):
+    """What files the blobs just written belong to (see "Self-describing nodes").
+
+    ``items``: file descriptions ``{"name", "version", "size", "chunk_size",
+    "batch_chunks", "sha256", "mtime", "layout": [[first, count, blob], ...],
+    "index"}`` with ``index`` 0 (not yet committed).  Sent before the FLUSH
+    that precedes a commit; the FLUSH makes them durable with the chunks.
+    Reply: ``DESCRIBED``.  Paged: at most PAGE_BYTES of items per frame.
+    """
+
+    OP = "DESCRIBE"
+    items: list
+    cluster_id: str = ""
+    epoch: int = 0
+
+
+@message
+class Described(Message):
+    OP = "DESCRIBED"
+    count: int
+
+
+@message
+class CommitNotes(Message):
+    """Descriptions of committed files, ``index`` = the commit's log index.
+
+    Sent after the commit, batched and in the background; the node stores
+    them durably (fsync) before replying ``NOTES_STORED``.
+    """
+
+    OP = "COMMIT_NOTES"
+    notes: list
+    cluster_id: str = ""
+    epoch: int = 0
+
+
+@message
+class NotesStored(Message):
+    OP = "NOTES_STORED"
+    count: int
+
+
+@message
+class ListNotes(Message):
+    """Every file description the node holds.  Reply: ``NOTES_PAGE`` frames, the last ``done``."""
+
+    OP = "LIST_NOTES"
+
+
+@message
+class NotesPage(Message):
+    OP = "NOTES_PAGE"
+    notes: list
+    done: bool
 
 
 @message

@@ -11,7 +11,8 @@ metadata log (so a master restart resumes where it stopped):
   node list drops the dead holder, so a node that comes back later finds its
   old copy surplus and drops it.
 * **Reconciliation.**  A node that (re)registers sends its inventory.  Blobs
-  no committed file (and no upload in progress) uses are deleted; copies the
+  no committed file (and no upload in progress) uses are quarantined, not
+  deleted (quarantine.py; metadata backups go to meta_backup.py); copies the
   namespace does not place on the node are adopted if their run is short of
   copies, else dropped; chunks the namespace places on the node that it does
   not hold are taken off the node's list, and then repaired.
@@ -44,6 +45,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+import meta_backup
 import protocol
 import transfers
 from history import version_id
@@ -182,7 +184,8 @@ class Repairer:
         self._lock = threading.Lock()
         self._reports: dict[str, list] = {}  # node_id -> (name, entry) pairs kept at REGISTER
         self._inventories: dict[str, dict] = {}  # node_id -> blob -> extents, being received
-        self._to_reconcile: list[tuple[str, dict, dict]] = []
+        self._quarantined: dict[str, set] = {}  # node_id -> blobs it reports quarantined, being received
+        self._to_reconcile: list[tuple[str, dict, dict, set]] = []
         self._wake = threading.Event()
         self._stop = threading.Event()
         # Figures for STATUS.
@@ -226,9 +229,10 @@ class Repairer:
         with self._lock:
             self._reports[node_id] = snapshot
             self._inventories[node_id] = {}
+            self._quarantined[node_id] = set()
 
-    def add_inventory(self, node_id: str, blobs: list, done: bool) -> bool:
-        """One INVENTORY page; returns True when the node's report is complete.
+    def add_inventory(self, node_id: str, blobs: list, done: bool, quarantined=()) -> bool:
+        """One INVENTORY page (``quarantined``: its blobs the node holds in quarantine); returns True when the node's report is complete.
 
         Pages are cut by size, so a blob with many extents spans several
         pages: its extents are merged, and sorted once the report is done.
@@ -242,11 +246,13 @@ class Repairer:
                         and isinstance(item[1], list)):
                     raise protocol.RemoteProtocolError("malformed inventory entry")
                 inventory.setdefault(item[0], []).extend(_extents(item[1]))
+            self._quarantined[node_id].update(blob for blob in quarantined if isinstance(blob, str))
             if not done:
                 return False
             for extents in inventory.values():
                 extents.sort()
-            self._to_reconcile.append((node_id, self._reports.pop(node_id), self._inventories.pop(node_id)))
+            self._to_reconcile.append((node_id, self._reports.pop(node_id), self._inventories.pop(node_id),
+                                       self._quarantined.pop(node_id)))
             self.reported.add(node_id)
         self._wake.set()
         return True
@@ -450,6 +456,7 @@ class Repairer:
             # node's next reconciliation drops them.  (Dropping them here
             # could race with an upload that just placed the same range.)
             master.log.commit([replicas_record(task.name, blob, first, count, nodes, live + placed)])
+            master.notes.copied(task.name, placed)  # the new holders must be able to describe the file
             copied += payload_bytes * len(placed)
             logger.debug("re-replicated %r chunks %d..%d to %s (%d live copies before)", task.name, first,
                          first + count - 1, ",".join(placed), len(live))
@@ -459,14 +466,14 @@ class Repairer:
     def _reconcile_pending(self) -> None:
         with self._lock:
             work, self._to_reconcile = self._to_reconcile, []
-        for node_id, snapshot, inventory in work:
+        for node_id, snapshot, inventory, quarantined in work:
             try:
-                self.reconcile(node_id, snapshot, inventory)
+                self.reconcile(node_id, snapshot, inventory, quarantined)
             except protocol.BackupError as exc:
                 logger.warning("reconciling node %s failed, will retry at its next registration: %s",
                                node_id, exc)
 
-    def reconcile(self, node_id: str, snapshot: list, inventory: dict) -> None:
+    def reconcile(self, node_id: str, snapshot: list, inventory: dict, quarantined=frozenset()) -> None:
         """Bring the namespace and one node's inventory into agreement (see module docstring)."""
         master = self.master
         replication = self.config.replication
@@ -476,13 +483,21 @@ class Repairer:
         # both really is an orphan.
         active = set(master.active_blobs)
         owners = self._blob_owners()
-        orphans, drops, records = [], [], []
+        orphans, drops, records = {}, [], []
+        known_again, node_chunks = [], 0
         for blob, extents in inventory.items():
+            if meta_backup.is_backup(blob):
+                master.meta_backup.seen(node_id, blob)
+                continue
+            chunks = sum(count for _, count in extents)
+            node_chunks += chunks
             found = owners.get(blob)
             if not found:
-                if blob not in active:
-                    orphans.append(blob)
+                if blob not in active and blob not in quarantined:
+                    orphans[blob] = chunks
                 continue
+            if blob in quarantined:
+                known_again.append(blob)
             for first, count in extents:
                 # Over every entry using the blob: a chunk only an older
                 # version uses is as much data as the current file's.
@@ -512,12 +527,11 @@ class Repairer:
                                                    [n for n in nodes if n != node_id]))
         if records:
             master.log.commit(records)
-        if orphans:
-            master.collect_garbage_many(node_id, orphans)
+        master.orphans.reconcile(node_id, orphans, node_chunks, known_again)
         for blob, first, count in drops:
             self._drop(node_id, blob, first, count)
         if orphans or drops or records:
-            logger.info("reconciled node %s: %d orphan blob(s) deleted, %d surplus extent(s) dropped, "
+            logger.info("reconciled node %s: %d orphan blob(s) found, %d surplus extent(s) dropped, "
                         "%d placement change(s)", node_id, len(orphans), len(drops), len(records))
             self._wake.set()
 
@@ -525,7 +539,8 @@ class Repairer:
         master = self.master
         conn = master.pool.acquire(node_id)
         try:
-            conn.request(protocol.DropChunks(blob=blob, first=first, count=count), protocol.ChunksDropped)
+            conn.request(protocol.DropChunks(blob=blob, first=first, count=count, **master.fence()),
+                         protocol.ChunksDropped)
         finally:
             master.pool.release(conn)
 

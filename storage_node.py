@@ -4,8 +4,9 @@ A node is deliberately simple.  It owns a ``ChunkStore`` (append-only
 segment files, see chunk_store.py), answers the master's PUT_CHUNKS /
 FLUSH / GET_CHUNKS / DELETE_BLOBS requests, and keeps itself known to the
 master by registering and heartbeating on a connection of its own, which it
-re-opens whenever it drops.  It has no idea which files its chunks belong
-to: names live on the master only.
+re-opens whenever it drops.  Names live on the master, but the node keeps
+a description of the file every blob belongs to (node_catalog.py), so the
+master's metadata can be rebuilt from the nodes if it is lost.
 
 The node checks every CRC on the way in (a batch corrupted in transit is
 refused, never stored) and on the way out: a chunk whose bytes rotted is
@@ -13,20 +14,21 @@ dropped and named in the reply's ``corrupt`` list, never served, while the
 other chunks of the same request are (the master fetches just the bad ones
 from another replica).  Its identity, a random id created on
 first start, is kept in ``node.json`` in its data dir, so a restarted node
-is recognised and its chunks remain reachable.
+is recognised and its chunks remain reachable; beside it, the cluster it
+belongs to and the highest master epoch it has seen (fencing.py): a node
+obeys no master of another cluster and no stale master.  Blobs the master
+does not know are quarantined, never erased at once (see ``_quarantine_loop``).
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
-import json
 import logging
 import os
 import sys
 import threading
 import time
-import uuid
 
 import config as config_module
 import dirlock
@@ -35,7 +37,8 @@ import protocol
 import security as security_module
 import transport
 from chunk_store import ChunkStore
-from metadata_log import atomic_write_json
+from fencing import NodeIdentity
+from node_catalog import NodeCatalog
 
 logger = logging.getLogger("storage_node")
 
@@ -101,6 +104,8 @@ FULL_DEAD_FRACTION = 0.1
 # After a delete, compaction waits this long for more deletes before it runs.
 COMPACT_AFTER_DELETE_S = 0.5
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+# Longest pause between two looks for quarantined blobs whose grace is over.
+QUARANTINE_SWEEP_S = 60.0
 
 
 class StorageNode:
@@ -117,8 +122,12 @@ class StorageNode:
         self._last_leader: tuple[str, int] | None = None  # where the heartbeat loop last registered
         self.data_dir = data_dir
         os.makedirs(data_dir, mode=0o700, exist_ok=True)
-        self.node_id = self._load_or_create_id()
+        self.identity = NodeIdentity(data_dir)
+        self.node_id = self.identity.node_id
         self.store = store or ChunkStore(os.path.join(data_dir, "chunks"), config.segment_max_bytes)
+        self.catalog = NodeCatalog(data_dir)
+        self.catalog.prune(self.store.holds)  # blobs erased just before a crash
+        self._refusal_logged: str | None = None  # last master refusal logged (one line per change)
         self.advertised_address: tuple[str, int] | None = None
         self._stop = threading.Event()
         self._unsynced_lock = threading.Lock()
@@ -133,16 +142,6 @@ class StorageNode:
         self._compact_wanted = threading.Event()  # space was freed or is short: compact soon
         self._report_wanted = threading.Event()  # send a heartbeat now (free space changed)
 
-    def _load_or_create_id(self) -> str:
-        path = os.path.join(self.data_dir, "node.json")
-        try:
-            with open(path, encoding="utf-8") as f:
-                return json.load(f)["node_id"]
-        except FileNotFoundError:
-            node_id = uuid.uuid4().hex[:12]
-            atomic_write_json(path, {"node_id": node_id})
-            return node_id
-
     # --- requests from the master -------------------------------------------
     def put(self, msg: protocol.PutChunks) -> protocol.PutOk:
         """Store one batch; the PUT_OK that answers it.
@@ -154,6 +153,7 @@ class StorageNode:
         filesystem's free space less the reserve) or the disk says ENOSPC
         anyway.
         """
+        self.identity.check(msg.cluster_id, msg.epoch, "a write")
         if msg.node_crcs:
             crc_bytes, payload = None, msg.body
         else:
@@ -202,7 +202,8 @@ class StorageNode:
         return max(free, 0)
 
     def delete_blobs(self, blobs: list) -> int:
-        """Tombstone blobs (durable on return); on a disk too full for the tombstones, forget them.
+        """Tombstone blobs (durable on return) and forget their catalog entries; on a disk too full
+        for the tombstones, forget them.
 
         A full disk must still be able to free space: without room for even
         a tombstone, the blobs are forgotten in memory (ChunkStore.forget_blobs)
@@ -217,6 +218,13 @@ class StorageNode:
             count = self.store.forget_blobs(blobs)
             logger.warning("disk full: %d deleted blob(s) forgotten without a tombstone; compaction "
                            "reclaims them (a restart before that finds them again, as orphans)", count)
+        # Their quarantine marks and descriptions go with them (node_catalog.py); if
+        # the disk cannot take even that, the next start prunes them (NodeCatalog.prune).
+        try:
+            self.catalog.forget_blobs(blobs, self.store.holds)
+            self.catalog.flush()
+        except OSError as exc:
+            logger.warning("catalog not updated for %d deleted blob(s): %s", len(blobs), exc)
         if count:
             self._compact_wanted.set()
         return count
@@ -306,6 +314,7 @@ class StorageNode:
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
         threading.Thread(target=self._flush_loop, name="write-behind", daemon=True).start()
         threading.Thread(target=self._compact_loop, name="compact", daemon=True).start()
+        threading.Thread(target=self._quarantine_loop, name="quarantine", daemon=True).start()
         if self.config.scrub_rate_mb_s > 0:
             threading.Thread(target=self._scrub_loop, name="scrub", daemon=True).start()
 
@@ -347,15 +356,21 @@ class StorageNode:
                         # Bound to every interface: advertise the one that reaches the master.
                         host = conn.sock.getsockname()[0]
                     put_seq = self.put_seq  # before the usage it covers
-                    conn.request(protocol.Register(
+                    registered = conn.request(protocol.Register(
                         node_id=self.node_id, host=host, port=port,
                         capacity_bytes=self.config.capacity_bytes,
                         used_bytes=self.store.used_bytes, chunks=self.store.chunk_count,
-                        free_bytes=self.free_bytes, put_seq=put_seq), protocol.Registered)
+                        free_bytes=self.free_bytes, put_seq=put_seq,
+                        cluster_id=self.identity.cluster_id or "", epoch=self.identity.epoch), protocol.Registered)
+                    # The master checked us; we check it too: only we know what we must protect.
+                    writable = self.identity.check_master(registered.cluster_id, registered.epoch,
+                                                          holds_data=self.store.blob_count > 0)
                     self.send_inventory(conn)
+                    self._refusal_logged = None
                     down_s = outage.recovered()
-                    logger.info("registered with master %s as %s:%d%s", where, host, port,
-                                "" if down_s is None else f" (it was unreachable for {down_s:.0f} s)")
+                    logger.info("registered with master %s as %s:%d%s%s", where, host, port,
+                                "" if down_s is None else f" (it was unreachable for {down_s:.0f} s)",
+                                "" if writable else " (it is recovering its metadata: reads only)")
                     report_due = time.monotonic() + self.config.inventory_interval_s
                     # Woken early when free space changes (deletes, compaction,
                     # ENOSPC), so the master places by the disk as it is now.
@@ -370,7 +385,9 @@ class StorageNode:
                                 node_id=self.node_id, used_bytes=self.store.used_bytes,
                                 chunks=self.store.chunk_count, full=self.full,
                                 corrupt=[list(c) for c in corrupt], free_bytes=self.free_bytes,
-                                put_seq=put_seq), protocol.HeartbeatOk)
+                                put_seq=put_seq,
+                                quarantined_bytes=self.store.bytes_of(self.catalog.quarantined())),
+                                protocol.HeartbeatOk)
                         except BaseException as exc:
                             self._queue_corrupt(corrupt)  # report them on the next connection
                             if isinstance(exc, protocol.NotLeader):
@@ -390,6 +407,12 @@ class StorageNode:
             except protocol.NotLeader as exc:
                 link.follow(exc)  # REGISTER or INVENTORY refused by a master that just stepped down
                 reconnect_now = True
+            except (protocol.WrongCluster, protocol.StaleMaster) as exc:
+                # One line per change, not one per retry: the node keeps
+                # every byte and keeps trying until the right master is back.
+                if self._refusal_logged != exc.message:
+                    self._refusal_logged = exc.message
+                    logger.error("refusing master %s, keeping all data and retrying: %s", where, exc.message)
             except (protocol.Unavailable, protocol.Timeout, protocol.NoLeader) as exc:
                 outage.failed(f"master {where} unreachable, retrying every {interval:g} s: {exc}")
             except protocol.BackupError as exc:
@@ -439,8 +462,50 @@ class StorageNode:
         whole inventory at once: a node with a million extents sends a few
         hundred frames, each well under MAX_HEADER_BYTES.
         """
+        quarantined = self.catalog.quarantined()
         for page, last in protocol.inventory_pages(self.store.iter_inventory()):
-            conn.request(protocol.Inventory(node_id=self.node_id, blobs=page, done=last), protocol.InventoryOk)
+            conn.request(protocol.Inventory(node_id=self.node_id, blobs=page, done=last,
+                                            quarantined=[item[0] for item in page if item[0] in quarantined]),
+                         protocol.InventoryOk)
+
+    # --- what the master does not know: quarantine --------------------------------
+    def quarantine(self, msg: protocol.Quarantine) -> protocol.Quarantined:
+        """Mark held blobs as quarantined (never erase them now); reply how many and their bytes."""
+        self.identity.check(msg.cluster_id, msg.epoch, "a quarantine")
+        blobs = blob_list(msg.blobs, "QUARANTINE")
+        held = [blob for blob in blobs if self.store.holds(blob)]
+        new = self.catalog.quarantine(held, time.time())
+        nbytes = self.store.bytes_of(held)
+        if new:
+            logger.warning("quarantined %d blob(s), %d bytes, unknown to the master's namespace: kept for "
+                           "%.0f s (orphan_grace_s) unless the master claims them", len(new),
+                           self.store.bytes_of(new), self.config.orphan_grace_s)
+        return protocol.Quarantined(count=len(held), bytes=nbytes)
+
+    def release(self, msg: protocol.Release) -> int:
+        self.identity.check(msg.cluster_id, msg.epoch, "a release")
+        released = self.catalog.release(blob_list(msg.blobs, "RELEASE"))
+        if released:
+            logger.warning("released %d blob(s) from quarantine: the master knows them again", len(released))
+        return len(released)
+
+    def _quarantine_loop(self) -> None:
+        """Erase quarantined blobs whose orphan_grace_s is over."""
+        grace = self.config.orphan_grace_s
+        while not self._stop.wait(min(QUARANTINE_SWEEP_S, max(grace / 4, 0.2))):
+            expired = self.catalog.expired(time.time(), grace)
+            if not expired:
+                continue
+            try:
+                nbytes = self.store.bytes_of(expired)
+                self.delete_blobs(expired)
+            except ValueError:
+                return  # store closed: we are stopping
+            except OSError:
+                logger.exception("erasing quarantined blobs failed")
+                continue
+            logger.warning("erased %d quarantined blob(s), %d bytes: no master claimed them within %.0f s "
+                           "(orphan_grace_s)", len(expired), nbytes, grace)
 
     @property
     def full(self) -> bool:
@@ -531,6 +596,7 @@ class NodeHandler(transport.RequestHandler):
     def do_FLUSH(self, msg: protocol.Flush) -> None:
         try:
             self.node.store.flush()
+            self.node.catalog.flush()  # descriptions sent before this FLUSH
         except OSError as exc:
             raise protocol.BackupError(f"node {self.node.node_id} cannot make data durable: {exc}") from None
         self.reply(protocol.Flushed())
@@ -539,6 +605,7 @@ class NodeHandler(transport.RequestHandler):
         self.reply(self.node.get(msg))
 
     def do_DROP_CHUNKS(self, msg: protocol.DropChunks) -> None:
+        self.node.identity.check(msg.cluster_id, msg.epoch, "a drop")
         dropped = self.node.drop_range(msg.blob, msg.first, msg.count) > 0
         if dropped:
             logger.info("dropped %s chunks %d..%d at the master's request", msg.blob, msg.first,
@@ -546,17 +613,48 @@ class NodeHandler(transport.RequestHandler):
         self.reply(protocol.ChunksDropped(dropped=dropped))
 
     def do_DELETE_BLOBS(self, msg: protocol.DeleteBlobs) -> None:
-        if not all(isinstance(blob, str) for blob in msg.blobs):
-            raise protocol.RemoteProtocolError("DELETE_BLOBS takes a list of strings")
-        count = self.node.delete_blobs(msg.blobs)
+        blobs = blob_list(msg.blobs, "DELETE_BLOBS")
+        self.node.identity.check(msg.cluster_id, msg.epoch, "a delete")
+        count = self.node.delete_blobs(blobs)
         if count:
             logger.info("deleted %d blob(s) at the master's request", count)
         self.reply(protocol.BlobsDeleted(count=count))
+
+    def do_QUARANTINE(self, msg: protocol.Quarantine) -> None:
+        self.reply(self.node.quarantine(msg))
+
+    def do_RELEASE(self, msg: protocol.Release) -> None:
+        self.reply(protocol.Released(count=self.node.release(msg)))
+
+    def do_DESCRIBE(self, msg: protocol.Describe) -> None:
+        self.node.identity.check(msg.cluster_id, msg.epoch, "a description")
+        self.reply(protocol.Described(count=self.node.catalog.describe(item_list(msg.items))))
+
+    def do_COMMIT_NOTES(self, msg: protocol.CommitNotes) -> None:
+        self.node.identity.check(msg.cluster_id, msg.epoch, "commit notes")
+        self.reply(protocol.NotesStored(count=self.node.catalog.note(item_list(msg.notes))))
+
+    def do_LIST_NOTES(self, msg: protocol.ListNotes) -> None:
+        for page, last in protocol.pages(self.node.catalog.descriptions()):
+            self.reply(protocol.NotesPage(notes=page, done=last), flush=last)
 
     def do_NODE_STAT(self, msg: protocol.NodeStat) -> None:
         store = self.node.store
         self.reply(protocol.NodeStatReply(node_id=self.node.node_id, used_bytes=store.used_bytes,
                                           chunks=store.chunk_count, blobs=store.blob_count))
+
+
+def blob_list(blobs, op: str) -> list:
+    """``blobs`` if it is a list of strings, else RemoteProtocolError naming ``op``."""
+    if not isinstance(blobs, list) or not all(isinstance(blob, str) for blob in blobs):
+        raise protocol.RemoteProtocolError(f"{op} takes a list of strings")
+    return blobs
+
+
+def item_list(items) -> list:
+    if not isinstance(items, list):
+        raise protocol.RemoteProtocolError("file descriptions come as a list")
+    return items
 
 
 def make_server(node: StorageNode, host: str, port: int) -> transport.Server:
@@ -592,6 +690,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compact-interval", type=float, metavar="S", help="seconds between compaction checks")
     parser.add_argument("--inventory-interval", type=float, metavar="S",
                         help="seconds between full inventory reports to the master")
+    parser.add_argument("--orphan-grace", type=float, metavar="S",
+                        help="seconds a quarantined blob is kept before it is erased (default from config)")
     parser.add_argument("--io-timeout", type=float, metavar="S", help="seconds a network read or write may take")
     return parser
 
@@ -605,6 +705,7 @@ def main(argv=None) -> int:
             heartbeat_interval_s=args.heartbeat_interval, io_timeout_s=args.io_timeout,
             dead_after_s=args.dead_after, scrub_rate_mb_s=args.scrub_rate,
             compact_interval_s=args.compact_interval, inventory_interval_s=args.inventory_interval,
+            orphan_grace_s=args.orphan_grace,
             **config_module.security_overrides(args))
         security = security_module.for_server(config, config.node_host, args.insecure)
     except ValueError as exc:
@@ -641,6 +742,7 @@ def main(argv=None) -> int:
         node.say_goodbye()
         node.store.flush()
         node.store.close()
+        node.catalog.close()
         logger.info("stopped")
 
     transport.serve_until_stopped(server, stop)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import random
 import struct
@@ -130,6 +131,13 @@ def seed_names(master_data_dir: str, names) -> None:
                      "file": make_entry(0, 1024, sha256(b""), uuid.uuid4().hex, [], 1024)} for name in names])
     finally:
         log.close()
+
+
+def node_fence(cluster, index: int) -> dict:
+    """The cluster id and highest epoch node ``index`` has recorded: what a raw request to it must carry."""
+    with open(os.path.join(cluster.node_data_dir(index), "node.json"), encoding="utf-8") as f:
+        saved = json.load(f)
+    return {"cluster_id": saved.get("cluster_id", ""), "epoch": saved.get("epoch", 0)}
 
 
 class CliResult:

@@ -25,7 +25,8 @@ import shutil
 import signal
 import time
 
-from conftest import FAST_MASTER, FAST_TIMING, ROOT, flip_byte, payload_locations, random_bytes, wait_until
+from conftest import (FAST_MASTER, FAST_TIMING, ROOT, flip_byte, node_fence, payload_locations, random_bytes,
+                      wait_until)
 
 import client as client_module
 import protocol
@@ -593,8 +594,8 @@ def test_periodic_inventory_report_drops_a_surplus_copy(make_cluster, tmp_path):
     before = stored_chunks()
     crcs = protocol.crcs_to_bytes(protocol.chunk_crcs(data, 1024))
     with transport.Connection((host, int(port)), "master", 5.0) as conn:
-        conn.request(protocol.PutChunks(blob=reply.version, first=0, count=5, chunk_size=1024, body=crcs + data),
-                     protocol.PutOk)
+        conn.request(protocol.PutChunks(blob=reply.version, first=0, count=5, chunk_size=1024, body=crcs + data,
+                                        **node_fence(cluster, spare)), protocol.PutOk)
         conn.request(protocol.Flush(), protocol.Flushed)
     assert stored_chunks() == before + 5
     wait_until(lambda: stored_chunks() == before, 10.0, message="the surplus copy dropped by reconciliation")

@@ -1,0 +1,153 @@
+"""Commit notes: the master tells the nodes which files their blobs belong to.
+
+Job
+---
+Keep every node self-describing (node_catalog.py) so that the namespace can
+be rebuilt from the nodes alone (recovery.py).  Two messages carry a file's
+description (``describe``):
+
+* DESCRIBE, before the commit, pipelined with the FLUSH that makes an
+  upload durable (transfers.UploadSession.sync): "these blobs form file N,
+  not yet known to be committed" (index 0).  A master killed between the
+  FLUSH and its log commit leaves a complete, described upload that a
+  recovery puts under ``lost+found/`` instead of guessing.
+* COMMIT_NOTES, after the commit, batched and in the background
+  (``NoteSender``): the same description with the commit's log index, sent
+  to every node that holds a run of the file (for an empty file, to
+  ``replication`` live nodes), and to a node that receives a repair copy.
+
+A note that never arrives (master killed, node down for good) costs
+nothing but a weaker recovery: the checkpoint copies in the cluster
+(meta_backup.py) and ``lost+found/`` cover it.  Notes are kept in memory
+only, at most MAX_PENDING_PER_NODE per node.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict, deque
+
+import protocol
+from namespace import run_blob
+
+logger = logging.getLogger("master.notes")
+
+# Seconds between retries of notes to a node that did not take them.
+_RETRY_S = 5.0
+# Notes waiting for one node beyond this are dropped (oldest first): a node
+# gone for good must not make the master grow without bound.
+MAX_PENDING_PER_NODE = 100_000
+
+
+def describe(name: str, entry: dict, index: int = 0) -> dict:
+    """The description of a file version that nodes keep (node_catalog.validate_item's format)."""
+    return {"name": name, "version": entry["version"], "size": entry["size"], "chunk_size": entry["chunk_size"],
+            "batch_chunks": entry["batch_chunks"], "sha256": entry["sha256"], "mtime": entry["mtime"],
+            "layout": [[run[0], run[1], run_blob(entry, run)] for run in entry["runs"]], "index": index}
+
+
+def fits_a_page(item: dict) -> bool:
+    """False for a description too large for any frame (a file written in thousands of pieces)."""
+    return protocol.json_size(item) + 3 <= protocol.PAGE_BYTES  # the array's brackets and a comma
+
+
+def entry_nodes(entry: dict) -> set[str]:
+    return {node_id for run in entry["runs"] for node_id in run[2]}
+
+
+class NoteSender:
+    """Delivers commit notes to nodes in the background, batched per node, in order."""
+
+    def __init__(self, master):
+        self.master = master
+        self._cond = threading.Condition()
+        self._pending: dict[str, deque] = defaultdict(deque)
+        self._stop = threading.Event()
+        self._dropped_warned: set[str] = set()
+        self._thread = threading.Thread(target=self._run, name="notes", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+
+    def committed(self, files: list[tuple[str, dict]]) -> None:
+        """Queue notes for just committed files: (name, entry as applied, with its commit_index)."""
+        for name, entry in files:
+            nodes = entry_nodes(entry)
+            if not nodes:  # an empty file: no chunks, but it must be described somewhere
+                try:
+                    nodes = set(self.master.choose_replicas(0))
+                except protocol.BackupError:
+                    continue
+            self.send(nodes, describe(name, entry, entry["commit_index"]))
+
+    def copied(self, name: str, node_ids) -> None:
+        """A repair put a copy of ``name`` on ``node_ids``: describe the file to them too."""
+        entry = self.master.namespace.files.get(name)
+        if entry is not None and entry.get("commit_index"):
+            self.send(node_ids, describe(name, entry, entry["commit_index"]))
+
+    def send(self, node_ids, note: dict) -> None:
+        if not fits_a_page(note):
+            logger.warning("description of %r is too large for a note; only the metadata backups keep it",
+                           note["name"])
+            return
+        with self._cond:
+            for node_id in node_ids:
+                queue = self._pending[node_id]
+                queue.append(note)
+                if len(queue) > MAX_PENDING_PER_NODE:
+                    queue.popleft()
+                    if node_id not in self._dropped_warned:
+                        self._dropped_warned.add(node_id)
+                        logger.warning("node %s takes no commit notes; dropping the oldest (metadata backups "
+                                       "still describe those files)", node_id)
+            self._cond.notify_all()
+
+    def pending(self) -> int:
+        with self._cond:
+            return sum(len(q) for q in self._pending.values())
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self._cond:
+                while not any(self._pending.values()) and not self._stop.is_set():
+                    self._cond.wait()
+                work = {node_id: list(queue) for node_id, queue in self._pending.items() if queue}
+            failed = False
+            for node_id, notes in work.items():
+                try:
+                    self._deliver(node_id, notes)
+                except protocol.BackupError as exc:
+                    logger.debug("commit notes for node %s deferred: %s", node_id, exc)
+                    failed = True
+                    continue
+                except Exception:
+                    logger.exception("sending commit notes to node %s failed", node_id)
+                    failed = True
+                    continue
+                with self._cond:
+                    queue = self._pending[node_id]
+                    for _ in range(min(len(notes), len(queue))):
+                        queue.popleft()
+                    self._dropped_warned.discard(node_id)
+            if failed:
+                self._stop.wait(_RETRY_S)
+
+    def _deliver(self, node_id: str, notes: list) -> None:
+        master = self.master
+        conn = master.pool.acquire(node_id)
+        try:
+            pages = [page for page, _ in protocol.pages(notes)]
+            for page in pages:
+                conn.send(protocol.CommitNotes(notes=page, **master.fence()), flush=False)
+            conn.flush()
+            for _ in pages:
+                conn.expect(protocol.NotesStored)
+        finally:
+            master.pool.release(conn)
