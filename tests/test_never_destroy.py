@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import time
 
 import pytest
 
@@ -238,7 +239,7 @@ def test_orphans_are_quarantined_for_the_grace_and_the_brake_holds_a_mass_orphan
     reclaim-orphans; a quarantined blob the namespace uses is released."""
     seed = 1102
     cluster = make_cluster(master_args=ND_MASTER,
-                           node_args=[*ND_NODE, "--orphan-grace", "2", "--inventory-interval", "0.5"])
+                           node_args=[*ND_NODE, "--orphan-grace", "1", "--inventory-interval", "0.5"])
     upload_bytes(cluster, "base", random_bytes(seed, 400 * KIB), tmp_path)
     holder = next(i for i in range(3) if node_stat(cluster, i).chunks)
     nid = node_stat(cluster, holder).node_id
@@ -279,8 +280,7 @@ def test_orphans_are_quarantined_for_the_grace_and_the_brake_holds_a_mass_orphan
                          protocol.Quarantined)
     assert reply.count == 1
     wait_until(lambda: row()["quarantined_bytes"] == 0, 10.0, message="the known blob released")
-    import time
-    time.sleep(2.5)  # past the grace
+    time.sleep(1.5)  # past the grace
     assert holds(version)
     assert download_bytes(cluster, "base", tmp_path) == random_bytes(seed, 400 * KIB)
 
