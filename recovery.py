@@ -279,6 +279,7 @@ class RecoveryCollector:
         """Collect, rebuild, verify lost+found, write ``data_dir/metadata.json``; the report."""
         started = time.monotonic()
         reports = self.wait_for_nodes()
+        waited = time.monotonic() - started
         cluster_ids = sorted({r.cluster_id for r in reports if r.cluster_id})
         if len(cluster_ids) > 1:
             raise RecoveryFailed("the nodes belong to different clusters: " + ", ".join(
@@ -313,7 +314,7 @@ class RecoveryCollector:
                   "backup_index": result.backup_index, "from_backup": result.from_backup,
                   "from_notes": result.from_notes, "lost_found": len(found), "incomplete_uploads": result.incomplete,
                   "missing_chunks": missing, "nodes": len(reports), "cluster_id": cluster_id, "index": result.index,
-                  "epoch": epoch, "seconds": round(time.monotonic() - started, 2)}
+                  "epoch": epoch, "seconds": round(time.monotonic() - started, 2), "waited_s": round(waited, 2)}
         self.done.set()
         return report
 
@@ -449,4 +450,5 @@ def report_line(report: dict) -> str:
     return (f"recovered {report['files']} files ({report['bytes']} bytes) from {report['nodes']} node(s) of "
             f"cluster {report['cluster_id']}: {backup}, {report['from_notes']} from commit notes after it; "
             f"{report['lost_found']} in {LOST_AND_FOUND}; {report['missing_chunks']} with missing chunks; "
-            f"{report['incomplete_uploads']} incomplete unconfirmed upload(s) ignored; took {report['seconds']} s")
+            f"{report['incomplete_uploads']} incomplete unconfirmed upload(s) ignored; took {report['seconds']} s "
+            f"({report['waited_s']} s waiting for nodes)")
