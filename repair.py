@@ -527,9 +527,10 @@ class Repairer:
                                                    [n for n in nodes if n != node_id]))
         if records:
             master.log.commit(records)
-        master.orphans.reconcile(node_id, orphans, node_chunks, known_again)
         for blob, first, count in drops:
             self._drop(node_id, blob, first, count)
+        # Last: a node that fails QUARANTINE or RELEASE has still had its surplus dropped.
+        master.orphans.reconcile(node_id, orphans, node_chunks, known_again)
         if orphans or drops or records:
             logger.info("reconciled node %s: %d orphan blob(s) found, %d surplus extent(s) dropped, "
                         "%d placement change(s)", node_id, len(orphans), len(drops), len(records))
