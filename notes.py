@@ -78,6 +78,8 @@ class NoteSender:
     def committed(self, files: list[tuple[str, dict]]) -> None:
         """Queue notes for just committed files: (name, entry as applied, with its commit_index)."""
         for name, entry in files:
+            if not entry.get("commit_index"):
+                continue  # not from the log (cannot happen for a commit; a note needs its index)
             nodes = entry_nodes(entry)
             if not nodes:  # an empty file: no chunks, but it must be described somewhere
                 try:
