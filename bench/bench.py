@@ -654,13 +654,13 @@ def startup(results: Results, cluster, reps: int) -> None:
 
 # --- workload 4: metadata ------------------------------------------------------------
 def offline_checkpoint(master_dir: str) -> tuple[int, dict]:
-    """Checkpoint a stopped master's metadata with its own code; returns (index, nodes)."""
+    """Checkpoint a stopped master's metadata with its own code; returns (index, state snapshot)."""
     state = namespace_module.Namespace()
     log = metadata_log.MetadataLog(master_dir, state)
     log.open()
     try:
         log.checkpoint()
-        return log.index, dict(state.nodes)
+        return log.index, state.snapshot()
     finally:
         log.close()
 
@@ -793,8 +793,9 @@ def seed_namespace(cluster, count: int) -> None:
     """Stop the master and give it a checkpoint holding ``count`` files (plus its nodes)."""
     cluster.master.terminate()
     master_dir = os.path.join(cluster.data_dir, "master")
-    index, nodes = offline_checkpoint(master_dir)
-    state = {"files": fake_files(count), "nodes": nodes}
+    index, state = offline_checkpoint(master_dir)
+    # Everything else (nodes, cluster id, epoch) stays: the nodes must still accept this master.
+    state = {**state, "files": fake_files(count)}
     metadata_log.atomic_write_json(os.path.join(master_dir, metadata_log.CHECKPOINT_NAME),
                                    {"format": metadata_log.CHECKPOINT_FORMAT, "index": index, "state": state})
 
