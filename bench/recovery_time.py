@@ -122,7 +122,7 @@ def recover(cluster, nodes: int) -> dict:
 
     poll(serving, 600)
     serving_s = time.monotonic() - started
-    with open(os.path.join(cluster.log_dir, "master.log"), encoding="utf-8") as f:
+    with open(cluster.master.log_path, encoding="utf-8") as f:
         line = [line for line in f if "recovered " in line and " files (" in line][-1]
     took = float(line.rsplit("took ", 1)[1].split()[0])
     waited = float(line.rsplit("(", 1)[1].split()[0])

@@ -215,7 +215,7 @@ def test_master_on_an_empty_data_dir_is_refused_and_destroys_nothing(make_cluste
     # Well past the safe mode and several heartbeats: nothing was dropped.
     wait_until(lambda: not cluster.status().totals["safe_mode"], 5.0, message="safe mode over")
     assert [node_stat(cluster, i).chunks for i in range(3)] == chunks_before
-    with open(os.path.join(cluster.log_dir, "node0.log"), encoding="utf-8") as f:
+    with open(cluster.nodes[0].log_path, encoding="utf-8") as f:
         refusals = [line for line in f if "refusing master" in line]
     assert len(refusals) == 1 and old_fence["cluster_id"] in refusals[0], refusals
 
@@ -310,7 +310,7 @@ def recover(cluster, nodes_alive: int) -> dict:
         cluster.master_args = args
     wait_until(lambda: not cluster.status().totals.get("recovering"), 20.0, message="recovery done")
     cluster.wait_nodes_alive(nodes_alive)
-    with open(os.path.join(cluster.log_dir, "master.log"), encoding="utf-8") as f:
+    with open(cluster.master.log_path, encoding="utf-8") as f:
         reports = [line for line in f if "recovered " in line and " files (" in line]
     assert reports, "no recovery report in the master's log"
     return reports[-1]
