@@ -660,9 +660,10 @@ class Master:
                 record = {"op": "delete", "name": name, "t": round(time.time(), 3)}
                 if self.config.trash_days > 0:
                     record["trash"] = True
-            self.log.commit([record])
+            index = self.log.commit([record])
         finally:
             self.locks.release(name, token)
+        self.notes.deleted(name, before, index, record.get("t") if record.get("trash") else None)
         self._collect_dropped(name, before)
         logger.info("%s %r", "purged" if purge else "deleted" if self.config.trash_days <= 0 else "trashed", name)
 
@@ -674,10 +675,11 @@ class Master:
                 raise protocol.FileExists(f"{name!r} exists: delete or rename it before undeleting")
             if not self.namespace.trash.get(name):
                 raise protocol.FileNotFound(f"{name!r} is not in the trash")
-            self.log.commit([{"op": "undelete", "name": name}])
+            index = self.log.commit([{"op": "undelete", "name": name}])
             entry = self.namespace.files[name]
         finally:
             self.locks.release(name, token)
+        self.notes.committed([(name, entry)], index)  # newer than the tombstone the delete left
         logger.info("undeleted %r (version %s)", name, history.version_id(entry))
         return entry
 

@@ -27,14 +27,16 @@ them; quarantine changes are fsynced at once.
 Journal lines (one JSON object each)::
 
     {"op": "d", "items": [DESC, ...]}     descriptions (index 0) or
-    {"op": "n", "items": [DESC, ...]}     commit notes (index > 0)
+    {"op": "n", "items": [DESC, ...]}     commit notes (index > 0), or
+                                          tombstones {"name", "deleted": true, "index"}
     {"op": "x", "versions": [V, ...]}     forget these descriptions
     {"op": "q", "blobs": [B, ...], "t": T} quarantine since unix time T
     {"op": "r", "blobs": [B, ...]}        out of quarantine (released or erased)
 
-A torn last line (crash mid-append) is ignored and cut off.  A newer note
-for a name supersedes older ones for that name (the highest index wins in a
-recovery anyway).  Left out: per-line checksums (a torn line fails to parse).
+A torn last line (crash mid-append) is ignored and cut off.  Every note
+whose blobs are held is kept: older versions of a name (history.py) are
+described too.  A tombstone of a name is kept until a newer note of that
+name arrives.  Left out: per-line checksums (a torn line fails to parse).
 """
 
 from __future__ import annotations
@@ -66,7 +68,12 @@ def _is_count(value) -> bool:
 
 
 def validate_item(item) -> dict:
-    """``item`` if it is a well-formed file description, else RemoteProtocolError."""
+    """``item`` if it is a well-formed file description or tombstone, else RemoteProtocolError."""
+    if isinstance(item, dict) and item.get("deleted") is True:
+        if isinstance(item.get("name"), str) and _is_count(item.get("index")) and item["index"] > 0 \
+                and isinstance(item.get("trashed_at", 0), (int, float)):
+            return item
+        raise protocol.RemoteProtocolError("malformed tombstone")
     ok = (isinstance(item, dict) and isinstance(item.get("name"), str) and _is_blob_id(item.get("version"))
           and _is_count(item.get("size")) and _is_count(item.get("index"))
           and type(item.get("chunk_size")) is int and item["chunk_size"] > 0
@@ -102,7 +109,7 @@ class NodeCatalog:
         self._lock = threading.Lock()
         self._desc: dict[str, dict] = {}          # version -> description
         self._by_blob: dict[str, set[str]] = {}   # blob -> versions whose layout uses it
-        self._by_name: dict[str, str] = {}        # name -> version of its newest committed note
+        self._tombstones: dict[str, dict] = {}   # name -> its newest tombstone
         self._quarantine: dict[str, float] = {}   # blob -> unix time it was quarantined
         self._dirty = False
         self._journal_bytes = 0
@@ -151,18 +158,17 @@ class NodeCatalog:
 
     # --- the index (caller holds the lock) ----------------------------------------
     def _put(self, item: dict) -> None:
+        name = item["name"]
+        if item.get("deleted"):
+            if item["index"] > self._tombstones.get(name, {"index": 0})["index"]:
+                self._tombstones[name] = item
+            return
+        if item["index"] and self._tombstones.get(name, {"index": 0})["index"] < item["index"]:
+            self._tombstones.pop(name, None)  # the name was stored (or undeleted) after its delete
         version = item["version"]
         old = self._desc.get(version)
         if old is not None and old["index"] > item["index"]:
             return  # a description never replaces the note of the same version
-        if item["index"] and not item.get("system"):
-            name = item["name"]
-            current = self._by_name.get(name)
-            if current is not None and current != version:
-                if self._desc[current]["index"] > item["index"]:
-                    return  # an older commit of the name, arrived late
-                self._drop(current)
-            self._by_name[name] = version
         if old is not None:
             self._unindex(old)
         self._desc[version] = item
@@ -179,11 +185,8 @@ class NodeCatalog:
 
     def _drop(self, version: str) -> None:
         item = self._desc.pop(version, None)
-        if item is None:
-            return
-        self._unindex(item)
-        if self._by_name.get(item["name"]) == version:
-            del self._by_name[item["name"]]
+        if item is not None:
+            self._unindex(item)
 
     # --- the journal (caller holds the lock) --------------------------------------
     def _append(self, record: dict, sync: bool) -> None:
@@ -205,11 +208,13 @@ class NodeCatalog:
         """Rewrite the journal as a snapshot once it is mostly dead."""
         if self._journal_bytes < self._check_at:
             return
-        live = sum(len(json.dumps(item)) for item in self._desc.values()) + 40 * len(self._quarantine)
+        live = sum(len(json.dumps(item)) for item in self._desc.values()) + 40 * len(self._quarantine) \
+            + sum(50 + len(name) for name in self._tombstones)
         if self._journal_bytes < COMPACT_RATIO * live:
             self._check_at = 2 * self._journal_bytes  # measuring costs O(catalog): not at every note
             return
         records = [{"op": "n" if item["index"] else "d", "items": [item]} for item in self._desc.values()]
+        records += [{"op": "n", "items": [tombstone]} for tombstone in self._tombstones.values()]
         by_time: dict[float, list] = {}
         for blob, since in self._quarantine.items():
             by_time.setdefault(since, []).append(blob)
@@ -292,9 +297,9 @@ class NodeCatalog:
         return len(gone)
 
     def descriptions(self) -> list[dict]:
-        """Every description held (copies of the list, items shared: never mutate them)."""
+        """Every description and tombstone held (items shared: never mutate them)."""
         with self._lock:
-            return list(self._desc.values())
+            return list(self._desc.values()) + list(self._tombstones.values())
 
     # --- quarantine -------------------------------------------------------------------
     def quarantine(self, blobs: list, now: float) -> list:

@@ -15,6 +15,8 @@ description (``describe``):
   (``NoteSender``): the same description with the commit's log index, sent
   to every node that holds a run of the file (for an empty file, to
   ``replication`` live nodes), and to a node that receives a repair copy.
+  A delete sends a tombstone ``{"name", "deleted": true, "index"}`` the
+  same way, so a recovery does not revive the name from an older backup.
 
 A note that never arrives (master killed, node down for good) costs
 nothing but a weaker recovery: the checkpoint copies in the cluster
@@ -41,10 +43,19 @@ MAX_PENDING_PER_NODE = 100_000
 
 
 def describe(name: str, entry: dict, index: int = 0) -> dict:
-    """The description of a file version that nodes keep (node_catalog.validate_item's format)."""
-    return {"name": name, "version": entry["version"], "size": entry["size"], "chunk_size": entry["chunk_size"],
+    """The description of a file version that nodes keep (node_catalog.validate_item's format).
+
+    ``index`` orders descriptions of a name (the log index of the commit, or
+    of the undelete that made the entry current again); the entry's own
+    ``commit_index`` (its version id) and ``committed_at`` travel with it.
+    """
+    item = {"name": name, "version": entry["version"], "size": entry["size"], "chunk_size": entry["chunk_size"],
             "batch_chunks": entry["batch_chunks"], "sha256": entry["sha256"], "mtime": entry["mtime"],
             "layout": [[run[0], run[1], run_blob(entry, run)] for run in entry["runs"]], "index": index}
+    for key in ("commit_index", "committed_at"):
+        if key in entry:
+            item[key] = entry[key]
+    return item
 
 
 def fits_a_page(item: dict) -> bool:
@@ -75,10 +86,14 @@ class NoteSender:
         with self._cond:
             self._cond.notify_all()
 
-    def committed(self, files: list[tuple[str, dict]]) -> None:
-        """Queue notes for just committed files: (name, entry as applied, with its commit_index)."""
+    def committed(self, files: list[tuple[str, dict]], index: int | None = None) -> None:
+        """Queue notes for just committed files: (name, entry as applied, with its commit_index).
+
+        ``index``: the log index of the record that made them current when it
+        is not their put (an undelete).
+        """
         for name, entry in files:
-            if not entry.get("commit_index"):
+            if not (index or entry.get("commit_index")):
                 continue  # not from the log (cannot happen for a commit; a note needs its index)
             nodes = entry_nodes(entry)
             if not nodes:  # an empty file: no chunks, but it must be described somewhere
@@ -86,7 +101,21 @@ class NoteSender:
                     nodes = set(self.master.choose_replicas(0))
                 except protocol.BackupError:
                     continue
-            self.send(nodes, describe(name, entry, entry["commit_index"]))
+            self.send(nodes, describe(name, entry, index or entry["commit_index"]))
+
+    def deleted(self, name: str, entries: list[dict], index: int, trashed_at: float | None = None) -> None:
+        """A tombstone for the nodes that held ``name``: a recovery must not bring it back from an older
+        metadata backup.  ``trashed_at``: the delete moved it to the trash then (a recovery puts it there)."""
+        nodes = set().union(*(entry_nodes(entry) for entry in entries))
+        if not nodes:
+            try:
+                nodes = set(self.master.choose_replicas(0))
+            except protocol.BackupError:
+                return
+        tombstone = {"name": name, "deleted": True, "index": index}
+        if trashed_at is not None:
+            tombstone["trashed_at"] = trashed_at
+        self.send(nodes, tombstone)
 
     def copied(self, name: str, node_ids) -> None:
         """A repair put a copy of ``name`` on ``node_ids``: describe the file to them too."""

@@ -15,7 +15,9 @@ node_catalog.py).  Clients are told UNAVAILABLE.  Then ``rebuild``:
    records stand (nothing deleted before it comes back);
 3. every committed file the nodes describe with a commit index after the
    backup's is added or replaces the backup's entry (the newest index of a
-   name wins); its replicas are the reporting nodes that hold its chunks;
+   name wins; older notes whose chunks are all there are its older
+   versions), and a name deleted after the backup (a tombstone, notes.py)
+   is removed; replicas are the reporting nodes that hold the chunks;
 4. uploads that were described before their commit but never confirmed
    (the master died in between) go to ``lost+found/NAME`` if every chunk is
    there and the SHA-256 read back matches -- never guessed into the
@@ -99,7 +101,7 @@ def entry_from(desc: dict, inventories: dict) -> dict:
     return {"size": desc["size"], "chunks": -(-desc["size"] // desc["chunk_size"]), "chunk_size": desc["chunk_size"],
             "sha256": desc["sha256"], "mtime": desc["mtime"], "version": desc["version"],
             "batch_chunks": desc["batch_chunks"], "runs": runs_from_layout(desc["layout"], desc["version"], inventories),
-            "commit_index": desc["index"]}
+            "commit_index": desc.get("commit_index", desc["index"]), "committed_at": desc.get("committed_at", desc["mtime"])}
 
 
 def layout_of(entry: dict) -> list:
@@ -116,10 +118,12 @@ def missing_chunks(entry: dict, inventories: dict) -> int:
 class Rebuilt:
     files: dict
     versions: dict  # name -> older versions, oldest first (namespace.py)
+    trash: dict  # name -> trashed entries, each with "trashed_at"
     index: int
     from_backup: int  # files taken from the backup
     backup_index: int | None
     from_notes: int
+    deleted: int  # backup files a tombstone after the backup removed (or moved to the trash)
     lost_found: list  # [(name, entry, expected sha256 or "")], not yet verified
     incomplete: int  # unconfirmed uploads with chunks missing: ignored
 
@@ -127,41 +131,77 @@ class Rebuilt:
 def rebuild(backup: dict | None, descriptions: list[dict], inventories: dict, quarantined: set) -> Rebuilt:
     """Merge a backup document (or None) with the nodes' descriptions; see the module docstring.
 
-    ``descriptions``: every description every node returned (duplicates
-    fine); ``inventories``: node -> blob -> extents of the reporting nodes;
-    ``quarantined``: blobs some node holds in quarantine.
+    ``descriptions``: every description and tombstone every node returned
+    (duplicates fine); ``inventories``: node -> blob -> extents of the
+    reporting nodes; ``quarantined``: blobs some node holds in quarantine.
+    Per name, what happened after the backup is replayed in index order:
+    each note makes its entry current (the one before becomes an older
+    version, if all its chunks are still there), and a tombstone newer than
+    the backup deletes the name or, if it says ``trashed_at``, moves the
+    name's versions to the trash.
     """
-    files = dict(backup["state"].get("files", {})) if backup else {}
-    versions = dict(backup["state"].get("versions", {})) if backup else {}
+    state = backup["state"] if backup else {}
+    files = dict(state.get("files", {}))
+    versions = dict(state.get("versions", {}))
+    trash = dict(state.get("trash", {}))
     base = backup["index"] if backup else 0
     from_backup = len(files)
     top = base
-    newest: dict[str, dict] = {}
+    noted: dict[str, dict[str, dict]] = {}  # name -> version -> its newest note
+    tombstones: dict[str, dict] = {}
     confirmed: set[str] = set()
     unconfirmed: dict[str, dict] = {}
     for desc in descriptions:
         top = max(top, desc["index"])
-        if desc.get("system"):
+        if desc.get("deleted"):
+            if desc["index"] > tombstones.get(desc["name"], {"index": 0})["index"]:
+                tombstones[desc["name"]] = desc
+        elif desc.get("system"):
             continue
-        if desc["index"]:
+        elif desc["index"]:
             confirmed.add(desc["version"])
-            current = newest.get(desc["name"])
-            if current is None or desc["index"] > current["index"]:
-                newest[desc["name"]] = desc
+            by_version = noted.setdefault(desc["name"], {})
+            if desc["version"] not in by_version or desc["index"] > by_version[desc["version"]]["index"]:
+                by_version[desc["version"]] = desc
         else:
             unconfirmed.setdefault(desc["version"], desc)
-    from_notes = 0
-    for name, desc in newest.items():
-        if desc["index"] <= base:
+
+    def whole(entry: dict) -> bool:
+        return not missing_chunks(entry, inventories)
+
+    from_notes = deleted = 0
+    for name in sorted(set(noted) | set(tombstones)):
+        events = [d for d in noted.get(name, {}).values() if d["index"] > base]
+        tombstone = tombstones.get(name)
+        if tombstone is not None and tombstone["index"] > base:
+            events.append(tombstone)
+        if not events:
             continue  # the backup knows better: it records deletes and replaces up to base
-        current = files.get(name)
-        if current is not None and current.get("commit_index", 0) >= desc["index"]:
-            continue
-        if current is not None:  # the backup's current entry becomes an older version (history.py)
-            versions[name] = [*versions.get(name, ()), current]
-        files[name] = entry_from(desc, inventories)
-        from_notes += 1
-    kept = [*files.values(), *(e for older in versions.values() for e in older)]
+        events.sort(key=lambda d: d["index"])
+        current, older = files.get(name), list(versions.get(name, ()))
+        was_there, from_note = current is not None, False
+        for n, desc in enumerate(events):
+            if desc.get("deleted"):
+                if "trashed_at" in desc:
+                    gone = [*older, *([current] if current is not None else [])]
+                    trash[name] = [*trash.get(name, ()), *({**e, "trashed_at": desc["trashed_at"]} for e in gone)]
+                current, older, from_note = None, [], False
+                continue
+            entry = entry_from(desc, inventories)
+            if current is not None and current["version"] != entry["version"] and whole(current):
+                older.append(current)  # kept as a version (a touch keeps the version: no copy)
+            current, from_note = entry, True
+        deleted += was_there and current is None
+        from_notes += from_note
+        if current is None:
+            files.pop(name, None)
+        else:
+            files[name] = current
+        if older and current is not None:
+            versions[name] = older
+        else:
+            versions.pop(name, None)
+    kept = [*files.values(), *(e for table in (versions, trash) for entries in table.values() for e in entries)]
     used = {run_blob(e, run) for e in kept for run in e["runs"]} | {e["version"] for e in kept}
     lost_found, incomplete = [], 0
     for version, desc in sorted(unconfirmed.items(), key=lambda item: item[1]["name"]):
@@ -176,7 +216,8 @@ def rebuild(backup: dict | None, descriptions: list[dict], inventories: dict, qu
         if name in files or any(name == other for other, _, _ in lost_found):
             name = f"{name}.{version[:8]}"
         lost_found.append((name, entry, desc["sha256"]))
-    return Rebuilt(files, versions, top, from_backup, backup["index"] if backup else None, from_notes, lost_found, incomplete)
+    return Rebuilt(files, versions, trash, top, from_backup, backup["index"] if backup else None, from_notes,
+                   deleted, lost_found, incomplete)
 
 
 # --- the collecting master ----------------------------------------------------------------------
@@ -304,15 +345,15 @@ class RecoveryCollector:
         nodes = dict(backup["state"].get("nodes", {})) if backup else {}
         nodes.update({r.node_id: {"address": transport.format_address(r.address)} for r in reports})
         epoch = max([r.epoch for r in reports] + [backup.get("epoch", 0) if backup else 0])
-        state = {"files": files, "versions": result.versions, "nodes": nodes, "cluster_id": cluster_id,
-                 "epoch": epoch}
+        state = {"files": files, "versions": result.versions, "trash": result.trash, "nodes": nodes,
+                 "cluster_id": cluster_id, "epoch": epoch}
         os.makedirs(data_dir, mode=DIR_MODE, exist_ok=True)
         atomic_write_json(os.path.join(data_dir, CHECKPOINT_NAME),
                           {"format": CHECKPOINT_FORMAT, "index": result.index, "state": state})
         missing = sum(1 for entry in files.values() if missing_chunks(entry, inventories))
         report = {"files": len(files), "bytes": sum(e["size"] for e in files.values()),
                   "backup_index": result.backup_index, "from_backup": result.from_backup,
-                  "from_notes": result.from_notes, "lost_found": len(found), "incomplete_uploads": result.incomplete,
+                  "from_notes": result.from_notes, "deleted": result.deleted, "lost_found": len(found), "incomplete_uploads": result.incomplete,
                   "missing_chunks": missing, "nodes": len(reports), "cluster_id": cluster_id, "index": result.index,
                   "epoch": epoch, "seconds": round(time.monotonic() - started, 2), "waited_s": round(waited, 2)}
         self.done.set()
@@ -448,7 +489,8 @@ def report_line(report: dict) -> str:
     backup = (f"{report['from_backup']} from the metadata backup at index {report['backup_index']}"
               if report["backup_index"] is not None else "no metadata backup")
     return (f"recovered {report['files']} files ({report['bytes']} bytes) from {report['nodes']} node(s) of "
-            f"cluster {report['cluster_id']}: {backup}, {report['from_notes']} from commit notes after it; "
+            f"cluster {report['cluster_id']}: {backup}, {report['from_notes']} from commit notes after it, "
+            f"{report['deleted']} deleted after it; "
             f"{report['lost_found']} in {LOST_AND_FOUND}; {report['missing_chunks']} with missing chunks; "
             f"{report['incomplete_uploads']} incomplete unconfirmed upload(s) ignored; took {report['seconds']} s "
             f"({report['waited_s']} s waiting for nodes)")

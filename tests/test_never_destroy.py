@@ -87,20 +87,24 @@ def describe(name, version, index=0, layout=None, size=100):
             "index": index}
 
 
-def test_catalog_keeps_the_newest_note_per_name_and_survives_a_torn_tail(tmp_path):
-    """A newer note of a name supersedes the older; deleted blobs take their descriptions along."""
+def test_catalog_keeps_notes_and_tombstones_and_survives_a_torn_tail(tmp_path):
+    """A note beats the description of its version; deleted blobs take their descriptions along; a tombstone
+    lasts until the name is stored again."""
     catalog = NodeCatalog(str(tmp_path))
     catalog.describe([describe("a", "v1")])
     catalog.note([describe("a", "v1", index=5), describe("b", "w1", index=6)])
-    catalog.note([describe("a", "v2", index=9)])
-    catalog.note([describe("a", "v0", index=3)])  # late and older: ignored
+    catalog.note([describe("a", "v2", index=9), {"name": "b", "deleted": True, "index": 7},
+                  {"name": "c", "deleted": True, "index": 8}])
+    catalog.note([describe("c", "c2", index=10)])
+    catalog.describe([describe("a", "v1")])  # a late description: the note stays
     catalog.quarantine(["x"], now=100.0)
     catalog.forget_blobs(["w1"], held=lambda blob: False)
     catalog.close()
     with open(tmp_path / "catalog.jsonl", "ab") as f:
         f.write(b'{"op":"n","items":[{"na')  # a crash mid-append
     reopened = NodeCatalog(str(tmp_path))
-    assert {d["version"]: d["index"] for d in reopened.descriptions()} == {"v2": 9}
+    found = {d.get("version", d["name"]): d["index"] for d in reopened.descriptions()}
+    assert found == {"v1": 5, "v2": 9, "c2": 10, "b": 7}
     assert reopened.quarantined() == {"x"}
     assert reopened.expired(now=100.0 + 5, grace_s=10) == []
     assert reopened.expired(now=100.0 + 10, grace_s=10) == ["x"]
@@ -114,19 +118,28 @@ def entry(version, size=2048, index=1, nodes=("n1", "n2")):
 
 
 def test_rebuild_merges_backup_and_newer_notes_and_honours_the_backup_deletes():
-    """Notes after the backup add or replace files; notes before it do not resurrect what it deleted."""
-    backup = {"index": 10, "state": {"files": {"kept": entry("k1", index=4), "replaced": entry("r1", index=5)}}}
-    inventories = {"n1": {"k1": [(0, 2)], "r2": [(0, 2)], "new": [(0, 1)], "gone": [(0, 2)]},
+    """Notes after the backup add or replace files (older whole ones become versions); notes before it do not
+    resurrect what it deleted; a tombstone after it deletes a file, or moves it to the trash."""
+    backup = {"index": 10, "state": {"files": {"kept": entry("k1", index=4), "replaced": entry("r1", index=5),
+                                               "doomed": entry("d1", index=6), "binned": entry("b1", index=3)}}}
+    inventories = {"n1": {"k1": [(0, 2)], "r1": [(0, 2)], "r2": [(0, 2)], "r3": [(0, 2)], "new": [(0, 1)],
+                          "gone": [(0, 2)], "b1": [(0, 2)]},
                    "n2": {"r2": [(0, 1)], "new": [(1, 1)]}}
     notes = [describe("replaced", "r2", index=12, layout=[[0, 2, "r2"]], size=2048),
+             describe("replaced", "r3", index=13, layout=[[0, 2, "r3"]], size=2048),
              describe("new", "new", index=14, layout=[[0, 2, "new"]], size=1500),
-             describe("deleted-before-backup", "gone", index=7, layout=[[0, 2, "gone"]], size=2048)]
+             describe("deleted-before-backup", "gone", index=7, layout=[[0, 2, "gone"]], size=2048),
+             {"name": "doomed", "deleted": True, "index": 11},
+             {"name": "binned", "deleted": True, "index": 15, "trashed_at": 99.0}]
     result = rebuild(backup, notes + notes[:1], inventories, quarantined=set())
     assert sorted(result.files) == ["kept", "new", "replaced"]
-    assert result.files["replaced"]["runs"] == [[0, 1, ["n1", "n2"]], [1, 1, ["n1"]]]
+    assert result.files["replaced"]["version"] == "r3"
+    assert [e["version"] for e in result.versions["replaced"]] == ["r1", "r2"]
+    assert result.versions["replaced"][1]["runs"] == [[0, 1, ["n1", "n2"]], [1, 1, ["n1"]]]
     assert result.files["new"]["runs"] == [[0, 1, ["n1"]], [1, 1, ["n2"]]]
     assert result.files["new"]["chunks"] == 2 and result.files["new"]["commit_index"] == 14
-    assert (result.index, result.from_notes, result.backup_index) == (14, 2, 10)
+    assert [(e["version"], e["trashed_at"]) for e in result.trash["binned"]] == [("b1", 99.0)]
+    assert (result.index, result.from_notes, result.deleted, result.backup_index) == (15, 2, 2, 10)
 
 
 def test_rebuild_puts_complete_unconfirmed_uploads_in_lost_and_found():
@@ -312,6 +325,7 @@ def recover(cluster, nodes_alive: int) -> dict:
     cluster.wait_nodes_alive(nodes_alive)
     with open(cluster.master.log_path, encoding="utf-8") as f:
         reports = [line for line in f if "recovered " in line and " files (" in line]
+    print(reports[-1] if reports else "no report")
     assert reports, "no recovery report in the master's log"
     return reports[-1]
 
@@ -337,8 +351,9 @@ def check_files(cluster, expected: dict[str, bytes], gone: set[str], tmp_path, s
 
 def test_metadata_is_rebuilt_from_the_nodes(make_cluster, tmp_path):
     """300 files, 30 replaced, 30 deleted, 10 appended; the master's data dir destroyed: every acknowledged
-    file comes back byte-identical and no deleted one; then again with a node down and the master killed -9
-    right after an acknowledged upload, whose file is recovered or in lost+found/; the cluster serves after."""
+    file comes back byte-identical and no deleted one; then again, after more replaces and deletes, with a node
+    down and the master killed -9 right after an acknowledged upload, whose file is recovered or in
+    lost+found/; the cluster serves after."""
     seed = 1103
     cluster = make_cluster(master_args=ND_MASTER, node_args=ND_NODE)
     rng_sizes = [random_bytes(seed, 300)[i] for i in range(300)]
@@ -380,10 +395,19 @@ def test_metadata_is_rebuilt_from_the_nodes(make_cluster, tmp_path):
     assert "recovered 270 files" in report and "270 from the metadata backup" in report, report
     check_files(cluster, expected, gone, tmp_path, seed)
 
-    # Phase two: notes after the backup, one node down, the master killed -9.
+    # Phase two: notes and tombstones after the backup, one node down, the master killed -9.
     for name in names[70:80]:
         expected[name] = random_bytes(seed + 9000 + len(name), 5000)
         upload_bytes(cluster, name, expected[name], tmp_path)
+    c = cluster.client()
+    try:
+        for name in names[80:85]:
+            c.delete(name)
+            del expected[name]
+            gone.add(name)
+    finally:
+        c.close()
+    wait_until(lambda: cluster.status().totals["commit_notes_pending"] == 0, 10.0, message="notes delivered")
     cluster.nodes[0].kill()
     last = random_bytes(seed + 9999, 70 * KIB)
     upload_bytes(cluster, "last/acked.bin", last, tmp_path)
