@@ -264,8 +264,12 @@ class RecoveryCollector:
                 if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
                         and isinstance(item[1], list)):
                     raise protocol.RemoteProtocolError("malformed inventory entry")
-                report.inventory[item[0]] = sorted((int(f), int(c)) for f, c in item[1])
+                # A blob with many extents spans pages (protocol.inventory_pages): merge them.
+                report.inventory.setdefault(item[0], []).extend((int(f), int(c)) for f, c in item[1])
             report.quarantined.update(b for b in msg.quarantined if isinstance(b, str))
+            if msg.done:
+                for extents in report.inventory.values():
+                    extents.sort()
             report.complete = report.complete or msg.done
             report.last_heard = time.monotonic()
 
