@@ -1358,6 +1358,10 @@ class MasterHandler(transport.RequestHandler):
             self.reply(protocol.StatusReply(nodes=page, totals=totals, done=last, refused=refused), flush=last)
             totals, refused = {}, []  # on the first page only
 
+    def do_RECLAIM_ORPHANS(self, msg: protocol.ReclaimOrphans) -> None:
+        blobs, chunks = self.master.reclaim_orphans(msg.node_id)
+        self.reply(protocol.OrphansReclaimed(node_id=msg.node_id, blobs=blobs, chunks=chunks))
+
 
 def _runs_from(entry: dict, chunk: int):
     """STAT runs ``[first, count, nodes, blob]`` of ``entry`` from ``chunk`` on (the first one cut to start there)."""
@@ -1376,10 +1380,6 @@ def _node_chunks(entry: dict) -> dict[str, int]:
         for node_id in run[2]:
             held[node_id] += run[1]
     return dict(sorted(held.items()))
-
-    def do_RECLAIM_ORPHANS(self, msg: protocol.ReclaimOrphans) -> None:
-        blobs, chunks = self.master.reclaim_orphans(msg.node_id)
-        self.reply(protocol.OrphansReclaimed(node_id=msg.node_id, blobs=blobs, chunks=chunks))
 
 
 def make_server(master: Master | None, host: str, port: int, config: config_module.Config | None = None,
