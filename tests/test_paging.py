@@ -47,6 +47,16 @@ class SyntheticStore:
     def inventory(self):
         return self._inventory
 
+    @property
+    def blob_count(self) -> int:
+        return len(self._inventory)
+
+    def holds(self, blob: str) -> bool:
+        return blob in self._inventory
+
+    def bytes_of(self, blobs) -> int:
+        return 0
+
     def iter_inventory(self, slice_extents: int = 4096):
         for blob in sorted(self._inventory):
             extents = self._inventory[blob]
@@ -92,7 +102,7 @@ def test_million_extent_inventory_pages_fit_and_reassemble(tmp_path):
 
     node.send_inventory(PagesToRepairer())
     reports = []
-    repairer.reconcile = lambda node_id, snapshot, got: reports.append((node_id, got))
+    repairer.reconcile = lambda node_id, snapshot, got, quarantined: reports.append((node_id, got))
     repairer._reconcile_pending()
     assert reports == [(node.node_id, inventory)]
     assert len(frames) > 100 and max(frames) <= protocol.PAGE_BYTES
@@ -163,7 +173,7 @@ class FakePool:
 
 
 def test_garbage_collection_deletes_many_blobs_in_frames_that_fit(tmp_path):
-    """Deleting 10,000 orphan blobs on a node sends DELETE_BLOBS pages that each fit a frame."""
+    """Deleting 10,000 blobs on a node sends DELETE_BLOBS pages that each fit a frame."""
     master = Master(config_module.Config(safe_mode_s=0), str(tmp_path / "master"))
     master.pool = FakePool(lambda msg: protocol.BlobsDeleted(count=len(msg.blobs)))
     master.register(protocol.Register(node_id="n1", host="127.0.0.1", port=9, capacity_bytes=1, used_bytes=0,
@@ -171,7 +181,8 @@ def test_garbage_collection_deletes_many_blobs_in_frames_that_fit(tmp_path):
     blobs = {f"{i:032x}" for i in range(10_000)}
     master.start()
     try:
-        master.collect_garbage_many("n1", blobs)
+        for blob in blobs:
+            master.collect_garbage(blob, ["n1"])
         wait_until(lambda: sum(len(r.blobs) for r in master.pool.requests) >= len(blobs), 10,
                    message="every blob deleted")
     finally:
