@@ -41,7 +41,7 @@ import sys
 import threading
 import time
 import uuid
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 
 import config as config_module
@@ -69,6 +69,9 @@ EXIT_START_FAILED = 3
 
 # Idle connections kept per node address for reuse.
 _POOL_IDLE_PER_NODE = 16
+# Blob ids of deleted or replaced versions remembered (about 50 bytes each),
+# so a node that was away when they were deleted gets its copies deleted too.
+DROPPED_BLOBS_KEPT = 100_000
 # Seconds between retries of garbage collection on unreachable nodes.
 _GC_RETRY_S = 5.0
 # Longest pause between two checks for nodes that fell silent, so a death is
@@ -271,6 +274,7 @@ class Master:
         # (blob, first, count) = chunks of a blob that is still partly in use.
         self._garbage: dict[str, set[tuple]] = defaultdict(set)
         self._garbage_cond = threading.Condition()
+        self._dropped_blobs: OrderedDict[str, None] = OrderedDict()  # see _remember_dropped
         self._stop = threading.Event()
         self._gc_thread = threading.Thread(target=self._gc_loop, name="gc", daemon=True)
         self._liveness_thread = threading.Thread(target=self._liveness_loop, name="liveness", daemon=True)
@@ -861,11 +865,30 @@ class Master:
                 items += [(node_id, (blob, gap_first, gap_count)) for node_id in nodes]
         for blob, nodes in holders.items():
             self.collect_garbage(blob, nodes)
+            self._remember_dropped(blob)
         if items:
             with self._garbage_cond:
                 for node_id, item in items:
                     self._garbage[node_id].add(item)
                 self._garbage_cond.notify_all()
+
+    def _remember_dropped(self, blob: str) -> None:
+        """``blob`` was freed by a logged delete or replace: a copy a node reports later is garbage, not an orphan.
+
+        Repair may have taken a dead node off the blob's runs before the
+        delete, so the delete could not address that node; when it returns,
+        reconciliation deletes its copy directly (``was_dropped``).  Kept in
+        memory, the DROPPED_BLOBS_KEPT newest: after a restart such copies are
+        orphans again, quarantined rather than erased.
+        """
+        with self._garbage_cond:
+            self._dropped_blobs[blob] = None
+            self._dropped_blobs.move_to_end(blob)
+            while len(self._dropped_blobs) > DROPPED_BLOBS_KEPT:
+                self._dropped_blobs.popitem(last=False)
+
+    def was_dropped(self, blob: str) -> bool:
+        return blob in self._dropped_blobs
 
     def collect_garbage(self, blob: str, node_ids) -> None:
         """Ask ``node_ids`` to drop ``blob`` soon (in the background, with retries)."""

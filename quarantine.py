@@ -19,7 +19,9 @@ sees the same thing, and erasing would destroy the only copies.  So:
   the master's metadata runs ``client.py reclaim-orphans NODE_ID --yes``.
 
 Deleted and replaced files never come here: their blobs are known to the
-master when it drops them (master.py garbage collection).  The brake
+master when it drops them (master.py garbage collection), and a copy that
+a node away at the time reports later is deleted too while the master
+remembers the blob (``Master.was_dropped``; after a restart it is an orphan).  The brake
 measures chunks, the unit inventories report, as a stand-in for bytes.
 """
 

@@ -493,7 +493,9 @@ class Repairer:
             node_chunks += chunks
             found = owners.get(blob)
             if not found:
-                if blob not in active and blob not in quarantined:
+                if master.was_dropped(blob):
+                    master.collect_garbage(blob, [node_id])  # a logged delete freed it: not an orphan
+                elif blob not in active and blob not in quarantined:
                     orphans[blob] = chunks
                 continue
             if blob in quarantined:

@@ -333,7 +333,8 @@ def test_status_totals_leave_out_dead_nodes(tmp_path, capsys):
         assert client_module.cmd_status(SimpleNamespace(status=master.status), None) == client_module.EXIT_OK
         header, a, b, *rest = capsys.readouterr().out.splitlines()
         assert header.split()[4:8] == ["CAPACITY", "USED", "FREE", "CHUNKS"], header
-        assert a.split()[2:] == ["alive", "8.0s", "ago", "8.0", "MiB", "3.0", "MiB", "5.0", "MiB", "3072"], a
+        assert a.split()[2:] == ["alive", "8.0s", "ago", "8.0", "MiB", "3.0", "MiB", "5.0", "MiB", "3072",
+                                 "0", "B"], a  # the last column: bytes in quarantine
         assert "DEAD" in b and "3.0 MiB in 3072 chunks, 5.0 MiB free of 8.0 MiB" in rest[0], rest
         assert "7.0 MiB in 7168 chunks" in rest[1], rest
     finally:
