@@ -234,6 +234,9 @@ class UploadMaster(FakeMaster):
     def collect_garbage(self, blob, node_ids):
         pass
 
+    def fence(self) -> dict:
+        return {"cluster_id": "c", "epoch": 1}
+
 
 def upload(master, data: bytes, frame_bytes: int):
     """Feed ``data`` to an UploadStream in frames of ``frame_bytes`` (read in place, as the master does); (session, entry)."""
