@@ -1018,6 +1018,11 @@ class Client:
                         sha.update(view[:n])
                         conn.send(protocol.Data(body=view[:n]), flush=False)
             conn.send(protocol.Sync())
+        except BaseException:
+            # No SYNC will settle the replies in flight: break the connection
+            # so the reply thread ends now, not at the socket timeout.
+            conn.abandon()
+            raise
         finally:
             receiver.join(self.timeout_s)
         if receiver_error:

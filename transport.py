@@ -260,6 +260,18 @@ class Connection:
             return True
         return bool(readable)
 
+    def abandon(self) -> None:
+        """Give up on this connection at once: mark it broken and wake a thread blocked reading it.
+
+        ``close`` alone does not wake a ``recv`` blocked in another thread on
+        Linux; shutting the socket down does.
+        """
+        self.broken = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     def close(self) -> None:
         for closable in (getattr(self, "wfile", None), getattr(self, "rfile", None), self.sock):
             if closable is None:

@@ -576,3 +576,40 @@ def test_every_readme_client_example_runs(cluster, request, tmp_path):
             failures.append(f"{example!r}: shell exit {proc.returncode}, client exits {statuses}, "
                             f"stderr {proc.stderr.decode(errors='replace')[-300:]!r}")
     assert not failures, "\n".join(failures)
+
+
+def test_a_tree_upload_whose_reader_fails_ends_at_once_not_at_the_timeout(cluster, tmp_path, monkeypatch):
+    """A local read error mid-tree ends the upload within seconds instead of waiting out the client timeout."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for index in range(3):
+        (tree / f"f{index}").write_bytes(b"x" * 5000)
+    real_open_source = client_module.open_source
+
+    class FailingReader:
+        def __init__(self, f):
+            self.f = f
+
+        def readinto(self, buffer):
+            raise OSError(5, "Input/output error")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc_info):
+            self.f.close()
+
+    def open_source(path, kind):
+        f, size, meta = real_open_source(path, kind)
+        return (FailingReader(f) if path.endswith("f1") else f), size, meta
+
+    monkeypatch.setattr(client_module, "open_source", open_source)
+    c = cluster.client()
+    c.timeout_s = 20.0
+    started = time.monotonic()
+    try:
+        with pytest.raises(client_module.LocalFileError, match="cannot read"):
+            c.upload_tree(str(tree), "hang/tree")
+    finally:
+        c.close()
+    assert time.monotonic() - started < 5.0
