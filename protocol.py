@@ -999,6 +999,20 @@ class OrphansReclaimed(Message):
     chunks: int
 
 
+@message
+class Health(Message):
+    """The cluster's health as the master sees it (health.py).  Reply: HEALTH_REPLY."""
+
+    OP = "HEALTH"
+
+
+@message
+class HealthReply(Message):
+    OP = "HEALTH_REPLY"
+    status: str  # HEALTH_OK, HEALTH_WARN or HEALTH_ERR
+    checks: list  # [{"code", "severity", "count", "summary", "detail": [str, ...]}]
+
+
 # Node -> master ------------------------------------------------------------
 @message
 class Register(Message):

@@ -192,6 +192,7 @@ class Repairer:
         self.under_replicated_chunks = 0
         self.repairs_pending = 0
         self.repaired_chunks = 0
+        self.repaired_bytes = 0  # bytes copied by repairs (each new copy counted)
         self.corrupt_replicas_found = 0
         self.damaged_files: list[str] = []
         self._last_pass_futile = 0  # pieces of the last pass, if it repaired nothing
@@ -407,6 +408,7 @@ class Repairer:
             progress.step(task, copied)
             if copied:
                 self.repaired_chunks += task.count
+                self.repaired_bytes += copied
                 self.under_replicated_chunks = max(0, self.under_replicated_chunks - task.count)
                 # Pace: this piece's bytes should take copied/rate seconds.
                 self._stop.wait(max(0.0, copied / rate - (time.monotonic() - started)))

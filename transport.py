@@ -476,6 +476,7 @@ class RequestHandler(socketserver.StreamRequestHandler):
         if method is None:
             self.reply(protocol.error_message(protocol.UnknownOperation(f"{msg.OP} is not served here")))
             return
+        started = time.monotonic()
         try:
             method(msg)
         except RemoteProtocolError:
@@ -483,6 +484,7 @@ class RequestHandler(socketserver.StreamRequestHandler):
         except BackupError as exc:
             logger.debug("%s: %s failed: %s", self.peer, msg.OP, exc)
             self.reply(protocol.error_message(exc))
+        self.after_request(msg, time.monotonic() - started)
 
     # --- handshake ------------------------------------------------------------------------
     def _handshake(self) -> bool:
@@ -584,6 +586,9 @@ class RequestHandler(socketserver.StreamRequestHandler):
     # --- requests -------------------------------------------------------------------------
     def before_request(self, msg: protocol.Message) -> None:
         """Hook run before each request is dispatched; subclasses may override."""
+
+    def after_request(self, msg: protocol.Message, elapsed_s: float) -> None:
+        """Hook run after each request was served (or answered with ERROR); for metrics."""
 
     def idle_deadline_s(self) -> float | None:
         """Seconds the peer may stay silent between requests before ``on_idle`` runs.

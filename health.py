@@ -1,0 +1,336 @@
+"""Cluster health: HEALTH_OK / HEALTH_WARN / HEALTH_ERR with named checks.
+
+An operator's first question is "is my data safe right now?"; Ceph answers
+it with ``ceph health detail``, and this module is the same idea for the
+backup cluster.  It is pure: ``evaluate(facts)`` takes what the master
+knows (node table, a census of live copies per chunk, repair progress; see
+monitor.Monitor.facts) and returns the health, without I/O, locks or a
+clock, so every check is a unit test away.
+
+Each check is one small function ``facts -> Check | None`` in ``CHECKS``.
+A check that fires has a code (stable, for scripts and alerts), a severity
+(WARN or ERR), a count (nodes, chunks, files: the summary says which), a
+one-line summary and a few detail lines.  The overall status is the worst
+severity that fired.  Adding a check is adding one function to ``CHECKS``
+(and a line to docs/METRICS.md and the README).
+
+What the checks mean:
+
+* ``NODE_DOWN`` (WARN): a node the namespace still places chunks on is
+  dead.  Like Ceph's "down and in": once its chunks have been re-copied to
+  other nodes, nothing depends on it and the check clears (the node still
+  shows as dead in ``status`` and on the page).
+* ``INSUFFICIENT_NODES`` (ERR): fewer live nodes than ``replication``;
+  uploads fail.
+* ``CHUNKS_DEGRADED`` (WARN): chunks with fewer live copies than
+  ``replication`` but at least one; with repair progress and ETA.
+* ``DATA_UNAVAILABLE`` (ERR): chunks whose every holder is down; their
+  files cannot be read until a holder returns.
+* ``DATA_LOST`` (ERR): chunks with no copy left at all (every copy was
+  found corrupt or missing); their files are damaged for good.
+* ``NODE_FULL`` (WARN, ERR when fewer than ``replication`` live nodes have
+  room) and ``NODE_NEARFULL`` (WARN, used >= NEARFULL_RATIO of capacity).
+* ``SAFE_MODE`` (WARN): after a master start, nothing is repaired or
+  deleted until every known node has reported or ``safe_mode_s`` passed.
+* ``SCRUB_ERRORS`` (WARN): corrupt copies were found (by a node's scrubber
+  or by a read) within the last SCRUB_ERRORS_WINDOW_S; they are repaired
+  from good copies, but a disk that rots deserves a look.
+
+Left out until they exist: ``MASTER_DOWN`` / ``NO_QUORUM`` (replicated
+masters), ``NODE_REFUSED`` / ``ORPHANS_HELD`` (refused nodes, quarantine).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from views import format_duration, human_bytes
+
+OK, WARN, ERR = "HEALTH_OK", "HEALTH_WARN", "HEALTH_ERR"
+SEVERITY_RANK = {OK: 0, WARN: 1, ERR: 2}  # also the exit status of `client.py health`
+
+# Ceph's default mon_osd_nearfull_ratio: room for a node's share of a
+# re-replication after a failure before it fills.
+NEARFULL_RATIO = 0.85
+# How long a corrupt copy keeps SCRUB_ERRORS up.  Repairs are automatic, so
+# the check is a notice that a disk rots, not a task; an hour is long enough
+# to be seen by a person or an alert, short enough to clear by itself.
+SCRUB_ERRORS_WINDOW_S = 3600.0
+# Detail lines per check: enough to name the culprits, bounded so a health
+# reply stays small whatever the cluster's size.
+MAX_DETAIL_LINES = 20
+
+# Node states, as STATUS_REPLY names them (docs/PROTOCOL.md): heard and
+# reported; heard, inventory not in yet; not heard since the master started,
+# still expected; silent past dead_after_s (or never heard and no longer
+# expected); stopped cleanly (said goodbye).
+ALIVE, REPORTING, WAITING, DEAD, STOPPED = "alive", "reporting", "waiting", "dead", "stopped"
+NODE_STATES = (ALIVE, REPORTING, WAITING, DEAD, STOPPED)
+
+
+@dataclass(frozen=True)
+class Check:
+    code: str
+    severity: str  # WARN or ERR
+    count: int
+    summary: str
+    detail: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict:
+        return {"code": self.code, "severity": self.severity, "count": self.count, "summary": self.summary,
+                "detail": list(self.detail[:MAX_DETAIL_LINES])}
+
+
+@dataclass
+class Census:
+    """Live copies of every chunk of every file (see ``take_census``)."""
+
+    copies: dict = field(default_factory=dict)  # live copies -> chunks
+    degraded_chunks: int = 0  # 0 < live copies < replication
+    degraded_bytes: int = 0
+    degraded_files: int = 0
+    unavailable_chunks: int = 0  # holders recorded, none alive
+    unavailable_files: list = field(default_factory=list)  # names, at most MAX_NAMES
+    unavailable_file_count: int = 0
+    lost_chunks: int = 0  # no holder recorded at all
+    lost_files: list = field(default_factory=list)
+    lost_file_count: int = 0
+    placed: dict = field(default_factory=dict)  # node id -> chunks the namespace places on it
+    files: int = 0
+    chunks: int = 0
+
+    MAX_NAMES = 100
+
+
+def take_census(files: dict, alive: set, replication: int) -> Census:
+    """Count live copies per chunk over ``files`` (name -> namespace entry).
+
+    ``alive``: ids of the nodes heard from within ``dead_after_s``.  Costs
+    one pass over the runs (a run is a few dozen bytes per batch, never per
+    chunk), so it is cheap enough to take on every health request.
+    """
+    census = Census()
+    for name, entry in list(files.items()):
+        census.files += 1
+        census.chunks += entry["chunks"]
+        degraded = unavailable = lost = False
+        for run in entry["runs"]:
+            first, count, nodes = run[:3]
+            live = sum(1 for n in nodes if n in alive)
+            census.copies[live] = census.copies.get(live, 0) + count
+            for n in nodes:
+                census.placed[n] = census.placed.get(n, 0) + count
+            if live >= replication:
+                continue
+            if live:
+                census.degraded_chunks += count
+                census.degraded_bytes += count * entry["chunk_size"]
+                degraded = True
+            elif nodes:
+                census.unavailable_chunks += count
+                unavailable = True
+            else:
+                census.lost_chunks += count
+                lost = True
+        census.degraded_files += degraded
+        if unavailable:
+            census.unavailable_file_count += 1
+            if len(census.unavailable_files) < Census.MAX_NAMES:
+                census.unavailable_files.append(name)
+        if lost:
+            census.lost_file_count += 1
+            if len(census.lost_files) < Census.MAX_NAMES:
+                census.lost_files.append(name)
+    return census
+
+
+def node_state(node: dict, dead_after_s: float, safe_mode: bool) -> str:
+    """The node's state (NODE_STATES): the master's word if STATUS_REPLY carries one, else derived."""
+    if node.get("state") in NODE_STATES:
+        return node["state"]
+    heard = node.get("last_heard_s")
+    if heard is None:
+        return WAITING if safe_mode else DEAD
+    if heard > dead_after_s:
+        return DEAD
+    return ALIVE if node.get("alive") else REPORTING
+
+
+# --- the checks: facts -> Check | None ------------------------------------------------------
+# ``facts`` (built by monitor.Monitor.facts) holds: replication, nodes (each
+# with id, address, state, last_heard_s, capacity_bytes, used_bytes,
+# free_bytes, full, placed_chunks), census (Census), repair (dict: safe_mode,
+# safe_mode_left_s, nodes_known, nodes_reported, repaired_chunks,
+# rate_chunks_per_s, eta_s, episode_repaired_chunks), scrub_errors_recent
+# (int) and scrub_errors_by_node ({node id: int}).
+
+def check_node_down(facts: dict) -> Check | None:
+    down = [n for n in facts["nodes"] if n["state"] in (DEAD, STOPPED) and n.get("placed_chunks", 0) > 0]
+    if not down:
+        return None
+    detail = [f"node {n['id']} at {n['address']}: " +
+              ("stopped" if n["state"] == STOPPED
+               else "not heard since the master started" if n["last_heard_s"] is None
+               else f"not heard for {n['last_heard_s']:.0f} s") +
+              f"; {n['placed_chunks']} chunk(s) placed on it" for n in down]
+    return Check("NODE_DOWN", WARN, len(down), f"{_count(len(down), 'node')} down with data on it", tuple(detail))
+
+
+def check_insufficient_nodes(facts: dict) -> Check | None:
+    live = [n for n in facts["nodes"] if n["state"] in (ALIVE, REPORTING)]
+    wanted = facts["replication"]
+    if len(live) >= wanted:
+        return None
+    return Check("INSUFFICIENT_NODES", ERR, len(live),
+                 f"{_count(len(live), 'node')} alive, {wanted} needed: uploads fail and repair cannot run")
+
+
+def check_chunks_degraded(facts: dict) -> Check | None:
+    census: Census = facts["census"]
+    if not census.degraded_chunks:
+        return None
+    summary = (f"{_count(census.degraded_chunks, 'chunk')} ({human_bytes(census.degraded_bytes)}) in "
+               f"{_count(census.degraded_files, 'file')} below {facts['replication']} live copies; "
+               + repair_progress_text(facts))
+    return Check("CHUNKS_DEGRADED", WARN, census.degraded_chunks, summary)
+
+
+def repair_progress_text(facts: dict) -> str:
+    """'repairing: 40% done, 12.0 MiB/s, ETA 0:35', or why repair waits."""
+    repair = facts["repair"]
+    if repair["safe_mode"]:
+        return "repair starts when safe mode ends"
+    live = sum(1 for n in facts["nodes"] if n["state"] == ALIVE)
+    if live <= 1 and facts["replication"] > 1:
+        return "repair waits: no other live node to copy to"
+    done = repair.get("episode_repaired_chunks", 0)
+    remaining = facts["census"].degraded_chunks
+    text = f"repairing: {done * 100 // max(done + remaining, 1)}% done"
+    rate = repair.get("rate_chunks_per_s") or 0.0
+    if rate > 0:
+        text += f", {rate:.0f} chunks/s, ETA {format_duration(repair['eta_s'])}"
+    else:
+        text += ", ETA unknown (no progress measured yet)"
+    return text
+
+
+def check_data_unavailable(facts: dict) -> Check | None:
+    census: Census = facts["census"]
+    if not census.unavailable_chunks:
+        return None
+    return Check("DATA_UNAVAILABLE", ERR, census.unavailable_chunks,
+                 f"{_count(census.unavailable_chunks, 'chunk')} in {_count(census.unavailable_file_count, 'file')} "
+                 f"have no live copy (every holder is down): those files cannot be read until one returns",
+                 tuple(census.unavailable_files))
+
+
+def check_data_lost(facts: dict) -> Check | None:
+    census: Census = facts["census"]
+    if not census.lost_chunks:
+        return None
+    return Check("DATA_LOST", ERR, census.lost_chunks,
+                 f"{_count(census.lost_chunks, 'chunk')} in {_count(census.lost_file_count, 'file')} lost: "
+                 f"every copy is corrupt or missing",
+                 tuple(census.lost_files))
+
+
+def check_node_full(facts: dict) -> Check | None:
+    live = [n for n in facts["nodes"] if n["state"] == ALIVE]
+    full = [n for n in live if n.get("full")]
+    if not full:
+        return None
+    roomy = len(live) - len(full)
+    severity = ERR if roomy < facts["replication"] else WARN
+    summary = f"{_count(len(full), 'node')} full" + (
+        f"; only {roomy} node(s) with room, {facts['replication']} needed: uploads fail" if severity == ERR
+        else "; placement avoids it")
+    return Check("NODE_FULL", severity, len(full), summary,
+                 tuple(f"node {n['id']} at {n['address']}: {_usage(n)}" for n in full))
+
+
+def check_node_nearfull(facts: dict) -> Check | None:
+    near = [n for n in facts["nodes"] if n["state"] == ALIVE and not n.get("full") and n.get("capacity_bytes")
+            and n["used_bytes"] >= NEARFULL_RATIO * n["capacity_bytes"]]
+    if not near:
+        return None
+    return Check("NODE_NEARFULL", WARN, len(near),
+                 f"{_count(len(near), 'node')} over {NEARFULL_RATIO:.0%} full",
+                 tuple(f"node {n['id']} at {n['address']}: {_usage(n)}" for n in near))
+
+
+def check_safe_mode(facts: dict) -> Check | None:
+    repair = facts["repair"]
+    if not repair["safe_mode"]:
+        return None
+    waiting = repair["nodes_known"] - repair["nodes_reported"]
+    return Check("SAFE_MODE", WARN, 1,
+                 f"safe mode: nothing is repaired or deleted for {repair['safe_mode_left_s']:.0f} s more "
+                 f"or until {_count(waiting, 'more node')} report(s) ({repair['nodes_reported']} of "
+                 f"{repair['nodes_known']} reported)")
+
+
+def check_scrub_errors(facts: dict) -> Check | None:
+    recent = facts.get("scrub_errors_recent", 0)
+    if not recent:
+        return None
+    by_node = facts.get("scrub_errors_by_node", {})
+    return Check("SCRUB_ERRORS", WARN, recent,
+                 f"{_count(recent, 'corrupt copy', 'corrupt copies')} found in the last "
+                 f"{SCRUB_ERRORS_WINDOW_S / 3600:.0f} h (re-copied from good copies); check those disks",
+                 tuple(f"node {node_id}: {count} reported by its scrubber since the master started"
+                       for node_id, count in sorted(by_node.items()) if count))
+
+
+# Order = display order: what threatens data first.
+CHECKS = (
+    check_data_lost,
+    check_data_unavailable,
+    check_insufficient_nodes,
+    check_node_full,
+    check_node_down,
+    check_chunks_degraded,
+    check_safe_mode,
+    check_node_nearfull,
+    check_scrub_errors,
+)
+# Every code a check may report, for metrics that must show a 0 for a check
+# that does not fire (an alert rule needs the series to exist).
+CHECK_CODES = ("DATA_LOST", "DATA_UNAVAILABLE", "INSUFFICIENT_NODES", "NODE_FULL", "NODE_DOWN", "CHUNKS_DEGRADED",
+               "SAFE_MODE", "NODE_NEARFULL", "SCRUB_ERRORS")
+
+
+def evaluate(facts: dict) -> dict:
+    """{"status": HEALTH_*, "checks": [Check.as_dict(), ...]} for ``facts``."""
+    checks = [check for check in (fn(facts) for fn in CHECKS) if check is not None]
+    status = OK
+    for check in checks:
+        if SEVERITY_RANK[check.severity] > SEVERITY_RANK[status]:
+            status = check.severity
+    return {"status": status, "checks": [check.as_dict() for check in checks]}
+
+
+# --- text ------------------------------------------------------------------------------------
+def summary_line(health: dict) -> str:
+    """One line: ``HEALTH_WARN NODE_DOWN: 1 node down ...; CHUNKS_DEGRADED: ...``."""
+    if not health["checks"]:
+        return health["status"]
+    return health["status"] + " " + "; ".join(f"{c['code']}: {c['summary']}" for c in health["checks"])
+
+
+def detail_lines(health: dict) -> list[str]:
+    """The status line, then one line per check and its detail lines indented (``health --detail``)."""
+    lines = [health["status"]]
+    for check in health["checks"]:
+        lines.append(f"[{check['severity'][7:]}] {check['code']}: {check['summary']}")
+        lines += [f"    {line}" for line in check["detail"]]
+    return lines
+
+
+def _count(n: int, word: str, plural: str | None = None) -> str:
+    return f"{n} {word if n == 1 else (plural or word + 's')}"
+
+
+def _usage(node: dict) -> str:
+    capacity = node.get("capacity_bytes") or 0
+    share = f" ({node['used_bytes'] / capacity:.0%})" if capacity else ""
+    return f"{human_bytes(node['used_bytes'])} of {human_bytes(capacity)} used{share}"

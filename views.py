@@ -1,0 +1,80 @@
+"""What people and scripts see: byte and time formatting, and the JSON documents.
+
+Every ``--json`` output of client.py and the master's ``/api/status`` are
+built here, so one schema serves both (docs/JSON.md).  The rules that keep
+it stable: sizes are integers in bytes; a point in time ``t`` is given
+twice, as ``t`` (Unix seconds, a number) and ``t_iso`` (ISO 8601 in UTC,
+``2024-05-01T12:00:00.123Z``); a duration is a number of seconds in a key
+ending ``_s``.  Keys are only ever added, never renamed or removed.
+
+Pure functions of their arguments: no I/O, no clock unless passed ``now``.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def format_duration(seconds: float | None) -> str:
+    """'1:02:03', '2:05', or 'unknown' for None."""
+    if seconds is None:
+        return "unknown"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def iso_time(unix_s: float | None) -> str | None:
+    """ISO 8601 in UTC with milliseconds and a Z, or None."""
+    if unix_s is None:
+        return None
+    moment = datetime.datetime.fromtimestamp(unix_s, datetime.timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def stamped(key: str, unix_s: float | None) -> dict:
+    """{key: unix seconds, key_iso: ISO 8601}: how every point in time is given."""
+    return {key: unix_s, f"{key}_iso": iso_time(unix_s)}
+
+
+# --- documents ---------------------------------------------------------------------------------
+def list_document(prefix: str, entries: list[dict]) -> dict:
+    """`list --json`: the files whose names start with ``prefix``."""
+    files = [{"name": e["name"], "size": e["size"], "chunks": e["chunks"], **stamped("mtime", e["mtime"])}
+             for e in entries]
+    return {"prefix": prefix, "count": len(files), "total_bytes": sum(f["size"] for f in files), "files": files}
+
+
+def stat_document(reply) -> dict:
+    """`stat --json`: a STAT_REPLY; ``runs`` are [first_chunk, count, [node ids], blob]."""
+    fields = {k: getattr(reply, k) for k in ("name", "size", "chunks", "chunk_size", "sha256", "mtime", "version")}
+    return {**fields, "mtime_iso": iso_time(reply.mtime), "runs": reply.runs}
+
+
+def locks_document(locks: list[dict]) -> dict:
+    """`locks --json`: held write locks, each with its queue of waiting writers."""
+    return {"locks": [{"name": lock["name"], "holder": lock["holder"], **stamped("since", lock["since"]),
+                       "waiting": [{"owner": w["owner"], **stamped("since", w["since"])} for w in lock["waiting"]]}
+                      for lock in locks]}
+
+
+def node_document(node: dict, state: str, now: float) -> dict:
+    """One STATUS_REPLY node, with its state and times made absolute."""
+    heard_s = node.get("last_heard_s")
+    capacity, used = node.get("capacity_bytes", 0), node.get("used_bytes", 0)
+    return {**node, "state": state, **stamped("last_heard", None if heard_s is None else round(now - heard_s, 3)),
+            "free_bytes": node.get("free_bytes", max(0, capacity - used))}
+
+
+def status_document(health: dict, nodes: list[dict], totals: dict, now: float, extra: dict | None = None) -> dict:
+    """`status --json` (and the core of /api/status): health, nodes, totals."""
+    return {"health": health, **stamped("time", round(now, 3)), "nodes": nodes, "totals": totals, **(extra or {})}
