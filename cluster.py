@@ -61,6 +61,7 @@ class Server:
         self.log_path = log_path
         self.process: subprocess.Popen | None = None
         self.address: str | None = None
+        self.http_url: str | None = None  # the master's status page, if it printed one
 
     @property
     def pid(self) -> int:
@@ -86,6 +87,8 @@ class Server:
                 continue
             if line is None:
                 break
+            if line.startswith("status page on "):
+                self.http_url = line.split(" ", 3)[3].strip()
             if line.startswith("listening on "):
                 self.address = line.split(" ", 2)[2].strip()
                 return self.address
@@ -157,11 +160,12 @@ class LocalCluster:
 
     def __init__(self, data_dir: str, nodes: int = 3, host: str = "127.0.0.1", master_port: int = 0,
                  master_args=(), node_args=(), config_path: str | None = None, secret_file: str | None = None,
-                 insecure: bool = False):
+                 insecure: bool = False, http_port: str | None = None):
         self.data_dir = os.path.abspath(data_dir)
         self.host = host
         self.master_port = master_port
-        self.master_args = list(master_args)
+        # http_port: the master's --http-port ("0" off, "any"); None = its config's.
+        self.master_args = list(master_args) + (["--http-port", str(http_port)] if http_port is not None else [])
         self.node_args = list(node_args)
         # Given to the master and every node alike (the secret file by path: never on a command line).
         # Absolute: a path the caller gave is relative to the caller's cwd.
@@ -185,6 +189,11 @@ class LocalCluster:
     def node_name(index: int) -> str:
         """Nodes are node1..N (as in the README), though ``nodes`` is indexed from 0."""
         return f"node{index + 1}"
+
+    @property
+    def http_url(self) -> str | None:
+        """The master's status page URL (``http://HOST:PORT/``), or None if it serves none."""
+        return self.master.http_url
 
     def node_data_dir(self, index: int) -> str:
         return os.path.join(self.data_dir, self.node_name(index))
@@ -330,6 +339,9 @@ def main(argv=None) -> int:
                         help="let the master and nodes listen beyond loopback without a secret")
     parser.add_argument("--log-level", type=config_module.log_level, metavar="LEVEL",
                         help=f"log level of every process: {', '.join(config_module.LOG_LEVELS)} (default INFO)")
+    parser.add_argument("--log-format", choices=("text", "json"), help="log format of every process (default text)")
+    parser.add_argument("--http-port", metavar="PORT",
+                        help="the master's status page port (default [http] port, 7780); 0 = off; any = any free port")
     args = parser.parse_args(argv)
     try:
         # The children check it too, but a mistake is one line here rather than in a child's log.
@@ -340,9 +352,10 @@ def main(argv=None) -> int:
     port = config.master_port if args.port is None else args.port
     host = config.master_host if args.host is None else args.host
     log_args = ["--log-level", args.log_level] if args.log_level else []
+    log_args += ["--log-format", args.log_format] if args.log_format else []
     cluster = LocalCluster(args.data_dir, nodes=args.nodes, host=host, master_port=port, master_args=log_args,
                            node_args=log_args, config_path=args.config, secret_file=args.secret_file,
-                           insecure=args.insecure)
+                           insecure=args.insecure, http_port=args.http_port)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stopping.set())
     try:
@@ -351,6 +364,8 @@ def main(argv=None) -> int:
         print(f"cluster: {exc}", file=sys.stderr)
         return EXIT_START_FAILED
     print(f"master listening on {cluster.master_address} (pid {cluster.master.pid})")
+    if cluster.http_url:
+        print(f"status page on {cluster.http_url}")
     for index, node in enumerate(cluster.nodes):
         print(f"{node.name} listening on {node.address} (pid {node.pid}, data in {cluster.node_data_dir(index)})")
     print(f"logs in {cluster.log_dir}; a process that dies is restarted; press Ctrl-C to stop", flush=True)

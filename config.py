@@ -64,10 +64,28 @@ class Config:
     max_connections: int = 256
     keep_versions: int = 10
     trash_days: float = 7.0
+    # [http]: the master's status page and metrics (web_status.py).
+    http_host: str = ""  # empty = the master's host
+    http_port: int = 7780  # 0 = off, HTTP_ANY_PORT = any free port
+    http_token: str = field(default="", repr=False)
 
     @property
     def chunks_per_batch(self) -> int:
         return max(1, self.batch_bytes // self.chunk_size_bytes)
+
+
+# `--http-port any` / `[http] port = any`: bind any free port (0 means off).
+HTTP_ANY_PORT = -1
+
+
+def http_port(text: str) -> int:
+    """A status page port: 1..65535, 0 (off) or 'any' (any free port, printed at start)."""
+    if text.strip().lower() == "any":
+        return HTTP_ANY_PORT
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{text!r} is not a port")
+    return port
 
 
 # (section, key in the file, Config field, parser)
@@ -111,6 +129,9 @@ _KEYS = [
     ("security", "max_connections", "max_connections", int),
     ("retention", "keep_versions", "keep_versions", int),
     ("retention", "trash_days", "trash_days", float),
+    ("http", "host", "http_host", str),
+    ("http", "port", "http_port", http_port),
+    ("http", "token", "http_token", str),
 ]
 
 
@@ -249,6 +270,8 @@ def validate(config: Config) -> None:
         raise ValueError("keep_versions must be at least 1 (1 = no older versions)")
     if config.max_connections < 1:
         raise ValueError("max_connections must be at least 1")
+    if not HTTP_ANY_PORT <= config.http_port <= 65535:
+        raise ValueError("[http] port must be 1..65535, 0 (off) or any")
     for name in ("node_master", "client_master"):
         parse_addresses(getattr(config, name), name)
     if config.masters:

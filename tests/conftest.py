@@ -155,6 +155,11 @@ class TestCluster(cluster_module.LocalCluster):
 
     __test__ = False  # not a test class for pytest
 
+    def __init__(self, *args, http_port: str = "0", **kwargs):
+        # No status page unless a test asks for one ("any"): the default port
+        # 7780 is one for the whole machine, and tests run side by side.
+        super().__init__(*args, http_port=http_port, **kwargs)
+
     def cli(self, *args, stdin: bytes | None = None, timeout_s: float = 60.0, master: str | None = None) -> CliResult:
         argv = [sys.executable, os.path.join(ROOT, "client.py"), "--master", master or self.master_address,
                 "--quiet", *args]
