@@ -32,6 +32,7 @@ import time
 
 import config as config_module
 import dirlock
+import logsetup
 import master_link
 import protocol
 import security as security_module
@@ -693,6 +694,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--orphan-grace", type=float, metavar="S",
                         help="seconds a quarantined blob is kept before it is erased (default from config)")
     parser.add_argument("--io-timeout", type=float, metavar="S", help="seconds a network read or write may take")
+    logsetup.add_log_flags(parser)
     return parser
 
 
@@ -727,8 +729,11 @@ def main(argv=None) -> int:
     except (OSError, ValueError, KeyError) as exc:
         print(f"storage_node: cannot open data dir {config.node_data_dir}: {exc}", file=sys.stderr)
         return EXIT_START_FAILED
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format=f"%(asctime)s node {node.node_id} %(levelname)s %(name)s: %(message)s")
+    try:
+        logsetup.configure(f"node {node.node_id}", args.log_level, args.log_file, args.log_format)
+    except OSError as exc:
+        print(f"storage_node: cannot write log file {args.log_file}: {exc.strerror}", file=sys.stderr)
+        return EXIT_START_FAILED
     try:
         server = make_server(node, config.node_host, config.node_port)
     except OSError as exc:
