@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 
 import config as config_module
 import dirlock
+import logsetup
 import meta_backup
 import notes
 import protocol
@@ -53,9 +54,11 @@ import recovery
 import security as security_module
 import transport
 import transfers
+import web_status
 from metadata_log import MetadataLog
 import filemeta
 import history
+from monitor import Monitor, ObservedHandler
 from namespace import (Namespace, NameLocks, entry_blobs, first_covering, make_entry, merge_ranges, put_record,
                        run_blob, splice_runs, uncovered)
 from quarantine import OrphanKeeper
@@ -279,6 +282,7 @@ class Master:
         self._gc_thread = threading.Thread(target=self._gc_loop, name="gc", daemon=True)
         self._liveness_thread = threading.Thread(target=self._liveness_loop, name="liveness", daemon=True)
         self._trash_thread = threading.Thread(target=self._trash_loop, name="trash", daemon=True)
+        self.monitor = Monitor(self)  # health, events and metrics (monitor.py)
 
     def _begin_epoch(self) -> None:
         """Create the cluster id (first start) and raise the epoch, durably, before talking to any node."""
@@ -301,9 +305,11 @@ class Master:
         self.repairer.start()
         self.notes.start()
         self.meta_backup.start()
+        self.monitor.start()
 
     def stop(self) -> None:
         self._stop.set()
+        self.monitor.stop()
         self.repairer.stop()
         self.notes.stop()
         with self._garbage_cond:
@@ -967,7 +973,7 @@ class Master:
                 self._stop.wait(_GC_RETRY_S)
 
 
-class MasterHandler(transport.RequestHandler):
+class MasterHandler(ObservedHandler, transport.RequestHandler):
     """Client and node requests to the master."""
 
     @property
@@ -1385,6 +1391,9 @@ class MasterHandler(transport.RequestHandler):
         blobs, chunks = self.master.reclaim_orphans(msg.node_id)
         self.reply(protocol.OrphansReclaimed(node_id=msg.node_id, blobs=blobs, chunks=chunks))
 
+    def do_HEALTH(self, msg: protocol.Health) -> None:
+        self.reply(protocol.HealthReply(**self.master.monitor.health()))
+
 
 def _runs_from(entry: dict, chunk: int):
     """STAT runs ``[first, count, nodes, blob]`` of ``entry`` from ``chunk`` on (the first one cut to start there)."""
@@ -1443,7 +1452,28 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recover-from-nodes", action="store_true",
                         help="rebuild a lost metadata dir (--data-dir must be empty) from what the nodes hold, "
                              "print a report, then serve")
+    parser.add_argument("--http-port", type=config_module.http_port, metavar="PORT",
+                        help="status page and /metrics port (default [http] port, 7780); 0 = off; any = any free port")
+    logsetup.add_log_flags(parser)
     return parser
+
+
+def start_status_page(master: Master, host: str, port: int, token: str | None, master_address: str):
+    """The web status page, or None if it is off or cannot listen (the master serves on without it).
+
+    Prints ``status page on http://HOST:PORT/`` (before ``listening on``)
+    so scripts and tests that asked for any free port can find it.
+    """
+    if port == 0:
+        return None
+    try:
+        web = web_status.start(master.monitor, host, port, token, master_address)
+    except OSError as exc:
+        logger.error("status page off: cannot listen on %s:%s: %s", host, port, exc.strerror)
+        return None
+    print(f"status page on {web.url}", flush=True)
+    logger.info("status page on %s%s", web.url, " (token required)" if token else "")
+    return web
 
 
 def main(argv=None) -> int:
@@ -1454,9 +1484,11 @@ def main(argv=None) -> int:
             dead_after_s=args.dead_after, heartbeat_interval_s=args.heartbeat_interval,
             io_timeout_s=args.io_timeout, safe_mode_s=args.safe_mode, repair_rate_mb_s=args.repair_rate,
             keep_versions=args.keep_versions, trash_days=args.trash_days,
-            meta_backup_interval_s=args.meta_backup_interval,
+            meta_backup_interval_s=args.meta_backup_interval, http_port=args.http_port,
             **config_module.security_overrides(args))
         security = security_module.for_server(config, config.master_host, args.insecure)
+        http_host = config.http_host or config.master_host
+        http_token = web_status.page_token(config, security, http_host, args.insecure)
     except ValueError as exc:
         print(f"master: bad configuration: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -1469,8 +1501,11 @@ def main(argv=None) -> int:
     except OSError as exc:
         print(f"master: cannot use data dir {config.master_data_dir}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_START_FAILED
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s master %(levelname)s %(name)s: %(message)s")
+    try:
+        logsetup.configure("master", args.log_level, args.log_file, args.log_format)
+    except OSError as exc:
+        print(f"master: cannot write log file {args.log_file}: {exc.strerror}", file=sys.stderr)
+        return EXIT_START_FAILED
     if args.recover_from_nodes:
         return recover_and_serve(config, security)
     try:
@@ -1488,8 +1523,11 @@ def main(argv=None) -> int:
     master.start()
     logger.info("serving %s with %d files from %s", server.address_text, len(master.namespace.files),
                 os.path.abspath(config.master_data_dir))
+    web = start_status_page(master, http_host, config.http_port, http_token, server.address_text)
 
     def stop():
+        if web is not None:
+            web.stop()
         master.stop()
         logger.info("stopped")
 
