@@ -30,9 +30,12 @@ from dataclasses import dataclass, field
 
 import config as config_module
 import filemeta
+import health as health_module
 import history
 import master_link
 import protocol
+import views
+from views import human_bytes
 
 # transport (sockets, TLS) and security (HMAC, TLS contexts) are imported
 # where a connection is made, hashlib (it loads OpenSSL) where a file is
@@ -409,14 +412,6 @@ class Progress:
             text = f"\r{self.label} {human_bytes(self.done)} {human_bytes(rate)}/s  "
         sys.stderr.write(text)
         sys.stderr.flush()
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 class _FrameSink:
@@ -1113,6 +1108,11 @@ class Client:
     def reclaim_orphans(self, node_id: str) -> protocol.OrphansReclaimed:
         return self.conn.request(protocol.ReclaimOrphans(node_id=node_id), protocol.OrphansReclaimed)
 
+    def health(self) -> dict:
+        """{"status": HEALTH_*, "checks": [...]}, as the master computes it (health.py)."""
+        reply = self.conn.request(protocol.Health(), protocol.HealthReply)
+        return {"status": reply.status, "checks": reply.checks}
+
 
 # --- command line -------------------------------------------------------------------------
 def format_time(timestamp: float) -> str:
@@ -1282,8 +1282,7 @@ def cmd_stat(client: Client, args) -> int:
     fields = {k: getattr(reply, k) for k in ("name", "size", "chunks", "chunk_size", "sha256", "mtime", "version",
                                              "version_id", "committed_at")}
     if args.json:
-        print(json.dumps({**fields, "runs": reply.runs}, indent=2, ensure_ascii=False))
-        return EXIT_OK
+        return print_json(views.stat_document(reply))
     for key, value in fields.items():
         print(f"{key + ':':<14}{format_time(value) if key in ('mtime', 'committed_at') and value else value}")
     print(f"{'runs:':<14}{reply.run_count}")
@@ -1392,6 +1391,8 @@ def verify_against(client: Client, args, verify) -> int:
 
 def cmd_locks(client: Client, args) -> int:
     held = client.locks()
+    if args.json:
+        return print_json(views.locks_document(held))
     if not held:
         print("no locks held")
     for lock in held:
@@ -1477,6 +1478,8 @@ def cmd_list(client: Client, args) -> int:
     if prefix and not prefix.endswith("/"):
         # Whole path components: "a" is the file a and the files below a/, not "ab".
         entries = [e for e in entries if e["name"] == prefix or e["name"].startswith(prefix + "/")]
+    if args.json:
+        return print_json(views.list_document(prefix, entries))
     if not args.quiet:
         print(f"{'SIZE':>14} {'CHUNKS':>10}  {'MODIFIED':<19}  NAME")
     for entry in entries:
@@ -1485,7 +1488,14 @@ def cmd_list(client: Client, args) -> int:
 
 
 def cmd_status(client: Client, args) -> int:
+    cluster_health = client.health()
     reply = client.status()
+    if args.json:
+        now = time.time()
+        nodes = [views.node_document(n, n.get("state") or ("alive" if n["alive"] else "dead"), now)
+                 for n in reply.nodes]
+        return print_json(views.status_document(cluster_health, nodes, reply.totals, now))
+    print(health_module.summary_line(cluster_health))
     print(f"{'NODE':<14} {'ADDRESS':<22} {'STATE':<10} {'HEARD':>9} {'CAPACITY':>10} {'USED':>10} {'FREE':>10} "
           f"{'CHUNKS':>10} {'QUARANTINED':>11}")
     for node in reply.nodes:
@@ -1543,6 +1553,33 @@ def cmd_reclaim_orphans(client: Client, args) -> int:
     return EXIT_OK
 
 
+def cmd_health(client: Client, args) -> int:
+    """Exit 0, 1 or 2 for HEALTH_OK, HEALTH_WARN or HEALTH_ERR (Nagios' OK, WARNING, CRITICAL)."""
+    cluster_health = client.health()
+    if args.json:
+        print_json(cluster_health)
+    elif args.detail:
+        print("\n".join(health_module.detail_lines(cluster_health)))
+    else:
+        print(health_module.summary_line(cluster_health))
+    return health_module.SEVERITY_RANK.get(cluster_health["status"], EXIT_ERROR)
+
+
+def cmd_http_token(client: Client, args) -> int:
+    """Print the status page's token derived from the shared secret (no network)."""
+    if client.security is None or not client.security.secret:
+        raise LocalFileError("no shared secret configured: give --secret-file PATH (or [security] secret)")
+    import web_status  # the master's HTTP side: only this command needs it
+    print(web_status.http_token(client.security.secret))
+    return EXIT_OK
+
+
+def print_json(document) -> int:
+    """One JSON document on stdout (docs/JSON.md); the command's exit status."""
+    print(json.dumps(document, indent=2, ensure_ascii=False))
+    return EXIT_OK
+
+
 COMMANDS = {
     "upload": cmd_upload,
     "download": cmd_download,
@@ -1560,6 +1597,8 @@ COMMANDS = {
     "trash": cmd_trash,
     "verify": cmd_verify,
     "reclaim-orphans": cmd_reclaim_orphans,
+    "health": cmd_health,
+    "http-token": cmd_http_token,
 }
 # Commands that take a name's write lock, and so --wait / --no-wait.
 WRITERS = ("upload", "delete", "append", "write", "touch", "undelete")
@@ -1694,7 +1733,6 @@ def build_arg_parser() -> argparse.ArgumentParser:
                        "version, how many runs of chunks it has and how many chunks each node holds, and "
                        f"the nodes and blob of each run if there are at most {STAT_RUNS_SHOWN} (or with --runs).")
     stat_cmd.add_argument("name", metavar="NAME", help="stored name")
-    stat_cmd.add_argument("--json", action="store_true", help="machine-readable output, every run included")
     stat_cmd.add_argument("--runs", action="store_true",
                           help=f"list every run of chunks (by default only if there are at most {STAT_RUNS_SHOWN})")
     versions = command("versions", "list the kept versions of a stored file, oldest first",
@@ -1729,20 +1767,31 @@ def build_arg_parser() -> argparse.ArgumentParser:
                       "and the files below a/, not ab; 'list a/' only the files below a/.")
     listing.add_argument("prefix", metavar="PREFIX", nargs="?", default="",
                          help="a name, or the directory part of names (default: every file)")
-    status = command("status", "show the storage nodes and totals",
-                     "Show each storage node (id, address, alive or dead, last heard, bytes used, chunks) "
-                     "and the cluster's totals: under-replicated chunks, repairs, corrupt replicas, damaged files.")
+    status = command("status", "show the cluster's health, the storage nodes and totals",
+                     "Show the health line (as `health`), then each storage node (id, address, state, last "
+                     "heard, bytes used, chunks) and the cluster's totals: under-replicated chunks, repairs, "
+                     "corrupt replicas, damaged files.")
     reclaim = command("reclaim-orphans", "after the orphan brake tripped on a node: quarantine its orphans anyway",
                       "Quarantine the orphan blobs (no stored file uses them) that the orphan brake held back on "
                       "NODE_ID: they are erased after orphan_grace_s.  Run it only once the master's metadata is "
                       "known to be right (list the files you expect); without --yes it only explains.")
     reclaim.add_argument("node_id", metavar="NODE_ID", help="the node named in the brake warning of `status`")
     reclaim.add_argument("--yes", action="store_true", help="confirm: the master's metadata is right")
+    health = command("health", "HEALTH_OK, HEALTH_WARN or HEALTH_ERR and why; exits 0, 1 or 2",
+                     "Print the cluster's health as the master sees it: HEALTH_OK, HEALTH_WARN or HEALTH_ERR and "
+                     "the checks that fire (README, Health).  Exits 0, 1 or 2 accordingly, for cron and "
+                     "Nagios-style checks; other statuses are the usual errors (5: master unreachable).")
+    health.add_argument("--detail", action="store_true", help="one line per check, with the nodes or files concerned")
+    http_token = command("http-token", "print the status page's token, derived from the shared secret",
+                         "Print the token the master's status page and /metrics require when served beyond "
+                         "loopback, derived from the shared secret (--secret-file).  Needs no network.")
+    for sub in (listing, status, health, locks, stat_cmd):
+        sub.add_argument("--json", action="store_true", help="JSON output (schema in docs/JSON.md)")
     for name, sub in (("upload", upload), ("download", download), ("delete", delete), ("append", append),
                       ("write", write), ("cat", cat), ("touch", touch), ("stat", stat_cmd), ("locks", locks),
                       ("list", listing), ("status", status), ("versions", versions), ("undelete", undelete),
-                      ("trash", trash), ("verify", verify_cmd),
-                      ("reclaim-orphans", reclaim)):
+                      ("trash", trash), ("verify", verify_cmd), ("reclaim-orphans", reclaim), ("health", health),
+                      ("http-token", http_token)):
         add_client_options(sub, writer=name in WRITERS, top=False)
     return parser
 
