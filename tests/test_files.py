@@ -36,6 +36,7 @@ import client as client_module
 import protocol
 import transfers
 import transport
+import views
 
 KIB = 1024
 MIB = 1024 * 1024
@@ -774,8 +775,9 @@ def test_stat_json_parses_to_the_same_fields(shared_cluster, tmp_path):
     parsed = json.loads(result.stdout)
     reply = stat(shared_cluster, "stat/json")
     assert parsed == {"name": "stat/json", "size": len(data), "chunks": 2, "chunk_size": CHUNK_BYTES,
-                      "sha256": sha256(data), "mtime": reply.mtime, "version": reply.version, "runs": reply.runs,
-                      "version_id": reply.version_id, "committed_at": reply.committed_at}
+                      "sha256": sha256(data), "mtime": reply.mtime, "mtime_iso": views.iso_time(reply.mtime),
+                      "version": reply.version, "runs": reply.runs, "version_id": reply.version_id,
+                      "committed_at": reply.committed_at, "committed_at_iso": views.iso_time(reply.committed_at)}
 
 
 # --- range-read latency (measured, printed, never asserted) ----------------------------------
