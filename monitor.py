@@ -49,7 +49,7 @@ MAX_PREFIX_LABELS = 100
 OTHER_PREFIX = "_other"
 
 
-_EVENT_LOG_LEVELS = {"node_down": logging.WARNING, "data_lost": logging.ERROR}
+_EVENT_LOG_LEVELS = {"health": logging.INFO, "data_lost": logging.ERROR}
 
 
 def top_level(name: str) -> str:
@@ -66,12 +66,13 @@ class EventLog:
         self.clock = clock
 
     def add(self, kind: str, severity: str, message: str) -> None:
-        """``severity`` (info, warning or error) is for the page; the log line is INFO
-        except for a node's death and lost data, whose causes nobody else logs."""
+        """``severity`` (info, warning or error) is for the page.  The log gets health
+        changes (INFO) and lost data (ERROR); deaths, returns and repairs are
+        logged where they happen, so their events are DEBUG lines."""
         with self._lock:
             self._events.append({"time": round(self.clock(), 3), "kind": kind, "severity": severity,
                                  "message": message})
-        logger.log(_EVENT_LOG_LEVELS.get(kind, logging.INFO), "event %s: %s", kind, message)
+        logger.log(_EVENT_LOG_LEVELS.get(kind, logging.DEBUG), "event %s: %s", kind, message)
 
     def recent(self) -> list[dict]:
         with self._lock:
