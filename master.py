@@ -1488,7 +1488,7 @@ def main(argv=None) -> int:
             **config_module.security_overrides(args))
         security = security_module.for_server(config, config.master_host, args.insecure)
         http_host = config.http_host or config.master_host
-        http_token = web_status.page_token(config, security, http_host, args.insecure)
+        http_token = web_status.page_token(config, security, http_host, args.insecure) if config.http_port else None
     except ValueError as exc:
         print(f"master: bad configuration: {exc}", file=sys.stderr)
         return EXIT_CONFIG
