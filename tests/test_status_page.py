@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import urllib.error
 import urllib.request
 
 import pytest
@@ -79,6 +80,12 @@ def test_health_follows_node_death_repair_and_lost_data(make_cluster, tmp_path):
     wait_until(lambda: health_cli(cluster) == (0, {"status": "HEALTH_OK", "checks": []}), 10.0, message="HEALTH_OK")
     assert cluster.cli("status").stdout.decode().splitlines()[0] == "HEALTH_OK"
     upload(cluster, "big/data", random_bytes(seed, 5 * MIB + 1), tmp_path)  # 6 batches, ~4 on each node
+    listing = json.loads(cluster.cli("list", "--json").stdout)
+    assert [(f["name"], f["size"]) for f in listing["files"]] == [("big/data", 5 * MIB + 1)], listing
+    assert listing["files"][0]["mtime_iso"].endswith("Z") and listing["total_bytes"] == 5 * MIB + 1
+    assert json.loads(cluster.cli("locks", "--json").stdout) == {"locks": []}
+    status = json.loads(cluster.cli("status", "--json").stdout)
+    assert status["health"]["status"] == "HEALTH_OK" and [n["state"] for n in status["nodes"]] == ["alive"] * 3
 
     cluster.nodes[0].kill()
     code, warn = wait_until(lambda: (lambda r: r if "NODE_DOWN" in codes(r[1]) else None)(health_cli(cluster)),
@@ -126,6 +133,35 @@ def test_health_follows_node_death_repair_and_lost_data(make_cluster, tmp_path):
     status = get_json(url + "api/status")
     assert {"name": "doomed", "reason": "lost"} in status["damaged_files"]
     assert any(e["kind"] == "data_lost" for e in status["events"]), status["events"]
+
+
+def test_page_beyond_loopback_needs_the_token_derived_from_the_secret(make_cluster, tmp_path):
+    """[http] host 0.0.0.0 with a secret: /api/status and /metrics answer 401 without `client.py http-token`'s token, 200 with it."""
+    secret = tmp_path / "secret"
+    secret.write_text("correct horse battery staple\n")
+    secret.chmod(0o600)
+    ini = tmp_path / "http.ini"
+    ini.write_text("[http]\nhost = 0.0.0.0\n")
+    log_file = tmp_path / "master-json.log"
+    cluster = make_cluster(nodes=0, master_args=["--log-file", str(log_file), "--log-format", "json"],
+                           config_path=str(ini), secret_file=str(secret), http_port="any")
+    assert cluster.http_url.startswith("http://0.0.0.0:"), cluster.http_url
+    local = "http://127.0.0.1:" + cluster.http_url.rstrip("/").rpartition(":")[2] + "/"  # loopback traffic only
+    token = cluster.cli("--secret-file", str(secret), "http-token").stdout.decode().strip()
+    assert len(token) == 64 and "horse" not in token
+    for path in ("api/status", "metrics"):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(local + path, timeout=10)
+        assert refused.value.code == 401, path
+        request = urllib.request.Request(local + path, headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 200, path
+    with urllib.request.urlopen(local, timeout=10) as response:  # the page itself carries no data
+        assert b"app.js" in response.read()
+    lines = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert any(line["message"].startswith("status page on http://0.0.0.0:") for line in lines), lines[:5]
+    assert all(line["process"] == "master" and line["time_iso"].endswith("Z") for line in lines)
+    assert "horse" not in log_file.read_text() and token not in log_file.read_text()
 
 
 # --- the page in a real browser ------------------------------------------------------------------
