@@ -36,6 +36,7 @@ import ipaddress
 import json
 import logging
 import os
+import sys
 import threading
 import urllib.parse
 
@@ -59,6 +60,11 @@ STATIC_FILES = {  # URL path -> (file in web/, content type)
 MAX_BROWSE_ENTRIES = 1000
 # Damaged files and detail lines listed by /api/status.
 MAX_DAMAGED_LISTED = 100
+# Connections served at once, and how long one may sit idle: a page, a
+# scraper and a few curls need a handful; a flood must not cost the master
+# a thread per connection.
+MAX_HTTP_CONNECTIONS = 32
+HTTP_IDLE_TIMEOUT_S = 30.0
 # The page's scripts and styles come from us only; no frames, no plugins.
 CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
                            "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
@@ -107,7 +113,26 @@ class StatusServer(http.server.ThreadingHTTPServer):
         self.master_address = master_address
         self.web_dir = web_dir
         self.loopback = security_module.is_loopback(address[0])
+        self._slots = threading.BoundedSemaphore(MAX_HTTP_CONNECTIONS)
         super().__init__(address, StatusHandler)
+
+    def process_request(self, request, client_address):
+        """Serve in a thread if a slot is free; else close the connection at once."""
+        if not self._slots.acquire(blocking=False):
+            logger.debug("status page: %s refused, %d connections open", client_address[0], MAX_HTTP_CONNECTIONS)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     @property
     def url(self) -> str:
@@ -115,6 +140,9 @@ class StatusServer(http.server.ThreadingHTTPServer):
         return f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
 
     def handle_error(self, request, client_address):
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):  # a browser tab closed: routine
+            logger.debug("status page: %s went away", client_address[0])
+            return
         logger.exception("status page: unhandled error serving %s", client_address[0])
 
     def start(self) -> None:
@@ -131,6 +159,7 @@ class StatusHandler(http.server.BaseHTTPRequestHandler):
     server_version = "backup-master"
     sys_version = ""
     protocol_version = "HTTP/1.1"
+    timeout = HTTP_IDLE_TIMEOUT_S  # an idle keep-alive connection is closed after this
 
     def log_message(self, format, *args):  # noqa: A002 (the base class's name)
         logger.debug("%s %s", self.address_string(), format % args)
