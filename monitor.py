@@ -37,7 +37,9 @@ RATE_WINDOW_S = 30.0
 # Samples at most this often, and at least every MAX_SAMPLE_INTERVAL_S.
 MIN_SAMPLE_INTERVAL_S = 0.2
 MAX_SAMPLE_INTERVAL_S = 5.0
-# facts() computed this recently is reused (a page and a scrape at once).
+# facts() computed this recently is reused (a page and a scrape at once);
+# longer when computing them is costly (a huge namespace), so that pages
+# and scrapes cannot spend more than about a tenth of a core on them.
 FACTS_CACHE_S = 0.2
 # Request latency buckets, seconds: from a cached STAT to a large upload.
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -162,6 +164,7 @@ class Monitor:
         self._episode_started: float | None = None
         self._rate = 0.0
         self._cached: tuple[float, dict] | None = None
+        self._cache_s = FACTS_CACHE_S
         self._previous: dict | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="monitor", daemon=True)
@@ -178,7 +181,7 @@ class Monitor:
         """Everything health.evaluate and the views need, computed now (or FACTS_CACHE_S ago)."""
         now_mono = time.monotonic()
         with self._lock:
-            if self._cached is not None and now_mono - self._cached[0] < FACTS_CACHE_S:
+            if self._cached is not None and now_mono - self._cached[0] < self._cache_s:
                 return self._cached[1]
         master = self.master
         config = master.config
@@ -234,6 +237,7 @@ class Monitor:
         facts["health"] = health.evaluate(facts)
         with self._lock:
             self._cached = (now_mono, facts)
+            self._cache_s = max(FACTS_CACHE_S, 10 * (time.monotonic() - now_mono))
         return facts
 
     def health(self) -> dict:
