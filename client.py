@@ -35,7 +35,7 @@ import history
 import master_link
 import protocol
 import views
-from views import human_bytes
+from views import human_bytes, plural
 
 # transport (sockets, TLS) and security (HMAC, TLS contexts) are imported
 # where a connection is made, hashlib (it loads OpenSSL) where a file is
@@ -366,11 +366,6 @@ def make_parents(root: str, path: str) -> None:
         if not stat.S_ISDIR(mode):
             raise LocalFileError(f"{current} is a {file_kind(mode)}, not a directory; a restore does not "
                                  f"follow links or replace files on the way")
-
-
-def plural(count: int, word: str) -> str:
-    """"1 file", "2 files"."""
-    return f"{count} {word}{'' if count == 1 else 's'}"
 
 
 class Progress:

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from views import format_duration, human_bytes
+from views import format_duration, human_bytes, plural
 
 OK, WARN, ERR = "HEALTH_OK", "HEALTH_WARN", "HEALTH_ERR"
 SEVERITY_RANK = {OK: 0, WARN: 1, ERR: 2}  # also the exit status of `client.py health`
@@ -173,7 +173,7 @@ def check_node_down(facts: dict) -> Check | None:
                else "not heard since the master started" if n["last_heard_s"] is None
                else f"not heard for {n['last_heard_s']:.0f} s") +
               f"; {n['placed_chunks']} chunk(s) placed on it" for n in down]
-    return Check("NODE_DOWN", WARN, len(down), f"{_count(len(down), 'node')} down with data on it", tuple(detail))
+    return Check("NODE_DOWN", WARN, len(down), f"{plural(len(down), 'node')} down with data on it", tuple(detail))
 
 
 def check_insufficient_nodes(facts: dict) -> Check | None:
@@ -182,15 +182,15 @@ def check_insufficient_nodes(facts: dict) -> Check | None:
     if len(live) >= wanted:
         return None
     return Check("INSUFFICIENT_NODES", ERR, len(live),
-                 f"{_count(len(live), 'node')} alive, {wanted} needed: uploads fail and repair cannot run")
+                 f"{plural(len(live), 'node')} alive, {wanted} needed: uploads fail and repair cannot run")
 
 
 def check_chunks_degraded(facts: dict) -> Check | None:
     census: Census = facts["census"]
     if not census.degraded_chunks:
         return None
-    summary = (f"{_count(census.degraded_chunks, 'chunk')} ({human_bytes(census.degraded_bytes)}) in "
-               f"{_count(census.degraded_files, 'file')} below {facts['replication']} live copies; "
+    summary = (f"{plural(census.degraded_chunks, 'chunk')} ({human_bytes(census.degraded_bytes)}) in "
+               f"{plural(census.degraded_files, 'file')} below {facts['replication']} live copies; "
                + repair_progress_text(facts))
     return Check("CHUNKS_DEGRADED", WARN, census.degraded_chunks, summary)
 
@@ -219,7 +219,7 @@ def check_data_unavailable(facts: dict) -> Check | None:
     if not census.unavailable_chunks:
         return None
     return Check("DATA_UNAVAILABLE", ERR, census.unavailable_chunks,
-                 f"{_count(census.unavailable_chunks, 'chunk')} in {_count(census.unavailable_file_count, 'file')} "
+                 f"{plural(census.unavailable_chunks, 'chunk')} in {plural(census.unavailable_file_count, 'file')} "
                  f"have no live copy (every holder is down): those files cannot be read until one returns",
                  tuple(census.unavailable_files))
 
@@ -229,7 +229,7 @@ def check_data_lost(facts: dict) -> Check | None:
     if not census.lost_chunks:
         return None
     return Check("DATA_LOST", ERR, census.lost_chunks,
-                 f"{_count(census.lost_chunks, 'chunk')} in {_count(census.lost_file_count, 'file')} lost: "
+                 f"{plural(census.lost_chunks, 'chunk')} in {plural(census.lost_file_count, 'file')} lost: "
                  f"every copy is corrupt or missing",
                  tuple(census.lost_files))
 
@@ -241,7 +241,7 @@ def check_node_full(facts: dict) -> Check | None:
         return None
     roomy = len(live) - len(full)
     severity = ERR if roomy < facts["replication"] else WARN
-    summary = f"{_count(len(full), 'node')} full" + (
+    summary = f"{plural(len(full), 'node')} full" + (
         f"; only {roomy} node(s) with room, {facts['replication']} needed: uploads fail" if severity == ERR
         else "; placement avoids it")
     return Check("NODE_FULL", severity, len(full), summary,
@@ -254,7 +254,7 @@ def check_node_nearfull(facts: dict) -> Check | None:
     if not near:
         return None
     return Check("NODE_NEARFULL", WARN, len(near),
-                 f"{_count(len(near), 'node')} over {NEARFULL_RATIO:.0%} full",
+                 f"{plural(len(near), 'node')} over {NEARFULL_RATIO:.0%} full",
                  tuple(f"node {n['id']} at {n['address']}: {_usage(n)}" for n in near))
 
 
@@ -265,7 +265,7 @@ def check_safe_mode(facts: dict) -> Check | None:
     waiting = repair["nodes_known"] - repair["nodes_reported"]
     return Check("SAFE_MODE", WARN, 1,
                  f"safe mode: nothing is repaired or deleted for {repair['safe_mode_left_s']:.0f} s more "
-                 f"or until {_count(waiting, 'more node')} report(s) ({repair['nodes_reported']} of "
+                 f"or until {plural(waiting, 'more node')} report(s) ({repair['nodes_reported']} of "
                  f"{repair['nodes_known']} reported)")
 
 
@@ -275,7 +275,7 @@ def check_scrub_errors(facts: dict) -> Check | None:
         return None
     by_node = facts.get("scrub_errors_by_node", {})
     return Check("SCRUB_ERRORS", WARN, recent,
-                 f"{_count(recent, 'corrupt copy', 'corrupt copies')} found in the last "
+                 f"{plural(recent, 'corrupt copy', 'corrupt copies')} found in the last "
                  f"{SCRUB_ERRORS_WINDOW_S / 3600:.0f} h (re-copied from good copies); check those disks",
                  tuple(f"node {node_id}: {count} reported by its scrubber since the master started"
                        for node_id, count in sorted(by_node.items()) if count))
@@ -324,10 +324,6 @@ def detail_lines(health: dict) -> list[str]:
         lines.append(f"[{check['severity'][7:]}] {check['code']}: {check['summary']}")
         lines += [f"    {line}" for line in check["detail"]]
     return lines
-
-
-def _count(n: int, word: str, plural: str | None = None) -> str:
-    return f"{n} {word if n == 1 else (plural or word + 's')}"
 
 
 def _usage(node: dict) -> str:

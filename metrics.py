@@ -128,7 +128,8 @@ def render(facts: dict, stats: dict, started_unix: float) -> str:
                [(None, facts["replication"])])
     out.metric("backup_damaged_files", "gauge",
                "Files with a chunk that has no copy left (lost) or no live copy (unavailable).",
-               [({"reason": "lost"}, census.lost_file_count), ({"reason": "unavailable"}, census.unavailable_file_count)])
+               [({"reason": "lost"}, census.lost_file_count),
+                ({"reason": "unavailable"}, census.unavailable_file_count)])
 
     # --- repair -------------------------------------------------------------------------------
     out.metric("backup_safe_mode", "gauge", "1 while the master is in safe mode (no repair, no deletion).",

@@ -319,7 +319,8 @@ class Monitor:
         for refused in after["refused"]:
             if refused.get("id") not in old_refused:
                 self.events.add("node_refused", "warning",
-                                f"node {refused.get('id')} at {refused.get('address')} refused: {refused.get('reason')}")
+                                f"node {refused.get('id')} at {refused.get('address')} refused: "
+                                f"{refused.get('reason')}")
         census_before, census_after = before["census"], after["census"]
         if census_after.degraded_chunks and not census_before.degraded_chunks:
             self.events.add("repair_started", "warning",

@@ -23,6 +23,11 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def plural(count: int, word: str, plural_word: str | None = None) -> str:
+    """"1 file", "2 files" ("1 copy", "2 copies" with ``plural_word``)."""
+    return f"{count} {word if count == 1 else (plural_word or word + 's')}"
+
+
 def format_duration(seconds: float | None) -> str:
     """'1:02:03', '2:05', or 'unknown' for None."""
     if seconds is None:

@@ -214,7 +214,8 @@ class StatusHandler(http.server.BaseHTTPRequestHandler):
 
     def _send_json(self, code: int, document: dict, head: bool, headers: dict | None = None) -> None:
         body = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-        self._send(code, body, "application/json; charset=utf-8", head, {"Cache-Control": "no-store", **(headers or {})})
+        self._send(code, body, "application/json; charset=utf-8", head,
+                   {"Cache-Control": "no-store", **(headers or {})})
 
     def _send_text(self, code: int, text: str, head: bool) -> None:
         self._send(code, text.encode("utf-8"), "text/plain; charset=utf-8", head)

@@ -12,6 +12,7 @@ import logging
 import os
 
 import pytest
+from prometheus_client import parser as prometheus_parser  # test-only (requirements-dev.txt)
 
 import config as config_module
 import health
@@ -23,7 +24,6 @@ import views
 import web_status
 from namespace import Namespace, make_entry, put_record
 
-prometheus_parser = pytest.importorskip("prometheus_client.parser", reason="prometheus_client is in requirements-dev.txt")
 
 KIB = 1024
 

@@ -19,12 +19,12 @@ import urllib.error
 import urllib.request
 
 import pytest
+from prometheus_client import parser as prometheus_parser  # test-only (requirements-dev.txt)
 
 from conftest import FAST_MASTER, FAST_TIMING, flip_byte, payload_locations, random_bytes, wait_until
 
 import client as client_module
 
-prometheus_parser = pytest.importorskip("prometheus_client.parser", reason="prometheus_client is in requirements-dev.txt")
 
 MIB = 1024 * 1024
 # Repair at 1 MiB/s: the dead node's ~4 batches take ~3 s to re-copy, long
@@ -168,7 +168,7 @@ def test_page_beyond_loopback_needs_the_token_derived_from_the_secret(make_clust
 @pytest.fixture
 def browser(tmp_path):
     """Headless Chromium driven by Debian's chromedriver, with a fresh profile in tmp; quit after the test."""
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is in requirements-dev.txt")
+    from selenium import webdriver  # test-only (requirements-dev.txt)
     from selenium.webdriver.chrome.service import Service
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     chromedriver = shutil.which("chromedriver")
