@@ -1253,8 +1253,7 @@ def at_time(text: str) -> float:
 def cmd_versions(client: Client, args) -> int:
     entries = client.versions(args.name)
     if args.json:
-        print(json.dumps(entries, indent=2, ensure_ascii=False))
-        return EXIT_OK
+        return print_json(views.versions_document(args.name, entries))
     if not args.quiet:
         print(f"{'ID':>10} {'SIZE':>14}  {'MODIFIED':<19}  {'COMMITTED':<19}  SHA-256")
     for v in entries:

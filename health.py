@@ -44,6 +44,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from history import version_id
+from namespace import run_blob
 from views import format_duration, human_bytes, plural
 
 OK, WARN, ERR = "HEALTH_OK", "HEALTH_WARN", "HEALTH_ERR"
@@ -102,20 +104,33 @@ class Census:
     MAX_NAMES = 100
 
 
-def take_census(files: dict, alive: set, replication: int) -> Census:
-    """Count live copies per chunk over ``files`` (name -> namespace entry).
+def take_census(entries, alive: set, replication: int, current: dict | None = None) -> Census:
+    """Count live copies per chunk over ``entries``: (name, namespace entry) pairs.
 
-    ``alive``: ids of the nodes heard from within ``dead_after_s``.  Costs
-    one pass over the runs (a run is a few dozen bytes per batch, never per
-    chunk), so it is cheap enough to take on every health request.
+    ``entries`` is every kept version (Namespace.all_entries); ``current``
+    (name -> entry, default: the entries themselves) says which are the
+    current files, and an older version that is damaged is named
+    ``NAME (version ID)``.  Versions share the runs an append or write did
+    not touch: a run is counted once, as repair.Repairer.scan does.
+    ``alive``: ids of the nodes that serve now.  Costs one pass over the
+    runs (a run is a few dozen bytes per batch, never per chunk).
     """
     census = Census()
-    for name, entry in list(files.items()):
-        census.files += 1
-        census.chunks += entry["chunks"]
+    entries = list(entries)
+    current = dict(entries) if current is None else current
+    seen: set[tuple] = set()
+    for name, entry in entries:
+        is_current = current.get(name) is entry
+        if is_current:
+            census.files += 1
         degraded = unavailable = lost = False
         for run in entry["runs"]:
             first, count, nodes = run[:3]
+            key = (name, run_blob(entry, run), first, count, tuple(nodes))
+            if key in seen:
+                continue
+            seen.add(key)
+            census.chunks += count
             live = sum(1 for n in nodes if n in alive)
             census.copies[live] = census.copies.get(live, 0) + count
             for n in nodes:
@@ -133,6 +148,8 @@ def take_census(files: dict, alive: set, replication: int) -> Census:
                 census.lost_chunks += count
                 lost = True
         census.degraded_files += degraded
+        if not is_current:
+            name = f"{name} (version {version_id(entry)})"
         if unavailable:
             census.unavailable_file_count += 1
             if len(census.unavailable_files) < Census.MAX_NAMES:

@@ -122,7 +122,7 @@ def render(facts: dict, stats: dict, started_unix: float) -> str:
     copies = dict(census.copies)
     for wanted in range(facts["replication"] + 1):
         copies.setdefault(wanted, 0)  # the alert-worthy series always exist
-    out.metric("backup_chunks", "gauge", "Chunks of stored files by number of live copies.",
+    out.metric("backup_chunks", "gauge", "Chunks of stored files (every kept version) by number of live copies.",
                [({"copies": str(k)}, v) for k, v in sorted(copies.items())])
     out.metric("backup_replication", "gauge", "Copies every chunk should have ([cluster] replication).",
                [(None, facts["replication"])])

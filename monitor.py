@@ -26,6 +26,7 @@ import time
 from collections import deque
 
 import health
+import history
 import protocol
 import views
 
@@ -121,11 +122,11 @@ class RequestStats:
             self._note_success(top_level(name), when)
 
     def seed_last_success(self, files: dict) -> None:
-        """Start from the namespace: the newest mtime under each top-level name."""
+        """Start from the namespace: the newest commit time under each top-level name."""
         newest: dict[str, float] = {}
         for name, entry in list(files.items()):
             top = top_level(name)
-            newest[top] = max(newest.get(top, 0.0), entry["mtime"])
+            newest[top] = max(newest.get(top, 0.0), history.entry_committed_at(entry))
         with self._lock:
             for top, when in sorted(newest.items()):
                 self._note_success(top, when)
@@ -193,7 +194,7 @@ class Monitor:
         # alive, so a node crossing dead_after_s cannot be dead for the
         # census and alive in the table.
         alive = {node_id for node_id, state in states.items() if state in (health.ALIVE, health.REPORTING)}
-        census = health.take_census(master.namespace.files, alive, config.replication)
+        census = health.take_census(master.namespace.all_entries(), alive, config.replication, master.namespace.files)
         now = self.clock()
         nodes = []
         for node in reply.nodes:

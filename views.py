@@ -12,6 +12,7 @@ Pure functions of their arguments: no I/O, no clock unless passed ``now``.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 
 
@@ -60,9 +61,21 @@ def list_document(prefix: str, entries: list[dict]) -> dict:
 
 
 def stat_document(reply) -> dict:
-    """`stat --json`: a STAT_REPLY; ``runs`` are [first_chunk, count, [node ids], blob]."""
-    fields = {k: getattr(reply, k) for k in ("name", "size", "chunks", "chunk_size", "sha256", "mtime", "version")}
-    return {**fields, "mtime_iso": iso_time(reply.mtime), "runs": reply.runs}
+    """`stat --json`: every field of a STAT_REPLY, and its times in ISO 8601 too.
+
+    ``runs`` are [first_chunk, count, [node ids], blob].
+    """
+    fields = {f.name: getattr(reply, f.name) for f in dataclasses.fields(reply)}
+    for key in ("mtime", "committed_at"):
+        if key in fields:
+            fields[f"{key}_iso"] = iso_time(fields[key])
+    return fields
+
+
+def versions_document(name: str, versions: list[dict]) -> dict:
+    """`versions --json`: the kept versions of ``name``, oldest first (VERSIONS_PAGE entries)."""
+    return {"name": name, "versions": [{**v, "mtime_iso": iso_time(v["mtime"]),
+                                        "committed_at_iso": iso_time(v["committed_at"])} for v in versions]}
 
 
 def locks_document(locks: list[dict]) -> dict:

@@ -41,6 +41,7 @@ import threading
 import urllib.parse
 
 import health
+import history
 import metrics
 import monitor as monitor_module
 import security as security_module
@@ -278,6 +279,7 @@ def browse(namespace, prefix: str) -> dict:
     """
     dirs: dict[str, dict] = {}
     files = []
+    older = namespace.versions
     for name, entry in namespace.listing(prefix):
         rest = name[len(prefix):]
         head, slash, _ = rest.partition("/")
@@ -288,7 +290,8 @@ def browse(namespace, prefix: str) -> dict:
             d["mtime"] = max(d["mtime"], entry["mtime"])
         else:
             files.append({"name": name, "size": entry["size"], "chunks": entry["chunks"],
-                          "version": entry["version"], **views.stamped("mtime", entry["mtime"])})
+                          "version": entry["version"], "version_id": history.version_id(entry),
+                          "versions": 1 + len(older.get(name, ())), **views.stamped("mtime", entry["mtime"])})
     directories = [{**d, **views.stamped("mtime", d["mtime"])} for _, d in sorted(dirs.items())]
     entries = len(directories) + len(files)
     return {"prefix": prefix, "directories": directories[:MAX_BROWSE_ENTRIES],

@@ -43,7 +43,7 @@ def node(node_id: str, state: str = health.ALIVE, used: int = 0, capacity: int =
 def facts_for(nodes: list, files: dict | None = None, replication: int = 2, safe_mode: bool = False,
               scrub_recent: int = 0, repaired: int = 0, rate: float = 0.0) -> dict:
     alive = {n["id"] for n in nodes if n["state"] in (health.ALIVE, health.REPORTING)}
-    census = health.take_census(files or {}, alive, replication)
+    census = health.take_census((files or {}).items(), alive, replication)
     for n in nodes:
         n["placed_chunks"] = census.placed.get(n["id"], 0)
     facts = {
@@ -74,12 +74,22 @@ def test_census_counts_live_copies_per_chunk():
         "unavailable": entry(KIB, [[0, 1, ["n3", "n4"]]]),
         "lost": entry(2 * KIB, [[0, 1, []], [1, 1, ["n1", "n2"]]]),
     }
-    census = health.take_census(files, alive={"n1", "n2"}, replication=2)
+    census = health.take_census(files.items(), alive={"n1", "n2"}, replication=2)
     assert census.copies == {2: 3 + 2 + 1, 1: 2, 0: 1 + 1}
     assert (census.degraded_chunks, census.degraded_bytes, census.degraded_files) == (2, 2 * KIB, 1)
     assert (census.unavailable_chunks, census.unavailable_files) == (1, ["unavailable"])
     assert (census.lost_chunks, census.lost_files, census.lost_file_count) == (1, ["lost"], 1)
     assert census.placed == {"n1": 3 + 4 + 1, "n2": 3 + 2 + 1, "n3": 2 + 1, "n4": 1}
+
+
+def test_census_counts_shared_runs_of_versions_once_and_names_damaged_old_versions():
+    """An older version's runs count too, a run it shares with the current one once; a damaged one is named with its id."""
+    current = {**entry(2 * KIB, [[0, 1, ["n1", "n2"]], [1, 1, ["n1", "n2"], "b-new"]]), "commit_index": 9}
+    shared = {**entry(KIB, [[0, 1, ["n1", "n2"]]]), "commit_index": 5}  # an append's base: run 0 shared
+    lost = {**entry(KIB, [[0, 1, []]]), "version": "w" * 32, "commit_index": 3}
+    census = health.take_census([("f", lost), ("f", shared), ("f", current)], {"n1", "n2"}, 2, {"f": current})
+    assert census.copies == {2: 2, 0: 1} and census.chunks == 3 and census.files == 1
+    assert census.lost_files == ["f (version 3)"]
 
 
 def test_all_healthy_is_ok_with_no_checks():
@@ -233,9 +243,11 @@ def test_browse_groups_one_level_below_the_prefix():
     top = web_status.browse(namespace, "")
     assert [d["name"] for d in top["directories"]] == ["a/"] and top["directories"][0]["files"] == 3
     assert [f["name"] for f in top["files"]] == ["ab", "c"]
+    namespace.apply({"i": 2, **put_record("a/x", make_entry(8, KIB, "", "a-x2", [], 1024)), "keep": 10})
     inner = web_status.browse(namespace, "a/")
     assert [(d["name"], d["size"]) for d in inner["directories"]] == [("a/b/", 9)]
-    assert [(f["name"], f["size"], f["version"]) for f in inner["files"]] == [("a/x", 3, "a-x")]
+    assert [(f["name"], f["size"], f["version"], f["version_id"], f["versions"]) for f in inner["files"]] == \
+        [("a/x", 8, "a-x2", 2, 2)]
     assert not inner["truncated"]
 
 

@@ -197,7 +197,8 @@ async function loadFiles() {
   for (const f of doc.files) {
     rows.push(el("tr", {class: "file"}, el("td", {}, f.name.slice(prefix.length)),
       el("td", {class: "num", title: `${f.size} bytes`}, bytes(f.size)), el("td", {}, localTime(f.mtime)),
-      el("td", {}, el("code", {title: f.version}, f.version.slice(0, 12)))));
+      el("td", {title: `blob ${f.version}`}, `v${f.version_id}`,
+        f.versions > 1 ? el("span", {class: "muted"}, ` (${f.versions} kept)`) : null)));
   }
   replaceRows($("files").tBodies[0], rows);
   $("files-note").textContent = rows.length === 0 ? "No files here." :
