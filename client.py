@@ -1456,8 +1456,7 @@ def cmd_undelete(client: Client, args) -> int:
 def cmd_trash(client: Client, args) -> int:
     entries = client.trash(args.prefix)
     if args.json:
-        print(json.dumps(entries, indent=2, ensure_ascii=False))
-        return EXIT_OK
+        return print_json(views.trash_document(args.prefix, entries))
     if not args.quiet:
         print(f"{'ID':>10} {'SIZE':>14}  {'DELETED':<19}  {'EXPIRES':<19}  NAME")
     for e in entries:

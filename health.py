@@ -148,7 +148,9 @@ def take_census(entries, alive: set, replication: int, current: dict | None = No
                 census.lost_chunks += count
                 lost = True
         census.degraded_files += degraded
-        if not is_current:
+        if "trashed_at" in entry:
+            name = f"{name} (in the trash, version {version_id(entry)})"
+        elif not is_current:
             name = f"{name} (version {version_id(entry)})"
         if unavailable:
             census.unavailable_file_count += 1

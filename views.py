@@ -78,6 +78,13 @@ def versions_document(name: str, versions: list[dict]) -> dict:
                                         "committed_at_iso": iso_time(v["committed_at"])} for v in versions]}
 
 
+def trash_document(prefix: str, entries: list[dict]) -> dict:
+    """`trash --json`: deleted files in the trash (TRASH_PAGE entries), with their times in ISO 8601 too."""
+    return {"prefix": prefix, "entries": [{**e, **{f"{key}_iso": iso_time(e[key])
+                                                    for key in ("mtime", "trashed_at", "expires_at") if key in e}}
+                                          for e in entries]}
+
+
 def locks_document(locks: list[dict]) -> dict:
     """`locks --json`: held write locks, each with its queue of waiting writers."""
     return {"locks": [{"name": lock["name"], "holder": lock["holder"], **stamped("since", lock["since"]),

@@ -317,7 +317,8 @@ def test_trash_undelete_and_recursive_delete_through_the_cli_across_a_restart(hi
     deleted = cluster.cli("delete", "tree/", "--recursive")
     assert deleted.returncode == 0, deleted
     assert not call(cluster, lambda c: c.list("tree/"))
-    trashed = json.loads(cluster.cli("trash", "tree/", "--json").stdout)
+    trashed = json.loads(cluster.cli("trash", "tree/", "--json").stdout)["entries"]  # docs/JSON.md
+    assert all(e["expires_at_iso"] == views.iso_time(e["expires_at"]) for e in trashed)
     assert [e["name"] for e in trashed] == sorted(files)
     assert all(e["expires_at"] - e["trashed_at"] == pytest.approx(7 * 86400) for e in trashed)
     cluster.restart_master()
@@ -329,7 +330,7 @@ def test_trash_undelete_and_recursive_delete_through_the_cli_across_a_restart(hi
     baseline = node_chunks(cluster)
     purged = cluster.cli("delete", "--purge", "--yes", "tree/", "--recursive")
     assert purged.returncode == 0, purged
-    assert not json.loads(cluster.cli("trash", "tree/", "--json").stdout)
+    assert not json.loads(cluster.cli("trash", "tree/", "--json").stdout)["entries"]
     wait_until(lambda: node_chunks(cluster) == baseline - 3 * 2 * 2, 10.0, message="purged chunks freed")
 
 
