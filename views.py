@@ -12,7 +12,6 @@ Pure functions of their arguments: no I/O, no clock unless passed ``now``.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 
 
@@ -60,16 +59,18 @@ def list_document(prefix: str, entries: list[dict]) -> dict:
     return {"prefix": prefix, "count": len(files), "total_bytes": sum(f["size"] for f in files), "files": files}
 
 
-def stat_document(reply) -> dict:
-    """`stat --json`: every field of a STAT_REPLY, and its times in ISO 8601 too.
+STAT_FIELDS = ("name", "size", "chunks", "chunk_size", "sha256", "mtime", "version", "version_id", "committed_at",
+               "run_count", "node_chunks", "runs")
 
-    ``runs`` are [first_chunk, count, [node ids], blob].
+
+def stat_document(reply) -> dict:
+    """`stat --json`: a STAT_REPLY with every page of runs joined, and its times in ISO 8601 too.
+
+    ``runs`` are [first_chunk, count, [node ids], blob]; ``node_chunks`` maps
+    a node id to the chunks of the file it holds.
     """
-    fields = {f.name: getattr(reply, f.name) for f in dataclasses.fields(reply)}
-    for key in ("mtime", "committed_at"):
-        if key in fields:
-            fields[f"{key}_iso"] = iso_time(fields[key])
-    return fields
+    fields = {key: getattr(reply, key) for key in STAT_FIELDS}
+    return {**fields, "mtime_iso": iso_time(reply.mtime), "committed_at_iso": iso_time(reply.committed_at)}
 
 
 def versions_document(name: str, versions: list[dict]) -> dict:

@@ -777,7 +777,8 @@ def test_stat_json_parses_to_the_same_fields(shared_cluster, tmp_path):
     assert parsed == {"name": "stat/json", "size": len(data), "chunks": 2, "chunk_size": CHUNK_BYTES,
                       "sha256": sha256(data), "mtime": reply.mtime, "mtime_iso": views.iso_time(reply.mtime),
                       "version": reply.version, "runs": reply.runs, "version_id": reply.version_id,
-                      "committed_at": reply.committed_at, "committed_at_iso": views.iso_time(reply.committed_at)}
+                      "committed_at": reply.committed_at, "committed_at_iso": views.iso_time(reply.committed_at),
+                      "run_count": reply.run_count, "node_chunks": reply.node_chunks}
 
 
 # --- range-read latency (measured, printed, never asserted) ----------------------------------
