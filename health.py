@@ -268,8 +268,8 @@ def check_node_full(facts: dict) -> Check | None:
 
 
 def check_node_nearfull(facts: dict) -> Check | None:
-    near = [n for n in facts["nodes"] if n["state"] == ALIVE and not n.get("full") and n.get("capacity_bytes")
-            and n["used_bytes"] >= NEARFULL_RATIO * n["capacity_bytes"]]
+    near = [n for n in facts["nodes"] if n["state"] == ALIVE and not n.get("full") and holds(n)
+            and n["used_bytes"] >= NEARFULL_RATIO * holds(n)]
     if not near:
         return None
     return Check("NODE_NEARFULL", WARN, len(near),
@@ -345,7 +345,13 @@ def detail_lines(health: dict) -> list[str]:
     return lines
 
 
+def holds(node: dict) -> int:
+    """What a node can hold in all: ``usable_bytes`` (used + free, less than
+    ``capacity_bytes`` on a smaller disk) when STATUS gives it, else ``capacity_bytes``."""
+    return node.get("usable_bytes") or node.get("capacity_bytes") or 0
+
+
 def _usage(node: dict) -> str:
-    capacity = node.get("capacity_bytes") or 0
+    capacity = holds(node)
     share = f" ({node['used_bytes'] / capacity:.0%})" if capacity else ""
     return f"{human_bytes(node['used_bytes'])} of {human_bytes(capacity)} used{share}"

@@ -100,6 +100,9 @@ def render(facts: dict, stats: dict, started_unix: float) -> str:
                [(label, int(n["state"] == health.ALIVE)) for label, n in zip(node_label, nodes)])
     out.metric("backup_node_capacity_bytes", "gauge", "Bytes the node offers.",
                [(label, n.get("capacity_bytes", 0)) for label, n in zip(node_label, nodes)])
+    out.metric("backup_node_usable_bytes", "gauge",
+               "Bytes the node can hold in all: used + free (less than capacity on a smaller disk).",
+               [(label, health.holds(n)) for label, n in zip(node_label, nodes)])
     out.metric("backup_node_used_bytes", "gauge", "Bytes stored on the node (its last report).",
                [(label, n.get("used_bytes", 0)) for label, n in zip(node_label, nodes)])
     out.metric("backup_node_free_bytes", "gauge", "Bytes the node can still take.",

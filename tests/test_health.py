@@ -155,6 +155,13 @@ def test_nearfull_safe_mode_and_scrub_errors_warn():
     assert "    node n1: 3 reported by its scrubber since the master started" in health.detail_lines(facts["health"])
 
 
+def test_nearfull_counts_against_what_the_disk_can_hold():
+    """A node offering more than its disk holds is nearly full by usable_bytes, not capacity_bytes."""
+    small_disk = {**node("n1", used=45 * KIB), "usable_bytes": 50 * KIB}
+    assert codes(facts_for([small_disk, node("n2"), node("n3")])) == ["NODE_NEARFULL"]
+    assert codes(facts_for([node("n1", used=45 * KIB), node("n2"), node("n3")])) == []
+
+
 def test_node_state_prefers_the_masters_word_and_derives_otherwise():
     """state from STATUS_REPLY wins; without it: waiting/dead when never heard, dead past dead_after_s."""
     assert health.node_state({"state": "stopped", "last_heard_s": 1.0}, 10.0, False) == health.STOPPED

@@ -109,7 +109,8 @@ function drawMasters(masters) {
 
 function drawNodes(nodes, totals) {
   replaceRows($("nodes").tBodies[0], nodes.map((n) => {
-    const used = n.used_bytes || 0, capacity = n.capacity_bytes || 0;
+    // usable_bytes: used + free, less than capacity_bytes on a smaller disk.
+    const used = n.used_bytes || 0, capacity = n.usable_bytes || n.capacity_bytes || 0;
     const share = capacity ? used / capacity : 0;
     const usage = el("div", {class: "usage"},
       bar(share, n.full || share >= 0.95 ? "err" : share >= 0.85 ? "warn" : ""),
