@@ -330,8 +330,10 @@ def test_status_totals_leave_out_dead_nodes(tmp_path, capsys):
         totals = master.status().totals
         assert (totals["used_bytes"], totals["free_bytes"], totals["usable_bytes"]) == (3 * MIB, 5 * MIB, 8 * MIB)
         assert (totals["dead_used_bytes"], totals["dead_chunks"]) == (7 * MIB, 7 * MIB // CS)
-        assert client_module.cmd_status(SimpleNamespace(status=master.status), None) == client_module.EXIT_OK
-        header, a, b, *rest = capsys.readouterr().out.splitlines()
+        fake_client = SimpleNamespace(status=master.status, health=master.monitor.health)
+        assert client_module.cmd_status(fake_client, SimpleNamespace(json=False)) == client_module.EXIT_OK
+        health_line, header, a, b, *rest = capsys.readouterr().out.splitlines()
+        assert health_line.startswith("HEALTH_ERR INSUFFICIENT_NODES: 1 node alive"), health_line
         assert header.split()[4:8] == ["CAPACITY", "USED", "FREE", "CHUNKS"], header
         assert a.split()[2:] == ["alive", "8.0s", "ago", "8.0", "MiB", "3.0", "MiB", "5.0", "MiB", "3072",
                                  "0", "B"], a  # the last column: bytes in quarantine
