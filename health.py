@@ -35,9 +35,16 @@ What the checks mean:
 * ``SCRUB_ERRORS`` (WARN): corrupt copies were found (by a node's scrubber
   or by a read) within the last SCRUB_ERRORS_WINDOW_S; they are repaired
   from good copies, but a disk that rots deserves a look.
+* ``NODE_REFUSED`` (WARN): a node tried to register and was refused (it
+  belongs to another cluster, or has seen a newer master); it keeps its
+  data and is not used.
+* ``ORPHANS_HELD`` (WARN): nodes hold data the master does not know: the
+  orphan brake held some back on a node (not even quarantined; an operator
+  decides with ``reclaim-orphans``), or orphans sit in quarantine until
+  ``orphan_grace_s`` erases them (quarantine.py).
 
-Left out until they exist: ``MASTER_DOWN`` / ``NO_QUORUM`` (replicated
-masters), ``NODE_REFUSED`` / ``ORPHANS_HELD`` (refused nodes, quarantine).
+Left out until the master runs them: ``MASTER_DOWN`` / ``NO_QUORUM``
+(replicated masters).
 """
 
 from __future__ import annotations
@@ -300,6 +307,32 @@ def check_scrub_errors(facts: dict) -> Check | None:
                        for node_id, count in sorted(by_node.items()) if count))
 
 
+def check_node_refused(facts: dict) -> Check | None:
+    refused = facts.get("refused") or []
+    if not refused:
+        return None
+    return Check("NODE_REFUSED", WARN, len(refused),
+                 f"{plural(len(refused), 'node')} refused at registration (kept out, its data untouched)",
+                 tuple(f"node {r.get('id')} at {r.get('address')}: {r.get('reason')}" for r in refused))
+
+
+def check_orphans_held(facts: dict) -> Check | None:
+    braked = [n for n in facts["nodes"] if n.get("brake")]
+    held = [n for n in facts["nodes"] if n.get("quarantined_bytes")]
+    if not braked and not held:
+        return None
+    parts = []
+    if braked:
+        parts.append(f"orphan brake on {plural(len(braked), 'node')}: data the master does not know held back, "
+                     f"not quarantined (check the metadata, then `reclaim-orphans NODE_ID --yes`)")
+    if held:
+        parts.append(f"{human_bytes(sum(n['quarantined_bytes'] for n in held))} of orphans in quarantine on "
+                     f"{plural(len(held), 'node')}, erased after orphan_grace_s")
+    detail = [f"node {n['id']}: brake tripped" for n in braked]
+    detail += [f"node {n['id']}: {human_bytes(n['quarantined_bytes'])} quarantined" for n in held]
+    return Check("ORPHANS_HELD", WARN, len({n["id"] for n in braked + held}), "; ".join(parts), tuple(detail))
+
+
 # Order = display order: what threatens data first.
 CHECKS = (
     check_data_lost,
@@ -308,6 +341,8 @@ CHECKS = (
     check_node_full,
     check_node_down,
     check_chunks_degraded,
+    check_node_refused,
+    check_orphans_held,
     check_safe_mode,
     check_node_nearfull,
     check_scrub_errors,
@@ -315,7 +350,7 @@ CHECKS = (
 # Every code a check may report, for metrics that must show a 0 for a check
 # that does not fire (an alert rule needs the series to exist).
 CHECK_CODES = ("DATA_LOST", "DATA_UNAVAILABLE", "INSUFFICIENT_NODES", "NODE_FULL", "NODE_DOWN", "CHUNKS_DEGRADED",
-               "SAFE_MODE", "NODE_NEARFULL", "SCRUB_ERRORS")
+               "NODE_REFUSED", "ORPHANS_HELD", "SAFE_MODE", "NODE_NEARFULL", "SCRUB_ERRORS")
 
 
 def evaluate(facts: dict) -> dict:

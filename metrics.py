@@ -111,6 +111,9 @@ def render(facts: dict, stats: dict, started_unix: float) -> str:
                [(label, n.get("chunks", 0)) for label, n in zip(node_label, nodes)])
     out.metric("backup_node_full", "gauge", "1 if the node refuses writes (capacity reached or disk full).",
                [(label, int(bool(n.get("full")))) for label, n in zip(node_label, nodes)])
+    out.metric("backup_node_quarantined_bytes", "gauge",
+               "Bytes of orphans (data the master does not know) the node holds in quarantine.",
+               [(label, n.get("quarantined_bytes", 0)) for label, n in zip(node_label, nodes)])
     out.metric("backup_node_last_heard_seconds", "gauge",
                "Seconds since the node was last heard from (absent: not heard since the master started).",
                [(label, n["last_heard_s"]) for label, n in zip(node_label, nodes) if n.get("last_heard_s") is not None])

@@ -216,7 +216,7 @@ class Monitor:
             "dead_after_s": config.dead_after_s,
             "nodes": nodes,
             "totals": reply.totals,
-            "refused": list(getattr(reply, "refused", []) or []),
+            "refused": list(reply.refused),
             "census": census,
             "repair": {
                 "safe_mode": safe_mode,

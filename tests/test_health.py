@@ -155,6 +155,20 @@ def test_nearfull_safe_mode_and_scrub_errors_warn():
     assert "    node n1: 3 reported by its scrubber since the master started" in health.detail_lines(facts["health"])
 
 
+def test_refused_nodes_and_held_orphans_warn():
+    """A refused node is NODE_REFUSED; a tripped orphan brake or quarantined orphans are ORPHANS_HELD; both WARN."""
+    braked = {**node("n1"), "brake": True}
+    holding = {**node("n2"), "quarantined_bytes": 3 * KIB}
+    facts = facts_for([braked, holding, node("n3")])
+    facts["refused"] = [{"id": "x9", "address": "127.0.0.1:9", "reason": "it belongs to cluster c-other"}]
+    checks = health.evaluate(facts)
+    assert checks["status"] == health.WARN and [c["code"] for c in checks["checks"]] == ["NODE_REFUSED",
+                                                                                         "ORPHANS_HELD"]
+    refused, orphans = checks["checks"]
+    assert refused["detail"] == ["node x9 at 127.0.0.1:9: it belongs to cluster c-other"]
+    assert orphans["count"] == 2 and "reclaim-orphans" in orphans["summary"] and "3.0 KiB" in orphans["summary"]
+
+
 def test_nearfull_counts_against_what_the_disk_can_hold():
     """A node offering more than its disk holds is nearly full by usable_bytes, not capacity_bytes."""
     small_disk = {**node("n1", used=45 * KIB), "usable_bytes": 50 * KIB}
@@ -176,9 +190,10 @@ def test_every_check_code_is_listed_for_the_metrics():
     """CHECK_CODES names every code a check function can emit (metrics show 0 for the passing ones)."""
     files = {"gone": entry(KIB, [[0, 1, []]]), "away": entry(KIB, [[0, 1, ["n4"]]]),
              "low": entry(KIB, [[0, 1, ["n1", "n4"]]])}
-    facts = facts_for([node("n1", full=True), node("n2", used=99 * KIB), node("n4", health.DEAD, heard=20.0)],
-                      files, replication=3, safe_mode=True, scrub_recent=1)
-    assert set(codes(facts)) == set(health.CHECK_CODES)
+    nodes = [{**node("n1", full=True), "brake": True}, node("n2", used=99 * KIB), node("n4", health.DEAD, heard=20.0)]
+    facts = facts_for(nodes, files, replication=3, safe_mode=True, scrub_recent=1)
+    facts["refused"] = [{"id": "x", "address": "127.0.0.1:9", "reason": "another cluster"}]
+    assert {c["code"] for c in health.evaluate(facts)["checks"]} == set(health.CHECK_CODES)
 
 
 # --- metrics -------------------------------------------------------------------------------------

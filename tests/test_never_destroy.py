@@ -225,6 +225,10 @@ def test_master_on_an_empty_data_dir_is_refused_and_destroys_nothing(make_cluste
     assert any("refused" in w for w in status.totals["warnings"])
     result = cluster.cli("status")
     assert b"REFUSED: belongs to cluster" in result.stdout, result
+    refused_check = wait_until(lambda: next((c for c in cluster.client().health()["checks"]
+                                             if c["code"] == "NODE_REFUSED" and c["count"] == 3), None),
+                               5.0, message="NODE_REFUSED in health")
+    assert "belongs to cluster" in refused_check["detail"][0], refused_check
     # Well past the safe mode and several heartbeats: nothing was dropped.
     wait_until(lambda: not cluster.status().totals["safe_mode"], 5.0, message="safe mode over")
     assert [node_stat(cluster, i).chunks for i in range(3)] == chunks_before
@@ -279,6 +283,8 @@ def test_orphans_are_quarantined_for_the_grace_and_the_brake_holds_a_mass_orphan
     put_orphan("p" * 32, 200 * KIB)  # ~33% of the node: the brake
     wait_until(lambda: row()["brake"], 10.0, message="the brake")
     assert any(f"reclaim-orphans {nid} --yes" in w for w in cluster.status().totals["warnings"])
+    wait_until(lambda: any(c["code"] == "ORPHANS_HELD" and f"node {nid}: brake tripped" in c["detail"]
+                           for c in cluster.client().health()["checks"]), 5.0, message="ORPHANS_HELD in health")
     assert cluster.cli("reclaim-orphans", nid).returncode == client_module.EXIT_USAGE  # no --yes
     assert row()["quarantined_bytes"] == 0 and holds("p" * 32)
     result = cluster.cli("reclaim-orphans", nid, "--yes")

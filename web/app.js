@@ -131,6 +131,11 @@ function drawNodes(nodes, totals) {
     `replication ${totals.replication}`;
 }
 
+function drawRefused(refused) {
+  $("refused").replaceChildren(...refused.map((r) => el("li", {data: {node: r.id}},
+    el("span", {class: "badge refused"}, "REFUSED"), " ", el("code", {}, r.id), ` at ${r.address}: ${r.reason}`)));
+}
+
 function drawRepair(repair, byCopies) {
   $("repair-summary").textContent = repair.summary;
   const fill = $("repair-bar");
@@ -165,6 +170,7 @@ function drawStatus(doc) {
   drawHealth(doc.health);
   drawMasters(doc.masters);
   drawNodes(doc.nodes, doc.totals);
+  drawRefused(doc.refused || []);
   drawRepair(doc.repair, doc.chunks_by_copies);
   drawDamaged(doc.damaged_files, doc.damaged_file_count);
   drawEvents(doc.events);
