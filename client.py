@@ -1489,6 +1489,14 @@ def cmd_status(client: Client, args) -> int:
                  for n in reply.nodes]
         return print_json(views.status_document(cluster_health, nodes, reply.totals, now))
     print(health_module.summary_line(cluster_health))
+    if reply.masters:
+        # A replicated group, as its leader sees it: a follower's MATCH is the last index the leader
+        # knows it holds (its own commit and applied index are its own business).
+        print(f"{'MASTER':<22} {'ROLE':<10} {'TERM':>6} {'COMMIT':>9} {'APPLIED':>9} {'MATCH':>9}")
+        for m in reply.masters:
+            print(f"{m['address']:<22} {m['role']:<10} {m['term']:>6} {m.get('commit', '-'):>9} "
+                  f"{m.get('applied', '-'):>9} {m.get('match', '-'):>9}")
+        print(f"leader: {reply.masters[0].get('leader') or 'none'}\n")
     print(f"{'NODE':<14} {'ADDRESS':<22} {'STATE':<10} {'HEARD':>9} {'CAPACITY':>10} {'USED':>10} {'FREE':>10} "
           f"{'CHUNKS':>10} {'QUARANTINED':>11}")
     for node in reply.nodes:

@@ -22,6 +22,7 @@ import argparse
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -150,6 +151,16 @@ def _pump(stream, lines: queue.Queue) -> None:
     lines.put(None)
 
 
+def free_ports(host: str, count: int) -> list[int]:
+    """``count`` ports free on ``host`` now (bound then released: another process could take one)."""
+    socks = [socket.create_server((host, 0)) for _ in range(count)]
+    try:
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 class LocalCluster:
     """A master and ``nodes`` storage nodes on ``host``, data under ``data_dir``.
 
@@ -160,8 +171,14 @@ class LocalCluster:
 
     def __init__(self, data_dir: str, nodes: int = 3, host: str = "127.0.0.1", master_port: int = 0,
                  master_args=(), node_args=(), config_path: str | None = None, secret_file: str | None = None,
-                 insecure: bool = False, http_port: str | None = None):
+                 insecure: bool = False, http_port: str | None = None, masters: int = 1):
         self.data_dir = os.path.abspath(data_dir)
+        # masters > 1: a replicated group (replication.py) on master_port, master_port + 1, ...
+        # (free ports when master_port is 0: a group needs its addresses before it starts).
+        self.master_count = masters
+        self.masters: list[Server | None] = [None] * masters
+        self.master_ports = ([master_port + i for i in range(masters)] if master_port
+                             else free_ports(host, masters)) if masters > 1 else []
         self.host = host
         self.master_port = master_port
         # http_port: the master's --http-port ("0" off, "any"); None = its config's.
@@ -183,6 +200,9 @@ class LocalCluster:
 
     @property
     def master_address(self) -> str:
+        """The master's HOST:PORT, or every master's, comma-separated, for a group."""
+        if self.master_count > 1:
+            return ",".join(f"{self.host}:{port}" for port in self.master_ports)
         return self.master.address
 
     @staticmethod
@@ -200,7 +220,11 @@ class LocalCluster:
 
     def start(self) -> "LocalCluster":
         try:
-            self.start_master()
+            if self.master_count > 1:
+                for index in range(self.master_count):
+                    self.start_group_master(index)
+            else:
+                self.start_master()
             for index in range(self.node_count):
                 self.add_node(index)
         except BaseException:
@@ -216,10 +240,26 @@ class LocalCluster:
         self.master = Server("master", argv, os.path.join(self.log_dir, "master.log"))
         return self.master.start()
 
+    def start_group_master(self, index: int) -> str:
+        """Start master ``index`` (0-based) of a group; it keeps its port and data dir master1..N."""
+        name = f"master{index + 1}"
+        argv = [sys.executable, os.path.join(HERE, "master.py"), *self.config_args, "--host", self.host,
+                "--port", str(self.master_ports[index]), "--masters", self.master_address,
+                "--data-dir", os.path.join(self.data_dir, name), *self.master_args]
+        server = Server(name, argv, os.path.join(self.log_dir, f"{name}.log"))
+        self.masters[index] = server
+        if index == 0:
+            self.master = server
+        return server.start()
+
+    def restart_group_master(self, index: int) -> str:
+        self.masters[index].kill()
+        return self.start_group_master(index)
+
     def add_node(self, index: int | None = None, extra_args=()) -> Server:
         index = len(self.nodes) if index is None else index
         argv = [sys.executable, os.path.join(HERE, "storage_node.py"), *self.config_args, "--host", self.host,
-                "--port", "0", "--data-dir", self.node_data_dir(index), "--master", self.master.address,
+                "--port", "0", "--data-dir", self.node_data_dir(index), "--master", self.master_address,
                 *self.node_args, *extra_args]
         name = self.node_name(index)
         server = Server(name, argv, os.path.join(self.log_dir, f"{name}.log"))
@@ -238,13 +278,16 @@ class LocalCluster:
         self.master.kill()
         return self.start_master()
 
+    def all_masters(self) -> list:
+        return [m for m in self.masters if m is not None] if self.master_count > 1 else [self.master]
+
     def pids(self) -> list[int]:
-        servers = [self.master, *self.nodes]
+        servers = [*self.all_masters(), *self.nodes]
         return [s.pid for s in servers if s is not None and s.process is not None]
 
     def stop(self, graceful: bool = False) -> None:
         """Stop every process started, nodes first; SIGKILL unless ``graceful``."""
-        for server in [*self.nodes, self.master]:
+        for server in [*self.nodes, *self.all_masters()]:
             if server is None:
                 continue
             if graceful:
@@ -275,7 +318,11 @@ class Supervisor:
         self.say = say or (lambda text: print(f"cluster: {text}", file=sys.stderr, flush=True))
         self.clock = clock
         now = clock()
-        self._children = [_Supervised("master", cluster.restart_master, lambda: cluster.master, now)]
+        if cluster.master_count > 1:
+            self._children = [_Supervised(f"master{i + 1}", lambda i=i: cluster.restart_group_master(i),
+                                          lambda i=i: cluster.masters[i], now) for i in range(cluster.master_count)]
+        else:
+            self._children = [_Supervised("master", cluster.restart_master, lambda: cluster.master, now)]
         self._children += [_Supervised(cluster.node_name(i), lambda i=i: cluster.restart_node(i),
                                        lambda i=i: cluster.nodes[i], now) for i in range(len(cluster.nodes))]
 
@@ -329,6 +376,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description="Start a local master and storage nodes node1..N; restart any that dies; Ctrl-C stops them.")
     parser.add_argument("--nodes", type=int, default=3, help="number of storage nodes (default 3)")
+    parser.add_argument("--masters", type=int, default=1,
+                        help="number of masters; 3 (or 5) = a replicated group on ports PORT, PORT+1, ... (default 1)")
     parser.add_argument("--data-dir", default="data", help="where the master and nodes keep data and logs")
     parser.add_argument("--port", type=int, help="master port (default [master] port of the config, 7700)")
     parser.add_argument("--host", help="address to bind every process to (default [master] host of the config)")
@@ -355,7 +404,7 @@ def main(argv=None) -> int:
     log_args += ["--log-format", args.log_format] if args.log_format else []
     cluster = LocalCluster(args.data_dir, nodes=args.nodes, host=host, master_port=port, master_args=log_args,
                            node_args=log_args, config_path=args.config, secret_file=args.secret_file,
-                           insecure=args.insecure, http_port=args.http_port)
+                           insecure=args.insecure, http_port=args.http_port, masters=args.masters)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stopping.set())
     try:
@@ -363,7 +412,10 @@ def main(argv=None) -> int:
     except ProcessFailed as exc:
         print(f"cluster: {exc}", file=sys.stderr)
         return EXIT_START_FAILED
-    print(f"master listening on {cluster.master_address} (pid {cluster.master.pid})")
+    for master in cluster.all_masters():
+        print(f"{master.name} listening on {master.address} (pid {master.pid})")
+    if args.masters > 1:
+        print(f"clients and nodes: --masters {cluster.master_address}")
     if cluster.http_url:
         print(f"status page on {cluster.http_url}")
     for index, node in enumerate(cluster.nodes):

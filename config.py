@@ -44,6 +44,8 @@ class Config:
     dead_after_s: float = 10.0
     io_timeout_s: float = 10.0
     failover_timeout_s: float = 10.0
+    raft_heartbeat_ms: int = 150
+    raft_election_ms: int = 1000
     safe_mode_s: float = 15.0
     repair_rate_mb_s: float = 50.0
     scrub_rate_mb_s: float = 4.0
@@ -112,6 +114,8 @@ _KEYS = [
     ("timing", "dead_after_s", "dead_after_s", float),
     ("timing", "io_timeout_s", "io_timeout_s", float),
     ("timing", "failover_timeout_s", "failover_timeout_s", float),
+    ("raft", "heartbeat_ms", "raft_heartbeat_ms", int),
+    ("raft", "election_ms", "raft_election_ms", int),
     ("repair", "safe_mode_s", "safe_mode_s", float),
     ("repair", "repair_rate_mb_s", "repair_rate_mb_s", float),
     ("repair", "scrub_rate_mb_s", "scrub_rate_mb_s", float),
@@ -276,6 +280,8 @@ def validate(config: Config) -> None:
         parse_addresses(getattr(config, name), name)
     if config.masters:
         parse_addresses(config.masters, "masters")
+    if not 0 < config.raft_heartbeat_ms < config.raft_election_ms:
+        raise ValueError("[raft] needs 0 < heartbeat_ms < election_ms")
 
 
 def master_addresses(config: Config, own: str) -> list[tuple[str, int]]:

@@ -51,6 +51,7 @@ import meta_backup
 import notes
 import protocol
 import recovery
+import replication
 import security as security_module
 import transport
 import transfers
@@ -252,9 +253,15 @@ class Master:
         self.started = clock()
         self.security = security or transport.NO_SECURITY
         self.namespace = Namespace()
-        self.log = MetadataLog(data_dir, self.namespace, checkpoint_every=config.checkpoint_every)
+        # Several masters in [cluster] masters: the log is replicated by Raft (replication.py).
+        members = replication.group_of(config)
+        self.replication = (replication.ReplicatedLog(self, config, data_dir, members, self.security)
+                            if members else None)
+        self.log = self.replication or MetadataLog(data_dir, self.namespace,
+                                                   checkpoint_every=config.checkpoint_every)
         self.log.open()
-        self._begin_epoch()
+        if self.replication is None:  # a group's leader begins an epoch when elected (replication.py)
+            self._begin_epoch()
         self.locks = NameLocks()
         self.pool = NodePool(self.node_address, config.io_timeout_s, self.security)
         self._nodes_lock = threading.Lock()
@@ -306,6 +313,25 @@ class Master:
         self.notes.start()
         self.meta_backup.start()
         self.monitor.start()
+        if self.replication is not None:
+            self.replication.start()
+
+    def is_leader(self) -> bool:
+        """True for a single master, and for the leader of a replicated group."""
+        return self.replication is None or self.replication.driver.is_leader
+
+    def become_leader(self) -> None:
+        """This master now leads its group: the same safe-mode grace as a restarted master."""
+        now = self.clock()
+        self.started = self.repairer.started = now
+        self.repairer.safe_mode = self.config.safe_mode_s > 0
+        self.repairer.reported = set()
+
+    def stop_leading(self) -> None:
+        """Another master leads now: forget the nodes, so nothing here places, repairs or drops."""
+        with self._nodes_lock:
+            self._nodes.clear()
+        self.repairer.safe_mode = self.config.safe_mode_s > 0
 
     def stop(self) -> None:
         self._stop.set()
@@ -499,8 +525,17 @@ class Master:
                     if n.last_heard is not None and now - n.last_heard <= dead_after_s]
 
     def check_writable(self) -> None:
-        """Raise InsufficientNodes unless ``replication`` nodes are alive."""
+        """Raise InsufficientNodes unless ``replication`` nodes are alive.
+
+        A master that just became leader of its group waits (up to
+        dead_after_s after taking over) for the nodes to find it, so a
+        failover is not an INSUFFICIENT_NODES error for the first writers.
+        """
         live = len(self.live_nodes())
+        if self.replication is not None:
+            while live < self.config.replication and self.clock() < self.started + self.config.dead_after_s:
+                time.sleep(0.05)
+                live = len(self.live_nodes())
         if live < self.config.replication:
             raise protocol.InsufficientNodes(
                 f"{live} storage node(s) alive, {self.config.replication} needed for replication")
@@ -728,6 +763,8 @@ class Master:
         # never busier than once a second nor lazier than once a minute.
         interval = min(max(self.trash_expiry_s() / 10, 1.0), 60.0)
         while not self._stop.wait(interval):
+            if not self.is_leader():
+                continue  # the leader expires the trash; its records reach us through the log
             try:
                 self.expire_trash(time.time())
             except Exception:
@@ -814,7 +851,8 @@ class Master:
             "warnings": self.orphans.warnings() + [f"node {r['id']} at {r['address']} refused: {r['reason']}"
                                                    for r in refused],
         }
-        return protocol.StatusReply(nodes=nodes, totals=totals, refused=refused)
+        return protocol.StatusReply(nodes=nodes, totals=totals, refused=refused,
+                                    masters=self.replication.status() if self.replication else None)
 
     def unknown_blobs(self, blobs) -> list[str]:
         """Those of ``blobs`` that no file and no upload in progress uses (orphans now)."""
@@ -997,6 +1035,12 @@ class MasterHandler(ObservedHandler, transport.RequestHandler):
         self.master.goodbye(msg)
         self.reply(protocol.GoodbyeOk())
 
+    def do_RAFT(self, msg: protocol.RaftMessage) -> None:
+        """A peer master's Raft message; no reply (the protocol answers with messages of its own)."""
+        if self.master.replication is None:
+            raise protocol.UnknownOperation("this master is not in a replicated group")
+        self.master.replication.step(msg.msg, bytes(msg.body))
+
     # --- clients: uploads ---
     def setup(self):
         super().setup()
@@ -1011,6 +1055,20 @@ class MasterHandler(ObservedHandler, transport.RequestHandler):
         self.pending = []
         self._close_session()
         super().finish()
+
+    def _dispatch(self, msg: protocol.Message) -> None:
+        # In a replicated group followers refuse (NOT_LEADER) and reads wait for the read index.
+        if self.master.replication is not None and not isinstance(msg, protocol.RaftMessage):
+            try:
+                self.master.replication.before_request(msg)
+            except protocol.BackupError as exc:
+                if isinstance(msg, protocol.UploadBegin):
+                    self._fail_upload(exc, ended=False)  # its DATA frames are read and dropped
+                else:
+                    self._commit_pending()
+                    self.reply(protocol.error_message(exc))
+                return
+        super()._dispatch(msg)
 
     def before_request(self, msg: protocol.Message) -> None:
         # Replies go out in request order, so a request other than an upload
@@ -1381,11 +1439,11 @@ class MasterHandler(ObservedHandler, transport.RequestHandler):
 
     def do_STATUS(self, msg: protocol.Status) -> None:
         status = self.master.status()
-        totals = status.totals
-        refused = status.refused
+        totals, refused, masters = status.totals, status.refused, status.masters
         for page, last in protocol.pages(status.nodes):
-            self.reply(protocol.StatusReply(nodes=page, totals=totals, done=last, refused=refused), flush=last)
-            totals, refused = {}, []  # on the first page only
+            self.reply(protocol.StatusReply(nodes=page, totals=totals, done=last, refused=refused,
+                                            masters=masters), flush=last)
+            totals, refused, masters = {}, [], None  # on the first page only
 
     def do_RECLAIM_ORPHANS(self, msg: protocol.ReclaimOrphans) -> None:
         blobs, chunks = self.master.reclaim_orphans(msg.node_id)
@@ -1436,6 +1494,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", help="address to listen on (default from config)")
     parser.add_argument("--port", type=int, help="port to listen on; 0 = any free port")
     parser.add_argument("--data-dir", help="directory for the metadata log and checkpoint")
+    parser.add_argument("--masters", metavar="HOST:PORT,HOST:PORT,...",
+                        help="every master of a replicated group, this one included (default [cluster] masters)")
     parser.add_argument("--dead-after", type=float, metavar="S", help="seconds of silence before a node is dead")
     parser.add_argument("--heartbeat-interval", type=float, metavar="S",
                         help="seconds between node heartbeats (checked against --dead-after)")
@@ -1484,7 +1544,7 @@ def main(argv=None) -> int:
             dead_after_s=args.dead_after, heartbeat_interval_s=args.heartbeat_interval,
             io_timeout_s=args.io_timeout, safe_mode_s=args.safe_mode, repair_rate_mb_s=args.repair_rate,
             keep_versions=args.keep_versions, trash_days=args.trash_days,
-            meta_backup_interval_s=args.meta_backup_interval, http_port=args.http_port,
+            meta_backup_interval_s=args.meta_backup_interval, http_port=args.http_port, masters=args.masters,
             **config_module.security_overrides(args))
         security = security_module.for_server(config, config.master_host, args.insecure)
         http_host = config.http_host or config.master_host

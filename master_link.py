@@ -193,9 +193,14 @@ class MasterLink:
 
     def _run(self, op, safe: bool, on_retry):
         backoff = BACKOFF_FIRST_S
+        cut_off = ""  # an attempt lost midway: it may yet take effect, say so if we give up
         while True:
             try:
                 return op()
+            except protocol.NoLeader as exc:  # from connect() inside op
+                if cut_off:
+                    raise protocol.NoLeader(exc.message + cut_off) from None
+                raise
             except protocol.NotLeader as exc:
                 self.follow(exc)
                 if parse_hint(exc.leader) is None:
@@ -209,11 +214,13 @@ class MasterLink:
                                     f"is unknown (check with list or stat before repeating it)") from None
                 _log("info", "lost master %s (%s); looking for the leader",
                             format_address(self.current), exc)
+                cut_off = (f"; an attempt was cut off midway ({exc.message}), so it may yet take effect "
+                           f"(check with list or stat)")
                 self._advance()
             if self._deadline is None:
                 self._deadline = self._clock() + self.failover_timeout_s
             elif self._clock() >= self._deadline:
                 raise protocol.NoLeader(f"no leader among masters {self.describe()} within "
-                                        f"{self.failover_timeout_s:g} s")
+                                        f"{self.failover_timeout_s:g} s{cut_off}")
             if on_retry is not None:
                 on_retry()

@@ -120,6 +120,8 @@ class MetaBackup:
     def backup(self, force: bool = False) -> bool:
         """Store the current checkpoint on MIN_COPIES nodes (if it changed); True if stored."""
         master = self.master
+        if not master.is_leader():
+            return False  # a follower of a replicated group: the leader keeps the copies
         with self._lock:
             index, state = master.log.snapshot()
             if index == self.last_index and not force:

@@ -978,6 +978,8 @@ class StatusReply(Message):
     # Nodes that tried to register and were refused (another cluster, or
     # they have seen a newer master): [{"id", "address", "reason"}].
     refused: list = field(default_factory=list)
+    # A replicated group only: [{"address", "role", "term", "commit", "applied" | "match", "leader"}]
+    masters: list | None = None
 
 
 @message
@@ -1011,6 +1013,21 @@ class HealthReply(Message):
     OP = "HEALTH_REPLY"
     status: str  # HEALTH_OK, HEALTH_WARN or HEALTH_ERR
     checks: list  # [{"code", "severity", "count", "summary", "detail": [str, ...]}]
+
+
+# Master <-> master -----------------------------------------------------------
+@message
+class RaftMessage(Message):
+    """One Raft message between masters of a replicated group; never answered.
+
+    ``msg`` is the header of ``meta.messages.to_wire`` (its ``type`` and
+    fields); the body carries InstallSnapshot bytes, else is empty.
+    """
+
+    OP = "RAFT"
+    HAS_BODY = True
+    msg: dict
+    body: bytes = b""
 
 
 # Node -> master ------------------------------------------------------------

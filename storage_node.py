@@ -395,7 +395,7 @@ class StorageNode:
                                 # It lost the leadership: find the new leader now.
                                 logger.info("master %s is no longer the leader: %s", where, exc)
                                 link.follow(exc)
-                                reconnect_now = True
+                                reconnect_now = bool(exc.leader)
                                 break
                             if isinstance(exc, protocol.Unavailable) and not conn.broken:
                                 # An ERROR frame, not a lost connection: the master is there.
@@ -406,8 +406,10 @@ class StorageNode:
             except protocol.AuthFailed as exc:
                 outage.failed(f"cannot register with master {where}: {exc}", logging.ERROR)
             except protocol.NotLeader as exc:
-                link.follow(exc)  # REGISTER or INVENTORY refused by a master that just stepped down
-                reconnect_now = True
+                # REGISTER or INVENTORY refused by a follower: go to the leader it names at once,
+                # or wait a heartbeat interval while an election runs.
+                link.follow(exc)
+                reconnect_now = bool(exc.leader)
             except (protocol.WrongCluster, protocol.StaleMaster) as exc:
                 # One line per change, not one per retry: the node keeps
                 # every byte and keeps trying until the right master is back.

@@ -141,6 +141,20 @@ def test_run_gives_up_with_no_leader():
     assert 1.0 <= clock.now <= 1.0 + 2 * master_link.BACKOFF_MAX_S
 
 
+def test_no_leader_after_a_cut_off_attempt_says_it_may_take_effect():
+    """A write lost midway may still commit (the old leader had logged it): NO_LEADER must say so."""
+    state = {"up": True}
+    link, _, _ = make_link({a: (lambda: "conn" if state["up"] else protocol.NotLeader("no leader"))
+                            for a in (A, B, C)}, failover_timeout_s=1.0)
+
+    def op():
+        link.connect()
+        state["up"] = False  # the leader dies with the request in flight; nobody leads after it
+        raise protocol.Unavailable("lost connection to 127.0.0.1:1")
+    with pytest.raises(protocol.NoLeader, match="may yet take effect"):
+        link.run(op, safe=True)
+
+
 def test_addresses_and_precedence(tmp_path):
     assert config_module.parse_addresses("h:1, h:2,h:1") == [("h", 1), ("h", 2)]
     with pytest.raises(ValueError, match="empty entry"):
