@@ -275,6 +275,20 @@ def proc_kib(pid: int, field: str) -> int | None:
     return None
 
 
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds a live process has used (/proc/PID/stat), 0.0 if unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def servers_cpu_s(pids) -> float:
+    return sum(proc_cpu_s(pid) for pid in pids)
+
+
 def reset_hwm(pid: int) -> bool:
     """Reset VmHWM to the current RSS (Linux >= 4.0, same user); False if not allowed."""
     try:
@@ -324,9 +338,9 @@ def relay_argv(*args: str) -> list[str]:
     return [sys.executable, os.path.join(BENCH_DIR, "relay.py"), *args]
 
 
-def product_client(master: str, *args: str) -> tuple[float, int]:
-    """Run the product CLI; returns (seconds, peak RSS KiB); raises WorkloadFailed on failure."""
-    elapsed, code, maxrss, stderr, _ = run_timed(client_argv(master, *args))
+def product_client(master: str, *args: str) -> tuple[float, int, float]:
+    """Run the product CLI; returns (seconds, peak RSS KiB, CPU seconds); raises WorkloadFailed on failure."""
+    elapsed, code, maxrss, stderr, cpu_s = run_timed(client_argv(master, *args))
     if code != 0:
         line = stderr.splitlines()[-1] if stderr else f"exit status {code}"
         if "not supported" in stderr:
@@ -334,7 +348,7 @@ def product_client(master: str, *args: str) -> tuple[float, int]:
         error = WorkloadFailed(f"client.py {args[0]} exited {code}: {line}")
         error.exit_code = code
         raise error
-    return elapsed, maxrss
+    return elapsed, maxrss, cpu_s
 
 
 class Relay:
@@ -361,13 +375,16 @@ class Relay:
         self.address = master.start()
         return self
 
-    def send(self, *paths: str) -> tuple[float, int]:
-        """Relay ``paths``; returns (seconds, client peak RSS KiB), then drops what the nodes stored."""
-        elapsed, code, maxrss, stderr, _ = run_timed(relay_argv("client", *paths, "--master", self.address))
+    def send(self, *paths: str) -> tuple[float, int, float]:
+        """Relay ``paths``; returns (seconds, client peak RSS KiB, client CPU seconds), then drops what the nodes stored."""
+        elapsed, code, maxrss, stderr, cpu_s = run_timed(relay_argv("client", *paths, "--master", self.address))
         self.clear()
         if code != 0:
             raise WorkloadFailed(f"relay client exited {code}: {stderr}")
-        return elapsed, maxrss
+        return elapsed, maxrss, cpu_s
+
+    def pids(self) -> list[int]:
+        return [server.pid for server in self.servers]
 
     def clear(self) -> None:
         for node_dir in self.node_dirs:
@@ -501,6 +518,12 @@ def throughput(results: Results, cluster, relay: Relay, work: str, size_mib: int
                          target=">= 0.9x relay", check=lambda m, r: r >= 0.9))
     relay_row = results.add(Row(f"relay_upload_{key}", f"  baseline: relay upload {tag}", "MiB/s"))
     copy2 = results.add(Row(f"copy2_{key}", f"  baseline: 2 local copies + fsync {tag}", "MiB/s"))
+    up_cpu = results.add(Row(f"upload_cpu_{key}", f"upload {tag}: CPU of all processes", "ms/MiB",
+                             higher_is_better=False, baseline=f"relay_cpu_{key}"))
+    relay_cpu = results.add(Row(f"relay_cpu_{key}", f"  baseline: relay upload {tag}: CPU", "ms/MiB",
+                                higher_is_better=False))
+    up_cpu.note = ("user + system time of client, master and nodes (relay: client, master, 2 nodes) per MiB "
+                   "uploaded; on a saturated machine throughput follows it")
     down = results.add(Row(f"download_{key}", f"download {tag}", "MiB/s", baseline=f"copy1_{key}",
                            target=">= 0.5x copy, > 581 MiB/s", check=lambda m, r: r >= 0.5 and m > 581))
     copy1 = results.add(Row(f"copy1_{key}", f"  baseline: 1 local copy + fsync {tag}", "MiB/s"))
@@ -545,7 +568,9 @@ def throughput(results: Results, cluster, relay: Relay, work: str, size_mib: int
         name = f"bench/{key}-{rep}"
         if up.status == "ok":
             try:
-                elapsed, maxrss = product_client(cluster.master_address, "upload", source, name)
+                servers = servers_cpu_s(pids.values())
+                elapsed, maxrss, client_cpu_s = product_client(cluster.master_address, "upload", source, name)
+                up_cpu.values.append((servers_cpu_s(pids.values()) - servers + client_cpu_s) * 1000 / (nbytes / MiB))
                 up.values.append(nbytes / MiB / elapsed)
                 client_peaks.append(maxrss / 1024)
                 uploaded.append(name)
@@ -554,7 +579,9 @@ def throughput(results: Results, cluster, relay: Relay, work: str, size_mib: int
                 print(f"bench: upload {tag}: {exc}", file=sys.stderr, flush=True)
         if relay_row.status == "ok":
             try:
-                elapsed, _ = relay.send(source)
+                servers = servers_cpu_s(relay.pids())
+                elapsed, _, client_cpu_s = relay.send(source)
+                relay_cpu.values.append((servers_cpu_s(relay.pids()) - servers + client_cpu_s) * 1000 / (nbytes / MiB))
                 relay_row.values.append(nbytes / MiB / elapsed)
             except WorkloadFailed as exc:
                 relay_row.fail(f"failed: {exc}")
@@ -589,7 +616,7 @@ def throughput(results: Results, cluster, relay: Relay, work: str, size_mib: int
         if down.status == "ok" and uploaded:
             name = uploaded[rep % len(uploaded)]
             try:
-                elapsed, _ = product_client(cluster.master_address, "download", name, target)
+                elapsed, _, _ = product_client(cluster.master_address, "download", name, target)
                 if sha256_file(target) != original_sha:
                     results.corrupt(f"download of {name} differs from the uploaded file")
                     down.fail("failed: bytes differ")
@@ -719,14 +746,14 @@ def small_files(results: Results, cluster, relay: Relay, work: str, count: int, 
         name = f"small-{rep}"
         if up.status == "ok":
             try:
-                elapsed, _ = product_client(cluster.master_address, "upload", source, name)
+                elapsed, _, _ = product_client(cluster.master_address, "upload", source, name)
                 up.values.append(count / elapsed)
                 uploaded.append(name)
             except WorkloadFailed as exc:
                 up.fail(str(exc) if isinstance(exc, NotAvailable) else f"failed: {exc}")
         if relay_row.status == "ok":
             try:
-                elapsed, _ = relay.send(source)
+                elapsed, _, _ = relay.send(source)
                 relay_row.values.append(count / elapsed)
             except WorkloadFailed as exc:
                 relay_row.fail(f"failed: {exc}")
@@ -736,7 +763,7 @@ def small_files(results: Results, cluster, relay: Relay, work: str, count: int, 
         out = os.path.join(work, f"restored-{rep}")
         os.makedirs(out)
         try:
-            elapsed, _ = product_client(cluster.master_address, "download", name + "/", out)
+            elapsed, _, _ = product_client(cluster.master_address, "download", name + "/", out)
             bad = compare_tree(out, originals)
             if bad:
                 results.corrupt(f"restore of {name}/: {bad}")

@@ -18,7 +18,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 EXPECTED_ROWS = {
-    "upload_32mib", "relay_upload_32mib", "copy2_32mib", "download_32mib", "copy1_32mib",
+    "upload_32mib", "relay_upload_32mib", "upload_cpu_32mib", "relay_cpu_32mib", "copy2_32mib", "download_32mib", "copy1_32mib",
     "mem_master_32mib", "mem_node_32mib", "mem_client_32mib", "node_growth_32mib",
     "metadata_per_gib", "small_upload", "relay_small", "small_download",
     "restart_big", "restart_100", "list_big", "list_100", "commit_big", "commit_100",
