@@ -57,7 +57,7 @@ def format_address(address: tuple[str, int]) -> str:
 # Pause between two rounds over every master while none leads (an election
 # takes 1-2 s): doubles from the first to the last value.
 BACKOFF_FIRST_S = 0.05
-BACKOFF_MAX_S = 0.5
+BACKOFF_MAX_S = 0.25
 
 
 def parse_hint(text: str) -> tuple[str, int] | None:

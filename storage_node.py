@@ -331,6 +331,28 @@ class StorageNode:
         event.clear()
         return self._stop.is_set()
 
+    def _beat_wait(self, interval: float, conn=None) -> bool:
+        """``_wait`` between heartbeats (woken early by a free-space change); True once stopping.
+
+        With ``conn`` (several masters) the wait also ends when the master
+        closes the connection (killed, or stepped down), raising Unavailable,
+        so the node looks for the new leader at once, not at its next heartbeat.
+        """
+        if conn is None:
+            return self._wait(self._report_wanted, interval)
+        deadline = time.monotonic() + interval
+        while True:
+            woken = self._report_wanted.wait(min(0.05, max(0.0, deadline - time.monotonic())))
+            if self._stop.is_set():
+                return True
+            if woken:
+                self._report_wanted.clear()
+                return False
+            if time.monotonic() >= deadline:
+                return False
+            if conn.peer_closed():
+                raise protocol.Unavailable("the master closed the connection")
+
     def _heartbeat_loop(self) -> None:
         """Register with the master, then heartbeat; reconnect on any failure.
 
@@ -375,7 +397,7 @@ class StorageNode:
                     report_due = time.monotonic() + self.config.inventory_interval_s
                     # Woken early when free space changes (deletes, compaction,
                     # ENOSPC), so the master places by the disk as it is now.
-                    while not self._wait(self._report_wanted, interval):
+                    while not self._beat_wait(interval, conn if link.replicated else None):
                         if time.monotonic() >= report_due:
                             reconnect_now = True  # a scheduled re-report
                             break
@@ -418,6 +440,9 @@ class StorageNode:
                     logger.error("refusing master %s, keeping all data and retrying: %s", where, exc.message)
             except (protocol.Unavailable, protocol.Timeout, protocol.NoLeader) as exc:
                 outage.failed(f"master {where} unreachable, retrying every {interval:g} s: {exc}")
+                # Several masters: a lost leader is replaced within an election, look for it at once
+                # (connect() waits for it); NoLeader means it already looked for failover_timeout_s.
+                reconnect_now = link.replicated and not isinstance(exc, protocol.NoLeader)
             except protocol.BackupError as exc:
                 # Not the network: a frame we could not build, or one the
                 # master refused.  It fails again on every retry: say so as

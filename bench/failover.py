@@ -34,14 +34,17 @@ def run_client(cluster, *args) -> subprocess.CompletedProcess:
                            "--quiet", *args], capture_output=True, cwd=cluster.data_dir)
 
 
-def leader_index(cluster) -> int:
+def group_status(cluster):
     addresses = [(h, int(p)) for h, _, p in (a.rpartition(":") for a in cluster.master_address.split(","))]
     client = client_module.Client(addresses, timeout_s=10.0, frame_bytes=1 << 20, show_progress=False)
     try:
-        masters = client.status().masters
+        return client.status()
     finally:
         client.close()
-    leader = next(m["address"] for m in masters if m["role"] == "leader")
+
+
+def leader_index(cluster) -> int:
+    leader = next(m["address"] for m in group_status(cluster).masters if m["role"] == "leader")
     return cluster.master_address.split(",").index(leader)
 
 
@@ -54,6 +57,12 @@ def main(argv=None) -> int:
         cluster = cluster_module.LocalCluster(tmp, nodes=args.nodes, masters=3)
         try:
             cluster.start()
+            deadline = time.monotonic() + 60
+            while group_status(cluster).totals["nodes_alive"] < args.nodes:
+                if time.monotonic() > deadline:
+                    print("the nodes did not register in time", file=sys.stderr)
+                    return 1
+                time.sleep(0.1)
             path = os.path.join(tmp, "payload")
             data = os.urandom(64 * 1024)
             with open(path, "wb") as f:
