@@ -16,7 +16,6 @@ top of chunk_store.py.  Random data is seeded; seeds are in the messages.
 from __future__ import annotations
 
 import configparser
-import hashlib
 import json
 import os
 import random
@@ -25,8 +24,8 @@ import shutil
 import signal
 import time
 
-from conftest import (FAST_MASTER, FAST_TIMING, ROOT, flip_byte, node_fence, payload_locations, random_bytes,
-                      wait_until)
+from conftest import (FAST_MASTER, FAST_TIMING, ROOT, download_bytes, flip_byte, node_fence, payload_locations,
+                      random_bytes, upload_bytes, wait_until)
 
 import client as client_module
 import protocol
@@ -52,29 +51,6 @@ HEAL_NODE = [*FAST_TIMING, "--scrub-rate", "0"]
 def heal_cluster(make_cluster, nodes: int = 3, master_args=(), node_args=(), **kwargs):
     return make_cluster(nodes=nodes, master_args=[*HEAL_MASTER, *master_args],
                         node_args=[*HEAL_NODE, *node_args], **kwargs)
-
-
-def upload(cluster, name: str, data: bytes, tmp_path) -> protocol.Uploaded:
-    path = tmp_path / f"up-{hashlib.sha256(data).hexdigest()[:16]}"
-    path.write_bytes(data)
-    c = cluster.client()
-    try:
-        return c.upload_file(str(path), name)
-    finally:
-        c.close()
-        path.unlink()
-
-
-def download(cluster, name: str, tmp_path) -> bytes:
-    destination = tmp_path / "download"
-    c = cluster.client()
-    try:
-        c.download(name, str(destination), force=True)
-    finally:
-        c.close()
-    data = destination.read_bytes()
-    destination.unlink()
-    return data
 
 
 def listed(cluster) -> set[str]:
@@ -247,7 +223,7 @@ def test_killed_node_is_re_replicated_and_a_second_loss_loses_nothing(make_clust
     cluster = heal_cluster(make_cluster)
     sizes = [0, 1, 700 * KIB + 3, 2 * MIB + 11, MIB + 5]
     data = {f"f{i}": random_bytes(seed + i, size) for i, size in enumerate(sizes)}
-    files = {name: upload(cluster, name, blob, tmp_path) for name, blob in data.items()}
+    files = {name: upload_bytes(cluster, name, blob, tmp_path) for name, blob in data.items()}
     victim = node_id(cluster, 0)
     held = sum(count for extents in inventory(cluster, 0, tmp_path).values() for _, count in extents)
     total_mib = sum(sizes) * REPLICATION / MIB
@@ -264,7 +240,7 @@ def test_killed_node_is_re_replicated_and_a_second_loss_loses_nothing(make_clust
 
     cluster.nodes[1].kill()
     for name, blob in data.items():
-        assert download(cluster, name, tmp_path) == blob, f"{name} differs with node0 and node1 down (seed {seed})"
+        assert download_bytes(cluster, name, tmp_path) == blob, f"{name} differs with node0 and node1 down (seed {seed})"
 
 
 # --- 2. frozen node ----------------------------------------------------------------------------
@@ -273,13 +249,13 @@ def test_frozen_node_is_survived_and_rejoins_without_surplus(make_cluster, tmp_p
     seed = 202
     cluster = heal_cluster(make_cluster)
     data = {f"g{i}": random_bytes(seed + i, MIB + 300 * KIB * i + 7) for i in range(3)}
-    files = {name: upload(cluster, name, blob, tmp_path) for name, blob in data.items()}
+    files = {name: upload_bytes(cluster, name, blob, tmp_path) for name, blob in data.items()}
     frozen = node_id(cluster, 0)
 
     cluster.nodes[0].signal(signal.SIGSTOP)
     for name, blob in data.items():
         started = time.monotonic()
-        assert download(cluster, name, tmp_path) == blob, f"{name} differs with node0 frozen (seed {seed})"
+        assert download_bytes(cluster, name, tmp_path) == blob, f"{name} differs with node0 frozen (seed {seed})"
         elapsed = time.monotonic() - started
         assert elapsed < IO_TIMEOUT_S + 2.0, f"download of {name} took {elapsed:.1f} s with node0 frozen"
         print(f"\ndownload of {name} with node0 frozen: {elapsed:.2f} s")
@@ -289,7 +265,7 @@ def test_frozen_node_is_survived_and_rejoins_without_surplus(make_cluster, tmp_p
     early = random_bytes(seed + 10, 300 * KIB)
     started = time.monotonic()
     try:
-        files["early"] = upload(cluster, "early", early, tmp_path)
+        files["early"] = upload_bytes(cluster, "early", early, tmp_path)
         data["early"] = early
         outcome = "succeeded"
     except protocol.BackupError as exc:
@@ -298,14 +274,14 @@ def test_frozen_node_is_survived_and_rejoins_without_surplus(make_cluster, tmp_p
 
     wait_until(lambda: not is_alive(cluster, frozen), 5.0, message="frozen node0 declared dead")
     late = random_bytes(seed + 11, 600 * KIB)
-    files["late"] = upload(cluster, "late", late, tmp_path)
+    files["late"] = upload_bytes(cluster, "late", late, tmp_path)
     data["late"] = late
 
     cluster.nodes[0].signal(signal.SIGCONT)
     wait_until(lambda: is_alive(cluster, frozen), 10.0, message="node0 alive again after SIGCONT")
     wait_fully_replicated(cluster, [0, 1, 2], files, tmp_path, what="after node0 rejoined")
     for name, blob in data.items():
-        assert download(cluster, name, tmp_path) == blob, f"{name} differs after rejoin (seed {seed})"
+        assert download_bytes(cluster, name, tmp_path) == blob, f"{name} differs after rejoin (seed {seed})"
 
 
 # --- 3. corruption found by a read, and by the scrubber ------------------------------------------
@@ -317,7 +293,7 @@ def test_corrupt_copy_found_by_a_read_is_dropped_and_re_replicated(make_cluster,
     # still well within dead_after: the repair of the read's report comes first.
     cluster = heal_cluster(make_cluster, nodes=2, node_args=["--heartbeat-interval", "0.5"])
     data = random_bytes(seed, 2 * MIB + 123)
-    reply = upload(cluster, "rotten", data, tmp_path)
+    reply = upload_bytes(cluster, "rotten", data, tmp_path)
     # Idle replicas are read in the order of the run's node list.
     first_holder = master_entry(cluster, "rotten")["runs"][0][2][0]
     index = next(i for i in range(2) if node_id(cluster, i) == first_holder)
@@ -331,14 +307,14 @@ def test_corrupt_copy_found_by_a_read_is_dropped_and_re_replicated(make_cluster,
     corrupt_record(cluster, index, reply.version, 0, rng)
     assert verify_copies(cluster, index, tmp_path), "the flip did not corrupt anything"
 
-    assert download(cluster, "rotten", tmp_path) == data, f"download with node{index} corrupt (seed {seed})"
+    assert download_bytes(cluster, "rotten", tmp_path) == data, f"download with node{index} corrupt (seed {seed})"
     # The node drops the bad extent and reports it with its next heartbeat.
     wait_until(lambda: totals(cluster)["corrupt_replicas_found"] >= 1, 5.0, message="the bad copy reported")
     wait_fully_replicated(cluster, [0, 1, 2], {"rotten": reply}, tmp_path, timeout_s=8.0,
                           what="after the bad copy was found")
     bad = {i: verify_copies(cluster, i, tmp_path) for i in range(3)}
     assert not any(bad.values()), f"corrupt extents still held: {bad} (seed {seed})"
-    assert download(cluster, "rotten", tmp_path) == data, f"seed {seed}"
+    assert download_bytes(cluster, "rotten", tmp_path) == data, f"seed {seed}"
 
 
 def test_scrubber_finds_unread_corruption_and_it_is_repaired(make_cluster, tmp_path):
@@ -347,7 +323,7 @@ def test_scrubber_finds_unread_corruption_and_it_is_repaired(make_cluster, tmp_p
     rng = random.Random(seed)
     cluster = heal_cluster(make_cluster)
     data = random_bytes(seed, MIB + 5000)
-    reply = upload(cluster, "quiet-rot", data, tmp_path)
+    reply = upload_bytes(cluster, "quiet-rot", data, tmp_path)
     index = holders(cluster, reply.version, 0, range(3))[0]
     corrupt_record(cluster, index, reply.version, 0, rng)
     assert totals(cluster)["corrupt_replicas_found"] == 0
@@ -358,7 +334,7 @@ def test_scrubber_finds_unread_corruption_and_it_is_repaired(make_cluster, tmp_p
     wait_fully_replicated(cluster, [0, 1, 2], {"quiet-rot": reply}, tmp_path, what="after scrubbing")
     bad = {i: verify_copies(cluster, i, tmp_path) for i in range(3)}
     assert not any(bad.values()), f"corrupt extents still held: {bad} (seed {seed})"
-    assert download(cluster, "quiet-rot", tmp_path) == data, f"seed {seed}"
+    assert download_bytes(cluster, "quiet-rot", tmp_path) == data, f"seed {seed}"
 
 
 def test_two_bad_chunks_on_different_holders_lose_nothing(make_cluster, tmp_path):
@@ -367,14 +343,14 @@ def test_two_bad_chunks_on_different_holders_lose_nothing(make_cluster, tmp_path
     rng = random.Random(seed)
     cluster = heal_cluster(make_cluster)
     data = {name: random_bytes(seed + n, 2 * MIB + 77) for n, name in enumerate(("read-first", "scrub-only"))}
-    files = {name: upload(cluster, name, blob, tmp_path) for name, blob in data.items()}
+    files = {name: upload_bytes(cluster, name, blob, tmp_path) for name, blob in data.items()}
     for reply in files.values():
         first, second = holders(cluster, reply.version, 0, range(3))
         corrupt_chunk(cluster, first, reply.version, 5, rng)
         corrupt_chunk(cluster, second, reply.version, 900, rng)
         assert verify_copies(cluster, first, tmp_path) and verify_copies(cluster, second, tmp_path)
 
-    assert download(cluster, "read-first", tmp_path) == data["read-first"], f"at once (seed {seed})"
+    assert download_bytes(cluster, "read-first", tmp_path) == data["read-first"], f"at once (seed {seed})"
     for i in range(3):  # scrubbers on; quickly, so nothing is declared dead meanwhile
         cluster.restart_node(i, ["--scrub-rate", "100"])
     # Each file has two bad copies; of "read-first" the download found one or both.
@@ -390,7 +366,7 @@ def test_two_bad_chunks_on_different_holders_lose_nothing(make_cluster, tmp_path
             for nid in nodes:  # the master places each chunk where it is held, on disk, intact
                 assert not uncovered(first, count, inventories[nid].get(reply.version, [])), \
                     f"{name} chunks {first}+{count} placed on {nid}, which lacks some (seed {seed})"
-        assert download(cluster, name, tmp_path) == data[name], f"{name} after scrubbing (seed {seed})"
+        assert download_bytes(cluster, name, tmp_path) == data[name], f"{name} after scrubbing (seed {seed})"
 
 
 # --- 4. every copy corrupt -------------------------------------------------------------------------
@@ -399,7 +375,7 @@ def test_all_copies_corrupt_fails_data_lost_and_is_listed_damaged(make_cluster, 
     seed = 404
     rng = random.Random(seed)
     cluster = heal_cluster(make_cluster)
-    reply = upload(cluster, "doomed", random_bytes(seed, 2 * MIB + 77), tmp_path)
+    reply = upload_bytes(cluster, "doomed", random_bytes(seed, 2 * MIB + 77), tmp_path)
     both = holders(cluster, reply.version, MIB // KIB, range(3))
     assert len(both) == REPLICATION, f"batch 1 held by nodes {both}"
     chunk = MIB // KIB + rng.randrange(MIB // KIB)
@@ -426,9 +402,9 @@ def test_node_rejoining_after_delete_and_replace_drops_stale_blobs(make_cluster,
     # No history and no trash: the replaced version and the deleted file are dropped at once (tests/test_history.py covers kept versions).
     cluster = heal_cluster(make_cluster, master_args=["--keep-versions", "1", "--trash-days", "0"])
     keep = random_bytes(seed, MIB + 10)
-    files = {"keep": upload(cluster, "keep", keep, tmp_path)}
-    gone = upload(cluster, "gone", random_bytes(seed + 1, 900 * KIB), tmp_path)
-    old = upload(cluster, "replaced", random_bytes(seed + 2, 500 * KIB), tmp_path)
+    files = {"keep": upload_bytes(cluster, "keep", keep, tmp_path)}
+    gone = upload_bytes(cluster, "gone", random_bytes(seed + 1, 900 * KIB), tmp_path)
+    old = upload_bytes(cluster, "replaced", random_bytes(seed + 2, 500 * KIB), tmp_path)
     index = next(i for i in range(3)
                  if set(inventory(cluster, i, tmp_path)) >= {gone.version, old.version})
     victim = node_id(cluster, index)
@@ -441,7 +417,7 @@ def test_node_rejoining_after_delete_and_replace_drops_stale_blobs(make_cluster,
     finally:
         c.close()
     new = random_bytes(seed + 3, 700 * KIB + 1)
-    files["replaced"] = upload(cluster, "replaced", new, tmp_path)
+    files["replaced"] = upload_bytes(cluster, "replaced", new, tmp_path)
 
     cluster.add_node(index)
     wait_until(lambda: is_alive(cluster, victim), 10.0, message=f"node{index} alive again")
@@ -450,8 +426,8 @@ def test_node_rejoining_after_delete_and_replace_drops_stale_blobs(make_cluster,
                message=f"node{index} dropped its stale blobs")
     wait_fully_replicated(cluster, [0, 1, 2], files, tmp_path, what=f"after node{index} rejoined")
     assert listed(cluster) == {"keep", "replaced"}, f"seed {seed}"
-    assert download(cluster, "replaced", tmp_path) == new, f"seed {seed}"
-    assert download(cluster, "keep", tmp_path) == keep, f"seed {seed}"
+    assert download_bytes(cluster, "replaced", tmp_path) == new, f"seed {seed}"
+    assert download_bytes(cluster, "keep", tmp_path) == keep, f"seed {seed}"
 
 
 # --- 6. master restart --------------------------------------------------------------------------------
@@ -459,7 +435,7 @@ def test_master_restart_starts_in_safe_mode_and_copies_nothing(make_cluster, tmp
     """A restarted master reports safe mode at first and, once the nodes have reported, finds everything replicated without copying a chunk."""
     seed = 606
     cluster = heal_cluster(make_cluster, master_args=["--safe-mode", "2"])
-    files = {f"h{i}": upload(cluster, f"h{i}", random_bytes(seed + i, 600 * KIB * (i + 1)), tmp_path)
+    files = {f"h{i}": upload_bytes(cluster, f"h{i}", random_bytes(seed + i, 600 * KIB * (i + 1)), tmp_path)
              for i in range(3)}
     wait_fully_replicated(cluster, [0, 1, 2], files, tmp_path, what="before the restart")
 
@@ -484,7 +460,7 @@ def test_node_with_emptied_disk_comes_back_new_and_is_refilled(make_cluster, tmp
     seed = 707
     cluster = heal_cluster(make_cluster)
     data = {f"e{i}": random_bytes(seed + i, 800 * KIB * (i + 1)) for i in range(3)}
-    files = {name: upload(cluster, name, blob, tmp_path) for name, blob in data.items()}
+    files = {name: upload_bytes(cluster, name, blob, tmp_path) for name, blob in data.items()}
     old_id = node_id(cluster, 0)
 
     cluster.nodes[0].kill()
@@ -498,7 +474,7 @@ def test_node_with_emptied_disk_comes_back_new_and_is_refilled(make_cluster, tmp
     assert inventory(cluster, 0, tmp_path), f"the new node holds nothing (seed {seed})"
     assert not is_alive(cluster, old_id)
     for name, blob in data.items():
-        assert download(cluster, name, tmp_path) == blob, f"{name} (seed {seed})"
+        assert download_bytes(cluster, name, tmp_path) == blob, f"{name} (seed {seed})"
 
 
 # --- 8. full nodes ------------------------------------------------------------------------------------
@@ -510,8 +486,8 @@ def test_full_node_is_avoided_by_placement(make_cluster, tmp_path):
     cluster.wait_nodes_alive(3)
     small = node_id(cluster, 2)
     data = random_bytes(seed, 3 * MIB)
-    upload(cluster, "big", data, tmp_path)
-    assert download(cluster, "big", tmp_path) == data, f"seed {seed}"
+    upload_bytes(cluster, "big", data, tmp_path)
+    assert download_bytes(cluster, "big", tmp_path) == data, f"seed {seed}"
     wait_until(lambda: node_row(cluster, small)["used_bytes"] <= MIB + 64 * KIB, 5.0,
                message="the small node within its capacity")
     assert segment_bytes(cluster, 2) <= MIB + 64 * KIB, f"the 1 MiB node stores {segment_bytes(cluster, 2)} bytes"
@@ -545,7 +521,7 @@ def test_deleted_data_is_reclaimed_on_disk(make_cluster, tmp_path):
     # that follow land in a new, active segment that holds no data.
     names = [f"r{i}" for i in range(4)]
     for i, name in enumerate(names):
-        upload(cluster, name, random_bytes(seed + i, (i % 2 + 1) * MIB), tmp_path)
+        upload_bytes(cluster, name, random_bytes(seed + i, (i % 2 + 1) * MIB), tmp_path)
     stored = sum(segment_bytes(cluster, i) for i in range(3))
     assert stored >= 2 * 6 * MIB, f"only {stored} bytes on disk after uploads"
 
@@ -566,7 +542,7 @@ def test_master_restart_mid_repair_finishes_the_repair(make_cluster, tmp_path):
     seed = 1010
     cluster = heal_cluster(make_cluster, master_args=["--repair-rate", "1"])
     data = {f"s{i}": random_bytes(seed + i, 2 * MIB + i) for i in range(2)}
-    files = {name: upload(cluster, name, blob, tmp_path) for name, blob in data.items()}
+    files = {name: upload_bytes(cluster, name, blob, tmp_path) for name, blob in data.items()}
     cluster.nodes[0].kill()
     wait_until(lambda: totals(cluster)["repaired_chunks"] > 0, 10.0, message="repair under way")
     assert totals(cluster)["repairs_pending"] > 0, "the repair finished before the restart: slow it down"
@@ -575,14 +551,14 @@ def test_master_restart_mid_repair_finishes_the_repair(make_cluster, tmp_path):
     took = wait_fully_replicated(cluster, [1, 2], files, tmp_path, timeout_s=25.0, what="after the master restart")
     print(f"\nrepair finished {took:.1f} s after the master restart")
     for name, blob in data.items():
-        assert download(cluster, name, tmp_path) == blob, f"{name} (seed {seed})"
+        assert download_bytes(cluster, name, tmp_path) == blob, f"{name} (seed {seed})"
 
 
 def test_periodic_inventory_report_drops_a_surplus_copy(make_cluster, tmp_path):
     """A copy the namespace does not list is dropped at the node's next periodic inventory report."""
     cluster = heal_cluster(make_cluster, node_args=["--inventory-interval", "1"])
     data = random_bytes(306, 5000)
-    reply = upload(cluster, "surplus", data, tmp_path)
+    reply = upload_bytes(cluster, "surplus", data, tmp_path)
     listed = set(master_entry(cluster, "surplus")["runs"][0][2])
     spare = next(i for i in range(3) if node_id(cluster, i) not in listed)
     host, _, port = cluster.nodes[spare].address.rpartition(":")
@@ -599,4 +575,4 @@ def test_periodic_inventory_report_drops_a_surplus_copy(make_cluster, tmp_path):
         conn.request(protocol.Flush(), protocol.Flushed)
     assert stored_chunks() == before + 5
     wait_until(lambda: stored_chunks() == before, 10.0, message="the surplus copy dropped by reconciliation")
-    assert download(cluster, "surplus", tmp_path) == data
+    assert download_bytes(cluster, "surplus", tmp_path) == data

@@ -18,7 +18,8 @@ import time
 
 import pytest
 
-from conftest import FAST_MASTER, FAST_TIMING, node_fence, random_bytes, sha256, wait_until
+from conftest import (FAST_MASTER, FAST_TIMING, download_bytes, node_fence, random_bytes, sha256, upload_bytes,
+                      wait_until)
 
 import client as client_module
 import protocol
@@ -176,29 +177,6 @@ def node_request(cluster, index: int, msg, reply_cls):
     host, _, port = cluster.nodes[index].address.rpartition(":")
     with transport.Connection((host, int(port)), "master", 5.0) as conn:
         return conn.request(msg, reply_cls)
-
-
-def upload_bytes(cluster, name: str, data: bytes, tmp_path, mode: str = "replace") -> protocol.Uploaded:
-    path = tmp_path / "upload.tmp"
-    path.write_bytes(data)
-    c = cluster.client()
-    try:
-        return c.upload_file(str(path), name, mode=mode)
-    finally:
-        c.close()
-        path.unlink()
-
-
-def download_bytes(cluster, name: str, tmp_path) -> bytes:
-    path = tmp_path / "download.tmp"
-    c = cluster.client()
-    try:
-        c.download(name, str(path), force=True)
-    finally:
-        c.close()
-    data = path.read_bytes()
-    path.unlink()
-    return data
 
 
 def master_dir(cluster) -> str:

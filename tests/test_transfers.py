@@ -37,9 +37,13 @@ class FakeConn:
         self.replies: list[bytes] = []
         self.broken = False
 
-    def send(self, msg):
+    def answer(self, msg):
+        """The node's reply to ``msg`` (subclasses serve more requests)."""
+        return self.node.get(msg)
+
+    def send(self, msg, flush=True):
         try:
-            reply = self.node.get(msg)
+            reply = self.answer(msg)
         except protocol.BackupError as exc:
             reply = protocol.error_message(exc)
         self.replies.append(protocol.encode(reply))
@@ -163,7 +167,7 @@ def test_reply_with_wrong_last_chunk_length_is_not_used(replicas):
 
 
 # --- uploads: nodes compute the CRCs, the master checks them -------------------------
-class UploadConn:
+class UploadConn(FakeConn):
     """A master->node connection for uploads: PUT_CHUNKS and FLUSH go through the wire form.
 
     ``damage`` (optional) changes a PUT_CHUNKS frame on the way, as a bad
@@ -171,34 +175,20 @@ class UploadConn:
     """
 
     def __init__(self, node: StorageNode, damage=None):
-        self.node = node
+        super().__init__(node)
         self.damage = damage
-        self.replies: list[bytes] = []
-        self.broken = False
 
-    def send(self, msg, flush=True):
+    def answer(self, msg):
         frame = bytearray(protocol.encode(msg))
         if self.damage is not None and isinstance(msg, protocol.PutChunks):
             self.damage(frame)
         msg = protocol.read_message(io.BytesIO(bytes(frame)))
-        try:
-            if isinstance(msg, protocol.PutChunks):
-                reply = self.node.put(msg)
-            elif isinstance(msg, protocol.Flush):
-                self.node.store.flush()
-                reply = protocol.Flushed()
-            else:
-                reply = self.node.get(msg)
-        except protocol.BackupError as exc:
-            reply = protocol.error_message(exc)
-        self.replies.append(protocol.encode(reply))
-
-    def expect(self, cls, body_buffer=None):
-        return protocol.expect(protocol.read_message(io.BytesIO(self.replies.pop(0)), body_buffer), cls)
-
-    def request(self, msg, cls, body_buffer=None):
-        self.send(msg)
-        return self.expect(cls, body_buffer)
+        if isinstance(msg, protocol.PutChunks):
+            return self.node.put(msg)
+        if isinstance(msg, protocol.Flush):
+            self.node.store.flush()
+            return protocol.Flushed()
+        return self.node.get(msg)
 
 
 class UploadPool(FakePool):
