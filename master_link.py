@@ -37,7 +37,7 @@ import time
 import protocol
 
 # transport (sockets, TLS) and logging are imported when first needed, as in
-# client.py: a client that only prints --help or a usage error never loads them.
+# cli.py (the client): a client that only prints --help or a usage error never loads them.
 
 
 def _log(level: str, text: str, *args) -> None:

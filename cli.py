@@ -1,0 +1,1865 @@
+"""The client and its command line: upload, download, delete, list, status.
+
+``python client.py`` runs ``main()`` here; ``client.py`` is only the entry
+script, because Python compiles a script on every run but caches the bytecode
+of an imported module (this one is ~1,900 lines: 10-20 ms per start-up).
+
+The client streams: a file is read in batch-sized pieces into one reused
+buffer and sent as DATA frames, hashed with SHA-256 on the way; a download
+is written to a temporary file beside the target, hashed, and renamed only
+if the hash matches what the master recorded at upload.  So memory stays at
+one buffer whatever the file size, and a failed download leaves nothing
+behind.
+
+Every error reaches the user as one line on stderr and an exit code that
+names its class (see EXIT_CODES and the README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import os
+import queue
+import select
+import stat
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import config as config_module
+import filemeta
+import health as health_module
+import history
+import master_link
+import protocol
+import views
+from views import human_bytes, plural
+
+# transport (sockets, TLS) and security (HMAC, TLS contexts) are imported
+# where a connection is made, hashlib (it loads OpenSSL) where a file is
+# hashed and logging where it is set up, not here: ``--help`` and usage
+# errors never need them (nor listings hashlib), and their imports were a
+# third of the client's start-up.
+
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_LOCAL_IO = 4
+EXIT_UNAVAILABLE = 5
+EXIT_INSUFFICIENT_NODES = 6
+EXIT_CHECKSUM = 7
+EXIT_INVALID_NAME = 8
+EXIT_PROTOCOL = 9
+EXIT_TIMEOUT = 10
+EXIT_DATA_LOST = 11
+EXIT_INSUFFICIENT_SPACE = 12
+EXIT_FILE_LOCKED = 13
+EXIT_AUTH_FAILED = 14
+EXIT_PARTIAL = 15
+EXIT_INVALID_RANGE = 16
+EXIT_FILE_EXISTS = 17
+EXIT_NO_LEADER = 18  # no master of a replicated group led within failover_timeout_s
+EXIT_DAMAGED = 19  # verify: a stored file is damaged, or (--against) the trees differ
+
+# Wire error code -> exit status.  Codes not listed exit with EXIT_ERROR.
+EXIT_CODES = {
+    "FILE_NOT_FOUND": EXIT_NOT_FOUND,
+    "INVALID_RANGE": EXIT_INVALID_RANGE,
+    "UNAVAILABLE": EXIT_UNAVAILABLE,
+    "INSUFFICIENT_NODES": EXIT_INSUFFICIENT_NODES,
+    "CHECKSUM_MISMATCH": EXIT_CHECKSUM,
+    "INVALID_NAME": EXIT_INVALID_NAME,
+    "BAD_REQUEST": EXIT_PROTOCOL,
+    "TOO_LARGE": EXIT_PROTOCOL,
+    "UNKNOWN_OP": EXIT_PROTOCOL,
+    "VERSION_MISMATCH": EXIT_PROTOCOL,
+    "TIMEOUT": EXIT_TIMEOUT,
+    "DATA_LOST": EXIT_DATA_LOST,
+    "INSUFFICIENT_SPACE": EXIT_INSUFFICIENT_SPACE,
+    "FILE_LOCKED": EXIT_FILE_LOCKED,
+    "FILE_EXISTS": EXIT_FILE_EXISTS,
+    "AUTH_FAILED": EXIT_AUTH_FAILED,
+    "NO_LEADER": EXIT_NO_LEADER,
+}
+
+
+# Downloads requested ahead of the one being received when restoring a tree.
+DOWNLOAD_WINDOW = 32
+# Times `stat` restarts reading a file's runs because it was replaced meanwhile.
+_STAT_ATTEMPTS = 3
+# `stat` without --runs lists a file's runs only if it has at most this many.
+STAT_RUNS_SHOWN = 20
+
+
+def new_sha256():
+    """A fresh SHA-256 (hashlib imported on first use: see the imports at the top)."""
+    import hashlib  # noqa: PLC0415
+    return hashlib.sha256()
+
+
+class LocalFileError(Exception):
+    """A problem with a file on this machine (missing, unreadable, unwritable)."""
+
+
+class UnsafeDestination(LocalFileError):
+    """A download target that must not be replaced: a symlink, device, FIFO, socket or directory.
+
+    Its own exit status (EXIT_USAGE): ``--force`` does not help, the user
+    has to give another path.
+    """
+
+
+class UsageError(Exception):
+    """Arguments that parse but make no sense together (exit EXIT_USAGE)."""
+
+
+@dataclass
+class TreeSummary:
+    """Outcome of a directory upload or restore."""
+
+    files: int = 0
+    bytes: int = 0
+    skipped: int = 0
+    failures: list = field(default_factory=list)  # (name, reason)
+    started: float = field(default_factory=time.monotonic)
+
+    def ok(self, nbytes: int) -> None:
+        self.files += 1
+        self.bytes += nbytes
+
+    def fail(self, name: str, reason: str, report=None) -> None:
+        self.failures.append((name, reason))
+        if report:
+            report(f"failed {name}: {reason}")
+
+    def line(self, verb: str) -> str:
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        return (f"{verb} {plural(self.files, 'file')}, {human_bytes(self.bytes)} in {elapsed:.2f} s "
+                f"({self.files / elapsed:.0f} files/s, {human_bytes(self.bytes / elapsed)}/s); "
+                f"{len(self.failures)} failed, {self.skipped} skipped")
+
+
+@dataclass
+class VerifySummary:
+    """Outcome of ``Client.verify``: files read whole and intact, the damaged ones, the vanished ones."""
+
+    files: int = 0
+    bytes: int = 0
+    damaged: list = field(default_factory=list)  # (name, error code, message)
+    gone: list = field(default_factory=list)  # deleted between listing and reading
+    started: float = field(default_factory=time.monotonic)
+
+
+def walk_tree(root: str):
+    """Yield (path, relative name with '/', kind) for everything below ``root``.
+
+    kind is "file" for regular files, "symlink" (never followed), "directory"
+    for an empty directory (its files re-create the others), else "special
+    file".  Sorted, so runs repeat.
+    """
+    for directory, subdirs, names in os.walk(root, followlinks=False):
+        subdirs.sort()
+        if not subdirs and not names and os.path.abspath(directory) != os.path.abspath(root):
+            yield directory, os.path.relpath(directory, root).replace(os.sep, "/"), "directory"
+            continue
+        for name in sorted(names) + [d for d in subdirs if os.path.islink(os.path.join(directory, d))]:
+            path = os.path.join(directory, name)
+            relative = os.path.relpath(path, root).replace(os.sep, "/")
+            try:
+                mode = os.lstat(path).st_mode
+            except OSError:
+                continue
+            if stat.S_ISREG(mode):
+                yield path, relative, "file"
+            elif stat.S_ISLNK(mode):
+                yield path, relative, "symlink"
+            else:
+                yield path, relative, "special file"
+
+
+# walk_tree's kinds that a directory upload stores, as filemeta kinds.
+_STORED_KINDS = {"file": filemeta.FILE, "symlink": filemeta.SYMLINK, "directory": filemeta.DIRECTORY}
+
+
+def open_source(path: str, kind: str):
+    """(readable file, size, metadata) of what a directory upload stores for ``path``.
+
+    A regular file is opened (its metadata taken from the open file, so it
+    describes the bytes sent); a symlink gives its target's bytes, an empty
+    directory no bytes.  Raises OSError.
+    """
+    if kind == filemeta.FILE:
+        f = open(path, "rb")
+        st = os.fstat(f.fileno())
+        return f, st.st_size, filemeta.capture(st)
+    st = os.lstat(path)
+    data = os.fsencode(os.readlink(path)) if kind == filemeta.SYMLINK else b""
+    return io.BytesIO(data), len(data), filemeta.capture(st, kind)
+
+
+def local_base_name(name: str) -> str:
+    """The last component of a stored name, as a file name in the current directory.
+
+    Names are opaque keys: ``../../x`` gives ``x``.  A name whose last
+    component is empty, ``.`` or ``..`` gives no file name at all
+    (LocalFileError): the user must say where to write it.
+    """
+    base = name.rstrip("/").rpartition("/")[2]
+    if base in ("", ".", ".."):
+        raise LocalFileError(f"cannot make a local file name from {name!r}; give the local path to write to")
+    return base
+
+
+def file_kind(mode: int) -> str:
+    """What ``stat`` says a path is, in words for an error message."""
+    for test, kind in ((stat.S_ISREG, "regular file"), (stat.S_ISDIR, "directory"), (stat.S_ISLNK, "symlink"),
+                       (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return kind
+    return "special file"
+
+
+def check_destination(path: str, force: bool) -> None:
+    """Refuse a download target that exists, unless it is a regular file and ``force``.
+
+    A download replaces its target by renaming a temporary file over it, so
+    whatever sits there is gone: ``--force`` may do that to a regular file
+    only.  A symlink (even one to a regular file: renaming would replace the
+    link, not write through it), a directory, FIFO, socket or device raises
+    UnsafeDestination whatever ``force`` says; ``-`` is the way to write to
+    standard output.  Called before the download and again just before the
+    rename, so a target that appeared meanwhile is not replaced either.
+    """
+    if path == "-":
+        return
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise LocalFileError(f"cannot check {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise UnsafeDestination(f"refusing to replace {path}: it is a {file_kind(mode)}, and --force replaces "
+                                f"regular files only (give - to write to standard output)")
+    if not force:
+        raise LocalFileError(f"{path} exists; use --force to overwrite it")
+
+
+@dataclass(frozen=True)
+class Restore:
+    """What a restore gives back besides the bytes (recorded at upload: filemeta.py)."""
+
+    metadata: bool = True  # mode and mtime; False with --no-metadata
+    owners: bool = False  # uid and gid too (--owners; only a restore run as root can)
+
+
+def place_restored(temp_path: str, destination: str, force: bool, meta: dict | None,
+                   restore: Restore | None) -> None:
+    """Put a downloaded temporary file in place as what ``meta`` says it was.
+
+    A regular file (or an entry stored without metadata) is renamed over
+    ``destination``; a symlink's bytes become a link made under the
+    temporary name and renamed the same way (so a restore never leaves half
+    a link); an empty directory is created.  Mode, mtime (and owner) are set
+    before the rename unless ``restore`` says not to.  The temporary path
+    is the caller's to remove on failure.  Raises LocalFileError.
+    """
+    kind = filemeta.kind_of(meta)
+    apply_meta = restore is not None and restore.metadata
+    try:
+        if kind == filemeta.DIRECTORY:
+            os.unlink(temp_path)
+            if not os.path.isdir(destination) or os.path.islink(destination):
+                check_destination(destination, force)
+                os.mkdir(destination)
+            if apply_meta:
+                filemeta.apply(destination, meta, restore.owners)
+            return
+        if kind == filemeta.SYMLINK:
+            with open(temp_path, "rb") as f:
+                target = f.read(filemeta.MAX_LINK_BYTES + 1)
+            os.unlink(temp_path)
+            os.symlink(target, temp_path)  # the unique temporary name, now a link
+        if apply_meta:
+            filemeta.apply(temp_path, meta, restore.owners)
+    except OSError as exc:
+        raise LocalFileError(f"cannot restore {destination}: {exc.strerror}") from None
+    check_destination(destination, force)
+    try:
+        os.replace(temp_path, destination)
+    except OSError as exc:
+        raise LocalFileError(f"cannot write {destination}: {exc.strerror}") from None
+
+
+def name_max(directory: str) -> int:
+    """Longest file name (bytes) the file system of ``directory`` (or its nearest existing parent) takes."""
+    directory = os.path.abspath(directory)
+    while True:
+        try:
+            return os.pathconf(directory, "PC_NAME_MAX")
+        except (OSError, ValueError):
+            parent = os.path.dirname(directory)
+            if parent == directory:
+                return _DEFAULT_NAME_MAX
+            directory = parent
+
+
+# NAME_MAX of Linux and most other systems, when pathconf cannot tell.
+_DEFAULT_NAME_MAX = 255
+# A temporary file is ".BASE.XXXXXXXX.part": two dots, mkstemp's 8 random
+# characters and the suffix come on top of (a cut of) the target's name.
+_TEMP_SUFFIX = ".part"
+_TEMP_EXTRA_BYTES = 2 + 8 + len(_TEMP_SUFFIX)
+
+
+def open_temp_beside(destination: str) -> tuple[int, str]:
+    """A new private temporary file in ``destination``'s directory: (fd, path).
+
+    Named after the target so a leftover is recognisable, but the target's
+    name is cut (at a character boundary) so the temporary name fits the
+    file system's NAME_MAX however long the target's name is: a 255-byte
+    name must be restorable.  Raises LocalFileError.
+    """
+    directory = os.path.dirname(os.path.abspath(destination))
+    base = os.fsencode(os.path.basename(destination))
+    keep = max(0, name_max(directory) - _TEMP_EXTRA_BYTES)
+    if len(base) > keep:
+        while keep and (base[keep] & 0xC0) == 0x80:  # not inside a UTF-8 sequence
+            keep -= 1
+        base = base[:keep]
+    try:
+        return tempfile.mkstemp(dir=directory, prefix="." + os.fsdecode(base) + ".", suffix=_TEMP_SUFFIX)
+    except OSError as exc:
+        raise LocalFileError(f"cannot write in {directory}: {exc.strerror}") from None
+
+
+def make_parents(root: str, path: str) -> None:
+    """Create the directories between ``root`` and ``path``'s parent, never through a link.
+
+    A tree restore writes only below ``root``: an existing symlink on the
+    way (which could point anywhere) is refused, not followed, and so is a
+    file where a directory is needed.  Raises LocalFileError naming it.
+    """
+    current = os.path.abspath(root)
+    relative = os.path.relpath(os.path.dirname(path), current)
+    if relative == ".":
+        return
+    for part in relative.split(os.sep):
+        current = os.path.join(current, part)
+        try:
+            mode = os.lstat(current).st_mode
+        except FileNotFoundError:
+            try:
+                os.mkdir(current)
+                continue
+            except FileExistsError:  # created meanwhile: look again
+                mode = os.lstat(current).st_mode
+            except OSError as exc:
+                raise LocalFileError(f"cannot create directory {current}: {exc.strerror}") from None
+        except OSError as exc:
+            raise LocalFileError(f"cannot check {current}: {exc.strerror}") from None
+        if not stat.S_ISDIR(mode):
+            raise LocalFileError(f"{current} is a {file_kind(mode)}, not a directory; a restore does not "
+                                 f"follow links or replace files on the way")
+
+
+class Progress:
+    """A one-line progress bar on stderr: bytes, rate, ETA.  No-op when disabled."""
+
+    _MIN_INTERVAL_S = 0.1
+
+    def __init__(self, label: str, total: int, enabled: bool):
+        self.label = label
+        self.total = total
+        self.enabled = enabled
+        self.done = 0
+        self.started = time.monotonic()
+        self._last_draw = 0.0
+
+    def advance(self, nbytes: int) -> None:
+        self.done += nbytes
+        if self.enabled and time.monotonic() - self._last_draw >= self._MIN_INTERVAL_S:
+            self._draw()
+
+    def finish(self) -> None:
+        if self.enabled:
+            self._draw()
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+    def _draw(self) -> None:
+        now = time.monotonic()
+        self._last_draw = now
+        elapsed = max(now - self.started, 1e-6)
+        rate = self.done / elapsed
+        if self.total > 0:
+            fraction = min(self.done / self.total, 1.0)
+            bar = "#" * int(fraction * 20)
+            eta = (self.total - self.done) / rate if rate > 0 else 0
+            text = (f"\r{self.label} [{bar:<20}] {human_bytes(self.done)}/{human_bytes(self.total)} "
+                    f"{human_bytes(rate)}/s ETA {int(eta) // 60}:{int(eta) % 60:02d}  ")
+        else:
+            text = f"\r{self.label} {human_bytes(self.done)} {human_bytes(rate)}/s  "
+        sys.stderr.write(text)
+        sys.stderr.flush()
+
+
+class _FrameSink:
+    """Hashes and writes received frames, in a second thread when ``threaded``.
+
+    ``free_buffer()`` hands out a buffer to receive the next frame into;
+    ``put()`` queues its body; ``close()`` drains the queue and re-raises a
+    write error.  Three buffers rotate, so memory is three frames.  With
+    ``keep_going`` a write error does not stop the caller from receiving:
+    later frames are dropped and the error comes from ``close()``, so the
+    reply is read to its end and the connection stays in step (a directory
+    restore then goes on with the next file).
+    """
+
+    _BUFFERS = 3
+
+    def __init__(self, out, sha, progress: Progress, threaded: bool, first_buffer: bytearray,
+                 keep_going: bool = False):
+        self.out = out
+        self.sha = sha
+        self.progress = progress
+        self.keep_going = keep_going
+        self.error: BaseException | None = None
+        self._free: queue.Queue = queue.Queue()
+        self._free.put(first_buffer)
+        self._thread = None
+        if threaded:
+            for _ in range(self._BUFFERS - 1):
+                self._free.put(bytearray(len(first_buffer)))
+            self._work: queue.Queue = queue.Queue()
+            self._thread = threading.Thread(target=self._run, name="download-writer", daemon=True)
+            self._thread.start()
+
+    def free_buffer(self) -> bytearray:
+        if self.error is not None and not self.keep_going:
+            raise self.error
+        return self._free.get()
+
+    def put(self, buffer: bytearray, body) -> None:
+        if self._thread is None:
+            self._consume(body)
+            self._free.put(buffer)
+        else:
+            self._work.put((buffer, body))
+
+    def _consume(self, body) -> None:
+        if self.error is not None:
+            return
+        try:
+            if self.sha is not None:
+                self.sha.update(body)
+            try:
+                self.out.write(body)
+            except OSError as exc:
+                raise LocalFileError(f"cannot write: {exc.strerror}") from None
+            self.progress.advance(len(body))
+        except BaseException as exc:
+            self.error = exc
+            if self._thread is None and not self.keep_going:
+                raise
+
+    def _run(self) -> None:
+        while True:
+            item = self._work.get()
+            if item is None:
+                return
+            buffer, body = item
+            self._consume(body)
+            self._free.put(buffer)
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._work.put(None)
+            self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+class _Discard:
+    """A writable that keeps nothing: the sink of a reply nobody needs."""
+
+    def write(self, data) -> int:
+        return len(data)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+class Client:
+    """A session with the master: one connection, opened on first use.
+
+    ``master``: one (host, port), or the list of a replicated group's
+    masters; a MasterLink (master_link.py) finds the leader and each public
+    method re-runs on a leader change when that is safe.
+    """
+
+    def __init__(self, master, timeout_s: float, frame_bytes: int, show_progress: bool,
+                 security: transport.Security | None = None, handshake_timeout_s: float | None = None,
+                 failover_timeout_s: float = 10.0):
+        self.link = master_link.MasterLink(master, "client", timeout_s, security,
+                                           handshake_timeout_s=handshake_timeout_s,
+                                           failover_timeout_s=failover_timeout_s)
+        # Directory uploads interrupted by a leader change resume from here: (root, prefix) ->
+        # (summary so far, names acknowledged).
+        self._tree_progress: dict = {}
+        self.security = security  # shared secret and TLS (security.py); None = neither
+        self.timeout_s = timeout_s
+        # Connecting and HELLO must succeed within this (io_timeout_s from
+        # the CLI), even when timeout_s allows a long wait for a lock.
+        self.handshake_timeout_s = handshake_timeout_s
+        self.frame_bytes = frame_bytes
+        self.show_progress = show_progress
+        self._conn: transport.Connection | None = None
+        self._frame_buffer: bytearray | None = None
+
+    @property
+    def master(self) -> tuple[str, int]:
+        """The master this session talks to (the leader, once found)."""
+        return self.link.current
+
+    @property
+    def conn(self) -> transport.Connection:
+        if self._conn is None:
+            import logging  # noqa: PLC0415 - see the imports at the top
+            logging.getLogger("client").debug("connecting to master %s (timeout %g s, handshake %g s)",
+                                              self.link.describe(), self.timeout_s,
+                                              self.handshake_timeout_s or self.timeout_s)
+            self._conn = self.link.connect()
+        return self._conn
+
+    def _retrying(self, safe: bool, op):
+        """``op()`` through the MasterLink: re-sent to a new leader after NOT_LEADER, and after
+        a lost connection when ``safe`` (repeating it cannot do harm)."""
+        return self.link.run(op, safe=safe, on_retry=self.close)
+
+    @property
+    def in_step(self) -> bool:
+        """True unless the connection broke mid-reply (a later request would read garbage)."""
+        return self._conn is None or not self._conn.broken
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    # --- upload ----------------------------------------------------------------------
+    def upload_file(self, path: str, name: str, mode: str = "replace", offset: int = 0,
+                    wait_s: float = -1.0) -> protocol.Uploaded:
+        # A file is read again from the start when re-sent; stdin cannot be,
+        # and an append or write repeated would apply twice.
+        return self._retrying(path != "-" and mode == "replace",
+                              lambda: self._upload_file(path, name, mode, offset, wait_s))
+
+    def _upload_file(self, path: str, name: str, mode: str, offset: int, wait_s: float) -> protocol.Uploaded:
+        """Send the local file ``path`` ("-" = stdin) to be stored as ``name``.
+
+        ``mode``: "replace" (the whole file), "append" (added at the end), or
+        "write" (overwrites from ``offset``).  ``wait_s``: how long to wait
+        for another writer of the name (0 = not at all, negative = the
+        master's default).  Returns the master's UPLOADED.
+        """
+        protocol.validate_name(name, storing=True)
+        try:
+            f = sys.stdin.buffer if path == "-" else open(path, "rb")
+        except OSError as exc:
+            raise LocalFileError(f"cannot read {path}: {exc.strerror}") from None
+        try:
+            st = None if path == "-" else os.fstat(f.fileno())
+            size = -1 if st is None else st.st_size
+            # A whole local file keeps its mode and mtime (given back by download).
+            meta = filemeta.capture(st) if st is not None and mode == "replace" else None
+            conn = self.conn
+            conn.send(protocol.UploadBegin(name=name, size=size, mode=mode, offset=offset, wait_s=wait_s, meta=meta))
+            verb = "upload" if mode == "replace" else mode
+            progress = Progress(f"{verb} {name}", size, self.show_progress and size >= self.frame_bytes)
+            sha = new_sha256()
+            buffer = self._buffer()
+            view = memoryview(buffer)
+            while True:
+                try:
+                    n = f.readinto(buffer)
+                except OSError as exc:
+                    conn.send(protocol.UploadAbort())
+                    raise LocalFileError(f"cannot read {path}: {exc.strerror}") from None
+                if not n:
+                    break
+                sha.update(view[:n])
+                conn.send(protocol.Data(body=view[:n]))
+                progress.advance(n)
+                if self._reply_waiting():
+                    # Only an error can come before the end: stop sending now.
+                    conn.expect(protocol.Uploaded)
+            conn.send(protocol.UploadEnd(sha256=sha.hexdigest()))
+            reply = conn.expect(protocol.Uploaded)
+            progress.finish()
+            return reply
+        finally:
+            if f is not sys.stdin.buffer:
+                f.close()
+
+    def _reply_waiting(self) -> bool:
+        sock = self.conn.sock
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable)
+
+    # --- download --------------------------------------------------------------------
+    def download(self, name: str, destination: str, offset: int = 0, length: int = -1,
+                 force: bool = False, version: int | None = None, at: float | None = None,
+                 restore: "Restore | None" = None) -> protocol.FileInfo:
+        # A file is written to a temporary name first, so it can be fetched again; stdout cannot.
+        return self._retrying(destination != "-",
+                              lambda: self._download(name, destination, offset, length, force, version, at, restore))
+
+    def _download(self, name: str, destination: str, offset: int, length: int, force: bool,
+                  version: int | None, at: float | None, restore: "Restore | None") -> protocol.FileInfo:
+        """Write ``name`` (or a byte range of it) to ``destination`` ("-" = stdout).
+
+        A whole-file download is checked against the SHA-256 recorded at
+        upload; on any failure the destination is left untouched.  An
+        existing destination is replaced only with ``force``, and only if it
+        is a regular file (``check_destination``).  ``version`` (an id) or
+        ``at`` (unix time) pick an older version (history.py).  A whole file
+        gets back the metadata recorded at upload as ``restore`` says
+        (default: mode and mtime; a symlink is re-created as a link).
+        """
+        protocol.validate_name(name)
+        if offset < 0:
+            raise protocol.InvalidRange(f"offset {offset} is negative")
+        if length < -1:  # -1 alone means "to the end"
+            raise protocol.InvalidRange(f"length {length} is negative")
+        check_destination(destination, force)
+        if destination == "-":
+            self.conn.send(protocol.Download(name=name, offset=offset, length=length, version=version, at=at))
+            return self._receive(name, sys.stdout.buffer)
+        fd, temp_path = open_temp_beside(destination)  # before asking: a local failure costs no transfer
+        try:
+            self.conn.send(protocol.Download(name=name, offset=offset, length=length, version=version, at=at))
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(temp_path)
+            raise
+        return self._receive_into(name, fd, temp_path, destination, force,
+                                  restore=(restore or Restore()) if offset == 0 and length == -1 else None)
+
+    def _receive_into(self, name: str, fd: int, temp_path: str, destination: str, force: bool,
+                      keep_going: bool = False, restore: "Restore | None" = None) -> protocol.FileInfo:
+        """Read one download reply into the temporary file ``fd`` and rename it to ``destination``.
+
+        The rename happens only if every byte arrived and verified; before
+        it, ``check_destination`` looks at the target once more.  On any
+        failure the temporary file is removed and the target left as it was.
+
+        Replacing an existing file fsyncs the new bytes before the rename and
+        the directory after it: otherwise a power loss can leave the target
+        empty or truncated after the good local copy it replaced is gone.  A
+        new file is not fsynced (a crash loses only the restore itself, which
+        is run again), so tree restores of many files stay fast.  With
+        ``restore``, the file gets back its recorded metadata first (a
+        symlink's bytes become a link, ``place_restored``).
+        """
+        try:
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    info = self._receive(name, out, keep_going)
+                    replacing = os.path.lexists(destination)
+                    if replacing:
+                        out.flush()
+                        os.fsync(out.fileno())
+            except OSError as exc:  # the final flush or close of the file
+                raise LocalFileError(f"cannot write {destination}: {exc.strerror}") from None
+            place_restored(temp_path, destination, force, info.meta if restore else None, restore)
+            if replacing:
+                from metadata_log import fsync_dir  # only here: keeps the CLI's start-up lean
+                try:
+                    fsync_dir(os.path.dirname(os.path.abspath(destination)))
+                except OSError as exc:
+                    raise LocalFileError(f"cannot write {destination}: {exc.strerror}") from None
+        except BaseException:
+            _unlink_quietly(temp_path)
+            raise
+        return info
+
+    def _receive(self, name: str, out, keep_going: bool = False) -> protocol.FileInfo:
+        """Read one download reply (FILE_INFO, DATA..., DATA_END) into ``out``.
+
+        The socket is read in this thread while a second one hashes and
+        writes the previous frame (hashlib and file writes release the GIL),
+        so receiving never waits for the disk.  Small files skip the thread.
+        ``keep_going``: a local write error is raised only once the whole
+        reply has been read (see _FrameSink), so the connection stays usable.
+        """
+        conn = self.conn
+        info = conn.expect(protocol.FileInfo)
+        whole_file = info.offset == 0 and info.length == info.size
+        sha = new_sha256() if whole_file else None
+        progress = Progress(f"download {name}", info.length,
+                            self.show_progress and out is not sys.stdout.buffer and info.length >= self.frame_bytes)
+        sink = _FrameSink(out, sha, progress, threaded=info.length > self.frame_bytes, first_buffer=self._buffer(),
+                          keep_going=keep_going)
+        received = 0
+        try:
+            while True:
+                buffer = sink.free_buffer()
+                msg = conn.recv(buffer)
+                if not isinstance(msg, protocol.Data):
+                    if msg is None:
+                        conn.broken = True
+                    protocol.expect(msg, protocol.DataEnd)
+                    break
+                received += len(msg.body)
+                if received > info.length:
+                    raise protocol.RemoteProtocolError("master sent more bytes than announced")
+                sink.put(buffer, msg.body)
+        finally:
+            sink.close()
+        if received != info.length:
+            raise protocol.RemoteProtocolError(f"master sent {received} bytes, announced {info.length}")
+        if whole_file and sha.hexdigest() != info.sha256:
+            raise protocol.ChecksumMismatch(f"{name!r} failed verification: SHA-256 differs from the one "
+                                            f"recorded at upload; nothing was written")
+        progress.finish()
+        return info
+
+    def _buffer(self) -> bytearray:
+        if self._frame_buffer is None:
+            self._frame_buffer = bytearray(self.frame_bytes)
+        return self._frame_buffer
+
+    def download_tree(self, prefix: str, directory: str, force: bool = False, report=None,
+                      restore: Restore | None = None, entries: list[dict] | None = None) -> TreeSummary:
+        """Restore every file whose name starts with ``prefix`` under ``directory``.
+
+        Names map to paths below ``directory`` with the prefix removed.  Every
+        file that can be restored is; each one that cannot is named with the
+        reason (``report`` and the summary's failures) and the rest go on:
+        a name that is no relative path (``..``, ``//``, trailing ``/``,
+        stored before the master refused such names), a component longer
+        than the file system allows, a name that is both a file and a
+        directory (``a`` and ``a/b``: the file wins), a target that exists
+        (without ``force``) or is no regular file, a symlink or file on the
+        way, a write error, a file lost or deleted on the cluster.  Only a
+        broken connection stops the restore.  Requests are pipelined
+        DOWNLOAD_WINDOW deep.  Symlinks and empty directories are re-created
+        and metadata reapplied as ``restore`` says (default: mode and mtime).
+        ``entries`` (dicts with name, meta and version) restores those
+        versions instead of the current files under ``prefix``.
+        """
+        restore = restore or Restore()
+        summary = TreeSummary()
+        root = os.path.abspath(directory)
+        try:
+            os.makedirs(root, exist_ok=True)
+        except OSError as exc:
+            raise LocalFileError(f"cannot create {directory}: {exc.strerror}") from None
+        longest = name_max(root)
+        todo = []
+        directories = []  # (path, meta) of the empty directories recorded
+        files: set[str] = set()  # relative paths restored as files so far
+        for entry in sorted(self.list(prefix) if entries is None else entries, key=lambda e: e["name"]):
+            name = entry["name"]
+            is_directory = filemeta.kind_of(entry.get("meta")) == filemeta.DIRECTORY
+            try:
+                path = self._tree_path(root, name, prefix, files, longest)
+                if not (is_directory and os.path.isdir(path) and not os.path.islink(path)):
+                    check_destination(path, force)
+            except LocalFileError as exc:
+                summary.fail(name, str(exc), report)
+                continue
+            if is_directory:
+                directories.append((name, path, entry.get("meta")))
+                continue
+            files.add(path)
+            todo.append((name, path, entry.get("version")))
+        sent = 0
+        conn = self.conn
+        for position, (name, path, _) in enumerate(todo):
+            while sent < len(todo) and sent < position + DOWNLOAD_WINDOW:
+                conn.send(protocol.Download(name=todo[sent][0], version=todo[sent][2]), flush=False)
+                sent += 1
+            conn.flush()
+            try:
+                make_parents(root, path)
+                fd, temp_path = open_temp_beside(path)
+            except LocalFileError as exc:
+                summary.fail(name, str(exc), report)
+                self._skip_reply(name)  # already requested: read it so the next reply lines up
+                continue
+            try:
+                info = self._receive_into(name, fd, temp_path, path, force, keep_going=True, restore=restore)
+            except LocalFileError as exc:
+                summary.fail(name, str(exc), report)
+                continue
+            except (protocol.FileNotFound, protocol.DataLost, protocol.Unavailable, protocol.ChecksumMismatch) as exc:
+                summary.fail(name, f"{exc.code}: {exc.message}", report)
+                if not self.in_step:
+                    raise
+                continue
+            summary.ok(info.length)
+        self._restore_directories(root, directories, summary, restore, report)
+        return summary
+
+    @staticmethod
+    def _restore_directories(root: str, directories: list, summary: TreeSummary, restore: Restore, report) -> None:
+        """Create the recorded empty directories; their metadata last, deepest first.
+
+        Last, because creating anything inside a directory changes its
+        mtime, and a read-only mode would forbid it.
+        """
+        made = []
+        for name, path, meta in directories:
+            try:
+                make_parents(root, path)
+                if not os.path.isdir(path):
+                    os.mkdir(path)
+            except LocalFileError as exc:
+                summary.fail(name, str(exc), report)
+                continue
+            except OSError as exc:
+                summary.fail(name, f"cannot create {path}: {exc.strerror}", report)
+                continue
+            made.append((name, path, meta))
+            summary.ok(0)
+        if not restore.metadata:
+            return
+        for name, path, meta in sorted(made, key=lambda d: d[1], reverse=True):
+            try:
+                filemeta.apply(path, meta, restore.owners)
+            except OSError as exc:
+                summary.fail(name, f"cannot set the metadata of {path}: {exc.strerror}", report)
+
+    @staticmethod
+    def _tree_path(root: str, name: str, prefix: str, files: set, longest: int) -> str:
+        """Where ``name`` goes below ``root`` in a restore of ``prefix``; LocalFileError if nowhere."""
+        relative = name[len(prefix):]
+        problem = protocol.path_problem(relative)
+        if problem:
+            raise LocalFileError(f"not restored: the part after {prefix!r}, {relative!r}, {problem}, so it has no "
+                                 f"place below {root} (download it alone to a path of your choice)")
+        parts = relative.split("/")
+        for part in parts:
+            if len(os.fsencode(part)) > longest:
+                raise LocalFileError(f"not restored: a path component is {len(os.fsencode(part))} bytes, more than "
+                                     f"this file system allows ({longest}) (download it alone under a shorter name)")
+        path = os.path.join(root, *parts)
+        for end in range(1, len(parts)):
+            above = os.path.join(root, *parts[:end])
+            if above in files:
+                raise LocalFileError(f"not restored: {prefix}{'/'.join(parts[:end])} is a file too, so it cannot "
+                                     f"also be a directory (download it alone to a path of your choice)")
+        return path
+
+    def _skip_reply(self, name: str) -> None:
+        """Read one download reply and drop it; raise only if the connection broke."""
+        try:
+            self._receive(name, _Discard())
+        except protocol.BackupError:
+            if not self.in_step:
+                raise
+
+    # --- verify --------------------------------------------------------------------
+    def verify(self, names: list[str], version: int | None = None, report=None) -> "VerifySummary":
+        """Read every byte of each of ``names`` and check it; nothing is written locally.
+
+        The plain download path, into a sink that keeps nothing: the master
+        checks each chunk's CRC and falls back to the other replica, and a
+        chunk with no good copy fails the file with DATA_LOST; ``_receive``
+        checks the file's SHA-256 against the one recorded at upload.  A file
+        that fails is recorded with its error code and the others go on;
+        one deleted since it was listed counts as gone, not damaged.  Only a
+        broken connection stops.  Requests are pipelined DOWNLOAD_WINDOW deep.
+        ``version`` picks one version (one name only).
+        """
+        summary = VerifySummary()
+        sent = 0
+        conn = self.conn
+        for position, name in enumerate(names):
+            while sent < len(names) and sent < position + DOWNLOAD_WINDOW:
+                conn.send(protocol.Download(name=names[sent], version=version), flush=False)
+                sent += 1
+            conn.flush()
+            try:
+                info = self._receive(name, _Discard())
+            except protocol.FileNotFound:
+                if not self.in_step:
+                    raise
+                summary.gone.append(name)
+                continue
+            except (protocol.DataLost, protocol.Unavailable, protocol.ChecksumMismatch, protocol.Timeout,
+                    protocol.RemoteProtocolError) as exc:
+                if not self.in_step:
+                    raise
+                summary.damaged.append((name, exc.code, exc.message))
+                if report:
+                    report(f"damaged {name}: {exc.code}: {exc.message}")
+                continue
+            summary.files += 1
+            summary.bytes += info.length
+        return summary
+
+    # --- directories -----------------------------------------------------------------
+    def upload_tree(self, root: str, prefix: str, report=None) -> TreeSummary:
+        """Back up every regular file below ``root`` (see _upload_tree); after a leader change
+        the files not yet acknowledged are sent to the new leader."""
+        try:
+            return self._retrying(True, lambda: self._upload_tree(root, prefix, report))
+        finally:
+            self._tree_progress.pop((root, prefix), None)
+
+    def _upload_tree(self, root: str, prefix: str, report=None) -> TreeSummary:
+        """Back up every regular file below ``root`` as ``prefix/relative/path``.
+
+        One connection, uploads pipelined: a sender streams file after file
+        while a receiver thread collects the replies, and the master commits
+        them in groups (``group=True``), so thousands of small files cost a
+        few fsyncs, not thousands.  Each file goes with its metadata
+        (filemeta.py); a symlink is stored as its target, never followed,
+        and an empty directory as an empty entry.  Special files are skipped
+        with a note.  A ``prefix`` that is no valid name (after dropping a
+        trailing ``/``) raises InvalidName before anything is sent.
+        """
+        key = (root, prefix)
+        prefix = protocol.validate_name(prefix.rstrip("/"), storing=True)
+        resumed = key in self._tree_progress
+        summary, acknowledged = self._tree_progress.setdefault(key, (TreeSummary(), set()))
+        files = []
+        for path, relative, kind in walk_tree(root):
+            if kind not in _STORED_KINDS:
+                if not resumed:
+                    if report:
+                        report(f"skipped {kind} {path}")
+                    summary.skipped += 1
+                continue
+            if prefix + "/" + relative not in acknowledged:
+                files.append((path, prefix + "/" + relative, _STORED_KINDS[kind]))
+        if resumed:
+            summary.failures.clear()  # those files are tried again
+        conn = self.conn
+        in_flight: deque = deque()
+        failed_tags: set[int] = set()
+        receiver_error: list[BaseException] = []
+
+        def receive() -> None:
+            try:
+                while True:
+                    msg = conn.recv()
+                    if isinstance(msg, protocol.Synced):
+                        return
+                    tag, name, size = in_flight.popleft()
+                    if isinstance(msg, protocol.Uploaded):
+                        summary.ok(size)
+                        acknowledged.add(name)
+                        self.link.progress()
+                    elif isinstance(msg, protocol.Error) and msg.code == protocol.NotLeader.code:
+                        # Nothing of this file was done: it goes again to the new leader.
+                        raise protocol.error_from_code(msg.code, msg.message, msg.leader or "")
+                    elif isinstance(msg, protocol.Error):
+                        failed_tags.add(tag)
+                        summary.fail(name, f"{msg.code}: {msg.message}", report)
+                    else:
+                        raise protocol.RemoteProtocolError(f"unexpected {getattr(msg, 'OP', 'end of stream')}")
+            except BaseException as exc:  # reported by the sender thread
+                receiver_error.append(exc)
+
+        receiver = threading.Thread(target=receive, name="upload-replies", daemon=True)
+        receiver.start()
+        buffer = self._buffer()
+        view = memoryview(buffer)
+        try:
+            for tag, (path, name, kind) in enumerate(files):
+                if receiver_error:
+                    break
+                try:
+                    protocol.validate_name(name, storing=True)
+                    f, size, meta = open_source(path, kind)
+                except (OSError, protocol.InvalidName) as exc:
+                    summary.fail(name, str(exc), report)
+                    continue
+                with f:
+                    in_flight.append((tag, name, size))
+                    conn.send(protocol.UploadBegin(name=name, size=size, tag=tag, group=True, meta=meta),
+                              flush=False)
+                    sha = new_sha256()
+                    while True:
+                        if tag in failed_tags:
+                            conn.send(protocol.UploadAbort(), flush=False)
+                            break
+                        try:
+                            n = f.readinto(buffer)
+                        except OSError as exc:
+                            conn.send(protocol.UploadAbort(), flush=False)
+                            raise LocalFileError(f"cannot read {path}: {exc.strerror}") from None
+                        if not n:
+                            conn.send(protocol.UploadEnd(sha256=sha.hexdigest()), flush=False)
+                            break
+                        sha.update(view[:n])
+                        conn.send(protocol.Data(body=view[:n]), flush=False)
+            conn.send(protocol.Sync())
+        except BaseException:
+            # No SYNC will settle the replies in flight: break the connection
+            # so the reply thread ends now, not at the socket timeout.
+            conn.abandon()
+            raise
+        finally:
+            receiver.join(self.timeout_s)
+        if receiver_error:
+            raise receiver_error[0]
+        if receiver.is_alive():
+            raise protocol.Timeout("the master did not confirm the uploads in time")
+        return summary
+
+    # --- the rest --------------------------------------------------------------------
+    def delete(self, name: str, wait_s: float = -1.0, purge: bool = False) -> None:
+        """Move ``name`` and its versions to the trash, or with ``purge`` remove it and its trash at once."""
+        request = protocol.Delete(name=protocol.validate_name(name), wait_s=wait_s, purge=purge or None)
+        self._retrying(False, lambda: self.conn.request(request, protocol.Deleted))
+
+    def undelete(self, name: str, wait_s: float = -1.0) -> protocol.Undeleted:
+        request = protocol.Undelete(name=protocol.validate_name(name), wait_s=wait_s)
+        return self._retrying(False, lambda: self.conn.request(request, protocol.Undeleted))
+
+    def trash(self, prefix: str = "") -> list[dict]:
+        """Trashed versions whose names start with ``prefix``, by name, oldest delete first."""
+        return self._retrying(True, lambda: self._pages(protocol.Trash(prefix=prefix), protocol.TrashPage))
+
+    def touch(self, name: str, wait_s: float = -1.0) -> protocol.Touched:
+        request = protocol.Touch(name=protocol.validate_name(name, storing=True), wait_s=wait_s)
+        return self._retrying(False, lambda: self.conn.request(request, protocol.Touched))
+
+    def stat(self, name: str, version: int | None = None, at: float | None = None,
+             all_runs: bool = True) -> protocol.StatReply:
+        return self._retrying(True, lambda: self._stat(name, version, at, all_runs))
+
+    def _stat(self, name: str, version: int | None, at: float | None, all_runs: bool) -> protocol.StatReply:
+        """STAT of ``name`` (or of one of its kept versions); with ``all_runs``, every page of runs joined.
+
+        Without ``all_runs`` only the first page of runs is asked for (the
+        summary fields are complete either way).  If the file is replaced
+        while its pages are read, the listing starts over on the new version.
+        """
+        protocol.validate_name(name)
+        for _ in range(_STAT_ATTEMPTS):
+            first = self.conn.request(protocol.Stat(name=name, version=version, at=at), protocol.StatReply)
+            runs, reply = list(first.runs), first
+            while all_runs and reply.next_chunk >= 0:
+                reply = self.conn.request(protocol.Stat(name=name, version=version, at=at,
+                                                        from_chunk=reply.next_chunk), protocol.StatReply)
+                if reply.version != first.version:
+                    break
+                runs += reply.runs
+            else:
+                return dataclasses.replace(first, runs=runs, next_chunk=reply.next_chunk)
+        raise protocol.Unavailable(f"{name!r} was replaced {_STAT_ATTEMPTS} times while its runs were read")
+
+    def versions(self, name: str) -> list[dict]:
+        """The kept versions of ``name``, oldest first (history.version_info)."""
+        request = protocol.Versions(name=protocol.validate_name(name))
+        return self._retrying(True, lambda: self._pages(request, protocol.VersionsPage))
+
+    def locks(self) -> list[dict]:
+        return self._retrying(True, lambda: self._pages(protocol.Locks(), protocol.LocksReply, "locks"))
+
+    def list(self, prefix: str = "") -> list[dict]:
+        return self._retrying(True, lambda: self._pages(protocol.List(prefix=prefix), protocol.ListPage))
+
+    def status(self) -> protocol.StatusReply:
+        """STATUS with every page of nodes joined (totals come on the first page)."""
+        return self._retrying(True, self._status)
+
+    def _status(self) -> protocol.StatusReply:
+        conn = self.conn
+        conn.send(protocol.Status())
+        first = conn.expect(protocol.StatusReply)
+        nodes, page = list(first.nodes), first
+        while not page.done:
+            page = conn.expect(protocol.StatusReply)
+            nodes += page.nodes
+        return dataclasses.replace(first, nodes=nodes)
+
+    def _pages(self, request: protocol.Message, reply_cls, field_name: str = "entries") -> list:
+        """Send ``request`` and join the ``field_name`` lists of its reply pages, up to the one marked done."""
+        conn = self.conn
+        conn.send(request)
+        items = []
+        while True:
+            page = conn.expect(reply_cls)
+            items.extend(getattr(page, field_name))
+            if page.done:
+                return items
+
+    def reclaim_orphans(self, node_id: str) -> protocol.OrphansReclaimed:
+        return self.conn.request(protocol.ReclaimOrphans(node_id=node_id), protocol.OrphansReclaimed)
+
+    def health(self) -> dict:
+        """{"status": HEALTH_*, "checks": [...]}, as the master computes it (health.py)."""
+        reply = self.conn.request(protocol.Health(), protocol.HealthReply)
+        return {"status": reply.status, "checks": reply.checks}
+
+
+# --- command line -------------------------------------------------------------------------
+def format_time(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+def cmd_upload(client: Client, args) -> int:
+    if args.local == "-":
+        if args.name is None:
+            raise UsageError("upload - (standard input) needs the NAME to store it under")
+        name = args.name
+    elif not os.path.exists(args.local):
+        raise LocalFileError(f"{args.local}: no such file or directory")
+    else:
+        name = args.name if args.name is not None else os.path.basename(os.path.abspath(args.local))
+    if args.local != "-" and os.path.isdir(args.local):
+        summary = client.upload_tree(args.local, name, report=note)
+        if not args.quiet:
+            print(summary.line("uploaded"))
+        return EXIT_PARTIAL if summary.failures else EXIT_OK
+    started = time.monotonic()
+    reply = client.upload_file(args.local, name, wait_s=wait_seconds(args))
+    elapsed = time.monotonic() - started
+    if not args.quiet:
+        print(f"uploaded {reply.name}: {plural(reply.size, 'byte')}, {plural(reply.chunks, 'chunk')} "
+              f"in {elapsed:.2f} s ({human_bytes(reply.size / max(elapsed, 1e-6))}/s), sha256 {reply.sha256}")
+    return EXIT_OK
+
+
+def cmd_download(client: Client, args) -> int:
+    if args.name.endswith("/"):
+        if args.local == "-":
+            raise UsageError(f"{args.name} is a tree of files: they cannot go to standard output; "
+                             f"give a directory to restore them into")
+        if args.offset is not None or args.length is not None:
+            raise UsageError("--offset and --length apply to one file, not to a tree")
+        if args.version is not None or args.at is not None:
+            raise UsageError("--version and --at apply to one file, not to a tree")
+        base = args.name.rstrip("/").rpartition("/")[2]
+        directory = args.local or (base if base not in ("", ".", "..") else ".")  # never above the cwd
+        summary = client.download_tree(args.name, directory, force=args.force, report=note,
+                                       restore=restore_args(args))
+        if not args.quiet:
+            print(summary.line("restored"))
+        if not summary.files and not summary.failures:
+            raise protocol.FileNotFound(f"no file named {args.name}...")
+        return EXIT_PARTIAL if summary.failures else EXIT_OK
+    offset, length = byte_range(args)
+    destination = args.local or local_base_name(args.name)
+    if destination != "-" and os.path.isdir(destination):  # into it (a link to a directory is followed)
+        destination = os.path.join(destination, local_base_name(args.name))
+    started = time.monotonic()
+    try:
+        info = client.download(args.name, destination, offset, length, force=args.force, restore=restore_args(args),
+                               **version_args(args))
+    except protocol.FileNotFound as exc:
+        raise with_tree_hint(client, args.name, exc) from None
+    elapsed = time.monotonic() - started
+    if not args.quiet and destination != "-":
+        print(f"downloaded {info.name} to {destination}: {plural(info.length, 'byte')} in {elapsed:.2f} s "
+              f"({human_bytes(info.length / max(elapsed, 1e-6))}/s)")
+    return EXIT_OK
+
+
+def restore_args(args) -> Restore:
+    """--no-metadata / --owners as a Restore; --owners without root is a note, not an error."""
+    if args.owners and not args.no_metadata and hasattr(os, "geteuid") and os.geteuid() != 0:
+        note("--owners: only a restore run as root can give files their owners; owners left as they are")
+    return Restore(metadata=not args.no_metadata, owners=args.owners)
+
+
+def byte_range(args) -> tuple[int, int]:
+    """(offset, length) of --offset/--length; -1 = to the end.  Negative values are INVALID_RANGE."""
+    offset = 0 if args.offset is None else args.offset
+    if offset < 0:
+        raise protocol.InvalidRange(f"--offset {offset} is negative")
+    if args.length is not None and args.length < 0:
+        raise protocol.InvalidRange(f"--length {args.length} is negative")
+    return offset, -1 if args.length is None else args.length
+
+
+def with_tree_hint(client: Client, name: str, exc: protocol.FileNotFound) -> protocol.FileNotFound:
+    """``exc``, plus a hint when files are stored below ``name/`` (the user meant the tree)."""
+    if not client.in_step:
+        return exc
+    below = len(client.list(name + "/"))
+    if not below:
+        return exc
+    return protocol.FileNotFound(f"{exc.message}, but {plural(below, 'file')} {'is' if below == 1 else 'are'} "
+                                 f"stored under {name}/: to restore them, run: download {name}/ [DIR]")
+
+
+def note(text: str) -> None:
+    """A per-file remark during a directory backup or restore (stderr)."""
+    print(f"client: {text}", file=sys.stderr)
+
+
+def wait_seconds(args) -> float:
+    """--no-wait -> 0, --wait S -> S, neither -> -1 (the master's lock_wait_s)."""
+    if getattr(args, "no_wait", False):
+        return 0.0
+    wait = getattr(args, "wait", None)
+    return -1.0 if wait is None else wait
+
+
+def cmd_append(client: Client, args) -> int:
+    reply = client.upload_file(args.local, args.name, mode="append", wait_s=wait_seconds(args))
+    if not args.quiet:
+        print(f"appended to {reply.name}: now {plural(reply.size, 'byte')}, {plural(reply.chunks, 'chunk')}, "
+              f"sha256 {reply.sha256}")
+    return EXIT_OK
+
+
+def cmd_write(client: Client, args) -> int:
+    reply = client.upload_file(args.local, args.name, mode="write", offset=args.offset, wait_s=wait_seconds(args))
+    if not args.quiet:
+        print(f"wrote {reply.name} at offset {args.offset}: now {plural(reply.size, 'byte')}, sha256 {reply.sha256}")
+    return EXIT_OK
+
+
+def cmd_cat(client: Client, args) -> int:
+    offset, length = byte_range(args)
+    try:
+        client.download(args.name, "-", offset, length, **version_args(args))
+    except protocol.FileNotFound as exc:
+        raise with_tree_hint(client, args.name, exc) from None
+    return EXIT_OK
+
+
+def version_args(args) -> dict:
+    """--version ID / --at TIME as the version and at fields of a request."""
+    return {"version": getattr(args, "version", None), "at": getattr(args, "at", None)}
+
+
+def at_time(text: str) -> float:
+    """argparse type of --at: unix seconds (history.parse_time), else a usage error (exit 2)."""
+    try:
+        return history.parse_time(text, time.time())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def cmd_versions(client: Client, args) -> int:
+    entries = client.versions(args.name)
+    if args.json:
+        return print_json(views.versions_document(args.name, entries))
+    if not args.quiet:
+        print(f"{'ID':>10} {'SIZE':>14}  {'MODIFIED':<19}  {'COMMITTED':<19}  SHA-256")
+    for v in entries:
+        print(f"{v['id']:>10} {v['size']:>14}  {format_time(v['mtime'])}  {format_time(v['committed_at'])}  "
+              f"{v['sha256'][:16]}{'  (current)' if v['current'] else ''}")
+    return EXIT_OK
+
+
+def cmd_touch(client: Client, args) -> int:
+    reply = client.touch(args.name, wait_seconds(args))
+    if not args.quiet:
+        print(f"touched {reply.name} ({plural(reply.size, 'byte')})")
+    return EXIT_OK
+
+
+def cmd_stat(client: Client, args) -> int:
+    """The file's fields, where its chunks are, and its runs: all of them with --runs or --json,
+    else only if there are few (a fragmented file may have millions)."""
+    reply = client.stat(args.name, **version_args(args), all_runs=args.runs or args.json)
+    fields = {k: getattr(reply, k) for k in ("name", "size", "chunks", "chunk_size", "sha256", "mtime", "version",
+                                             "version_id", "committed_at")}
+    if args.json:
+        return print_json(views.stat_document(reply))
+    for key, value in fields.items():
+        print(f"{key + ':':<14}{format_time(value) if key in ('mtime', 'committed_at') and value else value}")
+    print(f"{'runs:':<14}{reply.run_count}")
+    held = ", ".join(f"{node_id} ({plural(count, 'chunk')})" for node_id, count in reply.node_chunks.items())
+    print(f"{'nodes:':<14}{held or '(none)'}")
+    if args.runs or reply.run_count <= STAT_RUNS_SHOWN:
+        for first, count, nodes, blob in reply.runs:
+            print(f"  chunks {first}..{first + count - 1}: nodes {', '.join(nodes) or '(none)'} (blob {blob})")
+    else:
+        print(f"  ({reply.run_count} runs: add --runs to list them)")
+    return EXIT_OK
+
+
+def cmd_verify(client: Client, args) -> int:
+    """Read and check stored files (or, with --against, compare a local tree); EXIT_DAMAGED if anything is wrong."""
+    import verify  # only here: keeps the CLI's start-up lean
+    if args.against is not None:
+        return verify_against(client, args, verify)
+    target = args.name or ""
+    if target and not target.endswith("/"):
+        if args.read_data_subset is not None:
+            raise UsageError("--read-data-subset picks among many files: give a PREFIX/ or no name")
+        names = [protocol.validate_name(target)]
+    else:
+        if args.version is not None:
+            raise UsageError("--version applies to one file, not to a tree")
+        names = [e["name"] for e in client.list(target)]
+        if target and not names:
+            raise protocol.FileNotFound(f"no file under {target}")
+    listed = len(names)
+    subset = None
+    if args.read_data_subset is not None:
+        seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "big")
+        try:
+            subset = verify.parse_subset(args.read_data_subset, seed)
+        except ValueError as exc:
+            raise UsageError(f"--read-data-subset {exc}") from None
+        names = [name for name in names if subset.selects(name)]
+    if not args.json and not args.quiet and subset is not None:
+        print(f"reading subset {subset.describe()}: {len(names)} of {plural(listed, 'file')}")
+    summary = client.verify(names, version=args.version, report=None if args.json else note)
+    elapsed = time.monotonic() - summary.started
+    if args.json:
+        print(json.dumps({"listed": listed, "selected": len(names),
+                          "subset": None if subset is None else subset.describe(),
+                          "seed": None if subset is None or subset.percent is None else subset.seed,
+                          "verified": summary.files, "bytes": summary.bytes,
+                          "damaged": [{"name": n, "code": c, "message": m} for n, c, m in summary.damaged],
+                          "gone": summary.gone}, indent=2, ensure_ascii=False))
+    elif not args.quiet:
+        print(f"verified {plural(summary.files, 'file')}, {human_bytes(summary.bytes)} in {elapsed:.2f} s: "
+              f"{len(summary.damaged)} damaged"
+              + (f", {len(summary.gone)} deleted meanwhile" if summary.gone else ""))
+    for name, code, message in summary.damaged if not args.json else ():
+        print(f"DAMAGED {name}: {code}")
+    return EXIT_DAMAGED if summary.damaged else EXIT_OK
+
+
+def verify_against(client: Client, args, verify) -> int:
+    """verify --against DIR NAME: list what differs between the local tree DIR and the stored NAME/."""
+    if not args.name:
+        raise UsageError("--against DIR needs the stored NAME (or NAME/) to compare it with")
+    if args.read_data_subset is not None or args.version is not None:
+        raise UsageError("--against compares with what is recorded; --read-data-subset and --version do not apply")
+    if not os.path.isdir(args.against):
+        raise LocalFileError(f"{args.against}: not a directory")
+    prefix = args.name.rstrip("/") + "/"
+    stored = {e["name"][len(prefix):]: (filemeta.kind_of(e.get("meta")), e["size"], e.get("sha256"))
+              for e in client.list(prefix)}
+    local, paths = {}, {}
+    for path, relative, kind in walk_tree(args.against):
+        if kind not in _STORED_KINDS:  # special files are never stored
+            continue
+        kind = _STORED_KINDS[kind]
+        paths[relative] = (path, kind)
+        try:
+            size = os.lstat(path).st_size if kind == filemeta.FILE else open_source(path, kind)[1]
+        except OSError:
+            size = -1  # unreadable: reported as different
+        local[relative] = (kind, size)
+
+    def local_sha256(relative: str) -> str | None:
+        path, kind = paths[relative]
+        sha = new_sha256()
+        try:
+            f = open_source(path, kind)[0]
+            with f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    sha.update(block)
+        except OSError:
+            return None
+        return sha.hexdigest()
+
+    found = verify.compare_tree(local, stored, local_sha256)
+    if args.json:
+        print(json.dumps([{"difference": d, "name": prefix + n, "detail": detail} for d, n, detail in found],
+                         indent=2, ensure_ascii=False))
+    else:
+        for difference, name, detail in found:
+            print(f"{difference}: {prefix}{name}" + (f" ({detail})" if detail else ""))
+        if not args.quiet:
+            print(f"compared {plural(len(set(local) | set(stored)), 'name')}: {len(found)} "
+                  f"{'difference' if len(found) == 1 else 'differences'}")
+    return EXIT_DAMAGED if found else EXIT_OK
+
+
+def cmd_locks(client: Client, args) -> int:
+    held = client.locks()
+    if args.json:
+        return print_json(views.locks_document(held))
+    if not held:
+        print("no locks held")
+    for lock in held:
+        print(f"{lock['name']}: held by {lock['holder']} since {format_time(lock['since'])}")
+        for waiter in lock["waiting"]:
+            print(f"    waiting: {waiter['owner']} since {format_time(waiter['since'])}")
+    return EXIT_OK
+
+
+# Errors that concern one name: deleting the next one still makes sense.
+_PER_NAME_ERRORS = (protocol.FileNotFound, protocol.FileLocked, protocol.InvalidName)
+
+
+def cmd_delete(client: Client, args) -> int:
+    """Delete each name in turn; one that fails is named and the rest still go.
+
+    Exit status: that of the first failure, else EXIT_OK.  An error that is
+    not about the name (master unreachable, ...) stops at once.
+    """
+    if args.purge and not args.yes:
+        raise UsageError("--purge removes at once, with every version and the trash: add --yes to confirm")
+    names = delete_targets(client, args)
+    status = EXIT_OK
+    for name in names:
+        try:
+            client.delete(name, wait_seconds(args), purge=args.purge)
+        except _PER_NAME_ERRORS as exc:
+            print(f"client: {exc.code}: {exc.message}", file=sys.stderr)
+            status = status or EXIT_CODES[exc.code]
+            continue
+        if not args.quiet:
+            print(f"{'purged' if args.purge else 'deleted'} {name}")
+    return status
+
+
+def delete_targets(client: Client, args) -> list[str]:
+    """The names a delete acts on: each NAME, or with --recursive every file under each PREFIX/.
+
+    A purge also reaches names that are only in the trash.
+    """
+    if not args.recursive:
+        bad = [name for name in args.names if name.endswith("/")]
+        if bad:
+            raise UsageError(f"{bad[0]} is a prefix: add --recursive to delete every file under it")
+        return args.names
+    names: list[str] = []
+    for prefix in args.names:
+        if not prefix.endswith("/"):
+            raise UsageError(f"--recursive takes prefixes ending in /, not {prefix!r}")
+        found = [e["name"] for e in client.list(prefix)]
+        if args.purge:
+            found += [e["name"] for e in client.trash(prefix)]
+        found = sorted(set(found))
+        if not found:
+            raise protocol.FileNotFound(f"no file under {prefix}")
+        names += found
+    return names
+
+
+def cmd_undelete(client: Client, args) -> int:
+    reply = client.undelete(args.name, wait_seconds(args))
+    if not args.quiet:
+        print(f"undeleted {reply.name}: {plural(reply.size, 'byte')}, version {reply.version_id}")
+    return EXIT_OK
+
+
+def cmd_trash(client: Client, args) -> int:
+    entries = client.trash(args.prefix)
+    if args.json:
+        return print_json(views.trash_document(args.prefix, entries))
+    if not args.quiet:
+        print(f"{'ID':>10} {'SIZE':>14}  {'DELETED':<19}  {'EXPIRES':<19}  NAME")
+    for e in entries:
+        print(f"{e['id']:>10} {e['size']:>14}  {format_time(e['trashed_at'])}  {format_time(e['expires_at'])}  "
+              f"{e['name']}")
+    return EXIT_OK
+
+
+def cmd_list(client: Client, args) -> int:
+    prefix = args.prefix
+    entries = client.list(prefix)
+    if prefix and not prefix.endswith("/"):
+        # Whole path components: "a" is the file a and the files below a/, not "ab".
+        entries = [e for e in entries if e["name"] == prefix or e["name"].startswith(prefix + "/")]
+    if args.json:
+        return print_json(views.list_document(prefix, entries))
+    if not args.quiet:
+        print(f"{'SIZE':>14} {'CHUNKS':>10}  {'MODIFIED':<19}  NAME")
+    for entry in entries:
+        print(f"{entry['size']:>14} {entry['chunks']:>10}  {format_time(entry['mtime'])}  {entry['name']}")
+    return EXIT_OK
+
+
+def cmd_status(client: Client, args) -> int:
+    cluster_health = client.health()
+    reply = client.status()
+    if args.json:
+        now = time.time()
+        nodes = [views.node_document(n, n.get("state") or ("alive" if n["alive"] else "dead"), now)
+                 for n in reply.nodes]
+        return print_json(views.status_document(cluster_health, nodes, reply.totals, now))
+    print(health_module.summary_line(cluster_health))
+    if reply.masters:
+        # A replicated group, as its leader sees it: a follower's MATCH is the last index the leader
+        # knows it holds (its own commit and applied index are its own business).
+        print(f"{'MASTER':<22} {'ROLE':<10} {'TERM':>6} {'COMMIT':>9} {'APPLIED':>9} {'MATCH':>9}")
+        for m in reply.masters:
+            print(f"{m['address']:<22} {m['role']:<10} {m['term']:>6} {m.get('commit', '-'):>9} "
+                  f"{m.get('applied', '-'):>9} {m.get('match', '-'):>9}")
+        print(f"leader: {reply.masters[0].get('leader') or 'none'}\n")
+    print(f"{'NODE':<14} {'ADDRESS':<22} {'STATE':<10} {'HEARD':>9} {'CAPACITY':>10} {'USED':>10} {'FREE':>10} "
+          f"{'CHUNKS':>10} {'QUARANTINED':>11}")
+    for node in reply.nodes:
+        # "-": not heard since the master started (it knows the node from its log only).
+        heard = "-" if node["last_heard_s"] is None else f"{node['last_heard_s']:.1f}s ago"
+        state = node.get("state") or ("alive" if node["alive"] else "dead")
+        state = (state.upper() if state == "dead" else state) + (" full" if node.get("full") else "")
+        # CAPACITY: what the node can hold, its disk permitting.  Older masters send no free space.
+        free = node.get("free_bytes")
+        print(f"{node['id']:<14} {node['address']:<22} {state:<10} {heard:>9} "
+              f"{human_bytes(node.get('usable_bytes', node['capacity_bytes'])):>10} "
+              f"{human_bytes(node['used_bytes']):>10} "
+              f"{'?' if free is None else human_bytes(free):>10} {node['chunks']:>10} "
+              f"{human_bytes(node.get('quarantined_bytes', 0)):>11}")
+    for node in reply.refused:
+        print(f"{node['id']:<14} {node['address']:<22} REFUSED: {node['reason']}")
+    t = reply.totals
+    print(f"nodes: {t['nodes_alive']}/{t['nodes']} alive; files: {t['files']} ({human_bytes(t['file_bytes'])}); "
+          f"stored on live nodes: {human_bytes(t['used_bytes'])} in {plural(t['chunks'], 'chunk')}"
+          + (f", {human_bytes(t['free_bytes'])} free of {human_bytes(t['usable_bytes'])}" if "free_bytes" in t else "")
+          + f"; replication {t['replication']}")
+    if t.get("dead_used_bytes") or t.get("dead_chunks"):
+        print(f"on nodes not alive (last known, not counted above): {human_bytes(t['dead_used_bytes'])} "
+              f"in {plural(t['dead_chunks'], 'chunk')}")
+    if "live_bytes" in t:  # older masters do not send them
+        print(f"data (each byte once, before replication): current files {human_bytes(t['live_bytes'])}, "
+              f"older versions only {human_bytes(t['version_bytes'])}, trash only {human_bytes(t['trash_bytes'])}")
+    print(f"under-replicated chunks: {t.get('under_replicated_chunks', 0)}; "
+          f"repairs in progress: {t.get('repairs_pending', 0)}; "
+          f"chunks re-replicated: {t.get('repaired_chunks', 0)}; "
+          f"corrupt replicas found: {t.get('corrupt_replicas_found', 0)}"
+          + ("; SAFE MODE (no repairs yet)" if t.get("safe_mode") else ""))
+    for warning in t.get("warnings", []):
+        print(f"WARNING: {warning}")
+    damaged = t.get("damaged_files", [])
+    if damaged:
+        more = t.get("damaged_file_count", len(damaged)) - len(damaged)
+        print(f"damaged files (no live copy of some chunk): {', '.join(damaged)}"
+              + (f" and {more} more" if more > 0 else ""))
+    return EXIT_OK
+
+
+def cmd_reclaim_orphans(client: Client, args) -> int:
+    if not args.yes:
+        print(f"client: reclaim-orphans quarantines every blob of node {args.node_id} that the master's namespace "
+              f"does not know (erased after orphan_grace_s).  Check the master's metadata first (`list`, "
+              f"`status`); then run it again with --yes.", file=sys.stderr)
+        return EXIT_USAGE
+    reply = client.reclaim_orphans(args.node_id)
+    if not args.quiet:
+        if reply.blobs:
+            print(f"quarantined {reply.blobs} orphan blob(s), {reply.chunks} chunks, on node {reply.node_id}")
+        else:
+            print(f"nothing held back by the brake on node {reply.node_id}")
+    return EXIT_OK
+
+
+def cmd_health(client: Client, args) -> int:
+    """Exit 0, 1 or 2 for HEALTH_OK, HEALTH_WARN or HEALTH_ERR (Nagios' OK, WARNING, CRITICAL)."""
+    cluster_health = client.health()
+    if args.json:
+        print_json(cluster_health)
+    elif args.detail:
+        print("\n".join(health_module.detail_lines(cluster_health)))
+    else:
+        print(health_module.summary_line(cluster_health))
+    return health_module.SEVERITY_RANK.get(cluster_health["status"], EXIT_ERROR)
+
+
+def cmd_http_token(client: Client, args) -> int:
+    """Print the status page's token derived from the shared secret (no network)."""
+    if client.security is None or not client.security.secret:
+        raise LocalFileError("no shared secret configured: give --secret-file PATH (or [security] secret)")
+    import web_status  # the master's HTTP side: only this command needs it
+    print(web_status.http_token(client.security.secret))
+    return EXIT_OK
+
+
+def print_json(document) -> int:
+    """One JSON document on stdout (docs/JSON.md); the command's exit status."""
+    print(json.dumps(document, indent=2, ensure_ascii=False))
+    return EXIT_OK
+
+
+COMMANDS = {
+    "upload": cmd_upload,
+    "download": cmd_download,
+    "delete": cmd_delete,
+    "append": cmd_append,
+    "write": cmd_write,
+    "cat": cmd_cat,
+    "touch": cmd_touch,
+    "stat": cmd_stat,
+    "locks": cmd_locks,
+    "list": cmd_list,
+    "status": cmd_status,
+    "versions": cmd_versions,
+    "undelete": cmd_undelete,
+    "trash": cmd_trash,
+    "verify": cmd_verify,
+    "reclaim-orphans": cmd_reclaim_orphans,
+    "health": cmd_health,
+    "http-token": cmd_http_token,
+}
+# Commands that take a name's write lock, and so --wait / --no-wait.
+WRITERS = ("upload", "delete", "append", "write", "touch", "undelete")
+
+# Environment variables the client reads; a flag beats them, they beat the config file.
+ENV_MASTER = "BACKUP_MASTER"
+ENV_SECRET_FILE = "BACKUP_SECRET_FILE"
+
+EPILOG = (f"Client options work before or after the command.  Environment: {ENV_MASTER}=HOST:PORT (as "
+          f"--master) and {ENV_SECRET_FILE}=PATH (as --secret-file); a flag overrides them, they override the "
+          f"config file.  'COMMAND --help' describes a command; the README lists the exit statuses.")
+
+
+class _OptionRecorder:
+    """Passes ``add_argument`` on to an argument group and remembers the actions it made."""
+
+    def __init__(self, group, actions: list | None = None):
+        self.group = group
+        self.actions = [] if actions is None else actions
+
+    def add_argument(self, *args, **kwargs):
+        action = self.group.add_argument(*args, **kwargs)
+        self.actions.append(action)
+        return action
+
+    def add_mutually_exclusive_group(self):
+        return _OptionRecorder(self.group.add_mutually_exclusive_group(), self.actions)
+
+
+def add_client_options(parser: argparse.ArgumentParser, writer: bool, top: bool) -> None:
+    """The options every command takes, before or after its name.
+
+    They are added to the top-level parser (with defaults) and to every
+    subcommand (``top`` False: default SUPPRESS, so an option given before
+    the command is not reset by the subcommand's parse).
+    """
+    group = _OptionRecorder(parser.add_argument_group("client options (before or after the command)"))
+    # Quiet by default: the CLI's own output is its report; DEBUG shows what it does.
+    config_module.add_common_flags(group, default_log_level="WARNING")
+    group.add_argument("--master", "--masters", dest="master", metavar="HOST:PORT[,HOST:PORT...]",
+                       help=f"the master, or every master of a replicated group (default: ${ENV_MASTER}, else "
+                            f"[cluster] masters, else [client] master in the config)")
+    group.add_argument("--quiet", "-q", action="store_true",
+                       help="no progress bar, no summary lines, no list header")
+    group.add_argument("--timeout", type=float, metavar="S",
+                       help="seconds to wait for the master at any step (default: lock_wait_s + 3 x io_timeout_s)")
+    if writer:
+        waiting = group.add_mutually_exclusive_group()
+        waiting.add_argument("--wait", type=float, metavar="SECONDS",
+                             help="wait at most this long for another writer of the name (default: lock_wait_s)")
+        waiting.add_argument("--no-wait", action="store_true",
+                             help="fail at once with FILE_LOCKED if the name is busy")
+    if not top:
+        for action in group.actions:
+            action.default = argparse.SUPPRESS
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Back up, restore and manage files on a backup cluster.", epilog=EPILOG)
+    add_client_options(parser, writer=True, top=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=summary, description=description)
+
+    upload = command("upload", "store a local file, or every file below a directory",
+                     "Store LOCAL as NAME.  A directory's regular files are stored as NAME/relative/path over "
+                     "one connection, with their mode and modified time; symlinks (not followed) and empty directories "
+                     "too, special files are skipped with a note.  NAME must be a "
+                     "relative path of a file: no leading or trailing /, no empty, . or .. component.")
+    upload.add_argument("local", metavar="LOCAL", help="local file or directory, or - for standard input")
+    upload.add_argument("name", metavar="NAME", nargs="?",
+                        help="name to store it under (default: LOCAL's base name; required for -); "
+                             "a directory's files go under NAME/")
+    download = command("download", "restore a stored file, or every file under PREFIX/",
+                       "Restore NAME to LOCAL, or restore every file under PREFIX/ below directory DIR.  The "
+                       "data is written to a temporary file and renamed only once its SHA-256 matches.  An "
+                       "existing LOCAL is replaced only with --force, and only if it is a regular file.")
+    download.add_argument("name", metavar="NAME|PREFIX/",
+                          help="stored name; ending in / restores every file whose name starts with it")
+    download.add_argument("local", metavar="LOCAL|DIR", nargs="?",
+                          help="where to write: a file, - for standard output, or an existing directory "
+                               "(default: NAME's base name); for PREFIX/, the directory to restore into "
+                               "(default: PREFIX's last component)")
+    download.add_argument("--offset", type=int, help="first byte to read (default 0)")
+    download.add_argument("--length", type=int, help="bytes to read (default: to the end)")
+    download.add_argument("--force", action="store_true", help="replace existing local regular files")
+    download.add_argument("--no-metadata", action="store_true",
+                          help="do not reapply the recorded mode and modified time (symlinks and empty "
+                               "directories are still re-created)")
+    download.add_argument("--owners", action="store_true",
+                          help="also give files their recorded owner and group (only as root)")
+    delete = command("delete", "move stored files (and their versions) to the trash",
+                     "Move each NAME and its versions to the trash for [retention] trash_days, from where "
+                     "undelete brings it back; then its space is reclaimed.  --purge removes at once.  A name "
+                     "that fails is named on stderr and the others are still deleted.")
+    delete.add_argument("names", metavar="NAME", nargs="+", help="stored name; PREFIX/ with --recursive")
+    delete.add_argument("--recursive", "-r", action="store_true", help="delete every file under each PREFIX/")
+    delete.add_argument("--purge", action="store_true",
+                        help="remove at once, with every version and whatever the trash holds of the name")
+    delete.add_argument("--yes", action="store_true", help="confirm --purge")
+    undelete = command("undelete", "bring a deleted file back from the trash",
+                       "Bring back what the newest delete of NAME moved to the trash: its newest version "
+                       "becomes current again, with its older versions.  Fails with FILE_EXISTS if NAME exists.")
+    undelete.add_argument("name", metavar="NAME", help="stored name")
+    trash = command("trash", "list the trash: deleted files and when they expire",
+                    "List what the trash holds, by name: version id, size, when deleted, when it expires.")
+    trash.add_argument("prefix", metavar="PREFIX", nargs="?", default="", help="only names starting with this")
+    trash.add_argument("--json", action="store_true", help="machine-readable output")
+    append = command("append", "append local bytes (or stdin) to a stored file, creating it",
+                     "Append LOCAL (or standard input) to NAME; NAME is created if missing.")
+    append.add_argument("name", metavar="NAME", help="stored name")
+    append.add_argument("local", metavar="LOCAL", help="local file, or - for standard input")
+    write = command("write", "overwrite a byte range of a stored file in place",
+                    "Overwrite NAME from byte --offset with the bytes of LOCAL (or standard input); "
+                    "the file grows if they run past its end.")
+    write.add_argument("name", metavar="NAME", help="stored name")
+    write.add_argument("local", metavar="LOCAL", help="local file, or - for standard input")
+    write.add_argument("--offset", type=int, required=True, help="first byte to overwrite (0 <= offset <= size)")
+    cat = command("cat", "print a stored file, or a byte range of it, to stdout",
+                  "Print NAME, or LENGTH bytes of it from OFFSET, to standard output.  Only the chunks that "
+                  "cover the range are read.")
+    cat.add_argument("name", metavar="NAME", help="stored name")
+    cat.add_argument("--offset", type=int, help="first byte to read (default 0)")
+    cat.add_argument("--length", type=int, help="bytes to read (default: to the end)")
+    touch = command("touch", "create an empty file, or refresh a file's modified time",
+                    "Create NAME as an empty file if it does not exist, else give it a new modified time.")
+    touch.add_argument("name", metavar="NAME", help="stored name")
+    stat_cmd = command("stat", "size, chunks, SHA-256, modified time, version, replicas",
+                       "Show what the master knows of NAME: size, chunk count, SHA-256, modified time, "
+                       "version, how many runs of chunks it has and how many chunks each node holds, and "
+                       f"the nodes and blob of each run if there are at most {STAT_RUNS_SHOWN} (or with --runs).")
+    stat_cmd.add_argument("name", metavar="NAME", help="stored name")
+    stat_cmd.add_argument("--runs", action="store_true",
+                          help=f"list every run of chunks (by default only if there are at most {STAT_RUNS_SHOWN})")
+    versions = command("versions", "list the kept versions of a stored file, oldest first",
+                       "List the versions of NAME the cluster keeps ([retention] keep_versions), oldest first: "
+                       "version id, size, modified time, commit time, SHA-256; the current one is marked.")
+    versions.add_argument("name", metavar="NAME", help="stored name")
+    versions.add_argument("--json", action="store_true", help="machine-readable output")
+    verify_cmd = command("verify", "read stored files and check them, or compare a local tree with a stored one",
+                         "Read every chunk of the selected files (the current versions) as a restore would, "
+                         "checking each chunk's CRC32 and each file's SHA-256, without writing anything locally; "
+                         "list the damaged files and exit 19 if there is any.  --against DIR compares the local "
+                         "tree DIR with the stored NAME/ by kind, size and SHA-256 (reading no stored data) and "
+                         "lists what is missing locally, missing remotely or different (exit 19 if anything is).")
+    verify_cmd.add_argument("name", metavar="NAME|PREFIX/", nargs="?",
+                            help="one stored file, or every file under PREFIX/ (default: every file)")
+    verify_cmd.add_argument("--read-data-subset", metavar="n/t|P%",
+                            help="read only group n of t (by a hash of the names: 1/t..t/t cover every file "
+                                 "once) or about P percent of the files (random, seed printed)")
+    verify_cmd.add_argument("--seed", type=int, help="the seed of a P%% subset, to repeat a run")
+    verify_cmd.add_argument("--version", type=int, metavar="ID", help="verify this version of NAME (one file)")
+    verify_cmd.add_argument("--against", metavar="DIR", help="compare the local directory DIR with the stored NAME/")
+    verify_cmd.add_argument("--json", action="store_true", help="machine-readable output")
+    for reader in (download, cat, stat_cmd):
+        which = reader.add_mutually_exclusive_group()
+        which.add_argument("--version", type=int, metavar="ID", help="an older version, by id (see: versions NAME)")
+        which.add_argument("--at", metavar="TIME", type=at_time,
+                           help="the version current at TIME: ISO 8601 (2024-05-01T13:00) or a time ago (2h, 3d)")
+    locks = command("locks", "list held write locks and their queues",
+                    "List the write locks held now: the holder, since when, and the writers queued behind it.")
+    listing = command("list", "list stored files: size, chunks, modified time, name",
+                      "List stored files.  PREFIX matches whole path components: 'list a' shows the file a "
+                      "and the files below a/, not ab; 'list a/' only the files below a/.")
+    listing.add_argument("prefix", metavar="PREFIX", nargs="?", default="",
+                         help="a name, or the directory part of names (default: every file)")
+    status = command("status", "show the cluster's health, the storage nodes and totals",
+                     "Show the health line (as `health`), then each storage node (id, address, state, last "
+                     "heard, bytes used, chunks) and the cluster's totals: under-replicated chunks, repairs, "
+                     "corrupt replicas, damaged files.")
+    reclaim = command("reclaim-orphans", "after the orphan brake tripped on a node: quarantine its orphans anyway",
+                      "Quarantine the orphan blobs (no stored file uses them) that the orphan brake held back on "
+                      "NODE_ID: they are erased after orphan_grace_s.  Run it only once the master's metadata is "
+                      "known to be right (list the files you expect); without --yes it only explains.")
+    reclaim.add_argument("node_id", metavar="NODE_ID", help="the node named in the brake warning of `status`")
+    reclaim.add_argument("--yes", action="store_true", help="confirm: the master's metadata is right")
+    health = command("health", "HEALTH_OK, HEALTH_WARN or HEALTH_ERR and why; exits 0, 1 or 2",
+                     "Print the cluster's health as the master sees it: HEALTH_OK, HEALTH_WARN or HEALTH_ERR and "
+                     "the checks that fire (README, Health).  Exits 0, 1 or 2 accordingly, for cron and "
+                     "Nagios-style checks; other statuses are the usual errors (5: master unreachable).")
+    health.add_argument("--detail", action="store_true", help="one line per check, with the nodes or files concerned")
+    http_token = command("http-token", "print the status page's token, derived from the shared secret",
+                         "Print the token the master's status page and /metrics require when served beyond "
+                         "loopback, derived from the shared secret (--secret-file).  Needs no network.")
+    for sub in (listing, status, health, locks, stat_cmd):
+        sub.add_argument("--json", action="store_true", help="JSON output (schema in docs/JSON.md)")
+    for name, sub in (("upload", upload), ("download", download), ("delete", delete), ("append", append),
+                      ("write", write), ("cat", cat), ("touch", touch), ("stat", stat_cmd), ("locks", locks),
+                      ("list", listing), ("status", status), ("versions", versions), ("undelete", undelete),
+                      ("trash", trash), ("verify", verify_cmd), ("reclaim-orphans", reclaim), ("health", health),
+                      ("http-token", http_token)):
+        add_client_options(sub, writer=name in WRITERS, top=False)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse the command line; exits 2 (argparse's usage error) on nonsense."""
+    parser = build_arg_parser()
+    args = parser.parse_args(argv)
+    if args.wait is not None and args.no_wait:
+        parser.error("--wait and --no-wait cannot be used together")
+    if (args.wait is not None or args.no_wait) and args.command not in WRITERS:
+        parser.error(f"--wait and --no-wait apply to {', '.join(WRITERS)} only, not to {args.command}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        # The master address: flag, else environment, else config file; an
+        # error names where the bad value came from.
+        master_text, source = args.master, "--master"
+        if not master_text and os.environ.get(ENV_MASTER):
+            master_text, source = os.environ[ENV_MASTER], ENV_MASTER
+        if master_text:
+            config_module.parse_addresses(master_text, source)
+        overrides = config_module.security_overrides(args)
+        if not overrides.get("secret_file") and os.environ.get(ENV_SECRET_FILE):
+            overrides["secret_file"] = os.environ[ENV_SECRET_FILE]
+        config = config_module.load_config(args.config, masters=master_text or None, **overrides)
+        masters = config_module.master_addresses(config, "client_master")
+        import security as security_module  # noqa: PLC0415 - see the imports at the top
+        security = security_module.from_config(config)
+    except ValueError as exc:
+        print(f"client: bad configuration: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    import logging  # noqa: PLC0415 - see the imports at the top
+    logging.basicConfig(level=args.log_level, stream=sys.stderr, format="client %(levelname)s %(name)s: %(message)s")
+    # A writer may first wait up to lock_wait_s for another writer of the name.
+    timeout_s = args.timeout or config.lock_wait_s + config.io_timeout_s * 3
+    client = Client(masters, timeout_s, config.batch_bytes, show_progress=not args.quiet and sys.stderr.isatty(),
+                    security=security, handshake_timeout_s=min(config.io_timeout_s, timeout_s),
+                    failover_timeout_s=config.failover_timeout_s)
+    try:
+        return COMMANDS[args.command](client, args)
+    except UsageError as exc:
+        print(f"client: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except UnsafeDestination as exc:
+        print(f"client: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except LocalFileError as exc:
+        print(f"client: {exc}", file=sys.stderr)
+        return EXIT_LOCAL_IO
+    except protocol.BackupError as exc:
+        print(f"client: {exc.code}: {exc.message}", file=sys.stderr)
+        return EXIT_CODES.get(exc.code, EXIT_ERROR)
+    except KeyboardInterrupt:
+        print("client: interrupted", file=sys.stderr)
+        return EXIT_ERROR
+    except BrokenPipeError:
+        # The reader of our stdout went away (e.g. `| head`): not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    finally:
+        client.close()
+
