@@ -58,6 +58,13 @@ def format_address(address: tuple[str, int]) -> str:
 # takes 1-2 s): doubles from the first to the last value.
 BACKOFF_FIRST_S = 0.05
 BACKOFF_MAX_S = 0.25
+# With several masters, the first handshake with each is bounded by this (then
+# doubled on every round without a leader, up to the caller's handshake
+# timeout): a SIGSTOPped (paused) master accepts TCP connections in its
+# kernel backlog but never answers HELLO, and waiting io_timeout_s (10 s) for
+# it would make a paused leader cost far more than an election.  A master
+# that is merely slow answers within the doubled bound of a later round.
+GROUP_HANDSHAKE_FIRST_S = 1.0
 
 
 def parse_hint(text: str) -> tuple[str, int] | None:
@@ -98,6 +105,13 @@ class MasterLink:
         self._sleep = sleep
         self.current = self.addresses[0]  # the master tried first: the last leader seen
         self._deadline: float | None = None  # run()'s failover deadline, for connect() inside op
+        # Masters whose last connection attempt failed (refused, timed out).  A follower names the
+        # old leader in NOT_LEADER until its election timeout ends; following that hint to a master
+        # just found dead, straight back to the follower, and again, without a pause, is a busy
+        # loop that eats the CPU the election needs.  Such a hint counts as none (back off).
+        self._down: set[tuple[str, int]] = set()
+        # The handshake bound of the next attempt (several masters): see GROUP_HANDSHAKE_FIRST_S.
+        self._handshake_s = self._first_handshake_s()
 
     @property
     def replicated(self) -> bool:
@@ -106,10 +120,29 @@ class MasterLink:
     def describe(self) -> str:
         return ",".join(format_address(a) for a in self.addresses)
 
+    def _first_handshake_s(self) -> float | None:
+        if not self.replicated:
+            return self.handshake_timeout_s
+        return min(GROUP_HANDSHAKE_FIRST_S, self.handshake_timeout_s or self.timeout_s)
+
     def _open(self, address):
-        return self._connector(address, self.role, self.timeout_s, self.security,
-                               handshake_timeout_s=self.handshake_timeout_s,
-                               expect_server_id=self.expect_server_id)
+        try:
+            conn = self._connector(address, self.role, self.timeout_s, self.security,
+                                   handshake_timeout_s=self._handshake_s,
+                                   expect_server_id=self.expect_server_id)
+        except (protocol.Unavailable, protocol.Timeout):
+            self._down.add(address)
+            raise
+        self._down.discard(address)
+        self._handshake_s = self._first_handshake_s()
+        return conn
+
+    def mark_down(self, address) -> None:
+        """``address`` stopped answering (a request timed out): a hint naming it counts as none,
+        and the next connection tries the other masters first."""
+        self._down.add(address)
+        if address == self.current:
+            self._advance()
 
     def _candidates(self):
         """The current master first, then the others in list order."""
@@ -117,15 +150,21 @@ class MasterLink:
         return [self.current] + [a for a in self.addresses[start + 1:] + self.addresses[:start]
                                  if a != self.current]
 
-    def follow(self, exc: protocol.NotLeader) -> None:
-        """Make the leader named by a NOT_LEADER the next master tried (or the next one in the list)."""
+    def follow(self, exc: protocol.NotLeader) -> bool:
+        """Make the leader named by a NOT_LEADER the next master tried (or the next one in the list).
+
+        True when it names a leader worth trying at once; False when it names
+        none, or one whose last connection failed (a follower still naming a
+        dead or paused leader): the caller backs off before the next round.
+        """
         hint = parse_hint(exc.leader)
-        if hint is not None and hint != self.current:
+        if hint is not None and hint != self.current and hint not in self._down:
             _log("info", "master %s is not the leader; following it to %s",
                         format_address(self.current), format_address(hint))
             self.current = hint
-        else:
-            self._advance()
+            return True
+        self._advance()
+        return False
 
     def _advance(self) -> None:
         candidates = self._candidates()
@@ -148,9 +187,8 @@ class MasterLink:
                     conn = self._open(address)
                 except protocol.NotLeader as exc:
                     last = exc
-                    self.follow(exc)
-                    if parse_hint(exc.leader) is None:
-                        break  # nobody leads yet: wait before the next round
+                    if not self.follow(exc):
+                        break  # nobody (reachable) leads yet: wait before the next round
                     continue
                 except (protocol.Unavailable, protocol.Timeout) as exc:
                     if not self.replicated and self.current in self.addresses:
@@ -169,6 +207,8 @@ class MasterLink:
                                         f"{self.failover_timeout_s:g} s (last answer: {last})")
             self._sleep(min(backoff, max(0.0, deadline - self._clock())))
             backoff = min(backoff * 2, BACKOFF_MAX_S)
+            if self.replicated:  # a slow (not paused) master gets a longer handshake next round
+                self._handshake_s = min(self._handshake_s * 2, self.handshake_timeout_s or self.timeout_s)
 
     def run(self, op, *, safe: bool, on_retry=None):
         """``op()``, re-run on a leader change while that is safe; see the module docstring.
@@ -202,8 +242,7 @@ class MasterLink:
                     raise protocol.NoLeader(exc.message + cut_off) from None
                 raise
             except protocol.NotLeader as exc:
-                self.follow(exc)
-                if parse_hint(exc.leader) is None:
+                if not self.follow(exc):
                     self._sleep(backoff)  # an election is running: give it time
                     backoff = min(backoff * 2, BACKOFF_MAX_S)
             except (protocol.Unavailable, protocol.Timeout) as exc:
@@ -214,9 +253,9 @@ class MasterLink:
                                     f"is unknown (check with list or stat before repeating it)") from None
                 _log("info", "lost master %s (%s); looking for the leader",
                             format_address(self.current), exc)
+                self.mark_down(self.current)
                 cut_off = (f"; an attempt was cut off midway ({exc.message}), so it may yet take effect "
                            f"(check with list or stat)")
-                self._advance()
             if self._deadline is None:
                 self._deadline = self._clock() + self.failover_timeout_s
             elif self._clock() >= self._deadline:

@@ -62,6 +62,11 @@ BODY_BUFFERS = 8
 UNREACHABLE_LOG_INTERVAL_S = 60.0
 # A stopping node waits at most this long to say goodbye to its master.
 GOODBYE_TIMEOUT_S = 2.0
+# With several masters, the least time a heartbeat reply may take before the node
+# looks for another leader (the bound is [raft] election_ms, at least this): a
+# leader answers heartbeats at once, but a loaded machine must not make every
+# node leave a healthy leader.
+HEARTBEAT_REPLY_MIN_S = 1.0
 
 
 class OutageLog:
@@ -366,9 +371,14 @@ class StorageNode:
         """
         link = self.master_link()
         interval = self.config.heartbeat_interval_s
+        if link.replicated:
+            # A heartbeat at least every election timeout: a paused or cut-off leader (it never
+            # closes the connection) is noticed about when its followers elect another.
+            interval = min(interval, max(HEARTBEAT_REPLY_MIN_S, self.config.raft_election_ms / 1000))
         outage = OutageLog(UNREACHABLE_LOG_INTERVAL_S)
+        election_backoff = master_link.BACKOFF_FIRST_S
         while not self._stop.is_set():
-            reconnect_now = False
+            reconnect_now = election_wait = False
             where = link.describe()
             try:
                 with link.connect() as conn:
@@ -394,6 +404,13 @@ class StorageNode:
                     logger.info("registered with master %s as %s:%d%s%s", where, host, port,
                                 "" if down_s is None else f" (it was unreachable for {down_s:.0f} s)",
                                 "" if writable else " (it is recovering its metadata: reads only)")
+                    election_backoff = master_link.BACKOFF_FIRST_S
+                    if link.replicated:
+                        # Only heartbeats from here on, which a leader answers at once: one that
+                        # does not within an election timeout is paused or cut off, and its
+                        # followers are electing another; look for that one (see below).
+                        conn.sock.settimeout(min(self.config.io_timeout_s,
+                                                 max(HEARTBEAT_REPLY_MIN_S, self.config.raft_election_ms / 1000)))
                     report_due = time.monotonic() + self.config.inventory_interval_s
                     # Woken early when free space changes (deletes, compaction,
                     # ENOSPC), so the master places by the disk as it is now.
@@ -416,9 +433,12 @@ class StorageNode:
                             if isinstance(exc, protocol.NotLeader):
                                 # It lost the leadership: find the new leader now.
                                 logger.info("master %s is no longer the leader: %s", where, exc)
-                                link.follow(exc)
-                                reconnect_now = bool(exc.leader)
+                                reconnect_now = link.follow(exc)
+                                election_wait = not reconnect_now
                                 break
+                            if isinstance(exc, protocol.Timeout) and link.replicated:
+                                # A paused or cut-off leader: look for the one the others elect.
+                                link.mark_down(conn.address)
                             if isinstance(exc, protocol.Unavailable) and not conn.broken:
                                 # An ERROR frame, not a lost connection: the master is there.
                                 logger.info("master asked to re-register: %s", exc)
@@ -429,9 +449,10 @@ class StorageNode:
                 outage.failed(f"cannot register with master {where}: {exc}", logging.ERROR)
             except protocol.NotLeader as exc:
                 # REGISTER or INVENTORY refused by a follower: go to the leader it names at once,
-                # or wait a heartbeat interval while an election runs.
-                link.follow(exc)
-                reconnect_now = bool(exc.leader)
+                # or wait a little while an election runs (not a heartbeat interval: the new
+                # leader places nothing until enough nodes have registered with it).
+                reconnect_now = link.follow(exc)
+                election_wait = not reconnect_now
             except (protocol.WrongCluster, protocol.StaleMaster) as exc:
                 # One line per change, not one per retry: the node keeps
                 # every byte and keeps trying until the right master is back.
@@ -452,6 +473,10 @@ class StorageNode:
             except Exception:
                 logger.exception("heartbeat loop failed; retrying")
             if reconnect_now:
+                continue
+            if election_wait:
+                self._stop.wait(election_backoff)
+                election_backoff = min(election_backoff * 2, master_link.BACKOFF_MAX_S)
                 continue
             self._stop.wait(interval)
 

@@ -191,10 +191,16 @@ class TestCluster(cluster_module.LocalCluster):
         proc = subprocess.run(argv, input=stdin, capture_output=True, timeout=timeout_s, cwd=self.data_dir)
         return CliResult(proc)
 
+    def master_addresses(self) -> list[tuple[str, int]]:
+        """Every master's (host, port): one for a single master, all of a replicated group."""
+        return [(host, int(port)) for host, _, port in
+                (address.rpartition(":") for address in self.master_address.split(","))]
+
     def client(self) -> client_module.Client:
-        host, _, port = self.master_address.rpartition(":")
-        return client_module.Client((host, int(port)), timeout_s=20.0, frame_bytes=1024 * 1024,
-                                    show_progress=False)
+        """A Client given every master, so it follows the leader of a group (master_link.py)."""
+        addresses = self.master_addresses()
+        return client_module.Client(addresses if len(addresses) > 1 else addresses[0], timeout_s=20.0,
+                                    frame_bytes=1024 * 1024, show_progress=False)
 
     def status(self):
         c = self.client()
@@ -234,9 +240,9 @@ class SecureCluster(TestCluster):
         return super().cli(*self.client_args, *args, **kwargs)
 
     def client(self) -> client_module.Client:
-        host, _, port = self.master_address.rpartition(":")
-        return client_module.Client((host, int(port)), timeout_s=20.0, frame_bytes=1024 * 1024,
-                                    show_progress=False, security=self.client_security)
+        addresses = self.master_addresses()
+        return client_module.Client(addresses if len(addresses) > 1 else addresses[0], timeout_s=20.0,
+                                    frame_bytes=1024 * 1024, show_progress=False, security=self.client_security)
 
 
 @pytest.fixture

@@ -130,6 +130,53 @@ def test_run_always_resends_after_not_leader():
     assert clock.slept == [master_link.BACKOFF_FIRST_S]  # no hint: waited for the election once
 
 
+def test_a_hint_naming_a_dead_master_is_no_hint():
+    """Followers name the dead leader until their election timeout ends: the link must back off between
+    rounds instead of bouncing between the dead master and a follower with no pause (a busy loop that ate
+    the CPU the election needed, and made failover slow)."""
+    link, tried, clock = make_link({A: protocol.Unavailable("refused"), B: "conn-B", C: "conn-C"},
+                                   failover_timeout_s=5.0)
+    refusals = iter([protocol.NotLeader("follower", leader="127.0.0.1:1")] * 6)
+
+    def op():
+        conn = link.connect()
+        refusal = next(refusals, None)
+        if refusal is not None:
+            raise refusal
+        return conn
+    assert link.run(op, safe=True) in ("conn-B", "conn-C")
+    assert len(clock.slept) == 6, clock.slept  # one back-off per stale hint
+    assert tried.count(A) <= 4  # the dead master is retried in turn (every third try), no more
+
+
+def test_a_master_that_times_out_is_tried_last_and_handshakes_are_short_at_first():
+    """A paused master accepts connections and never answers HELLO: with several masters the first
+    handshake is bounded by GROUP_HANDSHAKE_FIRST_S, not the io timeout, and doubles each round."""
+    bounds = []
+    clock = FakeClock()
+
+    def connector(address, role, timeout_s, security, handshake_timeout_s=None, **kwargs):
+        bounds.append((address, handshake_timeout_s))
+        if address == A or clock.now < 1.0:
+            raise protocol.Timeout("answered nothing")
+        return f"conn-{address[1]}"
+    link = master_link.MasterLink([A, B, C], "client", 10.0, handshake_timeout_s=10.0, connector=connector,
+                                  clock=clock, sleep=clock.sleep)
+    assert link.connect() == "conn-2"
+    first = [t for _, t in bounds[:3]]
+    assert first == [master_link.GROUP_HANDSHAKE_FIRST_S] * 3
+    assert max(t for _, t in bounds) > master_link.GROUP_HANDSHAKE_FIRST_S
+    # Back to the short bound once a master answered; a request timing out moves the link away from it.
+    link.mark_down(B)
+    bounds.clear()
+    assert link.connect() == "conn-3" and bounds == [(C, master_link.GROUP_HANDSHAKE_FIRST_S)]
+    # One master: its handshake bound is the caller's, as before.
+    single = master_link.MasterLink([A], "client", 10.0, handshake_timeout_s=7.0, connector=connector)
+    with pytest.raises(protocol.Timeout):
+        single.connect()
+    assert bounds[-1] == (A, 7.0)
+
+
 def test_run_gives_up_with_no_leader():
     link, _, clock = make_link({A: "conn-A", B: "conn-B", C: "conn-C"}, failover_timeout_s=1.0)
 

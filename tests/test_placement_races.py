@@ -12,13 +12,14 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import threading
 
 from conftest import FAST_MASTER, FAST_TIMING, ROOT, random_bytes, wait_until
 
 import config as config_module
 import protocol
 import transport
-from master import Master
+from master import Master, NodeState
 from metadata_log import MetadataLog
 from namespace import Namespace, make_entry, put_record, splice_runs
 from repair import replicas_record
@@ -277,3 +278,32 @@ def test_node_on_another_nodes_old_port_is_refused_and_gets_none_of_its_data(mak
         f"chunks placed on the dead node {moved_id} (really on the node that took its port): {reply.runs}"
     missing = missing_copies(cluster, reply, [1, 2])
     assert not missing, f"committed runs name nodes without the chunks (seed {seed}): {missing}"
+
+
+def test_a_new_leader_waits_for_nodes_placement_can_use(tmp_path):
+    """After a failover the first upload waits until enough nodes have registered AND reported their
+    inventory (what choose_replicas needs); waiting for registration alone let it fail INSUFFICIENT_NODES."""
+    master = master_without_nodes(tmp_path)
+    try:
+        master.replication = object()  # check_writable's wait is for a group's new leader only
+        now = master.clock()
+        master.started = now
+        with master._nodes_lock:
+            for node_id in ("n1", "n2"):
+                master._nodes[node_id] = NodeState(node_id, ("127.0.0.1", 1), capacity_bytes=1 << 30,
+                                                   last_heard=now, reported=False)
+
+        def report():
+            with master._nodes_lock:
+                for node in master._nodes.values():
+                    node.last_heard, node.reported = master.clock(), True
+        timer = threading.Timer(0.3, report)
+        timer.start()
+        try:
+            master.check_writable()
+            assert sorted(master.choose_replicas(1)) == ["n1", "n2"]
+        finally:
+            timer.cancel()
+    finally:
+        master.replication = None
+        master.stop()
