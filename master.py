@@ -328,10 +328,16 @@ class Master:
         self.repairer.reported = set()
 
     def stop_leading(self) -> None:
-        """Another master leads now: forget the nodes, so nothing here places, repairs or drops."""
+        """Another master leads now: forget the nodes, so nothing here places, repairs or drops, and
+        drop the name locks (leader state), so writers queued here re-send to the new leader."""
         with self._nodes_lock:
             self._nodes.clear()
         self.repairer.safe_mode = self.config.safe_mode_s > 0
+        leader = self.replication.leader if self.replication is not None else None
+        held = self.locks.drop_all(lambda: protocol.NotLeader(
+            "this master lost the leadership while the writer waited for the name's lock", leader or ""))
+        if held:
+            logger.info("dropped %d name lock(s): no longer the leader", held)
 
     def stop(self) -> None:
         self._stop.set()

@@ -511,15 +511,20 @@ class NameLocks:
     def __init__(self):
         self._cond = threading.Condition()
         self._queues: dict[str, deque] = {}
+        self._generation = 0  # bumped by drop_all: tickets of an older one are void
+        self._dropped = None  # () -> the exception the waiters it woke raise
 
     def acquire(self, name: str, owner: str, timeout_s: float) -> "LockTicket":
         ticket = LockTicket(owner, time.time())
         deadline = time.monotonic() + min(max(timeout_s, 0.0), MAX_LOCK_WAIT_S)
         with self._cond:
+            generation = ticket.generation = self._generation
             queue = self._queues.setdefault(name, deque())
             queue.append(ticket)
             try:
                 while queue[0] is not ticket:
+                    if self._generation != generation:
+                        raise self._dropped()
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         holder = queue[0]
@@ -531,7 +536,7 @@ class NameLocks:
                 # Whatever ends the wait, our place in the queue must go, or
                 # the name would pass to a writer that is no longer there.
                 queue.remove(ticket)
-                if not queue:
+                if not queue and self._queues.get(name) is queue:
                     del self._queues[name]
                 self._cond.notify_all()
                 raise
@@ -540,12 +545,32 @@ class NameLocks:
 
     def release(self, name: str, ticket: "LockTicket") -> None:
         with self._cond:
+            if ticket.generation != self._generation:
+                return  # dropped with every lock (drop_all): nothing left to release
             queue = self._queues[name]
             assert queue[0] is ticket, "released a lock that was not held"
             queue.popleft()
             if not queue:
                 del self._queues[name]
             self._cond.notify_all()
+
+    def drop_all(self, make_error) -> int:
+        """Drop every lock and queue: held tickets become void, waiters raise ``make_error()``.
+
+        Name locks are the leader's state (issue 12): a master that stops
+        leading must not keep writers queued behind locks it can no longer
+        honour, so they fail with (typically) NOT_LEADER and their clients
+        re-send to the new leader, whose lock table starts empty.  Holders
+        find out when their commit fails; their later ``release`` is a no-op.
+        Returns how many locks were held.
+        """
+        with self._cond:
+            held = len(self._queues)
+            self._generation += 1
+            self._dropped = make_error
+            self._queues = {}
+            self._cond.notify_all()
+        return held
 
     def held(self) -> list[dict]:
         """Held locks and their queues, for the LOCKS view."""
@@ -558,9 +583,10 @@ class NameLocks:
 class LockTicket:
     """One writer's place in a name's queue."""
 
-    __slots__ = ("owner", "queued_at", "granted_at")
+    __slots__ = ("owner", "queued_at", "granted_at", "generation")
 
     def __init__(self, owner: str, queued_at: float):
         self.owner = owner
         self.queued_at = queued_at
         self.granted_at = queued_at
+        self.generation = 0  # NameLocks' generation when queued

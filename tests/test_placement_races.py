@@ -307,3 +307,32 @@ def test_a_new_leader_waits_for_nodes_placement_can_use(tmp_path):
     finally:
         master.replication = None
         master.stop()
+
+
+def test_losing_the_leadership_drops_name_locks_and_fails_their_waiters_with_not_leader(tmp_path):
+    """Name locks are leader state: a writer queued behind a lock on a master that stops leading fails
+    with NOT_LEADER (so its client re-sends to the new leader) instead of waiting out lock_wait_s."""
+    master = master_without_nodes(tmp_path)
+    try:
+        held = master.lock_name("f", "writer-a", 0)
+        outcome = []
+
+        def waiter():
+            try:
+                master.lock_name("f", "writer-b", 30)
+                outcome.append("granted")
+            except protocol.BackupError as exc:
+                outcome.append(exc)
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        wait_until(lambda: master.locks.held() and master.locks.held()[0]["waiting"], 5, message="a waiter")
+        master.stop_leading()
+        thread.join(5)
+        assert len(outcome) == 1 and isinstance(outcome[0], protocol.NotLeader), outcome
+        assert master.locks.held() == []
+        master.locks.release("f", held)  # the old holder's release is harmless
+        again = master.lock_name("f", "writer-c", 0)  # a leader again later starts with free names
+        master.locks.release("f", again)
+        assert master.locks.held() == []
+    finally:
+        master.stop()
