@@ -53,6 +53,7 @@ import protocol
 import recovery
 import replication
 import security as security_module
+import snapshots
 import transport
 import transfers
 import web_status
@@ -680,16 +681,24 @@ class Master:
         record["keep"] = self.config.keep_versions
         return record
 
-    def open_for_read(self, name: str, version: int | None = None, at: float | None = None) -> dict:
+    def open_for_read(self, name: str, version: int | None = None, at: float | None = None,
+                      any_kept: bool = False) -> dict:
         """The entry of ``name`` (its current one, or the version a request names), pinned until ``close_read``.
 
         A pinned version is not garbage collected even if the name is
         replaced, deleted or the version dropped meanwhile, so a download
         that started on it finishes on it: readers never wait for writers
-        and never see a mix.
+        and never see a mix.  ``any_kept``: ``version`` may be any kept
+        entry of the name (trash, pinned by a snapshot), as a snapshot
+        restore needs.
         """
         while True:
-            entry = self.namespace.lookup_version(name, version, at)
+            if any_kept:
+                entry = self.namespace.find_entry(name, version)
+                if entry is None:
+                    raise protocol.FileNotFound(f"{name!r} has no kept version {version}")
+            else:
+                entry = self.namespace.lookup_version(name, version, at)
             with self._garbage_cond:
                 for blob in entry_blobs(entry):
                     self._readers[blob] += 1
@@ -813,6 +822,112 @@ class Master:
             return self.namespace.files[name]
         finally:
             self.locks.release(name, token)
+
+    # --- snapshots (snapshots.py) --------------------------------------------------------
+    def record_snapshot(self, root: str, members: list[tuple[str, int]]) -> dict:
+        """Record a snapshot of tree ``root``: ``members`` are (name relative to root, version id).
+
+        Resolves every member (FILE_NOT_FOUND if a version is not kept),
+        writes the manifest to ``replication`` nodes, commits the small
+        ``snapshot`` record, then checks that no member was dropped between
+        resolving and committing (a race with retention); if one was, the
+        snapshot is forgotten again and UNAVAILABLE asks for a new run.
+        Returns the record as applied.
+        """
+        since = self.log.index
+        lines, explicit, total = [], [], 0
+        seen = set()
+        for relative, vid in members:
+            name = protocol.validate_name(f"{root}/{relative}")
+            if relative in seen:
+                raise protocol.RemoteProtocolError(f"{name!r} is listed twice in the snapshot")
+            seen.add(relative)
+            entry = self.namespace.find_entry(name, vid)
+            if entry is None:
+                raise protocol.FileNotFound(f"{name!r} has no kept version {vid}: it cannot enter the snapshot")
+            if self.namespace.files.get(name) is not entry:
+                explicit.append([name, vid])
+            lines.append(snapshots.member_line(relative, entry))
+            total += entry["size"]
+        data = snapshots.encode_manifest(root, lines)
+        batch_chunks = max(1, self.config.batch_bytes // snapshots.CHUNK_BYTES)
+        blob = "snap-" + uuid.uuid4().hex
+        chunks = -(-len(data) // snapshots.CHUNK_BYTES)
+        self.check_writable()
+        nodes = self.choose_replicas(len(data))
+        self.active_blobs.add(blob)  # not an orphan while it is written
+        try:
+            for node_id in nodes:
+                try:
+                    meta_backup.write_system_blob(self, node_id, blob, data, batch_chunks)
+                except protocol.BackupError as exc:
+                    self.note_node_failure(node_id, exc)
+                    self.collect_garbage(blob, nodes)
+                    raise
+            manifest = make_entry(len(data), snapshots.CHUNK_BYTES, hashlib.sha256(data).hexdigest(), blob,
+                                  [[0, chunks, list(nodes)]], batch_chunks)
+            record = {"op": "snapshot", "root": root, "t": round(time.time(), 3), "files": len(lines),
+                      "bytes": total, "since": since, "manifest": manifest, "pins": explicit}
+            snapshot_id = self.log.commit([record])
+        finally:
+            self.active_blobs.discard(blob)
+        lost = [f"{root}/{relative}" for relative, vid in members
+                if self.namespace.find_entry(f"{root}/{relative}", vid) is None]
+        if lost:
+            self.forget_snapshots([snapshot_id])
+            raise protocol.Unavailable(f"{len(lost)} member(s) of the snapshot were dropped while it was "
+                                       f"recorded (first: {lost[0]!r}); run the backup again")
+        logger.info("snapshot %d of %r: %d files, %d bytes, manifest %d bytes on %s, %d explicit pin(s)",
+                    snapshot_id, root, len(lines), total, len(data), ",".join(nodes), len(explicit))
+        return self.namespace.snapshots[snapshot_id]
+
+    def forget_snapshots(self, ids: list[int]) -> dict:
+        """Drop snapshots (what ``prune`` calls): their manifests and the versions only they kept are freed.
+
+        FILE_NOT_FOUND if an id is not a snapshot (nothing is dropped then).
+        Returns {"ids": [...], "freed_bytes": data bytes (before replication)
+        no longer held by anything}.
+        """
+        ids = sorted(set(ids))
+        missing = [i for i in ids if i not in self.namespace.snapshots]
+        if missing:
+            raise protocol.FileNotFound(f"no snapshot {missing[0]} (see: snapshots)")
+        space_before = sum(self.namespace.space().values())
+        gone = [self.namespace.snapshots[i] for i in ids]
+        names = [name for name in list(self.namespace.pinned)
+                 if any(snapshots.under(snap["root"], name) for snap in gone)]
+        before = {name: self.namespace.entries_of(name) for name in names}
+        self.log.commit([{"op": "forget", "ids": ids}])
+        for snap in gone:
+            self._collect_entry(snap["manifest"])
+        for name, entries in before.items():
+            self._collect_dropped(name, entries)
+        freed = space_before - sum(self.namespace.space().values())
+        logger.info("forgot snapshot(s) %s: %d bytes of data freed", ", ".join(map(str, ids)), freed)
+        return {"ids": ids, "freed_bytes": freed}
+
+    def read_manifest(self, snapshot_id: int) -> tuple[dict, list[dict]]:
+        """(record, member documents) of a snapshot, its manifest read from the nodes (CRC-checked, SHA-256)."""
+        snap = self.namespace.snapshots.get(snapshot_id)
+        if snap is None:
+            raise protocol.FileNotFound(f"no snapshot {snapshot_id} (see: snapshots)")
+        name = snapshots.manifest_name(snapshot_id)
+        entry = self.open_for_read(name, snapshot_id, any_kept=True)
+        try:
+            sha = hashlib.sha256()
+            pieces = []
+            for piece in transfers.read_range(self, name, entry, 0, entry["size"]):
+                sha.update(piece)
+                pieces.append(bytes(piece))
+        finally:
+            self.close_read(entry)
+        if sha.hexdigest() != entry["sha256"]:
+            raise protocol.ChecksumMismatch(f"the manifest of snapshot {snapshot_id} is damaged")
+        try:
+            header, lines = snapshots.decode_manifest(pieces)
+        except ValueError as exc:
+            raise protocol.DataLost(f"the manifest of snapshot {snapshot_id}: {exc}") from None
+        return snap, [snapshots.member_document(header["root"], line) for line in lines]
 
     def status(self) -> protocol.StatusReply:
         """Nodes and totals.  A node's usage is its last report plus the batches it acknowledged
@@ -1316,8 +1431,12 @@ class MasterHandler(ObservedHandler, transport.RequestHandler):
                 uncertain = set()
             for index, p in ready:
                 e = p.entry
+                # The name's lock is still held: the current entry is the one just committed.
+                current = self.master.namespace.files.get(p.stream.name)
                 replies[index] = protocol.Uploaded(name=p.stream.name, size=e["size"], chunks=e["chunks"],
-                                                   sha256=e["sha256"], version=e["version"], tag=p.tag)
+                                                   sha256=e["sha256"], version=e["version"], tag=p.tag,
+                                                   version_id=None if current is None else
+                                                   history.version_id(current))
         except Exception as exc:
             logger.error("%s: commit of %d upload(s) failed: %s", self.peer, len(group), exc)
             error = exc if isinstance(exc, protocol.BackupError) else protocol.BackupError(f"commit failed: {exc}")
@@ -1364,7 +1483,15 @@ class MasterHandler(ObservedHandler, transport.RequestHandler):
 
     # --- clients: the rest ---
     def do_DOWNLOAD(self, msg: protocol.Download) -> None:
-        entry = self.master.open_for_read(protocol.validate_name(msg.name), msg.version, msg.at)
+        name = protocol.validate_name(msg.name)
+        if msg.snapshot is not None:
+            if msg.version is None:
+                raise protocol.RemoteProtocolError("a snapshot download names the version")
+            if msg.snapshot not in self.master.namespace.snapshots:
+                raise protocol.FileNotFound(f"no snapshot {msg.snapshot} (see: snapshots)")
+            entry = self.master.open_for_read(name, msg.version, any_kept=True)
+        else:
+            entry = self.master.open_for_read(name, msg.version, msg.at)
         try:
             self._send_file(msg, entry)
         finally:
@@ -1441,6 +1568,54 @@ class MasterHandler(ObservedHandler, transport.RequestHandler):
         infos = [history.version_info(e, current=n == len(entries) - 1) for n, e in enumerate(entries)]
         for page, last in protocol.pages(infos):
             self.reply(protocol.VersionsPage(entries=page, done=last), flush=last)
+
+    def do_SNAPSHOT_ADD(self, msg: protocol.SnapshotAdd) -> None:
+        """Read every page of members, then record the snapshot (one reply, after the last page)."""
+        members, page, error = [], msg, None
+        lease = self.master.config.lock_lease_s
+        while True:
+            if error is None:
+                try:
+                    root = protocol.validate_name(msg.root, storing=True)
+                    if page.root != msg.root:
+                        raise protocol.RemoteProtocolError("the pages of a snapshot name different roots")
+                    for member in page.members:
+                        if not (isinstance(member, list) and len(member) == 2 and isinstance(member[0], str)
+                                and type(member[1]) is int):
+                            raise protocol.RemoteProtocolError("a snapshot member is [relative name, version id]")
+                        members.append((member[0], member[1]))
+                    if len(members) > snapshots.MAX_MEMBERS:
+                        raise protocol.FrameTooLarge(f"a snapshot has at most {snapshots.MAX_MEMBERS} members")
+                except protocol.BackupError as exc:
+                    error, members = exc, []
+            if page.done:
+                break
+            page = self.next_message(timeout_s=lease)
+            if page is None:
+                return  # the client went away: nothing recorded
+            if not isinstance(page, protocol.SnapshotAdd):
+                raise protocol.RemoteProtocolError(f"{page.OP} inside a snapshot's member list")
+        if error is not None:
+            raise error
+        snap = self.master.record_snapshot(root, members)
+        self.reply(protocol.SnapshotMade(id=snap["i"], root=snap["root"], time=snap["t"], files=snap["files"],
+                                         bytes=snap["bytes"], pins=len(snap["pins"])))
+
+    def do_SNAPSHOTS(self, msg: protocol.Snapshots) -> None:
+        listing = self.master.namespace.snapshot_listing(None if msg.root is None else msg.root.rstrip("/"))
+        for page, last in protocol.pages(listing):
+            self.reply(protocol.SnapshotsPage(entries=page, done=last), flush=last)
+
+    def do_SNAPSHOT_MEMBERS(self, msg: protocol.SnapshotMembers) -> None:
+        _, members = self.master.read_manifest(msg.id)
+        for page, last in protocol.pages(members):
+            self.reply(protocol.SnapshotMembersPage(entries=page, done=last), flush=last)
+
+    def do_SNAPSHOT_FORGET(self, msg: protocol.SnapshotForget) -> None:
+        if not all(type(i) is int for i in msg.ids):
+            raise protocol.RemoteProtocolError("snapshot ids are integers")
+        outcome = self.master.forget_snapshots(msg.ids)
+        self.reply(protocol.SnapshotsForgotten(ids=outcome["ids"], freed_bytes=outcome["freed_bytes"]))
 
     def do_LOCKS(self, msg: protocol.Locks) -> None:
         for page, last in protocol.pages(self.master.locks.held()):

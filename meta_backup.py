@@ -154,21 +154,7 @@ class MetaBackup:
         return True
 
     def _write(self, node_id: str, blob: str, data: bytes, desc: dict) -> None:
-        master = self.master
-        fence = master.fence()
-        conn = master.pool.acquire(node_id)
-        try:
-            step = CHUNK_BYTES * self.batch_chunks
-            for start in range(0, len(data), step):
-                payload = data[start:start + step]
-                crcs = protocol.crcs_to_bytes(protocol.chunk_crcs(payload, CHUNK_BYTES))
-                count = len(crcs) // protocol.CRC_BYTES
-                conn.request(protocol.PutChunks(blob=blob, first=start // CHUNK_BYTES, count=count,
-                                                chunk_size=CHUNK_BYTES, body=crcs + payload, **fence), protocol.PutOk)
-            conn.request(protocol.Describe(items=[desc], **fence), protocol.Described)
-            conn.request(protocol.Flush(), protocol.Flushed)
-        finally:
-            master.pool.release(conn)
+        write_system_blob(self.master, node_id, blob, data, self.batch_chunks, desc)
 
     def seen(self, node_id: str, blob: str) -> None:
         """``node_id`` holds backup ``blob``: remember it, and collect copies older than the KEEP newest."""
@@ -184,3 +170,26 @@ class MetaBackup:
     def status(self) -> dict:
         return {"meta_backup_index": self.last_index if self.last_index >= 0 else None,
                 "meta_backup_age_s": None if self.last_time is None else round(time.time() - self.last_time, 1)}
+
+
+def write_system_blob(master, node_id: str, blob: str, data: bytes, batch_chunks: int,
+                      desc: dict | None = None) -> None:
+    """Store ``data`` as ``blob`` on ``node_id`` in CHUNK_BYTES chunks, describe it (if ``desc``), fsync.
+
+    Shared by the checkpoint copies here and snapshot manifests (snapshots.py).
+    """
+    fence = master.fence()
+    conn = master.pool.acquire(node_id)
+    try:
+        step = CHUNK_BYTES * batch_chunks
+        for start in range(0, len(data), step):
+            payload = data[start:start + step]
+            crcs = protocol.crcs_to_bytes(protocol.chunk_crcs(payload, CHUNK_BYTES))
+            count = len(crcs) // protocol.CRC_BYTES
+            conn.request(protocol.PutChunks(blob=blob, first=start // CHUNK_BYTES, count=count,
+                                            chunk_size=CHUNK_BYTES, body=crcs + payload, **fence), protocol.PutOk)
+        if desc is not None:
+            conn.request(protocol.Describe(items=[desc], **fence), protocol.Described)
+        conn.request(protocol.Flush(), protocol.Flushed)
+    finally:
+        master.pool.release(conn)

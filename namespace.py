@@ -30,6 +30,11 @@ Records (JSON objects; the log adds the index ``"i"``):
     {"op": "cluster", "cluster_id": C}           the cluster's id (first start)
     {"op": "epoch", "epoch": E}                  the master's fencing epoch
                                                  (one record per start)
+    {"op": "snapshot", "root": R, "t": time,     a tree snapshot (snapshots.py): its
+     "files": n, "bytes": b, "since": S,         id is the record's index; its member
+     "manifest": ENTRY, "pins": [[N, V]..]}      list lives in the manifest blob
+    {"op": "forget", "ids": [ID..]}              drop snapshots; versions only they
+                                                 pinned are freed
 
 A file ENTRY::
 
@@ -46,7 +51,11 @@ nodes knows which of two descriptions of a name is newer.
 ``committed_at`` (the record's ``t``) to the entry; see history.py.
 Older versions of a live name are kept in ``versions[name]``, oldest first;
 what a delete moved to the trash in ``trash[name]`` (each entry with its
-``trashed_at``), in the order it was deleted.
+``trashed_at``), in the order it was deleted.  An entry that stops being
+current gets ``superseded``, the index of the record that did it; one that
+retention drops (keep_versions, trash expiry, purge, a delete without
+trash) while a snapshot pins it moves to ``pinned[name]`` instead of going
+(snapshots.py explains the pin rule).
 
 A run has a fourth element, a blob id, when its chunks live in another blob
 than the entry's version: after an append or an in-place write, untouched
@@ -69,6 +78,7 @@ from collections import deque
 
 import history
 import protocol
+import snapshots as snapshots_module
 
 
 class Namespace:
@@ -82,6 +92,11 @@ class Namespace:
         self.versions: dict[str, list[dict]] = {}
         # name -> trashed entries (each with "trashed_at"), replaced like versions.
         self.trash: dict[str, list[dict]] = {}
+        # name -> entries kept only because a snapshot pins them, replaced like versions.
+        self.pinned: dict[str, list[dict]] = {}
+        # snapshot id -> its record as applied (with "i"); see snapshots.py.
+        self.snapshots: dict[int, dict] = {}
+        self._explicit: dict[int, frozenset] = {}  # snapshot id -> its explicit pins as (name, id) pairs
         self.cluster_id: str | None = None
         self.epoch = 0
 
@@ -94,27 +109,42 @@ class Namespace:
             old = self.files.get(name)
             if "base" in record:
                 entry = rebase_entry(entry, old, record["base"])
-            entry = {**entry, "commit_index": record.get("i", 0), "committed_at": record.get("t", entry["mtime"])}
+            entry = {**{k: v for k, v in entry.items() if k not in _STATE_FIELDS},
+                     "commit_index": record.get("i", 0), "committed_at": record.get("t", entry["mtime"])}
             if old is not None:
-                kept, _ = history.trim_versions([*self.versions.get(name, ()), old], record.get("keep", 1))
+                old = {**old, "superseded": record.get("i", 0)}
+                kept, dropped = history.trim_versions([*self.versions.get(name, ()), old], record.get("keep", 1))
                 self._set_versions(name, kept)
+                self._drop(name, dropped)
             self.files[name] = entry
         elif op == "delete":
             name = record["name"]
+            ended = self.history(name)
+            if ended:
+                ended[-1] = {**ended[-1], "superseded": record.get("i", 0)}
             if record.get("trash"):
-                moved = [{**e, "trashed_at": record["t"]} for e in self.history(name)]
+                moved = [{**e, "trashed_at": record["t"]} for e in ended]
                 if moved:
                     self.trash[name] = [*self.trash.get(name, ()), *moved]
+            else:
+                self._drop(name, ended)
             self.files.pop(name, None)
             self.versions.pop(name, None)
         elif op == "undelete":
             self._undelete(record["name"])
         elif op == "expire":
-            kept = [e for e in self.trash.get(record["name"], ()) if e["trashed_at"] > record["before"]]
+            trashed = self.trash.get(record["name"], ())
+            kept = [e for e in trashed if e["trashed_at"] > record["before"]]
             self._set_list(self.trash, record["name"], kept)
+            self._drop(record["name"], [e for e in trashed if e["trashed_at"] <= record["before"]])
         elif op == "purge":
+            name = record["name"]
+            ended = [*self.trash.get(name, ()), *self.history(name)]
+            if name in self.files:
+                ended[-1] = {**ended[-1], "superseded": record.get("i", 0)}
             for table in (self.files, self.versions, self.trash):
-                table.pop(record["name"], None)
+                table.pop(name, None)
+            self._drop(name, ended)
         elif op == "replicas":
             # Compare and set: the file may have been replaced, deleted or
             # re-placed since the record was decided; then nothing changes.
@@ -130,17 +160,47 @@ class Namespace:
             entry = self.files.get(name)
             if entry is not None:
                 self.files[name] = moved(entry)
-            for table in (self.versions, self.trash):
+            for table in (self.versions, self.trash, self.pinned):
                 if name in table:
                     table[name] = [moved(e) for e in table[name]]
+            snapshot_id = snapshots_module.manifest_id(name)
+            if snapshot_id in self.snapshots:
+                snap = self.snapshots[snapshot_id]
+                self.snapshots[snapshot_id] = {**snap, "manifest": moved(snap["manifest"])}
         elif op == "node":
             self.nodes[record["node_id"]] = {"address": record["address"]}
         elif op == "cluster":
             self.cluster_id = record["cluster_id"]
         elif op == "epoch":
             self.epoch = record["epoch"]
+        elif op == "snapshot":
+            snap = {k: v for k, v in record.items() if k != "op"}
+            snap["i"] = record.get("i", 0)
+            snap["manifest"] = {**record["manifest"], "commit_index": snap["i"]}
+            self._add_snapshot(snap)
+        elif op == "forget":
+            for snapshot_id in record["ids"]:
+                self.snapshots.pop(snapshot_id, None)
+                self._explicit.pop(snapshot_id, None)
+            for name, entries in list(self.pinned.items()):
+                self._set_list(self.pinned, name, [e for e in entries if self.is_pinned(name, e)])
         else:
             raise ValueError(f"unknown record op {op!r}")
+
+    def _add_snapshot(self, snap: dict) -> None:
+        self.snapshots[snap["i"]] = snap
+        self._explicit[snap["i"]] = frozenset((name, vid) for name, vid in snap.get("pins", ()))
+
+    def is_pinned(self, name: str, entry: dict) -> bool:
+        """True if some snapshot keeps ``entry`` of ``name`` (snapshots.pins); O(snapshots)."""
+        return any(snapshots_module.pins(snap, name, entry, self._explicit.get(sid, frozenset()))
+                   for sid, snap in list(self.snapshots.items()))
+
+    def _drop(self, name: str, entries: list[dict]) -> None:
+        """Retention let go of ``entries`` of ``name``: those a snapshot pins move to ``pinned``."""
+        keep = [e for e in entries if self.is_pinned(name, e)]
+        if keep:
+            self.pinned[name] = [*self.pinned.get(name, ()), *keep]
 
     def _set_versions(self, name: str, older: list[dict]) -> None:
         self._set_list(self.versions, name, older)
@@ -163,13 +223,16 @@ class Namespace:
             return
         newest = trashed[-1]["trashed_at"]
         back = [{k: v for k, v in e.items() if k != "trashed_at"} for e in trashed if e["trashed_at"] == newest]
+        # Current again: no longer superseded (over-pins snapshots taken while it was deleted; never under-pins).
+        back[-1] = {k: v for k, v in back[-1].items() if k != "superseded"}
         self._set_list(self.trash, name, [e for e in trashed if e["trashed_at"] != newest])
         self._set_versions(name, back[:-1])
         self.files[name] = back[-1]
 
     def snapshot(self) -> dict:
         return {"files": dict(self.files), "nodes": dict(self.nodes), "versions": dict(self.versions),
-                "trash": dict(self.trash),
+                "trash": dict(self.trash), "pinned": dict(self.pinned),
+                "snapshots": list(self.snapshots.values()),
                 "cluster_id": self.cluster_id, "epoch": self.epoch}
 
     def restore(self, snapshot: dict) -> None:
@@ -177,6 +240,10 @@ class Namespace:
         self.nodes = dict(snapshot.get("nodes", {}))
         self.versions = dict(snapshot.get("versions", {}))
         self.trash = dict(snapshot.get("trash", {}))
+        self.pinned = dict(snapshot.get("pinned", {}))
+        self.snapshots, self._explicit = {}, {}
+        for snap in snapshot.get("snapshots", ()):
+            self._add_snapshot(snap)
         self.cluster_id = snapshot.get("cluster_id")
         self.epoch = snapshot.get("epoch", 0)
 
@@ -204,8 +271,15 @@ class Namespace:
         return entry
 
     def entries_of(self, name: str) -> list[dict]:
-        """Every entry whose chunks must be kept for ``name``: versions and trash (what GC compares)."""
-        return [*self.trash.get(name, ()), *self.history(name)]
+        """Every entry whose chunks must be kept for ``name``: pinned, trash and versions (what GC compares).
+
+        For a snapshot's manifest pseudo-name (snapshots.manifest_name), its manifest entry.
+        """
+        snapshot_id = snapshots_module.manifest_id(name)
+        if snapshot_id is not None:
+            snap = self.snapshots.get(snapshot_id)
+            return [] if snap is None else [snap["manifest"]]
+        return [*self.pinned.get(name, ()), *self.trash.get(name, ()), *self.history(name)]
 
     def trash_listing(self, prefix: str = "") -> list[tuple[str, dict]]:
         """(name, trashed entry) pairs whose name starts with ``prefix``, by name, oldest delete first."""
@@ -223,16 +297,25 @@ class Namespace:
         and treat as known.  Current files come last, so a map built from
         this list prefers them.
         """
-        pairs = [(name, entry) for table in (self.trash, self.versions)
-                 for name, entries in list(table.items()) for entry in entries]
+        pairs = [(snapshots_module.manifest_name(sid), snap["manifest"]) for sid, snap in list(self.snapshots.items())]
+        pairs += [(name, entry) for table in (self.pinned, self.trash, self.versions)
+                  for name, entries in list(table.items()) for entry in entries]
         return pairs + list(self.files.items())
 
     def space(self) -> dict:
-        """Bytes held by current files, by older versions only and by the trash only (space_by_class)."""
+        """Bytes held by current files, by older versions only, by the trash only and by snapshots only
+        (pinned entries past retention, and the manifests) (space_by_class)."""
         older = [e for entries in list(self.versions.values()) for e in entries]
         trashed = [e for entries in list(self.trash.values()) for e in entries]
-        live, versions, trash = space_by_class([list(self.files.values()), older, trashed])
-        return {"live_bytes": live, "version_bytes": versions, "trash_bytes": trash}
+        pinned = [e for entries in list(self.pinned.values()) for e in entries]
+        pinned += [snap["manifest"] for snap in list(self.snapshots.values())]
+        live, versions, trash, snapshot = space_by_class([list(self.files.values()), older, trashed, pinned])
+        return {"live_bytes": live, "version_bytes": versions, "trash_bytes": trash, "snapshot_bytes": snapshot}
+
+    def snapshot_listing(self, root: str | None = None) -> list[dict]:
+        """snapshots.info of every snapshot (of ``root`` only, if given), oldest first."""
+        return [snapshots_module.info(snap) for _, snap in sorted(list(self.snapshots.items()))
+                if root is None or snap["root"] == root]
 
     def listing(self, prefix: str = ""):
         """Yield (name, entry) pairs whose name starts with ``prefix``, sorted by name.
@@ -252,6 +335,10 @@ class Namespace:
             entry = files.get(name)
             if entry is not None:  # not deleted since the names were taken
                 yield name, entry
+
+
+# Fields apply sets on entries that a new current entry never inherits.
+_STATE_FIELDS = ("superseded", "trashed_at")
 
 
 def make_entry(size: int, chunk_size: int, sha256: str, version: str, runs: list, batch_chunks: int) -> dict:

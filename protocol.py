@@ -756,6 +756,7 @@ class Uploaded(Message):
     sha256: str
     version: str
     tag: int = 0
+    version_id: int | None = None  # the id of the version this upload made (VERSIONS, snapshots)
 
 
 @message
@@ -790,6 +791,9 @@ class Download(Message):
     # a unix time.  Both absent = the current version.
     version: int | None = None
     at: float | None = None
+    # With ``version``: read that version wherever it is kept (older, trash,
+    # pinned by a snapshot), for the restore of snapshot ``snapshot``.
+    snapshot: int | None = None
 
 
 @message
@@ -924,6 +928,76 @@ class VersionsPage(Message):
     OP = "VERSIONS_PAGE"
     entries: list  # [{"id", "size", "sha256", "mtime", "committed_at", "current"}]
     done: bool
+
+
+@message
+class SnapshotAdd(Message):
+    """Record a snapshot of the tree ``root``: one page of members ``[[relative name, version id], ...]``.
+
+    A client sends pages up to the one marked ``done``; the master then
+    answers SNAPSHOT_MADE (or ERROR, once, after the last page).
+    """
+
+    OP = "SNAPSHOT_ADD"
+    root: str
+    members: list
+    done: bool
+
+
+@message
+class SnapshotMade(Message):
+    OP = "SNAPSHOT_MADE"
+    id: int
+    root: str
+    time: float
+    files: int
+    bytes: int
+    pins: int = 0  # members pinned explicitly (not current when recorded)
+
+
+@message
+class Snapshots(Message):
+    """Snapshots, oldest first; of tree ``root`` only if given.  Reply: SNAPSHOTS_PAGE x n, the last ``done``."""
+
+    OP = "SNAPSHOTS"
+    root: str | None = None
+
+
+@message
+class SnapshotsPage(Message):
+    OP = "SNAPSHOTS_PAGE"
+    entries: list  # [{"id", "time", "root", "files", "bytes", "pins"}]
+    done: bool
+
+
+@message
+class SnapshotMembers(Message):
+    """The members of snapshot ``id``, by name.  Reply: SNAPSHOT_MEMBERS_PAGE x n, the last ``done``."""
+
+    OP = "SNAPSHOT_MEMBERS"
+    id: int
+
+
+@message
+class SnapshotMembersPage(Message):
+    OP = "SNAPSHOT_MEMBERS_PAGE"
+    entries: list  # [{"name", "version", "size", "sha256", "meta"}]
+    done: bool
+
+
+@message
+class SnapshotForget(Message):
+    """Drop snapshots (``prune``): versions only they kept are freed.  Reply: SNAPSHOTS_FORGOTTEN."""
+
+    OP = "SNAPSHOT_FORGET"
+    ids: list
+
+
+@message
+class SnapshotsForgotten(Message):
+    OP = "SNAPSHOTS_FORGOTTEN"
+    ids: list
+    freed_bytes: int  # data bytes (before replication) nothing holds any more
 
 
 @message

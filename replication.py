@@ -58,7 +58,8 @@ TICK_S = 0.05  # one Raft tick; [raft] heartbeat_ms and election_ms are whole ti
 # peer must not make the leader hold an unbounded backlog.
 MAX_QUEUED = 4096
 # Requests that read the namespace: served after a read-index barrier.
-READ_OPS = frozenset({"DOWNLOAD", "STAT", "LIST", "STATUS", "VERSIONS", "LOCKS", "TRASH"})
+READ_OPS = frozenset({"DOWNLOAD", "STAT", "LIST", "STATUS", "VERSIONS", "LOCKS", "TRASH",
+                      "SNAPSHOTS", "SNAPSHOT_MEMBERS"})
 RAFT_DIR = "raft"
 
 

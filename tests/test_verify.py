@@ -148,12 +148,13 @@ def test_space_counts_shared_chunks_once_and_partial_last_chunks_by_length():
     put("a", make_entry(2500, KIB, "h1", "blob1", [[0, 3, ["n1", "n2"]]], 4), 1)  # chunks 1024+1024+452
     # An append rewrote chunk 2 (now full) and added chunk 3 (100 bytes) in blob2; chunks 0-1 stay in blob1.
     put("a", make_entry(3172, KIB, "h2", "blob2", [[0, 2, ["n1", "n2"], "blob1"], [2, 2, ["n1", "n2"]]], 4), 2)
-    assert ns.space() == {"live_bytes": 2048 + 1024 + 100, "version_bytes": 452, "trash_bytes": 0}
+    assert ns.space() == {"live_bytes": 2048 + 1024 + 100, "version_bytes": 452, "trash_bytes": 0,
+                          "snapshot_bytes": 0}
     put("b", make_entry(10, KIB, "h3", "blob3", [[0, 1, ["n1", "n2"]]], 4), 3)
     ns.apply({"op": "delete", "name": "b", "trash": True, "t": 4, "i": 4})
-    assert ns.space() == {"live_bytes": 3172, "version_bytes": 452, "trash_bytes": 10}
+    assert ns.space() == {"live_bytes": 3172, "version_bytes": 452, "trash_bytes": 10, "snapshot_bytes": 0}
     ns.apply({"op": "delete", "name": "a", "trash": True, "t": 5, "i": 5})
-    assert ns.space() == {"live_bytes": 0, "version_bytes": 0, "trash_bytes": 3172 + 452 + 10}
+    assert ns.space() == {"live_bytes": 0, "version_bytes": 0, "trash_bytes": 3172 + 452 + 10, "snapshot_bytes": 0}
 
 
 def test_status_shows_the_space_of_current_files_versions_and_trash(verify_cluster, tmp_path):
