@@ -130,6 +130,8 @@ class TreeSummary:
     skipped: int = 0
     failures: list = field(default_factory=list)  # (name, reason)
     started: float = field(default_factory=time.monotonic)
+    # Of an upload: name -> id of the version it stored (the names acknowledged so far).
+    versions: dict = field(default_factory=dict)
 
     def ok(self, nbytes: int) -> None:
         self.files += 1
@@ -148,6 +150,32 @@ class TreeSummary:
 
 
 @dataclass
+class BackupSummary:
+    """Outcome of ``Client.backup_tree``: how each local file was classed, what was sent, the snapshot."""
+
+    new: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    skipped: int = 0  # special files and --exclude matches
+    bytes_to_send: int = 0
+    sent: TreeSummary | None = None  # the upload of new and changed files (None: nothing sent)
+    snapshot: "protocol.SnapshotMade | None" = None
+    failures: list = field(default_factory=list)  # (name, reason): not in the snapshot
+    started: float = field(default_factory=time.monotonic)
+
+    def line(self, dry_run: bool = False) -> str:
+        counts = (f"{self.new} new, {self.changed} changed, {self.unchanged} unchanged, {self.skipped} skipped"
+                  + (f", {len(self.failures)} failed" if self.failures else ""))
+        if dry_run:
+            return f"dry run: {counts}; would send {human_bytes(self.bytes_to_send)} (nothing sent)"
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        sent = human_bytes(self.sent.bytes if self.sent else 0)
+        snap = self.snapshot
+        return (f"snapshot {snap.id} of {snap.root}: {plural(snap.files, 'file')}, {human_bytes(snap.bytes)}; "
+                f"{counts}; {sent} sent in {elapsed:.2f} s")
+
+
+@dataclass
 class VerifySummary:
     """Outcome of ``Client.verify``: files read whole and intact, the damaged ones, the vanished ones."""
 
@@ -156,6 +184,18 @@ class VerifySummary:
     damaged: list = field(default_factory=list)  # (name, error code, message)
     gone: list = field(default_factory=list)  # deleted between listing and reading
     started: float = field(default_factory=time.monotonic)
+
+
+def _local_sha256(path: str, kind: str) -> str:
+    """SHA-256 of what a directory upload would store for ``path`` (open_source).  Raises OSError."""
+    f, _, _ = open_source(path, kind)
+    sha = new_sha256()
+    with f:
+        while True:
+            block = f.read(1024 * 1024)
+            if not block:
+                return sha.hexdigest()
+            sha.update(block)
 
 
 def walk_tree(root: str):
@@ -744,7 +784,8 @@ class Client:
         return self._frame_buffer
 
     def download_tree(self, prefix: str, directory: str, force: bool = False, report=None,
-                      restore: Restore | None = None, entries: list[dict] | None = None) -> TreeSummary:
+                      restore: Restore | None = None, entries: list[dict] | None = None,
+                      snapshot: int | None = None) -> TreeSummary:
         """Restore every file whose name starts with ``prefix`` under ``directory``.
 
         Names map to paths below ``directory`` with the prefix removed.  Every
@@ -760,7 +801,8 @@ class Client:
         DOWNLOAD_WINDOW deep.  Symlinks and empty directories are re-created
         and metadata reapplied as ``restore`` says (default: mode and mtime).
         ``entries`` (dicts with name, meta and version) restores those
-        versions instead of the current files under ``prefix``.
+        versions instead of the current files under ``prefix``; with
+        ``snapshot``, wherever they are kept (a snapshot's members).
         """
         restore = restore or Restore()
         summary = TreeSummary()
@@ -792,7 +834,8 @@ class Client:
         conn = self.conn
         for position, (name, path, _) in enumerate(todo):
             while sent < len(todo) and sent < position + DOWNLOAD_WINDOW:
-                conn.send(protocol.Download(name=todo[sent][0], version=todo[sent][2]), flush=False)
+                conn.send(protocol.Download(name=todo[sent][0], version=todo[sent][2], snapshot=snapshot),
+                          flush=False)
                 sent += 1
             conn.flush()
             try:
@@ -875,7 +918,8 @@ class Client:
                 raise
 
     # --- verify --------------------------------------------------------------------
-    def verify(self, names: list[str], version: int | None = None, report=None) -> "VerifySummary":
+    def verify(self, names: list[str], version: int | None = None, report=None, versions: dict | None = None,
+               snapshot: int | None = None) -> "VerifySummary":
         """Read every byte of each of ``names`` and check it; nothing is written locally.
 
         The plain download path, into a sink that keeps nothing: the master
@@ -885,14 +929,16 @@ class Client:
         that fails is recorded with its error code and the others go on;
         one deleted since it was listed counts as gone, not damaged.  Only a
         broken connection stops.  Requests are pipelined DOWNLOAD_WINDOW deep.
-        ``version`` picks one version (one name only).
+        ``version`` picks one version (one name only); ``versions`` (name ->
+        version id) with ``snapshot`` the versions a snapshot recorded.
         """
         summary = VerifySummary()
         sent = 0
         conn = self.conn
         for position, name in enumerate(names):
             while sent < len(names) and sent < position + DOWNLOAD_WINDOW:
-                conn.send(protocol.Download(name=names[sent], version=version), flush=False)
+                which = version if versions is None else versions[names[sent]]
+                conn.send(protocol.Download(name=names[sent], version=which, snapshot=snapshot), flush=False)
                 sent += 1
             conn.flush()
             try:
@@ -915,15 +961,15 @@ class Client:
         return summary
 
     # --- directories -----------------------------------------------------------------
-    def upload_tree(self, root: str, prefix: str, report=None) -> TreeSummary:
+    def upload_tree(self, root: str, prefix: str, report=None, plan: list | None = None) -> TreeSummary:
         """Back up every regular file below ``root`` (see _upload_tree); after a leader change
         the files not yet acknowledged are sent to the new leader."""
         try:
-            return self._retrying(True, lambda: self._upload_tree(root, prefix, report))
+            return self._retrying(True, lambda: self._upload_tree(root, prefix, report, plan))
         finally:
             self._tree_progress.pop((root, prefix), None)
 
-    def _upload_tree(self, root: str, prefix: str, report=None) -> TreeSummary:
+    def _upload_tree(self, root: str, prefix: str, report=None, plan: list | None = None) -> TreeSummary:
         """Back up every regular file below ``root`` as ``prefix/relative/path``.
 
         One connection, uploads pipelined: a sender streams file after file
@@ -934,13 +980,17 @@ class Client:
         and an empty directory as an empty entry.  Special files are skipped
         with a note.  A ``prefix`` that is no valid name (after dropping a
         trailing ``/``) raises InvalidName before anything is sent.
+        ``plan``: (path, name, filemeta kind) to send instead of the whole
+        tree (an incremental run, backup_tree).  The summary's ``versions``
+        maps each stored name to its new version id.
         """
         key = (root, prefix)
         prefix = protocol.validate_name(prefix.rstrip("/"), storing=True)
         resumed = key in self._tree_progress
-        summary, acknowledged = self._tree_progress.setdefault(key, (TreeSummary(), set()))
-        files = []
-        for path, relative, kind in walk_tree(root):
+        summary = self._tree_progress.setdefault(key, TreeSummary())
+        acknowledged = summary.versions
+        files = [] if plan is None else [item for item in plan if item[1] not in acknowledged]
+        for path, relative, kind in walk_tree(root) if plan is None else ():
             if kind not in _STORED_KINDS:
                 if not resumed:
                     if report:
@@ -965,7 +1015,7 @@ class Client:
                     tag, name, size = in_flight.popleft()
                     if isinstance(msg, protocol.Uploaded):
                         summary.ok(size)
-                        acknowledged.add(name)
+                        acknowledged[name] = msg.version_id
                         self.link.progress()
                     elif isinstance(msg, protocol.Error) and msg.code == protocol.NotLeader.code:
                         # Nothing of this file was done: it goes again to the new leader.
@@ -1024,6 +1074,93 @@ class Client:
         if receiver.is_alive():
             raise protocol.Timeout("the master did not confirm the uploads in time")
         return summary
+
+    def backup_tree(self, root: str, prefix: str, excludes: list[str] = (), check_content: bool = False,
+                    dry_run: bool = False, report=None) -> BackupSummary:
+        """An incremental backup of ``root`` as ``prefix/...``, recorded as a snapshot (snapshots.py).
+
+        Each local file is compared with the member of the same name in the
+        last snapshot of ``prefix``: kind, size, permission bits and mtime
+        (and with ``check_content`` its SHA-256) equal = unchanged, entered
+        in the new snapshot by reference to the version that snapshot
+        recorded; otherwise it is sent (new or changed).  Paths matching
+        ``excludes`` (snapshots.excluded) and special files are skipped.
+        ``dry_run`` classifies and sends nothing.  Names under ``prefix/``
+        whose local file is gone are not in the new snapshot and stay in the
+        namespace as they are (nothing is deleted).  A file that fails to
+        upload is not in the snapshot (named in ``failures``).
+        """
+        import snapshots  # noqa: PLC0415 - see the imports at the top
+        prefix = protocol.validate_name(prefix.rstrip("/"), storing=True)
+        result = BackupSummary()
+        previous = self.snapshots(prefix)
+        members = {m["name"]: m for m in self.snapshot_members(previous[-1]["id"])} if previous else {}
+        plan, references = [], []
+        for path, relative, kind in walk_tree(root):
+            if snapshots.excluded(relative, list(excludes)):
+                result.skipped += 1
+                continue
+            if kind not in _STORED_KINDS:
+                if report:
+                    report(f"skipped {kind} {path}")
+                result.skipped += 1
+                continue
+            kind = _STORED_KINDS[kind]
+            name = f"{prefix}/{relative}"
+            member = members.get(name)
+            try:
+                st = os.lstat(path)
+                size = 0 if kind == filemeta.DIRECTORY else st.st_size
+                same = snapshots.unchanged(member, kind, size, stat.S_IMODE(st.st_mode), st.st_mtime_ns)
+                if same and check_content:
+                    same = _local_sha256(path, kind) == member["sha256"]
+            except OSError as exc:
+                result.failures.append((name, f"cannot read {path}: {exc.strerror}"))
+                if report:
+                    report(f"failed {name}: cannot read {path}: {exc.strerror}")
+                continue
+            if same:
+                result.unchanged += 1
+                references.append((relative, member["version"]))
+                continue
+            if member is None:
+                result.new += 1
+            else:
+                result.changed += 1
+            result.bytes_to_send += size
+            plan.append((path, name, kind))
+        if dry_run:
+            return result
+        if plan:
+            result.sent = self.upload_tree(root, prefix, report, plan=plan)
+            result.failures += result.sent.failures
+            references += [(name[len(prefix) + 1:], vid) for name, vid in result.sent.versions.items()]
+        result.snapshot = self.record_snapshot(prefix, references)
+        return result
+
+    # --- snapshots -------------------------------------------------------------------
+    def snapshots(self, root: str | None = None) -> list[dict]:
+        """Snapshots (of tree ``root`` only, if given), oldest first (snapshots.info)."""
+        return self._retrying(True, lambda: self._pages(protocol.Snapshots(root=root), protocol.SnapshotsPage))
+
+    def snapshot_members(self, snapshot_id: int) -> list[dict]:
+        """The members of a snapshot, by name: {"name", "version", "size", "sha256", "meta"}."""
+        return self._retrying(True, lambda: self._pages(protocol.SnapshotMembers(id=snapshot_id),
+                                                        protocol.SnapshotMembersPage))
+
+    def record_snapshot(self, root: str, members: list[tuple[str, int]]) -> protocol.SnapshotMade:
+        """Record a snapshot of ``root`` with ``members`` ((relative name, version id)), sent in pages."""
+        def send() -> protocol.SnapshotMade:
+            conn = self.conn
+            for page, last in protocol.pages([list(m) for m in members]):
+                conn.send(protocol.SnapshotAdd(root=root, members=page, done=last), flush=last)
+            return conn.expect(protocol.SnapshotMade)
+        return self._retrying(False, send)
+
+    def forget_snapshots(self, ids: list[int]) -> protocol.SnapshotsForgotten:
+        """Drop snapshots (``prune`` uses this): what only they kept is freed."""
+        request = protocol.SnapshotForget(ids=list(ids))
+        return self._retrying(False, lambda: self.conn.request(request, protocol.SnapshotsForgotten))
 
     # --- the rest --------------------------------------------------------------------
     def delete(self, name: str, wait_s: float = -1.0, purge: bool = False) -> None:
@@ -1128,10 +1265,9 @@ def cmd_upload(client: Client, args) -> int:
     else:
         name = args.name if args.name is not None else os.path.basename(os.path.abspath(args.local))
     if args.local != "-" and os.path.isdir(args.local):
-        summary = client.upload_tree(args.local, name, report=note)
-        if not args.quiet:
-            print(summary.line("uploaded"))
-        return EXIT_PARTIAL if summary.failures else EXIT_OK
+        return backup_directory(client, args, name)
+    if args.exclude or args.exclude_file or args.dry_run or args.check_content:
+        raise UsageError("--exclude, --exclude-file, --dry-run and --check-content apply to a directory upload")
     started = time.monotonic()
     reply = client.upload_file(args.local, name, wait_s=wait_seconds(args))
     elapsed = time.monotonic() - started
@@ -1141,7 +1277,67 @@ def cmd_upload(client: Client, args) -> int:
     return EXIT_OK
 
 
+def backup_directory(client: Client, args, name: str) -> int:
+    """upload DIR NAME: an incremental run recorded as a snapshot (Client.backup_tree)."""
+    import snapshots  # noqa: PLC0415 - see the imports at the top
+    excludes = list(args.exclude or [])
+    if args.exclude_file:
+        try:
+            with open(args.exclude_file, encoding="utf-8") as f:
+                excludes += snapshots.read_exclude_file(f.read())
+        except (OSError, UnicodeDecodeError) as exc:
+            raise LocalFileError(f"cannot read --exclude-file {args.exclude_file}: "
+                                 f"{getattr(exc, 'strerror', None) or exc}") from None
+    result = client.backup_tree(args.local, name, excludes, check_content=args.check_content,
+                                dry_run=args.dry_run, report=note)
+    if not args.quiet:
+        if not args.dry_run:
+            sent = result.sent or TreeSummary(started=result.started)
+            sent.skipped = result.skipped
+            print(sent.line("uploaded"))
+        print(result.line(dry_run=args.dry_run))
+    return EXIT_PARTIAL if result.failures else EXIT_OK
+
+
+def cmd_snapshots(client: Client, args) -> int:
+    root = args.name.rstrip("/") if args.name else None
+    entries = client.snapshots(root)
+    if args.json:
+        return print_json(views.snapshots_document(root, entries))
+    if not args.quiet:
+        print(f"{'ID':>10}  {'TIME':<19} {'FILES':>9} {'SIZE':>10}  ROOT")
+    for s in entries:
+        print(f"{s['id']:>10}  {format_time(s['time'])} {s['files']:>9} {human_bytes(s['bytes']):>10}  {s['root']}")
+    return EXIT_OK
+
+
+def cmd_diff(client: Client, args) -> int:
+    """What changed between two snapshots: + added, - removed, M changed (content or kind)."""
+    import snapshots  # noqa: PLC0415 - see the imports at the top
+    changes = snapshots.diff(client.snapshot_members(args.first), client.snapshot_members(args.second))
+    if args.json:
+        return print_json(views.diff_document(args.first, args.second, changes))
+    marks = {snapshots.ADDED: "+", snapshots.REMOVED: "-", snapshots.CHANGED: "M"}
+    for change, name in changes:
+        print(f"{marks[change]} {name}")
+    if not args.quiet:
+        counts = {kind: sum(1 for k, _ in changes if k == kind) for kind in marks}
+        print(f"{counts[snapshots.ADDED]} added, {counts[snapshots.REMOVED]} removed, "
+              f"{counts[snapshots.CHANGED]} changed")
+    return EXIT_OK
+
+
+def snapshot_entries(client: Client, snapshot_id: int, prefix: str) -> list[dict]:
+    """The members of a snapshot whose names start with ``prefix`` (FILE_NOT_FOUND if none)."""
+    members = [m for m in client.snapshot_members(snapshot_id) if m["name"].startswith(prefix)]
+    if prefix and not members:
+        raise protocol.FileNotFound(f"snapshot {snapshot_id} has no file under {prefix}")
+    return members
+
+
 def cmd_download(client: Client, args) -> int:
+    if args.snapshot is not None and not args.name.endswith("/"):
+        raise UsageError("--snapshot restores a tree: give NAME/ (the snapshot's root or a directory in it)")
     if args.name.endswith("/"):
         if args.local == "-":
             raise UsageError(f"{args.name} is a tree of files: they cannot go to standard output; "
@@ -1152,8 +1348,9 @@ def cmd_download(client: Client, args) -> int:
             raise UsageError("--version and --at apply to one file, not to a tree")
         base = args.name.rstrip("/").rpartition("/")[2]
         directory = args.local or (base if base not in ("", ".", "..") else ".")  # never above the cwd
+        entries = None if args.snapshot is None else snapshot_entries(client, args.snapshot, args.name)
         summary = client.download_tree(args.name, directory, force=args.force, report=note,
-                                       restore=restore_args(args))
+                                       restore=restore_args(args), entries=entries, snapshot=args.snapshot)
         if not args.quiet:
             print(summary.line("restored"))
         if not summary.files and not summary.failures:
@@ -1300,7 +1497,13 @@ def cmd_verify(client: Client, args) -> int:
     if args.against is not None:
         return verify_against(client, args, verify)
     target = args.name or ""
-    if target and not target.endswith("/"):
+    if args.snapshot is not None:
+        if args.version is not None or (target and not target.endswith("/")):
+            raise UsageError("--snapshot verifies a tree: give no NAME or a PREFIX/, and no --version")
+        members = snapshot_entries(client, args.snapshot, target)
+        names = [m["name"] for m in members]
+        versions = {m["name"]: m["version"] for m in members}
+    elif target and not target.endswith("/"):
         if args.read_data_subset is not None:
             raise UsageError("--read-data-subset picks among many files: give a PREFIX/ or no name")
         names = [protocol.validate_name(target)]
@@ -1310,6 +1513,8 @@ def cmd_verify(client: Client, args) -> int:
         names = [e["name"] for e in client.list(target)]
         if target and not names:
             raise protocol.FileNotFound(f"no file under {target}")
+    if args.snapshot is None:
+        versions = None
     listed = len(names)
     subset = None
     if args.read_data_subset is not None:
@@ -1321,7 +1526,8 @@ def cmd_verify(client: Client, args) -> int:
         names = [name for name in names if subset.selects(name)]
     if not args.json and not args.quiet and subset is not None:
         print(f"reading subset {subset.describe()}: {len(names)} of {plural(listed, 'file')}")
-    summary = client.verify(names, version=args.version, report=None if args.json else note)
+    summary = client.verify(names, version=args.version, report=None if args.json else note,
+                            versions=versions, snapshot=args.snapshot)
     elapsed = time.monotonic() - summary.started
     if args.json:
         print(json.dumps({"listed": listed, "selected": len(names),
@@ -1343,8 +1549,9 @@ def verify_against(client: Client, args, verify) -> int:
     """verify --against DIR NAME: list what differs between the local tree DIR and the stored NAME/."""
     if not args.name:
         raise UsageError("--against DIR needs the stored NAME (or NAME/) to compare it with")
-    if args.read_data_subset is not None or args.version is not None:
-        raise UsageError("--against compares with what is recorded; --read-data-subset and --version do not apply")
+    if args.read_data_subset is not None or args.version is not None or args.snapshot is not None:
+        raise UsageError("--against compares with what is recorded; --read-data-subset, --version and --snapshot "
+                         "do not apply")
     if not os.path.isdir(args.against):
         raise LocalFileError(f"{args.against}: not a directory")
     prefix = args.name.rstrip("/") + "/"
@@ -1527,7 +1734,8 @@ def cmd_status(client: Client, args) -> int:
               f"in {plural(t['dead_chunks'], 'chunk')}")
     if "live_bytes" in t:  # older masters do not send them
         print(f"data (each byte once, before replication): current files {human_bytes(t['live_bytes'])}, "
-              f"older versions only {human_bytes(t['version_bytes'])}, trash only {human_bytes(t['trash_bytes'])}")
+              f"older versions only {human_bytes(t['version_bytes'])}, trash only {human_bytes(t['trash_bytes'])}"
+              + (f", snapshots only {human_bytes(t['snapshot_bytes'])}" if "snapshot_bytes" in t else ""))
     print(f"under-replicated chunks: {t.get('under_replicated_chunks', 0)}; "
           f"repairs in progress: {t.get('repairs_pending', 0)}; "
           f"chunks re-replicated: {t.get('repaired_chunks', 0)}; "
@@ -1604,6 +1812,8 @@ COMMANDS = {
     "reclaim-orphans": cmd_reclaim_orphans,
     "health": cmd_health,
     "http-token": cmd_http_token,
+    "snapshots": cmd_snapshots,
+    "diff": cmd_diff,
 }
 # Commands that take a name's write lock, and so --wait / --no-wait.
 WRITERS = ("upload", "delete", "append", "write", "touch", "undelete")
@@ -1679,6 +1889,16 @@ def build_arg_parser() -> argparse.ArgumentParser:
     upload.add_argument("name", metavar="NAME", nargs="?",
                         help="name to store it under (default: LOCAL's base name; required for -); "
                              "a directory's files go under NAME/")
+    upload.add_argument("--exclude", action="append", metavar="PATTERN",
+                        help="directory upload: skip paths matching this glob (repeatable); a pattern without / "
+                             "matches any path component ('*.tmp', 'cache'), one with / the relative path")
+    upload.add_argument("--exclude-file", metavar="FILE",
+                        help="directory upload: more --exclude patterns, one per line (# comments)")
+    upload.add_argument("--check-content", action="store_true",
+                        help="directory upload: also compare each file's SHA-256 with the last snapshot's "
+                             "(reads every unchanged-looking file)")
+    upload.add_argument("--dry-run", action="store_true",
+                        help="directory upload: say what would be sent, send nothing, record no snapshot")
     download = command("download", "restore a stored file, or every file under PREFIX/",
                        "Restore NAME to LOCAL, or restore every file under PREFIX/ below directory DIR.  The "
                        "data is written to a temporary file and renamed only once its SHA-256 matches.  An "
@@ -1697,6 +1917,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                                "directories are still re-created)")
     download.add_argument("--owners", action="store_true",
                           help="also give files their recorded owner and group (only as root)")
+    download.add_argument("--snapshot", type=int, metavar="ID",
+                          help="restore the tree NAME/ as snapshot ID recorded it (see: snapshots)")
     delete = command("delete", "move stored files (and their versions) to the trash",
                      "Move each NAME and its versions to the trash for [retention] trash_days, from where "
                      "undelete brings it back; then its space is reclaimed.  --purge removes at once.  A name "
@@ -1759,6 +1981,19 @@ def build_arg_parser() -> argparse.ArgumentParser:
     verify_cmd.add_argument("--seed", type=int, help="the seed of a P%% subset, to repeat a run")
     verify_cmd.add_argument("--version", type=int, metavar="ID", help="verify this version of NAME (one file)")
     verify_cmd.add_argument("--against", metavar="DIR", help="compare the local directory DIR with the stored NAME/")
+    verify_cmd.add_argument("--snapshot", type=int, metavar="ID",
+                            help="verify the versions snapshot ID recorded (all, or those under PREFIX/)")
+    snapshots_cmd = command("snapshots", "list tree snapshots: id, time, files, size, root",
+                            "List the snapshots recorded by directory uploads (upload DIR NAME), oldest first: "
+                            "id, time, file count, bytes, root name.  NAME: only the snapshots of that tree.")
+    snapshots_cmd.add_argument("name", metavar="NAME", nargs="?", help="only snapshots of this tree")
+    snapshots_cmd.add_argument("--json", action="store_true", help="JSON output (schema in docs/JSON.md)")
+    diff_cmd = command("diff", "list files added, removed and changed between two snapshots",
+                       "Compare the members of snapshot ID1 with those of ID2: + added, - removed, M changed "
+                       "(different content or kind; a metadata-only change is not listed).")
+    diff_cmd.add_argument("first", metavar="ID1", type=int, help="the older snapshot")
+    diff_cmd.add_argument("second", metavar="ID2", type=int, help="the newer snapshot")
+    diff_cmd.add_argument("--json", action="store_true", help="JSON output (schema in docs/JSON.md)")
     verify_cmd.add_argument("--json", action="store_true", help="machine-readable output")
     for reader in (download, cat, stat_cmd):
         which = reader.add_mutually_exclusive_group()
@@ -1796,7 +2031,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
                       ("write", write), ("cat", cat), ("touch", touch), ("stat", stat_cmd), ("locks", locks),
                       ("list", listing), ("status", status), ("versions", versions), ("undelete", undelete),
                       ("trash", trash), ("verify", verify_cmd), ("reclaim-orphans", reclaim), ("health", health),
-                      ("http-token", http_token)):
+                      ("http-token", http_token), ("snapshots", snapshots_cmd), ("diff", diff_cmd)):
         add_client_options(sub, writer=name in WRITERS, top=False)
     return parser
 

@@ -104,3 +104,14 @@ def node_document(node: dict, state: str, now: float) -> dict:
 def status_document(health: dict, nodes: list[dict], totals: dict, now: float, extra: dict | None = None) -> dict:
     """`status --json` (and the core of /api/status): health, nodes, totals."""
     return {"health": health, **stamped("time", round(now, 3)), "nodes": nodes, "totals": totals, **(extra or {})}
+
+
+def snapshots_document(root: str | None, snapshots: list[dict]) -> dict:
+    """`snapshots --json`: snapshots oldest first (SNAPSHOTS_PAGE entries), with their times in ISO 8601 too."""
+    return {"root": root, "snapshots": [{**s, "time_iso": iso_time(s["time"])} for s in snapshots]}
+
+
+def diff_document(first: int, second: int, changes: list[tuple[str, str]]) -> dict:
+    """`diff --json`: what changed from snapshot ``first`` to ``second`` (snapshots.diff)."""
+    counts = {kind: sum(1 for k, _ in changes if k == kind) for kind in ("added", "removed", "changed")}
+    return {"from": first, "to": second, **counts, "changes": [{"change": k, "name": n} for k, n in changes]}

@@ -76,6 +76,15 @@ def upload_bytes(cluster, name: str, data: bytes, tmp_path, mode: str = "replace
         path.unlink()
 
 
+def call(cluster, fn):
+    """``fn(client)`` with an in-process client of ``cluster``, closed afterwards."""
+    c = cluster.client()
+    try:
+        return fn(c)
+    finally:
+        c.close()
+
+
 def download_bytes(cluster, name: str, tmp_path) -> bytes:
     """The bytes of ``name`` as an in-process client downloads them."""
     path = tmp_path / "download.tmp"

@@ -15,7 +15,7 @@ import json
 
 import pytest
 
-from conftest import FAST_MASTER, FAST_TIMING, random_bytes, running_cluster, sha256, wait_until, write_local
+from conftest import FAST_MASTER, FAST_TIMING, call, random_bytes, running_cluster, sha256, wait_until, write_local
 
 import config as config_module
 import history
@@ -180,14 +180,6 @@ def history_cluster(tmp_path_factory):
     with running_cluster(directory / "cluster", nodes=2, master_args=[*FAST_MASTER, "--keep-versions", str(KEEP)],
                          node_args=[*FAST_TIMING, "--scrub-rate", "0"]) as cluster:
         yield cluster
-
-
-def call(cluster, fn):
-    c = cluster.client()
-    try:
-        return fn(c)
-    finally:
-        c.close()
 
 
 def fetch(cluster, tmp_path, name: str, **which) -> bytes:
