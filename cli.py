@@ -1314,9 +1314,10 @@ def cmd_snapshots(client: Client, args) -> int:
 def cmd_diff(client: Client, args) -> int:
     """What changed between two snapshots: + added, - removed, M changed (content or kind)."""
     import snapshots  # noqa: PLC0415 - see the imports at the top
-    changes = snapshots.diff(client.snapshot_members(args.first), client.snapshot_members(args.second))
+    first, second = resolve_snapshot(client, args.first, ""), resolve_snapshot(client, args.second, "")
+    changes = snapshots.diff(client.snapshot_members(first), client.snapshot_members(second))
     if args.json:
-        return print_json(views.diff_document(args.first, args.second, changes))
+        return print_json(views.diff_document(first, second, changes))
     marks = {snapshots.ADDED: "+", snapshots.REMOVED: "-", snapshots.CHANGED: "M"}
     for change, name in changes:
         print(f"{marks[change]} {name}")
@@ -1325,6 +1326,28 @@ def cmd_diff(client: Client, args) -> int:
         print(f"{counts[snapshots.ADDED]} added, {counts[snapshots.REMOVED]} removed, "
               f"{counts[snapshots.CHANGED]} changed")
     return EXIT_OK
+
+
+def snapshot_arg(text: str):
+    """argparse type of a snapshot ID: an integer, or ``latest``."""
+    if text == "latest":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a snapshot id (a number, or latest)") from None
+
+
+def resolve_snapshot(client: Client, which, prefix: str) -> int:
+    """A snapshot id; ``latest`` = the newest snapshot whose tree holds ``prefix`` (any, for "")."""
+    if which != "latest":
+        return which
+    name = prefix.rstrip("/")
+    found = [s["id"] for s in client.snapshots()
+             if not name or name == s["root"] or name.startswith(s["root"] + "/")]
+    if not found:
+        raise protocol.FileNotFound(f"no snapshot{' of ' + prefix if prefix else ''} yet")
+    return max(found)
 
 
 def snapshot_entries(client: Client, snapshot_id: int, prefix: str) -> list[dict]:
@@ -1348,6 +1371,8 @@ def cmd_download(client: Client, args) -> int:
             raise UsageError("--version and --at apply to one file, not to a tree")
         base = args.name.rstrip("/").rpartition("/")[2]
         directory = args.local or (base if base not in ("", ".", "..") else ".")  # never above the cwd
+        if args.snapshot is not None:
+            args.snapshot = resolve_snapshot(client, args.snapshot, args.name)
         entries = None if args.snapshot is None else snapshot_entries(client, args.snapshot, args.name)
         summary = client.download_tree(args.name, directory, force=args.force, report=note,
                                        restore=restore_args(args), entries=entries, snapshot=args.snapshot)
@@ -1500,6 +1525,7 @@ def cmd_verify(client: Client, args) -> int:
     if args.snapshot is not None:
         if args.version is not None or (target and not target.endswith("/")):
             raise UsageError("--snapshot verifies a tree: give no NAME or a PREFIX/, and no --version")
+        args.snapshot = resolve_snapshot(client, args.snapshot, target)
         members = snapshot_entries(client, args.snapshot, target)
         names = [m["name"] for m in members]
         versions = {m["name"]: m["version"] for m in members}
@@ -1917,8 +1943,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                                "directories are still re-created)")
     download.add_argument("--owners", action="store_true",
                           help="also give files their recorded owner and group (only as root)")
-    download.add_argument("--snapshot", type=int, metavar="ID",
-                          help="restore the tree NAME/ as snapshot ID recorded it (see: snapshots)")
+    download.add_argument("--snapshot", type=snapshot_arg, metavar="ID",
+                          help="restore the tree NAME/ as snapshot ID recorded it (see: snapshots); latest = the "
+                               "newest snapshot of that tree")
     delete = command("delete", "move stored files (and their versions) to the trash",
                      "Move each NAME and its versions to the trash for [retention] trash_days, from where "
                      "undelete brings it back; then its space is reclaimed.  --purge removes at once.  A name "
@@ -1981,8 +2008,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     verify_cmd.add_argument("--seed", type=int, help="the seed of a P%% subset, to repeat a run")
     verify_cmd.add_argument("--version", type=int, metavar="ID", help="verify this version of NAME (one file)")
     verify_cmd.add_argument("--against", metavar="DIR", help="compare the local directory DIR with the stored NAME/")
-    verify_cmd.add_argument("--snapshot", type=int, metavar="ID",
-                            help="verify the versions snapshot ID recorded (all, or those under PREFIX/)")
+    verify_cmd.add_argument("--snapshot", type=snapshot_arg, metavar="ID",
+                            help="verify the versions snapshot ID recorded (all, or those under PREFIX/); "
+                                 "latest = the newest snapshot")
     snapshots_cmd = command("snapshots", "list tree snapshots: id, time, files, size, root",
                             "List the snapshots recorded by directory uploads (upload DIR NAME), oldest first: "
                             "id, time, file count, bytes, root name.  NAME: only the snapshots of that tree.")
@@ -1991,8 +2019,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     diff_cmd = command("diff", "list files added, removed and changed between two snapshots",
                        "Compare the members of snapshot ID1 with those of ID2: + added, - removed, M changed "
                        "(different content or kind; a metadata-only change is not listed).")
-    diff_cmd.add_argument("first", metavar="ID1", type=int, help="the older snapshot")
-    diff_cmd.add_argument("second", metavar="ID2", type=int, help="the newer snapshot")
+    diff_cmd.add_argument("first", metavar="ID1", type=snapshot_arg, help="the older snapshot")
+    diff_cmd.add_argument("second", metavar="ID2", type=snapshot_arg, help="the newer snapshot (latest: the newest)")
     diff_cmd.add_argument("--json", action="store_true", help="JSON output (schema in docs/JSON.md)")
     verify_cmd.add_argument("--json", action="store_true", help="machine-readable output")
     for reader in (download, cat, stat_cmd):

@@ -224,6 +224,8 @@ def test_incremental_runs_restore_diff_verify_and_pins_across_a_restart(snap_clu
     assert read_tree(restored) == before
     verify = cluster.cli("verify", "--snapshot", str(one))
     assert verify.returncode == 0, verify.stderr
+    latest = cluster.cli("verify", "inc/sub/", "--snapshot", "latest")
+    assert latest.returncode == 0, latest.stderr
 
     # Forget snapshot 1: the versions only it kept (old sub/b, purged sub/c) are released.
     status_before = call(cluster, lambda c: c.status()).totals["snapshot_bytes"]
