@@ -11,7 +11,7 @@ carries ``commit_index``, the log index of the put that made it (unique,
 increasing: the version id users see), and ``committed_at``, the master's
 clock at that commit (what ``--at TIME`` compares with).
 
-Left out: retention by snapshot (prune), which builds on these entries.
+Retention of snapshots by policy (prune) is retention.py.
 """
 
 from __future__ import annotations
