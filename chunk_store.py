@@ -215,6 +215,12 @@ def _part(extent: tuple, first: int, count: int) -> tuple:
             extent[PAYLOAD_OFFSET] + start, stop - start, extent[RECORD_OFFSET])
 
 
+def _dead_enough(size: int, live: int, min_dead_fraction: float, min_dead_bytes: int | None) -> bool:
+    """A segment of ``size`` bytes, ``live`` of them live, is worth compacting (see ChunkStore.compact)."""
+    dead = size - live
+    return dead >= min_dead_fraction * size or (min_dead_bytes is not None and dead >= min_dead_bytes > 0)
+
+
 def _write_all(fd: int, buffers: list) -> None:
     """os.writev all of buffers, resuming after a short write."""
     views = [memoryview(b).cast("B") for b in buffers]
@@ -825,7 +831,8 @@ class ChunkStore:
                      "is_active": seg_no == self._tail_seg}
                     for seg_no, size in sorted(self._seg_size.items())]
 
-    def compact(self, min_dead_fraction: float = 0.5, max_bytes_per_s: float | None = None) -> dict:
+    def compact(self, min_dead_fraction: float = 0.5, max_bytes_per_s: float | None = None,
+                min_dead_bytes: int | None = None) -> dict:
         """Rewrite mostly dead segments; return {"segments_compacted", "bytes_reclaimed", "corrupt", "postponed"}.
 
         A segment is compacted if it is not the active one and its dead bytes
@@ -859,7 +866,10 @@ class ChunkStore:
         the rest of their extent is copied.
         bytes_reclaimed is the size of the unlinked segments minus the bytes
         appended.  With max_bytes_per_s, sleeps (outside the lock) so
-        records are copied no faster than that.
+        records are copied no faster than that.  With min_dead_bytes, a
+        segment with at least that many dead bytes is compacted whatever its
+        dead fraction (a full node: a deleted file must give its space back
+        even if it is a small part of a large segment).
         Raises ValueError for a fraction outside 0..1 or a rate <= 0.
         """
         if not 0.0 <= min_dead_fraction <= 1.0:
@@ -883,7 +893,7 @@ class ChunkStore:
                 # Wholly dead segments first: they free space without needing any.
                 victims = sorted((self._seg_live[seg_no] > 0, seg_no) for seg_no, size in self._seg_size.items()
                                  if seg_no != self._tail_seg
-                                 and size - self._seg_live[seg_no] >= min_dead_fraction * size)
+                                 and _dead_enough(size, self._seg_live[seg_no], min_dead_fraction, min_dead_bytes))
             short = None  # (live bytes needed, bytes free) of the first segment postponed for room
             for _, seg_no in victims:
                 with self._lock:
@@ -924,8 +934,9 @@ class ChunkStore:
                         self._dir, result["segments_compacted"], result["bytes_reclaimed"], len(result["corrupt"]))
         return result
 
-    def roll_if_dead(self, min_dead_fraction: float, min_bytes: int) -> bool:
-        """Start a new active segment if the current one holds min_bytes or more, min_dead_fraction dead.
+    def roll_if_dead(self, min_dead_fraction: float, min_bytes: int, min_dead_bytes: int | None = None) -> bool:
+        """Start a new active segment if the current one holds min_bytes or more, min_dead_fraction
+        (or min_dead_bytes, see compact) dead.
 
         compact() leaves the active segment alone, and a segment rolls only
         once it is full, which on a full disk it never is: without this, the
@@ -937,7 +948,8 @@ class ChunkStore:
         with self._lock:
             self._check_open()
             size = self._tail_size
-            if not size or size < min_bytes or size - self._seg_live[self._tail_seg] < min_dead_fraction * size:
+            if not size or size < min_bytes or not _dead_enough(size, self._seg_live[self._tail_seg],
+                                                                min_dead_fraction, min_dead_bytes):
                 return False
             self._new_segment(self._tail_seg + 1)
             return True

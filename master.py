@@ -65,6 +65,7 @@ from namespace import (Namespace, NameLocks, entry_blobs, first_covering, make_e
                        run_blob, splice_runs, uncovered)
 from quarantine import OrphanKeeper
 from repair import Repairer
+from views import human_bytes
 
 logger = logging.getLogger("master")
 
@@ -87,6 +88,8 @@ _LIVENESS_CHECK_S = 1.0
 GROUP_MAX_FILES = 256
 GROUP_MAX_BYTES = 64 * 1024 * 1024
 UPLOAD_MODES = ("replace", "append", "write")
+# Opens the advice an INSUFFICIENT_SPACE reply carries (Master.explain_no_space).
+SPACE_HINT_MARK = "To free space:"
 
 
 def upload_words(mode: str, new_name: bool) -> str:
@@ -986,6 +989,31 @@ class Master:
         return protocol.StatusReply(nodes=nodes, totals=totals, refused=refused,
                                     masters=self.replication.status() if self.replication else None)
 
+    def explain_no_space(self, exc: protocol.BackupError) -> protocol.BackupError:
+        """``exc``, and if it is INSUFFICIENT_SPACE, the same saying how the user can make room.
+
+        With the trash on, a plain delete frees nothing until the trash
+        expires, so on a full cluster the one way to make room at once is a
+        purge.  The numbers are the monitor's, cached, so a directory upload
+        failing file after file does not walk the namespace each time.
+        """
+        if not isinstance(exc, protocol.InsufficientSpace) or SPACE_HINT_MARK in exc.message:
+            return exc
+        try:
+            totals = self.monitor.facts()["totals"]
+        except Exception:  # a hint is not worth failing the reply over
+            logger.exception("no space figures for the hint")
+            totals = {}
+        held = [f"{human_bytes(totals[key])} {what}" for key, what in (
+            ("trash_bytes", "in the trash"), ("version_bytes", "in older versions"),
+            ("snapshot_bytes", "in snapshots only")) if totals.get(key)]
+        trash = (f"; a plain delete moves files to the trash, which frees nothing for "
+                 f"{self.config.trash_days:g} days" if self.config.trash_days > 0 else "")
+        return protocol.InsufficientSpace(
+            f"{exc.message}. {SPACE_HINT_MARK} `delete --purge --yes NAME` (also for names in the trash: see "
+            f"`trash`) frees space now{trash}"
+            + (f" ({', '.join(held)})" if held else ""))
+
     def unknown_blobs(self, blobs) -> list[str]:
         """Those of ``blobs`` that no file and no upload in progress uses (orphans now)."""
         active = set(self.active_blobs)  # before the namespace: see Repairer.reconcile
@@ -1390,7 +1418,7 @@ class MasterHandler(ObservedHandler, transport.RequestHandler):
         """Answer a failed upload, after the replies of the uploads before it."""
         self._commit_pending()
         self._close_session()  # a failed node may have left a channel out of sync
-        self.reply(protocol.error_message(exc))
+        self.reply(protocol.error_message(self.master.explain_no_space(exc)))
         if not ended:
             self._skip_upload()
 
@@ -1424,7 +1452,7 @@ class MasterHandler(ObservedHandler, transport.RequestHandler):
                     ready.append((index, p))
                 except protocol.BackupError as exc:
                     logger.warning("%s: upload of %r failed: %s", self.peer, p.stream.name, exc)
-                    replies[index] = protocol.error_message(exc)
+                    replies[index] = protocol.error_message(self.master.explain_no_space(exc))
             if ready:
                 uncertain = {index for index, _ in ready}
                 self.master.commit_uploads([(p.stream.name, p.entry, p.base) for _, p in ready])
@@ -1440,6 +1468,7 @@ class MasterHandler(ObservedHandler, transport.RequestHandler):
         except Exception as exc:
             logger.error("%s: commit of %d upload(s) failed: %s", self.peer, len(group), exc)
             error = exc if isinstance(exc, protocol.BackupError) else protocol.BackupError(f"commit failed: {exc}")
+            error = self.master.explain_no_space(error)
             replies = [r if isinstance(r, protocol.Error) else protocol.error_message(error) for r in replies]
             if not isinstance(exc, protocol.BackupError):
                 raise

@@ -611,27 +611,39 @@ class StorageNode:
     def _compact_loop(self) -> None:
         """Compact every compact_interval_s, and soon after deletes (space of aborted uploads and
         deleted files comes back in about a second, not an interval later)."""
-        batch_bytes = self.config.chunks_per_batch * self.config.chunk_size_bytes
         while not self._wait(self._compact_wanted, self.config.compact_interval_s):
             if self._stop.wait(COMPACT_AFTER_DELETE_S):  # let a burst of deletes finish
                 return
-            fraction = self.config.compact_dead_fraction
-            if self.free_bytes < batch_bytes:
-                fraction = min(fraction, FULL_DEAD_FRACTION)
             try:
-                self.store.roll_if_dead(fraction, ROLL_DEAD_ACTIVE_MIN_BYTES)
-                result = self.store.compact(fraction)
+                self.compact_now()
             except ValueError:
                 return
             except OSError:
                 logger.exception("compaction failed")
-                continue
-            for blob, first, count in result.get("corrupt", []):
-                self._queue_corrupt([(blob, first, count)])
-            if result.get("segments_compacted"):
-                logger.info("compacted %d segment(s), reclaimed %d bytes", result["segments_compacted"],
-                            result["bytes_reclaimed"])
-                self._report_wanted.set()
+
+    def compact_now(self) -> dict:
+        """One compaction pass (ChunkStore.compact), as eager as the node's room calls for.
+
+        A node without room for one more batch compacts segments at least
+        FULL_DEAD_FRACTION dead, or holding a batch of dead bytes whatever
+        their share: on a full disk the space a purge or an expired trash
+        frees must come back even when it is a small part of a large
+        segment, or the user who deleted to make room still cannot write.
+        Raises ValueError once the store is closed, OSError from the disk.
+        """
+        batch_bytes = self.config.chunks_per_batch * self.config.chunk_size_bytes
+        fraction, dead_bytes = self.config.compact_dead_fraction, None
+        if self.free_bytes < batch_bytes:
+            fraction, dead_bytes = min(fraction, FULL_DEAD_FRACTION), batch_bytes
+        self.store.roll_if_dead(fraction, ROLL_DEAD_ACTIVE_MIN_BYTES, dead_bytes)
+        result = self.store.compact(fraction, min_dead_bytes=dead_bytes)
+        for blob, first, count in result.get("corrupt", []):
+            self._queue_corrupt([(blob, first, count)])
+        if result.get("segments_compacted"):
+            logger.info("compacted %d segment(s), reclaimed %d bytes", result["segments_compacted"],
+                        result["bytes_reclaimed"])
+            self._report_wanted.set()
+        return result
 
 
 class NodeHandler(transport.RequestHandler):

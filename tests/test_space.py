@@ -28,8 +28,9 @@ import config as config_module  # noqa: E402
 import protocol  # noqa: E402
 import transport  # noqa: E402
 from chunk_store import ChunkStore  # noqa: E402
-from conftest import master_address, random_bytes, wait_until  # noqa: E402
+from conftest import FAST_MASTER, master_address, random_bytes, wait_until  # noqa: E402
 from master import Master  # noqa: E402
+from namespace import make_entry  # noqa: E402
 from storage_node import StorageNode  # noqa: E402
 
 SEED = 20261128
@@ -265,6 +266,23 @@ def test_delete_on_a_full_disk_frees_space(tmp_path, disk, rng):
     node.store.close()
 
 
+def test_full_node_reclaims_a_small_delete_in_a_large_segment(tmp_path, disk, rng):
+    """On a full node, deleting one record of thirty (3% of the segment) gives its space back at the next pass."""
+    node = make_node(tmp_path, disk, batch_bytes=RECORD_CHUNKS * CS, reserve_bytes=8 * RECORD_CHUNKS * CS)
+    for n in range(30):
+        node.put(put_msg(rng, f"b{n}"))
+    node.store.flush()
+    disk.size = disk.used() + 4 * RECORD_CHUNKS * CS  # room for copies, none for chunks: full
+    assert node.free_bytes < RECORD_CHUNKS * CS and len(node.store.segment_stats()) == 1
+    before = {f"b{n}": node.store.get(f"b{n}", 0, RECORD_CHUNKS)[2] for n in range(30) if n != 20}
+    node.delete_blobs(["b20"])
+    used = disk.used()
+    node.compact_now()
+    assert disk.used() <= used - RECORD_CHUNKS * CS, "the deleted record's space is still taken"
+    assert all(node.store.get(blob, 0, RECORD_CHUNKS)[2] == data for blob, data in before.items())
+    node.store.close()
+
+
 # --- the master: accounting and status ---------------------------------------------------------------
 class Clock:
     def __init__(self):
@@ -314,6 +332,23 @@ def test_placement_counts_each_stored_byte_once(tmp_path):
         assert node_row(master, "a")["free_bytes"] == 9 * MIB
         assert node_row(master, "a")["usable_bytes"] == 10 * MIB
         assert node_row(master, "a")["capacity_bytes"] == 1 << 40  # what it offers, whatever its disk
+    finally:
+        master.stop()
+
+
+def test_out_of_space_error_says_how_to_free_space(tmp_path):
+    """INSUFFICIENT_SPACE to a client names purge, what the trash holds, and that a delete frees nothing."""
+    master, _ = make_master(tmp_path)
+    try:
+        entry = make_entry(4 * KIB, CS, "0" * 64, "v1", [[0, 4, ["a", "b"]]], 4)
+        master.commit_uploads([("f", entry, None)])
+        master.delete("f", "test")  # to the trash
+        message = master.explain_no_space(protocol.InsufficientSpace("only 0 live node(s) have room")).message
+        assert message.startswith("only 0 live node(s) have room. To free space: `delete --purge --yes NAME`"), message
+        assert "frees nothing for 7 days" in message and "(4.0 KiB in the trash)" in message
+        assert master.explain_no_space(protocol.InsufficientSpace(message)).message == message  # said once
+        other = protocol.FileNotFound("no file named 'x'")
+        assert master.explain_no_space(other) is other
     finally:
         master.stop()
 
@@ -490,3 +525,44 @@ def test_full_small_disks_fail_with_insufficient_space_and_recover(small_filesys
         name = cluster.node_name(i)
         with open(os.path.join(cluster.log_dir, f"{name}.log"), encoding="utf-8") as f:
             assert "Traceback" not in f.read(), f"{name} logged a traceback"
+
+
+def test_full_disks_with_the_trash_on_purge_and_expiry_free_space(small_filesystems, make_cluster, tmp_path):
+    """Full 24 MiB disks, trash on: the error says how to free space; purging a trashed file and trash expiry free it."""
+    node_dirs = [str(tmp_path / "cluster0" / cluster_module.LocalCluster.node_name(i)) for i in range(2)]
+    for path in node_dirs:
+        small_filesystems(path)
+    trash_s = 3.0
+    cluster = make_cluster(nodes=2, master_args=[*FAST_MASTER, "--trash-days", str(trash_s / 86400)])
+    stored = []
+    for i in range(40):
+        error = try_upload(cluster, tmp_path, f"f{i}", random_bytes(SEED + i, 1200 * KIB))
+        if error is not None:
+            break
+        stored.append(f"f{i}")
+    assert isinstance(error, protocol.InsufficientSpace), error
+    result = upload(cluster, tmp_path, "one-more", random_bytes(SEED, 3 * MIB))
+    assert result.returncode == client_module.EXIT_INSUFFICIENT_SPACE, result
+    assert "To free space: `delete --purge --yes NAME`" in result.stderr, result
+    full_free = [disk_free(path) for path in node_dirs]
+    print(f"\n{len(stored)} files stored; free when full {full_free}")
+
+    c = cluster.client()
+    try:
+        c.delete(stored[0])  # to the trash: frees nothing yet
+        c.delete(stored[0], purge=True)  # a name only in the trash can be purged
+        purged_at = time.monotonic()
+        wait_until(lambda: try_upload(cluster, tmp_path, "after-purge", random_bytes(SEED, 800 * KIB)) is None,
+                   10.0, interval_s=0.3, message="an upload after purging one trashed file")
+        print(f"upload possible {time.monotonic() - purged_at:.1f} s after the purge")
+        for name in stored[1::2]:
+            c.delete(name)
+        deleted_at = time.monotonic()
+        before_expiry = [disk_free(path) for path in node_dirs]
+        wait_until(lambda: not c.trash(), 4 * trash_s, interval_s=0.3, message="the trash expired")
+        wait_until(lambda: all(disk_free(p) > free + 4 * MIB for p, free in zip(node_dirs, before_expiry)),
+                   10.0, interval_s=0.3, message="the expired trash's space back on every disk")
+        print(f"space of {len(stored[1::2])} expired files back {time.monotonic() - deleted_at:.1f} s after "
+              f"their delete (trash_days = {trash_s:g} s): free {[disk_free(p) for p in node_dirs]}")
+    finally:
+        c.close()
