@@ -38,6 +38,7 @@ import health as health_module
 import history
 import master_link
 import protocol
+import retention
 import views
 from views import human_bytes, plural
 
@@ -1476,6 +1477,22 @@ def at_time(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def keep_count(text: str) -> int:
+    """argparse type of prune's --keep-N rules (retention.parse_count), else a usage error."""
+    try:
+        return retention.parse_count(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def keep_duration(text: str) -> retention.Duration:
+    """argparse type of --keep-within (retention.parse_duration), else a usage error."""
+    try:
+        return retention.parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def cmd_versions(client: Client, args) -> int:
     entries = client.versions(args.name)
     if args.json:
@@ -1702,6 +1719,84 @@ def cmd_trash(client: Client, args) -> int:
     return EXIT_OK
 
 
+# Times prune plans again when another prune forgot some of its snapshots first.
+PRUNE_ATTEMPTS = 3
+
+
+def prune_policy(args) -> retention.Policy:
+    """The policy of prune's --keep-* flags; UsageError for an empty one (restic refuses it too)."""
+    policy = retention.Policy(last=args.keep_last, hourly=args.keep_hourly, daily=args.keep_daily,
+                              weekly=args.keep_weekly, monthly=args.keep_monthly, yearly=args.keep_yearly,
+                              within=args.keep_within or retention.Duration())
+    if policy.empty():
+        raise UsageError("prune needs a policy: at least one --keep-* rule other than 0 (to forget every "
+                         "snapshot of a tree, keep one and delete the tree with delete --purge)")
+    return policy
+
+
+def cmd_prune(client: Client, args) -> int:
+    """Forget snapshots by policy, tree by tree: print what is kept (and why) and removed; exit 0.
+
+    The policy runs here, in the local time zone, on the master's list; the
+    master then forgets each tree's removed snapshots in one log record
+    (SNAPSHOT_FORGET), so a crash leaves a tree pruned or not, and running
+    prune again finishes the job.  A snapshot another prune forgot first
+    makes the master refuse the whole request: the tree is planned again.
+    """
+    policy = prune_policy(args)
+    roots = [name.rstrip("/") for name in args.names]
+    listing = client.snapshots()
+    missing = [root for root in roots if not any(s["root"] == root for s in listing)]
+    if missing:
+        raise protocol.FileNotFound(f"no snapshot of {missing[0]!r} (see: snapshots)")
+    groups = []
+    for root, decision in retention.plan(listing, policy, roots, now=time.time()):
+        forgotten, freed = [], None
+        if decision.remove and not args.dry_run:
+            decision, forgotten, freed = forget_planned(client, root, policy, decision)
+        groups.append((root, decision, forgotten, freed))
+    if args.json:
+        return print_json(views.prune_document(policy, args.dry_run, groups))
+    for root, decision, forgotten, freed in groups:
+        print_prune_group(root, policy, decision, args.quiet)
+        if forgotten:
+            print(f"forgot {plural(len(forgotten), 'snapshot')} of {root}: {human_bytes(freed)} of data freed "
+                  f"(the nodes drop it and reclaim the space within seconds; see status)")
+    if args.dry_run and not args.quiet:
+        print("dry run: nothing was forgotten")
+    return EXIT_OK
+
+
+def forget_planned(client: Client, root: str, policy: retention.Policy, decision: retention.Decision):
+    """Forget ``decision``'s removed snapshots of ``root``: (decision carried out, ids forgotten, bytes freed)."""
+    for _ in range(PRUNE_ATTEMPTS):
+        try:
+            reply = client.forget_snapshots([s["id"] for s in decision.remove])
+            return decision, reply.ids, reply.freed_bytes
+        except protocol.FileNotFound:
+            # Another prune forgot some first: plan this tree again on what is left.
+            group = [s for s in client.snapshots(root) if s["root"] == root]
+            decision = retention.apply_policy(group, policy, now=time.time()) if group else retention.Decision([], [])
+            if not decision.remove:
+                return decision, [], 0
+    raise protocol.FileLocked(f"the snapshots of {root!r} kept changing while prune ran; run it again")
+
+
+def print_prune_group(root: str, policy: retention.Policy, decision: retention.Decision, quiet: bool) -> None:
+    """restic's layout: the policy, then the kept snapshots with their reasons, then the removed ones."""
+    if quiet:
+        return
+    print(f"snapshots of {root}: {policy.describe()}")
+    for title, rows in (("keep", decision.keep), ("remove", [(s, []) for s in decision.remove])):
+        if not rows:
+            continue
+        print(f"{title} {plural(len(rows), 'snapshot')}:")
+        print(f"{'ID':>10}  {'TIME':<19} {'FILES':>8} {'SIZE':>10}  {'REASONS' if title == 'keep' else ''}".rstrip())
+        for snapshot, reasons in rows:
+            print(f"{snapshot['id']:>10}  {format_time(snapshot['time'])} {snapshot['files']:>8} "
+                  f"{human_bytes(snapshot['bytes']):>10}  {', '.join(reasons)}".rstrip())
+
+
 def cmd_list(client: Client, args) -> int:
     prefix = args.prefix
     entries = client.list(prefix)
@@ -1834,6 +1929,7 @@ COMMANDS = {
     "versions": cmd_versions,
     "undelete": cmd_undelete,
     "trash": cmd_trash,
+    "prune": cmd_prune,
     "verify": cmd_verify,
     "reclaim-orphans": cmd_reclaim_orphans,
     "health": cmd_health,
@@ -1963,6 +2059,25 @@ def build_arg_parser() -> argparse.ArgumentParser:
                     "List what the trash holds, by name: version id, size, when deleted, when it expires.")
     trash.add_argument("prefix", metavar="PREFIX", nargs="?", default="", help="only names starting with this")
     trash.add_argument("--json", action="store_true", help="machine-readable output")
+    prune = command("prune", "forget snapshots by a retention policy (restic's --keep-* rules)",
+                    "Forget the snapshots of each tree (each NAME, default every tree) that no --keep-* rule "
+                    "keeps, with restic's meaning of each rule: calendar hours, days, ISO weeks, months and years "
+                    "in local time, counted from the newest snapshot; --keep-within from the newest snapshot, "
+                    "not from now.  Prints what is kept (and which rules keep it) and what is removed.  Versions "
+                    "only the forgotten snapshots kept are freed and their space reclaimed on the nodes.  The "
+                    "newest snapshot of a tree is always kept; a policy with no rule is refused.")
+    prune.add_argument("names", metavar="NAME", nargs="*", help="a tree's root name (default: every tree)")
+    prune.add_argument("--keep-last", type=keep_count, default=0, metavar="N",
+                       help="keep the N newest snapshots (-1 or unlimited: all)")
+    for unit, period in (("hourly", "hours"), ("daily", "days"), ("weekly", "ISO weeks"), ("monthly", "months"),
+                         ("yearly", "years")):
+        prune.add_argument(f"--keep-{unit}", type=keep_count, default=0, metavar="N",
+                           help=f"keep the newest snapshot of each of the last N {period} that have one "
+                                f"(-1 or unlimited: of every one)")
+    prune.add_argument("--keep-within", type=keep_duration, metavar="DURATION",
+                       help="keep every snapshot within DURATION (e.g. 1y5m7d2h: m is months) of the newest")
+    prune.add_argument("--dry-run", action="store_true", help="print what would be kept and removed; forget nothing")
+    prune.add_argument("--json", action="store_true", help="machine-readable output (docs/JSON.md)")
     append = command("append", "append local bytes (or stdin) to a stored file, creating it",
                      "Append LOCAL (or standard input) to NAME; NAME is created if missing.")
     append.add_argument("name", metavar="NAME", help="stored name")
@@ -2059,7 +2174,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                       ("write", write), ("cat", cat), ("touch", touch), ("stat", stat_cmd), ("locks", locks),
                       ("list", listing), ("status", status), ("versions", versions), ("undelete", undelete),
                       ("trash", trash), ("verify", verify_cmd), ("reclaim-orphans", reclaim), ("health", health),
-                      ("http-token", http_token), ("snapshots", snapshots_cmd), ("diff", diff_cmd)):
+                      ("http-token", http_token), ("snapshots", snapshots_cmd), ("diff", diff_cmd),
+                      ("prune", prune)):
         add_client_options(sub, writer=name in WRITERS, top=False)
     return parser
 

@@ -1,9 +1,11 @@
 """Retention rules: which snapshots a policy keeps, and why (restic's ``forget`` policy).
 
 Pure functions (no clock reads, no I/O): ``prune`` in the client calls them
-on the snapshots the master lists and sends the master the ids to forget,
-so the same snapshots and policy always give the same answer, and the rules
-are tested on synthetic times without a cluster.
+on the snapshots the master lists (``plan``) and sends the master the ids to
+forget, so the same snapshots and policy always give the same answer, and
+the rules are tested on synthetic times without a cluster.  The client
+applies them in its own local time zone, as restic does: a "day" is the
+user's day.
 
 The rules mean what restic's documentation says they mean:
 
@@ -209,3 +211,15 @@ def group_by(snapshots: list[dict], key) -> dict:
     for snapshot in snapshots:
         groups.setdefault(key(snapshot), []).append(snapshot)
     return dict(sorted(groups.items()))
+
+
+def plan(snapshots: list[dict], policy: Policy, roots: list[str] | None = None,
+         tz: datetime.tzinfo | None = None, now: float | None = None) -> list[tuple[str, Decision]]:
+    """``policy`` applied to each tree's snapshots (grouped by ``root``, like restic's host+paths), by root.
+
+    ``roots``: only these trees (every tree if None or empty).  Raises
+    ValueError for an empty policy.
+    """
+    wanted = set(roots or ())
+    groups = group_by([s for s in snapshots if not wanted or s["root"] in wanted], lambda s: s["root"])
+    return [(root, apply_policy(group, policy, tz, now)) for root, group in groups.items()]

@@ -115,3 +115,21 @@ def diff_document(first: int, second: int, changes: list[tuple[str, str]]) -> di
     """`diff --json`: what changed from snapshot ``first`` to ``second`` (snapshots.diff)."""
     counts = {kind: sum(1 for k, _ in changes if k == kind) for kind in ("added", "removed", "changed")}
     return {"from": first, "to": second, **counts, "changes": [{"change": k, "name": n} for k, n in changes]}
+
+
+def prune_document(policy, dry_run: bool, groups: list) -> dict:
+    """`prune --json`: per tree, the snapshots kept (with the rules that keep each) and removed.
+
+    ``groups``: (root, retention.Decision, ids forgotten, data bytes freed or None).
+    """
+    def snapshot(s: dict, reasons=None) -> dict:
+        row = {**s, "time_iso": iso_time(s["time"])}
+        if reasons is not None:
+            row["reasons"] = reasons
+        return row
+
+    return {"policy": policy.to_json(), "dry_run": dry_run,
+            "groups": [{"root": root, "keep": [snapshot(s, reasons) for s, reasons in decision.keep],
+                        "remove": [snapshot(s) for s in decision.remove], "forgotten": list(forgotten),
+                        "freed_bytes": freed}
+                       for root, decision, forgotten, freed in groups]}
