@@ -993,8 +993,8 @@ class Master:
         """``exc``, and if it is INSUFFICIENT_SPACE, the same saying how the user can make room.
 
         With the trash on, a plain delete frees nothing until the trash
-        expires, so on a full cluster the one way to make room at once is a
-        purge.  The numbers are the monitor's, cached, so a directory upload
+        expires, so on a full cluster the ways to make room at once are a
+        purge and a prune.  The numbers are the monitor's, cached, so a directory upload
         failing file after file does not walk the namespace each time.
         """
         if not isinstance(exc, protocol.InsufficientSpace) or SPACE_HINT_MARK in exc.message:
@@ -1011,7 +1011,8 @@ class Master:
                  f"{self.config.trash_days:g} days" if self.config.trash_days > 0 else "")
         return protocol.InsufficientSpace(
             f"{exc.message}. {SPACE_HINT_MARK} `delete --purge --yes NAME` (also for names in the trash: see "
-            f"`trash`) frees space now{trash}"
+            f"`trash`), and `prune --keep-...` (forgets old snapshots and what only they keep), free space "
+            f"now{trash}"
             + (f" ({', '.join(held)})" if held else ""))
 
     def unknown_blobs(self, blobs) -> list[str]:

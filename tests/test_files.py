@@ -29,8 +29,8 @@ import time
 
 import pytest
 
-from conftest import (FAST_MASTER, FAST_TIMING, ROOT, TestCluster, master_address, random_bytes, sha256,
-                      wait_until, write_local)
+from conftest import (FAST_MASTER, FAST_TIMING, ROOT, TestCluster, master_address, node_chunks, random_bytes,
+                      sha256, wait_until, write_local)
 
 import client as client_module
 import protocol
@@ -101,16 +101,6 @@ def waiting_count(cluster, name: str) -> int:
 def stored_chunks(cluster) -> int:
     """Chunks held by all nodes, as the master last heard in heartbeats."""
     return cluster.status().totals["chunks"]
-
-
-def node_chunks(cluster) -> int:
-    """Chunks held by all nodes right now, asked of each node (no heartbeat lag)."""
-    total = 0
-    for node in cluster.nodes:
-        host, _, port = node.address.rpartition(":")
-        with transport.Connection((host, int(port)), "master", timeout_s=10.0) as conn:
-            total += conn.request(protocol.NodeStat(), protocol.NodeStatReply).chunks
-    return total
 
 
 def chunk_placement(runs: list) -> dict[int, tuple]:

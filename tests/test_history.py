@@ -15,12 +15,12 @@ import json
 
 import pytest
 
-from conftest import FAST_MASTER, FAST_TIMING, call, random_bytes, running_cluster, sha256, wait_until, write_local
+from conftest import (FAST_MASTER, FAST_TIMING, call, node_chunks, random_bytes, running_cluster, sha256, wait_until,
+                      write_local)
 
 import config as config_module
 import history
 import protocol
-import transport
 import views
 from master import Master
 from metadata_log import MetadataLog
@@ -188,15 +188,6 @@ def fetch(cluster, tmp_path, name: str, **which) -> bytes:
     data = destination.read_bytes()
     destination.unlink()
     return data
-
-
-def node_chunks(cluster) -> int:
-    total = 0
-    for node in cluster.nodes:
-        host, _, port = node.address.rpartition(":")
-        with transport.Connection((host, int(port)), "master", timeout_s=10.0) as conn:
-            total += conn.request(protocol.NodeStat(), protocol.NodeStatReply).chunks
-    return total
 
 
 def test_versions_across_replace_append_write_touch_and_a_master_restart(history_cluster, tmp_path):

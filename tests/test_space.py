@@ -337,7 +337,7 @@ def test_placement_counts_each_stored_byte_once(tmp_path):
 
 
 def test_out_of_space_error_says_how_to_free_space(tmp_path):
-    """INSUFFICIENT_SPACE to a client names purge, what the trash holds, and that a delete frees nothing."""
+    """INSUFFICIENT_SPACE to a client names purge and prune, what the trash holds, and that a delete frees nothing."""
     master, _ = make_master(tmp_path)
     try:
         entry = make_entry(4 * KIB, CS, "0" * 64, "v1", [[0, 4, ["a", "b"]]], 4)
@@ -345,7 +345,7 @@ def test_out_of_space_error_says_how_to_free_space(tmp_path):
         master.delete("f", "test")  # to the trash
         message = master.explain_no_space(protocol.InsufficientSpace("only 0 live node(s) have room")).message
         assert message.startswith("only 0 live node(s) have room. To free space: `delete --purge --yes NAME`"), message
-        assert "frees nothing for 7 days" in message and "(4.0 KiB in the trash)" in message
+        assert "`prune --keep-...`" in message and "frees nothing for 7 days" in message and "(4.0 KiB in the trash)" in message
         assert master.explain_no_space(protocol.InsufficientSpace(message)).message == message  # said once
         other = protocol.FileNotFound("no file named 'x'")
         assert master.explain_no_space(other) is other
@@ -543,7 +543,7 @@ def test_full_disks_with_the_trash_on_purge_and_expiry_free_space(small_filesyst
     assert isinstance(error, protocol.InsufficientSpace), error
     result = upload(cluster, tmp_path, "one-more", random_bytes(SEED, 3 * MIB))
     assert result.returncode == client_module.EXIT_INSUFFICIENT_SPACE, result
-    assert "To free space: `delete --purge --yes NAME`" in result.stderr, result
+    assert "To free space: `delete --purge --yes NAME`" in result.stderr and "prune" in result.stderr, result
     full_free = [disk_free(path) for path in node_dirs]
     print(f"\n{len(stored)} files stored; free when full {full_free}")
 
