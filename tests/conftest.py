@@ -103,16 +103,21 @@ def master_address(cluster) -> tuple[str, int]:
     return host, int(port)
 
 
-def node_chunks(cluster) -> int:
-    """Chunks held by all nodes right now, asked of each node (no heartbeat lag)."""
+def node_total(cluster, field: str) -> int:
+    """A NODE_STAT_REPLY ``field`` summed over all nodes right now, asked of each node (no heartbeat lag)."""
     import protocol  # noqa: PLC0415 - conftest imports only what every test needs at load
     import transport  # noqa: PLC0415
     total = 0
     for node in cluster.nodes:
         host, _, port = node.address.rpartition(":")
         with transport.Connection((host, int(port)), "master", timeout_s=10.0) as conn:
-            total += conn.request(protocol.NodeStat(), protocol.NodeStatReply).chunks
+            total += getattr(conn.request(protocol.NodeStat(), protocol.NodeStatReply), field)
     return total
+
+
+def node_chunks(cluster) -> int:
+    """Chunks held by all nodes right now."""
+    return node_total(cluster, "chunks")
 
 
 # Record header of chunk_store.py's segment files (see its module docstring).

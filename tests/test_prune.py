@@ -14,12 +14,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import FAST_MASTER, FAST_TIMING, call, node_chunks, random_bytes, running_cluster, wait_until
+from conftest import (FAST_MASTER, FAST_TIMING, call, node_chunks, node_total, random_bytes, running_cluster,
+                      wait_until)
 
 import cli
 import protocol
 
 CHUNK = 1024
+BIG = 512 * CHUNK  # a file whose old versions fill most of a node's (first) segment
 
 HOUR = 3600.0
 T0 = 1_700_000_000.0  # a Tuesday, 22:13 UTC; the tests below use whole days apart
@@ -121,6 +123,11 @@ def snapshot_ids(cluster, root: str) -> list[int]:
     return [s["id"] for s in call(cluster, lambda c: c.snapshots(root))]
 
 
+def node_used(cluster) -> int:
+    """Bytes of segment files on all nodes right now, dead records included until compacted."""
+    return node_total(cluster, "used_bytes")
+
+
 def prune_in_process(cluster, capsys, *argv) -> str:
     """``prune ARGV`` through cmd_prune with an in-process client (quicker than a process); its stdout."""
     assert call(cluster, lambda c: cli.cmd_prune(c, cli.parse_args(["prune", *argv]))) == cli.EXIT_OK
@@ -172,13 +179,22 @@ def test_prune_frees_what_only_forgotten_snapshots_kept_even_across_a_master_cra
         assert {p.name: p.read_bytes() for p in restored.iterdir()} == {p.name: p.read_bytes() for p in tree.iterdir()}
         assert prune_in_process(cluster, capsys, "--keep-last", "1", "--quiet") == ""  # nothing left to forget
 
-        # Without a crash: the space comes back at once.
-        backup(3)
-        backup(4)
-        before = node_chunks(cluster)
+        # Without a crash, a tree whose old snapshots hold most of the nodes' data: the chunks go at
+        # once, and the disk space too (the segment is more than compact_dead_fraction dead).
+        big = tmp_path / "big"
+        big.mkdir()
+        for round_no in range(3):
+            (big / "disk.img").write_bytes(random_bytes(seed + 200 + round_no, BIG))
+            call(cluster, lambda c: c.backup_tree(str(big), "big"))
+        before, used = node_chunks(cluster), node_used(cluster)
+        big_chunks = 2 * (BIG // CHUNK + 1) * 2  # two pinned versions and two manifests, two copies each
         started = time.monotonic()
-        assert prune_in_process(cluster, capsys, "photos", "--keep-last", "1").count("forgot 2 snapshots of photos")
-        wait_until(lambda: node_chunks(cluster) == before - freed_chunks, 10.0,
-                   message=f"{before - freed_chunks} chunks on the nodes (got {node_chunks(cluster)})")
-        print(f"\nchunks of 2 forgotten snapshots dropped by the nodes {time.monotonic() - started:.2f} s after prune")
-        assert call(cluster, lambda c: c.status()).totals["snapshot_bytes"] > 0  # the kept snapshot's manifest
+        assert "forgot 2 snapshots of big" in prune_in_process(cluster, capsys, "big", "--keep-last", "1")
+        wait_until(lambda: node_chunks(cluster) == before - big_chunks, 10.0,
+                   message=f"{before - big_chunks} chunks on the nodes (got {node_chunks(cluster)})")
+        dropped = time.monotonic() - started
+        wait_until(lambda: node_used(cluster) <= used - 2 * BIG * 2, 10.0,
+                   message=f"the nodes' disk usage down from {used} by {4 * BIG} (now {node_used(cluster)})")
+        print(f"\n2 forgotten snapshots: chunks dropped {dropped:.2f} s and disk usage down "
+              f"{time.monotonic() - started:.2f} s after prune ({used} -> {node_used(cluster)} bytes on the nodes)")
+        assert snapshot_ids(cluster, "photos") == photos[2:], "pruning one tree touched another"
