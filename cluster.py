@@ -61,6 +61,7 @@ class Server:
         self.argv = argv
         self.log_path = log_path
         self.process: subprocess.Popen | None = None
+        self._lines: queue.Queue | None = None  # its stdout, line by line, once launched
         self.address: str | None = None
         self.http_url: str | None = None  # the master's status page, if it printed one
 
@@ -69,6 +70,12 @@ class Server:
         return self.process.pid
 
     def start(self, timeout_s: float = 15.0) -> str:
+        """Launch the process and wait until it says it listens; its address."""
+        self.launch()
+        return self.wait_listening(timeout_s)
+
+    def launch(self) -> None:
+        """Start the process without waiting for it (``wait_listening`` does): several start side by side."""
         # Logs name files and peers: readable by the owner only, like the data.
         log = os.fdopen(os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
         try:
@@ -76,8 +83,12 @@ class Server:
             self.process = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
         finally:
             log.close()
-        lines: queue.Queue = queue.Queue()
-        threading.Thread(target=_pump, args=(self.process.stdout, lines), daemon=True).start()
+        self._lines = queue.Queue()
+        threading.Thread(target=_pump, args=(self.process.stdout, self._lines), daemon=True).start()
+
+    def wait_listening(self, timeout_s: float = 15.0) -> str:
+        """Wait for the ``listening on`` line of a launched process; its address (ProcessFailed if none)."""
+        lines = self._lines
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
@@ -151,6 +162,14 @@ def _pump(stream, lines: queue.Queue) -> None:
     lines.put(None)
 
 
+def _start_together(servers: list[Server]) -> None:
+    """Launch every server, then wait for each to listen: start-up costs the slowest, not the sum."""
+    for server in servers:
+        server.launch()
+    for server in servers:
+        server.wait_listening()
+
+
 def free_ports(host: str, count: int) -> list[int]:
     """``count`` ports free on ``host`` now (bound then released: another process could take one)."""
     socks = [socket.create_server((host, 0)) for _ in range(count)]
@@ -219,14 +238,13 @@ class LocalCluster:
         return os.path.join(self.data_dir, self.node_name(index))
 
     def start(self) -> "LocalCluster":
+        """Start the master(s), then every node; processes of one kind start side by side."""
         try:
             if self.master_count > 1:
-                for index in range(self.master_count):
-                    self.start_group_master(index)
+                _start_together([self._group_master_server(index) for index in range(self.master_count)])
             else:
                 self.start_master()
-            for index in range(self.node_count):
-                self.add_node(index)
+            _start_together([self._node_server(index) for index in range(self.node_count)])
         except BaseException:
             self.stop()
             raise
@@ -242,6 +260,10 @@ class LocalCluster:
 
     def start_group_master(self, index: int) -> str:
         """Start master ``index`` (0-based) of a group; it keeps its port and data dir master1..N."""
+        return self._group_master_server(index).start()
+
+    def _group_master_server(self, index: int) -> Server:
+        """Master ``index`` of a group as a Server, not yet started, in its place in ``masters``."""
         name = f"master{index + 1}"
         argv = [sys.executable, os.path.join(HERE, "master.py"), *self.config_args, "--host", self.host,
                 "--port", str(self.master_ports[index]), "--masters", self.master_address,
@@ -250,20 +272,25 @@ class LocalCluster:
         self.masters[index] = server
         if index == 0:
             self.master = server
-        return server.start()
+        return server
 
     def restart_group_master(self, index: int) -> str:
         self.masters[index].kill()
         return self.start_group_master(index)
 
     def add_node(self, index: int | None = None, extra_args=()) -> Server:
+        server = self._node_server(index, extra_args)
+        server.start()
+        return server
+
+    def _node_server(self, index: int | None = None, extra_args=()) -> Server:
+        """Node ``index`` (default: a new one) as a Server, not yet started, in its place in ``nodes``."""
         index = len(self.nodes) if index is None else index
         argv = [sys.executable, os.path.join(HERE, "storage_node.py"), *self.config_args, "--host", self.host,
                 "--port", "0", "--data-dir", self.node_data_dir(index), "--master", self.master_address,
                 *self.node_args, *extra_args]
         name = self.node_name(index)
         server = Server(name, argv, os.path.join(self.log_dir, f"{name}.log"))
-        server.start()
         if index < len(self.nodes):
             self.nodes[index] = server
         else:

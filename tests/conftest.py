@@ -15,6 +15,7 @@ import random
 import struct
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -46,6 +47,23 @@ def wait_until(condition, timeout_s: float = 15.0, interval_s: float = 0.05, mes
             last_error = exc
         time.sleep(interval_s)
     raise AssertionError(f"timed out after {timeout_s}s waiting for {message} (last error: {last_error!r})")
+
+
+def serve_in_thread(server, name: str = "in-process-server"):
+    """Run a socketserver ``server`` on a daemon thread; returns ``stop()`` (shutdown, close, join).
+
+    It polls for shutdown every 0.05 s: at socketserver's default 0.5 s every
+    fixture's teardown would wait half a second.
+    """
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name=name, daemon=True)
+    thread.start()
+
+    def stop():
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+    return stop
 
 
 def random_bytes(seed: int, size: int) -> bytes:

@@ -20,8 +20,8 @@ import time
 
 import pytest
 
-from conftest import (ROOT, CliResult, master_address, random_bytes, running_cluster, sha256, flip_byte,
-                      payload_locations, wait_until, write_local)
+from conftest import (ROOT, CliResult, master_address, random_bytes, running_cluster, serve_in_thread, sha256,
+                      flip_byte, payload_locations, wait_until, write_local)
 
 import client as client_module
 import protocol
@@ -795,15 +795,7 @@ def lying_master(request):
     """An in-process fake master on 127.0.0.1 whose downloads fail verification."""
     server = transport.Server(("127.0.0.1", 0), LyingMasterHandler, server_id="master",  # it passes for one
                               io_timeout_s=5.0, idle_timeout_s=5.0)
-    thread = threading.Thread(target=server.serve_forever, name="lying-master", daemon=True)
-    thread.start()
-
-    def stop():
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-
-    request.addfinalizer(stop)
+    request.addfinalizer(serve_in_thread(server, "lying-master"))
     return server
 
 

@@ -22,7 +22,7 @@ import types
 
 import pytest
 
-from conftest import FAST_MASTER, FAST_TIMING, ROOT, random_bytes, sha256, wait_until
+from conftest import FAST_MASTER, FAST_TIMING, ROOT, random_bytes, serve_in_thread, sha256, wait_until
 
 import config as config_module
 import protocol
@@ -213,11 +213,9 @@ def fake_master():
                               idle_timeout_s=5.0)
     server.refuse_inventory = False
     server.corrupt_reports = []
-    thread = threading.Thread(target=server.serve_forever, name="fake-master", daemon=True)
-    thread.start()
+    stop = serve_in_thread(server, "fake-master")
     yield server
-    server.shutdown()
-    server.server_close()
+    stop()
 
 
 def fake_node(tmp_path, master_server, store, scrub_rate_mb_s: float = 0) -> StorageNode:

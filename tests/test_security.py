@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from conftest import FAST_MASTER, FAST_TIMING, ROOT, CliResult, SecureCluster, wait_until
+from conftest import FAST_MASTER, FAST_TIMING, ROOT, CliResult, SecureCluster, serve_in_thread, wait_until
 
 import client as client_module
 import config as config_module
@@ -77,20 +77,18 @@ class EchoHandler(transport.RequestHandler):
 @pytest.fixture
 def serve(request):
     """Factory: ``serve(secret=..., **server_kwargs)`` -> a running in-process Server."""
-    servers = []
+    stoppers = []
 
     def factory(secret=None, server_context=None, io_timeout_s=2.0, idle_timeout_s=30.0, **kwargs):
         server = transport.Server(("127.0.0.1", 0), EchoHandler, server_id="test", io_timeout_s=io_timeout_s,
                                   idle_timeout_s=idle_timeout_s,
                                   security=security.Security(secret, server_context), **kwargs)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
+        stoppers.append(serve_in_thread(server))
         return server
 
     yield factory
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+    for stop in stoppers:
+        stop()
 
 
 def status_via(server, secret=None, role="client", **kwargs):
