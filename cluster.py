@@ -56,10 +56,11 @@ class ProcessFailed(RuntimeError):
 class Server:
     """One child process that prints ``listening on HOST:PORT`` once ready."""
 
-    def __init__(self, name: str, argv: list[str], log_path: str):
+    def __init__(self, name: str, argv: list[str], log_path: str, spawn=subprocess.Popen):
         self.name = name
         self.argv = argv
         self.log_path = log_path
+        self.spawn = spawn  # subprocess.Popen, or a stand-in with its interface (tests/forkserver.py)
         self.process: subprocess.Popen | None = None
         self._lines: queue.Queue | None = None  # its stdout, line by line, once launched
         self.address: str | None = None
@@ -80,7 +81,7 @@ class Server:
         log = os.fdopen(os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
         try:
             # The caller's cwd, so relative paths in flags and config mean what they say.
-            self.process = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
+            self.process = self.spawn(self.argv, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
         finally:
             log.close()
         self._lines = queue.Queue()
@@ -190,8 +191,10 @@ class LocalCluster:
 
     def __init__(self, data_dir: str, nodes: int = 3, host: str = "127.0.0.1", master_port: int = 0,
                  master_args=(), node_args=(), config_path: str | None = None, secret_file: str | None = None,
-                 insecure: bool = False, http_port: str | None = None, masters: int = 1):
+                 insecure: bool = False, http_port: str | None = None, masters: int = 1, spawn=subprocess.Popen):
         self.data_dir = os.path.abspath(data_dir)
+        # How a child is started: subprocess.Popen, or a stand-in with its interface (the tests fork theirs).
+        self.spawn = spawn
         # masters > 1: a replicated group (replication.py) on master_port, master_port + 1, ...
         # (free ports when master_port is 0: a group needs its addresses before it starts).
         self.master_count = masters
@@ -255,7 +258,7 @@ class LocalCluster:
         port = self.master.address.rpartition(":")[2] if self.master and self.master.address else self.master_port
         argv = [sys.executable, os.path.join(HERE, "master.py"), *self.config_args, "--host", self.host,
                 "--port", str(port), "--data-dir", os.path.join(self.data_dir, "master"), *self.master_args]
-        self.master = Server("master", argv, os.path.join(self.log_dir, "master.log"))
+        self.master = Server("master", argv, os.path.join(self.log_dir, "master.log"), self.spawn)
         return self.master.start()
 
     def start_group_master(self, index: int) -> str:
@@ -268,7 +271,7 @@ class LocalCluster:
         argv = [sys.executable, os.path.join(HERE, "master.py"), *self.config_args, "--host", self.host,
                 "--port", str(self.master_ports[index]), "--masters", self.master_address,
                 "--data-dir", os.path.join(self.data_dir, name), *self.master_args]
-        server = Server(name, argv, os.path.join(self.log_dir, f"{name}.log"))
+        server = Server(name, argv, os.path.join(self.log_dir, f"{name}.log"), self.spawn)
         self.masters[index] = server
         if index == 0:
             self.master = server
@@ -290,7 +293,7 @@ class LocalCluster:
                 "--port", "0", "--data-dir", self.node_data_dir(index), "--master", self.master_address,
                 *self.node_args, *extra_args]
         name = self.node_name(index)
-        server = Server(name, argv, os.path.join(self.log_dir, f"{name}.log"))
+        server = Server(name, argv, os.path.join(self.log_dir, f"{name}.log"), self.spawn)
         if index < len(self.nodes):
             self.nodes[index] = server
         else:

@@ -23,6 +23,7 @@ import time
 
 import pytest
 
+import forkserver
 from conftest import (FAST_MASTER, FAST_TIMING, ROOT, CliResult, SecureCluster, master_address, random_bytes,
                       seed_names, sha256)
 
@@ -67,7 +68,7 @@ def run_client(*args, cwd, env=None, stdin: bytes | None = None, timeout_s: floa
     """``python client.py ARGS`` as a user runs it; BACKUP_* variables only as given in ``env``."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("BACKUP_")}
     full_env.update(env or {})
-    proc = subprocess.run([sys.executable, CLIENT, *args], input=stdin, capture_output=True, timeout=timeout_s,
+    proc = forkserver.run([sys.executable, CLIENT, *args], input=stdin, capture_output=True, timeout=timeout_s,
                           cwd=cwd, env=full_env)
     return CliResult(proc)
 

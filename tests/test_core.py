@@ -13,13 +13,13 @@ import os
 import re
 import shutil
 import socket
-import subprocess
 import sys
 import threading
 import time
 
 import pytest
 
+import forkserver
 from conftest import (ROOT, CliResult, master_address, random_bytes, running_cluster, serve_in_thread, sha256,
                       flip_byte, payload_locations, wait_until, write_local)
 
@@ -158,7 +158,7 @@ def assert_node_serves(cluster, index: int) -> None:
 def run_cli(*args, master: str, cwd) -> CliResult:
     """The client CLI against ``master`` when there is no TestCluster to run it."""
     argv = [sys.executable, os.path.join(ROOT, "client.py"), "--master", master, "--quiet", *args]
-    return CliResult(subprocess.run(argv, capture_output=True, timeout=60, cwd=cwd))
+    return CliResult(forkserver.run(argv, capture_output=True, timeout=60, cwd=cwd))
 
 
 # A client HELLO frame, for raw sockets.

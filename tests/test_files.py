@@ -29,6 +29,7 @@ import time
 
 import pytest
 
+import forkserver
 from conftest import (FAST_MASTER, FAST_TIMING, ROOT, TestCluster, master_address, node_chunks, random_bytes,
                       sha256, wait_until, write_local)
 
@@ -213,7 +214,7 @@ def spawn():
     def start(cluster, *args, stdin=subprocess.DEVNULL) -> subprocess.Popen:
         argv = [sys.executable, os.path.join(ROOT, "client.py"), "--master", cluster.master_address, "--quiet",
                 *args]
-        proc = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        proc = forkserver.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 cwd=cluster.data_dir)
         started.append(proc)
         return proc

@@ -23,6 +23,7 @@ import time
 
 import pytest
 
+import forkserver
 from conftest import FAST_MASTER, ROOT, random_bytes, running_cluster, wait_until, write_local
 
 import config as config_module
@@ -39,7 +40,7 @@ def run_program(program: str, *args, cwd=None, timeout_s: float = 20.0) -> subpr
     argv = [sys.executable, os.path.join(ROOT, program), *args]
     if program == "client.py":
         argv.append("status")  # the client needs a command
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, cwd=cwd)
+    return forkserver.run(argv, capture_output=True, text=True, timeout=timeout_s, cwd=cwd)
 
 
 def read_log(server) -> str:
@@ -197,7 +198,7 @@ def test_a_peer_going_away_is_one_info_line_not_a_traceback(ops_cluster, tmp_pat
     assert ops_cluster.cli("upload", write_local(tmp_path, "big", data), "big").returncode == 0
     client = [sys.executable, os.path.join(ROOT, "client.py"), "--master", ops_cluster.master_address, "--quiet"]
     for _ in range(2):
-        with subprocess.Popen([*client, "cat", "big"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) as cat:
+        with forkserver.Popen([*client, "cat", "big"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) as cat:
             assert len(cat.stdout.read(10)) == 10  # then go away, like `| head -c 10`
             cat.stdout.close()
             cat.wait(20)
@@ -284,7 +285,7 @@ def test_node_with_a_mistyped_master_says_so_at_warning(tmp_path):
     argv = [sys.executable, os.path.join(ROOT, "storage_node.py"), "--port", "0", "--data-dir",
             str(tmp_path / "n"), "--master", f"127.0.0.1:{port}", "--heartbeat-interval", "0.2"]
     with open(tmp_path / "node.log", "wb") as log:
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log)
+        proc = forkserver.Popen(argv, stdout=subprocess.DEVNULL, stderr=log)
     try:
         wait_until(lambda: f"WARNING storage_node: master 127.0.0.1:{port} unreachable"
                    in (tmp_path / "node.log").read_text(), 10, message="the unreachable warning")

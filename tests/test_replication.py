@@ -11,11 +11,11 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import subprocess
 import sys
 import threading
 import time
 
+import forkserver
 from conftest import FAST_MASTER, FAST_TIMING, ROOT, TestCluster, random_bytes, wait_until
 
 import client as client_module
@@ -46,7 +46,7 @@ def last_role(cluster, index: int) -> str | None:
 def cli(cluster, *args, config=None):
     argv = [sys.executable, os.path.join(ROOT, "client.py"), "--master", cluster.master_address, "--quiet",
             *(["--config", config] if config else []), *args]
-    return subprocess.run(argv, capture_output=True, timeout=60, cwd=cluster.data_dir)
+    return forkserver.run(argv, capture_output=True, timeout=60, cwd=cluster.data_dir)
 
 
 def test_leader_killed_during_uploads_then_majority_lost(tmp_path):

@@ -21,6 +21,7 @@ import time
 
 import pytest
 
+import forkserver
 from conftest import FAST_MASTER, FAST_TIMING, ROOT, CliResult, SecureCluster, serve_in_thread, wait_until
 
 import client as client_module
@@ -380,7 +381,7 @@ def test_cluster_with_a_secret_serves_only_those_who_know_it(make_secure_cluster
     for label, args in (("wrong", ["--secret-file", wrong_file]), ("missing", [])):
         argv = [sys.executable, os.path.join(ROOT, "client.py"), "--master", cluster.master_address, "--quiet",
                 *args, "list"]
-        result = CliResult(subprocess.run(argv, capture_output=True, timeout=30, cwd=tmp_path))
+        result = CliResult(forkserver.run(argv, capture_output=True, timeout=30, cwd=tmp_path))
         assert result.returncode == client_module.EXIT_AUTH_FAILED, (label, result)
         assert result.stderr.count("\n") == 1 and "AUTH_FAILED" in result.stderr, result
 
@@ -404,15 +405,15 @@ def test_protected_mode_refuses_to_listen_publicly_without_a_secret(tmp_path):
     for program, data_flag in (("master.py", "--data-dir"), ("storage_node.py", "--data-dir")):
         base = [sys.executable, os.path.join(ROOT, program), "--host", "0.0.0.0", "--port", "0",
                 data_flag, str(tmp_path / program)]
-        refused = subprocess.run(base, capture_output=True, timeout=30, text=True)
+        refused = forkserver.run(base, capture_output=True, timeout=30, text=True)
         assert refused.returncode == 2, refused
         assert "--secret-file" in refused.stderr and "--insecure" in refused.stderr
         for extra in (["--insecure"], ["--secret-file", secret_file]):
-            proc = subprocess.Popen(base + extra, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            proc = forkserver.Popen(base + extra, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
             try:
-                line = proc.stdout.readline()
+                line = proc.stdout.readline().decode()
                 if line.startswith("status page on "):  # the master's page comes up first
-                    line = proc.stdout.readline()
+                    line = proc.stdout.readline().decode()
                 assert line.startswith("listening on "), (program, extra, line)
             finally:
                 proc.kill()
@@ -433,7 +434,7 @@ def test_tls_cluster_round_trip(make_secure_cluster, certificate, tmp_path):
     out = tmp_path / "out.bin"
     assert cluster.cli("download", "tls/f", str(out)).returncode == 0
     assert out.read_bytes() == local.read_bytes()
-    plain = subprocess.run([sys.executable, os.path.join(ROOT, "client.py"), "--master", cluster.master_address,
+    plain = forkserver.run([sys.executable, os.path.join(ROOT, "client.py"), "--master", cluster.master_address,
                             "--secret-file", secret_file, "--quiet", "list"], capture_output=True, timeout=30)
     assert plain.returncode != 0  # a client without TLS is not served
 
@@ -560,7 +561,7 @@ def test_fuzzed_frames_leave_master_and_node_up_and_bounded(make_cluster, tmp_pa
 # --- names are keys, never paths ---------------------------------------------------------------------
 def run_client(cluster, *args, cwd) -> CliResult:
     argv = [sys.executable, os.path.join(ROOT, "client.py"), "--master", cluster.master_address, "--quiet", *args]
-    return CliResult(subprocess.run(argv, capture_output=True, timeout=60, cwd=cwd))
+    return CliResult(forkserver.run(argv, capture_output=True, timeout=60, cwd=cwd))
 
 
 def files_under(root) -> set[str]:
