@@ -1755,13 +1755,13 @@ def cmd_prune(client: Client, args) -> int:
         if decision.remove and not args.dry_run:
             decision, forgotten, freed = forget_planned(client, root, policy, decision)
         groups.append((root, decision, forgotten, freed))
+        if not args.json:  # tree by tree: if a later tree fails, what was done is on the screen
+            print_prune_group(root, policy, decision, args.quiet)
+            if forgotten:
+                print(f"forgot {plural(len(forgotten), 'snapshot')} of {root}: {human_bytes(freed)} of data freed "
+                      f"(the nodes drop it and reclaim the space within seconds; see status)", flush=True)
     if args.json:
         return print_json(views.prune_document(policy, args.dry_run, groups))
-    for root, decision, forgotten, freed in groups:
-        print_prune_group(root, policy, decision, args.quiet)
-        if forgotten:
-            print(f"forgot {plural(len(forgotten), 'snapshot')} of {root}: {human_bytes(freed)} of data freed "
-                  f"(the nodes drop it and reclaim the space within seconds; see status)")
     if args.dry_run and not args.quiet:
         print("dry run: nothing was forgotten")
     return EXIT_OK

@@ -111,6 +111,23 @@ def test_prune_plans_a_tree_again_when_another_prune_forgot_some_first(capsys):
     assert "forgot 2 snapshots of photos" in capsys.readouterr().out
 
 
+def test_prune_says_what_it_forgot_before_a_later_tree_fails(capsys):
+    """Trees are forgotten one at a time; when the master goes away midway, the trees done are already printed."""
+    client = FakeClient(LISTING)
+    real_forget = client.forget_snapshots
+
+    def forget_once(ids):
+        if client.forgotten:
+            raise protocol.Unavailable("master unreachable")
+        return real_forget(ids)
+
+    client.forget_snapshots = forget_once
+    with pytest.raises(protocol.Unavailable):
+        run(client, "--keep-last", "1")
+    assert client.forgotten == [[11]]
+    assert "forgot 1 snapshot of docs" in capsys.readouterr().out
+
+
 # --- processes ----------------------------------------------------------------------------------
 def make_tree(root, files: dict) -> None:
     for relative, data in files.items():
