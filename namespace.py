@@ -17,7 +17,8 @@ Records (JSON objects; the log adds the index ``"i"``):
                                                  placement of the current entry
     {"op": "delete", "name": N}                  remove a file and its versions
     {"op": "delete", "name": N, "trash": true,   move them to the trash instead,
-     "t": time}                                  marked trashed_at = t
+     "t": time}                                  marked trashed_at = t and
+                                                 deleted_by = the record's index
     {"op": "undelete", "name": N}                bring back from the trash what the
                                                  newest delete of N moved there
     {"op": "expire", "name": N, "before": T}     drop N's trash trashed at or before T
@@ -51,11 +52,14 @@ nodes knows which of two descriptions of a name is newer.
 ``committed_at`` (the record's ``t``) to the entry; see history.py.
 Older versions of a live name are kept in ``versions[name]``, oldest first;
 what a delete moved to the trash in ``trash[name]`` (each entry with its
-``trashed_at``), in the order it was deleted.  An entry that stops being
-current gets ``superseded``, the index of the record that did it; one that
-retention drops (keep_versions, trash expiry, purge, a delete without
-trash) while a snapshot pins it moves to ``pinned[name]`` instead of going
-(snapshots.py explains the pin rule).
+``trashed_at`` and ``deleted_by``, the index of the delete record), in the
+order it was deleted.  ``deleted_by`` names the delete operation: two
+deletes of one name may carry the same ``t`` (a millisecond, or a clock
+stepped back), and undelete must bring back exactly one of them.  An entry
+that stops being current gets ``superseded``, the index of the record that
+did it; one that retention drops (keep_versions, trash expiry, purge, a
+delete without trash) while a snapshot pins it moves to ``pinned[name]``
+instead of going (snapshots.py explains the pin rule).
 
 A run has a fourth element, a blob id, when its chunks live in another blob
 than the entry's version: after an append or an in-place write, untouched
@@ -123,7 +127,7 @@ class Namespace:
             if ended:
                 ended[-1] = {**ended[-1], "superseded": record.get("i", 0)}
             if record.get("trash"):
-                moved = [{**e, "trashed_at": record["t"]} for e in ended]
+                moved = [{**e, "trashed_at": record["t"], **_deleted_by(record.get("i"))} for e in ended]
                 if moved:
                     self.trash[name] = [*self.trash.get(name, ()), *moved]
             else:
@@ -221,11 +225,11 @@ class Namespace:
         trashed = self.trash.get(name)
         if name in self.files or not trashed:
             return
-        newest = trashed[-1]["trashed_at"]
-        back = [{k: v for k, v in e.items() if k != "trashed_at"} for e in trashed if e["trashed_at"] == newest]
+        newest = delete_of(trashed[-1])
+        back = [{k: v for k, v in e.items() if k not in TRASH_KEYS} for e in trashed if delete_of(e) == newest]
         # Current again: no longer superseded (over-pins snapshots taken while it was deleted; never under-pins).
         back[-1] = {k: v for k, v in back[-1].items() if k != "superseded"}
-        self._set_list(self.trash, name, [e for e in trashed if e["trashed_at"] != newest])
+        self._set_list(self.trash, name, [e for e in trashed if delete_of(e) != newest])
         self._set_versions(name, back[:-1])
         self.files[name] = back[-1]
 
@@ -337,8 +341,28 @@ class Namespace:
                 yield name, entry
 
 
+# Keys a delete adds to the entries it moves to the trash; undelete takes them off.
+TRASH_KEYS = ("trashed_at", "deleted_by")
+
+
+def _deleted_by(index: int | None) -> dict:
+    """The ``deleted_by`` key of a trashed entry, if the delete record has an index (it always has in a log)."""
+    return {} if index is None else {"deleted_by": index}
+
+
+def delete_of(trashed: dict) -> tuple:
+    """What identifies the delete operation that trashed an entry: its record's index.
+
+    Entries trashed before ``deleted_by`` existed (an older checkpoint)
+    fall back to their ``trashed_at``, the only mark they have.
+    """
+    if "deleted_by" in trashed:
+        return ("index", trashed["deleted_by"])
+    return ("time", trashed["trashed_at"])
+
+
 # Fields apply sets on entries that a new current entry never inherits.
-_STATE_FIELDS = ("superseded", "trashed_at")
+_STATE_FIELDS = ("superseded", *TRASH_KEYS)
 
 
 def make_entry(size: int, chunk_size: int, sha256: str, version: str, runs: list, batch_chunks: int) -> dict:

@@ -184,7 +184,8 @@ def rebuild(backup: dict | None, descriptions: list[dict], inventories: dict, qu
             if desc.get("deleted"):
                 if "trashed_at" in desc:
                     gone = [*older, *([current] if current is not None else [])]
-                    trash[name] = [*trash.get(name, ()), *({**e, "trashed_at": desc["trashed_at"]} for e in gone)]
+                    trash[name] = [*trash.get(name, ()), *({**e, "trashed_at": desc["trashed_at"],
+                                                            "deleted_by": desc["index"]} for e in gone)]
                 current, older, from_note = None, [], False
                 continue
             entry = entry_from(desc, inventories)
