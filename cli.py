@@ -505,6 +505,8 @@ class _FrameSink:
                 self.sha.update(body)
             try:
                 self.out.write(body)
+            except BrokenPipeError:
+                raise  # the reader of our output went away (`| head`): main() ends quietly
             except OSError as exc:
                 raise LocalFileError(f"cannot write: {exc.strerror}") from None
             self.progress.advance(len(body))

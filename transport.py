@@ -226,6 +226,11 @@ class Connection:
         except socket.timeout:
             self.broken = True
             raise protocol.Timeout(f"{format_address(self.address)} did not answer in time") from None
+        except protocol.ClosedMidFrame as exc:
+            # The peer died or dropped us mid-reply: a lost connection (like
+            # ECONNRESET), which MasterLink may re-run elsewhere, not a bad frame.
+            self.broken = True
+            raise protocol.Unavailable(f"lost connection to {format_address(self.address)}: {exc.message}") from None
         except RemoteProtocolError:
             self.broken = True
             raise

@@ -7,10 +7,22 @@ test's docstring.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+import threading
+
 import pytest
 
+from conftest import ROOT
+
+import client as client_module
 import config as config_module
 import history
+import protocol
+import transport
 from master import Master
 from namespace import Namespace, make_entry, put_record
 
@@ -49,3 +61,85 @@ def test_undelete_brings_back_only_the_newest_delete_when_two_share_a_millisecon
     namespace.apply({"op": "delete", "name": "f", "trash": True, "t": 11.0, "i": 6})
     namespace.apply({"op": "undelete", "name": "f", "i": 7})  # and the older one after it
     assert [history.version_id(e) for e in namespace.history("f")] == [3]
+
+
+# --- the client: a master lost mid-reply, a reader that goes away -------------------------------
+class FakeMasterHandler(transport.RequestHandler):
+    """LIST: dies mid-frame if the server says so, else one page.  DOWNLOAD: DOWNLOAD_BYTES of zeros."""
+
+    DOWNLOAD_BYTES = 4 * 1024 * 1024
+
+    def do_LIST(self, msg: protocol.List) -> None:
+        if self.server.die_mid_frame:
+            frame = protocol.encode(protocol.ListPage(entries=[{"name": "x" * 100}], done=True))
+            self.wfile.write(frame[:len(frame) // 2])  # the master dies halfway through its reply
+            self.wfile.flush()
+            self.request.shutdown(socket.SHUT_RDWR)
+            return
+        self.reply(protocol.ListPage(entries=[{"name": "listed", "size": 1, "chunks": 1, "mtime": 0.0,
+                                               "sha256": "0" * 64}], done=True))
+
+    def do_DOWNLOAD(self, msg: protocol.Download) -> None:
+        data = bytes(self.DOWNLOAD_BYTES)
+        self.reply(protocol.FileInfo(name=msg.name, size=len(data), chunks=len(data) // 1024,
+                                     sha256=hashlib.sha256(data).hexdigest(), mtime=0.0, version="fake",
+                                     offset=0, length=len(data)), flush=False)
+        for at in range(0, len(data), 1 << 20):
+            self.reply(protocol.Data(body=data[at:at + (1 << 20)]), flush=False)
+        self.reply(protocol.DataEnd())
+
+
+@pytest.fixture
+def fake_masters(request):
+    """Two in-process fake masters on 127.0.0.1; the first dies mid-frame on LIST."""
+    servers = []
+    for die in (True, False):
+        server = transport.Server(("127.0.0.1", 0), FakeMasterHandler, server_id="master",
+                                  io_timeout_s=5.0, idle_timeout_s=5.0)
+        server.die_mid_frame = die
+        threading.Thread(target=server.serve_forever, name="fake-master", daemon=True).start()
+        servers.append(server)
+    yield servers
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def client_argv(master: str, *args) -> list[str]:
+    return [sys.executable, os.path.join(ROOT, "client.py"), "--master", master, "--quiet", *args]
+
+
+def test_a_master_lost_mid_reply_is_a_connection_error_not_a_bad_request(fake_masters, tmp_path):
+    """EOF in the middle of a reply frame: exit 5 (UNAVAILABLE) saying the connection was lost, not exit 9."""
+    result = subprocess.run(client_argv(fake_masters[0].address_text, "list"), capture_output=True, timeout=30,
+                            cwd=tmp_path)
+    stderr = result.stderr.decode()
+    assert result.returncode == client_module.EXIT_UNAVAILABLE, stderr
+    assert stderr.startswith("client: UNAVAILABLE: lost connection to") and "mid-frame" in stderr, stderr
+
+
+def test_a_safe_request_cut_off_mid_reply_goes_to_the_next_master(fake_masters):
+    """With several masters, a read whose reply was cut off midway is re-run on another one."""
+    addresses = [server.server_address[:2] for server in fake_masters]
+    client = client_module.Client(addresses, timeout_s=5.0, frame_bytes=1 << 20, show_progress=False,
+                                  failover_timeout_s=5.0)
+    try:
+        assert [e["name"] for e in client.list()] == ["listed"]
+    finally:
+        client.close()
+
+
+def test_cat_into_a_pipe_its_reader_closed_ends_quietly(fake_masters, tmp_path):
+    """`cat NAME | head -c 10`: the client stops without a message and exits 0, as coreutils cat does."""
+    proc = subprocess.Popen(client_argv(fake_masters[1].address_text, "cat", "big"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=tmp_path)
+    try:
+        assert proc.stdout.read(10) == bytes(10)
+        proc.stdout.close()  # the reader goes away, as head does
+        stderr = proc.stderr.read().decode()
+        assert proc.wait(timeout=30) == client_module.EXIT_OK, stderr
+        assert stderr == ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
