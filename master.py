@@ -1102,6 +1102,15 @@ class Master:
                 self._garbage[node_id].add((blob, None, None))
             self._garbage_cond.notify_all()
 
+    def pinned(self, blob: str) -> bool:
+        """A download holds an entry whose chunks live in ``blob`` (open_for_read).
+
+        It reads from the nodes that entry lists, which repair may since
+        have taken off the placement: their copies must stay until it is done.
+        """
+        with self._garbage_cond:
+            return blob in self._readers
+
     def _collectable(self) -> bool:
         """Some garbage is not pinned by a reader (caller holds _garbage_cond)."""
         return any(item[0] not in self._readers for items in self._garbage.values() for item in items)

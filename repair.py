@@ -15,7 +15,10 @@ metadata log (so a master restart resumes where it stopped):
   deleted (quarantine.py; metadata backups go to meta_backup.py); copies the
   namespace does not place on the node are adopted if their run is short of
   copies, else dropped; chunks the namespace places on the node that it does
-  not hold are taken off the node's list, and then repaired.
+  not hold are taken off the node's list, and then repaired.  A surplus
+  copy of a blob a download pins (master.pinned) is dropped only once the
+  download is done, and only if it is still surplus then: the reader's
+  entry may list that node (as garbage collection waits for readers).
 * **Bad replicas.**  A node reports the chunks that failed their CRCs (its
   scrubber, or compaction); a read that hits a bad or missing copy reports
   it too.  That node is taken off the list of just those chunks, never of
@@ -186,6 +189,7 @@ class Repairer:
         self._inventories: dict[str, dict] = {}  # node_id -> blob -> extents, being received
         self._quarantined: dict[str, set] = {}  # node_id -> blobs it reports quarantined, being received
         self._to_reconcile: list[tuple[str, dict, dict, set]] = []
+        self._deferred_drops: set[tuple[str, str, int, int]] = set()  # surplus a reader pinned
         self._wake = threading.Event()
         self._stop = threading.Event()
         # Figures for STATUS.
@@ -331,6 +335,7 @@ class Repairer:
                 if self.in_safe_mode():
                     continue
                 self._reconcile_pending()
+                self.drop_deferred()
                 alive = {n.node_id for n in self.master.live_nodes()}
                 holding = {n.node_id for n in self.master.holding_nodes()}
                 now = time.monotonic()
@@ -532,13 +537,43 @@ class Repairer:
         if records:
             master.log.commit(records)
         for blob, first, count in drops:
-            self._drop(node_id, blob, first, count)
+            if master.pinned(blob):
+                with self._lock:
+                    self._deferred_drops.add((node_id, blob, first, count))
+            else:
+                self._drop(node_id, blob, first, count)
         # Last: a node that fails QUARANTINE or RELEASE has still had its surplus dropped.
         master.orphans.reconcile(node_id, orphans, node_chunks, known_again)
         if orphans or drops or records:
             logger.info("reconciled node %s: %d orphan blob(s) found, %d surplus extent(s) dropped, "
                         "%d placement change(s)", node_id, len(orphans), len(drops), len(records))
             self._wake.set()
+
+    def drop_deferred(self) -> None:
+        """Drop the surplus copies reconciliation held back for readers, now that none pins them.
+
+        Each is checked again: meanwhile the placement may have come to use
+        the copy (adopted, or its other copies lost), and then it stays.  A
+        drop that fails is left to the node's next reconciliation.
+        """
+        with self._lock:
+            ready = {drop for drop in self._deferred_drops if not self.master.pinned(drop[1])}
+            self._deferred_drops -= ready
+        if not ready:
+            return
+        owners = self._blob_owners()
+        alive = {n.node_id for n in self.master.live_nodes()}
+        for node_id, blob, first, count in sorted(ready):
+            placements = [nodes for _, entry in owners.get(blob, ())
+                          for _, _, nodes, _ in nodes_of(entry, first, count, blob)]
+            if not placements or any(node_id in nodes or sum(1 for n in nodes if n in alive)
+                                     < self.config.replication for nodes in placements):
+                continue
+            try:
+                self._drop(node_id, blob, first, count)
+            except protocol.BackupError as exc:
+                logger.info("surplus %s chunks %d..%d on node %s left to its next reconciliation: %s",
+                            blob, first, first + count - 1, node_id, exc)
 
     def _drop(self, node_id: str, blob: str, first: int, count: int) -> None:
         master = self.master

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+from types import SimpleNamespace
 
 import pytest
 
@@ -25,6 +26,7 @@ import protocol
 import transport
 from master import Master
 from namespace import Namespace, make_entry, put_record
+from repair import replicas_record
 
 CHUNK = 1024
 BATCH = 4
@@ -61,6 +63,45 @@ def test_undelete_brings_back_only_the_newest_delete_when_two_share_a_millisecon
     namespace.apply({"op": "delete", "name": "f", "trash": True, "t": 11.0, "i": 6})
     namespace.apply({"op": "undelete", "name": "f", "i": 7})  # and the older one after it
     assert [history.version_id(e) for e in namespace.history("f")] == [3]
+
+
+# --- surplus copies and readers -------------------------------------------------------------------
+def test_a_surplus_copy_a_pinned_reader_may_fetch_is_dropped_only_after_the_read(master, monkeypatch):
+    """Reconciliation drops a returning node's surplus copy only once no download pins its blob.
+
+    The reader's entry still lists node A: dropping A's copy under it leaves
+    the read one replica (B) where the placement it started from had two.
+    """
+    master.commit_uploads([("f", stored("v1", nodes=(A, B)), None)])
+    pinned = master.open_for_read("f")
+    master.log.commit([replicas_record("f", "v1", 0, 4, [A, B], [B, C])])  # A died, repaired to C
+    monkeypatch.setattr(master, "live_nodes", lambda: [SimpleNamespace(node_id=n) for n in (A, B, C)])
+    dropped = []
+    monkeypatch.setattr(master.repairer, "_drop", lambda *drop: dropped.append(drop))
+    master.repairer.reconcile(A, master.namespace.all_entries(), {"v1": [(0, 4)]})  # A is back
+    assert not dropped, "a copy a pinned download may read was dropped"
+    master.repairer.drop_deferred()
+    assert not dropped, "a copy a pinned download may read was dropped"
+    master.close_read(pinned)
+    master.repairer.drop_deferred()
+    assert dropped == [(A, "v1", 0, 4)], "the surplus copy stayed once the read was done"
+    master.repairer.drop_deferred()
+    assert len(dropped) == 1
+
+
+def test_a_deferred_drop_is_forgotten_when_the_copy_is_placed_again(master, monkeypatch):
+    """A surplus copy held back for a reader is not dropped if the placement uses it again meanwhile."""
+    master.commit_uploads([("f", stored("v1", nodes=(A, B)), None)])
+    pinned = master.open_for_read("f")
+    master.log.commit([replicas_record("f", "v1", 0, 4, [A, B], [B, C])])
+    monkeypatch.setattr(master, "live_nodes", lambda: [SimpleNamespace(node_id=n) for n in (A, B, C)])
+    dropped = []
+    monkeypatch.setattr(master.repairer, "_drop", lambda *drop: dropped.append(drop))
+    master.repairer.reconcile(A, master.namespace.all_entries(), {"v1": [(0, 4)]})
+    master.log.commit([replicas_record("f", "v1", 0, 4, [B, C], [B, A])])  # C lost it; A adopted again
+    master.close_read(pinned)
+    master.repairer.drop_deferred()
+    assert not dropped, "dropped a copy the placement uses again"
 
 
 # --- the client: a master lost mid-reply, a reader that goes away -------------------------------
