@@ -264,30 +264,37 @@ class Repairer:
 
     # --- bad copies ----------------------------------------------------------------------
     def report_corrupt(self, node_id: str, extents: list) -> None:
-        """A node dropped corrupt chunks ([blob, first, count] runs): take it off their lists."""
+        """A node dropped corrupt chunks ([blob, first, count] runs): take it off their lists.
+
+        A run the placement no longer puts on the node changes nothing and
+        is not counted again: a read's CHUNK_DATA named it already (the node
+        reports those in a heartbeat as well, in case the reply was lost).
+        """
         by_blob: dict[str, list[tuple[int, int]]] = {}
         for item in extents:
             if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
                     and all(type(n) is int for n in item[1:]) and item[1] >= 0 and item[2] > 0):
                 raise protocol.RemoteProtocolError("malformed corrupt-chunks report")
-            self.corrupt_replicas_found += 1
             by_blob.setdefault(item[0], []).append((item[1], item[2]))
         owners = self._blob_owners()
         for blob, ranges in by_blob.items():
             found = owners.get(blob)
             if not found:
                 continue
-            logger.warning("node %s found %r chunks %s corrupt; re-replicating", node_id, found[0][0],
-                           ", ".join(f"{first}..{first + count - 1}" for first, count in ranges[:5]))
             # Every kept entry using the blob: an older version may be the
             # only one that places the bad chunks (a write moved the current
             # one's copy of them to a new blob).  remove_replica reads each
             # as it is after the records before it: one that moved chunks
             # shared with a later-listed version split that version's runs.
+            taken_off = set()
             for name, entry in found:
-                self.remove_replica(name, entry, blob, ranges, node_id)
+                taken_off |= self.remove_replica(name, entry, blob, ranges, node_id)
+            if taken_off:
+                self.corrupt_replicas_found += len(taken_off)
+                logger.warning("node %s found %r chunks %s corrupt; re-replicating", node_id, found[0][0],
+                               ", ".join(f"{first}..{first + count - 1}" for first, count in sorted(taken_off)[:5]))
 
-    def remove_replica(self, name: str, entry: dict, blob: str, ranges: list, node_id: str) -> None:
+    def remove_replica(self, name: str, entry: dict, blob: str, ranges: list, node_id: str) -> set:
         """Take ``node_id`` off the list of exactly the chunks ``ranges`` ([(first, count)]) of ``blob``.
 
         Per chunk, not per batch: the node still holds the rest of the batch
@@ -298,16 +305,21 @@ class Repairer:
         reader's entry is the one pinned when the download began, and repair
         may have moved copies since, so records computed from it would not
         apply (compare-and-set) and the dropped copy would stay listed.
+        Returns the ranges of ``ranges`` the node was listed for, in part at least.
         """
         entry = self.master.namespace.find_entry(name, version_id(entry))
         if entry is None:
-            return  # dropped meanwhile: nothing places the chunks any more
-        records = [replicas_record(name, blob, f, c, nodes, [n for n in nodes if n != node_id])
-                   for first, count in ranges
-                   for f, c, nodes, _ in nodes_of(entry, first, count, blob) if node_id in nodes]
+            return set()  # dropped meanwhile: nothing places the chunks any more
+        records, listed = [], set()
+        for first, count in ranges:
+            for f, c, nodes, _ in nodes_of(entry, first, count, blob):
+                if node_id in nodes:
+                    records.append(replicas_record(name, blob, f, c, nodes, [n for n in nodes if n != node_id]))
+                    listed.add((first, count))
         if records:
             self.master.log.commit(records)
             self._wake.set()
+        return listed
 
     def _blob_owners(self) -> dict[str, list[tuple[str, dict]]]:
         """blob -> (name, entry) of every kept entry whose chunks live in it.

@@ -254,10 +254,14 @@ class StorageNode:
     def get(self, msg: protocol.GetChunks) -> protocol.ChunkData:
         """The chunks asked for that are intact, naming (and zeroing) the ones that are not.
 
-        Corrupt chunks are dropped by the store; they are not reported in a
-        heartbeat as well: the master that asked learns it from this reply,
-        and a second, late report could arrive after it had already placed a
-        fresh copy here, and take that good copy off.
+        Corrupt chunks are dropped by the store and named in this reply, and
+        reported in the next heartbeat too: the reply may never be read (the
+        connection drops, the master dies, or a download is abandoned with
+        replies still in flight), and until a report the master keeps this
+        node listed for chunks it no longer holds.  A second report is
+        harmless: the master only takes the node off chunks still placed on
+        it, and a report of chunks a repair re-copied here since is not
+        sent (take_corrupt_reports).
         """
         chunk_size, crc_bytes, payload, missing, corrupt = self.store.get_intact(msg.blob, msg.first, msg.count)
         if len(missing) + len(corrupt) > protocol.MAX_CHUNK_RANGES:
@@ -267,6 +271,7 @@ class StorageNode:
             logger.error("read of %s hit corrupt chunks %s; dropped them", msg.blob,
                          ", ".join(f"{first}+{count}" for first, count in corrupt[:10]))
             self._flush_drops()
+            self.queue_corrupt([(msg.blob, first, count) for first, count in corrupt])
         return protocol.ChunkData(blob=msg.blob, first=msg.first, count=msg.count, chunk_size=chunk_size,
                                   missing=[list(r) for r in missing] or None,
                                   corrupt=[list(r) for r in corrupt] or None, body=crc_bytes + payload)
@@ -418,7 +423,7 @@ class StorageNode:
                         if time.monotonic() >= report_due:
                             reconnect_now = True  # a scheduled re-report
                             break
-                        corrupt = self._take_corrupt_reports()
+                        corrupt = self.take_corrupt_reports()
                         put_seq = self.put_seq  # before the usage it covers
                         try:
                             conn.request(protocol.Heartbeat(
@@ -429,7 +434,7 @@ class StorageNode:
                                 quarantined_bytes=self.store.bytes_of(self.catalog.quarantined())),
                                 protocol.HeartbeatOk)
                         except BaseException as exc:
-                            self._queue_corrupt(corrupt)  # report them on the next connection
+                            self.queue_corrupt(corrupt)  # report them on the next connection
                             if isinstance(exc, protocol.NotLeader):
                                 # It lost the leadership: find the new leader now.
                                 logger.info("master %s is no longer the leader: %s", where, exc)
@@ -574,15 +579,24 @@ class StorageNode:
         return free <= 0
 
     # --- integrity: scrubbing, bad extents, compaction ----------------------------
-    def _queue_corrupt(self, extents) -> None:
+    def queue_corrupt(self, extents) -> None:
         with self._corrupt_lock:
             self._corrupt.extend(extents)
 
-    def _take_corrupt_reports(self) -> list:
-        """The corrupt extents for the next heartbeat: as many as fit one page, the rest wait for the next."""
+    def take_corrupt_reports(self) -> list:
+        """The corrupt extents for the next heartbeat: as many as fit one page, the rest wait for the next.
+
+        Only the chunks still not held: a report says "I dropped these, do
+        not count on me for them", and chunks put here again since it was
+        queued (the master's repair may choose this node for the fresh
+        copy) are that fresh copy, which a late report would take off the
+        master's placement.
+        """
         with self._corrupt_lock:
-            reports, _ = next(protocol.pages(self._corrupt))
-            self._corrupt = self._corrupt[len(reports):]
+            queued = [(blob, gap_first, gap_count) for blob, first, count in self._corrupt
+                      for gap_first, gap_count in self.store.unheld(blob, first, count)]
+            reports, _ = next(protocol.pages(queued))
+            self._corrupt = queued[len(reports):]
         return reports
 
     def _scrub_loop(self) -> None:
@@ -604,7 +618,7 @@ class StorageNode:
                 self._flush_drops()
                 logger.error("scrub found %d corrupt chunk run(s), dropped them, reporting: %s", len(corrupt),
                              ", ".join(f"{blob} {first}+{count}" for blob, first, count in corrupt[:10]))
-                self._queue_corrupt(corrupt)
+                self.queue_corrupt(corrupt)
             # Sleep so that this step's bytes take 1/rate seconds in all.
             self._stop.wait(max(step_bytes / rate - (time.monotonic() - started), 0.05))
 
@@ -638,7 +652,7 @@ class StorageNode:
         self.store.roll_if_dead(fraction, ROLL_DEAD_ACTIVE_MIN_BYTES, dead_bytes)
         result = self.store.compact(fraction, min_dead_bytes=dead_bytes)
         for blob, first, count in result.get("corrupt", []):
-            self._queue_corrupt([(blob, first, count)])
+            self.queue_corrupt([(blob, first, count)])
         if result.get("segments_compacted"):
             logger.info("compacted %d segment(s), reclaimed %d bytes", result["segments_compacted"],
                         result["bytes_reclaimed"])

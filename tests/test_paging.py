@@ -63,6 +63,9 @@ class SyntheticStore:
             for start in range(0, len(extents), slice_extents):
                 yield blob, extents[start:start + slice_extents]
 
+    def unheld(self, blob: str, first: int, count: int):
+        return [(first, count)]  # rotten chunks are dropped: none is held again
+
     def scrub_step(self, cursor, max_bytes: int):
         found, self.rotten = self.rotten, []
         return None, found

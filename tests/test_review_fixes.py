@@ -17,13 +17,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, flip_byte, random_bytes
 
 import client as client_module
 import config as config_module
 import history
 import protocol
 import transport
+from chunk_store import HEADER_BYTES
 from master import Master
 from namespace import Namespace, make_entry, put_record
 from repair import replicas_record
@@ -102,6 +103,60 @@ def test_a_deferred_drop_is_forgotten_when_the_copy_is_placed_again(master, monk
     master.close_read(pinned)
     master.repairer.drop_deferred()
     assert not dropped, "dropped a copy the placement uses again"
+
+
+# --- corrupt reports from a node ------------------------------------------------------------------
+@pytest.fixture
+def node(tmp_path):
+    from storage_node import StorageNode
+    node = StorageNode(config_module.load_config(None, scrub_rate_mb_s=0), str(tmp_path / "node"))
+    node.identity.check_master("c1", 1, holds_data=False)
+    yield node
+    node.store.close()
+    node.catalog.close()
+
+
+def put_chunks(node, blob: str, data: bytes) -> None:
+    crcs = protocol.crcs_to_bytes(protocol.chunk_crcs(data, CHUNK))
+    node.put(protocol.PutChunks(blob=blob, first=0, count=len(data) // CHUNK, chunk_size=CHUNK, body=crcs + data,
+                                cluster_id="c1", epoch=1))
+
+
+def rot_chunk(node, tmp_path, blob: str, count: int, chunk: int) -> None:
+    """Flip a byte of ``chunk`` of the one record of ``blob`` (the first one of the node's first segment)."""
+    directory = tmp_path / "node"
+    segment = sorted(p for p in directory.rglob("*") if p.is_file() and p.name.startswith("seg"))[0]
+    flip_byte(str(segment), HEADER_BYTES + len(blob) + 4 * count + chunk * CHUNK + 7)
+
+
+def test_a_scrub_report_of_chunks_re_copied_since_is_not_sent(node, tmp_path):
+    """The scrubber dropped chunk 2; repair put a fresh copy here before the heartbeat: it must not report it."""
+    data = random_bytes(31, 4 * CHUNK)
+    put_chunks(node, "b1", data)
+    rot_chunk(node, tmp_path, "b1", 4, 2)
+    _, corrupt = node.store.scrub_step(None, 1 << 20)
+    assert corrupt == [("b1", 2, 1)]
+    node.queue_corrupt(corrupt)  # what the scrub loop does
+    put_chunks(node, "b1", data)  # the master's repair re-copies the batch here
+    assert node.take_corrupt_reports() == [], "a late report would take the fresh copy off the placement"
+
+
+def test_corrupt_chunks_a_read_found_are_reported_in_a_heartbeat_too(node, tmp_path):
+    """GET_CHUNKS drops a rotten chunk and names it in the reply; the reply may be lost, so a heartbeat names it too."""
+    put_chunks(node, "b1", random_bytes(32, 4 * CHUNK))
+    rot_chunk(node, tmp_path, "b1", 4, 1)
+    reply = node.get(protocol.GetChunks(blob="b1", first=0, count=4))
+    assert reply.corrupt == [[1, 1]]
+    assert [list(run) for run in node.take_corrupt_reports()] == [["b1", 1, 1]]
+
+
+def test_a_corrupt_run_reported_twice_is_counted_once(master):
+    """The reply and the heartbeat both name a bad chunk: the node leaves its list once, one corrupt copy counted."""
+    master.commit_uploads([("f", stored("v1", nodes=(A, B)), None)])
+    master.repairer.report_corrupt(B, [["v1", 1, 1]])
+    master.repairer.report_corrupt(B, [["v1", 1, 1]])
+    assert master.namespace.files["f"]["runs"] == [[0, 1, [A, B]], [1, 1, [A]], [2, 2, [A, B]]]
+    assert master.repairer.corrupt_replicas_found == 1
 
 
 # --- the client: a master lost mid-reply, a reader that goes away -------------------------------
