@@ -14,7 +14,8 @@ metadata log (so a master restart resumes where it stopped):
   no committed file (and no upload in progress) uses are quarantined, not
   deleted (quarantine.py; metadata backups go to meta_backup.py); copies the
   namespace does not place on the node are adopted if their run is short of
-  copies, else dropped; chunks the namespace places on the node that it does
+  copies, else dropped, chunk by chunk (``_unneeded``: also the chunks of a
+  known blob no kept entry uses any more); chunks the namespace places on the node that it does
   not hold are taken off the node's list, and then repaired.  A surplus
   copy of a blob a download pins (master.pinned) is dropped only once the
   download is done, and only if it is still surplus then: the reader's
@@ -52,7 +53,7 @@ import meta_backup
 import protocol
 import transfers
 from history import version_id
-from namespace import entry_blobs, first_covering, placed_on, run_blob, uncovered
+from namespace import entry_blobs, first_covering, merge_ranges, placed_on, run_blob, uncovered
 
 logger = logging.getLogger("master.repair")
 
@@ -520,19 +521,11 @@ class Repairer:
             if blob in quarantined:
                 known_again.append(blob)
             for first, count in extents:
-                # Over every entry using the blob: a chunk only an older
-                # version uses is as much data as the current file's.
-                overlapping = [(name, f, c, nodes) for name, entry in found
-                               for f, c, nodes, _ in nodes_of(entry, first, count, blob)]
-                if not overlapping or any(node_id in nodes for _, _, _, nodes in overlapping):
-                    continue  # placed here (or no longer part of the file): keep
-                short = {(name, f, c, tuple(nodes)) for name, f, c, nodes in overlapping
-                         if sum(1 for n in nodes if n in alive) < replication}
-                if short:  # a copy we lack elsewhere: adopt it
-                    records += [replicas_record(name, blob, f, c, list(nodes), [*nodes, node_id])
-                                for name, f, c, nodes in sorted(short)]
-                else:
-                    drops.append((blob, first, count))
+                unneeded, short = self._unneeded(node_id, blob, first, count, found, alive)
+                # A copy we lack elsewhere: adopt it.
+                records += [replicas_record(name, blob, f, c, list(nodes), [*nodes, node_id])
+                            for name, f, c, nodes in sorted(short)]
+                drops += [(blob, f, c) for f, c in unneeded]
         # Chunks the namespace places on this node that it does not hold.
         # Only placements older than the node's report count (the snapshot
         # taken at REGISTER), and each change applies only if the placement
@@ -561,6 +554,30 @@ class Repairer:
                         "%d placement change(s)", node_id, len(orphans), len(drops), len(records))
             self._wake.set()
 
+    def _unneeded(self, node_id: str, blob: str, first: int, count: int, found: list, alive: set):
+        """(ranges to drop, runs to adopt) of the extent [first, first+count) of ``blob`` on ``node_id``.
+
+        Chunk by chunk, over every entry using the blob (``found``): a chunk
+        only an older version uses is as much data as the current file's.
+        A chunk is kept if some entry places it on the node, adopted (runs
+        ``(name, first, count, nodes)`` returned) if it is placed elsewhere
+        on fewer than ``replication`` live nodes, and else dropped: surplus,
+        or used by no kept entry any more (committed blobs never change, so
+        a chunk a logged write or trim freed is never used again; the
+        garbage collector drops it, but only on the nodes listed then, and
+        its queue does not outlive the master).  The rest of an extent a
+        node holds in part for the file is dropped too.
+        """
+        keep, short = [], set()
+        for name, entry in found:
+            for f, c, nodes, _ in nodes_of(entry, first, count, blob):
+                if node_id in nodes:
+                    keep.append((f, c))
+                elif sum(1 for n in nodes if n in alive) < self.config.replication:
+                    keep.append((f, c))
+                    short.add((name, f, c, tuple(nodes)))
+        return uncovered(first, count, merge_ranges(keep)), short
+
     def drop_deferred(self) -> None:
         """Drop the surplus copies reconciliation held back for readers, now that none pins them.
 
@@ -576,16 +593,14 @@ class Repairer:
         owners = self._blob_owners()
         alive = {n.node_id for n in self.master.live_nodes()}
         for node_id, blob, first, count in sorted(ready):
-            placements = [nodes for _, entry in owners.get(blob, ())
-                          for _, _, nodes, _ in nodes_of(entry, first, count, blob)]
-            if not placements or any(node_id in nodes or sum(1 for n in nodes if n in alive)
-                                     < self.config.replication for nodes in placements):
-                continue
-            try:
-                self._drop(node_id, blob, first, count)
-            except protocol.BackupError as exc:
-                logger.info("surplus %s chunks %d..%d on node %s left to its next reconciliation: %s",
-                            blob, first, first + count - 1, node_id, exc)
+            if blob not in owners:
+                continue  # the whole blob was freed meanwhile: the garbage collector's
+            for f, c in self._unneeded(node_id, blob, first, count, owners[blob], alive | {node_id})[0]:
+                try:
+                    self._drop(node_id, blob, f, c)
+                except protocol.BackupError as exc:
+                    logger.info("surplus %s chunks %d..%d on node %s left to its next reconciliation: %s",
+                                blob, f, f + c - 1, node_id, exc)
 
     def _drop(self, node_id: str, blob: str, first: int, count: int) -> None:
         master = self.master

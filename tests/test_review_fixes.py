@@ -26,7 +26,7 @@ import protocol
 import transport
 from chunk_store import HEADER_BYTES
 from master import Master
-from namespace import Namespace, make_entry, put_record
+from namespace import Namespace, make_entry, put_record, splice_runs
 from repair import replicas_record
 
 CHUNK = 1024
@@ -103,6 +103,52 @@ def test_a_deferred_drop_is_forgotten_when_the_copy_is_placed_again(master, monk
     master.close_read(pinned)
     master.repairer.drop_deferred()
     assert not dropped, "dropped a copy the placement uses again"
+
+
+def live(master, monkeypatch, *nodes) -> list:
+    """``nodes`` are the live ones; returns the list reconciliation's drops land in."""
+    monkeypatch.setattr(master, "live_nodes", lambda: [SimpleNamespace(node_id=n) for n in nodes])
+    dropped = []
+    monkeypatch.setattr(master.repairer, "_drop", lambda *drop: dropped.append(drop))
+    return dropped
+
+
+def test_reconciliation_drops_chunks_of_a_known_blob_that_no_version_uses_any_more(tmp_path, monkeypatch):
+    """A write moved chunks 4..7 to a new blob and the old version was dropped: a returning node's copy of them goes.
+
+    Node B was away when the garbage collector dropped them (or the master
+    restarted with the drop still queued): its extent of them no longer
+    overlaps any entry, which reconciliation used to keep for ever.
+    """
+    config = config_module.load_config(None, keep_versions=1, safe_mode_s=0)
+    m = Master(config, str(tmp_path / "master"))
+    try:
+        m.commit_uploads([("f", stored("v1", chunks=8, nodes=(A, B)), None)])
+        runs = splice_runs(m.namespace.files["f"], [[4, 4, [A, C]]], 4, 8)
+        m.commit_uploads([("f", make_entry(8 * CHUNK, CHUNK, "2" * 64, "v2", runs, BATCH),
+                           {"version": "v1", "first": 4, "end": 8})])
+        assert m.namespace.entries_of("f") == [m.namespace.files["f"]]  # v1 is gone, its chunks 0..3 stay used
+        dropped = live(m, monkeypatch, A, B, C)
+        m.repairer.reconcile(B, m.namespace.all_entries(), {"v1": [(0, 4), (4, 4)]})
+        assert dropped == [(B, "v1", 4, 4)], "chunks no version uses stay on the node for ever"
+    finally:
+        m.log.close()
+
+
+def test_reconciliation_drops_the_surplus_part_of_an_extent_the_node_holds_in_part_for_the_file(master, monkeypatch):
+    """A CRC failure on the wire took node B off chunk 2 (its copy was good) and repair copied it to C: B's chunk 2 goes.
+
+    The rest of B's extent is placed on B and stays; before, any placed
+    chunk kept the whole extent, surplus chunk included, for ever.
+    """
+    master.commit_uploads([("f", stored("v1", nodes=(A, B)), None)])
+    pinned = master.open_for_read("f")
+    master.note_bad_replica(B, "f", pinned, "v1", [(2, 1)], protocol.ChecksumMismatch("CRC failed on the wire"))
+    master.close_read(pinned)
+    master.log.commit([replicas_record("f", "v1", 2, 1, [A], [A, C])])  # repaired to C
+    dropped = live(master, monkeypatch, A, B, C)
+    master.repairer.reconcile(B, master.namespace.all_entries(), {"v1": [(0, 4)]})
+    assert dropped == [(B, "v1", 2, 1)], "a surplus chunk stays on node B"
 
 
 # --- corrupt reports from a node ------------------------------------------------------------------
