@@ -451,7 +451,7 @@ class Master:
             logger.warning("node %s has room again (%d bytes used, %d free for chunks)", msg.node_id,
                            msg.used_bytes, max(msg.free_bytes, 0))
         if msg.corrupt:
-            self.repairer.report_corrupt(msg.node_id, msg.corrupt)
+            self.repairer.report_corrupt(msg.node_id, msg.corrupt, msg.put_seq)
 
     def goodbye(self, msg: protocol.Goodbye) -> None:
         """A node is stopping cleanly: stop using it now rather than after dead_after_s of silence."""

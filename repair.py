@@ -63,6 +63,10 @@ _RESCAN_INTERVAL_S = 30.0
 # A repair pass logs its progress this often: a node's death is a start
 # line, a progress line every so often and a done line, not a line per batch.
 PROGRESS_LOG_INTERVAL_S = 10.0
+# How long the master remembers a repair copy's PUT_OK seq against late
+# corrupt reports (report_corrupt): longer than a report can take to arrive
+# after it is made (a heartbeat's request timeout), with a wide margin.
+FRESH_COPIES_KEPT_S = 120.0
 # STATUS lists the first damaged files by name in at most this many bytes of
 # JSON (names may be 1 KiB each); damaged_file_count gives the total.
 DAMAGED_LIST_BYTES = 8 * 1024
@@ -191,6 +195,7 @@ class Repairer:
         self._quarantined: dict[str, set] = {}  # node_id -> blobs it reports quarantined, being received
         self._to_reconcile: list[tuple[str, dict, dict, set]] = []
         self._deferred_drops: set[tuple[str, str, int, int]] = set()  # surplus a reader pinned
+        self._fresh_copies: dict[str, list] = {}  # node_id -> (time, seq, blob, first, count) repairs put there
         self._wake = threading.Event()
         self._stop = threading.Event()
         # Figures for STATUS.
@@ -233,6 +238,7 @@ class Repairer:
         """
         snapshot = self.master.namespace.all_entries()
         with self._lock:
+            self._fresh_copies.pop(node_id, None)  # its PUT_OK seqs restart with its process
             self._reports[node_id] = snapshot
             self._inventories[node_id] = {}
             self._quarantined[node_id] = set()
@@ -264,12 +270,15 @@ class Repairer:
         return True
 
     # --- bad copies ----------------------------------------------------------------------
-    def report_corrupt(self, node_id: str, extents: list) -> None:
+    def report_corrupt(self, node_id: str, extents: list, put_seq: int | None = None) -> None:
         """A node dropped corrupt chunks ([blob, first, count] runs): take it off their lists.
 
         A run the placement no longer puts on the node changes nothing and
         is not counted again: a read's CHUNK_DATA named it already (the node
         reports those in a heartbeat as well, in case the reply was lost).
+        ``put_seq`` (a heartbeat's): the report reflects the node's writes
+        up to that PUT_OK seq; chunks a repair copied there with a later
+        seq are that fresh copy, which the report has not seen, and stay.
         """
         by_blob: dict[str, list[tuple[int, int]]] = {}
         for item in extents:
@@ -277,6 +286,8 @@ class Repairer:
                     and all(type(n) is int for n in item[1:]) and item[1] >= 0 and item[2] > 0):
                 raise protocol.RemoteProtocolError("malformed corrupt-chunks report")
             by_blob.setdefault(item[0], []).append((item[1], item[2]))
+        if put_seq is not None:
+            by_blob = self._unseen_copies_kept(node_id, by_blob, put_seq)
         owners = self._blob_owners()
         for blob, ranges in by_blob.items():
             found = owners.get(blob)
@@ -294,6 +305,29 @@ class Repairer:
                 self.corrupt_replicas_found += len(taken_off)
                 logger.warning("node %s found %r chunks %s corrupt; re-replicating", node_id, found[0][0],
                                ", ".join(f"{first}..{first + count - 1}" for first, count in sorted(taken_off)[:5]))
+
+    def _note_copied(self, node_id: str, seq: int, blob: str, first: int, count: int) -> None:
+        """A repair put chunks of ``blob`` on ``node_id``, acknowledged with PUT_OK ``seq``.
+
+        Kept until a heartbeat shows the node has seen that write, and at
+        most FRESH_COPIES_KEPT_S (a report is made at most a heartbeat and a
+        request timeout before it arrives); forgotten when the node
+        registers again (its seq restarts with the process).
+        """
+        now = time.monotonic()
+        with self._lock:
+            kept = [c for c in self._fresh_copies.get(node_id, ()) if now - c[0] < FRESH_COPIES_KEPT_S]
+            self._fresh_copies[node_id] = [*kept, (now, seq, blob, first, count)]
+
+    def _unseen_copies_kept(self, node_id: str, by_blob: dict, put_seq: int) -> dict:
+        """``by_blob`` (blob -> [(first, count)]) less the chunks of repair copies the report has not seen."""
+        with self._lock:
+            fresh = [c for c in self._fresh_copies.get(node_id, ()) if c[1] > put_seq]
+            self._fresh_copies[node_id] = fresh
+        for _, _, blob, first, count in fresh:
+            if blob in by_blob:
+                by_blob[blob] = [gap for f, c in by_blob[blob] for gap in uncovered(f, c, [(first, count)])]
+        return {blob: ranges for blob, ranges in by_blob.items() if ranges}
 
     def remove_replica(self, name: str, entry: dict, blob: str, ranges: list, node_id: str) -> set:
         """Take ``node_id`` off the list of exactly the chunks ``ranges`` ([(first, count)]) of ``blob``.
@@ -464,7 +498,8 @@ class Repairer:
             placed = []
             for target in targets:
                 try:
-                    transfers.put_piece(master, target, entry, blob, first, count, body)
+                    seq = transfers.put_piece(master, target, entry, blob, first, count, body)
+                    self._note_copied(target, seq, blob, first, count)  # before the record: see report_corrupt
                     placed.append(target)
                 except protocol.BackupError as exc:
                     logger.debug("repair copy to node %s failed: %s", target, exc)

@@ -423,8 +423,11 @@ class StorageNode:
                         if time.monotonic() >= report_due:
                             reconnect_now = True  # a scheduled re-report
                             break
+                        # Before the usage it covers, and before the corrupt
+                        # reports: the master keeps repair copies with a later
+                        # seq, which the reports may not have seen.
+                        put_seq = self.put_seq
                         corrupt = self.take_corrupt_reports()
-                        put_seq = self.put_seq  # before the usage it covers
                         try:
                             conn.request(protocol.Heartbeat(
                                 node_id=self.node_id, used_bytes=self.store.used_bytes,

@@ -388,8 +388,8 @@ def batch_pieces(first: int, count: int, batch: int):
         first = stop
 
 
-def put_piece(master, node_id: str, entry: dict, blob: str, first: int, count: int, body) -> None:
-    """Write one piece (CRCs + payload) of a file's ``blob`` to a node and flush it."""
+def put_piece(master, node_id: str, entry: dict, blob: str, first: int, count: int, body) -> int:
+    """Write one piece (CRCs + payload) of a file's ``blob`` to a node and flush it; the PUT_OK's seq."""
     conn = master.pool.acquire(node_id)
     try:
         ack = conn.request(protocol.PutChunks(blob=blob, first=first, count=count,
@@ -399,6 +399,7 @@ def put_piece(master, node_id: str, entry: dict, blob: str, first: int, count: i
         conn.request(protocol.Flush(), protocol.Flushed)
     finally:
         master.pool.release(conn)
+    return ack.seq
 
 
 class UploadStream:

@@ -23,6 +23,7 @@ import client as client_module
 import config as config_module
 import history
 import protocol
+import transfers
 import transport
 from chunk_store import HEADER_BYTES
 from master import Master
@@ -194,6 +195,27 @@ def test_corrupt_chunks_a_read_found_are_reported_in_a_heartbeat_too(node, tmp_p
     reply = node.get(protocol.GetChunks(blob="b1", first=0, count=4))
     assert reply.corrupt == [[1, 1]]
     assert [list(run) for run in node.take_corrupt_reports()] == [["b1", 1, 1]]
+
+
+def test_a_report_made_before_a_repair_copy_landed_does_not_take_that_copy_off(master, monkeypatch):
+    """B's heartbeat left saying it lacks chunk 1; repair put a fresh copy on B before the master read it: B stays.
+
+    The heartbeat's put_seq says which of B's writes its report has seen;
+    the repair's PUT_OK carried a later seq.
+    """
+    master.commit_uploads([("f", stored("v1", nodes=(A, B)), None)])
+    master.repairer.report_corrupt(B, [["v1", 1, 1]], put_seq=5)  # a read or the scrubber: B dropped chunk 1
+    assert master.namespace.files["f"]["runs"][1] == [1, 1, [A]]
+    live(master, monkeypatch, A, B)
+    monkeypatch.setattr(master, "choose_replicas", lambda nbytes, avoid, count: [B])  # back to B: most room
+    monkeypatch.setattr(transfers, "read_piece", lambda *args: memoryview(bytes(4 + CHUNK)))
+    monkeypatch.setattr(transfers, "put_piece", lambda *args: 7)  # PUT_OK seq 7
+    master.repairer._repair(master.repairer.scan({A, B}))
+    assert master.namespace.files["f"]["runs"] == [[0, 4, [A, B]]]
+    master.repairer.report_corrupt(B, [["v1", 1, 1]], put_seq=6)  # queued again, sent before seq 7
+    assert master.namespace.files["f"]["runs"] == [[0, 4, [A, B]]], "a late report took the fresh copy off"
+    master.repairer.report_corrupt(B, [["v1", 1, 1]], put_seq=7)  # after it: that copy is bad too
+    assert master.namespace.files["f"]["runs"][1] == [1, 1, [A]]
 
 
 def test_a_corrupt_run_reported_twice_is_counted_once(master):
