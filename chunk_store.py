@@ -720,20 +720,6 @@ class ChunkStore:
                 return False
             return True
 
-    def unheld(self, blob: str, first: int, count: int) -> list[tuple[int, int]]:
-        """The (first, count) runs of first..first+count-1 of blob that are not stored, in order."""
-        with self._lock:
-            extents = self._index.get(blob, [])
-            lo, hi = self._overlapping(extents, first, count)
-            gaps, position, end = [], first, first + count
-            for extent in extents[lo:hi]:
-                if extent[FIRST] > position:
-                    gaps.append((position, extent[FIRST] - position))
-                position = max(position, extent[FIRST] + extent[COUNT])
-            if position < end:
-                gaps.append((position, end - position))
-            return gaps
-
     def delete_blobs(self, blobs) -> int:
         """Tombstone and forget each stored blob of blobs; return how many were stored.
 

@@ -378,7 +378,7 @@ class Master:
             # Not a placement target until its inventory is in: what it holds
             # must be known before anything new lands on it.
             node.reported = False
-        self.repairer.begin_report(msg.node_id)
+        self.repairer.begin_report(msg.node_id, msg.put_seq)
         if old_address != address:
             self.pool.discard_address(old_address)
         known = self.namespace.nodes.get(msg.node_id)
@@ -648,7 +648,7 @@ class Master:
         logger.error("bad replica of %r chunks %s on node %s: %s", name,
                      ", ".join(f"{first}..{first + count - 1}" for first, count in ranges[:5]), node_id, exc)
         if isinstance(exc, protocol.ChecksumMismatch):
-            self.repairer.corrupt_replicas_found += len(ranges)
+            self.repairer.count_corrupt_read(node_id, blob, ranges)
         self.repairer.remove_replica(name, entry, blob, ranges, node_id)
 
     # --- files -------------------------------------------------------------------------

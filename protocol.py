@@ -1145,8 +1145,10 @@ class Heartbeat(Message):
 
     ``full``: the node refuses writes (at capacity or out of disk space).
     ``corrupt``: extents found corrupt since the last heartbeat (by the
-    scrubber or a read), as ``[blob, first, count]``; the node has already
-    dropped them, the master re-replicates them from a good copy.  At most
+    scrubber or a read), as ``[blob, first, count, seq]`` (``seq``: its
+    put_seq just after the drop, so the master can tell a fresh repair copy
+    put later from the dropped one); the node has already dropped them, the
+    master re-replicates them from a good copy.  At most
     PAGE_BYTES of them per heartbeat; the rest go in the next ones.
     ``free_bytes``: bytes of chunks the node can still take, min(capacity -
     used, filesystem free space - reserve); -1 = unknown (the master then

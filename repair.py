@@ -47,6 +47,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import meta_backup
@@ -63,6 +64,10 @@ _RESCAN_INTERVAL_S = 30.0
 # A repair pass logs its progress this often: a node's death is a start
 # line, a progress line every so often and a done line, not a line per batch.
 PROGRESS_LOG_INTERVAL_S = 10.0
+# (node, blob) pairs whose corrupt runs found by reads the master remembers,
+# so the node's heartbeat naming them again is not counted twice
+# (corrupt_replicas_found).  A few KiB each at most.
+READ_COUNTED_KEPT = 1024
 # How long the master remembers a repair copy's PUT_OK seq against late
 # corrupt reports (report_corrupt): longer than a report can take to arrive
 # after it is made (a heartbeat's request timeout), with a wide margin.
@@ -195,6 +200,7 @@ class Repairer:
         self._quarantined: dict[str, set] = {}  # node_id -> blobs it reports quarantined, being received
         self._to_reconcile: list[tuple[str, dict, dict, set]] = []
         self._deferred_drops: set[tuple[str, str, int, int]] = set()  # surplus a reader pinned
+        self._counted_by_reads: OrderedDict = OrderedDict()  # (node, blob) -> runs a read counted
         self._fresh_copies: dict[str, list] = {}  # node_id -> (time, seq, blob, first, count) repairs put there
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -229,7 +235,7 @@ class Repairer:
         return self.safe_mode
 
     # --- inventories -------------------------------------------------------------------
-    def begin_report(self, node_id: str) -> None:
+    def begin_report(self, node_id: str, put_seq: int = 0) -> None:
         """A node registered: remember what the namespace held before it reports.
 
         Chunks committed after this moment may be missing from the node's
@@ -238,7 +244,8 @@ class Repairer:
         """
         snapshot = self.master.namespace.all_entries()
         with self._lock:
-            self._fresh_copies.pop(node_id, None)  # its PUT_OK seqs restart with its process
+            if any(c[1] > put_seq for c in self._fresh_copies.get(node_id, ())):
+                del self._fresh_copies[node_id]  # it restarted: its PUT_OK seqs start again from 0
             self._reports[node_id] = snapshot
             self._inventories[node_id] = {}
             self._quarantined[node_id] = set()
@@ -271,23 +278,27 @@ class Repairer:
 
     # --- bad copies ----------------------------------------------------------------------
     def report_corrupt(self, node_id: str, extents: list, put_seq: int | None = None) -> None:
-        """A node dropped corrupt chunks ([blob, first, count] runs): take it off their lists.
+        """A node dropped corrupt chunks ([blob, first, count, seq] runs): take it off their lists.
 
-        A run the placement no longer puts on the node changes nothing and
-        is not counted again: a read's CHUNK_DATA named it already (the node
-        reports those in a heartbeat as well, in case the reply was lost).
-        ``put_seq`` (a heartbeat's): the report reflects the node's writes
-        up to that PUT_OK seq; chunks a repair copied there with a later
-        seq are that fresh copy, which the report has not seen, and stay.
+        A run the placement no longer puts on the node changes nothing, and
+        one a read's CHUNK_DATA named already (the node reports those in a
+        heartbeat as well, in case the reply was lost) is not counted again.
+        ``seq``: the node's put_seq when it dropped the run (``put_seq``,
+        the heartbeat's, if a run lacks it).  Chunks a repair copied there
+        with a later PUT_OK seq are that fresh copy, which the report has
+        not seen: they stay placed on the node.
         """
         by_blob: dict[str, list[tuple[int, int]]] = {}
+        stamps: dict[str, list[tuple[int, int, int | None]]] = {}
         for item in extents:
-            if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
-                    and all(type(n) is int for n in item[1:]) and item[1] >= 0 and item[2] > 0):
+            if not (isinstance(item, list) and len(item) in (3, 4) and isinstance(item[0], str)
+                    and all(type(n) is int for n in item[1:]) and item[1] >= 0 and item[2] > 0
+                    and (len(item) == 3 or item[3] >= 0)):
                 raise protocol.RemoteProtocolError("malformed corrupt-chunks report")
             by_blob.setdefault(item[0], []).append((item[1], item[2]))
-        if put_seq is not None:
-            by_blob = self._unseen_copies_kept(node_id, by_blob, put_seq)
+            stamps.setdefault(item[0], []).append((item[1], item[2], item[3] if len(item) == 4 else put_seq))
+        self.corrupt_replicas_found += self._not_counted_yet(node_id, by_blob)
+        by_blob = self._without_later_copies(node_id, stamps)
         owners = self._blob_owners()
         for blob, ranges in by_blob.items():
             found = owners.get(blob)
@@ -302,32 +313,59 @@ class Repairer:
             for name, entry in found:
                 taken_off |= self.remove_replica(name, entry, blob, ranges, node_id)
             if taken_off:
-                self.corrupt_replicas_found += len(taken_off)
                 logger.warning("node %s found %r chunks %s corrupt; re-replicating", node_id, found[0][0],
                                ", ".join(f"{first}..{first + count - 1}" for first, count in sorted(taken_off)[:5]))
+
+    def count_corrupt_read(self, node_id: str, blob: str, ranges: list) -> None:
+        """A read found chunk ``ranges`` of ``blob`` corrupt on ``node_id``: count them, once.
+
+        The node names them in a heartbeat too; the runs of the
+        READ_COUNTED_KEPT newest (node, blob) pairs are remembered so that
+        report is not counted again.
+        """
+        key = (node_id, blob)
+        with self._lock:
+            self.corrupt_replicas_found += len(ranges)
+            self._counted_by_reads[key] = merge_ranges([*self._counted_by_reads.pop(key, ()), *ranges])
+            while len(self._counted_by_reads) > READ_COUNTED_KEPT:
+                self._counted_by_reads.popitem(last=False)
+
+    def _not_counted_yet(self, node_id: str, by_blob: dict) -> int:
+        """How many of a node's reported runs (blob -> [(first, count)]) no read has counted."""
+        new = 0
+        with self._lock:
+            for blob, ranges in by_blob.items():
+                counted = self._counted_by_reads.get((node_id, blob), [])
+                new += sum(1 for first, count in ranges if uncovered(first, count, counted))
+        return new
 
     def _note_copied(self, node_id: str, seq: int, blob: str, first: int, count: int) -> None:
         """A repair put chunks of ``blob`` on ``node_id``, acknowledged with PUT_OK ``seq``.
 
-        Kept until a heartbeat shows the node has seen that write, and at
-        most FRESH_COPIES_KEPT_S (a report is made at most a heartbeat and a
-        request timeout before it arrives); forgotten when the node
-        registers again (its seq restarts with the process).
+        Kept FRESH_COPIES_KEPT_S, against corrupt reports made before it
+        landed and arriving after (report_corrupt); forgotten when the node
+        registers again after a restart (its seq restarts with the process).
         """
         now = time.monotonic()
         with self._lock:
             kept = [c for c in self._fresh_copies.get(node_id, ()) if now - c[0] < FRESH_COPIES_KEPT_S]
             self._fresh_copies[node_id] = [*kept, (now, seq, blob, first, count)]
 
-    def _unseen_copies_kept(self, node_id: str, by_blob: dict, put_seq: int) -> dict:
-        """``by_blob`` (blob -> [(first, count)]) less the chunks of repair copies the report has not seen."""
+    def _without_later_copies(self, node_id: str, stamps: dict) -> dict:
+        """blob -> [(first, count)] of reported runs (blob -> [(first, count, seq)]) less the chunks of
+        repair copies put on the node with a PUT_OK seq after the run's."""
         with self._lock:
-            fresh = [c for c in self._fresh_copies.get(node_id, ()) if c[1] > put_seq]
-            self._fresh_copies[node_id] = fresh
-        for _, _, blob, first, count in fresh:
-            if blob in by_blob:
-                by_blob[blob] = [gap for f, c in by_blob[blob] for gap in uncovered(f, c, [(first, count)])]
-        return {blob: ranges for blob, ranges in by_blob.items() if ranges}
+            fresh = list(self._fresh_copies.get(node_id, ()))
+        by_blob = {}
+        for blob, runs in stamps.items():
+            ranges = []
+            for first, count, seq in runs:
+                later = merge_ranges([(f, c) for _, copy_seq, copy_blob, f, c in fresh
+                                      if copy_blob == blob and seq is not None and copy_seq > seq])
+                ranges += uncovered(first, count, later)
+            if ranges:
+                by_blob[blob] = ranges
+        return by_blob
 
     def remove_replica(self, name: str, entry: dict, blob: str, ranges: list, node_id: str) -> set:
         """Take ``node_id`` off the list of exactly the chunks ``ranges`` ([(first, count)]) of ``blob``.

@@ -260,8 +260,8 @@ class StorageNode:
         replies still in flight), and until a report the master keeps this
         node listed for chunks it no longer holds.  A second report is
         harmless: the master only takes the node off chunks still placed on
-        it, and a report of chunks a repair re-copied here since is not
-        sent (take_corrupt_reports).
+        it, counts a run once, and keeps a copy a repair put here after the
+        report was made (see queue_corrupt).
         """
         chunk_size, crc_bytes, payload, missing, corrupt = self.store.get_intact(msg.blob, msg.first, msg.count)
         if len(missing) + len(corrupt) > protocol.MAX_CHUNK_RANGES:
@@ -423,11 +423,8 @@ class StorageNode:
                         if time.monotonic() >= report_due:
                             reconnect_now = True  # a scheduled re-report
                             break
-                        # Before the usage it covers, and before the corrupt
-                        # reports: the master keeps repair copies with a later
-                        # seq, which the reports may not have seen.
-                        put_seq = self.put_seq
                         corrupt = self.take_corrupt_reports()
+                        put_seq = self.put_seq  # before the usage it covers
                         try:
                             conn.request(protocol.Heartbeat(
                                 node_id=self.node_id, used_bytes=self.store.used_bytes,
@@ -583,23 +580,23 @@ class StorageNode:
 
     # --- integrity: scrubbing, bad extents, compaction ----------------------------
     def queue_corrupt(self, extents) -> None:
+        """Queue (blob, first, count) runs just dropped as corrupt for the next heartbeat.
+
+        Each is stamped with put_seq as it is now, after the drop: a copy
+        the master's repair puts here later has a higher PUT_OK seq, so the
+        master knows the report predates that fresh copy, however late it
+        arrives, and keeps it placed.  Runs already stamped (a heartbeat
+        that failed) keep their stamp.
+        """
+        seq = self.put_seq
         with self._corrupt_lock:
-            self._corrupt.extend(extents)
+            self._corrupt.extend(tuple(e) if len(e) == 4 else (*e, seq) for e in extents)
 
     def take_corrupt_reports(self) -> list:
-        """The corrupt extents for the next heartbeat: as many as fit one page, the rest wait for the next.
-
-        Only the chunks still not held: a report says "I dropped these, do
-        not count on me for them", and chunks put here again since it was
-        queued (the master's repair may choose this node for the fresh
-        copy) are that fresh copy, which a late report would take off the
-        master's placement.
-        """
+        """The corrupt extents for the next heartbeat: as many as fit one page, the rest wait for the next."""
         with self._corrupt_lock:
-            queued = [(blob, gap_first, gap_count) for blob, first, count in self._corrupt
-                      for gap_first, gap_count in self.store.unheld(blob, first, count)]
-            reports, _ = next(protocol.pages(queued))
-            self._corrupt = queued[len(reports):]
+            reports, _ = next(protocol.pages(self._corrupt))
+            self._corrupt = self._corrupt[len(reports):]
         return reports
 
     def _scrub_loop(self) -> None:

@@ -163,10 +163,11 @@ def node(tmp_path):
     node.catalog.close()
 
 
-def put_chunks(node, blob: str, data: bytes) -> None:
+def put_chunks(node, blob: str, data: bytes) -> int:
+    """Store ``data`` as chunks 0.. of ``blob``; the PUT_OK's seq."""
     crcs = protocol.crcs_to_bytes(protocol.chunk_crcs(data, CHUNK))
-    node.put(protocol.PutChunks(blob=blob, first=0, count=len(data) // CHUNK, chunk_size=CHUNK, body=crcs + data,
-                                cluster_id="c1", epoch=1))
+    return node.put(protocol.PutChunks(blob=blob, first=0, count=len(data) // CHUNK, chunk_size=CHUNK, body=crcs + data,
+                                cluster_id="c1", epoch=1)).seq
 
 
 def rot_chunk(node, tmp_path, blob: str, count: int, chunk: int) -> None:
@@ -176,16 +177,21 @@ def rot_chunk(node, tmp_path, blob: str, count: int, chunk: int) -> None:
     flip_byte(str(segment), HEADER_BYTES + len(blob) + 4 * count + chunk * CHUNK + 7)
 
 
-def test_a_scrub_report_of_chunks_re_copied_since_is_not_sent(node, tmp_path):
-    """The scrubber dropped chunk 2; repair put a fresh copy here before the heartbeat: it must not report it."""
+def test_a_scrub_report_says_which_writes_it_predates(node, tmp_path):
+    """The scrubber dropped chunk 2 and repair put a fresh copy here before the heartbeat: the report says it is older.
+
+    Its seq is put_seq when the chunk was dropped, below the fresh copy's
+    PUT_OK seq, so the master keeps that copy placed (see the master test).
+    """
     data = random_bytes(31, 4 * CHUNK)
     put_chunks(node, "b1", data)
     rot_chunk(node, tmp_path, "b1", 4, 2)
     _, corrupt = node.store.scrub_step(None, 1 << 20)
     assert corrupt == [("b1", 2, 1)]
     node.queue_corrupt(corrupt)  # what the scrub loop does
-    put_chunks(node, "b1", data)  # the master's repair re-copies the batch here
-    assert node.take_corrupt_reports() == [], "a late report would take the fresh copy off the placement"
+    fresh_seq = put_chunks(node, "b1", data)  # the master's repair re-copies the batch here
+    [(blob, first, count, seq)] = node.take_corrupt_reports()
+    assert (blob, first, count) == ("b1", 2, 1) and seq < fresh_seq, "a late report would take the fresh copy off"
 
 
 def test_corrupt_chunks_a_read_found_are_reported_in_a_heartbeat_too(node, tmp_path):
@@ -194,17 +200,17 @@ def test_corrupt_chunks_a_read_found_are_reported_in_a_heartbeat_too(node, tmp_p
     rot_chunk(node, tmp_path, "b1", 4, 1)
     reply = node.get(protocol.GetChunks(blob="b1", first=0, count=4))
     assert reply.corrupt == [[1, 1]]
-    assert [list(run) for run in node.take_corrupt_reports()] == [["b1", 1, 1]]
+    assert [list(run)[:3] for run in node.take_corrupt_reports()] == [["b1", 1, 1]]
 
 
 def test_a_report_made_before_a_repair_copy_landed_does_not_take_that_copy_off(master, monkeypatch):
-    """B's heartbeat left saying it lacks chunk 1; repair put a fresh copy on B before the master read it: B stays.
+    """B reported chunk 1 dropped, but repair had put a fresh copy on B after the drop: B stays listed.
 
-    The heartbeat's put_seq says which of B's writes its report has seen;
-    the repair's PUT_OK carried a later seq.
+    Each reported run carries B's put_seq when it dropped the chunks; the
+    repair's PUT_OK carried a later seq.
     """
     master.commit_uploads([("f", stored("v1", nodes=(A, B)), None)])
-    master.repairer.report_corrupt(B, [["v1", 1, 1]], put_seq=5)  # a read or the scrubber: B dropped chunk 1
+    master.repairer.report_corrupt(B, [["v1", 1, 1, 5]])  # a read or the scrubber: B dropped chunk 1
     assert master.namespace.files["f"]["runs"][1] == [1, 1, [A]]
     live(master, monkeypatch, A, B)
     monkeypatch.setattr(master, "choose_replicas", lambda nbytes, avoid, count: [B])  # back to B: most room
@@ -212,19 +218,22 @@ def test_a_report_made_before_a_repair_copy_landed_does_not_take_that_copy_off(m
     monkeypatch.setattr(transfers, "put_piece", lambda *args: 7)  # PUT_OK seq 7
     master.repairer._repair(master.repairer.scan({A, B}))
     assert master.namespace.files["f"]["runs"] == [[0, 4, [A, B]]]
-    master.repairer.report_corrupt(B, [["v1", 1, 1]], put_seq=6)  # queued again, sent before seq 7
+    master.repairer.report_corrupt(B, [["v1", 1, 1, 6]], put_seq=9)  # made before seq 7, arriving after
     assert master.namespace.files["f"]["runs"] == [[0, 4, [A, B]]], "a late report took the fresh copy off"
-    master.repairer.report_corrupt(B, [["v1", 1, 1]], put_seq=7)  # after it: that copy is bad too
+    master.repairer.report_corrupt(B, [["v1", 1, 1, 7]], put_seq=9)  # after it: that copy is bad too
     assert master.namespace.files["f"]["runs"][1] == [1, 1, [A]]
 
 
-def test_a_corrupt_run_reported_twice_is_counted_once(master):
+def test_a_corrupt_run_a_read_found_and_the_heartbeat_repeats_is_counted_once(master):
     """The reply and the heartbeat both name a bad chunk: the node leaves its list once, one corrupt copy counted."""
     master.commit_uploads([("f", stored("v1", nodes=(A, B)), None)])
-    master.repairer.report_corrupt(B, [["v1", 1, 1]])
-    master.repairer.report_corrupt(B, [["v1", 1, 1]])
+    entry = master.namespace.files["f"]
+    master.note_bad_replica(B, "f", entry, "v1", [(1, 1)], protocol.ChecksumMismatch("chunk 1 corrupt"))
+    master.repairer.report_corrupt(B, [["v1", 1, 1, 3]])
     assert master.namespace.files["f"]["runs"] == [[0, 1, [A, B]], [1, 1, [A]], [2, 2, [A, B]]]
     assert master.repairer.corrupt_replicas_found == 1
+    master.repairer.report_corrupt(B, [["v1", 2, 1, 3]])  # the scrubber, later: another copy
+    assert master.repairer.corrupt_replicas_found == 2
 
 
 # --- the client: a master lost mid-reply, a reader that goes away -------------------------------
