@@ -289,6 +289,7 @@ class Master:
         self._garbage: dict[str, set[tuple]] = defaultdict(set)
         self._garbage_cond = threading.Condition()
         self._dropped_blobs: OrderedDict[str, None] = OrderedDict()  # see _remember_dropped
+        self._freed_ranges: OrderedDict[str, list] = OrderedDict()  # blob -> chunk ranges; see freed_ranges
         self._stop = threading.Event()
         self._gc_thread = threading.Thread(target=self._gc_loop, name="gc", daemon=True)
         self._liveness_thread = threading.Thread(target=self._liveness_loop, name="liveness", daemon=True)
@@ -1060,6 +1061,7 @@ class Master:
             still_used[blob] = merge_ranges(ranges)
         holders: dict[str, set] = defaultdict(set)
         items: list[tuple[str, tuple]] = []
+        freed: dict[str, list] = defaultdict(list)
         for run in entry["runs"]:
             first, count, nodes = run[:3]
             blob = run_blob(entry, run)
@@ -1068,9 +1070,15 @@ class Master:
                 continue
             for gap_first, gap_count in uncovered(first, count, still_used[blob]):
                 items += [(node_id, (blob, gap_first, gap_count)) for node_id in nodes]
+                freed[blob].append((gap_first, gap_count))
         for blob, nodes in holders.items():
             self.collect_garbage(blob, nodes)
             self._remember_dropped(blob)
+        with self._garbage_cond:
+            for blob, ranges in freed.items():
+                self._freed_ranges[blob] = merge_ranges([*self._freed_ranges.pop(blob, ()), *ranges])
+            while len(self._freed_ranges) > DROPPED_BLOBS_KEPT:
+                self._freed_ranges.popitem(last=False)
         if items:
             with self._garbage_cond:
                 for node_id, item in items:
@@ -1094,6 +1102,19 @@ class Master:
 
     def was_dropped(self, blob: str) -> bool:
         return blob in self._dropped_blobs
+
+    def freed_ranges(self, blob: str) -> list[tuple[int, int]]:
+        """Chunk ranges of ``blob`` (still used in part) that a logged write, trim or delete freed.
+
+        The garbage collector drops them only on the nodes that held them
+        then; reconciliation drops a copy a node reports later (repair had
+        taken it off while it was away).  Kept in memory for the
+        DROPPED_BLOBS_KEPT newest blobs, like ``was_dropped``: after a
+        restart such chunks are kept (never erase what the master does not
+        know it freed).
+        """
+        with self._garbage_cond:
+            return list(self._freed_ranges.get(blob, ()))
 
     def collect_garbage(self, blob: str, node_ids) -> None:
         """Ask ``node_ids`` to drop ``blob`` soon (in the background, with retries)."""

@@ -15,7 +15,7 @@ metadata log (so a master restart resumes where it stopped):
   deleted (quarantine.py; metadata backups go to meta_backup.py); copies the
   namespace does not place on the node are adopted if their run is short of
   copies, else dropped, chunk by chunk (``_unneeded``: also the chunks of a
-  known blob no kept entry uses any more); chunks the namespace places on the node that it does
+  known blob no kept entry uses that this master freed); chunks the namespace places on the node that it does
   not hold are taken off the node's list, and then repaired.  A surplus
   copy of a blob a download pins (master.pinned) is dropped only once the
   download is done, and only if it is still surplus then: the reader's
@@ -634,21 +634,23 @@ class Repairer:
         only an older version uses is as much data as the current file's.
         A chunk is kept if some entry places it on the node, adopted (runs
         ``(name, first, count, nodes)`` returned) if it is placed elsewhere
-        on fewer than ``replication`` live nodes, and else dropped: surplus,
-        or used by no kept entry any more (committed blobs never change, so
-        a chunk a logged write or trim freed is never used again; the
-        garbage collector drops it, but only on the nodes listed then, and
-        its queue does not outlive the master).  The rest of an extent a
-        node holds in part for the file is dropped too.
+        on fewer than ``replication`` live nodes, and dropped if it is
+        surplus (the rest of an extent the node holds in part for the file
+        too).  A chunk no kept entry uses is dropped if this master freed it
+        by a logged write, trim or delete (master.freed_ranges: the garbage
+        collector reached only the nodes listed then), else kept.
         """
-        keep, short = [], set()
+        keep, short, used = [], set(), []
         for name, entry in found:
             for f, c, nodes, _ in nodes_of(entry, first, count, blob):
+                used.append((f, c))
                 if node_id in nodes:
                     keep.append((f, c))
                 elif sum(1 for n in nodes if n in alive) < self.config.replication:
                     keep.append((f, c))
                     short.add((name, f, c, tuple(nodes)))
+        freed = self.master.freed_ranges(blob)
+        keep += [gap for f, c in uncovered(first, count, merge_ranges(used)) for gap in uncovered(f, c, freed)]
         return uncovered(first, count, merge_ranges(keep)), short
 
     def drop_deferred(self) -> None:
