@@ -15,8 +15,9 @@ metadata log (so a master restart resumes where it stopped):
   deleted (quarantine.py; metadata backups go to meta_backup.py); copies the
   namespace does not place on the node are adopted if their run is short of
   copies, else dropped, chunk by chunk (``_unneeded``: also the chunks of a
-  known blob no kept entry uses that this master freed); chunks the namespace places on the node that it does
-  not hold are taken off the node's list, and then repaired.  A surplus
+  known blob no kept entry uses that this master freed); chunks the
+  namespace places on the node that it does not hold are taken off the
+  node's list, and then repaired.  A surplus
   copy of a blob a download pins (master.pinned) is dropped only once the
   download is done, and only if it is still surplus then: the reader's
   entry may list that node (as garbage collection waits for readers).
@@ -297,7 +298,7 @@ class Repairer:
                 raise protocol.RemoteProtocolError("malformed corrupt-chunks report")
             by_blob.setdefault(item[0], []).append((item[1], item[2]))
             stamps.setdefault(item[0], []).append((item[1], item[2], item[3] if len(item) == 4 else put_seq))
-        self.corrupt_replicas_found += self._not_counted_yet(node_id, by_blob)
+        self._count_new_corrupt(node_id, by_blob)
         by_blob = self._without_later_copies(node_id, stamps)
         owners = self._blob_owners()
         for blob, ranges in by_blob.items():
@@ -330,14 +331,12 @@ class Repairer:
             while len(self._counted_by_reads) > READ_COUNTED_KEPT:
                 self._counted_by_reads.popitem(last=False)
 
-    def _not_counted_yet(self, node_id: str, by_blob: dict) -> int:
-        """How many of a node's reported runs (blob -> [(first, count)]) no read has counted."""
-        new = 0
+    def _count_new_corrupt(self, node_id: str, by_blob: dict) -> None:
+        """Count the runs of a node's report (blob -> [(first, count)]) that no read has counted."""
         with self._lock:
             for blob, ranges in by_blob.items():
                 counted = self._counted_by_reads.get((node_id, blob), [])
-                new += sum(1 for first, count in ranges if uncovered(first, count, counted))
-        return new
+                self.corrupt_replicas_found += sum(1 for first, count in ranges if uncovered(first, count, counted))
 
     def _note_copied(self, node_id: str, seq: int, blob: str, first: int, count: int) -> None:
         """A repair put chunks of ``blob`` on ``node_id``, acknowledged with PUT_OK ``seq``.

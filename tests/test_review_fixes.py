@@ -146,7 +146,7 @@ def test_reconciliation_drops_chunks_of_a_known_blob_that_no_version_uses_any_mo
 
 
 def test_reconciliation_drops_the_surplus_part_of_an_extent_the_node_holds_in_part_for_the_file(master, monkeypatch):
-    """A CRC failure on the wire took node B off chunk 2 (its copy was good) and repair copied it to C: B's chunk 2 goes.
+    """A CRC failure on the wire took node B off chunk 2 (its copy was good), repair copied it to C: B's goes.
 
     The rest of B's extent is placed on B and stays; before, any placed
     chunk kept the whole extent, surplus chunk included, for ever.
