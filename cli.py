@@ -206,24 +206,33 @@ def walk_tree(root: str):
     for an empty directory (its files re-create the others), else "special
     file".  Sorted, so runs repeat.
     """
+    for path, relative, kind, _ in walk_tree_stat(root):
+        yield path, relative, kind
+
+
+def walk_tree_stat(root: str):
+    """walk_tree, each item with the ``os.lstat`` result it was classed by (None for a directory)."""
     for directory, subdirs, names in os.walk(root, followlinks=False):
         subdirs.sort()
+        # One relpath per directory, not per file: it dominated walking a tree of small files.
+        above = os.path.relpath(directory, root).replace(os.sep, "/")
+        above = "" if above == "." else above + "/"
         if not subdirs and not names and os.path.abspath(directory) != os.path.abspath(root):
-            yield directory, os.path.relpath(directory, root).replace(os.sep, "/"), "directory"
+            yield directory, above.rstrip("/"), "directory", None
             continue
         for name in sorted(names) + [d for d in subdirs if os.path.islink(os.path.join(directory, d))]:
             path = os.path.join(directory, name)
-            relative = os.path.relpath(path, root).replace(os.sep, "/")
+            relative = above + name
             try:
-                mode = os.lstat(path).st_mode
+                st = os.lstat(path)
             except OSError:
                 continue
-            if stat.S_ISREG(mode):
-                yield path, relative, "file"
-            elif stat.S_ISLNK(mode):
-                yield path, relative, "symlink"
+            if stat.S_ISREG(st.st_mode):
+                yield path, relative, "file", st
+            elif stat.S_ISLNK(st.st_mode):
+                yield path, relative, "symlink", st
             else:
-                yield path, relative, "special file"
+                yield path, relative, "special file", st
 
 
 # walk_tree's kinds that a directory upload stores, as filemeta kinds.
@@ -1099,8 +1108,9 @@ class Client:
         previous = self.snapshots(prefix)
         members = {m["name"]: m for m in self.snapshot_members(previous[-1]["id"])} if previous else {}
         plan, references = [], []
-        for path, relative, kind in walk_tree(root):
-            if snapshots.excluded(relative, list(excludes)):
+        excludes = list(excludes)
+        for path, relative, kind, st in walk_tree_stat(root):
+            if excludes and snapshots.excluded(relative, excludes):
                 result.skipped += 1
                 continue
             if kind not in _STORED_KINDS:
@@ -1112,7 +1122,7 @@ class Client:
             name = f"{prefix}/{relative}"
             member = members.get(name)
             try:
-                st = os.lstat(path)
+                st = st or os.lstat(path)
                 size = 0 if kind == filemeta.DIRECTORY else st.st_size
                 same = snapshots.unchanged(member, kind, size, stat.S_IMODE(st.st_mode), st.st_mtime_ns)
                 if same and check_content:
@@ -1155,7 +1165,10 @@ class Client:
         """Record a snapshot of ``root`` with ``members`` ((relative name, version id)), sent in pages."""
         def send() -> protocol.SnapshotMade:
             conn = self.conn
-            for page, last in protocol.pages([list(m) for m in members]):
+            # Paged by a bound of each pair's JSON bytes (a name's are at most twice its UTF-8 bytes):
+            # encoding every pair to measure it would double the cost.
+            for page, last in protocol.pages([list(m) for m in members],
+                                             size=lambda m: 2 * len(m[0].encode("utf-8")) + 26):
                 conn.send(protocol.SnapshotAdd(root=root, members=page, done=last), flush=last)
             return conn.expect(protocol.SnapshotMade)
         return self._retrying(False, send)

@@ -842,13 +842,14 @@ class Master:
         lines, explicit, total = [], [], 0
         seen = set()
         for relative, vid in members:
-            name = protocol.validate_name(f"{root}/{relative}")
+            # No validate_name: a name not in the namespace fails find_entry, and every stored name was checked.
+            name = f"{root}/{relative}"
             if relative in seen:
-                raise protocol.RemoteProtocolError(f"{name!r} is listed twice in the snapshot")
+                raise protocol.RemoteProtocolError(f"{name[:200]!r} is listed twice in the snapshot")
             seen.add(relative)
             entry = self.namespace.find_entry(name, vid)
             if entry is None:
-                raise protocol.FileNotFound(f"{name!r} has no kept version {vid}: it cannot enter the snapshot")
+                raise protocol.FileNotFound(f"{name[:200]!r} has no kept version {vid}: it cannot enter the snapshot")
             if self.namespace.files.get(name) is not entry:
                 explicit.append([name, vid])
             lines.append(snapshots.member_line(relative, entry))
@@ -910,8 +911,9 @@ class Master:
         logger.info("forgot snapshot(s) %s: %d bytes of data freed", ", ".join(map(str, ids)), freed)
         return {"ids": ids, "freed_bytes": freed}
 
-    def read_manifest(self, snapshot_id: int) -> tuple[dict, list[dict]]:
-        """(record, member documents) of a snapshot, its manifest read from the nodes (CRC-checked, SHA-256)."""
+    def read_manifest(self, snapshot_id: int) -> tuple[dict, list[dict], list[int]]:
+        """(record, member documents, a bound of each one's JSON bytes) of a snapshot, its manifest read
+        from the nodes (CRC-checked, SHA-256)."""
         snap = self.namespace.snapshots.get(snapshot_id)
         if snap is None:
             raise protocol.FileNotFound(f"no snapshot {snapshot_id} (see: snapshots)")
@@ -928,10 +930,12 @@ class Master:
         if sha.hexdigest() != entry["sha256"]:
             raise protocol.ChecksumMismatch(f"the manifest of snapshot {snapshot_id} is damaged")
         try:
-            header, lines = snapshots.decode_manifest(pieces)
+            header, lines, sizes = snapshots.decode_manifest(pieces)
         except ValueError as exc:
             raise protocol.DataLost(f"the manifest of snapshot {snapshot_id}: {exc}") from None
-        return snap, [snapshots.member_document(header["root"], line) for line in lines]
+        root = header["root"]
+        return (snap, [snapshots.member_document(root, line) for line in lines],
+                [snapshots.document_bytes_bound(root, size) for size in sizes])
 
     def status(self) -> protocol.StatusReply:
         """Nodes and totals.  A node's usage is its last report plus the batches it acknowledged
@@ -1667,8 +1671,9 @@ class MasterHandler(ObservedHandler, transport.RequestHandler):
             self.reply(protocol.SnapshotsPage(entries=page, done=last), flush=last)
 
     def do_SNAPSHOT_MEMBERS(self, msg: protocol.SnapshotMembers) -> None:
-        _, members = self.master.read_manifest(msg.id)
-        for page, last in protocol.pages(members):
+        _, members, sizes = self.master.read_manifest(msg.id)
+        bound = dict(zip(map(id, members), sizes))
+        for page, last in protocol.pages(members, size=lambda doc: bound[id(doc)]):
             self.reply(protocol.SnapshotMembersPage(entries=page, done=last), flush=last)
 
     def do_SNAPSHOT_FORGET(self, msg: protocol.SnapshotForget) -> None:

@@ -18,6 +18,7 @@ import pytest
 from conftest import FAST_MASTER, FAST_TIMING, call, running_cluster
 
 import client as client_module
+import protocol
 import snapshots
 from namespace import Namespace, make_entry, put_record
 
@@ -68,10 +69,21 @@ def test_explicit_pin_keeps_a_version_not_current_at_the_snapshot():
 def test_manifest_round_trip_and_member_documents():
     entry = {**stored("v1", 10), "commit_index": 7, "meta": {"type": "file", "mode": 0o640, "mtime_ns": 5}}
     data = snapshots.encode_manifest("root", [snapshots.member_line("a/b", entry)])
-    header, lines = snapshots.decode_manifest([data[:5], data[5:]])
+    header, lines, sizes = snapshots.decode_manifest([data[:5], data[5:]])
     assert header["root"] == "root" and header["files"] == 1
     assert snapshots.member_document("root", lines[0]) == {
         "name": "root/a/b", "version": 7, "size": 10, "sha256": entry["sha256"], "meta": entry["meta"]}
+
+
+@pytest.mark.parametrize("relative, meta", [("a", None), ('é"\\ü/ÿ€😀', {"type": "symlink", "mode": 511,
+                                                                           "mtime_ns": 2 ** 62, "uid": 0, "gid": 0})])
+def test_member_pages_are_cut_by_a_bound_of_each_documents_bytes(relative, meta):
+    """SNAPSHOT_MEMBERS pages by the manifest line's length: never less than the document's JSON bytes."""
+    entry = {**stored("v1"), "commit_index": 123456789, **({"meta": meta} if meta else {})}
+    data = snapshots.encode_manifest("rööt", [snapshots.member_line(relative, entry)])
+    _, lines, sizes = snapshots.decode_manifest([data])
+    document = snapshots.member_document("rööt", lines[0])
+    assert snapshots.document_bytes_bound("rööt", sizes[0]) >= protocol.json_size(document)
     with pytest.raises(ValueError):
         snapshots.decode_manifest([b"garbage"])
 
