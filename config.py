@@ -46,6 +46,10 @@ class Config:
     failover_timeout_s: float = 10.0
     raft_heartbeat_ms: int = 150
     raft_election_ms: int = 1000
+    raft_snapshot_every: int = 10000
+    raft_snapshot_log_mb: int = 64
+    raft_snapshot_trailing: int = 1000
+    raft_snapshot_piece_kb: int = 1024
     safe_mode_s: float = 15.0
     repair_rate_mb_s: float = 50.0
     scrub_rate_mb_s: float = 4.0
@@ -116,6 +120,10 @@ _KEYS = [
     ("timing", "failover_timeout_s", "failover_timeout_s", float),
     ("raft", "heartbeat_ms", "raft_heartbeat_ms", int),
     ("raft", "election_ms", "raft_election_ms", int),
+    ("raft", "snapshot_every", "raft_snapshot_every", int),
+    ("raft", "snapshot_log_mb", "raft_snapshot_log_mb", int),
+    ("raft", "snapshot_trailing", "raft_snapshot_trailing", int),
+    ("raft", "snapshot_piece_kb", "raft_snapshot_piece_kb", int),
     ("repair", "safe_mode_s", "safe_mode_s", float),
     ("repair", "repair_rate_mb_s", "repair_rate_mb_s", float),
     ("repair", "scrub_rate_mb_s", "scrub_rate_mb_s", float),
@@ -282,6 +290,10 @@ def validate(config: Config) -> None:
         parse_addresses(config.masters, "masters")
     if not 0 < config.raft_heartbeat_ms < config.raft_election_ms:
         raise ValueError("[raft] needs 0 < heartbeat_ms < election_ms")
+    if min(config.raft_snapshot_every, config.raft_snapshot_log_mb, config.raft_snapshot_trailing) < 0:
+        raise ValueError("[raft] snapshot_every, snapshot_log_mb and snapshot_trailing must be >= 0")
+    if not 1 <= config.raft_snapshot_piece_kb <= 8192:  # a piece travels in one RAFT frame body (16 MiB max)
+        raise ValueError("[raft] snapshot_piece_kb must be between 1 and 8192")
 
 
 def master_addresses(config: Config, own: str) -> list[tuple[str, int]]:

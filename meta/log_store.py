@@ -238,16 +238,19 @@ class LogStore:
                     {"format": STATE_FORMAT, "term": hard.term, "vote": hard.vote})
         self._hard = hard
 
-    def append(self, entries) -> None:
-        """Append consecutive ``entries`` starting at ``next_index``: one write, one fsync."""
+    def append(self, entries) -> int:
+        """Append consecutive ``entries`` starting at ``next_index``: one write, one fsync.
+
+        Returns the bytes written (the driver counts them to decide when to checkpoint).
+        """
         entries = list(entries)
         if not entries:
-            return
+            return 0
         if entries[0].index != self.next_index:
             raise ValueError(f"append at {entries[0].index}, log continues at {self.next_index}")
-        self._guard(self._append, entries)
+        return self._guard(self._append, entries)
 
-    def _append(self, entries: list[Entry]) -> None:
+    def _append(self, entries: list[Entry]) -> int:
         if not self._segments or self._segments[-1].size >= self._segment_bytes:
             self._new_segment(entries[0].index)
         seg = self._segments[-1]
@@ -258,7 +261,9 @@ class LogStore:
         for line in lines:
             seg.offsets.append(offset)
             offset += len(line)
+        written = offset - seg.size
         seg.size = offset
+        return written
 
     def _new_segment(self, first: int) -> None:
         path = self._path(f"raftlog-{first:012d}.log")

@@ -808,8 +808,8 @@ class RaftCore:
         if prev_term is None:
             if prev < self._log_start:
                 pr.state, pr.snap_index, pr.snap_offset, pr.inflight = SNAPSHOT, -1, 0, []
-                self._notes.append(f"sending snapshot {self._snap.index} "
-                                   f"({self._snap.size_bytes} bytes) to {peer}")
+                self._notes.append(f"sending snapshot {self._snap.index} ({self._snap.size_bytes} bytes, "
+                                   f"pieces of {self.cfg.snapshot_piece_bytes}) to {peer}")
                 self._send_snapshot_piece(peer, pr)
                 return
             prev = pr.next = self.last_index + 1  # beyond our log (should not happen): re-probe

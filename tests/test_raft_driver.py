@@ -5,6 +5,7 @@ Fast ticks (10 ms, election 200-400 ms) keep each test to about a second.
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -13,7 +14,7 @@ from conftest import wait_until
 
 from meta.driver import LeadershipLost, RaftDriver
 from meta.messages import from_wire, to_wire
-from meta.raft import NotLeader, RaftConfig
+from meta.raft import MembershipChangeRefused, NotLeader, RaftConfig
 
 IDS = ("m1", "m2", "m3")
 FAST = RaftConfig(election_ticks=20, heartbeat_ticks=3)
@@ -23,8 +24,9 @@ TICK_S = 0.01
 class Group:
     """Drivers wired by a network that goes through the wire form and can cut members off."""
 
-    def __init__(self, tmp_path):
+    def __init__(self, tmp_path, config=FAST, snapshot_every=0):
         self.tmp_path = tmp_path
+        self.config, self.snapshot_every = config, snapshot_every
         self.drivers: dict[str, RaftDriver] = {}
         self.states: dict[str, list] = {}
         self.cut: set[str] = set()
@@ -38,12 +40,15 @@ class Group:
         if target is not None:
             target.step(from_wire(*to_wire(msg)))
 
-    def start(self, node_id):
+    def start(self, node_id, join=False):
         state = self.states[node_id] = []
-        driver = RaftDriver(node_id, IDS, str(self.tmp_path / node_id), send=self.send, apply=lambda index, record: state.append(record),
-                            tick_s=TICK_S, config=FAST)
+        driver = RaftDriver(node_id, IDS, str(self.tmp_path / node_id), send=self.send,
+                            apply=lambda index, record: state.append(record),
+                            take_state=lambda: list(state), restore=lambda saved: state.__setitem__(slice(None), saved),
+                            snapshot_every=self.snapshot_every, join=join, tick_s=TICK_S, config=self.config)
         with self.lock:
             self.drivers[node_id] = driver
+        driver.bootstrap()
         driver.start()
         return driver
 
@@ -91,7 +96,7 @@ def test_many_proposals_share_appends(group, monkeypatch):
     leader = wait_until(group.leader, 10, message="a leader")
     appends = []
     original = leader.store.append
-    monkeypatch.setattr(leader.store, "append", lambda entries: (appends.append(len(entries)), original(entries)))
+    monkeypatch.setattr(leader.store, "append", lambda entries: (appends.append(len(entries)), original(entries))[1])
     threads = [threading.Thread(target=leader.propose, args=([{"n": n}], 10)) for n in range(40)]
     for t in threads:
         t.start()
@@ -126,3 +131,76 @@ def test_minority_leader_cannot_commit(group):
     group.cut.clear()
     wait_until(lambda: all(s == [{"op": "kept"}] for s in group.states.values()), 10,
                message="the old leader's unacknowledged record replaced by the majority's")
+
+
+SMALL = RaftConfig(election_ticks=20, heartbeat_ticks=3, snapshot_piece_bytes=64, trailing_entries=2)
+
+
+def test_checkpoint_compacts_log_and_lagging_member_gets_it_in_pieces(tmp_path, caplog):
+    """Checkpoints every 5 entries compact the log; a member that was down while the log moved
+    past it receives the checkpoint in 64-byte pieces, installs it, continues from the log, and a
+    restart of every member rebuilds the same state from checkpoint + log."""
+    caplog.set_level("INFO", logger="raft")
+    g = Group(tmp_path, SMALL, snapshot_every=5)
+    try:
+        for node_id in IDS:
+            g.start(node_id)
+        leader = wait_until(g.leader, 10, message="a leader")
+        lagging = next(i for i in IDS if i != leader.id)
+        g.stop(lagging)
+        expected = []
+        for n in range(30):
+            leader.propose([{"n": n, "pad": "x" * 20}], timeout_s=5)
+            expected.append({"n": n, "pad": "x" * 20})
+        wait_until(lambda: leader.store.first_index > 10, 5, message="the leader compacted its log")
+        assert os.path.exists(tmp_path / leader.id / "checkpoint.json")
+        g.start(lagging)
+        wait_until(lambda: g.states[lagging] == expected, 10, message="the lagging member caught up")
+        assert g.drivers[lagging].core.snapshot.index > 0  # through a snapshot, not the log
+        pieces = [r.getMessage() for r in caplog.records if "sending snapshot" in r.getMessage()]
+        assert pieces and "pieces of 64" in pieces[0], pieces
+        assert any(r.getMessage().startswith(f"{lagging}: installed snapshot") for r in caplog.records)
+        leader.propose([{"n": "after"}], timeout_s=5)
+        expected.append({"n": "after"})
+        wait_until(lambda: g.states[lagging] == expected, 5, message="the log continues after the snapshot")
+        g.close()
+        for node_id in IDS:  # all restart: checkpoint + remaining log give the same state
+            g.start(node_id)
+            assert g.drivers[node_id].store.first_index > 1 or node_id == lagging
+        leader = wait_until(g.leader, 10, message="a leader after the restart")
+        leader.propose([{"n": "last"}], timeout_s=5)
+        expected.append({"n": "last"})
+        wait_until(lambda: all(s == expected for s in g.states.values()), 10, message="every member has it all")
+    finally:
+        g.close()
+
+
+def test_join_as_learner_then_replace_a_member(tmp_path):
+    """A member started to join has no membership: it never campaigns; added as a learner it
+    receives the checkpoint and the log, is promoted once caught up, and the old member goes."""
+    g = Group(tmp_path, SMALL, snapshot_every=5)
+    try:
+        for node_id in IDS:
+            g.start(node_id)
+        leader = wait_until(g.leader, 10, message="a leader")
+        for n in range(12):
+            leader.propose([{"n": n}], timeout_s=5)
+        new = g.start("m4", join=True)
+        assert new.core.membership.voters == frozenset()
+        with pytest.raises(MembershipChangeRefused):
+            leader.change_membership("promote", "m4", timeout_s=5)  # not even a learner
+        index = leader.change_membership("add_learner", "m4", timeout_s=5)
+        wait_until(lambda: g.states["m4"] == g.states[leader.id] and leader.status()["commit"] >= index, 10,
+                   message="the learner caught up")
+        assert new.core.snapshot.index > 0
+        leader.change_membership("promote", "m4", timeout_s=5)
+        wait_until(lambda: leader.status()["commit"] >= leader.core.last_index, 5, message="promotion committed")
+        old = next(i for i in IDS if i != leader.id)
+        leader.change_membership("remove", old, timeout_s=5)
+        wait_until(lambda: leader.membership(timeout_s=5).voters == frozenset(set(IDS) - {old} | {"m4"}), 5,
+                   message="the old member removed")
+        g.stop(old)
+        leader.propose([{"n": "with m4"}], timeout_s=5)  # m4 now counts in the majority
+        wait_until(lambda: g.states["m4"][-1:] == [{"n": "with m4"}], 5, message="m4 applied it")
+    finally:
+        g.close()
