@@ -1260,6 +1260,12 @@ class Client:
     def reclaim_orphans(self, node_id: str) -> protocol.OrphansReclaimed:
         return self.conn.request(protocol.ReclaimOrphans(node_id=node_id), protocol.OrphansReclaimed)
 
+    def masters_replace(self, old: str, new: str) -> protocol.MastersReplaced:
+        """Replace master ``old`` by ``new`` in a replicated group (the leader does it step by step;
+        idempotent, so following NOT_LEADER or retrying is safe)."""
+        return self._retrying(True, lambda: self.conn.request(protocol.MastersReplace(old=old, new=new),
+                                                               protocol.MastersReplaced))
+
     def health(self) -> dict:
         """{"status": HEALTH_*, "checks": [...]}, as the master computes it (health.py)."""
         reply = self.conn.request(protocol.Health(), protocol.HealthReply)
@@ -1914,6 +1920,14 @@ def cmd_health(client: Client, args) -> int:
     return health_module.SEVERITY_RANK.get(cluster_health["status"], EXIT_ERROR)
 
 
+def cmd_masters(client: Client, args) -> int:
+    """``masters replace OLD NEW``: one membership change at a time through the replicated log."""
+    reply = client.masters_replace(args.old, args.new)
+    print(f"replaced {args.old} by {args.new}; voters: {', '.join(reply.voters)}"
+          + (f"; learners: {', '.join(reply.learners)}" if reply.learners else ""))
+    return EXIT_OK
+
+
 def cmd_http_token(client: Client, args) -> int:
     """Print the status page's token derived from the shared secret (no network)."""
     if client.security is None or not client.security.secret:
@@ -1951,6 +1965,7 @@ COMMANDS = {
     "http-token": cmd_http_token,
     "snapshots": cmd_snapshots,
     "diff": cmd_diff,
+    "masters": cmd_masters,
 }
 # Commands that take a name's write lock, and so --wait / --no-wait.
 WRITERS = ("upload", "delete", "append", "write", "touch", "undelete")
@@ -2180,6 +2195,17 @@ def build_arg_parser() -> argparse.ArgumentParser:
                      "the checks that fire (README, Health).  Exits 0, 1 or 2 accordingly, for cron and "
                      "Nagios-style checks; other statuses are the usual errors (5: master unreachable).")
     health.add_argument("--detail", action="store_true", help="one line per check, with the nodes or files concerned")
+    masters = command("masters", "change the masters of a replicated group (masters replace OLD NEW)",
+                      "replace OLD NEW: bring master NEW (started empty with `master.py --join`) into the group "
+                      "and take OLD out, one membership change at a time through the log: NEW joins as a "
+                      "learner, catches up (from the checkpoint) before it counts in any majority, becomes a "
+                      "voter, then OLD is removed.  Safe to run again if interrupted.")
+    masters_ops = masters.add_subparsers(dest="masters_op", required=True, metavar="OP",
+                                         help="the change to make (only replace for now)")
+    replace = masters_ops.add_parser("replace", help="replace master OLD by master NEW",
+                                     description="Replace master OLD (HOST:PORT) by master NEW (HOST:PORT).")
+    replace.add_argument("old", metavar="OLD", help="HOST:PORT of the master to take out")
+    replace.add_argument("new", metavar="NEW", help="HOST:PORT of the new master (running with --join)")
     http_token = command("http-token", "print the status page's token, derived from the shared secret",
                          "Print the token the master's status page and /metrics require when served beyond "
                          "loopback, derived from the shared secret (--secret-file).  Needs no network.")
@@ -2190,7 +2216,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
                       ("list", listing), ("status", status), ("versions", versions), ("undelete", undelete),
                       ("trash", trash), ("verify", verify_cmd), ("reclaim-orphans", reclaim), ("health", health),
                       ("http-token", http_token), ("snapshots", snapshots_cmd), ("diff", diff_cmd),
-                      ("prune", prune)):
+                      ("prune", prune), ("masters", masters)):
         add_client_options(sub, writer=name in WRITERS, top=False)
     return parser
 

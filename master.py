@@ -72,6 +72,9 @@ logger = logging.getLogger("master")
 EXIT_OK = 0
 EXIT_CONFIG = 2
 EXIT_START_FAILED = 3
+# A master of a replicated group whose data dir is empty while its peers saw it
+# holding a log (it lost its state), or that joins under a voter's address.
+EXIT_LOST_STATE = 4
 
 # Idle connections kept per node address for reuse.
 _POOL_IDLE_PER_NODE = 16
@@ -251,15 +254,15 @@ class Master:
     """
 
     def __init__(self, config: config_module.Config, data_dir: str, clock=time.monotonic,
-                 security: transport.Security | None = None):
+                 security: transport.Security | None = None, join: bool = False):
         self.config = config
         self.clock = clock
         self.started = clock()
         self.security = security or transport.NO_SECURITY
         self.namespace = Namespace()
         # Several masters in [cluster] masters: the log is replicated by Raft (replication.py).
-        members = replication.group_of(config)
-        self.replication = (replication.ReplicatedLog(self, config, data_dir, members, self.security)
+        members = replication.group_of(config, data_dir, join)
+        self.replication = (replication.ReplicatedLog(self, config, data_dir, members, self.security, join=join)
                             if members else None)
         self.log = self.replication or MetadataLog(data_dir, self.namespace,
                                                    checkpoint_every=config.checkpoint_every)
@@ -1236,6 +1239,17 @@ class MasterHandler(ObservedHandler, transport.RequestHandler):
             raise protocol.UnknownOperation("this master is not in a replicated group")
         self.master.replication.step(msg.msg, bytes(msg.body))
 
+    def do_RAFT_PROBE(self, msg: protocol.RaftProbe) -> None:
+        """A peer with an empty data dir asks whether it lost its state (replication.py)."""
+        if self.master.replication is None:
+            raise protocol.UnknownOperation("this master is not in a replicated group")
+        self.reply(self.master.replication.probe_reply(msg.member))
+
+    def do_MASTERS_REPLACE(self, msg: protocol.MastersReplace) -> None:
+        if self.master.replication is None:
+            raise protocol.UnknownOperation("this master is not in a replicated group")
+        self.reply(self.master.replication.replace(msg.old, msg.new))
+
     # --- clients: uploads ---
     def setup(self):
         super().setup()
@@ -1253,7 +1267,7 @@ class MasterHandler(ObservedHandler, transport.RequestHandler):
 
     def _dispatch(self, msg: protocol.Message) -> None:
         # In a replicated group followers refuse (NOT_LEADER) and reads wait for the read index.
-        if self.master.replication is not None and not isinstance(msg, protocol.RaftMessage):
+        if self.master.replication is not None and not isinstance(msg, (protocol.RaftMessage, protocol.RaftProbe)):
             try:
                 self.master.replication.before_request(msg)
             except protocol.BackupError as exc:
@@ -1766,6 +1780,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         help="days a deleted file stays in the trash; 0 = none (default [retention] trash_days)")
     parser.add_argument("--meta-backup-interval", type=float, metavar="S",
                         help="seconds between copies of the checkpoint stored on the nodes (default from config)")
+    parser.add_argument("--join", action="store_true",
+                        help="with an empty data dir: join an existing replicated group as a new master (then run "
+                             "`client.py masters replace OLD NEW` on a client); --masters names the group's masters")
     parser.add_argument("--recover-from-nodes", action="store_true",
                         help="rebuild a lost metadata dir (--data-dir must be empty) from what the nodes hold, "
                              "print a report, then serve")
@@ -1826,7 +1843,7 @@ def main(argv=None) -> int:
     if args.recover_from_nodes:
         return recover_and_serve(config, security)
     try:
-        master = Master(config, config.master_data_dir, security=security)
+        master = Master(config, config.master_data_dir, security=security, join=args.join)
     except Exception as exc:  # a metadata problem must stop the start, loudly
         logger.exception("cannot load metadata from %s", config.master_data_dir)
         print(f"master: cannot load metadata from {config.master_data_dir}: {exc}", file=sys.stderr)
@@ -1837,6 +1854,8 @@ def main(argv=None) -> int:
         print(f"master: cannot listen on {config.master_host}:{config.master_port}: {exc.strerror}",
               file=sys.stderr)
         return EXIT_START_FAILED
+    if master.replication is not None:  # it refuses (in a thread) if its state is lost: stop serving
+        master.replication.on_refused = lambda: threading.Thread(target=server.shutdown, daemon=True).start()
     master.start()
     logger.info("serving %s with %d files from %s", server.address_text, len(master.namespace.files),
                 os.path.abspath(config.master_data_dir))
@@ -1849,6 +1868,9 @@ def main(argv=None) -> int:
         logger.info("stopped")
 
     transport.serve_until_stopped(server, stop)
+    if master.replication is not None and master.replication.refused:
+        print(f"master: refusing to start: {master.replication.refused}", file=sys.stderr)
+        return EXIT_LOST_STATE
     return EXIT_OK
 
 

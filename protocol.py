@@ -1104,6 +1104,55 @@ class RaftMessage(Message):
     body: bytes = b""
 
 
+@message
+class RaftProbe(Message):
+    """A master with an empty data dir asks a peer before it takes part (replication.py).
+
+    ``member``: the asking master's HOST:PORT.  Answered by any master of the
+    group, leader or not (never NOT_LEADER).
+    """
+
+    OP = "RAFT_PROBE"
+    member: str
+
+
+@message
+class RaftProbeReply(Message):
+    """``seen``: this master saw ``member`` holding a log (so it lost its state);
+    ``voters``/``learners``: the latest membership in this master's log; ``leader`` ("" if unknown)."""
+
+    OP = "RAFT_PROBE_REPLY"
+    seen: bool
+    voters: list
+    learners: list
+    leader: str = ""
+
+
+# Client -> master: membership ----------------------------------------------
+@message
+class MastersReplace(Message):
+    """Replace master ``old`` by ``new`` (HOST:PORT each), one membership change at a time.
+
+    Leader only.  Adds ``new`` as a learner, waits until it caught up, makes it
+    a voter, then removes ``old``; each step is committed through the log
+    before the next.  Idempotent: a repeated request continues where one
+    stopped.  Answered once ``old`` is out of the membership.
+    """
+
+    OP = "MASTERS_REPLACE"
+    old: str
+    new: str
+
+
+@message
+class MastersReplaced(Message):
+    """The membership after the replacement."""
+
+    OP = "MASTERS_REPLACED"
+    voters: list
+    learners: list
+
+
 # Node -> master ------------------------------------------------------------
 @message
 class Register(Message):

@@ -31,9 +31,20 @@ connections (handshake and shared-secret authentication as any other
 connection; no reply), one sender thread per peer.  Member ids are the
 masters' ``HOST:PORT`` as listed, so a NOT_LEADER hint is the leader's id.
 
-Left out: checkpoints of the replicated log (the whole Raft log is kept and
-replayed at start-up), snapshot transfer, membership changes
-(``masters replace``).
+Checkpoints: the driver checkpoints the Namespace (``namespace.snapshot()``)
+after ``[raft] snapshot_every`` applied records or ``snapshot_log_mb`` of log,
+compacts the log behind it and streams it to a follower that needs compacted
+entries (meta/driver.py; pieces of ``snapshot_piece_kb``).  Start-up =
+checkpoint + the log after it.
+
+Membership: the log's (CONFIG entries and the checkpoint) wins over
+``[cluster] masters``, which only names seeds: where to look for the group.
+A master whose Raft dir is empty asks its peers first (``RAFT_PROBE``,
+``_check_peers``): if one saw it holding a log, it lost its state and refuses
+to start (``refused``; master.py exits with EXIT_LOST_STATE) unless it starts
+with ``--join`` under an address that is no voter; with ``--join`` it starts
+with no membership and waits to be added (``masters replace``, which adds it
+as a learner, promotes it once caught up, then removes the old master).
 """
 
 from __future__ import annotations
@@ -47,9 +58,9 @@ import time
 import config as config_module
 import protocol
 import transport
-from meta.driver import DriverStopped, LeadershipLost, RaftDriver
-from meta.messages import LEADER, BadRaftMessage, from_wire, to_wire
-from meta.raft import NotLeader, RaftConfig
+from meta.driver import DriverStopped, LeadershipLost, RaftDriver, is_empty
+from meta.messages import LEADER, BadRaftMessage, InstallSnapshot, from_wire, to_wire
+from meta.raft import MembershipChangeRefused, NotLeader, RaftConfig
 
 logger = logging.getLogger("replication")
 
@@ -57,6 +68,12 @@ TICK_S = 0.05  # one Raft tick; [raft] heartbeat_ms and election_ms are whole ti
 # Messages queued for one peer beyond this are dropped (Raft resends): a hung
 # peer must not make the leader hold an unbounded backlog.
 MAX_QUEUED = 4096
+# Snapshot pieces queued for one peer beyond this are dropped (the core resends
+# the piece on its next heartbeat): memory for a transfer stays a few pieces.
+MAX_QUEUED_PIECES = 2
+# A master with an empty Raft dir asks its peers every this often until a
+# majority answered (replication.ReplicatedLog._check_peers).
+PROBE_RETRY_S = 0.2
 # Requests that read the namespace: served after a read-index barrier.
 READ_OPS = frozenset({"DOWNLOAD", "STAT", "LIST", "STATUS", "VERSIONS", "LOCKS", "TRASH",
                       "SNAPSHOTS", "SNAPSHOT_MEMBERS"})
@@ -67,28 +84,39 @@ def member_id(address: tuple[str, int]) -> str:
     return transport.format_address(address)
 
 
-def group_of(config: config_module.Config) -> list[str] | None:
-    """The member ids of the group this master belongs to, or None for a single master.
+def group_of(config: config_module.Config, data_dir: str | None = None, join: bool = False) -> list[str] | None:
+    """The seed member ids of the group this master belongs to, or None for a single master.
 
-    Raises ValueError when ``[cluster] masters`` lists several masters and
-    none is this one's ``host:port``.
+    A master not listed in ``[cluster] masters`` belongs to the group when it
+    joins (``join``) or already holds Raft state in ``data_dir`` (it was
+    added by ``masters replace``); the list then names the seeds.  Raises
+    ValueError otherwise, when the list has several masters.
     """
     if not config.masters:
+        if join:
+            raise ValueError("--join needs [cluster] masters (or --masters): the group to join")
         return None
     members = [member_id(a) for a in config_module.parse_addresses(config.masters, "masters")]
-    if len(members) == 1:
-        return None
     own = member_id((config.master_host, config.master_port))
-    if own not in members:
+    holds_state = data_dir is not None and not raft_dir_empty(data_dir)
+    if len(members) == 1 and members[0] == own and not holds_state:
+        return None
+    if own not in members and not (join or holds_state):
         raise ValueError(f"this master ({own}) is not in [cluster] masters ({', '.join(members)}); "
-                         f"give --host/--port of one of them")
+                         f"give --host/--port of one of them, or --join to join the group as a new master")
     return members
+
+
+def raft_dir_empty(data_dir: str) -> bool:
+    return is_empty(os.path.join(data_dir, RAFT_DIR))
 
 
 def raft_config(config: config_module.Config) -> RaftConfig:
     heartbeat = max(1, round(config.raft_heartbeat_ms / 1000 / TICK_S))
     election = max(heartbeat + 1, round(config.raft_election_ms / 1000 / TICK_S))
-    return RaftConfig(election_ticks=election, heartbeat_ticks=heartbeat)
+    return RaftConfig(election_ticks=election, heartbeat_ticks=heartbeat,
+                      snapshot_piece_bytes=config.raft_snapshot_piece_kb * 1024,
+                      trailing_entries=config.raft_snapshot_trailing)
 
 
 class _PeerSender:
@@ -100,14 +128,17 @@ class _PeerSender:
         self.config, self.security = config, security
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._queued = 0
+        self._pieces = 0  # InstallSnapshot pieces among them
         self._stop = False
         self._thread = threading.Thread(target=self._run, name=f"raft-send-{peer}", daemon=True)
         self._thread.start()
 
     def put(self, msg) -> None:
-        if self._queued >= MAX_QUEUED:
+        piece = isinstance(msg, InstallSnapshot)
+        if self._queued >= MAX_QUEUED or (piece and self._pieces >= MAX_QUEUED_PIECES):
             return
         self._queued += 1
+        self._pieces += piece
         self._queue.put(msg)
 
     def stop(self) -> None:
@@ -126,6 +157,7 @@ class _PeerSender:
                 except queue.Empty:
                     break
             self._queued -= len(batch)
+            self._pieces -= sum(isinstance(m, InstallSnapshot) for m in batch)
             batch = [m for m in batch if m is not None]
             if self._stop or not batch:
                 continue
@@ -156,11 +188,18 @@ class _PeerSender:
 class ReplicatedLog:
     """The metadata log replicated by Raft; MetadataLog's interface for the master."""
 
-    def __init__(self, master, config: config_module.Config, data_dir: str, members: list[str], security):
+    def __init__(self, master, config: config_module.Config, data_dir: str, members: list[str], security,
+                 join: bool = False):
         self.master = master
         self.config = config
+        self.security = security
         self.id = member_id((config.master_host, config.master_port))
-        self.members = members
+        self.members = members  # the seeds from [cluster] masters; the log's membership wins
+        self.join = join
+        # Why this master refused to take part (its state is lost); master.py exits with it.
+        self.refused: str | None = None
+        self.on_refused = None
+        self._closing = threading.Event()
         self.term = 0
         self.leader: str | None = None
         self._barrier_term = -1
@@ -168,23 +207,165 @@ class ReplicatedLog:
         # this master serves as leader only once it equals self.term.
         self._epoch_term = -1
         self._epoch_cond = threading.Condition()
+        self._senders_lock = threading.Lock()
         self._senders = {p: _PeerSender(self.id, p, config, security) for p in members if p != self.id}
+        namespace = master.namespace
         self.driver = RaftDriver(self.id, members, os.path.join(data_dir, RAFT_DIR), send=self._send,
-                                 apply=self._apply, on_role=self._on_role, tick_s=TICK_S,
-                                 config=raft_config(config))
+                                 apply=self._apply, on_role=self._on_role, take_state=namespace.snapshot,
+                                 restore=namespace.restore, snapshot_every=config.raft_snapshot_every,
+                                 snapshot_bytes=config.raft_snapshot_log_mb << 20, join=join,
+                                 tick_s=TICK_S, config=raft_config(config))
 
     # --- MetadataLog's interface -----------------------------------------------------------
     def open(self) -> None:
         """Nothing: the driver starts with the master's services (``start``)."""
 
     def start(self) -> None:
+        if self.driver.fresh:  # an empty Raft dir: make sure we lost nothing before we take part
+            threading.Thread(target=self._check_peers, name="raft-probe", daemon=True).start()
+            return
+        self._start_driver()
+
+    def _start_driver(self) -> None:
+        self.driver.bootstrap()
         self.driver.start()
-        logger.info("%s: member of masters %s", self.id, ", ".join(self.members))
+        m = self.driver.core.membership
+        logger.info("%s: member of masters: voters %s, learners %s%s", self.id, ", ".join(sorted(m.voters)) or "-",
+                    ", ".join(sorted(m.learners)) or "-", " (joining: waiting to be added)" if not m.members else "")
 
     def close(self) -> None:
+        self._closing.set()
         self.driver.stop()
-        for sender in self._senders.values():
+        with self._senders_lock:
+            senders = list(self._senders.values())
+        for sender in senders:
             sender.stop()
+
+    # --- an empty data dir ------------------------------------------------------------------
+    def _probe(self, peer: str) -> protocol.RaftProbeReply | None:
+        try:
+            conn = transport.Connection(config_module.parse_address(peer, "masters"), "master",
+                                        min(self.config.io_timeout_s, 2.0), self.security,
+                                        handshake_timeout_s=min(self.config.io_timeout_s, 1.0),
+                                        expect_server_id="master")
+        except protocol.BackupError:
+            return None
+        try:
+            return conn.request(protocol.RaftProbe(member=self.id), protocol.RaftProbeReply)
+        except protocol.BackupError:
+            return None
+        finally:
+            conn.close()
+
+    def _check_peers(self) -> None:
+        """An empty Raft dir: ask the seeds until a majority of them (us included) answered.
+
+        Refuse (``refused``) if a peer saw us holding a log (we lost state we
+        may have voted or acknowledged with), or, joining, if we are still a
+        voter.  A new group's masters start together: none saw another's log yet.
+        """
+        peers = [p for p in self.members if p != self.id]
+        answered: set[str] = set()
+        need = len(self.members) // 2 + 1 - (self.id in self.members)
+        waiting_logged = False
+        while not self._closing.is_set():
+            for peer in peers:
+                if peer in answered:
+                    continue
+                reply = self._probe(peer)
+                if reply is None:
+                    continue
+                answered.add(peer)
+                if reply.seen and not self.join:
+                    return self._refuse(f"master {peer} saw this master ({self.id}) holding a Raft log, but its data "
+                                        f"dir is empty: its state is lost and it must not vote with it; start it "
+                                        f"on a new address with --join and run `client.py masters replace "
+                                        f"{self.id} NEW_ADDRESS`")
+                if self.join and self.id in reply.voters:
+                    return self._refuse(f"this master ({self.id}) is still a voter of the group (per {peer}); a "
+                                        f"master that lost its data cannot rejoin under the same address: start it "
+                                        f"on a new address with --join and run `client.py masters replace "
+                                        f"{self.id} NEW_ADDRESS`")
+                if not self.join and reply.voters and self.id not in reply.voters + reply.learners:
+                    return self._refuse(f"this master ({self.id}) is not a member of the group (per {peer}: "
+                                        f"voters {', '.join(reply.voters)}); start it with --join")
+            if (self.join and answered) or len(answered) >= need:
+                logger.info("%s: empty data dir; %d master(s) answered (%s): %s", self.id, len(answered),
+                            ", ".join(sorted(answered)) or "none needed",
+                            "joining as a new master" if self.join else "starting as a member of a new group")
+                self._start_driver()
+                return
+            if not waiting_logged:
+                logger.info("%s: empty data dir; waiting for %s of the masters %s to answer before taking part",
+                            self.id, "one" if self.join else f"{need} other", ", ".join(peers))
+                waiting_logged = True
+            self._closing.wait(PROBE_RETRY_S)
+
+    def _refuse(self, reason: str) -> None:
+        self.refused = reason
+        logger.error("%s: refusing to start: %s", self.id, reason)
+        if self.on_refused is not None:
+            self.on_refused()
+
+    def probe_reply(self, member: str) -> protocol.RaftProbeReply:
+        st = self.driver.status()  # the membership as of the last Ready
+        return protocol.RaftProbeReply(seen=self.driver.seen_holding_log(member), voters=st["voters"],
+                                       learners=st["learners"], leader=self.leader or "")
+
+    # --- membership --------------------------------------------------------------------------
+    def replace(self, old: str, new: str) -> protocol.MastersReplaced:
+        """``masters replace``: add ``new`` as a learner, promote it once caught up, remove ``old``.
+
+        One change at a time, each committed before the next; converges from
+        whatever step a previous attempt reached.  Leader only.
+        """
+        for address in (old, new):
+            try:
+                config_module.parse_address(address, "master")
+            except ValueError as exc:
+                raise protocol.RemoteProtocolError(str(exc)) from None
+        if old == new:
+            raise protocol.RemoteProtocolError("OLD and NEW are the same master")
+        deadline = time.monotonic() + max(self.config.failover_timeout_s, 6 * self.config.io_timeout_s)
+        last_refusal = ""
+        while True:
+            try:
+                m = self.driver.membership(timeout_s=self.config.io_timeout_s)
+                if new not in m.members:
+                    if old not in m.voters:
+                        raise protocol.RemoteProtocolError(f"{old} is not a voter of this group "
+                                                  f"(voters: {', '.join(sorted(m.voters))})")
+                    step = ("add_learner", new)
+                elif new in m.learners:
+                    step = ("promote", new)
+                elif old in m.members:
+                    step = ("remove", old)
+                else:
+                    logger.info("%s: masters replace %s -> %s done: voters %s", self.id, old, new,
+                                ", ".join(sorted(m.voters)))
+                    return protocol.MastersReplaced(voters=sorted(m.voters), learners=sorted(m.learners))
+                index = self.driver.change_membership(*step, timeout_s=self.config.io_timeout_s)
+                logger.debug("%s: masters replace %s -> %s: %s %s proposed at index %d", self.id, old, new,
+                             step[0], step[1], index)
+                while self.driver.status()["commit"] < index:
+                    if time.monotonic() > deadline or not self.driver.is_leader:
+                        raise protocol.Unavailable(f"{step[0]} {step[1]} at index {index} did not commit in time; "
+                                                   f"run the command again")
+                    time.sleep(0.05)
+                if step[0] == "remove" and step[1] == self.id:  # we stepped down: report what we committed
+                    logger.info("%s: masters replace %s -> %s done (this master left the group)", self.id, old, new)
+                    return protocol.MastersReplaced(voters=sorted(m.voters - {old} | {new}),
+                                                    learners=sorted(m.learners - {new}))
+            except NotLeader as exc:
+                raise protocol.NotLeader(f"master {self.id} is not the leader", exc.leader_id or "") from None
+            except MembershipChangeRefused as exc:  # a change in progress, or the learner not caught up yet
+                last_refusal = str(exc)
+                if time.monotonic() > deadline:
+                    raise protocol.Unavailable(f"membership change refused: {last_refusal}; run the command "
+                                               f"again (is {new} running with --join?)") from None
+                time.sleep(0.1)
+            except (TimeoutError, DriverStopped, LeadershipLost) as exc:
+                raise protocol.Unavailable(f"membership change interrupted: {exc}; run the command again") from None
 
     @property
     def index(self) -> int:
@@ -217,14 +398,20 @@ class ReplicatedLog:
             msg = from_wire(header, body)
         except BadRaftMessage as exc:
             raise protocol.RemoteProtocolError(f"bad RAFT message: {exc}") from None
-        if msg.src not in self.members or msg.dst != self.id:
-            raise protocol.RemoteProtocolError(f"RAFT message from {msg.src!r} to {msg.dst!r}: not of this group")
+        # Any sender (the connection is authenticated): a member added by ``masters replace`` is in no
+        # seed list, and a joining master knows no member yet.  The core ignores non-members' votes.
+        if msg.dst != self.id:
+            raise protocol.RemoteProtocolError(f"RAFT message from {msg.src!r} to {msg.dst!r}: not for this master")
+        try:
+            config_module.parse_address(msg.src, "masters")
+        except ValueError:
+            raise protocol.RemoteProtocolError(f"RAFT message from {msg.src!r}: not a master address") from None
         self.driver.step(msg)
 
     def before_request(self, msg: protocol.Message) -> None:
         """Followers refuse with NOT_LEADER; the leader passes reads (and a term's first write) through a
         read-index barrier."""
-        if isinstance(msg, protocol.RaftMessage):
+        if isinstance(msg, (protocol.RaftMessage, protocol.RaftProbe)):
             return
         if not self.driver.is_leader:
             raise protocol.NotLeader(f"master {self.id} is not the leader", self.leader or "")
@@ -275,8 +462,12 @@ class ReplicatedLog:
     # --- driver callbacks (driver thread) -----------------------------------------------------
     def _send(self, msg) -> None:
         sender = self._senders.get(msg.dst)
-        if sender is not None:
-            sender.put(msg)
+        if sender is None:  # a member the log added (masters replace)
+            with self._senders_lock:
+                sender = self._senders.get(msg.dst)
+                if sender is None:
+                    sender = self._senders[msg.dst] = _PeerSender(self.id, msg.dst, self.config, self.security)
+        sender.put(msg)
 
     def _apply(self, index: int, record: dict) -> None:
         self.master.namespace.apply({**record, "i": index})
