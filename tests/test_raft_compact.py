@@ -8,8 +8,9 @@ One group of 3 masters and 2 nodes, small checkpoints ([raft] snapshot_every
    the only master that can lead (the third one missed the last writes) and
    serves everything acknowledged;
 2. every master restarts: checkpoint + remaining log give the same listing;
-3. a master's data dir is wiped: it refuses to start (EXIT_LOST_STATE); a
-   fresh master joins on a new port (--join), `masters replace OLD NEW`
+3. a master's data dir is wiped: it refuses to start (EXIT_LOST_STATE), with
+   --join too (its address is still a voter's); a fresh master joins on a new
+   port (--join), `masters replace OLD NEW`
    makes it a voter, an original master is killed and the group still
    commits and reads everything back.
 """
@@ -161,6 +162,8 @@ def test_checkpoint_snapshot_transfer_restart_and_replace(tmp_path):
         refused = subprocess.run(argv, capture_output=True, timeout=30)
         assert refused.returncode == master_module.EXIT_LOST_STATE, refused.stderr
         assert b"refusing to start" in refused.stderr and b"--join" in refused.stderr
+        refused = subprocess.run(argv + ["--join"], capture_output=True, timeout=30)  # still a voter there
+        assert refused.returncode == master_module.EXIT_LOST_STATE and b"still a voter" in refused.stderr, refused
         new_port = cluster_module.free_ports("127.0.0.1", 1)[0]
         new_id = f"127.0.0.1:{new_port}"
         argv[argv.index("--port") + 1] = str(new_port)
