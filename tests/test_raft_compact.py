@@ -22,9 +22,9 @@ import hashlib
 import os
 import re
 import shutil
-import subprocess
 import sys
 
+import forkserver
 from conftest import FAST_MASTER, FAST_TIMING, ROOT, TestCluster, wait_until
 
 import client as client_module
@@ -159,16 +159,17 @@ def test_checkpoint_snapshot_transfer_restart_and_replace(tmp_path):
         argv = [sys.executable, os.path.join(ROOT, "master.py"), "--config", str(config), "--host", "127.0.0.1",
                 "--port", ids[wiped].rpartition(":")[2], "--masters", group,
                 "--data-dir", os.path.join(cluster.data_dir, f"master{wiped + 1}"), *FAST_MASTER]
-        refused = subprocess.run(argv, capture_output=True, timeout=30)
+        refused = forkserver.run(argv, capture_output=True, timeout=30)
         assert refused.returncode == master_module.EXIT_LOST_STATE, refused.stderr
         assert b"refusing to start" in refused.stderr and b"--join" in refused.stderr
-        refused = subprocess.run(argv + ["--join"], capture_output=True, timeout=30)  # still a voter there
+        refused = forkserver.run(argv + ["--join"], capture_output=True, timeout=30)  # still a voter there
         assert refused.returncode == master_module.EXIT_LOST_STATE and b"still a voter" in refused.stderr, refused
         new_port = cluster_module.free_ports("127.0.0.1", 1)[0]
         new_id = f"127.0.0.1:{new_port}"
         argv[argv.index("--port") + 1] = str(new_port)
         argv[argv.index("--data-dir") + 1] = os.path.join(cluster.data_dir, "master4")
-        server = cluster_module.Server("master4", argv + ["--join"], os.path.join(cluster.log_dir, "master4.log"))
+        server = cluster_module.Server("master4", argv + ["--join"], os.path.join(cluster.log_dir, "master4.log"),
+                                       cluster.spawn)
         extra.append(server)
         server.start()
         result = cluster.cli("masters", "replace", ids[wiped], new_id)
