@@ -268,10 +268,18 @@ def check_node_full(facts: dict) -> Check | None:
     roomy = len(live) - len(full)
     severity = ERR if roomy < facts["replication"] else WARN
     summary = f"{plural(len(full), 'node')} full" + (
-        f"; only {roomy} node(s) with room, {facts['replication']} needed: uploads fail" if severity == ERR
-        else "; placement avoids it")
+        f"; only {roomy} node(s) with room, {facts['replication']} needed: uploads fail{_how_to_free(facts)}"
+        if severity == ERR else "; placement avoids it")
     return Check("NODE_FULL", severity, len(full), summary,
                  tuple(f"node {n['id']} at {n['address']}: {_usage(n)}" for n in full))
+
+
+def _how_to_free(facts: dict) -> str:
+    """What makes room on a full cluster: a plain delete only moves files to the trash."""
+    trash = facts["totals"].get("trash_bytes", 0)
+    return ("; free space with delete --purge --yes NAME or prune"
+            + (f" (the trash holds {human_bytes(trash)}: a plain delete frees nothing until it expires)"
+               if trash else ""))
 
 
 def check_node_nearfull(facts: dict) -> Check | None:

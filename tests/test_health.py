@@ -143,6 +143,9 @@ def test_full_nodes_warn_and_become_an_error_when_too_few_have_room():
     assert codes(warn) == ["NODE_FULL"] and warn["health"]["status"] == health.WARN
     err = facts_for([node("n1", full=True), node("n2", full=True), node("n3")])
     assert err["health"]["checks"][0]["severity"] == health.ERR and "uploads fail" in health.summary_line(err["health"])
+    assert "free space with delete --purge --yes NAME or prune" in err["health"]["checks"][0]["summary"]
+    err["totals"]["trash_bytes"] = 3 * KIB  # the trash holds data: say a plain delete does not help
+    assert "(the trash holds 3.0 KiB: a plain delete frees nothing" in health.evaluate(err)["checks"][0]["summary"]
 
 
 def test_nearfull_safe_mode_and_scrub_errors_warn():
