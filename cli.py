@@ -1106,7 +1106,17 @@ class Client:
         prefix = protocol.validate_name(prefix.rstrip("/"), storing=True)
         result = BackupSummary()
         previous = self.snapshots(prefix)
-        members = {m["name"]: m for m in self.snapshot_members(previous[-1]["id"])} if previous else {}
+        members = {}
+        if previous:
+            try:
+                members = {m["name"]: m for m in self.snapshot_members(previous[-1]["id"])}
+            except (protocol.DataLost, protocol.ChecksumMismatch) as exc:
+                # A damaged manifest must not stop the next backup: it sends every file instead.
+                if not self.in_step:
+                    raise
+                if report:
+                    report(f"cannot read snapshot {previous[-1]['id']} ({exc.code}: {exc.message}): "
+                           f"sending every file")
         plan, references = [], []
         excludes = list(excludes)
         for path, relative, kind, st in walk_tree_stat(root):

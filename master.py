@@ -902,8 +902,11 @@ class Master:
             raise protocol.FileNotFound(f"no snapshot {missing[0]} (see: snapshots)")
         space_before = sum(self.namespace.space().values())
         gone = [self.namespace.snapshots[i] for i in ids]
-        names = [name for name in list(self.namespace.pinned)
-                 if any(snapshots.under(snap["root"], name) for snap in gone)]
+        # Every name under the roots that has older entries, not only those pinned now: a put may move an
+        # entry into the pinned table between this look and the forget's commit.
+        roots = {snap["root"] for snap in gone}
+        names = {name for table in (self.namespace.pinned, self.namespace.versions, self.namespace.trash)
+                 for name in list(table) if any(snapshots.under(root, name) for root in roots)}
         before = {name: self.namespace.entries_of(name) for name in names}
         self.log.commit([{"op": "forget", "ids": ids}])
         for snap in gone:

@@ -204,11 +204,22 @@ def test_incremental_runs_restore_diff_verify_and_pins_across_a_restart(snap_clu
     os.utime(tree / "a", ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
     before = read_tree(tree)
     del before["skip.tmp"]
-    first = cluster.cli("upload", str(tree), "inc", "--exclude", "*.tmp")
+    (tmp_path / "excludes").write_text("# scratch files\n*.tmp\n")
+    first = cluster.cli("upload", str(tree), "inc", "--exclude-file", str(tmp_path / "excludes"))
     assert first.returncode == 0, first.stderr
     snaps = call(cluster, lambda c: c.snapshots("inc"))
     assert [(s["files"], s["bytes"]) for s in snaps] == [(3, 500 + 1200 + 5)]
     one = snaps[0]["id"]
+
+    # An edit that keeps size and mtime is seen only with --check-content (dry runs: nothing sent).
+    stamp = os.lstat(tree / "a").st_mtime_ns
+    (tree / "a").write_bytes(b"ALPHA" * 100)
+    os.utime(tree / "a", ns=(stamp, stamp))
+    assert call(cluster, lambda c: c.backup_tree(str(tree), "inc", ["*.tmp"], dry_run=True)).changed == 0
+    sneaky = call(cluster, lambda c: c.backup_tree(str(tree), "inc", ["*.tmp"], check_content=True, dry_run=True))
+    assert (sneaky.changed, sneaky.unchanged) == (1, 2)
+    (tree / "a").write_bytes(b"alpha" * 100)
+    os.utime(tree / "a", ns=(stamp, stamp))
 
     # Change one file, delete another, leave one alone.
     (tree / "sub" / "b").write_bytes(b"BETA" * 301)
@@ -247,3 +258,19 @@ def test_incremental_runs_restore_diff_verify_and_pins_across_a_restart(snap_clu
     assert freed.freed_bytes == status_before - status_after and 1205 < freed.freed_bytes < 1205 + 1024
     gone = cluster.cli("download", "inc/", str(tmp_path / "again"), "--snapshot", str(one))
     assert gone.returncode == client_module.EXIT_NOT_FOUND, gone.stderr
+
+
+def test_a_damaged_last_snapshot_makes_a_full_run_not_a_failure(tmp_path):
+    """If the last snapshot's manifest cannot be read, the next backup sends every file (and says why)."""
+    make_tree(tmp_path / "t", {"a": b"1", "b/c": b"22"})
+    c = client_module.Client(("127.0.0.1", 9), timeout_s=1.0, frame_bytes=1024, show_progress=False)
+    c.snapshots = lambda root=None: [{"id": 5}]
+
+    def damaged(snapshot_id):
+        raise protocol.DataLost("every copy of chunk 0 is gone")
+
+    c.snapshot_members = damaged
+    notes = []
+    result = c.backup_tree(str(tmp_path / "t"), "t", dry_run=True, report=notes.append)
+    assert (result.new, result.unchanged, result.bytes_to_send) == (2, 0, 3)
+    assert notes and "cannot read snapshot 5" in notes[0]
