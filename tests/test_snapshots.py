@@ -238,6 +238,10 @@ def test_incremental_runs_restore_diff_verify_and_pins_across_a_restart(snap_clu
 
     diff = cluster.cli("diff", str(one), str(two))
     assert diff.stdout.decode().splitlines()[:2] == ["M inc/sub/b", "- inc/sub/c"], diff.stdout
+    as_json = json.loads(cluster.cli("diff", str(one), "latest", "--json").stdout)
+    assert (as_json["from"], as_json["to"], as_json["changed"], as_json["removed"]) == (one, two, 1, 1)
+    listed = json.loads(cluster.cli("snapshots", "inc", "--json").stdout)["snapshots"]
+    assert [(s["id"], s["files"]) for s in listed] == [(one, 3), (two, 2)] and listed[0]["time_iso"].endswith("Z")
 
     cluster.restart_master()
     cluster.wait_nodes_alive(2)
