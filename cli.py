@@ -34,8 +34,6 @@ from dataclasses import dataclass, field
 
 import config as config_module
 import filemeta
-import health as health_module
-import history
 import master_link
 import protocol
 import retention
@@ -46,7 +44,9 @@ from views import human_bytes, plural
 # where a connection is made, hashlib (it loads OpenSSL) where a file is
 # hashed and logging where it is set up, not here: ``--help`` and usage
 # errors never need them (nor listings hashlib), and their imports were a
-# third of the client's start-up.
+# third of the client's start-up.  health (with namespace) and history
+# (with datetime) are imported by the commands that use them, for the same
+# reason.
 
 
 EXIT_OK = 0
@@ -1502,6 +1502,7 @@ def version_args(args) -> dict:
 
 def at_time(text: str) -> float:
     """argparse type of --at: unix seconds (history.parse_time), else a usage error (exit 2)."""
+    import history  # noqa: PLC0415 - see the imports at the top
     try:
         return history.parse_time(text, time.time())
     except ValueError as exc:
@@ -1844,6 +1845,7 @@ def cmd_list(client: Client, args) -> int:
 
 
 def cmd_status(client: Client, args) -> int:
+    import health as health_module  # noqa: PLC0415 - see the imports at the top
     cluster_health = client.health()
     reply = client.status()
     if args.json:
@@ -1920,6 +1922,7 @@ def cmd_reclaim_orphans(client: Client, args) -> int:
 
 def cmd_health(client: Client, args) -> int:
     """Exit 0, 1 or 2 for HEALTH_OK, HEALTH_WARN or HEALTH_ERR (Nagios' OK, WARNING, CRITICAL)."""
+    import health as health_module  # noqa: PLC0415 - see the imports at the top
     cluster_health = client.health()
     if args.json:
         print_json(cluster_health)
@@ -2033,14 +2036,66 @@ def add_client_options(parser: argparse.ArgumentParser, writer: bool, top: bool)
             action.default = argparse.SUPPRESS
 
 
-def build_arg_parser() -> argparse.ArgumentParser:
+class _Unused:
+    """Stands in for the parser of a command that is not run: drops what is added to it."""
+
+    def add_argument(self, *args, **kwargs) -> None:
+        return None
+
+    def add_mutually_exclusive_group(self) -> _Unused:
+        return self
+
+    def add_subparsers(self, **kwargs) -> _Unused:
+        return self
+
+    def add_parser(self, *args, **kwargs) -> _Unused:
+        return self
+
+
+class _ArgumentsUnclear(Exception):
+    """command_name could not tell the command; the whole parser will say why."""
+
+
+class _CommandFinder(argparse.ArgumentParser):
+    def error(self, message):
+        raise _ArgumentsUnclear(message)
+
+
+def command_name(argv: list[str]) -> str:
+    """The command ``argv`` runs, or "" if there is none or the client options before it are wrong.
+
+    Parses the client options that may come before the command (the
+    top-level parser's, so abbreviations and option values read the same)
+    and takes the first word after them.
+    """
+    finder = _CommandFinder(add_help=False)
+    add_client_options(finder, writer=True, top=True)
+    finder.add_argument("rest", nargs=argparse.REMAINDER)
+    try:
+        known, _ = finder.parse_known_args(argv)
+    except _ArgumentsUnclear:
+        return ""
+    return known.rest[0] if known.rest and known.rest[0] in COMMANDS else ""
+
+
+def build_arg_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The client's parser; with ``only``, every command is listed but only that one gets its arguments.
+
+    Building the parsers and ~200 arguments of every command cost ~5 ms of
+    each start-up; ``parse_args`` builds only the command being run
+    (``only=""``: none, for ``--help`` and usage errors before the command).
+    """
     parser = argparse.ArgumentParser(
         description="Back up, restore and manage files on a backup cluster.", epilog=EPILOG)
     add_client_options(parser, writer=True, top=True)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # A command not run is listed (choices, --help) but gets no parser: even
+    # an empty ArgumentParser costs ~0.2 ms (gettext look-ups).
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     parser_class=lambda build, **kwargs: (argparse.ArgumentParser(**kwargs)
+                                                                           if build else _Unused()))
 
-    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
-        return commands.add_parser(name, help=summary, description=description)
+    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser | _Unused:
+        return commands.add_parser(name, help=summary, description=description, build=only in (None, name))
 
     upload = command("upload", "store a local file, or every file below a directory",
                      "Store LOCAL as NAME.  A directory's regular files are stored as NAME/relative/path over "
@@ -2227,13 +2282,15 @@ def build_arg_parser() -> argparse.ArgumentParser:
                       ("trash", trash), ("verify", verify_cmd), ("reclaim-orphans", reclaim), ("health", health),
                       ("http-token", http_token), ("snapshots", snapshots_cmd), ("diff", diff_cmd),
                       ("prune", prune), ("masters", masters)):
-        add_client_options(sub, writer=name in WRITERS, top=False)
+        if not isinstance(sub, _Unused):
+            add_client_options(sub, writer=name in WRITERS, top=False)
     return parser
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Parse the command line; exits 2 (argparse's usage error) on nonsense."""
-    parser = build_arg_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_arg_parser(only=command_name(argv))
     args = parser.parse_args(argv)
     if args.wait is not None and args.no_wait:
         parser.error("--wait and --no-wait cannot be used together")

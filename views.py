@@ -12,7 +12,9 @@ Pure functions of their arguments: no I/O, no clock unless passed ``now``.
 
 from __future__ import annotations
 
-import datetime
+# datetime is imported by iso_time, the one function that needs it: the
+# client imports this module for human_bytes on every start-up, and only
+# --json output formats times.
 
 
 def human_bytes(n: float) -> str:
@@ -42,6 +44,7 @@ def iso_time(unix_s: float | None) -> str | None:
     """ISO 8601 in UTC with milliseconds and a Z, or None."""
     if unix_s is None:
         return None
+    import datetime  # noqa: PLC0415 - see the imports at the top
     moment = datetime.datetime.fromtimestamp(unix_s, datetime.timezone.utc)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 

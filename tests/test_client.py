@@ -320,6 +320,27 @@ def test_wait_options_are_refused_where_no_lock_is_taken():
         assert exit_info.value.code == client_module.EXIT_USAGE, argv
 
 
+
+def test_parser_of_the_command_alone_reads_argv_as_the_whole_parser(capsys):
+    """parse_args builds only the command being run; it reads every command line as the full parser does."""
+    argvs = [["list"], ["-q", "list", "a/", "--json"], ["--master", "h:1", "upload", "f", "n", "--no-wait"],
+             ["--master", "list", "upload", "f"],  # a command's name as an option's value
+             ["--timeout", "3", "download", "n", "out", "--at", "2024-05-01T13:00", "--force"],
+             ["stat", "x", "--version", "3", "--master", "h:2"], ["--log-level", "debug", "health", "--detail"],
+             ["masters", "replace", "h:1", "h:2"]]
+    for argv in argvs:
+        assert client_module.parse_args(argv) == client_module.build_arg_parser().parse_args(argv), argv
+    assert client_module.command_name(["--master", "list", "upload", "f"]) == "upload"
+    assert client_module.command_name(["--timeout", "x", "list"]) == ""
+    for argv in (["--help"], ["list", "--help"], ["upload", "--help"], [], ["frob"], ["--timeout", "x", "list"],
+                 ["upload"], ["list", "a", "b"], ["masters", "--help"], ["masters", "replace", "--help"]):
+        outputs = []
+        for parse in (client_module.parse_args, client_module.build_arg_parser().parse_args):
+            with pytest.raises(SystemExit) as exit_info:
+                parse(argv)
+            outputs.append((exit_info.value.code, capsys.readouterr()))
+        assert outputs[0] == outputs[1], argv
+
 # --- issue 10 item 13: a peer that is no backup master ----------------------------------------------------
 class FakePeer:
     """A loopback listener that is no backup master: silent, or answering like an HTTP server."""
