@@ -13,7 +13,7 @@ to the node, and then at rest (the node's check against what the master
 cut, just done in the opposite order: see docs/PROTOCOL.md).  Hashing and
 forwarding thus overlap instead of adding up (hashlib and the sockets release
 the GIL); a batch smaller than OFFLOAD_BYTES is hashed inline.  Replies are
-read lazily, up to ``ACK_WINDOW`` batches behind, so the nodes write while
+read lazily, up to ``ACK_WINDOW_BYTES`` (or ``ACK_WINDOW_BATCHES``) behind, so the nodes write while
 the master reads the next batch.  ``seal`` returns the file entry;
 ``UploadSession.sync`` drains the replies and sends FLUSH (fsync) to every
 node touched: only then may the entry be committed.  Memory per client
@@ -52,10 +52,16 @@ from namespace import add_run, first_covering, make_entry, merge_ranges, run_blo
 
 logger = logging.getLogger("master.transfers")
 
-# Batches sent to a node whose PUT_OK has not been read yet.  Enough to keep
-# both the network and the node's disk busy; bounded so a dead node is
-# noticed within a few batches.
-ACK_WINDOW = 8
+# Bytes of batches sent to a node whose PUT_OK has not been read yet.  Enough
+# to keep both the network and the node's disk busy; bounded so a dead node
+# is noticed within a few batches.  Counted in bytes, not batches: small
+# files are one small batch each, and a window of 8 of them made the master
+# wait for a node's round trip every 8 files.
+ACK_WINDOW_BYTES = 8 * 1024 * 1024
+# ... and in batches, so the PUT_OKs a node may have queued (~100 bytes each)
+# stay far below what a socket buffers: a node blocked writing replies the
+# master does not read would stop reading the master's batches.
+ACK_WINDOW_BATCHES = 64
 # Pieces a download requests ahead of the one it is sending.
 READ_AHEAD = 4
 # Batches at least this large are hashed by the session's worker thread while
@@ -125,6 +131,7 @@ class NodeChannel:
         self.node_id = node_id
         self.conn = conn
         self.unacked: deque = deque()  # (blob, first, payload bytes, BatchDigest) of each PUT_CHUNKS not yet acknowledged
+        self.unacked_bytes = 0  # their payload bytes
         self.dirty = False  # written since the last FLUSH
 
 
@@ -232,8 +239,10 @@ class UploadSession:
             self.reserved[node_id] = self.reserved.get(node_id, 0) + nbytes
             channel.conn.send(msg)
             channel.unacked.append((msg.blob, msg.first, nbytes, digest))
+            channel.unacked_bytes += nbytes
             channel.dirty = True
-            while len(channel.unacked) > ACK_WINDOW:
+            while len(channel.unacked) > 1 and (channel.unacked_bytes > ACK_WINDOW_BYTES or
+                                                len(channel.unacked) > ACK_WINDOW_BATCHES):
                 self._read_ack(channel)
         except protocol.BackupError as exc:
             self._fail(node_id, exc)
@@ -242,6 +251,7 @@ class UploadSession:
 
     def _read_ack(self, channel: NodeChannel) -> None:
         blob, first, nbytes, digest = channel.unacked.popleft()
+        channel.unacked_bytes -= nbytes
         ack = channel.conn.expect(protocol.PutOk)
         if ack.blob != blob or ack.first != first:
             raise protocol.RemoteProtocolError(f"node {channel.node_id} acknowledged the wrong batch")

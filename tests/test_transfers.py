@@ -350,3 +350,29 @@ def test_session_of_small_files_holds_one_batch_buffer(upload_nodes):
         assert read_all(master, entry) == data
     finally:
         session.close()
+
+
+def test_acknowledgements_are_awaited_by_bytes_not_by_batches(upload_nodes):
+    """Small files (one small batch each) do not wait for a node's PUT_OK every few files; large batches
+    still keep at most ACK_WINDOW_BYTES unacknowledged per node."""
+    master = UploadMaster(upload_nodes)
+    session = transfers.UploadSession(master)
+    try:
+        files = 40  # more than the 8 batches the window used to be
+        for i in range(files):
+            data = random.Random(SEED + 30 + i).randbytes(4096)
+            stream = transfers.UploadStream(session, f"small-{i}")
+            stream.write(data)
+            stream.seal(hashlib.sha256(data).hexdigest())
+        assert {n: len(c.unacked) for n, c in session.channels.items()} == {"a": files, "b": files}
+        batch = master.config.batch_bytes
+        data = random.Random(SEED + 29).randbytes(12 * batch)
+        stream = transfers.UploadStream(session, "large")
+        stream.write(data)
+        stream.seal(hashlib.sha256(data).hexdigest())
+        for channel in session.channels.values():
+            assert 0 < channel.unacked_bytes <= transfers.ACK_WINDOW_BYTES
+        session.sync(set(session.channels))
+        assert all(not c.unacked for c in session.channels.values()) and session.failed == set()
+    finally:
+        session.close()
