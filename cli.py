@@ -106,6 +106,21 @@ def new_sha256():
     return hashlib.sha256()
 
 
+def read_full(f, view: memoryview) -> int:
+    """Read into ``view`` until it is full or the file ends; the bytes read.
+
+    So every frame of an upload but the last is a whole buffer: whole
+    chunks, which the chunk CRCs sent with it need (Data.crcs).
+    """
+    total = 0
+    while total < len(view):
+        n = f.readinto(view[total:])
+        if not n:
+            break
+        total += n
+    return total
+
+
 class LocalFileError(Exception):
     """A problem with a file on this machine (missing, unreadable, unwritable)."""
 
@@ -565,7 +580,7 @@ class Client:
 
     def __init__(self, master, timeout_s: float, frame_bytes: int, show_progress: bool,
                  security: transport.Security | None = None, handshake_timeout_s: float | None = None,
-                 failover_timeout_s: float = 10.0):
+                 failover_timeout_s: float = 10.0, chunk_size: int = 1024):
         self.link = master_link.MasterLink(master, "client", timeout_s, security,
                                            handshake_timeout_s=handshake_timeout_s,
                                            failover_timeout_s=failover_timeout_s)
@@ -578,6 +593,11 @@ class Client:
         # the CLI), even when timeout_s allows a long wait for a lock.
         self.handshake_timeout_s = handshake_timeout_s
         self.frame_bytes = frame_bytes
+        # Uploads send the CRC32 of each chunk_size-byte chunk (the cluster's
+        # chunk_size_bytes; the master ignores them if it cuts otherwise):
+        # the nodes check the bytes against them, so they guard every hop
+        # from this process on.  0 = none (then the master hashes the file).
+        self.crc_chunk_size = chunk_size if chunk_size and frame_bytes % chunk_size == 0 else 0
         self.show_progress = show_progress
         self._conn: transport.Connection | None = None
         self._frame_buffer: bytearray | None = None
@@ -639,7 +659,9 @@ class Client:
             # A whole local file keeps its mode and mtime (given back by download).
             meta = filemeta.capture(st) if st is not None and mode == "replace" else None
             conn = self.conn
-            conn.send(protocol.UploadBegin(name=name, size=size, mode=mode, offset=offset, wait_s=wait_s, meta=meta))
+            crc_chunk = self.crc_chunk_size if mode == "replace" else 0
+            conn.send(protocol.UploadBegin(name=name, size=size, mode=mode, offset=offset, wait_s=wait_s, meta=meta,
+                                           chunk_size=crc_chunk))
             verb = "upload" if mode == "replace" else mode
             progress = Progress(f"{verb} {name}", size, self.show_progress and size >= self.frame_bytes)
             sha = new_sha256()
@@ -647,14 +669,14 @@ class Client:
             view = memoryview(buffer)
             while True:
                 try:
-                    n = f.readinto(buffer)
+                    n = read_full(f, view)
                 except OSError as exc:
                     conn.send(protocol.UploadAbort())
                     raise LocalFileError(f"cannot read {path}: {exc.strerror}") from None
                 if not n:
                     break
                 sha.update(view[:n])
-                conn.send(protocol.Data(body=view[:n]))
+                conn.send(protocol.Data(body=view[:n], crcs=self._chunk_crcs(view[:n]) if crc_chunk else None))
                 progress.advance(n)
                 if self._reply_waiting():
                     # Only an error can come before the end: stop sending now.
@@ -666,6 +688,10 @@ class Client:
         finally:
             if f is not sys.stdin.buffer:
                 f.close()
+
+    def _chunk_crcs(self, data: memoryview) -> str:
+        """Data.crcs of ``data``: hex of the big-endian CRC32 of each chunk."""
+        return protocol.crcs_to_bytes(protocol.chunk_crcs(data, self.crc_chunk_size)).hex()
 
     def _reply_waiting(self) -> bool:
         sock = self.conn.sock
@@ -1056,15 +1082,15 @@ class Client:
                     continue
                 with f:
                     in_flight.append((tag, name, size))
-                    conn.send(protocol.UploadBegin(name=name, size=size, tag=tag, group=True, meta=meta),
-                              flush=False)
+                    conn.send(protocol.UploadBegin(name=name, size=size, tag=tag, group=True, meta=meta,
+                                                   chunk_size=self.crc_chunk_size), flush=False)
                     sha = new_sha256()
                     while True:
                         if tag in failed_tags:
                             conn.send(protocol.UploadAbort(), flush=False)
                             break
                         try:
-                            n = f.readinto(buffer)
+                            n = read_full(f, view)
                         except OSError as exc:
                             conn.send(protocol.UploadAbort(), flush=False)
                             raise LocalFileError(f"cannot read {path}: {exc.strerror}") from None
@@ -1072,7 +1098,8 @@ class Client:
                             conn.send(protocol.UploadEnd(sha256=sha.hexdigest()), flush=False)
                             break
                         sha.update(view[:n])
-                        conn.send(protocol.Data(body=view[:n]), flush=False)
+                        crcs = self._chunk_crcs(view[:n]) if self.crc_chunk_size else None
+                        conn.send(protocol.Data(body=view[:n], crcs=crcs), flush=False)
             conn.send(protocol.Sync())
         except BaseException:
             # No SYNC will settle the replies in flight: break the connection
@@ -2325,7 +2352,7 @@ def main(argv=None) -> int:
     timeout_s = args.timeout or config.lock_wait_s + config.io_timeout_s * 3
     client = Client(masters, timeout_s, config.batch_bytes, show_progress=not args.quiet and sys.stderr.isatty(),
                     security=security, handshake_timeout_s=min(config.io_timeout_s, timeout_s),
-                    failover_timeout_s=config.failover_timeout_s)
+                    failover_timeout_s=config.failover_timeout_s, chunk_size=config.chunk_size_bytes)
     try:
         return COMMANDS[args.command](client, args)
     except UsageError as exc:

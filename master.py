@@ -1348,7 +1348,9 @@ class MasterHandler(ObservedHandler, transport.RequestHandler):
         old = self.master.namespace.files.get(name)
         try:
             if msg.mode == "replace":
-                stream = transfers.UploadStream(self.session, name)
+                # The client's chunk CRCs are used only if cut as we cut (see UploadBegin.chunk_size).
+                stream = transfers.UploadStream(self.session, name,
+                                                client_crcs=msg.chunk_size == self.session.chunk_size)
                 if self._receive_upload(stream):
                     entry = filemeta.stamp(stream.seal(self._client_sha256), meta)
                     self.pending.append(PendingUpload(stream, token, entry, msg.tag))
@@ -1399,6 +1401,8 @@ class MasterHandler(ObservedHandler, transport.RequestHandler):
             if isinstance(frame, protocol.Data):
                 if data_sha is not None:
                     data_sha.update(frame.body)
+                if stream.client_crcs:
+                    stream.take_crcs(frame.crcs, len(frame.body))
                 if len(frame.body) <= len(space):
                     stream.filled(len(frame.body))  # read_message put it in place
                 else:

@@ -467,6 +467,14 @@ def crcs_digest(crc_bytes) -> int:
     return zlib.crc32(crc_bytes)
 
 
+_HEX_DIGITS = frozenset("0123456789abcdef")
+
+
+def is_sha256_hex(text) -> bool:
+    """True for a SHA-256 as this protocol writes it: 64 lower-case hex digits."""
+    return isinstance(text, str) and len(text) == 64 and _HEX_DIGITS.issuperset(text)
+
+
 def crcs_from_bytes(data) -> array.array:
     """Inverse of ``crcs_to_bytes``."""
     crcs = array.array("I")
@@ -723,14 +731,27 @@ class UploadBegin(Message):
     # mode "replace" only: the file's metadata (filemeta.py: type, mode,
     # mtime_ns, uid, gid), kept with the file and given back on download.
     meta: dict | None = None
+    # mode "replace" only, 0 = none: every DATA carries in ``crcs`` the CRC32
+    # of each chunk_size-byte chunk of its body.  If this is the master's own
+    # chunk size it forwards them to the nodes, which check the bytes against
+    # them, and records the client's SHA-256 without recomputing it;
+    # otherwise it ignores them (docs/PROTOCOL.md, "Who checks what").
+    chunk_size: int = 0
 
 
 @message
 class Data(Message):
-    """A slice of a file's bytes, in order."""
+    """A slice of a file's bytes, in order.
+
+    ``crcs`` (an upload that gave ``chunk_size``): hex of the big-endian
+    CRC32 of each ``chunk_size``-byte chunk of the body (the last may be
+    short), 8 digits per chunk.  Every DATA of such an upload but the last
+    holds whole chunks, so each starts at a chunk boundary of the file.
+    """
 
     OP = "DATA"
     HAS_BODY = True
+    crcs: str | None = None
     body: bytes = b""
 
 

@@ -1,8 +1,12 @@
 """The master's data path: streaming uploads to nodes and range reads back.
 
 Upload (``UploadSession``, ``UploadStream``): the client's bytes land,
-without a copy, in one of the session's two batch buffers.  When a batch is
-full the master sends it as it is, the body of one PUT_CHUNKS with
+without a copy, in one of the session's two batch buffers.  If the client
+sent the CRCs of its chunks (Data.crcs, the CLI's default), a full batch
+goes with them, in the room left before it in the same buffer, as the body
+of one PUT_CHUNKS to each of its replicas; the nodes check the bytes against
+them and the master hashes nothing (docs/PROTOCOL.md, "Who checks what").
+Otherwise the master sends the batch as it is, the body of one PUT_CHUNKS with
 ``node_crcs``, to each of the batch's replicas, and receives the next batch
 into the other buffer, while a worker thread (``BatchWorker``) adds the
 batch to the file's SHA-256 and computes its CRC32 per chunk.  Each node
@@ -161,7 +165,10 @@ class UploadSession:
         self.batch_payload_bytes = self.chunks_per_batch * self.chunk_size
         self.crc_room = self.chunks_per_batch * protocol.CRC_BYTES
         # The second buffer is allocated when a batch first goes to the worker.
-        self._buffers: list[memoryview | None] = [memoryview(bytearray(self.batch_payload_bytes)), None]
+        # Each has crc_room in front of the payload, where the client's CRCs
+        # of a batch go to make the PUT_CHUNKS body (CRCs, then payload) in place.
+        self._frames: list[memoryview | None] = [self._new_frame(), None]
+        self._buffers: list[memoryview | None] = [self._frames[0][self.crc_room:], None]
         self._readers: list[BatchDigest | None] = [None, None]  # the digest still reading each buffer
         self._last: BatchDigest | None = None  # the last one given to the worker
         self._current = 0
@@ -170,7 +177,11 @@ class UploadSession:
         self.reserved: dict[str, int] = {}  # node -> bytes sent whose PUT_OK is not read yet
         self.failed: set[str] = set()
         self.space_failed: set[str] = set()  # failed nodes that answered INSUFFICIENT_SPACE
+        self.checksum_failed: set[str] = set()  # failed nodes that found chunks unlike the client's CRCs
         self._copy_buffer: bytearray | None = None
+
+    def _new_frame(self) -> memoryview:
+        return memoryview(bytearray(self.crc_room + self.batch_payload_bytes))
 
     @property
     def buffer_bytes(self) -> int:
@@ -209,15 +220,24 @@ class UploadSession:
             return
         self._current ^= 1
         if self._buffers[self._current] is None:
-            self._buffers[self._current] = memoryview(bytearray(self.batch_payload_bytes))
+            self._frames[self._current] = self._new_frame()
+            self._buffers[self._current] = self._frames[self._current][self.crc_room:]
         reader, self._readers[self._current] = self._readers[self._current], None
         if reader is not None:
             reader.done.wait()
+
+    def chunk_body(self, crc_bytes, nbytes: int) -> memoryview:
+        """The PUT_CHUNKS body of the ``nbytes`` filled in ``view``: ``crc_bytes`` put just before them."""
+        frame, start = self._frames[self._current], self.crc_room - len(crc_bytes)
+        frame[start:self.crc_room] = crc_bytes
+        return frame[start:self.crc_room + nbytes]
 
     def _fail(self, node_id: str, exc: protocol.BackupError) -> None:
         self.failed.add(node_id)
         if isinstance(exc, protocol.InsufficientSpace):
             self.space_failed.add(node_id)
+        if isinstance(exc, protocol.ChecksumMismatch):
+            self.checksum_failed.add(node_id)
         channel = self.channels.get(node_id)
         if channel is not None:
             channel.conn.broken = True
@@ -362,6 +382,11 @@ class UploadSession:
                 if all(n in self.space_failed for n in lost):
                     raise protocol.InsufficientSpace(f"no room for {what}: node(s) {', '.join(lost)} "
                                                      f"ran out of disk space during the upload")
+                if all(n in self.checksum_failed for n in lost):
+                    # Every replica found other bytes than the client's CRCs describe:
+                    # damaged before the copies parted, between the client and the master.
+                    raise protocol.ChecksumMismatch(f"upload of {what} arrived damaged: the nodes found "
+                                                    f"bytes that differ from the client's CRCs")
                 raise protocol.Unavailable(f"every replica of {what} failed during the upload")
             for piece_first, piece_count in batch_pieces(first, count, batch):
                 body = read_piece(self.master, name, entry, blob, piece_first, piece_count, live, self._copy_buffer)
@@ -421,7 +446,7 @@ class UploadStream:
     returned.  Call ``discard()`` if it will never be committed.
     """
 
-    def __init__(self, session: UploadSession, name: str, first_chunk: int = 0):
+    def __init__(self, session: UploadSession, name: str, first_chunk: int = 0, client_crcs: bool = False):
         self.session = session
         self.master = session.master
         self.name = name
@@ -435,6 +460,10 @@ class UploadStream:
         self.size = 0
         self._sha = hashlib.sha256()
         self._digest: BatchDigest | None = None  # the last batch's
+        # The client sends the CRCs of its chunks (take_crcs): they go to the
+        # nodes, which check the bytes against them; nothing is hashed here.
+        self.client_crcs = client_crcs
+        self._crcs = bytearray()  # the client's CRCs of the bytes not shipped yet
         self.runs: list = []
         self.nodes_touched: set[str] = set()
 
@@ -465,16 +494,39 @@ class UploadStream:
             data = data[take:]
             self.filled(take)
 
+    def take_crcs(self, crcs: str | None, nbytes: int) -> None:
+        """The client's CRCs (Data.crcs, hex) of the next ``nbytes``; call before they are filled in.
+
+        RemoteProtocolError unless they are the CRCs of whole chunks from a
+        chunk boundary on (only the file's last chunk may be short).
+        """
+        chunk_size = self.session.chunk_size
+        if crcs is None or self.written % chunk_size or len(crcs) != 2 * protocol.CRC_BYTES * -(-nbytes // chunk_size):
+            raise protocol.RemoteProtocolError("each DATA of this upload needs the CRCs of its chunks, "
+                                               "and all but the last whole chunks")
+        try:
+            self._crcs += bytes.fromhex(crcs)
+        except ValueError:
+            raise protocol.RemoteProtocolError("DATA crcs is not hex") from None
+
     # --- sending -----------------------------------------------------------------
     def _ship(self) -> None:
         session = self.session
         chunk_size = session.chunk_size
         payload = session.view[:self._fill]
         count = -(-self._fill // chunk_size)
-        self._digest = digest = session.digest(self._sha, payload)
+        if self.client_crcs:
+            crc_len = count * protocol.CRC_BYTES
+            if len(self._crcs) < crc_len:
+                raise protocol.RemoteProtocolError("DATA without the CRCs of all its chunks")
+            body, digest, node_crcs = session.chunk_body(self._crcs[:crc_len], self._fill), None, False
+            del self._crcs[:crc_len]
+        else:
+            self._digest = digest = session.digest(self._sha, payload)
+            body, node_crcs = payload, True
         try:
             msg = protocol.PutChunks(blob=self.blob, first=self._next_chunk, count=count, chunk_size=chunk_size,
-                                     node_crcs=True, body=payload, **self.master.fence())
+                                     node_crcs=node_crcs, body=body, **self.master.fence())
             placed: list[str] = []
             wanted = self.master.config.replication
             while len(placed) < wanted:
@@ -505,9 +557,16 @@ class UploadStream:
         """Ship the last batch and return the file entry (not yet durable).
 
         Raises ChecksumMismatch if the client's SHA-256 differs from what the
-        master received; the upload must then be discarded.
+        master received; the upload must then be discarded.  With the
+        client's CRCs the master computed no SHA-256: it records the
+        client's, which every download then checks (docs/PROTOCOL.md).
         """
         self.flush()
+        if self.client_crcs:
+            if not protocol.is_sha256_hex(client_sha256):
+                raise protocol.RemoteProtocolError("UPLOAD_END sha256 is not 64 hex digits")
+            return make_entry(self.size, self.session.chunk_size, client_sha256, self.blob, self.runs,
+                              self.session.chunks_per_batch)
         if self._digest is not None:
             self._digest.result()  # the SHA-256 has seen every batch
         sha256 = self._sha.hexdigest()

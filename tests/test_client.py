@@ -10,7 +10,9 @@ checked; pure parts (temporary names, option parsing, help) run in-process.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import random
 import re
 import shlex
 import shutil
@@ -340,6 +342,48 @@ def test_parser_of_the_command_alone_reads_argv_as_the_whole_parser(capsys):
                 parse(argv)
             outputs.append((exit_info.value.code, capsys.readouterr()))
         assert outputs[0] == outputs[1], argv
+
+
+# --- issue 15: uploads carry the client's chunk CRCs ------------------------------------------------------
+def test_uploads_with_and_without_client_crcs_store_the_clients_bytes(cluster, tmp_path):
+    """The client's CRCs are used when cut as the master cuts (the default); with another chunk size the master
+    ignores them and hashes the file itself.  Either way the file reads back whole, with the client's SHA-256."""
+    data = random.Random(1501).randbytes(2 * 1024 * 1024 + 777)
+    local = tmp_path / "crc.bin"
+    local.write_bytes(data)
+    c = cluster.client()
+    try:
+        assert c.crc_chunk_size == 1024
+        used = c.upload_file(str(local), "crcs/used")
+        c.crc_chunk_size = 512  # not the cluster's chunk size
+        ignored = c.upload_file(str(local), "crcs/ignored")
+    finally:
+        c.close()
+    for reply in (used, ignored):
+        assert reply.sha256 == hashlib.sha256(data).hexdigest() and reply.size == len(data)
+        out = tmp_path / "out.bin"
+        assert cli(cluster, "--quiet", "download", reply.name, str(out), cwd=tmp_path).returncode == 0
+        assert out.read_bytes() == data
+        out.unlink()
+
+
+def test_bytes_unlike_the_client_crcs_are_refused_end_to_end(cluster, tmp_path):
+    """DATA whose bytes differ from its crcs (as after damage between client and master): the real nodes
+    refuse them, the upload fails with CHECKSUM_MISMATCH, and the name is not stored."""
+    sent = random.Random(1502).randbytes(8 * 1024)
+    meant = bytearray(sent)
+    meant[100] ^= 1
+    crcs = protocol.crcs_to_bytes(protocol.chunk_crcs(bytes(meant), 1024)).hex()
+    conn = raw_connection(cluster)
+    try:
+        conn.send(protocol.UploadBegin(name="crcs/damaged", size=len(sent), chunk_size=1024))
+        conn.send(protocol.Data(body=sent, crcs=crcs))
+        conn.send(protocol.UploadEnd(sha256=hashlib.sha256(bytes(meant)).hexdigest()))
+        with pytest.raises(protocol.ChecksumMismatch, match="arrived damaged"):
+            conn.expect(protocol.Uploaded)
+    finally:
+        conn.close()
+    assert "crcs/damaged" not in stored_names(cluster)
 
 # --- issue 10 item 13: a peer that is no backup master ----------------------------------------------------
 class FakePeer:

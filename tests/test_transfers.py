@@ -376,3 +376,97 @@ def test_acknowledgements_are_awaited_by_bytes_not_by_batches(upload_nodes):
         assert all(not c.unacked for c in session.channels.values()) and session.failed == set()
     finally:
         session.close()
+
+
+# --- uploads with the client's CRCs: the nodes check them, each hop is covered ------------------
+def client_crc_upload(master, data: bytes, frame_bytes: int, damaged_at: int | None = None):
+    """Feed ``data`` as a client that sends its chunk CRCs does (Data.crcs of each frame, computed before
+    sending); ``damaged_at``: that byte arrives changed at the master.  (session, stream, entry or the error)."""
+    session = transfers.UploadSession(master)
+    stream = transfers.UploadStream(session, "f", client_crcs=True)
+    received = bytearray(data)
+    if damaged_at is not None:
+        received[damaged_at] ^= 0x08
+    for start in range(0, len(data), frame_bytes):
+        frame = data[start:start + frame_bytes]
+        crcs = protocol.crcs_to_bytes(protocol.chunk_crcs(frame, session.chunk_size)).hex()
+        stream.take_crcs(crcs, len(frame))
+        stream.write(received[start:start + frame_bytes])
+    entry = stream.seal(hashlib.sha256(data).hexdigest())
+    session.sync(stream.nodes_touched)
+    try:
+        return session, stream, session.heal_entry("f", entry, stream.nodes_touched)
+    except protocol.BackupError as exc:
+        return session, stream, exc
+
+
+def test_client_crcs_reach_the_nodes_and_reads_verify_them(upload_nodes):
+    """The master forwards the client's CRCs, hashes nothing, and records the client's SHA-256; the nodes
+    store the CRCs the client computed, and every replica reads back the client's bytes."""
+    master = UploadMaster(upload_nodes)
+    batch = master.config.batch_bytes
+    data = random.Random(SEED + 40).randbytes(2 * batch + 3000)  # frames not aligned with batches
+    session, stream, entry = client_crc_upload(master, data, 3 * batch // 4 // CS * CS)
+    try:
+        assert entry["sha256"] == hashlib.sha256(data).hexdigest() and session.failed == set()
+        assert stream._digest is None and session._worker is None  # no SHA-256, no CRC pass here
+        for node_id in ("a", "b"):
+            assert read_all(master, {**entry, "runs": [[0, entry["chunks"], [node_id]]]}) == data
+    finally:
+        session.close()
+
+
+def test_byte_damaged_between_client_and_master_fails_the_upload(upload_nodes):
+    """A byte changed on the client->master hop: every replica refuses the batch (its CRC is the client's),
+    the upload fails with CHECKSUM_MISMATCH, and no node keeps a chunk of that batch."""
+    master = UploadMaster(upload_nodes)
+    data = random.Random(SEED + 41).randbytes(master.config.batch_bytes + 5000)
+    session, stream, result = client_crc_upload(master, data, master.config.batch_bytes, damaged_at=77)
+    try:
+        assert isinstance(result, protocol.ChecksumMismatch), result
+        assert "arrived damaged" in result.message
+        assert session.checksum_failed == {"a", "b"}
+        # No node stored a chunk of the damaged first batch (the intact second one is garbage to collect).
+        for node in upload_nodes.values():
+            assert all(first >= stream.session.chunks_per_batch
+                       for first, _ in node.store.inventory().get(stream.blob, [])), node.store.inventory()
+    finally:
+        session.close()
+
+
+def test_byte_damaged_between_master_and_node_is_healed_from_the_intact_copy(upload_nodes):
+    """A byte changed on the master->node hop: that node refuses the batch (client CRCs), is dropped from
+    the upload, and the batch is re-copied from the replica that took it before the commit."""
+    def flip_payload_byte(frame: bytearray) -> None:
+        frame[-100] ^= 0x40
+
+    master = UploadMaster(upload_nodes, damaged={"a": flip_payload_byte})
+    data = random.Random(SEED + 42).randbytes(master.config.batch_bytes)
+    session, stream, entry = client_crc_upload(master, data, master.config.batch_bytes)
+    try:
+        assert session.failed == {"a"} and session.checksum_failed == {"a"}
+        assert entry["runs"] == [[0, entry["chunks"], ["b", "c"]]]
+        assert read_all(master, entry) == data
+    finally:
+        session.close()
+
+
+def test_client_crcs_must_cover_whole_chunks_of_every_frame(upload_nodes):
+    """A frame of an upload with client CRCs that lacks them, has too few, or follows a frame that ended
+    mid-chunk is refused as a protocol error."""
+    master = UploadMaster(upload_nodes)
+    session = transfers.UploadSession(master)
+    try:
+        stream = transfers.UploadStream(session, "f", client_crcs=True)
+        for crcs, nbytes in ((None, CS), ("00" * 4, 2 * CS), ("zz" * 4, CS)):
+            with pytest.raises(protocol.RemoteProtocolError):
+                stream.take_crcs(crcs, nbytes)
+        stream.take_crcs("00" * 4, 100)
+        stream.write(b"x" * 100)  # a short frame: only the last one may be
+        with pytest.raises(protocol.RemoteProtocolError):
+            stream.take_crcs("00" * 4, CS)
+        with pytest.raises(protocol.RemoteProtocolError):
+            stream.seal("not a sha-256")
+        stream.discard()
+    finally:
+        session.close()
