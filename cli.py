@@ -676,7 +676,7 @@ class Client:
                 if not n:
                     break
                 sha.update(view[:n])
-                conn.send(protocol.Data(body=view[:n], crcs=self._chunk_crcs(view[:n]) if crc_chunk else None))
+                self._send_data(conn, view[:n], bool(crc_chunk))
                 progress.advance(n)
                 if self._reply_waiting():
                     # Only an error can come before the end: stop sending now.
@@ -689,9 +689,12 @@ class Client:
             if f is not sys.stdin.buffer:
                 f.close()
 
-    def _chunk_crcs(self, data: memoryview) -> str:
-        """Data.crcs of ``data``: hex of the big-endian CRC32 of each chunk."""
-        return protocol.crcs_to_bytes(protocol.chunk_crcs(data, self.crc_chunk_size)).hex()
+    def _send_data(self, conn, data: memoryview, crcs: bool, flush: bool = True) -> None:
+        """One DATA of an upload; with ``crcs``, after the DATA_CRCS of its chunks."""
+        if crcs:
+            conn.send(protocol.DataCrcs(body=protocol.crcs_to_bytes(protocol.chunk_crcs(data, self.crc_chunk_size))),
+                      flush=False)
+        conn.send(protocol.Data(body=data), flush=flush)
 
     def _reply_waiting(self) -> bool:
         sock = self.conn.sock
@@ -1098,8 +1101,7 @@ class Client:
                             conn.send(protocol.UploadEnd(sha256=sha.hexdigest()), flush=False)
                             break
                         sha.update(view[:n])
-                        crcs = self._chunk_crcs(view[:n]) if self.crc_chunk_size else None
-                        conn.send(protocol.Data(body=view[:n], crcs=crcs), flush=False)
+                        self._send_data(conn, view[:n], bool(self.crc_chunk_size), flush=False)
             conn.send(protocol.Sync())
         except BaseException:
             # No SYNC will settle the replies in flight: break the connection

@@ -1402,11 +1402,14 @@ class MasterHandler(ObservedHandler, transport.RequestHandler):
                 if data_sha is not None:
                     data_sha.update(frame.body)
                 if stream.client_crcs:
-                    stream.take_crcs(frame.crcs, len(frame.body))
+                    stream.crcs_for(len(frame.body))
                 if len(frame.body) <= len(space):
                     stream.filled(len(frame.body))  # read_message put it in place
                 else:
                     stream.write(frame.body)
+            elif isinstance(frame, protocol.DataCrcs):
+                if stream.client_crcs:  # else cut otherwise than here: ignored
+                    stream.take_crcs(frame.body)  # read into free space: copied out before the DATA
             elif isinstance(frame, protocol.UploadEnd):
                 self._upload_ended = True
                 self._client_sha256 = frame.sha256
@@ -1560,7 +1563,7 @@ class MasterHandler(ObservedHandler, transport.RequestHandler):
             frame = self.next_message()
             if frame is None or isinstance(frame, (protocol.UploadEnd, protocol.UploadAbort)):
                 return
-            if not isinstance(frame, protocol.Data):
+            if not isinstance(frame, (protocol.Data, protocol.DataCrcs)):
                 raise protocol.RemoteProtocolError(f"{frame.OP} inside an upload")
 
     def do_SYNC(self, msg: protocol.Sync) -> None:

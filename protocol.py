@@ -731,8 +731,8 @@ class UploadBegin(Message):
     # mode "replace" only: the file's metadata (filemeta.py: type, mode,
     # mtime_ns, uid, gid), kept with the file and given back on download.
     meta: dict | None = None
-    # mode "replace" only, 0 = none: every DATA carries in ``crcs`` the CRC32
-    # of each chunk_size-byte chunk of its body.  If this is the master's own
+    # mode "replace" only, 0 = none: every DATA comes after a DATA_CRCS with
+    # the CRC32 of each chunk_size-byte chunk of its body.  If this is the master's own
     # chunk size it forwards them to the nodes, which check the bytes against
     # them, and records the client's SHA-256 without recomputing it;
     # otherwise it ignores them (docs/PROTOCOL.md, "Who checks what").
@@ -741,17 +741,27 @@ class UploadBegin(Message):
 
 @message
 class Data(Message):
-    """A slice of a file's bytes, in order.
-
-    ``crcs`` (an upload that gave ``chunk_size``): hex of the big-endian
-    CRC32 of each ``chunk_size``-byte chunk of the body (the last may be
-    short), 8 digits per chunk.  Every DATA of such an upload but the last
-    holds whole chunks, so each starts at a chunk boundary of the file.
-    """
+    """A slice of a file's bytes, in order."""
 
     OP = "DATA"
     HAS_BODY = True
-    crcs: str | None = None
+    body: bytes = b""
+
+
+@message
+class DataCrcs(Message):
+    """In an upload that gave ``chunk_size``: the CRCs of the chunks of the DATA that follows.
+
+    Body: the big-endian CRC32 of each ``chunk_size``-byte chunk of that
+    DATA's body (the last may be short), 4 bytes each.  Every DATA of such
+    an upload but the last holds whole chunks, so each starts at a chunk
+    boundary of the file.  A frame of its own, with a body, rather than a
+    header field: 4 KiB per MiB of hex in JSON headers would exceed what a
+    header may take without the server's shared header budget.
+    """
+
+    OP = "DATA_CRCS"
+    HAS_BODY = True
     body: bytes = b""
 
 

@@ -464,6 +464,7 @@ class UploadStream:
         # nodes, which check the bytes against them; nothing is hashed here.
         self.client_crcs = client_crcs
         self._crcs = bytearray()  # the client's CRCs of the bytes not shipped yet
+        self._next_crcs: bytes | None = None  # DATA_CRCS of the DATA to come
         self.runs: list = []
         self.nodes_touched: set[str] = set()
 
@@ -494,20 +495,25 @@ class UploadStream:
             data = data[take:]
             self.filled(take)
 
-    def take_crcs(self, crcs: str | None, nbytes: int) -> None:
-        """The client's CRCs (Data.crcs, hex) of the next ``nbytes``; call before they are filled in.
+    def take_crcs(self, body) -> None:
+        """A DATA_CRCS: the client's CRCs of the chunks of the next DATA (copied: ``body`` may be reused)."""
+        if self._next_crcs is not None:
+            raise protocol.RemoteProtocolError("two DATA_CRCS without a DATA between them")
+        self._next_crcs = bytes(body)
 
-        RemoteProtocolError unless they are the CRCs of whole chunks from a
-        chunk boundary on (only the file's last chunk may be short).
+    def crcs_for(self, nbytes: int) -> None:
+        """A DATA of ``nbytes`` came: its CRCs join the batch's; call before the bytes are filled in.
+
+        RemoteProtocolError unless a DATA_CRCS gave the CRCs of its chunks,
+        and it starts at a chunk boundary (only the file's last chunk may
+        be short).
         """
+        crcs, self._next_crcs = self._next_crcs, None
         chunk_size = self.session.chunk_size
-        if crcs is None or self.written % chunk_size or len(crcs) != 2 * protocol.CRC_BYTES * -(-nbytes // chunk_size):
-            raise protocol.RemoteProtocolError("each DATA of this upload needs the CRCs of its chunks, "
-                                               "and all but the last whole chunks")
-        try:
-            self._crcs += bytes.fromhex(crcs)
-        except ValueError:
-            raise protocol.RemoteProtocolError("DATA crcs is not hex") from None
+        if crcs is None or self.written % chunk_size or len(crcs) != protocol.CRC_BYTES * -(-nbytes // chunk_size):
+            raise protocol.RemoteProtocolError("each DATA of this upload needs a DATA_CRCS with the CRCs of its "
+                                               "chunks, and all but the last whole chunks")
+        self._crcs += crcs
 
     # --- sending -----------------------------------------------------------------
     def _ship(self) -> None:
@@ -563,6 +569,8 @@ class UploadStream:
         """
         self.flush()
         if self.client_crcs:
+            if self._next_crcs is not None:
+                raise protocol.RemoteProtocolError("DATA_CRCS without its DATA")
             if not protocol.is_sha256_hex(client_sha256):
                 raise protocol.RemoteProtocolError("UPLOAD_END sha256 is not 64 hex digits")
             return make_entry(self.size, self.session.chunk_size, client_sha256, self.blob, self.runs,

@@ -368,19 +368,32 @@ def test_uploads_with_and_without_client_crcs_store_the_clients_bytes(cluster, t
 
 
 def test_bytes_unlike_the_client_crcs_are_refused_end_to_end(cluster, tmp_path):
-    """DATA whose bytes differ from its crcs (as after damage between client and master): the real nodes
+    """DATA whose bytes differ from its DATA_CRCS (as after damage between client and master): the real nodes
     refuse them, the upload fails with CHECKSUM_MISMATCH, and the name is not stored."""
     sent = random.Random(1502).randbytes(8 * 1024)
     meant = bytearray(sent)
     meant[100] ^= 1
-    crcs = protocol.crcs_to_bytes(protocol.chunk_crcs(bytes(meant), 1024)).hex()
+    crcs = protocol.crcs_to_bytes(protocol.chunk_crcs(bytes(meant), 1024))
     conn = raw_connection(cluster)
     try:
         conn.send(protocol.UploadBegin(name="crcs/damaged", size=len(sent), chunk_size=1024))
-        conn.send(protocol.Data(body=sent, crcs=crcs))
+        conn.send(protocol.DataCrcs(body=crcs))
+        conn.send(protocol.Data(body=sent))
         conn.send(protocol.UploadEnd(sha256=hashlib.sha256(bytes(meant)).hexdigest()))
         with pytest.raises(protocol.ChecksumMismatch, match="arrived damaged"):
             conn.expect(protocol.Uploaded)
+        # An upload refused at once has the rest of its frames, DATA_CRCS too, read and dropped.
+        conn.send(protocol.UploadBegin(name="crcs/../bad", size=len(sent), chunk_size=1024))
+        conn.send(protocol.DataCrcs(body=crcs))
+        conn.send(protocol.Data(body=sent))
+        conn.send(protocol.UploadEnd(sha256=hashlib.sha256(sent).hexdigest()))
+        with pytest.raises(protocol.InvalidName):
+            conn.expect(protocol.Uploaded)
+        conn.send(protocol.UploadBegin(name="crcs/intact", size=len(sent), chunk_size=1024))
+        conn.send(protocol.DataCrcs(body=protocol.crcs_to_bytes(protocol.chunk_crcs(sent, 1024))))
+        conn.send(protocol.Data(body=sent))
+        conn.send(protocol.UploadEnd(sha256=hashlib.sha256(sent).hexdigest()))
+        assert conn.expect(protocol.Uploaded).sha256 == hashlib.sha256(sent).hexdigest()
     finally:
         conn.close()
     assert "crcs/damaged" not in stored_names(cluster)

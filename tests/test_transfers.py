@@ -380,7 +380,7 @@ def test_acknowledgements_are_awaited_by_bytes_not_by_batches(upload_nodes):
 
 # --- uploads with the client's CRCs: the nodes check them, each hop is covered ------------------
 def client_crc_upload(master, data: bytes, frame_bytes: int, damaged_at: int | None = None):
-    """Feed ``data`` as a client that sends its chunk CRCs does (Data.crcs of each frame, computed before
+    """Feed ``data`` as a client that sends its chunk CRCs does (DATA_CRCS before each DATA, computed before
     sending); ``damaged_at``: that byte arrives changed at the master.  (session, stream, entry or the error)."""
     session = transfers.UploadSession(master)
     stream = transfers.UploadStream(session, "f", client_crcs=True)
@@ -389,8 +389,8 @@ def client_crc_upload(master, data: bytes, frame_bytes: int, damaged_at: int | N
         received[damaged_at] ^= 0x08
     for start in range(0, len(data), frame_bytes):
         frame = data[start:start + frame_bytes]
-        crcs = protocol.crcs_to_bytes(protocol.chunk_crcs(frame, session.chunk_size)).hex()
-        stream.take_crcs(crcs, len(frame))
+        stream.take_crcs(protocol.crcs_to_bytes(protocol.chunk_crcs(frame, session.chunk_size)))
+        stream.crcs_for(len(frame))
         stream.write(received[start:start + frame_bytes])
     entry = stream.seal(hashlib.sha256(data).hexdigest())
     session.sync(stream.nodes_touched)
@@ -458,13 +458,19 @@ def test_client_crcs_must_cover_whole_chunks_of_every_frame(upload_nodes):
     session = transfers.UploadSession(master)
     try:
         stream = transfers.UploadStream(session, "f", client_crcs=True)
-        for crcs, nbytes in ((None, CS), ("00" * 4, 2 * CS), ("zz" * 4, CS)):
-            with pytest.raises(protocol.RemoteProtocolError):
-                stream.take_crcs(crcs, nbytes)
-        stream.take_crcs("00" * 4, 100)
-        stream.write(b"x" * 100)  # a short frame: only the last one may be
         with pytest.raises(protocol.RemoteProtocolError):
-            stream.take_crcs("00" * 4, CS)
+            stream.crcs_for(CS)  # no DATA_CRCS
+        stream.take_crcs(b"\0" * 4)
+        with pytest.raises(protocol.RemoteProtocolError):
+            stream.take_crcs(b"\0" * 4)  # two in a row
+        with pytest.raises(protocol.RemoteProtocolError):
+            stream.crcs_for(2 * CS)  # too few
+        stream.take_crcs(b"\0" * 4)
+        stream.crcs_for(100)
+        stream.write(b"x" * 100)  # a short frame: only the last one may be
+        stream.take_crcs(b"\0" * 4)
+        with pytest.raises(protocol.RemoteProtocolError):
+            stream.crcs_for(CS)
         with pytest.raises(protocol.RemoteProtocolError):
             stream.seal("not a sha-256")
         stream.discard()
