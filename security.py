@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import socket
-import ssl
 from dataclasses import dataclass, field
 
 # hashlib, hmac, secrets and ipaddress are imported by the functions that
@@ -150,9 +149,14 @@ def from_config(config) -> Security:
     return Security(secret, server_context, client_context)
 
 
+# ssl (~5 ms to import) is imported by the two functions below, the only
+# users: a client or server without TLS never loads it (see transport._tls_errors).
+
+
 def server_tls_context(cert_path: str, key_path: str) -> ssl.SSLContext:
     """TLS 1.2+ server context with this certificate; peers need no certificate
     (they prove themselves with the shared secret)."""
+    import ssl  # noqa: PLC0415 - see above
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
@@ -169,6 +173,7 @@ def client_tls_context(ca_path: str) -> ssl.SSLContext:
     may share one certificate, and nodes are reached at whatever address
     they registered with.  A certificate signed by this CA is the identity.
     """
+    import ssl  # noqa: PLC0415 - see above
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.check_hostname = False

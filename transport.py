@@ -25,7 +25,6 @@ import signal
 import socket
 import socketserver
 import sys
-import ssl
 import threading
 import time
 
@@ -117,6 +116,7 @@ class Connection:
             raise protocol.Unavailable(f"cannot reach {where}: {exc.strerror or exc}") from None
         _tune(self.sock)
         if ssl_context is not None:
+            import ssl  # noqa: PLC0415 - loaded already with the context (see _tls_errors)
             try:
                 self.sock = ssl_context.wrap_socket(self.sock, server_hostname=address[0])
             except socket.timeout:
@@ -505,7 +505,7 @@ class RequestHandler(socketserver.StreamRequestHandler):
         if self._tls_socket is not None:
             try:
                 self._tls_socket.do_handshake()
-            except (ssl.SSLError, socket.timeout, OSError) as exc:
+            except OSError as exc:  # ssl.SSLError and socket.timeout are OSErrors
                 logger.warning("%s: TLS handshake failed, closing: %s", self.peer, exc)
                 return False
         secret = self.server.security.secret
@@ -629,7 +629,7 @@ class RequestHandler(socketserver.StreamRequestHandler):
             # (TLS raises SSLWantReadError instead).
             if self.rfile.peek(1):
                 return True
-        except (BlockingIOError, ssl.SSLWantReadError):
+        except (BlockingIOError, *_tls_errors("SSLWantReadError")):
             pass
         finally:
             self.request.settimeout(self.server.io_timeout_s)
@@ -781,7 +781,19 @@ class Server(socketserver.ThreadingTCPServer):
 
 def is_peer_gone(exc: BaseException | None) -> bool:
     """True for the ways a connection ends when the peer closes, dies or resets it: routine, not a bug."""
-    return isinstance(exc, (ConnectionError, protocol.ClosedMidFrame, ssl.SSLEOFError, ssl.SSLZeroReturnError))
+    return isinstance(exc, (ConnectionError, protocol.ClosedMidFrame,
+                            *_tls_errors("SSLEOFError", "SSLZeroReturnError")))
+
+
+def _tls_errors(*names: str) -> tuple:
+    """The ssl module's exception classes ``names``; none if ssl was never imported.
+
+    ssl is imported (by security.py) only when TLS is configured, and
+    without it none of its exceptions can exist: so a client without TLS
+    does not pay ~5 ms of start-up to import it.
+    """
+    ssl = sys.modules.get("ssl")
+    return () if ssl is None else tuple(getattr(ssl, name) for name in names)
 
 
 def _describe(exc: BaseException) -> str:

@@ -398,6 +398,18 @@ def test_bytes_unlike_the_client_crcs_are_refused_end_to_end(cluster, tmp_path):
         conn.close()
     assert "crcs/damaged" not in stored_names(cluster)
 
+
+def test_client_start_up_leaves_out_what_the_command_does_not_use():
+    """--help loads no transport, TLS, hashing or health code; a connection without TLS loads no ssl."""
+    code = ("import sys, cli; cli.parse_args(sys.argv[1:]) if sys.argv[1:] else None; "
+            "print(' '.join(sorted({'ssl', 'hashlib', 'transport', 'health', 'history', 'datetime', 'logging'} "
+            "& set(sys.modules))))")
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert loaded.stdout.split() == [], loaded
+    code = "import sys, security, transport; print('ssl' in sys.modules)"
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "False", loaded
+
 # --- issue 10 item 13: a peer that is no backup master ----------------------------------------------------
 class FakePeer:
     """A loopback listener that is no backup master: silent, or answering like an HTTP server."""
