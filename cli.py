@@ -36,7 +36,6 @@ import config as config_module
 import filemeta
 import master_link
 import protocol
-import retention
 import views
 from views import human_bytes, plural
 
@@ -44,9 +43,9 @@ from views import human_bytes, plural
 # where a connection is made, hashlib (it loads OpenSSL) where a file is
 # hashed and logging where it is set up, not here: ``--help`` and usage
 # errors never need them (nor listings hashlib), and their imports were a
-# third of the client's start-up.  health (with namespace) and history
-# (with datetime) are imported by the commands that use them, for the same
-# reason.
+# third of the client's start-up.  health (with namespace), history and
+# retention (with datetime) are imported by the commands that use them, for
+# the same reason.
 
 
 EXIT_OK = 0
@@ -1540,6 +1539,7 @@ def at_time(text: str) -> float:
 
 def keep_count(text: str) -> int:
     """argparse type of prune's --keep-N rules (retention.parse_count), else a usage error."""
+    import retention  # noqa: PLC0415 - see the imports at the top
     try:
         return retention.parse_count(text)
     except ValueError as exc:
@@ -1548,6 +1548,7 @@ def keep_count(text: str) -> int:
 
 def keep_duration(text: str) -> retention.Duration:
     """argparse type of --keep-within (retention.parse_duration), else a usage error."""
+    import retention  # noqa: PLC0415 - see the imports at the top
     try:
         return retention.parse_duration(text)
     except ValueError as exc:
@@ -1786,6 +1787,7 @@ PRUNE_ATTEMPTS = 3
 
 def prune_policy(args) -> retention.Policy:
     """The policy of prune's --keep-* flags; UsageError for an empty one (restic refuses it too)."""
+    import retention  # noqa: PLC0415 - see the imports at the top
     policy = retention.Policy(last=args.keep_last, hourly=args.keep_hourly, daily=args.keep_daily,
                               weekly=args.keep_weekly, monthly=args.keep_monthly, yearly=args.keep_yearly,
                               within=args.keep_within or retention.Duration())
@@ -1804,6 +1806,7 @@ def cmd_prune(client: Client, args) -> int:
     prune again finishes the job.  A snapshot another prune forgot first
     makes the master refuse the whole request: the tree is planned again.
     """
+    import retention  # noqa: PLC0415 - see the imports at the top
     policy = prune_policy(args)
     roots = [name.rstrip("/") for name in args.names]
     listing = client.snapshots()
@@ -1830,6 +1833,7 @@ def cmd_prune(client: Client, args) -> int:
 
 def forget_planned(client: Client, root: str, policy: retention.Policy, decision: retention.Decision):
     """Forget ``decision``'s removed snapshots of ``root``: (decision carried out, ids forgotten, bytes freed)."""
+    import retention  # noqa: PLC0415 - see the imports at the top
     for _ in range(PRUNE_ATTEMPTS):
         try:
             reply = client.forget_snapshots([s["id"] for s in decision.remove])
