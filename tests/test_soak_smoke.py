@@ -1,11 +1,13 @@
-"""The soak benchmark, shortened: ten seconds of load and faults must lose nothing.
+"""The soak benchmark, shortened: five seconds of load and faults must lose nothing.
 
 Runs ``bench/soak.py`` as a subprocess (it starts and kills its own cluster)
 with a fixed seed, and checks its exit status and its summary line.  The
-seed is chosen so that the fault thread's first three faults are one of each
-kind (a node kill, a master kill, a node stop), all due within the first
-seven seconds; how many of them land before the load stops depends on the
-machine's speed, so the test asks for at least one.
+seed is chosen so that the fault thread's first two faults are a node kill
+(about 1 s in) and a master kill (about 4 s in, after the cluster healed
+from the first); the load stops after five seconds but the faults thread
+finishes the fault under way and its heal first.  How many faults land
+depends on the machine's speed, so the test asks for at least one.  (Node
+stops: tests/test_heal.py.  Longer soaks: ``python bench/soak.py --minutes N``.)
 """
 
 from __future__ import annotations
@@ -17,12 +19,12 @@ import sys
 
 from conftest import ROOT
 
-SEED = 21582
-SECONDS = 10
+SEED = 63270
+SECONDS = 5
 
 
-def test_ten_second_soak_loses_nothing(tmp_path):
-    """Ten seconds of uploads, downloads and deletes under node and master faults end with every file intact."""
+def test_five_second_soak_loses_nothing(tmp_path):
+    """Five seconds of uploads, downloads and deletes under node and master faults end with every file intact."""
     argv = [sys.executable, os.path.join(ROOT, "bench", "soak.py"), "--seconds", str(SECONDS), "--seed", str(SEED),
             "--data-dir", str(tmp_path / "soak")]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=90, cwd=ROOT)
