@@ -23,6 +23,11 @@ is not exercised (bench/bench.py measures it).  ``BACKUP_TEST_SPAWN=exec``
 starts every process with a fresh interpreter instead (plain subprocess),
 for a run that trusts nothing of this.
 
+Shell scripts reach it too: ``python_command()`` is what to run for
+``python`` (``python -S forkserver.py --call SOCKET``, which hands its own
+stdio, cwd and environment to a forked child and exits with its status), so
+the README's examples run through ``bash`` fork as well.
+
 Any other command (another script, ``-c``, a non-Python program) goes to
 ``subprocess`` unchanged.  The server is single-threaded (fork is safe), and
 children are not its responsibility once reported: tests kill them by pid.
@@ -34,10 +39,12 @@ import atexit
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -70,8 +77,12 @@ class _Server:
 
     def __init__(self):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # Where shell scripts reach the server (``call``): a directory only this user can enter.
+        self.socket_dir = tempfile.mkdtemp(prefix="forkserver-")
+        self.socket_path = os.path.join(self.socket_dir, "socket")
         # stderr inherited: a crash of the server itself is seen in pytest's output.
-        self.process = subprocess.Popen([sys.executable, os.path.abspath(__file__), str(theirs.fileno())],
+        self.process = subprocess.Popen([sys.executable, os.path.abspath(__file__), str(theirs.fileno()),
+                                         self.socket_path],
                                         pass_fds=[theirs.fileno()], stdin=DEVNULL, stdout=DEVNULL, cwd=ROOT)
         theirs.close()
         self.sock = ours
@@ -79,6 +90,7 @@ class _Server:
         self.changed = threading.Condition()
         self.replies: list[dict] = []
         self.exits: dict[int, int] = {}
+        self.children_cpu_s = 0.0  # CPU time of the children reaped so far (resource.RUSAGE_CHILDREN misses it)
         self.gone = False
         threading.Thread(target=self._read, name="forkserver-reader", daemon=True).start()
         self._next_reply(timeout_s=60.0)  # {"ready": true} once the modules are imported
@@ -97,6 +109,7 @@ class _Server:
                 message = json.loads(data)
                 if "exit" in message:
                     self.exits[message["exit"]] = message["code"]
+                    self.children_cpu_s += message["cpu_s"]
                 else:
                     self.replies.append(message)
                 self.changed.notify_all()
@@ -138,6 +151,7 @@ class _Server:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
 
 
 def _exists(pid: int) -> bool:
@@ -161,6 +175,18 @@ def _the_server() -> _Server:
             _server = _Server()
             atexit.register(_server.close)
         return _server
+
+
+def python_command() -> list[str]:
+    """What a shell script should run for ``python``: the fork server's caller (or plain python in exec mode)."""
+    if not forking():
+        return [sys.executable]
+    return [sys.executable, "-S", "-E", os.path.abspath(__file__), "--call", _the_server().socket_path]
+
+
+def children_cpu_s() -> float:
+    """CPU seconds (user + system) of every forked child that has exited, for measuring the suite."""
+    return _server.children_cpu_s if _server is not None else 0.0
 
 
 def _child_fd(spec, default: int, parent_ends: list, child_ends: list, reading: bool) -> int:
@@ -315,12 +341,15 @@ def run(argv, input: bytes | None = None, capture_output: bool = False, timeout:
 
 
 # --- the server ---------------------------------------------------------------------------------------
-def _serve(sock: socket.socket) -> None:
+def _serve(sock: socket.socket, listener: socket.socket) -> None:
     """Fork a child per request; report each child's exit status.  Returns when the test process goes away.
 
-    Runs in the server process only.  A child never returns from here: it
-    raises SystemExit out of the script (or any exception), which ends its
-    interpreter the normal way.
+    Runs in the server process only.  Requests come on ``sock`` (the test
+    process) and on connections to ``listener`` (``--call`` from a shell
+    script); each child's exit goes to whoever asked for it, and always to
+    ``sock`` too, which counts the children's CPU.  A child never returns from
+    here: it raises SystemExit out of the script (or any exception), which
+    ends its interpreter the normal way.
     """
     path = sys.path[1:]  # without this file's directory, which a script's run replaces with its own
     sys.path.insert(0, ROOT)
@@ -345,9 +374,11 @@ def _serve(sock: socket.socket) -> None:
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     sys.stdout.flush()
     sys.stderr.flush()
+    callers: list[socket.socket] = []  # --call connections
+    asked_by: dict[int, socket.socket] = {}  # pid -> the connection that asked for it
     sock.send(json.dumps({"ready": True}).encode("utf-8"))
     while True:
-        readable, _, _ = select.select([sock, wake_r], [], [])
+        readable, _, _ = select.select([sock, listener, wake_r, *callers], [], [])
         if wake_r in readable:
             try:
                 while os.read(wake_r, 512):
@@ -356,33 +387,46 @@ def _serve(sock: socket.socket) -> None:
                 pass
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
                 break
             if pid == 0:
                 break
-            sock.send(json.dumps({"exit": pid, "code": os.waitstatus_to_exitcode(status)}).encode("utf-8"))
-        if sock not in readable:
-            continue
-        data, fds, _, _ = socket.recv_fds(sock, MAX_REQUEST_BYTES, 3)
-        if not data:
-            return
-        request = json.loads(data)
-        try:
-            code = codes[os.path.join(ROOT, os.path.basename(request["argv"][1]))]
-            pid = os.fork()
-        except Exception as exc:  # noqa: BLE001 -- reported to the test that asked
+            report = json.dumps({"exit": pid, "code": os.waitstatus_to_exitcode(status),
+                                 "cpu_s": usage.ru_utime + usage.ru_stime}).encode("utf-8")
+            for conn in {sock, asked_by.pop(pid, sock)}:
+                try:
+                    conn.send(report)
+                except OSError:
+                    pass  # a caller gone: its child is on its own
+        if listener in readable:
+            callers.append(listener.accept()[0])
+        for conn in [c for c in (sock, *callers) if c in readable]:
+            data, fds, _, _ = socket.recv_fds(conn, MAX_REQUEST_BYTES, 3)
+            if not data:
+                if conn is sock:
+                    return
+                callers.remove(conn)
+                conn.close()
+                continue
+            request = json.loads(data)
+            try:
+                code = codes[os.path.join(ROOT, os.path.basename(request["argv"][1]))]
+                pid = os.fork()
+            except Exception as exc:  # noqa: BLE001 -- reported to the test that asked
+                for fd in fds:
+                    os.close(fd)
+                conn.send(json.dumps({"error": repr(exc)}).encode("utf-8"))
+                continue
+            if pid == 0:
+                for server_sock in (sock, listener, *callers):
+                    os.close(server_sock.detach())
+                _become(request, fds, code, path, [wake_r, wake_w])
+                raise AssertionError("unreachable: a script ends in SystemExit")
             for fd in fds:
                 os.close(fd)
-            sock.send(json.dumps({"error": repr(exc)}).encode("utf-8"))
-            continue
-        if pid == 0:
-            os.close(sock.detach())
-            _become(request, fds, code, path, [wake_r, wake_w])
-            raise AssertionError("unreachable: a script ends in SystemExit")
-        for fd in fds:
-            os.close(fd)
-        sock.send(json.dumps({"pid": pid}).encode("utf-8"))
+            asked_by[pid] = conn
+            conn.send(json.dumps({"pid": pid}).encode("utf-8"))
 
 
 def _become(request: dict, fds: list[int], code, path: list[str], server_fds: list[int]) -> None:
@@ -411,10 +455,49 @@ def _become(request: dict, fds: list[int], code, path: list[str], server_fds: li
     sys.exit(0)
 
 
+# --- the command-line caller ------------------------------------------------------------------------
+def call(socket_path: str, args: list[str]) -> int:
+    """``python -S forkserver.py --call SOCKET SCRIPT ARGS``: run SCRIPT ARGS as ``python`` would, forked.
+
+    For shell scripts (the README examples): this process's stdio, cwd and
+    environment go to the child; its exit status (or signal) becomes ours.
+    Anything but a script the server forks is exec'd as a plain ``python``.
+    """
+    argv = [sys.executable, *args]
+    if _script_of(argv) is None:
+        os.execv(sys.executable, argv)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        sock.connect(socket_path)
+        request = {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}
+        socket.send_fds(sock, [json.dumps(request).encode("utf-8")], [0, 1, 2])
+        reply = json.loads(sock.recv(65536))
+        if "error" in reply:
+            print(f"forkserver: {reply['error']}", file=sys.stderr)
+            return 1
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                print("forkserver: the server went away", file=sys.stderr)
+                return 1
+            message = json.loads(data)
+            if message.get("exit") == reply["pid"]:
+                break
+    code = message["code"]
+    if code < 0:  # died of a signal: so do we, for the shell to see it
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    return code
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[0] == "--call":
+        return call(argv[1], argv[2:])
     sock = socket.socket(fileno=int(argv[0]))
-    _serve(sock)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(argv[1])
+    listener.listen(16)
+    _serve(sock, listener)
     return 0
 
 

@@ -645,7 +645,8 @@ def test_every_readme_client_example_runs(cluster, request, tmp_path):
     # shell may hide it (`|| echo`, a pipe).
     bin_dir, runs = tmp_path / "bin", tmp_path / "runs"
     bin_dir.mkdir()
-    (bin_dir / "python").write_text(f'#!/bin/sh\n{shlex.quote(sys.executable)} "$@"\nstatus=$?\n'
+    python = shlex.join(forkserver.python_command())
+    (bin_dir / "python").write_text(f'#!/bin/sh\n{python} "$@"\nstatus=$?\n'
                                     f'echo "$status $*" >> {shlex.quote(str(runs))}\nexit $status\n')
     os.chmod(bin_dir / "python", 0o755)
     failures = []
