@@ -1,9 +1,11 @@
 """Deterministic simulation of meta.raft (see raft_sim.py): thousands of seeded fault schedules.
 
 Run one seed again with ``RAFT_SEED=N python -m pytest tests/test_raft_sim.py -k seeds``;
-run more with ``RAFT_SEEDS=20000``.
+run more with ``RAFT_SEEDS=20000``.  The seeds run in worker processes, one per core.
 """
 
+import concurrent.futures
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -18,6 +20,7 @@ from meta.messages import HardState  # noqa: E402
 from meta.raft import RaftCore  # noqa: E402
 
 SEEDS = int(os.environ.get("RAFT_SEEDS", "2000"))
+SEED_BATCH = 50  # seeds per task of the worker processes: small enough to keep both cores busy to the end
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -25,7 +28,21 @@ def test_seeds_keep_safety_and_liveness():
     """Every seed (or the one in RAFT_SEED) passes every safety check after every step, and
     makes progress once its faults heal; the failing seeds are named."""
     one = os.environ.get("RAFT_SEED")
-    seeds = [int(one)] if one else range(SEEDS)
+    if one:
+        failures = failing_seeds([int(one)])
+    else:
+        # Seeds are independent and each replays exactly, so they run on every core
+        # (fresh interpreters: the test process has threads, which fork would copy badly).
+        batches = [range(start, min(start + SEED_BATCH, SEEDS)) for start in range(0, SEEDS, SEED_BATCH)]
+        workers = min(len(batches), os.cpu_count() or 1)
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                    initializer=sys.path.insert, initargs=(0, TESTS_DIR)) as pool:
+            failures = [failure for batch in pool.map(failing_seeds, batches) for failure in batch]
+    assert not failures, "\n".join(failures[:5])
+
+
+def failing_seeds(seeds) -> list[str]:
+    """The Violations of ``seeds`` (at most 5), each naming its seed."""
     failures = []
     for seed in seeds:
         try:
@@ -34,7 +51,7 @@ def test_seeds_keep_safety_and_liveness():
             failures.append(str(exc))
             if len(failures) == 5:
                 break
-    assert not failures, "\n".join(failures)
+    return failures
 
 
 def test_a_seed_replays_exactly_in_another_process():
