@@ -672,7 +672,8 @@ class ChunkStore:
             raise ChecksumMismatch(f"blob {blob} chunk {first + bad}: stored CRC does not match data")
         return chunk_size, crc_bytes, payload
 
-    def get_intact(self, blob: str, first: int, count: int) -> tuple[int, bytes, bytes, list, list]:
+    def get_intact(self, blob: str, first: int, count: int,
+                   verify: bool = True) -> tuple[int, bytes, bytes, list, list]:
         """(chunk_size, crc_bytes, payload, missing, corrupt): every chunk of the range that is intact.
 
         Like get(), but a chunk that is not stored or fails its CRC does not
@@ -682,11 +683,16 @@ class ChunkStore:
         and a reader can fetch just those chunks elsewhere.  Corrupt chunks
         are dropped at once, as by drop_range(), unless what was read has
         been replaced or moved since: never served again, and gone from the
-        inventory.  Does not fsync (call flush).  Raises ChunkNotFound if no
+        inventory.  ``verify=False`` checks no CRC (a client's read: the
+        client checks every one, and the master reads a copy it reports
+        before anything changes), so nothing is listed corrupt or dropped.
+        Does not fsync (call flush).  Raises ChunkNotFound if no
         chunk of the range is stored, RemoteProtocolError as get().
         """
         missing: list[tuple[int, int]] = []
         chunk_size, crc_bytes, payload, parts = self._read(blob, first, count, missing)
+        if not verify:
+            return chunk_size, crc_bytes, payload, missing, []
         if verify_chunks(payload, crc_bytes, chunk_size) < 0 and not missing:
             return chunk_size, crc_bytes, payload, [], []
         damaged = []  # (extent, first, count) of each bad run, per extent read
@@ -696,6 +702,7 @@ class ChunkStore:
                 memoryview(crc_bytes)[crc_at:crc_at + CRC_BYTES * take], chunk_size)]
         if not damaged:
             return chunk_size, crc_bytes, payload, missing, []
+        corrupt = [(bad_first, bad_count) for _, bad_first, bad_count in damaged]
         crc_bytes, payload = bytearray(crc_bytes), bytearray(payload)
         for extent, bad_first, bad_count in damaged:
             skip = bad_first - first  # missing chunks before it are chunk_size zeros: offsets hold
@@ -708,7 +715,6 @@ class ChunkStore:
                 for dropped_first, dropped_count in self._drop_if_from(blob, bad_first, bad_count, extent):
                     logger.warning("chunk store %s: blob %s chunks %d+%d fail their CRCs on read; dropped",
                                    self._dir, blob, dropped_first, dropped_count)
-        corrupt = [(bad_first, bad_count) for _, bad_first, bad_count in damaged]
         return chunk_size, bytes(crc_bytes), bytes(payload), missing, corrupt
 
     def has(self, blob: str, first: int, count: int) -> bool:

@@ -513,6 +513,10 @@ class _FrameSink:
             raise self.error
         return self._free.get()
 
+    def give_back(self, buffer: bytearray) -> None:
+        """Return a buffer from ``free_buffer`` that was not filled after all."""
+        self._free.put(buffer)
+
     def put(self, buffer: bytearray, body) -> None:
         if self._thread is None:
             self._consume(body)
@@ -562,11 +566,91 @@ class _Discard:
         return len(data)
 
 
+def _close_quietly(f) -> None:
+    try:
+        f.close()
+    except OSError:
+        pass
+
+
 def _unlink_quietly(path: str) -> None:
     try:
         os.unlink(path)
     except OSError:
         pass
+
+
+class _TreeFile:
+    """One file of a pipelined direct tree restore (Client._download_files_direct), being written.
+
+    Opened at its first piece (or its end, for an empty file); a local
+    failure is reported at once and the file's later pieces are dropped.
+    """
+
+    def __init__(self, position: int, path: str, name: str, summary: TreeSummary, report):
+        self.position, self.path, self.name = position, path, name
+        self.summary, self.report = summary, report
+        self.out = None
+        self.temp_path = None
+        self.sha = new_sha256()
+        self.received = 0
+
+    @classmethod
+    def open(cls, position: int, root: str, path: str, summary: TreeSummary, report, name: str) -> "_TreeFile":
+        tree_file = cls(position, path, name, summary, report)
+        try:
+            make_parents(root, path)
+            fd, tree_file.temp_path = open_temp_beside(path)
+            tree_file.out = os.fdopen(fd, "wb")
+        except LocalFileError as exc:
+            tree_file.fail(str(exc))
+        return tree_file
+
+    def fail(self, reason: str) -> None:
+        self.summary.fail(self.name, reason, self.report)
+        self.discard()
+
+    def write(self, view) -> None:
+        if self.out is None:
+            return  # failed locally: the rest of its bytes are dropped
+        self.sha.update(view)
+        self.received += len(view)
+        try:
+            self.out.write(view)
+        except OSError as exc:
+            self.fail(f"cannot write {self.path}: {exc.strerror}")
+
+    def finish(self, client: "Client", plan: protocol.ReadPlan, force: bool, restore: "Restore") -> None:
+        """Check the bytes against the plan, rename into place, count it (or report why not)."""
+        if self.out is None:
+            return
+        import direct_read  # noqa: PLC0415 - loaded by the caller already
+        info = direct_read.file_info(plan)
+        try:
+            if self.received != plan.length:
+                raise protocol.RemoteProtocolError(f"read {self.received} bytes of {self.name!r}, "
+                                                   f"announced {plan.length}")
+            if self.sha.hexdigest() != plan.sha256:
+                raise protocol.ChecksumMismatch(f"{self.name!r} failed verification: SHA-256 differs from the one "
+                                                f"recorded at upload; nothing was written")
+            out, self.out = self.out, None
+            client._place_written(out, self.temp_path, self.path, force, info, restore)
+            self.temp_path = None  # renamed into place
+        except LocalFileError as exc:
+            self.fail(str(exc))
+            return
+        except protocol.BackupError as exc:
+            self.fail(f"{exc.code}: {exc.message}")
+            return
+        self.summary.ok(plan.length)
+
+    def discard(self) -> None:
+        if self.out is not None:
+            _close_quietly(self.out)
+            self.out = None
+        if self.temp_path is not None:
+            _unlink_quietly(self.temp_path)
+            self.temp_path = None
 
 
 class Client:
@@ -579,7 +663,7 @@ class Client:
 
     def __init__(self, master, timeout_s: float, frame_bytes: int, show_progress: bool,
                  security: transport.Security | None = None, handshake_timeout_s: float | None = None,
-                 failover_timeout_s: float = 10.0, chunk_size: int = 1024):
+                 failover_timeout_s: float = 10.0, chunk_size: int = 1024, direct_reads: bool = True):
         self.link = master_link.MasterLink(master, "client", timeout_s, security,
                                            handshake_timeout_s=handshake_timeout_s,
                                            failover_timeout_s=failover_timeout_s)
@@ -600,6 +684,12 @@ class Client:
         self.show_progress = show_progress
         self._conn: transport.Connection | None = None
         self._frame_buffer: bytearray | None = None
+        # Downloads read the chunks from the nodes (direct_read.py) unless False.
+        self.direct_reads = direct_reads
+        self._replicas = None
+        # During a pipelined tree restore: the replies still to come, in order
+        # (a download's, or READ_ENDED); None otherwise.
+        self._expected: deque | None = None
 
     @property
     def master(self) -> tuple[str, int]:
@@ -630,6 +720,8 @@ class Client:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        if self._replicas is not None:
+            self._replicas.close()
 
     # --- upload ----------------------------------------------------------------------
     def upload_file(self, path: str, name: str, mode: str = "replace", offset: int = 0,
@@ -727,11 +819,13 @@ class Client:
             raise protocol.InvalidRange(f"length {length} is negative")
         check_destination(destination, force)
         if destination == "-":
-            self.conn.send(protocol.Download(name=name, offset=offset, length=length, version=version, at=at))
+            self.conn.send(protocol.Download(name=name, offset=offset, length=length, version=version, at=at,
+                                             direct=self.direct_reads or None))
             return self._receive(name, sys.stdout.buffer)
         fd, temp_path = open_temp_beside(destination)  # before asking: a local failure costs no transfer
         try:
-            self.conn.send(protocol.Download(name=name, offset=offset, length=length, version=version, at=at))
+            self.conn.send(protocol.Download(name=name, offset=offset, length=length, version=version, at=at,
+                                             direct=self.direct_reads or None))
         except BaseException:
             os.close(fd)
             _unlink_quietly(temp_path)
@@ -756,26 +850,40 @@ class Client:
         symlink's bytes become a link, ``place_restored``).
         """
         try:
+            out = os.fdopen(fd, "wb")
             try:
-                with os.fdopen(fd, "wb") as out:
-                    info = self._receive(name, out, keep_going)
-                    replacing = os.path.lexists(destination)
-                    if replacing:
-                        out.flush()
-                        os.fsync(out.fileno())
-            except OSError as exc:  # the final flush or close of the file
-                raise LocalFileError(f"cannot write {destination}: {exc.strerror}") from None
-            place_restored(temp_path, destination, force, info.meta if restore else None, restore)
-            if replacing:
-                from metadata_log import fsync_dir  # only here: keeps the CLI's start-up lean
-                try:
-                    fsync_dir(os.path.dirname(os.path.abspath(destination)))
-                except OSError as exc:
-                    raise LocalFileError(f"cannot write {destination}: {exc.strerror}") from None
+                info = self._receive(name, out, keep_going)
+            except BaseException:
+                _close_quietly(out)
+                raise
+            self._place_written(out, temp_path, destination, force, info, restore)
         except BaseException:
             _unlink_quietly(temp_path)
             raise
         return info
+
+    @staticmethod
+    def _place_written(out, temp_path: str, destination: str, force: bool, info: protocol.FileInfo,
+                       restore: "Restore | None") -> None:
+        """Close the verified temporary file ``out`` and rename it to ``destination`` (see _receive_into).
+
+        The caller removes the temporary file if this raises.
+        """
+        try:
+            with out:
+                replacing = os.path.lexists(destination)
+                if replacing:
+                    out.flush()
+                    os.fsync(out.fileno())
+        except OSError as exc:  # the final flush or close of the file
+            raise LocalFileError(f"cannot write {destination}: {exc.strerror}") from None
+        place_restored(temp_path, destination, force, info.meta if restore else None, restore)
+        if replacing:
+            from metadata_log import fsync_dir  # only here: keeps the CLI's start-up lean
+            try:
+                fsync_dir(os.path.dirname(os.path.abspath(destination)))
+            except OSError as exc:
+                raise LocalFileError(f"cannot write {destination}: {exc.strerror}") from None
 
     def _receive(self, name: str, out, keep_going: bool = False) -> protocol.FileInfo:
         """Read one download reply (FILE_INFO, DATA..., DATA_END) into ``out``.
@@ -787,36 +895,123 @@ class Client:
         reply has been read (see _FrameSink), so the connection stays usable.
         """
         conn = self.conn
-        info = conn.expect(protocol.FileInfo)
+        if self.direct_reads:
+            reply = conn.recv()
+            if isinstance(reply, protocol.ReadPlan):
+                return self._receive_direct(name, reply, out, keep_going)
+            info = protocol.expect(reply, protocol.FileInfo)
+        else:
+            info = conn.expect(protocol.FileInfo)
         whole_file = info.offset == 0 and info.length == info.size
         sha = new_sha256() if whole_file else None
-        progress = Progress(f"download {name}", info.length,
-                            self.show_progress and out is not sys.stdout.buffer and info.length >= self.frame_bytes)
-        sink = _FrameSink(out, sha, progress, threaded=info.length > self.frame_bytes, first_buffer=self._buffer(),
-                          keep_going=keep_going)
-        received = 0
+        sink = self._sink(name, info, out, sha, keep_going)
         try:
-            while True:
-                buffer = sink.free_buffer()
-                msg = conn.recv(buffer)
-                if not isinstance(msg, protocol.Data):
-                    if msg is None:
-                        conn.broken = True
-                    protocol.expect(msg, protocol.DataEnd)
-                    break
-                received += len(msg.body)
-                if received > info.length:
-                    raise protocol.RemoteProtocolError("master sent more bytes than announced")
-                sink.put(buffer, msg.body)
+            received = self._receive_frames(info.length, sink)
         finally:
             sink.close()
         if received != info.length:
             raise protocol.RemoteProtocolError(f"master sent {received} bytes, announced {info.length}")
-        if whole_file and sha.hexdigest() != info.sha256:
+        self._check_whole(name, info, sha, sink.progress)
+        return info
+
+    def _sink(self, name: str, info: protocol.FileInfo, out, sha, keep_going: bool,
+              buffer_bytes: int = 0) -> "_FrameSink":
+        """Where a download's bytes go; its buffers hold ``buffer_bytes`` (default: one frame)."""
+        progress = Progress(f"download {name}", info.length,
+                            self.show_progress and out is not sys.stdout.buffer and info.length >= self.frame_bytes)
+        first_buffer = bytearray(buffer_bytes) if buffer_bytes > self.frame_bytes else self._buffer()
+        return _FrameSink(out, sha, progress, threaded=info.length > self.frame_bytes, first_buffer=first_buffer,
+                          keep_going=keep_going)
+
+    def _receive_frames(self, length: int, sink: "_FrameSink") -> int:
+        """Read DATA frames up to DATA_END into ``sink``; the number of bytes (at most ``length``)."""
+        conn = self.conn
+        received = 0
+        while True:
+            buffer = sink.free_buffer()
+            msg = conn.recv(buffer)
+            if not isinstance(msg, protocol.Data):
+                if msg is None:
+                    conn.broken = True
+                protocol.expect(msg, protocol.DataEnd)
+                return received
+            received += len(msg.body)
+            if received > length:
+                raise protocol.RemoteProtocolError("master sent more bytes than announced")
+            sink.put(buffer, msg.body)
+
+    @staticmethod
+    def _check_whole(name: str, info: protocol.FileInfo, sha, progress: "Progress") -> None:
+        if sha is not None and sha.hexdigest() != info.sha256:
             raise protocol.ChecksumMismatch(f"{name!r} failed verification: SHA-256 differs from the one "
                                             f"recorded at upload; nothing was written")
         progress.finish()
+
+    def _receive_direct(self, name: str, plan: protocol.ReadPlan, out, keep_going: bool) -> protocol.FileInfo:
+        """Read a direct read's bytes from the nodes into ``out`` (direct_read.py), then end the read.
+
+        Bytes go through the same sink as a relayed download's (SHA-256 of
+        a whole file, writer thread): each piece is received straight into
+        one of the sink's buffers, so the socket reads and CRC checks of the
+        next piece overlap the hashing and writing of this one, no copy made.  If no replica of some piece is
+        reachable from here, the master relays the rest of the range from
+        the pinned version.  READ_END (listing the copies that could not be
+        used) is sent whatever happened, unless the master connection broke.
+        """
+        import direct_read  # noqa: PLC0415 - only downloads need it
+        info = direct_read.file_info(plan)
+        whole_file = info.offset == 0 and info.length == info.size
+        sha = new_sha256() if whole_file else None
+        sink = self._sink(name, info, out, sha, keep_going,
+                          buffer_bytes=plan.batch_chunks * (plan.chunk_size + protocol.CRC_BYTES))
+        reader = direct_read.DirectReader(self.replicas)
+        received = 0
+        try:
+            try:
+                for view in direct_read.read_plan_pages(self.conn, plan, reader, (sink.free_buffer, sink.give_back)):
+                    sink.put(view.obj, view)
+                    received += len(view)
+            except protocol.Unavailable as exc:
+                direct_read.logger.warning("%r: %s; the master relays the rest", name, exc)
+                self.conn.send(protocol.Download(name=name, offset=info.offset + received,
+                                                 length=info.length - received, read_id=plan.read_id))
+                self.conn.expect(protocol.FileInfo)
+                received += self._receive_frames(info.length - received, sink)
+        finally:
+            try:
+                sink.close()
+            finally:
+                if self.in_step:
+                    self._end_read(protocol.ReadEnd(read_ids=[plan.read_id], bad=reader.take_bad()))
+        if received != info.length:
+            raise protocol.RemoteProtocolError(f"read {received} bytes of {name!r}, announced {info.length}")
+        self._check_whole(name, info, sha, sink.progress)
         return info
+
+    def _end_read(self, msg: protocol.ReadEnd) -> None:
+        """Send READ_END: as a request of its own, or queued behind a tree restore's pipelined downloads."""
+        if self._expected is None:
+            self.conn.request(msg, protocol.ReadEnded)
+        else:
+            self.conn.send(msg, flush=False)
+            self._expected.append(protocol.ReadEnded)
+
+    def _next_reply_is_download(self) -> None:
+        """In a tree restore, read the READ_ENDED replies queued before the next download's reply."""
+        self.conn.flush()  # READ_END requests are queued unflushed (_end_read)
+        while self._expected and self._expected[0] is protocol.ReadEnded:
+            self._expected.popleft()
+            self.conn.expect(protocol.ReadEnded)
+        if self._expected:
+            self._expected.popleft()
+
+    @property
+    def replicas(self):
+        """This session's connections to the nodes (direct reads), opened as needed."""
+        if self._replicas is None:
+            import direct_read  # noqa: PLC0415 - only downloads need it
+            self._replicas = direct_read.ReplicaPool(self.handshake_timeout_s or self.timeout_s, self.security)
+        return self._replicas
 
     def _buffer(self) -> bytearray:
         if self._frame_buffer is None:
@@ -870,12 +1065,32 @@ class Client:
                 continue
             files.add(path)
             todo.append((name, path, entry.get("version")))
+        if self.direct_reads:
+            # Files a pipelined direct read could not finish (no replica reachable from here, or
+            # placement of more than one READ_PLAN page) are then downloaded one by one: each
+            # may page through READ_MORE or have the master relay it.
+            for item in self._download_files_direct(root, todo, force, restore, summary, report, snapshot):
+                self._download_files(root, [item], force, restore, summary, report, snapshot)
+        else:
+            self._download_files(root, todo, force, restore, summary, report, snapshot)
+        self._restore_directories(root, directories, summary, restore, report)
+        return summary
+
+    def _download_files(self, root: str, todo: list, force: bool, restore: Restore, summary: TreeSummary,
+                        report, snapshot: int | None = None) -> None:
+        """Download ``todo`` ((name, path, version) each), DOWNLOAD_WINDOW requests in flight.
+
+        Relayed by the master, or, for a single file, read directly (a
+        direct read's READ_MORE and relayed fallback need the connection to
+        itself, so direct reads are pipelined by ``_download_files_direct``).
+        """
         sent = 0
         conn = self.conn
         for position, (name, path, _) in enumerate(todo):
             while sent < len(todo) and sent < position + DOWNLOAD_WINDOW:
-                conn.send(protocol.Download(name=todo[sent][0], version=todo[sent][2], snapshot=snapshot),
-                          flush=False)
+                direct = (self.direct_reads and len(todo) == 1) or None
+                conn.send(protocol.Download(name=todo[sent][0], version=todo[sent][2], snapshot=snapshot,
+                                            direct=direct), flush=False)
                 sent += 1
             conn.flush()
             try:
@@ -896,8 +1111,91 @@ class Client:
                     raise
                 continue
             summary.ok(info.length)
-        self._restore_directories(root, directories, summary, restore, report)
-        return summary
+
+    def _download_files_direct(self, root: str, todo: list, force: bool, restore: Restore,
+                               summary: TreeSummary, report, snapshot: int | None = None) -> list:
+        """Restore ``todo`` ((name, path, version) each) by direct reads pipelined across files.
+
+        DOWNLOAD_WINDOW ``DOWNLOAD {direct}`` are in flight to the master and
+        READ_AHEAD pieces, of whichever files, to the nodes
+        (``transfers.read_ranges``), so a small file costs no round trip of
+        its own.  Each file is written to a temporary file, checked
+        (length, SHA-256) and renamed as in ``_receive_into``; one READ_END
+        per DOWNLOAD_WINDOW files is queued behind the requests already sent.  Returns the entries
+        to download one by one instead: no replica reachable from here, or
+        more runs than one READ_PLAN holds.
+        """
+        import direct_read  # noqa: PLC0415 - only downloads need it
+        import transfers  # noqa: PLC0415
+        conn = self.conn
+        reader = direct_read.DirectReader(self.replicas)
+        plans: dict[int, protocol.ReadPlan] = {}
+        later = []
+        ended: list[str] = []  # reads done, to end with one READ_END per DOWNLOAD_WINDOW files
+        sent = 0
+        self._expected = deque()
+
+        def end_reads():
+            if ended:
+                self._end_read(protocol.ReadEnd(read_ids=list(ended), bad=reader.take_bad()))
+                ended.clear()
+
+        def reads():
+            nonlocal sent
+            for position, (name, _, _) in enumerate(todo):
+                while sent < len(todo) and sent < position + DOWNLOAD_WINDOW:
+                    conn.send(protocol.Download(name=todo[sent][0], version=todo[sent][2], snapshot=snapshot,
+                                                direct=True), flush=False)
+                    self._expected.append(protocol.Download)
+                    sent += 1
+                self._next_reply_is_download()
+                reply = conn.recv()
+                if reply is None:
+                    conn.broken = True
+                try:
+                    plan = protocol.expect(reply, protocol.ReadPlan)
+                    direct_read.check_plan(plan)
+                except (protocol.FileNotFound, protocol.DataLost, protocol.Unavailable) as exc:
+                    yield position, name, exc
+                    continue
+                plans[position] = plan
+                if plan.more is not None:
+                    later.append(todo[position])
+                    ended.append(plan.read_id)
+                    continue
+                reader.pool.learn(plan)
+                yield position, name, direct_read.plan_entry(plan), plan.offset, plan.length
+
+        current = None  # _TreeFile of the file being written
+        try:
+            for position, item in transfers.read_ranges(reader, reads()):
+                name, path, _ = todo[position]
+                if current is None or current.position != position:
+                    current = _TreeFile.open(position, root, path, summary, report, name)
+                if item is None or isinstance(item, BaseException):
+                    plan = plans.pop(position, None)
+                    if plan is not None:
+                        ended.append(plan.read_id)
+                        if len(ended) >= DOWNLOAD_WINDOW:
+                            end_reads()
+                    if isinstance(item, protocol.Unavailable) and plan is not None:
+                        current.discard()
+                        later.append(todo[position])
+                    elif isinstance(item, BaseException):
+                        current.discard()
+                        summary.fail(name, f"{item.code}: {item.message}", report)
+                    else:
+                        current.finish(self, plan, force, restore)
+                    current = None
+                    continue
+                current.write(item)
+            end_reads()
+            self._next_reply_is_download()  # the last READ_ENDED replies
+        finally:
+            if current is not None:
+                current.discard()
+            self._expected = None
+        return later
 
     @staticmethod
     def _restore_directories(root: str, directories: list, summary: TreeSummary, restore: Restore, report) -> None:
@@ -2069,6 +2367,10 @@ def add_client_options(parser: argparse.ArgumentParser, writer: bool, top: bool)
             action.default = argparse.SUPPRESS
 
 
+VIA_MASTER_HELP = ("let the master relay the bytes instead of reading them from the nodes (direct reads, "
+                   "the default; they fall back to the master by themselves when no node is reachable)")
+
+
 class _Unused:
     """Stands in for the parser of a command that is not run: drops what is added to it."""
 
@@ -2170,6 +2472,7 @@ def build_arg_parser(only: str | None = None) -> argparse.ArgumentParser:
     download.add_argument("--snapshot", type=snapshot_arg, metavar="ID",
                           help="restore the tree NAME/ as snapshot ID recorded it (see: snapshots); latest = the "
                                "newest snapshot of that tree")
+    download.add_argument("--via-master", action="store_true", help=VIA_MASTER_HELP)
     delete = command("delete", "move stored files (and their versions) to the trash",
                      "Move each NAME and its versions to the trash for [retention] trash_days, from where "
                      "undelete brings it back; then its space is reclaimed.  --purge removes at once.  A name "
@@ -2222,6 +2525,7 @@ def build_arg_parser(only: str | None = None) -> argparse.ArgumentParser:
     cat.add_argument("name", metavar="NAME", help="stored name")
     cat.add_argument("--offset", type=int, help="first byte to read (default 0)")
     cat.add_argument("--length", type=int, help="bytes to read (default: to the end)")
+    cat.add_argument("--via-master", action="store_true", help=VIA_MASTER_HELP)
     touch = command("touch", "create an empty file, or refresh a file's modified time",
                     "Create NAME as an empty file if it does not exist, else give it a new modified time.")
     touch.add_argument("name", metavar="NAME", help="stored name")
@@ -2358,7 +2662,8 @@ def main(argv=None) -> int:
     timeout_s = args.timeout or config.lock_wait_s + config.io_timeout_s * 3
     client = Client(masters, timeout_s, config.batch_bytes, show_progress=not args.quiet and sys.stderr.isatty(),
                     security=security, handshake_timeout_s=min(config.io_timeout_s, timeout_s),
-                    failover_timeout_s=config.failover_timeout_s, chunk_size=config.chunk_size_bytes)
+                    failover_timeout_s=config.failover_timeout_s, chunk_size=config.chunk_size_bytes,
+                    direct_reads=not getattr(args, "via_master", False))
     try:
         return COMMANDS[args.command](client, args)
     except UsageError as exc:

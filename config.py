@@ -33,6 +33,7 @@ class Config:
     checkpoint_every: int = 10000
     lock_wait_s: float = 60.0
     lock_lease_s: float = 30.0
+    read_lease_s: float = 600.0
     node_host: str = "127.0.0.1"
     node_port: int = 0
     node_data_dir: str = "data/node"
@@ -106,6 +107,7 @@ _KEYS = [
     ("master", "checkpoint_every", "checkpoint_every", int),
     ("master", "lock_wait_s", "lock_wait_s", float),
     ("master", "lock_lease_s", "lock_lease_s", float),
+    ("master", "read_lease_s", "read_lease_s", float),
     ("master", "meta_backup_interval_s", "meta_backup_interval_s", float),
     ("node", "host", "node_host", str),
     ("node", "port", "node_port", int),
@@ -255,7 +257,7 @@ def validate(config: Config) -> None:
     if batch_body > protocol.MAX_BODY_BYTES:
         raise ValueError(f"batch_bytes too large: a batch frame would exceed {protocol.MAX_BODY_BYTES} bytes")
     for name in ("heartbeat_interval_s", "dead_after_s", "io_timeout_s", "lock_wait_s", "lock_lease_s",
-                 "failover_timeout_s"):
+                 "read_lease_s", "failover_timeout_s"):
         if getattr(config, name) <= 0:
             raise ValueError(f"{name} must be positive")
     for name in ("safe_mode_s", "scrub_rate_mb_s", "orphan_grace_s"):

@@ -88,6 +88,9 @@ _GC_RETRY_S = 5.0
 _LIVENESS_CHECK_S = 1.0
 # A group of pipelined uploads is committed (one FLUSH per node, one log
 # fsync) once it holds this many files or bytes, or when the client syncs.
+# Runs in one READ_PLAN: ~130 bytes of JSON each with its capability, so a
+# page stays well under MAX_HEADER_BYTES; 512 runs of 1 MiB cover 512 MiB.
+PLAN_RUNS = 512
 GROUP_MAX_FILES = 256
 GROUP_MAX_BYTES = 64 * 1024 * 1024
 UPLOAD_MODES = ("replace", "append", "write")
@@ -229,6 +232,15 @@ class NodePool:
                        "(a node restarted on another node's port?)", where, conn.peer_id[:64], node_id)
             raise protocol.WrongNode(f"{where} is node {conn.peer_id[:64]!r}, not node {node_id}")
         return conn
+
+    @staticmethod
+    def get_chunks(blob: str, first: int, count: int) -> protocol.GetChunks:
+        """The request reading chunks over this pool's connections (transfers.read_range).
+
+        The master needs no read capability; a client's pool adds one
+        (direct_read.py), so the read code is the same for both.
+        """
+        return protocol.GetChunks(blob=blob, first=first, count=count)
 
     def release(self, conn: transport.Connection) -> None:
         if not conn.broken:
@@ -706,14 +718,79 @@ class Master:
                     raise protocol.FileNotFound(f"{name!r} has no kept version {version}")
             else:
                 entry = self.namespace.lookup_version(name, version, at)
-            with self._garbage_cond:
-                for blob in entry_blobs(entry):
-                    self._readers[blob] += 1
+            self.pin(entry)
             # Pinned before the re-check: a replace committed after the
             # re-check queues its garbage after our pin, so the GC sees it.
             if self.namespace.find_entry(name, history.version_id(entry)) is entry:
                 return entry
             self.close_read(entry)
+
+    def pin(self, entry: dict) -> None:
+        """Keep ``entry``'s blobs from garbage collection until a matching ``close_read``."""
+        with self._garbage_cond:
+            for blob in entry_blobs(entry):
+                self._readers[blob] += 1
+
+    def read_plan(self, read_id: str, name: str, entry: dict, offset: int, length: int,
+                  first_chunk: int | None = None) -> protocol.ReadPlan:
+        """READ_PLAN of a pinned read of ``entry``'s bytes [offset, offset+length), from ``first_chunk`` on.
+
+        At most PLAN_RUNS runs (the rest: READ_MORE); replicas in read order;
+        a capability per blob of the runs, valid for read_lease_s.
+        """
+        chunk_size = entry["chunk_size"]
+        first_needed = offset // chunk_size
+        first = first_needed if first_chunk is None else max(first_chunk, first_needed)
+        last = (offset + length - 1) // chunk_size if length > 0 else first - 1
+        runs, more = transfers.plan_runs(entry, first, last, PLAN_RUNS)
+        nodes = {}
+        for run in runs:
+            run[2] = self.read_order(run[2])
+            for node_id in run[2]:
+                if node_id not in nodes:
+                    try:
+                        nodes[node_id] = transport.format_address(self.node_address(node_id))
+                    except protocol.BackupError:
+                        pass  # unknown: the client counts it unreachable
+        expires = int(time.time() + self.config.read_lease_s) + 1
+        secret = self.security.secret
+        cluster_id = self.namespace.cluster_id or ""
+        caps = {blob: security_module.read_capability(secret, cluster_id, blob, expires) if secret else ""
+                for blob in {run[3] for run in runs}}
+        return protocol.ReadPlan(
+            read_id=read_id, name=name, size=entry["size"], chunks=entry["chunks"], sha256=entry["sha256"],
+            mtime=entry["mtime"], version=entry["version"], offset=offset, length=length, chunk_size=chunk_size,
+            batch_chunks=entry["batch_chunks"], first_chunk=first, runs=runs, nodes=nodes, caps=caps,
+            expires=expires, more=more, meta=entry.get("meta"))
+
+    def check_reported_copies(self, name: str, entry: dict, bad: list) -> None:
+        """A client could not use these copies ([node id, blob, first, count]): read each one here.
+
+        A copy the master too finds missing or corrupt is taken off its
+        chunks and repaired (transfers.read_piece reports it through
+        ``note_bad_replica``, the master's own read path); one that reads
+        intact here stays (it was damaged on the way to the client, or the
+        report is wrong).  Done before READ_END is answered, while the
+        version is still pinned: rare (only when something was bad), and
+        the client then knows the master has seen what it found.
+        """
+        checks = []
+        for item in bad[:protocol.MAX_CHUNK_RANGES]:
+            if not (isinstance(item, list) and len(item) == 4 and isinstance(item[0], str)
+                    and isinstance(item[1], str) and all(isinstance(v, int) and v >= 0 for v in item[2:])):
+                raise protocol.RemoteProtocolError("malformed READ_END bad list")
+            if item[1] in entry_blobs(entry) and item[2] < entry["chunks"] and item[3] > 0:
+                checks.append((item[0], item[1], item[2], min(item[3], entry["chunks"] - item[2])))
+        if not checks:
+            return
+        batch = entry["batch_chunks"]
+        buffer = bytearray(batch * (entry["chunk_size"] + protocol.CRC_BYTES))
+        for node_id, blob, first, count in checks:
+            for piece_first, piece_count in transfers.batch_pieces(first, count, batch):
+                try:
+                    transfers.read_piece(self, name, entry, blob, piece_first, piece_count, [node_id], buffer)
+                except protocol.BackupError as exc:
+                    logger.info("checked a copy of %r a client could not use: %s", name, exc)
 
     def close_read(self, entry: dict) -> None:
         with self._garbage_cond:
@@ -1258,8 +1335,12 @@ class MasterHandler(ObservedHandler, transport.RequestHandler):
         super().setup()
         self.session: transfers.UploadSession | None = None
         self.pending: list[PendingUpload] = []
+        # Direct reads of this connection: read id -> [name, entry, offset, length, pinned until (clock)].
+        self.reads: dict[str, list] = {}
 
     def finish(self):
+        for read_id in list(self.reads):
+            self._end_read(read_id)
         # The connection is gone: uploads not yet committed never will be.
         for upload in self.pending:
             upload.stream.discard()
@@ -1291,8 +1372,14 @@ class MasterHandler(ObservedHandler, transport.RequestHandler):
     def idle_deadline_s(self) -> float | None:
         # Pending grouped uploads hold their names' locks: the lease applies
         # to a client that goes quiet after an UPLOAD_END as to one that
-        # goes quiet mid-upload.
-        return self.master.config.lock_lease_s if self.pending else None
+        # goes quiet mid-upload.  Pinned direct reads end when their lease does.
+        deadlines = []
+        if self.pending:
+            deadlines.append(self.master.config.lock_lease_s)
+        if self.reads:
+            now = self.master.clock()
+            deadlines.append(max(0.0, min(read[4] for read in self.reads.values()) - now))
+        return min(deadlines) if deadlines else None
 
     def on_idle(self) -> None:
         """A grouped upload went quiet past lock_lease_s: commit what it finished, release its locks.
@@ -1302,6 +1389,9 @@ class MasterHandler(ObservedHandler, transport.RequestHandler):
         read their UPLOADED replies when it goes on, exactly as if the group
         had filled up.  Other writers no longer wait for an idle client.
         """
+        self._expire_reads()
+        if not self.pending:
+            return
         logger.info("%s: silent for lock_lease_s with %d finished upload(s) pending; committing them",
                     self.peer, len(self.pending))
         self._commit_pending()
@@ -1572,6 +1662,10 @@ class MasterHandler(ObservedHandler, transport.RequestHandler):
     # --- clients: the rest ---
     def do_DOWNLOAD(self, msg: protocol.Download) -> None:
         name = protocol.validate_name(msg.name)
+        if msg.read_id is not None:
+            # A direct read falling back to the master: the bytes of the version it pinned.
+            self._send_file(msg, self._pinned_read(msg.read_id, name)[1])
+            return
         if msg.snapshot is not None:
             if msg.version is None:
                 raise protocol.RemoteProtocolError("a snapshot download names the version")
@@ -1580,18 +1674,78 @@ class MasterHandler(ObservedHandler, transport.RequestHandler):
             entry = self.master.open_for_read(name, msg.version, any_kept=True)
         else:
             entry = self.master.open_for_read(name, msg.version, msg.at)
+        if msg.direct:
+            self._start_read(msg, entry)
+            return
         try:
             self._send_file(msg, entry)
         finally:
             self.master.close_read(entry)
 
-    def _send_file(self, msg: protocol.Download, entry: dict) -> None:
+    # --- clients: direct reads (the client fetches the chunks from the nodes) ---
+    def _start_read(self, msg: protocol.Download, entry: dict) -> None:
+        """Answer READ_PLAN for ``entry`` (already pinned): the pin now belongs to this connection."""
+        try:
+            offset, length = self._read_range(msg, entry)
+            read_id = uuid.uuid4().hex[:16]
+            plan = self.master.read_plan(read_id, msg.name, entry, offset, length)
+        except BaseException:
+            self.master.close_read(entry)
+            raise
+        self.reads[read_id] = [msg.name, entry, offset, length, self.master.clock() + self.master.config.read_lease_s]
+        self.reply(plan)
+
+    def _pinned_read(self, read_id: str, name: str | None = None) -> list:
+        read = self.reads.get(read_id)
+        if read is None or (name is not None and read[0] != name):
+            raise protocol.Timeout(f"no read {read_id[:32]!r} of {name or 'a file'} is open on this connection "
+                                   f"(ended, or its lease of read_lease_s ran out)")
+        return read
+
+    def do_READ_MORE(self, msg: protocol.ReadMore) -> None:
+        read = self._pinned_read(msg.read_id)
+        name, entry, offset, length, _ = read
+        read[4] = self.master.clock() + self.master.config.read_lease_s
+        self.reply(self.master.read_plan(msg.read_id, name, entry, offset, length, msg.chunk))
+
+    def do_READ_END(self, msg: protocol.ReadEnd) -> None:
+        if len(msg.read_ids) > protocol.MAX_CHUNK_RANGES or not all(isinstance(i, str) for i in msg.read_ids):
+            raise protocol.RemoteProtocolError("malformed READ_END read_ids")
+        reads = [self._pinned_read(read_id) for read_id in msg.read_ids]
+        try:
+            if msg.bad:
+                for name, entry, *_ in reads:  # each checks the copies of its own blobs
+                    self.master.check_reported_copies(name, entry, msg.bad)
+        finally:
+            for read_id in msg.read_ids:
+                self._end_read(read_id)
+        self.reply(protocol.ReadEnded())
+
+    def _end_read(self, read_id: str) -> None:
+        read = self.reads.pop(read_id, None)
+        if read is not None:
+            self.master.close_read(read[1])
+
+    def _expire_reads(self) -> None:
+        now = self.master.clock()
+        for read_id, read in list(self.reads.items()):
+            if read[4] <= now:
+                logger.info("%s: read of %r not renewed within read_lease_s; unpinned", self.peer, read[0])
+                self._end_read(read_id)
+
+    @staticmethod
+    def _read_range(msg: protocol.Download, entry: dict) -> tuple[int, int]:
+        """(offset, length) of a DOWNLOAD's range in ``entry``; InvalidRange if it lies outside."""
         size = entry["size"]
         if msg.offset < 0 or msg.offset > size:
             raise protocol.InvalidRange(f"offset {msg.offset} is outside {msg.name!r} (size {size})")
         if msg.length < -1:  # -1 alone means "to the end"
             raise protocol.InvalidRange(f"length {msg.length} is negative")
-        length = size - msg.offset if msg.length < 0 else min(msg.length, size - msg.offset)
+        return msg.offset, size - msg.offset if msg.length < 0 else min(msg.length, size - msg.offset)
+
+    def _send_file(self, msg: protocol.Download, entry: dict) -> None:
+        size = entry["size"]
+        _, length = self._read_range(msg, entry)
         self.reply(protocol.FileInfo(name=msg.name, size=size, chunks=entry["chunks"], sha256=entry["sha256"],
                                      mtime=entry["mtime"], version=entry["version"],
                                      offset=msg.offset, length=length, meta=entry.get("meta")), flush=False)

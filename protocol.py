@@ -825,6 +825,80 @@ class Download(Message):
     # With ``version``: read that version wherever it is kept (older, trash,
     # pinned by a snapshot), for the restore of snapshot ``snapshot``.
     snapshot: int | None = None
+    # True: answer READ_PLAN (the placement, pinned) instead of the bytes;
+    # the client reads the chunks from the nodes itself (direct_read.py).
+    direct: bool | None = None
+    # The read id of a READ_PLAN of this connection: relay the bytes of
+    # that pinned version (a direct read falling back to the master when no
+    # replica is reachable from the client); name must match, version and at
+    # are then ignored.
+    read_id: str | None = None
+
+
+@message
+class ReadPlan(Message):
+    """Reply to ``DOWNLOAD`` with ``direct`` (and to ``READ_MORE``): where to read the range.
+
+    The FILE_INFO fields, then what a client needs to fetch the chunks from
+    the nodes itself: ``runs`` ``[[first, count, [node ids in read order],
+    blob], ...]`` covering chunks from ``first_chunk`` up to, not including,
+    ``more`` (None: to the end of the range), ``nodes`` {node id: "HOST:PORT"},
+    and ``caps`` {blob: capability} to put in each GET_CHUNKS (security.py;
+    "" when the cluster has no secret).  The version stays pinned, and the
+    capabilities valid, until ``expires`` (unix time), READ_END or the end of
+    the connection; READ_MORE renews both.
+    """
+
+    OP = "READ_PLAN"
+    read_id: str
+    name: str
+    size: int
+    chunks: int
+    sha256: str
+    mtime: float
+    version: str
+    offset: int
+    length: int
+    chunk_size: int
+    batch_chunks: int
+    first_chunk: int
+    runs: list
+    nodes: dict
+    caps: dict
+    expires: float
+    more: int | None = None
+    meta: dict | None = None
+
+
+@message
+class ReadMore(Message):
+    """The runs of a pinned read from chunk ``chunk`` on, with fresh capabilities.  Reply: ``READ_PLAN``."""
+
+    OP = "READ_MORE"
+    read_id: str
+    chunk: int
+
+
+@message
+class ReadEnd(Message):
+    """Direct reads are over: unpin them.  Reply: ``READ_ENDED``.
+
+    ``read_ids``: the reads (one, or the files of a directory restore ended
+    together, at most MAX_CHUNK_RANGES).  ``bad``: the copies the client
+    could not use, ``[[node id, blob, first, count], ...]`` (missing on the
+    node, or failing their CRC at the client).  The master reads each such
+    copy itself before it takes the node off those chunks and has them
+    repaired: a client's word alone never removes a replica.
+    """
+
+    OP = "READ_END"
+    read_ids: list
+    bad: list | None = None
+
+
+@message
+class ReadEnded(Message):
+    OP = "READ_ENDED"
 
 
 @message
@@ -1353,6 +1427,9 @@ class GetChunks(Message):
     blob: str
     first: int
     count: int
+    # A client's read capability for ``blob`` (READ_PLAN caps); masters
+    # send none.  A node with a secret serves a client only with a valid one.
+    cap: str | None = None
 
 
 @message

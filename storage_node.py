@@ -251,7 +251,7 @@ class StorageNode:
             self._compact_wanted.set()
         return dropped
 
-    def get(self, msg: protocol.GetChunks) -> protocol.ChunkData:
+    def get(self, msg: protocol.GetChunks, for_client: bool = False) -> protocol.ChunkData:
         """The chunks asked for that are intact, naming (and zeroing) the ones that are not.
 
         Corrupt chunks are dropped by the store and named in this reply, and
@@ -262,8 +262,16 @@ class StorageNode:
         harmless: the master only takes the node off chunks still placed on
         it, counts a run once, and keeps a copy a repair put here after the
         report was made (see queue_corrupt).
+        When a client asked (``for_client``, a direct read) the CRCs are not
+        checked here at all: the client checks every one anyway (so each is
+        computed once per read, not twice: issue 15), lists the chunks that
+        fail in READ_END, and the master reads them itself (which checks,
+        drops and reports them here as above) before it changes anything.
+        So a client's word alone never removes a copy.  If the client never
+        tells, the scrubber finds them.
         """
-        chunk_size, crc_bytes, payload, missing, corrupt = self.store.get_intact(msg.blob, msg.first, msg.count)
+        chunk_size, crc_bytes, payload, missing, corrupt = self.store.get_intact(msg.blob, msg.first, msg.count,
+                                                                                 verify=not for_client)
         if len(missing) + len(corrupt) > protocol.MAX_CHUNK_RANGES:
             raise protocol.ChecksumMismatch(f"blob {msg.blob} chunks {msg.first}+{msg.count}: "
                                             f"{len(missing) + len(corrupt)} damaged or missing runs")
@@ -680,8 +688,37 @@ class NodeHandler(transport.RequestHandler):
             raise protocol.BackupError(f"node {self.node.node_id} cannot make data durable: {exc}") from None
         self.reply(protocol.Flushed())
 
+    def _dispatch(self, msg: protocol.Message) -> None:
+        # A client (a direct read) may read, nothing else: its requests never
+        # reach the handlers that change data, whatever fields they carry.
+        if self.role == "client" and not isinstance(msg, protocol.GetChunks):
+            logger.warning("%s: refused %s from a client", self.peer, msg.OP)
+            self.reply(protocol.error_message(protocol.AuthFailed(f"clients may only read from a node, not {msg.OP}")))
+            return
+        super()._dispatch(msg)
+
     def do_GET_CHUNKS(self, msg: protocol.GetChunks) -> None:
-        self.reply(self.node.get(msg))
+        for_client = self.role == "client"
+        if for_client:
+            self._check_read_capability(msg)
+        self.reply(self.node.get(msg, for_client))
+
+    def _check_read_capability(self, msg: protocol.GetChunks) -> None:
+        """Raise AuthFailed unless a client's GET_CHUNKS carries the master's capability for its blob.
+
+        Only with a shared secret: without one nothing is authenticated in
+        the cluster (docs/SECURITY.md), and a capability could not be checked.
+        """
+        secret = self.server.security.secret
+        if not secret:
+            return
+        cluster_id = self.node.identity.cluster_id
+        problem = ("a node that has joined no cluster yet" if cluster_id is None else
+                   security_module.read_capability_problem(secret, cluster_id, msg.blob, msg.cap, time.time()))
+        if problem:
+            self.server.log_limited("read-cap", "%s: refused a client's read of %s: %s", self.peer,
+                                    msg.blob[:64], problem)
+            raise protocol.AuthFailed(f"read refused: {problem}")
 
     def do_DROP_CHUNKS(self, msg: protocol.DropChunks) -> None:
         self.node.identity.check(msg.cluster_id, msg.epoch, "a drop")

@@ -633,6 +633,31 @@ def plan_pieces(entry: dict, offset: int, length: int):
             chunk += count
 
 
+def plan_runs(entry: dict, first_chunk: int, last_chunk: int, max_runs: int) -> tuple[list, int | None]:
+    """The runs of chunks [first_chunk, last_chunk] as READ_PLAN carries them, at most ``max_runs``.
+
+    Returns ``([[first, count, node_ids, blob], ...], more)``: runs clipped to
+    the range, each naming its blob, and the first chunk left for a next
+    page (None if the range is covered).  Chunks no run places (none, in a
+    committed file) are simply absent; the reader reports them lost.
+    """
+    runs = entry["runs"]
+    planned = []
+    if last_chunk < first_chunk:
+        return planned, None
+    for index in range(first_covering(runs, first_chunk), len(runs)):
+        run = runs[index]
+        run_first, run_count, node_ids = run[:3]
+        if run_first > last_chunk:
+            break
+        if len(planned) == max_runs:
+            return planned, max(run_first, first_chunk)
+        first = max(run_first, first_chunk)
+        last = min(run_first + run_count - 1, last_chunk)
+        planned.append([first, last - first + 1, list(node_ids), run_blob(entry, run)])
+    return planned, None
+
+
 def read_range(master, name: str, entry: dict, offset: int, length: int):
     """Yield memoryviews of the bytes [offset, offset+length) of a file.
 
@@ -644,35 +669,112 @@ def read_range(master, name: str, entry: dict, offset: int, length: int):
     fetched from them (``read_piece``).  Raises DataLost if every replica of
     some chunk is corrupt or missing, Unavailable if none could be reached.
     """
-    pieces = plan_pieces(entry, offset, length)  # lazy: memory does not grow with the file
-    buffer = bytearray(entry["batch_chunks"] * (entry["chunk_size"] + protocol.CRC_BYTES))
+    for _, item in read_ranges(master, [(None, name, entry, offset, length)]):
+        if isinstance(item, BaseException):
+            raise item
+        if item is not None:
+            yield item
+
+
+class _Slot:
+    """One place in ``read_ranges``'s window: a piece of a read (``piece``), or the end of a read."""
+
+    __slots__ = ("key", "name", "entry", "piece", "node_id", "error")
+
+    def __init__(self, key, name, entry, piece, error=None):
+        self.key, self.name, self.entry, self.piece, self.error = key, name, entry, piece, error
+        self.node_id = None  # the replica the piece was requested from ahead, if any
+
+
+def _slots(reads):
+    for read in reads:
+        key, name, entry = read[:3]
+        if isinstance(entry, BaseException):
+            yield _Slot(key, name, None, None, entry)
+            continue
+        for piece in plan_pieces(entry, read[3], read[4]):
+            yield _Slot(key, name, entry, piece)
+        yield _Slot(key, name, entry, None)
+
+
+def read_ranges(master, reads, buffers=None):
+    """``read_range`` over several files, pipelined across them: yields ``(key, item)`` in order.
+
+    ``reads``: an iterable (consumed lazily, as the window needs more) of
+    ``(key, name, entry, offset, length)``, or ``(key, name, exception)``
+    for a read that failed before it began.  For each read, in order:
+    ``(key, view)`` per piece (valid until the next item is requested),
+    then ``(key, None)`` when it is complete, or instead ``(key, exception)``
+    (DataLost, Unavailable, or the given one) after which nothing more of
+    it comes, and the next reads go on.  READ_AHEAD pieces are requested
+    ahead, whichever files they belong to, so small files do not each wait
+    for a round trip to a node (a directory restore).
+
+    ``buffers``: None (one buffer of this generator's own, reused for every
+    piece), or ``(take, give_back)``: ``take()`` returns the buffer to read
+    the next piece into (at least a batch of chunks and their CRCs), and a
+    yielded view's ``.obj`` is that buffer, which the caller may then hand
+    to another thread; a buffer taken for a piece that is not yielded goes
+    to ``give_back(buffer)``.  So a client hashes and writes one piece while
+    the next is received, without copying it.
+    """
+    slots = _slots(reads)
+    buffer = bytearray(0)
     conns: dict[str, object] = {}
     broken: set[str] = set()
-    window: deque = deque()  # (piece, node asked or None if not pipelined), oldest first
+    window: deque = deque()  # _Slot, oldest first
+    pieces_ahead = 0
     outstanding: dict[str, int] = {}
+    failed = set()  # keys of reads that failed: their remaining pieces are dropped
     try:
         while True:
-            while len(window) <= READ_AHEAD:
-                piece = next(pieces, None)
-                if piece is None:
+            while pieces_ahead <= READ_AHEAD:
+                slot = next(slots, None)
+                if slot is None:
                     break
-                asked = _request_piece(master, piece, conns, broken)
-                if asked is not None:
-                    outstanding[asked] = outstanding.get(asked, 0) + 1
-                window.append((piece, asked))
+                if slot.piece is not None:
+                    pieces_ahead += 1
+                    slot.node_id = _request_piece(master, slot.piece, conns, broken)
+                    if slot.node_id is not None:
+                        outstanding[slot.node_id] = outstanding.get(slot.node_id, 0) + 1
+                window.append(slot)
             if not window:
                 return
-            (first, count, node_ids, blob, skip, take), node_id = window.popleft()
+            slot = window.popleft()
+            if slot.piece is None:
+                if slot.key not in failed:
+                    yield slot.key, slot.error
+                failed.discard(slot.key)
+                continue
+            pieces_ahead -= 1
+            entry, node_id = slot.entry, slot.node_id
+            first, count, node_ids, blob, skip, take = slot.piece
+            size = entry["batch_chunks"] * (entry["chunk_size"] + protocol.CRC_BYTES)
+            if buffers is not None:
+                buffer = buffers[0]()
+            elif len(buffer) < size:
+                buffer = bytearray(size)
             need = None  # chunk ranges still to read; None: the whole piece
             if node_id is not None:
                 outstanding[node_id] -= 1
                 if node_id not in broken:
-                    need = _receive_piece(master, name, entry, blob, first, count, node_id, conns[node_id],
+                    need = _receive_piece(master, slot.name, entry, blob, first, count, node_id, conns[node_id],
                                           buffer, broken)
+            if slot.key in failed:
+                if buffers is not None:
+                    buffers[1](buffer)
+                continue  # its reply is read (the connection stays in step) and dropped
             # Fail over to the other replicas, one request at a time.
             others = [n for n in node_ids if n != node_id]
-            body = read_piece(master, name, entry, blob, first, count, others or node_ids, buffer, need)
-            yield body[count * protocol.CRC_BYTES:][skip:skip + take]
+            try:
+                body = read_piece(master, slot.name, entry, blob, first, count, others or node_ids, buffer, need)
+            except (protocol.DataLost, protocol.Unavailable) as exc:
+                failed.add(slot.key)
+                if buffers is not None:
+                    buffers[1](buffer)
+                yield slot.key, exc
+                continue
+            yield slot.key, body[count * protocol.CRC_BYTES:][skip:skip + take]
     finally:
         for node_id, conn in conns.items():
             if node_id in broken or outstanding.get(node_id):
@@ -690,7 +792,7 @@ def _request_piece(master, piece, conns: dict, broken: set) -> str | None:
             conn = conns.get(node_id)
             if conn is None:
                 conn = conns[node_id] = master.pool.acquire(node_id)
-            conn.send(protocol.GetChunks(blob=blob, first=first, count=count))
+            conn.send(master.pool.get_chunks(blob, first, count))
             return node_id
         except protocol.BackupError as exc:
             broken.add(node_id)
@@ -814,7 +916,7 @@ def read_piece(master, name, entry, blob, first, count, node_ids, buffer, need=N
             master.note_node_failure(node_id, exc)
             continue
         try:
-            reply = conn.request(protocol.GetChunks(blob=blob, first=span_first, count=span_count),
+            reply = conn.request(master.pool.get_chunks(blob, span_first, span_count),
                                  protocol.ChunkData, body_buffer=buffer if in_place else scratch)
             missing, corrupt = _unusable(reply, entry, span_first, span_count)
         except (protocol.ChecksumMismatch, protocol.ChunkNotFound) as exc:

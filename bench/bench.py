@@ -14,8 +14,11 @@ Workloads and their baselines:
    durable work with no protocol and no metadata, its master only
    forwarding and its nodes computing the CRCs: the floor) and copying
    the file into two local directories with an fsync of each copy.
-   Download baseline: one local copy with fsync.  Downloads are checked by
-   SHA-256 against the original.
+   Download baselines: one local copy with fsync (a download to a file),
+   and reading the file and hashing it with SHA-256 (a download to stdout
+   sent to /dev/null, the floor of any verifying restore; issue 15), with
+   the relayed path (``--via-master``) beside it.  Downloads are checked by
+   SHA-256 against the original (the client's own check).
 2. Small files: a directory of 4 KiB files uploaded with ``client.py
    upload DIR NAME`` and restored with ``client.py download NAME/ DIR``,
    files/s; baseline: the relay sending the same files one by one, each
@@ -527,7 +530,20 @@ def throughput(results: Results, cluster, relay: Relay, work: str, size_mib: int
     down = results.add(Row(f"download_{key}", f"download {tag}", "MiB/s", baseline=f"copy1_{key}",
                            target=">= 0.5x copy, > 581 MiB/s", check=lambda m, r: r >= 0.5 and m > 581))
     copy1 = results.add(Row(f"copy1_{key}", f"  baseline: 1 local copy + fsync {tag}", "MiB/s"))
-    up.evaluate = down.evaluate = size_mib >= 256  # the targets are set for 256 MiB (and hold for 1 GiB)
+    # Issue 15: to stdout (/dev/null), against the floor of any verifying restore here.
+    stream = results.add(Row(f"download_stdout_{key}", f"download {tag} to stdout (/dev/null)", "MiB/s",
+                             baseline=f"read_sha_{key}", target=">= 0.5x read+SHA-256",
+                             check=lambda m, r: r >= 0.5))
+    read_sha = results.add(Row(f"read_sha_{key}", f"  baseline: read local file + SHA-256 {tag}", "MiB/s"))
+    relayed = results.add(Row(f"download_relayed_{key}", f"  download {tag} to stdout, --via-master", "MiB/s",
+                              baseline=f"read_sha_{key}"))
+    relayed.note = "the relayed path (every byte through the master), for comparison; no target"
+    down_mem = {role: results.add(Row(f"mem_{role}_download_{key}", f"peak memory {role} during {tag} downloads",
+                                      "MiB", higher_is_better=False, target=limit,
+                                      check=lambda m, r, cap=cap: m <= cap))
+                for role, limit, cap in (("master", "<= 100 MiB", 100), ("node (max)", "<= 64 MiB", 64),
+                                         ("client", "<= 40 MiB", 40))}
+    up.evaluate = down.evaluate = stream.evaluate = size_mib >= 256  # targets set for 256 MiB (hold for 1 GiB)
     mem_target = size_mib >= 1024
     mem_label = f"during {tag} upload"
     mem_master = results.add(Row(f"mem_master_{key}", f"peak memory master {mem_label}", "MiB",
@@ -610,9 +626,33 @@ def throughput(results: Results, cluster, relay: Relay, work: str, size_mib: int
     else:
         growth.fail("failed: nothing stored")
 
-    print(f"bench: download {tag} x{reps} (product, 1 copy)", flush=True)
+    print(f"bench: download {tag} x{reps} (product to a file, 1 copy; to stdout, read + SHA-256, relayed)",
+          flush=True)
     target = os.path.join(work, "downloaded")
+    hwm_reset = all(reset_hwm(pid) for pid in pids.values())
+    download_peaks = []
     for rep in range(reps):
+        if stream.status == "ok" and uploaded:
+            try:
+                elapsed, maxrss, _ = product_client(cluster.master_address, "download", uploaded[rep % len(uploaded)],
+                                                    "-")
+                stream.values.append(nbytes / MiB / elapsed)
+                download_peaks.append(maxrss / 1024)
+            except WorkloadFailed as exc:
+                if getattr(exc, "exit_code", None) in CORRUPTION_EXITS:
+                    results.corrupt(f"download to stdout: {exc}")
+                stream.fail(f"failed: {exc}")
+        started = time.monotonic()
+        if sha256_file(source) != original_sha:
+            raise RuntimeError("the local source changed")
+        read_sha.values.append(nbytes / MiB / (time.monotonic() - started))
+        if relayed.status == "ok" and uploaded:
+            try:
+                elapsed, _, _ = product_client(cluster.master_address, "download", uploaded[rep % len(uploaded)],
+                                               "-", "--via-master")
+                relayed.values.append(nbytes / MiB / elapsed)
+            except WorkloadFailed as exc:
+                relayed.fail(f"failed: {exc}")
         if down.status == "ok" and uploaded:
             name = uploaded[rep % len(uploaded)]
             try:
@@ -632,6 +672,17 @@ def throughput(results: Results, cluster, relay: Relay, work: str, size_mib: int
         elif not uploaded:
             down.fail("failed: nothing uploaded")
         copy1.values.append(nbytes / MiB / copy_with_fsync(source, [os.path.join(copy_dirs[0], "copy")]))
+    hwm = {label: proc_kib(pid, "VmHWM") for label, pid in pids.items()}
+    if download_peaks and None not in hwm.values():
+        down_mem["master"].values.append(hwm["master"] / 1024)
+        down_mem["node (max)"].values.append(max(hwm[f"node{i}"] for i in range(NODES)) / 1024)
+        down_mem["client"].values.extend(download_peaks)
+        down_mem["master"].note = ("VmHWM over all the downloads (to stdout, to a file, relayed)"
+                                   + ("" if hwm_reset else "; could not reset VmHWM: peaks since start"))
+        down_mem["client"].note = "ru_maxrss of each direct download to stdout"
+    else:
+        for row in down_mem.values():
+            row.fail("failed: no download")
     os.unlink(source)
 
 
@@ -729,7 +780,7 @@ def small_files(results: Results, cluster, relay: Relay, work: str, count: int, 
                          target=">= 1500/s, >= 0.6x relay", check=lambda m, r: m >= 1500 and r >= 0.6))
     relay_row = results.add(Row("relay_small", f"  baseline: relay {count:,} files one by one", "files/s"))
     down = results.add(Row("small_download", f"restore dir {count:,} x 4 KiB", "files/s",
-                           target=">= 1500/s", check=lambda m, r: m >= 1500))
+                           target=">= 3000/s", check=lambda m, r: m >= 3000))
     up.evaluate = down.evaluate = full_size
     source = os.path.join(work, "small")
     os.makedirs(source)

@@ -34,6 +34,7 @@ from metadata_log import MetadataLog  # noqa: E402
 from namespace import Namespace, make_entry  # noqa: E402
 
 # Short intervals so failures are noticed in a test's lifetime.
+IO_TIMEOUT_S = 3.0
 FAST_TIMING = ["--heartbeat-interval", "0.2", "--io-timeout", "3"]
 FAST_MASTER = ["--heartbeat-interval", "0.2", "--dead-after", "1", "--io-timeout", "3"]
 
@@ -249,7 +250,8 @@ class TestCluster(cluster_module.LocalCluster):
         """A Client given every master, so it follows the leader of a group (master_link.py)."""
         addresses = self.master_addresses()
         return client_module.Client(addresses if len(addresses) > 1 else addresses[0], timeout_s=20.0,
-                                    frame_bytes=1024 * 1024, show_progress=False)
+                                    frame_bytes=1024 * 1024, show_progress=False,
+                                    handshake_timeout_s=IO_TIMEOUT_S)
 
     def status(self):
         c = self.client()

@@ -193,12 +193,14 @@ def _handshake(address: str) -> socket.socket:
 
 
 def test_a_peer_going_away_is_one_info_line_not_a_traceback(ops_cluster, tmp_path):
-    """cat | head, a reset mid-download and a reset mid-upload frame leave no traceback in any server log."""
+    """cat | head (relayed or direct), a reset mid-download and a reset mid-upload frame leave no traceback in any server log."""
     data = random_bytes(8, 6 * MIB)
     assert ops_cluster.cli("upload", write_local(tmp_path, "big", data), "big").returncode == 0
     client = [sys.executable, os.path.join(ROOT, "client.py"), "--master", ops_cluster.master_address, "--quiet"]
-    for _ in range(2):
-        with forkserver.Popen([*client, "cat", "big"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) as cat:
+    # Relayed twice (the master sees the reader go away), and once read from the nodes (they see it).
+    for extra in (["--via-master"], ["--via-master"], []):
+        with forkserver.Popen([*client, "cat", "big", *extra], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL) as cat:
             assert len(cat.stdout.read(10)) == 10  # then go away, like `| head -c 10`
             cat.stdout.close()
             cat.wait(20)

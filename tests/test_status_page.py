@@ -116,7 +116,9 @@ def test_health_follows_node_death_repair_and_lost_data(make_cluster, tmp_path):
     for index in (1, 2):  # the same chunk, on both of its nodes
         (path, _, offset, _), = payload_locations(cluster, index, reply.version)
         flip_byte(path, offset + 100)
-    result = cluster.cli("download", "doomed", str(tmp_path / "doomed"))
+    # Relayed: the master itself answers ERROR DATA_LOST (counted in backup_errors_total); a direct
+    # read finds the loss at the client, and the master learns it from READ_END.
+    result = cluster.cli("download", "doomed", str(tmp_path / "doomed"), "--via-master")
     assert result.returncode == client_module.EXIT_DATA_LOST, result
     code, err = wait_until(lambda: (lambda r: r if r[0] == 2 else None)(health_cli(cluster)), 10.0,
                            message="HEALTH_ERR")

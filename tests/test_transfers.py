@@ -66,6 +66,10 @@ class FakePool:
     def release(self, conn):
         pass
 
+    @staticmethod
+    def get_chunks(blob, first, count):
+        return protocol.GetChunks(blob=blob, first=first, count=count)
+
 
 class FakeMaster:
     """What transfers.read_piece/read_range use of a Master; records what they report."""
