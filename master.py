@@ -86,11 +86,11 @@ _GC_RETRY_S = 5.0
 # Longest pause between two checks for nodes that fell silent, so a death is
 # logged within about this long of dead_after_s.
 _LIVENESS_CHECK_S = 1.0
-# A group of pipelined uploads is committed (one FLUSH per node, one log
-# fsync) once it holds this many files or bytes, or when the client syncs.
 # Runs in one READ_PLAN: ~130 bytes of JSON each with its capability, so a
 # page stays well under MAX_HEADER_BYTES; 512 runs of 1 MiB cover 512 MiB.
 PLAN_RUNS = 512
+# A group of pipelined uploads is committed (one FLUSH per node, one log
+# fsync) once it holds this many files or bytes, or when the client syncs.
 GROUP_MAX_FILES = 256
 GROUP_MAX_BYTES = 64 * 1024 * 1024
 UPLOAD_MODES = ("replace", "append", "write")
@@ -1388,6 +1388,7 @@ class MasterHandler(ObservedHandler, transport.RequestHandler):
         they are committed, not discarded: the client sent them and will
         read their UPLOADED replies when it goes on, exactly as if the group
         had filled up.  Other writers no longer wait for an idle client.
+        Direct reads whose read_lease_s ran out are unpinned.
         """
         self._expire_reads()
         if not self.pending:

@@ -538,6 +538,11 @@ def throughput(results: Results, cluster, relay: Relay, work: str, size_mib: int
     relayed = results.add(Row(f"download_relayed_{key}", f"  download {tag} to stdout, --via-master", "MiB/s",
                               baseline=f"read_sha_{key}"))
     relayed.note = "the relayed path (every byte through the master), for comparison; no target"
+    stream_cpu = results.add(Row(f"download_cpu_{key}", f"download {tag} to stdout: CPU of all processes", "ms/MiB",
+                                 higher_is_better=False, baseline=f"relayed_cpu_{key}"))
+    relayed_cpu = results.add(Row(f"relayed_cpu_{key}", f"  download {tag} to stdout, --via-master: CPU", "ms/MiB",
+                                  higher_is_better=False))
+    stream_cpu.note = "user + system time of client, master and nodes per MiB read; direct reads vs relayed"
     down_mem = {role: results.add(Row(f"mem_{role}_download_{key}", f"peak memory {role} during {tag} downloads",
                                       "MiB", higher_is_better=False, target=limit,
                                       check=lambda m, r, cap=cap: m <= cap))
@@ -634,8 +639,11 @@ def throughput(results: Results, cluster, relay: Relay, work: str, size_mib: int
     for rep in range(reps):
         if stream.status == "ok" and uploaded:
             try:
-                elapsed, maxrss, _ = product_client(cluster.master_address, "download", uploaded[rep % len(uploaded)],
-                                                    "-")
+                servers = servers_cpu_s(pids.values())
+                elapsed, maxrss, client_cpu_s = product_client(cluster.master_address, "download",
+                                                               uploaded[rep % len(uploaded)], "-")
+                cpu_s = servers_cpu_s(pids.values()) - servers + client_cpu_s
+                stream_cpu.values.append(cpu_s * 1000 / (nbytes / MiB))
                 stream.values.append(nbytes / MiB / elapsed)
                 download_peaks.append(maxrss / 1024)
             except WorkloadFailed as exc:
@@ -648,8 +656,11 @@ def throughput(results: Results, cluster, relay: Relay, work: str, size_mib: int
         read_sha.values.append(nbytes / MiB / (time.monotonic() - started))
         if relayed.status == "ok" and uploaded:
             try:
-                elapsed, _, _ = product_client(cluster.master_address, "download", uploaded[rep % len(uploaded)],
-                                               "-", "--via-master")
+                servers = servers_cpu_s(pids.values())
+                elapsed, _, client_cpu_s = product_client(cluster.master_address, "download",
+                                                          uploaded[rep % len(uploaded)], "-", "--via-master")
+                cpu_s = servers_cpu_s(pids.values()) - servers + client_cpu_s
+                relayed_cpu.values.append(cpu_s * 1000 / (nbytes / MiB))
                 relayed.values.append(nbytes / MiB / elapsed)
             except WorkloadFailed as exc:
                 relayed.fail(f"failed: {exc}")
@@ -781,6 +792,9 @@ def small_files(results: Results, cluster, relay: Relay, work: str, count: int, 
     relay_row = results.add(Row("relay_small", f"  baseline: relay {count:,} files one by one", "files/s"))
     down = results.add(Row("small_download", f"restore dir {count:,} x 4 KiB", "files/s",
                            target=">= 3000/s", check=lambda m, r: m >= 3000))
+    relayed_down = results.add(Row("small_download_relayed", f"  restore dir {count:,} x 4 KiB, --via-master",
+                                   "files/s"))
+    relayed_down.note = "the relayed path, for comparison; no target"
     up.evaluate = down.evaluate = full_size
     source = os.path.join(work, "small")
     os.makedirs(source)
@@ -821,6 +835,11 @@ def small_files(results: Results, cluster, relay: Relay, work: str, count: int, 
                 down.fail("failed: restored files differ")
                 break
             down.values.append(count / elapsed)
+            shutil.rmtree(out, ignore_errors=True)
+            os.makedirs(out)
+            elapsed, _, _ = product_client(cluster.master_address, "download", name + "/", out, "--via-master")
+            if not compare_tree(out, originals):
+                relayed_down.values.append(count / elapsed)
         except WorkloadFailed as exc:
             if getattr(exc, "exit_code", None) in CORRUPTION_EXITS:
                 results.corrupt(f"restore of {name}/: {exc}")
