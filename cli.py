@@ -750,7 +750,10 @@ class Client:
             # A whole local file keeps its mode and mtime (given back by download).
             meta = filemeta.capture(st) if st is not None and mode == "replace" else None
             conn = self.conn
-            crc_chunk = self.crc_chunk_size if mode == "replace" else 0
+            # Not for stdin: its frames go as they come (a slow pipe must not
+            # wait to fill a whole frame while the master's lock lease runs),
+            # so they need not hold whole chunks; the master hashes them.
+            crc_chunk = self.crc_chunk_size if mode == "replace" and path != "-" else 0
             conn.send(protocol.UploadBegin(name=name, size=size, mode=mode, offset=offset, wait_s=wait_s, meta=meta,
                                            chunk_size=crc_chunk))
             verb = "upload" if mode == "replace" else mode
@@ -760,7 +763,7 @@ class Client:
             view = memoryview(buffer)
             while True:
                 try:
-                    n = read_full(f, view)
+                    n = read_full(f, view) if crc_chunk else f.readinto(buffer)
                 except OSError as exc:
                     conn.send(protocol.UploadAbort())
                     raise LocalFileError(f"cannot read {path}: {exc.strerror}") from None

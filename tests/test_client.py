@@ -367,6 +367,60 @@ def test_uploads_with_and_without_client_crcs_store_the_clients_bytes(cluster, t
         out.unlink()
 
 
+class RecordingConn:
+    """Stands for the master connection of a Client: records the frames sent, answers UPLOADED."""
+
+    def __init__(self):
+        self.sent = []
+        self.sock, self._peer = socket.socketpair()  # never readable: no early reply
+
+    def send(self, msg, flush=True):
+        self.sent.append(msg)
+
+    def expect(self, cls):
+        return protocol.Uploaded(name="n", size=0, chunks=0, sha256="", version="v")
+
+
+class TricklingStdin:
+    """A pipe that gives 100 bytes per read, as a slow producer does."""
+
+    def __init__(self, data: bytes):
+        self.buffer = self
+        self.data = memoryview(data)
+
+    def readinto(self, view) -> int:
+        n = min(100, len(view), len(self.data))
+        view[:n] = self.data[:n]
+        self.data = self.data[n:]
+        return n
+
+
+def test_file_frames_are_whole_chunks_with_crcs_and_stdin_frames_go_as_they_come(tmp_path, monkeypatch):
+    """A file is sent in whole frames, each after the DATA_CRCS of its chunks; stdin (a slow pipe must not wait
+    to fill a frame while the master's lock lease runs) in the pieces it gives, without CRCs."""
+    data = random.Random(1503).randbytes(5000)
+    local = tmp_path / "f"
+    local.write_bytes(data)
+    c = client_module.Client(("127.0.0.1", 1), 5.0, 2048, show_progress=False, chunk_size=1024)
+    conn = c._conn = RecordingConn()
+    try:
+        c._upload_file(str(local), "n", "replace", 0, -1.0)
+        ops = [type(m).__name__ for m in conn.sent]
+        assert ops == ["UploadBegin"] + ["DataCrcs", "Data"] * 3 + ["UploadEnd"], ops
+        assert conn.sent[0].chunk_size == 1024
+        datas = [m for m in conn.sent if isinstance(m, protocol.Data)]
+        assert [len(m.body) for m in datas] == [2048, 2048, 904]
+        conn.sent.clear()
+        monkeypatch.setattr(sys, "stdin", TricklingStdin(data[:250]))
+        c._upload_file("-", "n", "replace", 0, -1.0)
+        assert [type(m).__name__ for m in conn.sent] == ["UploadBegin", "Data", "Data", "Data", "UploadEnd"]
+        assert conn.sent[0].chunk_size == 0
+    finally:
+        conn.sock.close()
+        conn._peer.close()
+        c._conn = None
+
+
 def test_bytes_unlike_the_client_crcs_are_refused_end_to_end(cluster, tmp_path):
     """DATA whose bytes differ from its DATA_CRCS (as after damage between client and master): the real nodes
     refuse them, the upload fails with CHECKSUM_MISMATCH, and the name is not stored."""
