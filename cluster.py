@@ -213,6 +213,8 @@ class LocalCluster:
             self.config_args += ["--secret-file", os.path.abspath(secret_file)]
         if insecure:
             self.config_args.append("--insecure")
+        # Extra flags for one master of a group, by index (the nemesis test's per-master --raft-dial).
+        self.group_master_args: dict[int, list[str]] = {}
         self.log_dir = os.path.join(self.data_dir, "logs")
         os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
         os.makedirs(self.log_dir, mode=0o700, exist_ok=True)
@@ -270,7 +272,8 @@ class LocalCluster:
         name = f"master{index + 1}"
         argv = [sys.executable, os.path.join(HERE, "master.py"), *self.config_args, "--host", self.host,
                 "--port", str(self.master_ports[index]), "--masters", self.master_address,
-                "--data-dir", os.path.join(self.data_dir, name), *self.master_args]
+                "--data-dir", os.path.join(self.data_dir, name), *self.master_args,
+                *self.group_master_args.get(index, [])]
         server = Server(name, argv, os.path.join(self.log_dir, f"{name}.log"), self.spawn)
         self.masters[index] = server
         if index == 0:

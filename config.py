@@ -51,6 +51,7 @@ class Config:
     raft_snapshot_log_mb: int = 64
     raft_snapshot_trailing: int = 1000
     raft_snapshot_piece_kb: int = 1024
+    raft_dial: str = ""  # "ID=HOST:PORT,...": where to connect to reach a peer master (parse_dial)
     safe_mode_s: float = 15.0
     repair_rate_mb_s: float = 50.0
     scrub_rate_mb_s: float = 4.0
@@ -126,6 +127,7 @@ _KEYS = [
     ("raft", "snapshot_log_mb", "raft_snapshot_log_mb", int),
     ("raft", "snapshot_trailing", "raft_snapshot_trailing", int),
     ("raft", "snapshot_piece_kb", "raft_snapshot_piece_kb", int),
+    ("raft", "dial", "raft_dial", str),
     ("repair", "safe_mode_s", "safe_mode_s", float),
     ("repair", "repair_rate_mb_s", "repair_rate_mb_s", float),
     ("repair", "scrub_rate_mb_s", "scrub_rate_mb_s", float),
@@ -296,6 +298,26 @@ def validate(config: Config) -> None:
         raise ValueError("[raft] snapshot_every, snapshot_log_mb and snapshot_trailing must be >= 0")
     if not 1 <= config.raft_snapshot_piece_kb <= 8192:  # a piece travels in one RAFT frame body (16 MiB max)
         raise ValueError("[raft] snapshot_piece_kb must be between 1 and 8192")
+    parse_dial(config.raft_dial)
+
+
+def parse_dial(text: str) -> dict[str, tuple[str, int]]:
+    """``[raft] dial`` 'ID=HOST:PORT,...' -> {peer id: address to connect to}; raises ValueError.
+
+    A peer's id is its address in ``[cluster] masters``; this master connects
+    there unless dial names another address for it (an address translation,
+    a tunnel; the nemesis test puts a TCP proxy per link there).
+    """
+    dial = {}
+    for item in (part.strip() for part in (text or "").split(",")):
+        if not item:
+            continue
+        peer, sep, via = item.partition("=")
+        if not sep:
+            raise ValueError(f"[raft] dial: {item!r} is not ID=HOST:PORT")
+        parse_address(peer.strip(), "[raft] dial")
+        dial[peer.strip()] = parse_address(via.strip(), "[raft] dial")
+    return dial
 
 
 def master_addresses(config: Config, own: str) -> list[tuple[str, int]]:

@@ -80,6 +80,10 @@ class NodeIdentity:
                     f"node {self.node_id} belongs to cluster {self.cluster_id}; refusing {what} from a master "
                     f"of cluster {cluster_id or '(none)'}")
             if epoch < self.epoch:
+                # Said at WARNING: a deposed master still acting (woken from a pause, cut off) is
+                # what this fence exists for, and an operator (and the nemesis test) should see it.
+                logger.warning("refused %s from a stale master (epoch %d; this node has seen epoch %d)",
+                               what, epoch, self.epoch)
                 raise protocol.StaleMaster(
                     f"node {self.node_id} has seen master epoch {self.epoch}; refusing {what} from a master "
                     f"at epoch {epoch}")

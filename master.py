@@ -1932,6 +1932,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", help="directory for the metadata log and checkpoint")
     parser.add_argument("--masters", metavar="HOST:PORT,HOST:PORT,...",
                         help="every master of a replicated group, this one included (default [cluster] masters)")
+    parser.add_argument("--raft-dial", metavar="ID=HOST:PORT,...",
+                        help="connect to peer master ID at HOST:PORT instead of its listed address "
+                             "(default [raft] dial)")
     parser.add_argument("--dead-after", type=float, metavar="S", help="seconds of silence before a node is dead")
     parser.add_argument("--heartbeat-interval", type=float, metavar="S",
                         help="seconds between node heartbeats (checked against --dead-after)")
@@ -1984,7 +1987,7 @@ def main(argv=None) -> int:
             io_timeout_s=args.io_timeout, safe_mode_s=args.safe_mode, repair_rate_mb_s=args.repair_rate,
             keep_versions=args.keep_versions, trash_days=args.trash_days,
             meta_backup_interval_s=args.meta_backup_interval, http_port=args.http_port, masters=args.masters,
-            **config_module.security_overrides(args))
+            raft_dial=args.raft_dial, **config_module.security_overrides(args))
         security = security_module.for_server(config, config.master_host, args.insecure)
         http_host = config.http_host or config.master_host
         http_token = web_status.page_token(config, security, http_host, args.insecure) if config.http_port else None

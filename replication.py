@@ -124,7 +124,8 @@ class _PeerSender:
 
     def __init__(self, own: str, peer: str, config: config_module.Config, security):
         self.own, self.peer = own, peer
-        self.address = config_module.parse_address(peer, "masters")
+        self.address = (config_module.parse_dial(config.raft_dial).get(peer)
+                        or config_module.parse_address(peer, "masters"))
         self.config, self.security = config, security
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._queued = 0
