@@ -69,6 +69,9 @@ EXIT_FILE_EXISTS = 17
 EXIT_NO_LEADER = 18  # no master of a replicated group led within failover_timeout_s
 EXIT_DAMAGED = 19  # verify: a stored file is damaged, or (--against) the trees differ
 
+# `status` asks every master of a group how it sees itself; one silent this long shows as unreachable.
+MASTER_STATUS_TIMEOUT_S = 2.0
+
 # Wire error code -> exit status.  Codes not listed exit with EXIT_ERROR.
 EXIT_CODES = {
     "FILE_NOT_FOUND": EXIT_NOT_FOUND,
@@ -1575,6 +1578,32 @@ class Client:
         """STATUS with every page of nodes joined (totals come on the first page)."""
         return self._retrying(True, self._status)
 
+    def masters(self, rows: list[dict]) -> list[dict]:
+        """Every master of a group: the leader's STATUS ``rows`` (its view: ``match``, ``last_contact_s``)
+        merged with each master's own MASTER_STATUS (role, term, commit, applied, leader).  A master
+        that does not answer within MASTER_STATUS_TIMEOUT_S shows as role "unreachable" with ``error``.
+        """
+        by_address = {row["address"]: dict(row) for row in rows}
+        for address in self.link.addresses:
+            by_address.setdefault(master_link.format_address(address), {"address": master_link.format_address(address)})
+        merged = []
+        for text, row in by_address.items():
+            try:
+                conn = master_link._connect(master_link.parse_hint(text), "client", MASTER_STATUS_TIMEOUT_S,
+                                            self.security, handshake_timeout_s=MASTER_STATUS_TIMEOUT_S,
+                                            expect_server_id="master")
+                try:
+                    own = conn.request(protocol.MasterStatus(), protocol.MasterStatusReply).master
+                finally:
+                    conn.close()
+                row.update({key: own[key] for key in ("role", "term", "commit", "applied", "leader") if key in own})
+                if row["role"] == "leader" and own.get("last_contact_s") is not None:
+                    row["last_contact_s"] = own["last_contact_s"]
+            except protocol.BackupError as exc:
+                row.update(role="unreachable", error=str(exc))
+            merged.append(row)
+        return merged
+
     def _status(self) -> protocol.StatusReply:
         conn = self.conn
         conn.send(protocol.Status())
@@ -2182,19 +2211,25 @@ def cmd_status(client: Client, args) -> int:
     import health as health_module  # noqa: PLC0415 - see the imports at the top
     cluster_health = client.health()
     reply = client.status()
+    # A replicated group: every master as it sees itself, with what the leader knows of it.
+    masters = client.masters(reply.masters) if reply.masters else None
     if args.json:
         now = time.time()
         nodes = [views.node_document(n, n.get("state") or ("alive" if n["alive"] else "dead"), now)
                  for n in reply.nodes]
-        return print_json(views.status_document(cluster_health, nodes, reply.totals, now))
+        return print_json(views.status_document(cluster_health, nodes, reply.totals, now,
+                                                masters=None if masters is None else
+                                                [views.master_document(m, now) for m in masters]))
     print(health_module.summary_line(cluster_health))
-    if reply.masters:
-        # A replicated group, as its leader sees it: a follower's MATCH is the last index the leader
-        # knows it holds (its own commit and applied index are its own business).
-        print(f"{'MASTER':<22} {'ROLE':<10} {'TERM':>6} {'COMMIT':>9} {'APPLIED':>9} {'MATCH':>9}")
-        for m in reply.masters:
-            print(f"{m['address']:<22} {m['role']:<10} {m['term']:>6} {m.get('commit', '-'):>9} "
-                  f"{m.get('applied', '-'):>9} {m.get('match', '-'):>9}")
+    if masters:
+        # MATCH: the last log index the leader knows the master holds; CONTACT: how long ago the
+        # leader last heard from it.  ROLE, TERM, COMMIT, APPLIED: the master's own word.
+        print(f"{'MASTER':<22} {'ROLE':<11} {'TERM':>6} {'COMMIT':>9} {'APPLIED':>9} {'MATCH':>9} {'CONTACT':>9}")
+        for m in masters:
+            contact = m.get("last_contact_s")
+            print(f"{m['address']:<22} {m['role']:<11} {m.get('term', '-'):>6} {m.get('commit', '-'):>9} "
+                  f"{m.get('applied', '-'):>9} {m.get('match', '-'):>9} "
+                  f"{'-' if contact is None else f'{contact:.1f}s ago':>9}")
         print(f"leader: {reply.masters[0].get('leader') or 'none'}\n")
     print(f"{'NODE':<14} {'ADDRESS':<22} {'STATE':<10} {'HEARD':>9} {'CAPACITY':>10} {'USED':>10} {'FREE':>10} "
           f"{'CHUNKS':>10} {'QUARANTINED':>11}")

@@ -43,8 +43,20 @@ What the checks mean:
   decides with ``reclaim-orphans``), or orphans sit in quarantine until
   ``orphan_grace_s`` erases them (quarantine.py).
 
-Left out until the master runs them: ``MASTER_DOWN`` / ``NO_QUORUM``
-(replicated masters).
+* ``MASTER_DOWN`` (WARN, a replicated group): a master of ``[cluster]
+  masters`` the leader has not heard from for MASTER_DOWN_ELECTIONS
+  election timeouts (or since it started leading).  The group still has a
+  majority; one more loss and it stops.
+* ``NO_QUORUM`` (ERR, a replicated group): the leader hears fewer than a
+  majority of the masters within an election timeout (it is about to step
+  down: writes and reads stop), or, on a master that does not lead, no
+  leader has been heard for an election timeout.
+
+Who evaluates: the leader.  A follower's node table is empty by design (the
+leader runs the nodes), so on a follower only the masters' checks are
+evaluated (its page and /metrics show MASTER_DOWN never, NO_QUORUM when it
+hears no leader), and its monitor records no events: alerts come from the
+leader once, not from every master.
 """
 
 from __future__ import annotations
@@ -65,6 +77,10 @@ NEARFULL_RATIO = 0.85
 # the check is a notice that a disk rots, not a task; an hour is long enough
 # to be seen by a person or an alert, short enough to clear by itself.
 SCRUB_ERRORS_WINDOW_S = 3600.0
+# A master silent for this many election timeouts is MASTER_DOWN: the
+# leader hears each follower every heartbeat_ms, so this is no hiccup, and
+# an election's worth of silence alone is what NO_QUORUM is about.
+MASTER_DOWN_ELECTIONS = 2
 # Detail lines per check: enough to name the culprits, bounded so a health
 # reply stays small whatever the cluster's size.
 MAX_DETAIL_LINES = 20
@@ -341,8 +357,56 @@ def check_orphans_held(facts: dict) -> Check | None:
     return Check("ORPHANS_HELD", WARN, len({n["id"] for n in braked + held}), "; ".join(parts), tuple(detail))
 
 
+# ``facts["masters"]`` (a replicated group only, else absent or None):
+# {"leading": bool, "election_s": float, "rows": replication status rows,
+# this master's first, each with address and last_contact_s}.
+
+def _silence(row: dict) -> str:
+    contact = row.get("last_contact_s")
+    return "not heard since this master started" if contact is None else f"not heard for {contact:.1f} s"
+
+
+def check_master_down(facts: dict) -> Check | None:
+    group = facts.get("masters")
+    if not group or not group["leading"]:
+        return None
+    limit = MASTER_DOWN_ELECTIONS * group["election_s"]
+    down = [m for m in group["rows"][1:] if m.get("last_contact_s") is None or m["last_contact_s"] > limit]
+    if not down:
+        return None
+    return Check("MASTER_DOWN", WARN, len(down),
+                 f"{plural(len(down), 'master')} of {len(group['rows'])} not heard from by the leader",
+                 tuple(f"master {m['address']}: {_silence(m)}" for m in down))
+
+
+def check_no_quorum(facts: dict) -> Check | None:
+    group = facts.get("masters")
+    if not group:
+        return None
+    rows, election_s = group["rows"], group["election_s"]
+    voters = [rows[0]] + [m for m in rows[1:] if m.get("role") != "learner"]  # learners never count
+    majority = len(voters) // 2 + 1
+    if group["leading"]:
+        heard = 1 + sum(1 for m in voters[1:] if m.get("last_contact_s") is not None
+                        and m["last_contact_s"] <= election_s)
+        if heard >= majority:
+            return None
+        return Check("NO_QUORUM", ERR, len(voters) - heard,
+                     f"the leader hears {heard} of {len(voters)} masters, {majority} needed: it steps down, "
+                     f"and nothing is written or read until a majority is back")
+    own = rows[0]
+    contact = own.get("last_contact_s")
+    if own.get("leader") and contact is not None and contact <= election_s:
+        return None
+    return Check("NO_QUORUM", ERR, 1,
+                 f"master {own['address']} hears no leader"
+                 + (f" ({_silence(own)})" if own.get("leader") else "")
+                 + ": without a majority of masters nothing is written or read")
+
+
 # Order = display order: what threatens data first.
 CHECKS = (
+    check_no_quorum,
     check_data_lost,
     check_data_unavailable,
     check_insufficient_nodes,
@@ -354,16 +418,22 @@ CHECKS = (
     check_safe_mode,
     check_node_nearfull,
     check_scrub_errors,
+    check_master_down,
 )
+# Only these are evaluated on a master of a group that does not lead (see the module docstring).
+MASTER_CHECKS = (check_no_quorum, check_master_down)
 # Every code a check may report, for metrics that must show a 0 for a check
 # that does not fire (an alert rule needs the series to exist).
-CHECK_CODES = ("DATA_LOST", "DATA_UNAVAILABLE", "INSUFFICIENT_NODES", "NODE_FULL", "NODE_DOWN", "CHUNKS_DEGRADED",
-               "NODE_REFUSED", "ORPHANS_HELD", "SAFE_MODE", "NODE_NEARFULL", "SCRUB_ERRORS")
+CHECK_CODES = ("NO_QUORUM", "DATA_LOST", "DATA_UNAVAILABLE", "INSUFFICIENT_NODES", "NODE_FULL", "NODE_DOWN",
+               "CHUNKS_DEGRADED", "NODE_REFUSED", "ORPHANS_HELD", "SAFE_MODE", "NODE_NEARFULL", "SCRUB_ERRORS",
+               "MASTER_DOWN")
 
 
 def evaluate(facts: dict) -> dict:
     """{"status": HEALTH_*, "checks": [Check.as_dict(), ...]} for ``facts``."""
-    checks = [check for check in (fn(facts) for fn in CHECKS) if check is not None]
+    group = facts.get("masters")
+    evaluated = MASTER_CHECKS if group and not group["leading"] else CHECKS
+    checks = [check for check in (fn(facts) for fn in evaluated) if check is not None]
     status = OK
     for check in checks:
         if SEVERITY_RANK[check.severity] > SEVERITY_RANK[status]:

@@ -1313,6 +1313,12 @@ class MasterHandler(ObservedHandler, transport.RequestHandler):
         self.master.goodbye(msg)
         self.reply(protocol.GoodbyeOk())
 
+    def do_MASTER_STATUS(self, msg: protocol.MasterStatus) -> None:
+        """This master's own view of itself (any master of a group answers; client.py status asks each)."""
+        if self.master.replication is None:
+            raise protocol.UnknownOperation("this master is not in a replicated group")
+        self.reply(protocol.MasterStatusReply(master=self.master.replication.own_status()))
+
     def do_RAFT(self, msg: protocol.RaftMessage) -> None:
         """A peer master's Raft message; no reply (the protocol answers with messages of its own)."""
         if self.master.replication is None:
@@ -1351,7 +1357,8 @@ class MasterHandler(ObservedHandler, transport.RequestHandler):
 
     def _dispatch(self, msg: protocol.Message) -> None:
         # In a replicated group followers refuse (NOT_LEADER) and reads wait for the read index.
-        if self.master.replication is not None and not isinstance(msg, (protocol.RaftMessage, protocol.RaftProbe)):
+        if self.master.replication is not None and not isinstance(msg, (protocol.RaftMessage, protocol.RaftProbe,
+                                                                         protocol.MasterStatus)):
             try:
                 self.master.replication.before_request(msg)
             except protocol.BackupError as exc:

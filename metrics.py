@@ -89,6 +89,23 @@ def render(facts: dict, stats: dict, started_unix: float) -> str:
                "Per health check: how many nodes, chunks or files it concerns (0 when passing).",
                [({"check": code}, firing[code]["count"] if code in firing else 0) for code in health.CHECK_CODES])
 
+    # --- masters (a replicated group) -----------------------------------------------------------
+    group = facts.get("masters")
+    if group:
+        own = group["rows"][0]
+        out.metric("backup_master_leader", "gauge", "1 if this master leads its replicated group, else 0.",
+                   [(None, int(group["leading"]))])
+        out.metric("backup_master_term", "gauge", "This master's Raft term.", [(None, own["term"])])
+        out.metric("backup_master_commit_index", "gauge", "This master's Raft commit index.",
+                   [(None, own["commit"])])
+        out.metric("backup_master_applied_index", "gauge", "This master's applied index (its namespace is that recent).",
+                   [(None, own["applied"])])
+        out.metric("backup_master_last_contact_seconds", "gauge",
+                   "Seconds since this master last heard from another master of the group "
+                   "(absent: not since it started).",
+                   [({"master": m["address"]}, m["last_contact_s"]) for m in group["rows"][1:]
+                    if m.get("last_contact_s") is not None])
+
     # --- nodes --------------------------------------------------------------------------------
     by_state = {state: 0 for state in health.NODE_STATES}
     for n in nodes:

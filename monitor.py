@@ -234,6 +234,9 @@ class Monitor:
             "scrub_errors_recent": corrupt_recent,
             "scrub_errors_by_node": dict(self.scrub_errors_by_node),
             "corrupt_replicas_found": repairer.corrupt_replicas_found,
+            "masters": None if master.replication is None else {
+                "leading": master.is_leader(), "election_s": config.raft_election_ms / 1000,
+                "rows": master.replication.status()},
         }
         facts["health"] = health.evaluate(facts)
         with self._lock:
@@ -294,6 +297,11 @@ class Monitor:
                 self.events.add("repair_done", "info",
                                 f"every chunk has {facts['replication']} live copies again "
                                 f"({repaired} chunk(s) re-copied in {took:.1f} s)")
+        if facts["masters"] is not None and not facts["masters"]["leading"]:
+            # Events (and the alerts built on them) are the leader's: a follower's node table is empty
+            # by design and would report every node down.  Start afresh if this master leads later.
+            self._previous = None
+            return
         previous, self._previous = self._previous, facts
         if previous is not None:
             self._record_changes(previous, facts)
@@ -390,6 +398,23 @@ class ObservedHandler:
 
 
 def master_view(master, monitor: Monitor, address: str) -> dict:
-    """The one master, as the page's "masters" table shows it (replicated masters will add rows)."""
+    """The one master, as the page's "masters" table shows it (a group: see master_views)."""
     return {"address": address, "role": "leader", "state": "up", **views.stamped("started", monitor.started),
             "uptime_s": round(monitor.clock() - monitor.started, 1)}
+
+
+def master_views(master, monitor: Monitor, address: str) -> list[dict]:
+    """The page's "masters" rows: the one master, or every master of a group as this one sees it
+    (its own row first; a peer's ``state`` is "up" when heard within an election timeout)."""
+    if getattr(master, "replication", None) is None:  # (the page's tests pass a stand-in master)
+        return [master_view(master, monitor, address)]
+    now = monitor.clock()
+    election_s = master.config.raft_election_ms / 1000
+    rows = []
+    for index, row in enumerate(master.replication.status()):
+        contact = row.get("last_contact_s")
+        up = index == 0 or (contact is not None and contact <= election_s * health.MASTER_DOWN_ELECTIONS)
+        rows.append({**views.master_document(row, now), "state": "up" if up else "down",
+                     **(views.stamped("started", monitor.started) if index == 0 else {}),
+                     **({"uptime_s": round(now - monitor.started, 1)} if index == 0 else {})})
+    return rows

@@ -1157,7 +1157,8 @@ class StatusReply(Message):
     # Nodes that tried to register and were refused (another cluster, or
     # they have seen a newer master): [{"id", "address", "reason"}].
     refused: list = field(default_factory=list)
-    # A replicated group only: [{"address", "role", "term", "commit", "applied" | "match", "leader"}]
+    # A replicated group only, as the answering master (the leader) sees it: [{"address", "role", "term",
+    # "commit", "applied" (its own row) | "match" (a peer's), "leader", "last_contact_s"}]
     masters: list | None = None
 
 
@@ -1256,6 +1257,26 @@ class MastersReplaced(Message):
     OP = "MASTERS_REPLACED"
     voters: list
     learners: list
+
+
+@message
+class MasterStatus(Message):
+    """Ask one master of a replicated group how it sees itself; any master answers, followers too.
+
+    Reply: ``MASTER_STATUS_REPLY``.  ``client.py status`` asks each listed
+    master, so it shows every master's own role, term, commit and applied
+    index (the leader's STATUS knows only how far each follower's log goes).
+    """
+
+    OP = "MASTER_STATUS"
+
+
+@message
+class MasterStatusReply(Message):
+    """``master``: {"address", "role", "term", "commit", "applied", "leader", "last_contact_s"}."""
+
+    OP = "MASTER_STATUS_REPLY"
+    master: dict
 
 
 # Node -> master ------------------------------------------------------------

@@ -412,8 +412,8 @@ class ReplicatedLog:
     def before_request(self, msg: protocol.Message) -> None:
         """Followers refuse with NOT_LEADER; the leader passes reads (and a term's first write) through a
         read-index barrier."""
-        if isinstance(msg, (protocol.RaftMessage, protocol.RaftProbe)):
-            return
+        if isinstance(msg, (protocol.RaftMessage, protocol.RaftProbe, protocol.MasterStatus)):
+            return  # between masters, or about this master itself: every master answers
         if not self.driver.is_leader:
             raise protocol.NotLeader(f"master {self.id} is not the leader", self.leader or "")
         term = self.term
@@ -436,14 +436,41 @@ class ReplicatedLog:
                 raise protocol.Unavailable(str(exc)) from None
             self._barrier_term = term
 
-    def status(self) -> list[dict]:
-        """The masters as this one sees them (the leader knows each follower's match index)."""
+    def own_status(self) -> dict:
+        """This master as it sees itself (MASTER_STATUS): role, term, commit and applied index, leader,
+        and ``last_contact_s``: seconds since it last heard from its leader (0 for the leader itself;
+        None when it knows no leader or has not heard from it since it started)."""
         st = self.driver.status()
-        rows = [{"address": self.id, "role": st["role"], "term": st["term"], "commit": st["commit"],
-                 "applied": st["applied"], "leader": st["leader"] or ""}]
-        for peer, progress in st.get("peers", {}).items():
-            rows.append({"address": peer, "role": "follower" if st["role"] == LEADER else "?",
-                         "term": st["term"], "match": progress["match"], "leader": st["leader"] or ""})
+        leader = st["leader"] or ""
+        if st["role"] == LEADER:
+            contact = 0.0
+        else:
+            heard = self.driver.last_heard().get(leader) if leader else None
+            contact = None if heard is None else round(heard, 3)
+        return {"address": self.id, "role": st["role"], "term": st["term"], "commit": st["commit"],
+                "applied": st["applied"], "leader": leader, "last_contact_s": contact}
+
+    def status(self) -> list[dict]:
+        """The masters as this one sees them: its own row, then each peer with ``last_contact_s``
+        (seconds since a message from it arrived, None = not since this master started) and, on the
+        leader, ``match`` (the last index the leader knows it holds)."""
+        st = self.driver.status()
+        heard = self.driver.last_heard()
+        rows = [self.own_status()]
+        peers = st.get("peers", {})
+        learners = set(st.get("learners", ()))
+        # The log's membership (masters replace changes it), else the seeds of [cluster] masters.
+        members = list(st.get("voters") or self.members) + sorted(learners)
+        for peer in members:
+            if peer == self.id:
+                continue
+            contact = heard.get(peer)
+            role = "learner" if peer in learners else "follower" if st["role"] == LEADER else "?"
+            row = {"address": peer, "role": role, "term": st["term"], "leader": st["leader"] or "",
+                   "last_contact_s": None if contact is None else round(contact, 3)}
+            if peer in peers:
+                row["match"] = peers[peer]["match"]
+            rows.append(row)
         return rows
 
     def _begin_term(self, term: int) -> None:

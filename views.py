@@ -104,9 +104,17 @@ def node_document(node: dict, state: str, now: float) -> dict:
             "free_bytes": node.get("free_bytes", max(0, capacity - used))}
 
 
-def status_document(health: dict, nodes: list[dict], totals: dict, now: float, extra: dict | None = None) -> dict:
-    """`status --json` (and the core of /api/status): health, nodes, totals."""
-    return {"health": health, **stamped("time", round(now, 3)), "nodes": nodes, "totals": totals, **(extra or {})}
+def master_document(master: dict, now: float) -> dict:
+    """One master of a group for `status --json` and the page: its row, with ``last_contact`` made absolute."""
+    contact = master.get("last_contact_s")
+    return {**master, **stamped("last_contact", None if contact is None else round(now - contact, 3))}
+
+
+def status_document(health: dict, nodes: list[dict], totals: dict, now: float, extra: dict | None = None,
+                    masters: list[dict] | None = None) -> dict:
+    """`status --json` (and the core of /api/status): the masters (a replicated group), health, nodes, totals."""
+    return {**({"masters": masters} if masters is not None else {}), "health": health,
+            **stamped("time", round(now, 3)), "nodes": nodes, "totals": totals, **(extra or {})}
 
 
 def snapshots_document(root: str | None, snapshots: list[dict]) -> dict:

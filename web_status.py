@@ -261,7 +261,7 @@ def status_document(monitor: monitor_module.Monitor, master_address: str) -> dic
     events = [{**e, "time_iso": views.iso_time(e["time"])} for e in monitor.events.recent()]
     events.reverse()  # newest first
     return views.status_document(facts["health"], nodes, facts["totals"], now, {
-        "masters": [monitor_module.master_view(monitor.master, monitor, master_address)],
+        "masters": monitor_module.master_views(monitor.master, monitor, master_address),
         "refused": facts["refused"],
         "repair": repair,
         "chunks_by_copies": chunks_by_copies,

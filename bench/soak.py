@@ -1,8 +1,9 @@
 """Soak: a real cluster under a steady load while nodes and the master fail.
 
 ``python bench/soak.py --minutes N`` (or ``--seconds S``; ``--seed`` makes
-the operation and fault sequence repeatable) starts a master and four
-storage nodes (LocalCluster, 127.0.0.1, short intervals), then runs:
+the operation and fault sequence repeatable; ``--masters 3`` runs a
+replicated group of three masters) starts the master(s) and four storage
+nodes (LocalCluster, 127.0.0.1, short intervals), then runs:
 
 * Two workers, each owning its own names (so one name's operations are
   sequential), doing random uploads (sizes 0..2 MiB, a third of them under
@@ -13,7 +14,9 @@ storage nodes (LocalCluster, 127.0.0.1, short intervals), then runs:
   adds its result to the set, since it may or may not have happened.
 * A fault thread that, every 1 to 3 s, injects one fault: a node SIGKILLed
   and restarted 0.5 to 3 s later (weight 4), a node SIGSTOPped for 0.5 to
-  4 s (weight 3), or the master SIGKILLed and restarted (weight 1).  Only
+  4 s (weight 3), or the master SIGKILLed and restarted (weight 1); with
+  ``--masters 3`` the master faults hit the leader: SIGKILL and restart
+  (weight 1) or SIGSTOP for 0.5 to 3 s (weight 1).  Only
   one fault is in force at a time, and after each the thread waits for the
   master to report every node alive and nothing under-replicated (twice,
   0.5 s apart) before the next one: with replication 2 a second loss before
@@ -71,7 +74,7 @@ NODE_ARGS = ["--heartbeat-interval", "0.2", "--io-timeout", str(IO_TIMEOUT_S), "
 # (io_timeout per replica) so a slow answer is not mistaken for a lost one.
 CLIENT_TIMEOUT_S = 4 * IO_TIMEOUT_S
 # Errors that mean "could not be served now", not "data is gone".
-TRANSIENT = ("UNAVAILABLE", "TIMEOUT", "INSUFFICIENT_NODES", "FILE_LOCKED")
+TRANSIENT = ("UNAVAILABLE", "TIMEOUT", "INSUFFICIENT_NODES", "FILE_LOCKED", "NO_LEADER", "NOT_LEADER")
 
 
 class Stats:
@@ -101,6 +104,16 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def make_client(cluster: LocalCluster, timeout_s: float = CLIENT_TIMEOUT_S) -> client_module.Client:
+    """A client of the master, or of every master of a group (it follows the leader).
+
+    A restarted master keeps its port, so the addresses never change.
+    """
+    group = [(host, int(port)) for host, _, port in
+             (address.rpartition(":") for address in cluster.master_address.split(","))]
+    return client_module.Client(group if len(group) > 1 else group[0], timeout_s, MIB, show_progress=False)
+
+
 def error_code(exc: BaseException) -> str:
     return getattr(exc, "code", type(exc).__name__)
 
@@ -121,13 +134,10 @@ class Worker(threading.Thread):
         self.upload_path = os.path.join(scratch, f"w{index}.up")
         self.download_path = os.path.join(scratch, f"w{index}.down")
         self.client: client_module.Client | None = None
-        # A restarted master keeps its port, so the address is read once.
-        host, _, port = cluster.master_address.rpartition(":")
-        self.master = (host, int(port))
 
     def connect(self) -> client_module.Client:
         if self.client is None:
-            self.client = client_module.Client(self.master, CLIENT_TIMEOUT_S, MIB, show_progress=False)
+            self.client = make_client(self.cluster)
         return self.client
 
     def drop_client(self) -> None:
@@ -243,7 +253,10 @@ class Faults(threading.Thread):
     def run(self) -> None:
         try:
             while not self.stop_event.wait(self.rng.uniform(1.0, 3.0)):
-                kind = self.rng.choices(["node-kill", "node-stop", "master-kill"], weights=[4, 3, 1])[0]
+                kinds, weights = ["node-kill", "node-stop", "master-kill"], [4, 3, 1]
+                if self.cluster.master_count > 1:
+                    kinds, weights = kinds + ["master-stop"], weights + [1]
+                kind = self.rng.choices(kinds, weights=weights)[0]
                 with self.lock:
                     getattr(self, kind.replace("-", "_"))()
                 self.stats.add(f"fault-{kind}")
@@ -266,9 +279,24 @@ class Faults(threading.Thread):
             self.cluster.nodes[index].signal(signal.SIGCONT)
 
     def master_kill(self) -> None:
+        if self.cluster.master_count > 1:
+            index = leader_index(self.cluster)
+            self.cluster.masters[index].kill()
+            self.stop_event.wait(self.rng.uniform(0.0, 1.0))
+            self.cluster.start_group_master(index)
+            return
         self.cluster.master.kill()
         self.stop_event.wait(self.rng.uniform(0.0, 1.0))
         self.cluster.start_master()
+
+    def master_stop(self) -> None:
+        """SIGSTOP the leader of a group: the others elect another; it wakes as a follower."""
+        index = leader_index(self.cluster)
+        self.cluster.masters[index].signal(signal.SIGSTOP)
+        try:
+            self.stop_event.wait(self.rng.uniform(0.5, 3.0))
+        finally:
+            self.cluster.masters[index].signal(signal.SIGCONT)
 
     def wait_healed(self, timeout_s: float = 60.0) -> bool:
         """Every node alive and nothing to repair, seen twice 0.5 s apart."""
@@ -284,12 +312,21 @@ class Faults(threading.Thread):
 
 
 def status(cluster: LocalCluster):
-    host, _, port = cluster.master_address.rpartition(":")
-    c = client_module.Client((host, int(port)), CLIENT_TIMEOUT_S, MIB, show_progress=False)
+    c = make_client(cluster)
     try:
         return c.status()
     finally:
         c.close()
+
+
+def leader_index(cluster: LocalCluster) -> int:
+    """The index of the group's leader (the first master while none can be found)."""
+    try:
+        masters = status(cluster).masters or []
+    except (protocol.BackupError, OSError):
+        return 0
+    addresses = cluster.master_address.split(",")
+    return next((addresses.index(m["address"]) for m in masters if m["role"] == "leader"), 0)
 
 
 def healed(cluster: LocalCluster) -> bool:
@@ -303,7 +340,12 @@ def healed(cluster: LocalCluster) -> bool:
 
 def heal_everything(cluster: LocalCluster) -> None:
     """Resume stopped processes and restart dead ones."""
-    if not cluster.master.running():
+    if cluster.master_count > 1:
+        for index, master in enumerate(cluster.masters):
+            master.signal(signal.SIGCONT)
+            if not master.running():
+                cluster.start_group_master(index)
+    elif not cluster.master.running():
         cluster.start_master()
     for index, node in enumerate(cluster.nodes):
         node.signal(signal.SIGCONT)
@@ -313,8 +355,7 @@ def heal_everything(cluster: LocalCluster) -> None:
 
 def verify(cluster: LocalCluster, workers: list[Worker], stats: Stats, scratch: str) -> None:
     """List and download every name; count verified, lost, wrong and resurrected files."""
-    host, _, port = cluster.master_address.rpartition(":")
-    c = client_module.Client((host, int(port)), 60.0, MIB, show_progress=False)
+    c = make_client(cluster, 60.0)
     path = os.path.join(scratch, "verify.down")
     try:
         names = {entry["name"] for entry in c.list()}
@@ -354,6 +395,8 @@ def main(argv=None) -> int:
     length.add_argument("--minutes", type=float, help="how long to run the load (default 1)")
     length.add_argument("--seconds", type=float, help="how long to run the load, in seconds")
     parser.add_argument("--seed", type=int, default=None, help="seed of the load and faults (default: random)")
+    parser.add_argument("--masters", type=int, default=1, choices=(1, 3, 5),
+                        help="masters: 1, or a replicated group of 3 or 5 (default 1)")
     parser.add_argument("--heal-timeout", type=float, default=60.0, metavar="S",
                         help="seconds allowed to reach full replication after the run (default 60)")
     parser.add_argument("--data-dir", help="where the cluster keeps data and logs (default: a temporary dir, "
@@ -367,9 +410,10 @@ def main(argv=None) -> int:
     data_dir = args.data_dir or tempfile.mkdtemp(prefix="soak-")
     scratch = os.path.join(data_dir, "scratch")
     os.makedirs(scratch, exist_ok=True)
-    print(f"soak: seed {seed}, {duration_s:.0f} s, {NODES} nodes, data in {data_dir}", flush=True)
+    print(f"soak: seed {seed}, {duration_s:.0f} s, {args.masters} master(s), {NODES} nodes, data in {data_dir}",
+          flush=True)
 
-    cluster = LocalCluster(data_dir, nodes=NODES, master_args=MASTER_ARGS, node_args=NODE_ARGS)
+    cluster = LocalCluster(data_dir, nodes=NODES, master_args=MASTER_ARGS, node_args=NODE_ARGS, masters=args.masters)
     try:
         cluster.start()
     except ProcessFailed as exc:
@@ -416,7 +460,7 @@ def main(argv=None) -> int:
     operations = sum(g(k) for k in ("upload-ok", "upload-uncertain", "delete-ok", "delete-uncertain",
                                     "delete-not-found", "download-ok", "download-not-found",
                                     "download-unavailable", "refused", "data-lost-reply"))
-    faults_done = g("fault-node-kill") + g("fault-node-stop") + g("fault-master-kill")
+    faults_done = g("fault-node-kill") + g("fault-node-stop") + g("fault-master-kill") + g("fault-master-stop")
     print(f"soak: {load_s:.0f} s of load, operations {operations} "
           f"(uploads {g('upload-ok')} ok / {g('upload-uncertain')} uncertain, "
           f"downloads {g('download-ok')} ok / {g('download-not-found')} absent / "
@@ -425,7 +469,8 @@ def main(argv=None) -> int:
     errors = ", ".join(f"{k[6:]} {v}" for k, v in sorted(stats.counts.items()) if k.startswith("error-"))
     print(f"soak: errors seen by clients: {errors or 'none'}")
     print(f"soak: faults injected {faults_done} (node kills {g('fault-node-kill')}, "
-          f"node stops {g('fault-node-stop')}, master kills {g('fault-master-kill')}); "
+          f"node stops {g('fault-node-stop')}, master kills {g('fault-master-kill')}, "
+          f"leader stops {g('fault-master-stop')}); "
           f"slow heals {g('slow-heal')}")
     print(f"soak: files verified {g('verified')} (+{g('verified-absent')} correctly absent); "
           f"lost {g('lost')}; wrong bytes {g('wrong')}; resurrected {g('resurrected')}; "

@@ -222,6 +222,8 @@ class RaftDriver:
         self._status: dict = self.core.status()
         self._status["applied"] = self.applied
         self._failed: BaseException | None = None
+        # Peer id -> monotonic time its last message arrived (status "last contact"; the core has no clock).
+        self._heard: dict[str, float] = {}
 
     def _path(self, name: str) -> str:
         return os.path.join(self.data_dir, name)
@@ -319,6 +321,11 @@ class RaftDriver:
         """The core's status as of the last Ready (role, term, leader, commit, applied, peers)."""
         return dict(self._status)
 
+    def last_heard(self) -> dict[str, float]:
+        """Peer id -> seconds since its last message arrived (peers not heard since start are absent)."""
+        now = time.monotonic()
+        return {peer: now - when for peer, when in list(self._heard.items())}
+
     @property
     def is_leader(self) -> bool:
         return self._status.get("role") == LEADER
@@ -361,6 +368,7 @@ class RaftDriver:
                 return
             try:
                 if kind == "step":
+                    self._heard[payload.src] = time.monotonic()
                     self.core.step(payload)
                     if payload.src not in self._peers_seen and held_log(payload):
                         self._remember_peer(payload.src)

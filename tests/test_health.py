@@ -14,6 +14,8 @@ import os
 import pytest
 from prometheus_client import parser as prometheus_parser  # test-only (requirements-dev.txt)
 
+from conftest import ROOT
+
 import config as config_module
 import health
 import logsetup
@@ -196,7 +198,64 @@ def test_every_check_code_is_listed_for_the_metrics():
     nodes = [{**node("n1", full=True), "brake": True}, node("n2", used=99 * KIB), node("n4", health.DEAD, heard=20.0)]
     facts = facts_for(nodes, files, replication=3, safe_mode=True, scrub_recent=1)
     facts["refused"] = [{"id": "x", "address": "127.0.0.1:9", "reason": "another cluster"}]
+    facts["masters"] = group(True, None, 30.0)
     assert {c["code"] for c in health.evaluate(facts)["checks"]} == set(health.CHECK_CODES)
+
+
+def group(leading: bool, *contacts, leader: str = "127.0.0.1:1") -> dict:
+    """facts["masters"] for a group of 1 + len(contacts) masters; ``contacts``: the peers' last_contact_s
+    (on a follower the first is its leader's, as own_status gives it)."""
+    own = {"address": "127.0.0.1:1" if leading else "127.0.0.1:2", "role": "leader" if leading else "follower",
+           "term": 4, "commit": 9, "applied": 9, "leader": leader if leading or contacts[0] is not None else "",
+           "last_contact_s": 0.0 if leading else contacts[0]}
+    peers = [{"address": f"127.0.0.1:{i + 3}", "last_contact_s": c} for i, c in enumerate(contacts)]
+    return {"leading": leading, "election_s": 1.0, "rows": [own] + peers}
+
+
+def test_master_down_and_no_quorum_as_the_leader_sees_its_group():
+    """A peer silent past two election timeouts is MASTER_DOWN (WARN); hearing less than a majority
+    within one election timeout is NO_QUORUM (ERR)."""
+    nodes = [node("n1"), node("n2")]
+    facts = facts_for(nodes)
+    for contacts, expected in [((0.1, 0.2), []), ((0.1, 2.5), ["MASTER_DOWN"]), ((0.1, None), ["MASTER_DOWN"]),
+                               ((1.5, 1.8), ["NO_QUORUM"]), ((5.0, None), ["NO_QUORUM", "MASTER_DOWN"])]:
+        facts["masters"] = group(True, *contacts)
+        result = health.evaluate(facts)
+        assert [c["code"] for c in result["checks"]] == expected, contacts
+    assert result["status"] == health.ERR and "hears 1 of 3 masters, 2 needed" in health.summary_line(result)
+    assert "master 127.0.0.1:4: not heard since this master started" in health.detail_lines(result)[-1]
+
+
+def test_a_follower_evaluates_only_the_masters_checks():
+    """A follower's node table is empty by design: it must not report the nodes down or the data
+    unavailable (it did, and its monitor logged HEALTH_ERR events); it says NO_QUORUM when it hears no leader."""
+    files = {"f": entry(KIB, [[0, 1, ["n1", "n2"]]])}
+    facts = facts_for([], files)
+    assert "INSUFFICIENT_NODES" in codes(facts)  # what an empty node table looks like to the node checks
+    facts["masters"] = group(False, 0.2, None)
+    assert health.evaluate(facts) == {"status": health.OK, "checks": []}
+    facts["masters"] = group(False, None, None)
+    result = health.evaluate(facts)
+    assert [c["code"] for c in result["checks"]] == ["NO_QUORUM"] and "hears no leader" in health.summary_line(result)
+
+
+def test_a_follower_records_no_events(tmp_path):
+    """Events (and alerts) come from the leader only: a follower's monitor records none."""
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    from master import Master  # noqa: PLC0415
+    master = Master(config_module.load_config(os.path.join(ROOT, "config.ini")), str(tmp_path / "m"))
+    try:
+        master.replication = SimpleNamespace(driver=SimpleNamespace(is_leader=False),
+                                             status=lambda: group(False, 0.1, 0.1)["rows"])
+        monitor = master.monitor
+        monitor._previous = {**monitor.facts(), "health": {"status": health.OK, "checks": []}}
+        before = len(monitor.events.recent())
+        monitor.sample()
+        assert len(monitor.events.recent()) == before and monitor.health()["status"] == health.OK
+    finally:
+        master.replication = None
+        master.stop()
 
 
 # --- metrics -------------------------------------------------------------------------------------

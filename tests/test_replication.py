@@ -9,6 +9,7 @@ nothing acknowledged; one comes back and service resumes.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import sys
@@ -83,6 +84,23 @@ def test_leader_killed_during_uploads_then_majority_lost(tmp_path):
         thread.join(60)
         assert leader_index(cluster) != old
         assert not failures, failures  # an upload from a file is re-sent to the new leader
+        # status starts with every master as it sees itself; the dead one is unreachable and MASTER_DOWN.
+        dead = cluster.master_address.split(",")[old]
+
+        def master_down():
+            doc = json.loads(cli(cluster, "status", "--json").stdout)
+            codes = [c["code"] for c in doc["health"]["checks"]]
+            return doc if "MASTER_DOWN" in codes else None
+        doc = wait_until(master_down, 15, message="MASTER_DOWN")
+        assert list(doc)[0] == "masters" and len(doc["masters"]) == 3
+        by_address = {m["address"]: m for m in doc["masters"]}
+        assert by_address[dead]["role"] == "unreachable"
+        live = [m for m in doc["masters"] if m["address"] != dead]
+        assert sorted(m["role"] for m in live) == ["follower", "leader"]
+        assert all(m["term"] == live[0]["term"] and m["applied"] <= m["commit"] for m in live)
+        assert all(m["last_contact_s"] is not None and m["last_contact_s"] < 5 for m in live), live
+        text = cli(cluster, "status").stdout.decode()
+        assert "MASTER_DOWN" in text and "unreachable" in text and "CONTACT" in text
         for name, digest in acknowledged.items():
             result = cli(cluster, "cat", name)
             assert result.returncode == 0 and hashlib.sha256(result.stdout).hexdigest() == digest, name

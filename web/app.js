@@ -102,9 +102,13 @@ function drawHealth(health) {
 }
 
 function drawMasters(masters) {
+  // A replicated group: every master as the serving one sees it; "contact": since it last heard from it.
   replaceRows($("masters").tBodies[0], masters.map((m) => el("tr", {},
     el("td", {}, m.address), el("td", {}, el("span", {class: "badge " + m.role}, m.role)),
-    el("td", {}, el("span", {class: "badge up"}, m.state)), el("td", {}, duration(m.uptime_s)))));
+    el("td", {}, el("span", {class: "badge " + m.state}, m.state)),
+    el("td", {}, m.term === undefined ? "" : String(m.term)),
+    el("td", {}, m.uptime_s !== undefined ? "up " + duration(m.uptime_s)
+      : m.last_contact_s === undefined ? "" : "heard " + duration(m.last_contact_s) + " ago"))));
 }
 
 function drawNodes(nodes, totals) {
