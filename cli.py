@@ -1589,9 +1589,7 @@ class Client:
         merged = []
         for text, row in by_address.items():
             try:
-                conn = master_link._connect(master_link.parse_hint(text), "client", MASTER_STATUS_TIMEOUT_S,
-                                            self.security, handshake_timeout_s=MASTER_STATUS_TIMEOUT_S,
-                                            expect_server_id="master")
+                conn = self.link.open_one(master_link.parse_hint(text), MASTER_STATUS_TIMEOUT_S)
                 try:
                     own = conn.request(protocol.MasterStatus(), protocol.MasterStatusReply).master
                 finally:

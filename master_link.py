@@ -137,6 +137,12 @@ class MasterLink:
         self._handshake_s = self._first_handshake_s()
         return conn
 
+    def open_one(self, address, timeout_s: float):
+        """A connection to that one master, whatever its role, bounded by ``timeout_s`` (for requests
+        every master answers, such as MASTER_STATUS); no failover, no change to the link's state."""
+        return self._connector(address, self.role, timeout_s, self.security, handshake_timeout_s=timeout_s,
+                               expect_server_id=self.expect_server_id)
+
     def mark_down(self, address) -> None:
         """``address`` stopped answering (a request timed out): a hint naming it counts as none,
         and the next connection tries the other masters first."""

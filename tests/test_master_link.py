@@ -279,3 +279,40 @@ def test_cli_follows_not_leader_and_exits_no_leader(tmp_path):
             assert "NO_LEADER" in result.stderr and elapsed < 5, (result, elapsed)
         finally:
             follower.close()
+
+
+def test_status_merges_each_masters_own_word_with_the_leaders_view():
+    """`status` asks every master (MASTER_STATUS, followers answer it): its own role, term, commit and
+    applied index, beside what the leader knows (match, last contact); a silent one is unreachable."""
+    own = {A: {"address": "127.0.0.1:1", "role": "leader", "term": 5, "commit": 40, "applied": 40,
+               "leader": "127.0.0.1:1", "last_contact_s": 0.0},
+           C: {"address": "127.0.0.1:3", "role": "follower", "term": 5, "commit": 38, "applied": 37,
+               "leader": "127.0.0.1:1", "last_contact_s": 0.1}}
+
+    class Conn:
+        def __init__(self, address):
+            self.address = address
+
+        def request(self, msg, reply_cls):
+            assert isinstance(msg, protocol.MasterStatus)
+            return reply_cls(master=own[self.address])
+
+        def close(self):
+            pass
+
+    def connector(address, role, timeout_s, security, **kwargs):
+        if address == B:
+            raise protocol.Timeout("answered nothing")
+        return Conn(address)
+    c = client_module.Client([A, B, C], timeout_s=5.0, frame_bytes=1024, show_progress=False)
+    c.link._connector = connector
+    leader_view = [{"address": "127.0.0.1:1", "role": "leader", "term": 5, "commit": 40, "applied": 40,
+                    "leader": "127.0.0.1:1", "last_contact_s": 0.0},
+                   {"address": "127.0.0.1:2", "role": "follower", "term": 5, "match": 12, "last_contact_s": 30.5},
+                   {"address": "127.0.0.1:3", "role": "follower", "term": 5, "match": 40, "last_contact_s": 0.05}]
+    rows = {r["address"]: r for r in c.masters(leader_view)}
+    assert rows["127.0.0.1:2"]["role"] == "unreachable" and "answered nothing" in rows["127.0.0.1:2"]["error"]
+    assert rows["127.0.0.1:2"]["match"] == 12 and rows["127.0.0.1:2"]["last_contact_s"] == 30.5
+    assert rows["127.0.0.1:3"] == {"address": "127.0.0.1:3", "role": "follower", "term": 5, "commit": 38,
+                                   "applied": 37, "leader": "127.0.0.1:1", "match": 40, "last_contact_s": 0.05}
+    assert rows["127.0.0.1:1"]["role"] == "leader" and list(rows) == ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]
