@@ -1624,7 +1624,10 @@ class Client:
                 return items
 
     def reclaim_orphans(self, node_id: str) -> protocol.OrphansReclaimed:
-        return self.conn.request(protocol.ReclaimOrphans(node_id=node_id), protocol.OrphansReclaimed)
+        # Through the link like every request (a follower answers NOT_LEADER); repeating it is harmless
+        # (the brake's blobs are quarantined once), but its outcome after a cut is the caller's to check.
+        return self._retrying(False, lambda: self.conn.request(protocol.ReclaimOrphans(node_id=node_id),
+                                                               protocol.OrphansReclaimed))
 
     def masters_replace(self, old: str, new: str) -> protocol.MastersReplaced:
         """Replace master ``old`` by ``new`` in a replicated group (the leader does it step by step;
@@ -1634,7 +1637,8 @@ class Client:
 
     def health(self) -> dict:
         """{"status": HEALTH_*, "checks": [...]}, as the master computes it (health.py)."""
-        reply = self.conn.request(protocol.Health(), protocol.HealthReply)
+        # Through the link: with several masters the first one tried may be a follower (NOT_LEADER).
+        reply = self._retrying(True, lambda: self.conn.request(protocol.Health(), protocol.HealthReply))
         return {"status": reply.status, "checks": reply.checks}
 
 

@@ -316,3 +316,25 @@ def test_status_merges_each_masters_own_word_with_the_leaders_view():
     assert rows["127.0.0.1:3"] == {"address": "127.0.0.1:3", "role": "follower", "term": 5, "commit": 38,
                                    "applied": 37, "leader": "127.0.0.1:1", "match": 40, "last_contact_s": 0.05}
     assert rows["127.0.0.1:1"]["role"] == "leader" and list(rows) == ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]
+
+
+def test_health_follows_the_leader_like_every_other_request():
+    """`health` (and so `status`, which starts with it) went straight to the first master: with a
+    follower first it failed NOT_LEADER instead of following the hint to the leader."""
+    class Conn:
+        broken = False
+
+        def __init__(self, address):
+            self.address = address
+
+        def request(self, msg, reply_cls):
+            if self.address == A:
+                raise protocol.NotLeader("a follower", leader="127.0.0.1:3")
+            return reply_cls(status="HEALTH_OK", checks=[])
+
+        def close(self):
+            pass
+
+    c = client_module.Client([A, B, C], timeout_s=5.0, frame_bytes=1024, show_progress=False)
+    c.link._connector = lambda address, *args, **kwargs: Conn(address)
+    assert c.health() == {"status": "HEALTH_OK", "checks": []} and c.master == C

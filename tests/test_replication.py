@@ -88,10 +88,12 @@ def test_leader_killed_during_uploads_then_majority_lost(tmp_path):
         dead = cluster.master_address.split(",")[old]
 
         def master_down():
-            doc = json.loads(cli(cluster, "status", "--json").stdout)
+            result = cli(cluster, "status", "--json")
+            assert result.returncode == 0, result.stderr
+            doc = json.loads(result.stdout)
             codes = [c["code"] for c in doc["health"]["checks"]]
             return doc if "MASTER_DOWN" in codes else None
-        doc = wait_until(master_down, 15, message="MASTER_DOWN")
+        doc = wait_until(master_down, 30, message="MASTER_DOWN")
         assert list(doc)[0] == "masters" and len(doc["masters"]) == 3
         by_address = {m["address"]: m for m in doc["masters"]}
         assert by_address[dead]["role"] == "unreachable"
