@@ -666,7 +666,8 @@ class Client:
 
     def __init__(self, master, timeout_s: float, frame_bytes: int, show_progress: bool,
                  security: transport.Security | None = None, handshake_timeout_s: float | None = None,
-                 failover_timeout_s: float = 10.0, chunk_size: int = 1024, direct_reads: bool = True):
+                 failover_timeout_s: float = 10.0, chunk_size: int = 1024, direct_reads: bool = True,
+                 replicas=None):
         self.link = master_link.MasterLink(master, "client", timeout_s, security,
                                            handshake_timeout_s=handshake_timeout_s,
                                            failover_timeout_s=failover_timeout_s)
@@ -689,7 +690,7 @@ class Client:
         self._frame_buffer: bytearray | None = None
         # Downloads read the chunks from the nodes (direct_read.py) unless False.
         self.direct_reads = direct_reads
-        self._replicas = None
+        self._replicas = replicas  # a direct_read.ReplicaPool; None: made on first use
         # During a pipelined tree restore: the replies still to come, in order
         # (a download's, or READ_ENDED); None otherwise.
         self._expected: deque | None = None

@@ -10,6 +10,7 @@ import time
 import pytest
 
 import client as client_module
+import direct_read
 import protocol
 import security
 import transfers
@@ -48,29 +49,54 @@ def test_plan_runs_clips_the_range_and_pages():
 
 
 # --- real processes ---------------------------------------------------------------------------
-@pytest.fixture
-def secure_cluster(tmp_path):
-    secret_file = tmp_path / "secret"
+def start_secure_cluster(directory):
+    """A master and three nodes with a shared secret; the caller stops it."""
+    secret_file = directory / "secret"
     secret_file.write_bytes(SECRET + b"\n")
     os.chmod(secret_file, 0o600)
     # dead_after 30 s: the master keeps listing a killed node first where it was, so the
     # clients meet it (the test is about clients routing around it, not the master).
-    c = SecureCluster(str(tmp_path / "cluster"), nodes=3,
+    c = SecureCluster(str(directory / "cluster"), nodes=3,
                       master_args=[*FAST_MASTER, "--safe-mode", "1", "--dead-after", "30"],
                       node_args=[*FAST_TIMING, "--scrub-rate", "0"], secret_file=str(secret_file),
                       client_security=security.Security(SECRET))
     try:
         c.start()
         c.wait_nodes_alive(3)
-        yield c
-    finally:
+    except BaseException:
         c.stop()
+        raise
+    return c
 
 
-def new_client(cluster) -> client_module.Client:
+@pytest.fixture
+def secure_cluster(tmp_path):
+    """A cluster of its own, for a test that kills nodes."""
+    c = start_secure_cluster(tmp_path)
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_secure_cluster(tmp_path_factory):
+    """One cluster for the tests that change no node."""
+    c = start_secure_cluster(tmp_path_factory.mktemp("direct-shared"))
+    yield c
+    c.stop()
+
+
+def new_client(cluster, replicas=None) -> client_module.Client:
     host, _, port = cluster.master_address.rpartition(":")
     return client_module.Client((host, int(port)), timeout_s=20.0, frame_bytes=MIB, show_progress=False,
-                                security=cluster.client_security, handshake_timeout_s=IO_TIMEOUT_S)
+                                security=cluster.client_security, handshake_timeout_s=IO_TIMEOUT_S,
+                                replicas=replicas)
+
+
+class NoNodeReachable(direct_read.ReplicaPool):
+    """A client behind a firewall that lets it reach the master only."""
+
+    def acquire(self, node_id):
+        raise protocol.Unavailable(f"cannot reach node {node_id} (test: firewalled)")
 
 
 def plan_of(c: client_module.Client, name: str) -> protocol.ReadPlan:
@@ -159,9 +185,9 @@ def test_direct_read_survives_corrupt_hung_and_killed_nodes(secure_cluster, tmp_
         c.close()
 
 
-def test_nodes_refuse_reads_without_the_masters_capability(secure_cluster, tmp_path):
+def test_nodes_refuse_reads_without_the_masters_capability(shared_secure_cluster, tmp_path):
     """A node serves a client GET_CHUNKS only with the master's capability for that blob; no secret, a forged or missing capability, or a write are refused."""
-    cluster = secure_cluster
+    cluster = shared_secure_cluster
     local = tmp_path / "in.bin"
     local.write_bytes(random_bytes(1502, 5000))
     c = new_client(cluster)
@@ -189,3 +215,31 @@ def test_nodes_refuse_reads_without_the_masters_capability(secure_cluster, tmp_p
                          protocol.ChunkData)
         with pytest.raises(protocol.AuthFailed):  # clients never write or delete on a node
             conn.request(protocol.DeleteBlobs(blobs=[blob]), protocol.BlobsDeleted)
+
+
+def test_client_that_reaches_no_node_is_served_by_the_master(shared_secure_cluster, tmp_path):
+    """With no node reachable from the client, a download, a range read and a directory restore are relayed by the master, from the pinned version, exactly."""
+    cluster = shared_secure_cluster
+    data = random_bytes(1503, 2 * MIB + 99)
+    small = {f"g{i}": random_bytes(1504 + i, 1000 + i) for i in range(5)}
+    (tmp_path / "tree").mkdir()
+    for file_name, blob in small.items():
+        (tmp_path / "tree" / file_name).write_bytes(blob)
+    (tmp_path / "in.bin").write_bytes(data)
+    c = new_client(cluster)
+    try:
+        c.upload_file(str(tmp_path / "in.bin"), "fw/big")
+        assert not c.upload_tree(str(tmp_path / "tree"), "fw/tree/").failures
+    finally:
+        c.close()
+    c = new_client(cluster, replicas=NoNodeReachable(IO_TIMEOUT_S, cluster.client_security))
+    try:
+        assert sha256(download(c, "fw/big", tmp_path)) == sha256(data)
+        part = tmp_path / "part.bin"
+        c.download("fw/big", str(part), offset=MIB - 10, length=3000)
+        assert part.read_bytes() == data[MIB - 10:MIB + 2990]
+        summary = c.download_tree("fw/tree/", str(tmp_path / "restored"))
+        assert not summary.failures, summary.failures
+        assert {p.name: p.read_bytes() for p in (tmp_path / "restored").iterdir()} == small
+    finally:
+        c.close()
