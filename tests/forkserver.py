@@ -120,7 +120,16 @@ class _Server:
                 raise RuntimeError(f"the fork server did not answer within {timeout_s:g} s")
             if not self.replies:
                 raise RuntimeError(f"the fork server exited (status {self.process.poll()})")
-            return self.replies.pop(0)
+            reply = self.replies.pop(0)
+            if "pid" in reply:
+                # The kernel reuses pids (pid_max is 32768 in some containers, and the suite
+                # starts thousands of processes): an exit recorded for an earlier child with
+                # this pid is not this child's.  It arrived before this reply (the server
+                # reports a reap before a later fork's pid, on one ordered socket), and this
+                # child's own exit arrives after it, so forgetting it here, in the same hold
+                # of the lock as taking the reply, is exact.
+                self.exits.pop(reply["pid"], None)
+            return reply
 
     def spawn(self, argv: list[str], fds: list[int], cwd: str, env: dict) -> int:
         request = json.dumps({"argv": argv, "cwd": cwd, "env": env}).encode("utf-8")
