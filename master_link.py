@@ -65,6 +65,10 @@ BACKOFF_MAX_S = 0.25
 # it would make a paused leader cost far more than an election.  A master
 # that is merely slow answers within the doubled bound of a later round.
 GROUP_HANDSHAKE_FIRST_S = 1.0
+# A master whose connection failed is passed over (in turn and in hints) for
+# this long, so a paused one does not cost a handshake bound on every round
+# while the others elect; then it is tried again (it may lead by then).
+DOWN_MEMORY_S = 2.0
 
 
 def parse_hint(text: str) -> tuple[str, int] | None:
@@ -109,7 +113,7 @@ class MasterLink:
         # old leader in NOT_LEADER until its election timeout ends; following that hint to a master
         # just found dead, straight back to the follower, and again, without a pause, is a busy
         # loop that eats the CPU the election needs.  Such a hint counts as none (back off).
-        self._down: set[tuple[str, int]] = set()
+        self._down: dict[tuple[str, int], float] = {}  # address -> clock() of its last failure
         # The handshake bound of the next attempt (several masters): see GROUP_HANDSHAKE_FIRST_S.
         self._handshake_s = self._first_handshake_s()
 
@@ -131,9 +135,9 @@ class MasterLink:
                                    handshake_timeout_s=self._handshake_s,
                                    expect_server_id=self.expect_server_id)
         except (protocol.Unavailable, protocol.Timeout):
-            self._down.add(address)
+            self._down[address] = self._clock()
             raise
-        self._down.discard(address)
+        self._down.pop(address, None)
         self._handshake_s = self._first_handshake_s()
         return conn
 
@@ -146,7 +150,7 @@ class MasterLink:
     def mark_down(self, address) -> None:
         """``address`` stopped answering (a request timed out): a hint naming it counts as none,
         and the next connection tries the other masters first."""
-        self._down.add(address)
+        self._down[address] = self._clock()
         if address == self.current:
             self._advance()
 
@@ -164,7 +168,7 @@ class MasterLink:
         dead or paused leader): the caller backs off before the next round.
         """
         hint = parse_hint(exc.leader)
-        if hint is not None and hint != self.current and hint not in self._down:
+        if hint is not None and hint != self.current and not self._is_down(hint):
             _log("info", "master %s is not the leader; following it to %s",
                         format_address(self.current), format_address(hint))
             self.current = hint
@@ -172,9 +176,15 @@ class MasterLink:
         self._advance()
         return False
 
+    def _is_down(self, address) -> bool:
+        failed = self._down.get(address)
+        return failed is not None and self._clock() - failed < DOWN_MEMORY_S
+
     def _advance(self) -> None:
+        """The next master in list order, passing over those that failed within DOWN_MEMORY_S."""
         candidates = self._candidates()
-        self.current = candidates[1] if len(candidates) > 1 else candidates[0]
+        others = candidates[1:] or candidates
+        self.current = next((a for a in others if not self._is_down(a)), others[0])
 
     def connect(self, deadline: float | None = None):
         """A handshaken connection to the leader; NoLeader when none is found by ``deadline``.

@@ -146,6 +146,22 @@ class _PeerSender:
         self._stop = True
         self._queue.put(None)
 
+    def _send_batch(self, conn, batch):
+        """Send ``batch`` on ``conn`` (a new connection when None); returns the connection."""
+        if conn is None:
+            conn = transport.Connection(self.address, "master", self.config.io_timeout_s, self.security,
+                                        handshake_timeout_s=min(self.config.io_timeout_s, 1.0),
+                                        expect_server_id="master")
+        try:
+            for m in batch:
+                header, body = to_wire(m)
+                conn.send(protocol.RaftMessage(msg=header, body=body), flush=False)
+            conn.flush()
+        except protocol.BackupError:
+            conn.close()
+            raise
+        return conn
+
     def _run(self) -> None:
         conn = None
         down_since = None
@@ -163,17 +179,19 @@ class _PeerSender:
             if self._stop or not batch:
                 continue
             try:
-                if conn is None:
-                    conn = transport.Connection(self.address, "master", self.config.io_timeout_s, self.security,
-                                                handshake_timeout_s=min(self.config.io_timeout_s, 1.0),
-                                                expect_server_id="master")
-                    if down_since is not None:
-                        logger.info("%s: peer %s reachable again", self.own, self.peer)
-                        down_since = None
-                for m in batch:
-                    header, body = to_wire(m)
-                    conn.send(protocol.RaftMessage(msg=header, body=body), flush=False)
-                conn.flush()
+                try:
+                    conn = self._send_batch(conn, batch)
+                except protocol.BackupError:
+                    if conn is None:
+                        raise
+                    # A connection opened earlier: the peer may have restarted since (it was killed), and
+                    # the first write to the old connection fails.  Send again on a new one at once: a
+                    # lost (pre-)vote is not resent before the next election timeout, a whole second.
+                    conn.close()
+                    conn = self._send_batch(None, batch)
+                if down_since is not None:
+                    logger.info("%s: peer %s reachable again", self.own, self.peer)
+                    down_since = None
             except protocol.BackupError as exc:
                 if conn is not None:
                     conn.close()

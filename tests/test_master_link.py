@@ -338,3 +338,26 @@ def test_health_follows_the_leader_like_every_other_request():
     c = client_module.Client([A, B, C], timeout_s=5.0, frame_bytes=1024, show_progress=False)
     c.link._connector = lambda address, *args, **kwargs: Conn(address)
     assert c.health() == {"status": "HEALTH_OK", "checks": []} and c.master == C
+
+
+def test_a_failed_master_is_passed_over_for_a_while_then_tried_again():
+    """While the others elect, a paused leader would cost a handshake bound on every round: a master
+    whose connection failed is passed over for DOWN_MEMORY_S (in turn and in hints), then tried again."""
+    link, tried, clock = make_link({A: protocol.Timeout("answered nothing"), B: "conn-B", C: "conn-C"},
+                                   failover_timeout_s=30.0)
+    refusals = iter([protocol.NotLeader("follower", leader="127.0.0.1:1")] * 12)
+
+    def op():
+        conn = link.connect()
+        refusal = next(refusals, None)
+        if refusal is not None:
+            raise refusal
+        return conn
+    first_rounds = []
+
+    def count_early():
+        if clock.now < master_link.DOWN_MEMORY_S:
+            first_rounds.append(tried.count(A))
+    link.run(lambda: (count_early(), op())[1], safe=True)
+    assert max(first_rounds) == 1  # tried once, then passed over while it is remembered as down
+    assert tried.count(A) >= 2  # and tried again once that memory expired

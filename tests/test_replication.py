@@ -20,6 +20,9 @@ import forkserver
 from conftest import FAST_MASTER, FAST_TIMING, ROOT, TestCluster, random_bytes, wait_until
 
 import client as client_module
+import config as config_module
+import protocol
+import replication
 
 
 def addresses(cluster) -> list[tuple[str, int]]:
@@ -130,3 +133,40 @@ def test_leader_killed_during_uploads_then_majority_lost(tmp_path):
         assert cli(cluster, "upload", str(local / "late"), "late").returncode == 0
     finally:
         cluster.stop()
+
+
+def test_raft_sender_resends_at_once_on_a_new_connection_when_the_old_one_fails(monkeypatch):
+    """A peer killed and restarted leaves the sender an old connection whose next write fails: the
+    messages of that write went nowhere, and a lost (pre-)vote waits a whole election timeout to be
+    resent (failover after SIGSTOP took ~4 s instead of ~2.5 s).  They are sent again on a new one."""
+    delivered, connections = [], []
+
+    class FakeConnection:
+        def __init__(self, *args, **kwargs):
+            self.dead = False
+            connections.append(self)
+
+        def send(self, msg, flush=True):
+            if self.dead:
+                raise protocol.Unavailable("lost connection: [Errno 32] Broken pipe")
+            delivered.append(msg.msg["m"])
+
+        def flush(self):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(replication.transport, "Connection", FakeConnection)
+    monkeypatch.setattr(replication, "to_wire", lambda m: ({"m": m}, b""))
+    config = config_module.load_config(os.path.join(ROOT, "config.ini"))
+    sender = replication._PeerSender("127.0.0.1:1", "127.0.0.1:2", config, None)
+    try:
+        sender.put("first")
+        wait_until(lambda: delivered == ["first"], 5, message="the first message")
+        connections[0].dead = True  # the peer was killed and restarted
+        sender.put("pre-vote")
+        wait_until(lambda: delivered == ["first", "pre-vote"], 5, message="the message sent again")
+        assert len(connections) == 2
+    finally:
+        sender.stop()
