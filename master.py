@@ -81,7 +81,8 @@ _POOL_IDLE_PER_NODE = 16
 # Blob ids of deleted or replaced versions remembered (about 50 bytes each),
 # so a node that was away when they were deleted gets its copies deleted too.
 DROPPED_BLOBS_KEPT = 100_000
-# Seconds between retries of garbage collection on unreachable nodes.
+# Seconds between retries of garbage collection on unreachable nodes (a node
+# that registers again is retried at once).
 _GC_RETRY_S = 5.0
 # Longest pause between two checks for nodes that fell silent, so a death is
 # logged within about this long of dead_after_s.
@@ -1286,7 +1287,11 @@ class Master:
                 except Exception:
                     logger.exception("garbage collection on node %s failed", node_id)
             if failed:
-                self._stop.wait(_GC_RETRY_S)
+                # On the condition, not on _stop: a node registering again (its
+                # garbage is why it failed) wakes the retry at once.
+                with self._garbage_cond:
+                    if not self._stop.is_set():
+                        self._garbage_cond.wait(_GC_RETRY_S)
 
 
 class MasterHandler(ObservedHandler, transport.RequestHandler):
