@@ -563,7 +563,7 @@ class Master:
             # Wait for nodes placement can use (registered AND inventory reported, as
             # choose_replicas counts them), not merely registered: a node between its REGISTER
             # and its INVENTORY made the first upload after a failover fail INSUFFICIENT_NODES.
-            while self._placeable() < self.config.replication and \
+            while len(self.placeable_nodes()) < self.config.replication and \
                     self.clock() < self.started + self.config.dead_after_s:
                 time.sleep(0.05)
             live = len(self.live_nodes())
@@ -571,12 +571,16 @@ class Master:
             raise protocol.InsufficientNodes(
                 f"{live} storage node(s) alive, {self.config.replication} needed for replication")
 
-    def _placeable(self) -> int:
+    def placeable_nodes(self) -> list[NodeState]:
         """Live nodes that have reported their inventory and are not suspect: what placement may use."""
         now = self.clock()
         with self._nodes_lock:
-            return sum(1 for n in self._nodes.values()
-                       if n.alive(now, self.config.dead_after_s) and n.reported and n.suspect_until <= now)
+            return self._placeable_locked(now)
+
+    def _placeable_locked(self, now: float) -> list[NodeState]:
+        """placeable_nodes() as of ``now``; the caller holds _nodes_lock."""
+        return [n for n in self._nodes.values()
+                if n.alive(now, self.config.dead_after_s) and n.reported and n.suspect_until <= now]
 
     def choose_replicas(self, nbytes: int, avoid=(), count: int | None = None) -> list[str]:
         """``count`` (default ``replication``) distinct live nodes with the most room for ``nbytes``.
@@ -587,9 +591,7 @@ class Master:
         wanted = self.config.replication if count is None else count
         now = self.clock()
         with self._nodes_lock:
-            live = [n for n in self._nodes.values()
-                    if n.alive(now, self.config.dead_after_s) and n.reported and n.node_id not in avoid
-                    and n.suspect_until <= now]  # as _placeable counts them
+            live = [n for n in self._placeable_locked(now) if n.node_id not in avoid]
             roomy = [n for n in live if not n.full and n.free_bytes >= nbytes]
             roomy.sort(key=lambda n: n.free_bytes, reverse=True)
             chosen = [n.node_id for n in roomy[:wanted]]

@@ -407,8 +407,24 @@ class Repairer:
         return owners
 
     # --- the loop ------------------------------------------------------------------------
+    def _node_sets(self) -> tuple[set[str], set[str], set[str]]:
+        """(alive, holding, placeable-with-room) node ids: a repair pass runs again when any of them changes.
+
+        Placeable (registered, inventory reported, not suspect, not full)
+        is what choose_replicas may copy to.  A pass that found no target
+        (a restarting node not reported yet, or one made suspect by a failed
+        request for dead_after_s) gives up on its pieces; nodes becoming
+        usable again wakes nothing, and neither alive nor holding changes
+        when a suspect node's time runs out, so without this set such a
+        piece waited for the next full rescan (_RESCAN_INTERVAL_S).
+        """
+        alive = {n.node_id for n in self.master.live_nodes()}
+        holding = {n.node_id for n in self.master.holding_nodes()}
+        placeable = {n.node_id for n in self.master.placeable_nodes() if not n.full}
+        return alive, holding, placeable
+
     def _run(self) -> None:
-        last_alive: set[str] | None = None
+        last_nodes: tuple | None = None
         last_scan = 0.0
         while not self._stop.is_set():
             woken = self._wake.wait(self.config.heartbeat_interval_s)
@@ -420,12 +436,11 @@ class Repairer:
                     continue
                 self._reconcile_pending()
                 self.drop_deferred()
-                alive = {n.node_id for n in self.master.live_nodes()}
-                holding = {n.node_id for n in self.master.holding_nodes()}
+                nodes = self._node_sets()
                 now = time.monotonic()
-                if woken or (alive, holding) != last_alive or now - last_scan >= _RESCAN_INTERVAL_S \
-                        or self.repairs_pending:
-                    last_alive, last_scan = (alive, holding), now
+                if woken or nodes != last_nodes or now - last_scan >= _RESCAN_INTERVAL_S or self.repairs_pending:
+                    last_nodes, last_scan = nodes, now
+                    alive, holding, _ = nodes
                     self._repair(self.scan(alive, holding))
             except Exception:
                 logger.exception("repair pass failed; retrying")

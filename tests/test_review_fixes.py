@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import ROOT, flip_byte, random_bytes
+from conftest import ROOT, flip_byte, random_bytes, wait_until
 
 import client as client_module
 import config as config_module
@@ -26,7 +26,7 @@ import protocol
 import transfers
 import transport
 from chunk_store import HEADER_BYTES
-from master import Master
+from master import Master, NodeState
 from namespace import Namespace, make_entry, put_record, splice_runs
 from repair import replicas_record
 
@@ -231,6 +231,37 @@ def test_a_report_made_before_a_repair_copy_landed_does_not_take_that_copy_off(m
     assert master.namespace.files["f"]["runs"] == [[0, 4, [A, B]]], "a late report took the fresh copy off"
     master.repairer.report_corrupt(B, [["v1", 1, 1, 7]], put_seq=9)  # after it: that copy is bad too
     assert master.namespace.files["f"]["runs"][1] == [1, 1, [A]]
+
+
+def test_a_repair_that_found_no_target_runs_again_when_a_suspect_node_becomes_usable(tmp_path, monkeypatch):
+    """The only possible target was suspect (a request to it had failed): the pass gave up; once its time is out, the piece is copied.
+
+    Seen in tests/test_heal.py under load: node restarts made every node
+    suspect for dead_after_s, the repair passes found no target, and nothing
+    changed in the live or holding sets when the suspicion ran out, so the
+    chunk stayed under-replicated until the 30 s rescan.
+    """
+    config = config_module.load_config(None, safe_mode_s=0, heartbeat_interval_s=0.05, dead_after_s=60)
+    m = Master(config, str(tmp_path / "master"))
+    try:
+        m.commit_uploads([("f", stored("v1", nodes=(A, B)), None)])
+        now = m.clock()
+        for node_id in (A, C):  # B is gone; C is the only node that can take a copy
+            m._nodes[node_id] = NodeState(node_id, ("127.0.0.1", 1), capacity_bytes=1 << 30, last_heard=now,
+                                          reported=True)
+        m._nodes[C].suspect_until = now + 3600  # a request to it failed
+        monkeypatch.setattr(transfers, "read_piece", lambda *args: memoryview(bytes(4 * (4 + CHUNK))))
+        monkeypatch.setattr(transfers, "put_piece", lambda *args: 7)
+        m.repairer.start()
+        wait_until(lambda: m.repairer._last_pass_futile == 1, 5.0, message="a futile repair pass")
+        assert m.namespace.files["f"]["runs"] == [[0, 4, [A, B]]]
+        with m._nodes_lock:
+            m._nodes[C].suspect_until = m.clock()  # its time is out: nothing else happens
+        wait_until(lambda: m.namespace.files["f"]["runs"] == [[0, 4, [A, C]]], 5.0,
+                   message="the piece copied to C without waiting for the 30 s rescan")
+    finally:
+        m.repairer.stop()
+        m.log.close()
 
 
 def test_a_corrupt_run_a_read_found_and_the_heartbeat_repeats_is_counted_once(master):
