@@ -75,17 +75,20 @@ def forking() -> bool:
 class _Server:
     """The test process's handle on the fork server: one request at a time; a thread reads replies and exits."""
 
-    def __init__(self):
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        # Where shell scripts reach the server (``call``): a directory only this user can enter.
-        self.socket_dir = tempfile.mkdtemp(prefix="forkserver-")
-        self.socket_path = os.path.join(self.socket_dir, "socket")
-        # stderr inherited: a crash of the server itself is seen in pytest's output.
-        self.process = subprocess.Popen([sys.executable, os.path.abspath(__file__), str(theirs.fileno()),
-                                         self.socket_path],
-                                        pass_fds=[theirs.fileno()], stdin=DEVNULL, stdout=DEVNULL, cwd=ROOT)
-        theirs.close()
-        self.sock = ours
+    def __init__(self, sock: socket.socket | None = None):
+        """Start the server process; with ``sock``, talk to whatever holds its other end instead (tests of this class)."""
+        self.process = self.socket_dir = self.socket_path = None
+        if sock is None:
+            sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            # Where shell scripts reach the server (``call``): a directory only this user can enter.
+            self.socket_dir = tempfile.mkdtemp(prefix="forkserver-")
+            self.socket_path = os.path.join(self.socket_dir, "socket")
+            # stderr inherited: a crash of the server itself is seen in pytest's output.
+            self.process = subprocess.Popen([sys.executable, os.path.abspath(__file__), str(theirs.fileno()),
+                                             self.socket_path],
+                                            pass_fds=[theirs.fileno()], stdin=DEVNULL, stdout=DEVNULL, cwd=ROOT)
+            theirs.close()
+        self.sock = sock
         self.request_lock = threading.Lock()
         self.changed = threading.Condition()
         self.replies: list[dict] = []
@@ -111,6 +114,19 @@ class _Server:
                     self.exits[message["exit"]] = message["code"]
                     self.children_cpu_s += message["cpu_s"]
                 else:
+                    if "pid" in message:
+                        # The kernel reuses pids (pid_max is 32768 here, and
+                        # every thread on the machine takes one): an exit
+                        # reported for this pid before its reply was an
+                        # earlier child's (the server sends the reply before
+                        # it can reap the new child), and taken for the new
+                        # one's it made a client still running look exited
+                        # (-9 of a killed master, or 0 although it printed
+                        # an error) and kill() skip it.  Forgotten here, as
+                        # the reply is read, not when spawn() takes it: by
+                        # then the new child may have exited and its own
+                        # status been recorded.
+                        self.exits.pop(message["pid"], None)
                     self.replies.append(message)
                 self.changed.notify_all()
 
@@ -119,17 +135,8 @@ class _Server:
             if not self.changed.wait_for(lambda: self.replies or self.gone, timeout_s):
                 raise RuntimeError(f"the fork server did not answer within {timeout_s:g} s")
             if not self.replies:
-                raise RuntimeError(f"the fork server exited (status {self.process.poll()})")
-            reply = self.replies.pop(0)
-            if "pid" in reply:
-                # The kernel reuses pids (pid_max is 32768 in some containers, and the suite
-                # starts thousands of processes): an exit recorded for an earlier child with
-                # this pid is not this child's.  It arrived before this reply (the server
-                # reports a reap before a later fork's pid, on one ordered socket), and this
-                # child's own exit arrives after it, so forgetting it here, in the same hold
-                # of the lock as taking the reply, is exact.
-                self.exits.pop(reply["pid"], None)
-            return reply
+                raise RuntimeError(f"the fork server exited (status {self.process and self.process.poll()})")
+            return self.replies.pop(0)
 
     def spawn(self, argv: list[str], fds: list[int], cwd: str, env: dict) -> int:
         request = json.dumps({"argv": argv, "cwd": cwd, "env": env}).encode("utf-8")
@@ -155,6 +162,8 @@ class _Server:
         except OSError:
             pass
         self.sock.close()
+        if self.process is None:
+            return
         try:
             self.process.wait(5)
         except subprocess.TimeoutExpired:
