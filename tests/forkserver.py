@@ -15,7 +15,9 @@ script's status.  A child costs about 15 ms of CPU instead of 150-350 ms.
 
 The children are real processes with their own pid: tests kill them by pid
 (SIGKILL, SIGSTOP/SIGCONT), read their stdout and exit status, and
-``LocalCluster.stop()`` kills every one.  The server reaps them and tells
+``LocalCluster.stop()`` kills every one.  ``ps`` shows them with the server's
+command line (``python tests/forkserver.py FD SOCKET``), not the script's: no
+exec happens.  The server reaps them and tells
 the test process each exit status.  What differs from a fresh interpreter:
 the imports were done before the fork (by the server, in a clean state:
 nothing a test monkeypatches reaches them), and interpreter start-up itself
