@@ -156,7 +156,10 @@ class Nemesis:
 
 
 def random_fault(rng: random.Random, leader: int, count: int) -> tuple[str, int, int]:
-    """(kind, a, b) for the long run: what to do next, around the current ``leader``."""
+    """(kind, a, b) for the long run: what to do next, around the current ``leader``.
+
+    ``kill-node``: b is the storage node to kill (index < ``count`` nodes too)."""
     others = [i for i in range(count) if i != leader]
-    kind = rng.choice(["isolate", "partition", "one-way-from-leader", "one-way-to-leader", "pause", "kill"])
-    return kind, leader, rng.choice(others)
+    kind = rng.choice(["isolate", "partition", "one-way-from-leader", "one-way-to-leader", "pause", "kill",
+                       "kill-node"])
+    return kind, leader, rng.randrange(count) if kind == "kill-node" else rng.choice(others)

@@ -1,28 +1,32 @@
 """Three masters and three nodes, as real processes, under a nemesis (issue 12, "real processes").
 
 While two writers upload (unique names and one name each that they
-overwrite with numbered versions) and delete, and a reader reads the
-overwritten names, the nemesis isolates the leader (every link of it cut
-through the per-link proxies of tests/nemesis.py), pauses the isolated
-leader (SIGSTOP) in the middle of an upload and wakes it while still cut
-off, cuts one direction of a link, and SIGKILLs the leader and restarts it.
-After each fault heals the cluster must make progress (a new write is
-acknowledged).  Afterwards:
+overwrite with numbered versions), append (to one name each) and delete,
+and a reader reads the overwritten and appended names, the nemesis
+isolates the leader (every link of it cut through the per-link proxies of
+tests/nemesis.py), pauses the isolated leader (SIGSTOP) in the middle of an
+upload and wakes it while still cut off, cuts one direction of a link,
+SIGKILLs the leader and restarts it, and SIGKILLs a storage node and
+restarts it.  After each fault heals the cluster must make progress (a new
+write is acknowledged).  Afterwards:
 
 * every acknowledged upload reads back byte-identical (SHA-256), every
   acknowledged delete stays deleted, an upload whose outcome was unknown is
   either absent or whole;
+* an appended name holds every acknowledged append, whole and in order,
+  and nothing else but appends whose outcome was unknown (each whole);
 * no read of an overwritten name returned a version older than the last one
-  acknowledged before the read began;
+  acknowledged before the read began, and no read of an appended name
+  lacked an append acknowledged before the read began;
 * never two leaders at once: at most one master led each term (their logs),
   and the paused leader, woken while cut off, still believed it led and
   tried to write to a node: the node refused it (STALE_MASTER, logged), and
   the upload it was serving was not acknowledged;
 * the masters' Raft logs agree up to the commit index.
 
-Default: that fixed schedule once (about 15 s of faults).  ``NEMESIS_SECONDS=60
+Default: that fixed schedule once (about 10-15 s of faults).  ``NEMESIS_SECONDS=60
 python -m pytest tests/test_nemesis.py`` then goes on with random faults
-(isolate, partition, one-way cuts either way, pause, kill) until that many
+(isolate, partition, one-way cuts either way, pause, kill of a master or of a node) until that many
 seconds have passed; ``NEMESIS_SEED`` picks the schedule (printed on failure).
 """
 
@@ -64,6 +68,10 @@ class Workload:
         self.delete_unknown: set[str] = set()
         self.hot_acked = [0] * WRITERS  # last acknowledged version of hot-W
         self.hot_tried = [0] * WRITERS  # last version of hot-W sent
+        # app-W: the pieces appended to it in order (each one line "aW-K ...\n", K from 1) and the
+        # K of those acknowledged; one not acknowledged (outcome unknown) may or may not be there.
+        self.app_tried: list[list[bytes]] = [[] for _ in range(WRITERS)]
+        self.app_acked: list[set[int]] = [set() for _ in range(WRITERS)]
         self.acks = 0  # acknowledged writes, for "progress"
         self.stale_reads: list[str] = []
         self.errors: list[str] = []
@@ -84,13 +92,23 @@ class Workload:
     def progress(self, after: int, timeout_s: float = 30.0, what: str = "progress") -> None:
         wait_until(lambda: self.acks > after, timeout_s, message=f"{what}: a write acknowledged")
 
-    def _upload(self, client, name: str, data: bytes) -> None:
+    def _upload(self, client, name: str, data: bytes, mode: str = "replace") -> None:
         path = self.tmp / f"w-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
         path.write_bytes(data)
         try:
-            client.upload_file(str(path), name)
+            client.upload_file(str(path), name, mode=mode)
         finally:
             path.unlink()
+
+    def _append(self, client, w: int, rng: random.Random) -> None:
+        """One append to app-W (never re-sent by the client: its outcome is unknown when cut off)."""
+        k = len(self.app_tried[w]) + 1
+        piece = f"a{w}-{k} {rng.randbytes(rng.randrange(1, 3000)).hex()}\n".encode()
+        self.app_tried[w].append(piece)
+        self._upload(client, f"app-{w}", piece, mode="append")
+        with self.lock:
+            self.app_acked[w].add(k)
+            self.acks += 1
 
     def _writer(self, w: int) -> None:
         rng = random.Random(self.rng.randrange(1 << 30))
@@ -107,7 +125,9 @@ class Workload:
                         with self.lock:
                             self.hot_acked[w] = max(self.hot_acked[w], version)
                             self.acks += 1
-                    elif roll < 0.35 and self._deletable(w):
+                    elif roll < 0.45:
+                        self._append(client, w, rng)
+                    elif roll < 0.55 and self._deletable(w):
                         name = self._deletable(w)
                         try:
                             client.delete(name)
@@ -144,6 +164,20 @@ class Workload:
                     and name not in self.delete_unknown]
         return mine[0] if len(mine) > 3 else None
 
+    def _read_appended(self, client, w: int, path) -> None:
+        with self.lock:
+            floor = set(self.app_acked[w])  # acknowledged before this read began
+        try:
+            client.download(f"app-{w}", str(path), force=True)
+            content = path.read_bytes()
+        except protocol.FileNotFound:
+            content = b""
+        except protocol.BackupError:
+            return
+        problem = appended_problem(content, self.app_tried[w], floor)
+        if problem:
+            self.stale_reads.append(f"app-{w}: {problem}")
+
     def _reader(self) -> None:
         client = self.cluster.client()
         path = self.tmp / "reader.tmp"
@@ -151,6 +185,10 @@ class Workload:
         try:
             while not self.stop.is_set():
                 w = rng.randrange(WRITERS)
+                if rng.random() < 0.3:
+                    self._read_appended(client, w, path)
+                    time.sleep(0.02)
+                    continue
                 floor = self.hot_acked[w]  # acknowledged before this read began
                 try:
                     client.download(f"hot-{w}", str(path), force=True)
@@ -169,6 +207,22 @@ class Workload:
             client.close()
             if path.exists():
                 path.unlink()
+
+
+def appended_problem(content: bytes, tried: list[bytes], required: set[int]) -> str | None:
+    """What is wrong with ``content`` of an appended name, or None: it must be whole pieces of
+    ``tried`` in order (K rising), each at most once, holding every K in ``required``."""
+    seen, last = set(), 0
+    for line in content.splitlines(keepends=True):
+        k = int(line.split(b" ", 1)[0].split(b"-")[1]) if re.match(rb"a\d+-\d+ ", line) else 0
+        if not 0 < k <= len(tried) or tried[k - 1] != line:
+            return f"a line that no append sent whole: {line[:40]!r}"
+        if k <= last:
+            return f"append {k} after append {last}"
+        seen.add(k)
+        last = k
+    missing = sorted(required - seen)
+    return f"acknowledged appends {missing[:10]} missing" if missing else None
 
 
 def leader_of(cluster: TestCluster, timeout_s: float = 20.0, not_in=()) -> int:
@@ -298,6 +352,15 @@ def test_nemesis(tmp_path):
         workload.progress(workload.acks, what="after the kill")
         cluster.start_group_master(old)
 
+        # 5. SIGKILL of a storage node under the writes and reads, then it restarts (same data).
+        victim = random.Random(SEED).randrange(cluster.node_count)
+        history.append(f"kill node{victim + 1}")
+        cluster.nodes[victim].kill()
+        workload.progress(workload.acks, what="with a node killed")
+        cluster.add_node(victim)
+        cluster.wait_nodes_alive(3, timeout_s=30)
+        workload.progress(workload.acks, what="after the node restarted")
+
         # The long run: random faults until NEMESIS_SECONDS have passed.
         rng = random.Random(SEED)
         deadline = time.monotonic() + EXTRA_SECONDS
@@ -315,6 +378,8 @@ def test_nemesis(tmp_path):
                 nemesis.cut(b, a, both=False)
             elif kind == "pause":
                 cluster.masters[a].signal(signal.SIGSTOP)
+            elif kind == "kill-node":
+                cluster.nodes[b].kill()
             else:
                 cluster.masters[a].kill()
             time.sleep(rng.uniform(0.5, 3.0))
@@ -322,13 +387,15 @@ def test_nemesis(tmp_path):
                 cluster.masters[a].signal(signal.SIGCONT)
             elif kind == "kill":
                 cluster.start_group_master(a)
+            elif kind == "kill-node":
+                cluster.add_node(b)
             nemesis.heal()
             workload.progress(workload.acks, what=f"after {history[-1]}")
         workload.finish()
         check_outcome(cluster, workload, local)
         check_logs(cluster)
-        print(f"nemesis seed {SEED}: {len(workload.acked)} uploads and {len(workload.deleted)} deletes "
-              f"acknowledged, hot versions {workload.hot_acked}, {len(workload.errors)} failed operations; "
+        print(f"nemesis seed {SEED}: {len(workload.acked)} uploads, {len(workload.deleted)} deletes and "
+              f"{sum(map(len, workload.app_acked))} appends acknowledged, hot versions {workload.hot_acked}, {len(workload.errors)} failed operations; "
               f"faults: {'; '.join(history)}")
     except BaseException:
         print(f"nemesis seed {SEED}; faults: {'; '.join(history)}; {nemesis.describe()}; "
@@ -366,6 +433,12 @@ def check_outcome(cluster: TestCluster, workload: Workload, local) -> None:
                 version = int(path.read_bytes().split(b"\n", 1)[0][1:])
                 assert workload.hot_acked[w] <= version <= workload.hot_tried[w], (w, version)
         assert "stale-probe" not in names
+        assert sum(map(len, workload.app_acked)) >= 2, workload.errors[-10:]
+        for w in range(WRITERS):
+            if workload.app_acked[w]:
+                client.download(f"app-{w}", str(path), force=True)
+                problem = appended_problem(path.read_bytes(), workload.app_tried[w], workload.app_acked[w])
+                assert problem is None, f"app-{w}: {problem}"
         # Every master has every committed entry (the leader sees their match index).
         commit = wait_until(lambda: _caught_up(client), 20, message="every master caught up")
     finally:
@@ -402,3 +475,15 @@ def check_logs(cluster: TestCluster) -> None:
             leaders.setdefault(int(term), set()).add(f"master{index + 1}")
     assert leaders and all(len(who) == 1 for who in leaders.values()), leaders
 
+
+
+def test_appended_problem_finds_lost_torn_and_reordered_appends():
+    """The append check has teeth: each way an appended name can be wrong is named."""
+    tried = [b"a0-1 aa\n", b"a0-2 bb\n", b"a0-3 cc\n"]
+    assert appended_problem(b"a0-1 aa\na0-3 cc\n", tried, {1, 3}) is None  # 2's outcome was unknown
+    assert appended_problem(b"a0-1 aa\na0-2 bb\na0-3 cc\n", tried, {1, 3}) is None
+    assert "[2] missing" in appended_problem(b"a0-1 aa\na0-3 cc\n", tried, {1, 2, 3})
+    assert "sent whole" in appended_problem(b"a0-1 aa\na0-2 b", tried, {1})
+    assert "sent whole" in appended_problem(b"a0-1 aa\nzz\n", tried, {1})
+    assert "after append" in appended_problem(b"a0-2 bb\na0-1 aa\n", tried, set())
+    assert "after append" in appended_problem(b"a0-1 aa\na0-1 aa\n", tried, set())
