@@ -284,6 +284,24 @@ def entry_to_wire(e: Entry) -> list:
     return [e.index, e.term, e.kind, e.data]
 
 
+def json_size(value) -> int:
+    """About how many bytes ``value`` (JSON-able) takes as JSON, without encoding it (the core
+    imports no json): strings count as ASCII plus quotes, so escapes make the real size larger;
+    callers keep a margin (RaftConfig.max_append_bytes is a quarter of a frame header)."""
+    if isinstance(value, str):
+        return len(value) + 2
+    if isinstance(value, dict):
+        return 2 + sum(len(str(k)) + 4 + json_size(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return 2 + sum(json_size(v) + 1 for v in value)
+    return len(repr(value))
+
+
+def entry_size(e: Entry) -> int:
+    """About how many bytes ``e`` takes in an AppendEntries header (see ``json_size``)."""
+    return 16 + len(str(e.index)) + len(str(e.term)) + len(e.kind) + json_size(e.data)
+
+
 def entry_from_wire(obj) -> Entry:
     """The inverse of ``entry_to_wire``; raises ``BadRaftMessage`` when malformed."""
     if (not isinstance(obj, list) or len(obj) != 4 or not _is_count(obj[0]) or not _is_count(obj[1])

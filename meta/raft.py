@@ -69,7 +69,7 @@ from .messages import (
     CANDIDATE, CONFIG, DATA, FOLLOWER, LEADER, NOOP, PRE_CANDIDATE,
     AppendEntries, AppendResponse, Entry, HardState, InstallSnapshot,
     InstallSnapshotResponse, Membership, PreVote, PreVoteResponse, Ready, ReadState,
-    RequestVote, RequestVoteResponse, SnapshotMeta, SnapshotPiece, SoftState)
+    RequestVote, RequestVoteResponse, SnapshotMeta, SnapshotPiece, SoftState, entry_size)
 
 
 class RaftError(Exception):
@@ -100,7 +100,9 @@ class RaftConfig:
     ``[election_ticks, 2 * election_ticks)`` ticks starts a pre-vote; also the
     check-quorum and lease period.  Must exceed ``heartbeat_ticks``.
     ``max_entries_per_append``/``max_inflight_appends`` bound one follower's
-    share of the leader's sends; ``snapshot_piece_bytes`` bounds one
+    share of the leader's sends; ``max_append_bytes`` bounds the entries of one
+    AppendEntries (about, in JSON: they travel in a RAFT frame's header, at most
+    protocol.MAX_HEADER_BYTES = 256 KiB; one entry is sent even when larger); ``snapshot_piece_bytes`` bounds one
     InstallSnapshot; ``trailing_entries`` are kept behind a snapshot for
     followers that are only a little behind.
     """
@@ -109,14 +111,16 @@ class RaftConfig:
     heartbeat_ticks: int = 1
     max_entries_per_append: int = 512
     max_inflight_appends: int = 4
+    max_append_bytes: int = 64 * 1024
     snapshot_piece_bytes: int = 1 << 20
     trailing_entries: int = 1000
 
     def __post_init__(self):
         if self.heartbeat_ticks < 1 or self.election_ticks <= self.heartbeat_ticks:
             raise ValueError("need 1 <= heartbeat_ticks < election_ticks")
-        if min(self.max_entries_per_append, self.max_inflight_appends, self.snapshot_piece_bytes) < 1:
-            raise ValueError("max_entries_per_append, max_inflight_appends and "
+        if min(self.max_entries_per_append, self.max_inflight_appends, self.snapshot_piece_bytes,
+               self.max_append_bytes) < 1:
+            raise ValueError("max_entries_per_append, max_inflight_appends, max_append_bytes and "
                              "snapshot_piece_bytes must be >= 1")
         if self.trailing_entries < 0:
             raise ValueError("trailing_entries must be >= 0")
@@ -815,7 +819,14 @@ class RaftCore:
             prev = pr.next = self.last_index + 1  # beyond our log (should not happen): re-probe
             prev_term = self.last_term
         hi = min(self.last_index, prev + self.cfg.max_entries_per_append)
-        entries = tuple(self._log[prev - self._log_start:hi - self._log_start])
+        entries = self._log[prev - self._log_start:hi - self._log_start]
+        budget = self.cfg.max_append_bytes
+        for n, e in enumerate(entries):
+            budget -= entry_size(e)
+            if budget < 0 and n:  # what fits (at least one entry): a frame header is bounded
+                entries, hi = entries[:n], prev + n
+                break
+        entries = tuple(entries)
         if not entries and not heartbeat:
             return
         self._send(AppendEntries(self.term, self.id, peer, prev, prev_term, entries,

@@ -633,3 +633,28 @@ def test_core_imports_no_io(module):
             pytest.fail(f"{module} calls {node.func.id}")
     assert imported <= {"__future__", "dataclasses", "typing"}, imported
     assert not imported & FORBIDDEN
+
+
+def test_catch_up_appends_stay_under_the_frame_header_limit():
+    """Entries go in a RAFT frame's JSON header (protocol.MAX_HEADER_BYTES, 256 KiB).  A follower
+    that fell behind by many large entries (a file appended to hundreds of times: each commit lists
+    every chunk) was sent max_entries_per_append of them in one AppendEntries of ~900 KiB, which
+    every send refused ("header of 915997 bytes exceeds 262144"): it never caught up.  An append
+    is bounded in bytes too (max_append_bytes), and still carries at least one entry."""
+    import protocol  # noqa: PLC0415
+
+    cfg = RaftConfig(election_ticks=10, heartbeat_ticks=2, max_entries_per_append=512, trailing_entries=0)
+    net = Net(["a", "b", "c"], cfg=cfg)
+    net.elect("a")
+    net.nodes["c"].up = False
+    big = {"op": "put", "chunks": [f"{n:064x}" for n in range(300)]}  # ~20 KiB of JSON
+    for n in range(60):
+        net.propose("a", [dict(big, n=n)])
+    net.tick(2)
+    net.nodes["c"].up = True
+    net.tick(10)
+    to_c = [m for m in net.sent if isinstance(m, AppendEntries) and m.dst == "c" and m.entries]
+    assert to_c
+    sizes = [len(json.dumps(to_wire(m)[0], separators=(",", ":"))) for m in to_c]
+    assert max(sizes) <= protocol.MAX_HEADER_BYTES, max(sizes)
+    assert net.nodes["c"].applied == net.nodes["a"].applied
