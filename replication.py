@@ -49,6 +49,7 @@ as a learner, promotes it once caught up, then removes the old master).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -154,8 +155,7 @@ class _PeerSender:
                                         expect_server_id="master")
         try:
             for m in batch:
-                header, body = to_wire(m)
-                conn.send(protocol.RaftMessage(msg=header, body=body), flush=False)
+                conn.send(raft_frame(m), flush=False)
             conn.flush()
         except protocol.BackupError:
             conn.close()
@@ -414,7 +414,7 @@ class ReplicatedLog:
     # --- requests ----------------------------------------------------------------------------
     def step(self, header: dict, body: bytes) -> None:
         try:
-            msg = from_wire(header, body)
+            msg = raft_message(header, body)
         except BadRaftMessage as exc:
             raise protocol.RemoteProtocolError(f"bad RAFT message: {exc}") from None
         # Any sender (the connection is authenticated): a member added by ``masters replace`` is in no
@@ -531,3 +531,32 @@ class ReplicatedLog:
             logger.info("%s: no longer leading (term %d, leader %s)", self.id, soft.term,
                         soft.leader_id or "unknown")
             self.master.stop_leading()
+
+
+# Where a RAFT frame carries an AppendEntries' entries: its body, not its header.  A frame's JSON
+# header is bounded (protocol.MAX_HEADER_BYTES, 256 KiB, checked before anything is
+# authenticated), and one log entry can be larger than that (the commit of a fragmented file
+# lists every run), so entries in the header could block a follower for ever: every send of
+# that entry refused.  The body is bounded by protocol.MAX_BODY_BYTES (16 MiB).
+ENTRIES_IN_BODY = "body"
+
+
+def raft_frame(msg) -> protocol.RaftMessage:
+    """The RAFT frame carrying a core message (meta.messages.to_wire, entries moved to the body)."""
+    header, body = to_wire(msg)
+    if header.get("entries"):
+        body = json.dumps(header["entries"], separators=(",", ":")).encode("utf-8")
+        header["entries"] = ENTRIES_IN_BODY
+    return protocol.RaftMessage(msg=header, body=body)
+
+
+def raft_message(header: dict, body: bytes):
+    """The core message of a RAFT frame's header and body; raises BadRaftMessage when malformed."""
+    if isinstance(header, dict) and header.get("entries") == ENTRIES_IN_BODY:
+        try:
+            entries = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise BadRaftMessage("AppendEntries: body is not a JSON list of entries") from None
+        header, body = dict(header, entries=entries), b""
+    return from_wire(header, body)
+

@@ -11,6 +11,7 @@ the new leader and exits 0, and the file reads back whole.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import random
@@ -20,6 +21,8 @@ import sys
 import threading
 import time
 
+import pytest
+
 import forkserver
 from conftest import FAST_MASTER, FAST_TIMING, ROOT, TestCluster, random_bytes, wait_until
 
@@ -27,6 +30,8 @@ import client as client_module
 import config as config_module
 import protocol
 import replication
+from meta.messages import DATA, AppendEntries, BadRaftMessage, Entry
+from replication import raft_frame, raft_message
 
 
 def addresses(cluster) -> list[tuple[str, int]]:
@@ -226,3 +231,23 @@ def test_leader_killed_during_a_large_upload_the_client_finishes_on_the_new_lead
         assert got.hexdigest() == digest.hexdigest()
     finally:
         cluster.stop()
+
+
+def test_a_log_entry_larger_than_a_frame_header_crosses_between_masters():
+    """A RAFT frame's JSON header is bounded (protocol.MAX_HEADER_BYTES, 256 KiB), and one entry can be
+    larger (the commit of a file fragmented into thousands of runs).  In the header, such an entry was
+    refused on every send and the followers never caught up; the entries travel in the body."""
+    runs = [[n * 1024, 1024, f"{n:064x}", ["node-a", "node-b"]] for n in range(4000)]  # ~400 KiB of JSON
+    entry = Entry(8, 3, DATA, {"op": "put", "name": "fragmented", "runs": runs})
+    msg = AppendEntries(term=3, src="127.0.0.1:1", dst="127.0.0.1:2", prev_index=7, prev_term=3,
+                        entries=(entry,), commit=7, seq=1)
+    wire = protocol.encode(raft_frame(msg))
+    assert len(wire) > protocol.MAX_HEADER_BYTES
+    frame = protocol.read_message(io.BytesIO(wire))
+    assert raft_message(frame.msg, bytes(frame.body)) == msg
+    # A heartbeat (no entries) carries no body, and a body that is not a list of entries is refused.
+    empty = AppendEntries(term=3, src="127.0.0.1:1", dst="127.0.0.1:2", prev_index=7, prev_term=3)
+    assert raft_frame(empty).body == b""
+    header = dict(raft_frame(msg).msg)
+    with pytest.raises(BadRaftMessage):
+        raft_message(header, b"not json")
