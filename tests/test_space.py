@@ -515,7 +515,15 @@ def test_full_small_disks_fail_with_insufficient_space_and_recover(small_filesys
                interval_s=0.3, message="an upload after deleting half the files")
     print(f"\nupload possible again {time.monotonic() - started:.1f} s after deleting {len(stored[::2])} "
           f"of {len(stored)} files; free before {full_free}, after {[disk_free(p) for p in node_dirs]}")
-    assert all(disk_free(p) > free + MIB for p, free in zip(node_dirs, full_free)), "every disk got space back"
+    # Every disk that had no room for one more file gets space back (a full node compacts any segment
+    # holding a batch of dead bytes).  A disk that still had room is not full, so it compacts only once
+    # a segment passes compact_dead_fraction: with few of the deleted files placed on it, it may
+    # keep them until then.  An upload fits as soon as two disks have room; the others may give
+    # their space back a moment later.
+    full = [p for p, free in zip(node_dirs, full_free) if free - 4 * MIB < 1200 * KIB]
+    assert len(full) >= 2, f"at most one disk had room left, yet uploads failed: {full_free}"
+    wait_until(lambda: all(disk_free(p) > free + MIB for p, free in zip(node_dirs, full_free) if p in full), 15.0,
+               message=f"every full disk got space back (free when full {full_free})")
     c = cluster.client()
     try:
         for name in stored[1::2]:
