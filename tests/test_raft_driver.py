@@ -96,8 +96,24 @@ def test_many_proposals_share_appends(group, monkeypatch):
     leader = wait_until(group.leader, 10, message="a leader")
     appends = []
     original = leader.store.append
-    monkeypatch.setattr(leader.store, "append", lambda entries: (appends.append(len(entries)), original(entries))[1])
-    threads = [threading.Thread(target=leader.propose, args=([{"n": n}], 10)) for n in range(40)]
+    proposing = []  # one item per thread that has called propose
+    everyone_proposing = threading.Event()
+
+    def append(entries):
+        # The first write waits until every thread is proposing, so the test does not depend on
+        # the threads being scheduled close together (under load they ran one by one).
+        everyone_proposing.wait(10)
+        appends.append(len(entries))
+        return original(entries)
+
+    def propose(n):
+        proposing.append(n)
+        if len(proposing) == 40:
+            everyone_proposing.set()
+        leader.propose([{"n": n}], 10)
+
+    monkeypatch.setattr(leader.store, "append", append)
+    threads = [threading.Thread(target=propose, args=(n,)) for n in range(40)]
     for t in threads:
         t.start()
     for t in threads:
