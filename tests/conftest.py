@@ -39,6 +39,18 @@ FAST_TIMING = ["--heartbeat-interval", "0.2", "--io-timeout", "3"]
 FAST_MASTER = ["--heartbeat-interval", "0.2", "--dead-after", "1", "--io-timeout", "3"]
 
 
+@pytest.fixture
+def master(tmp_path):
+    """A master in this process (no nodes, no network), three versions kept, no safe mode: for tests that
+    drive its methods and log directly."""
+    import config as config_module  # noqa: PLC0415
+    from master import Master  # noqa: PLC0415
+
+    m = Master(config_module.load_config(None, keep_versions=3, safe_mode_s=0), str(tmp_path / "master"))
+    yield m
+    m.log.close()
+
+
 def wait_until(condition, timeout_s: float = 15.0, interval_s: float = 0.05, message: str = "condition"):
     """Poll ``condition()`` until it returns a truthy value; fail after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s

@@ -43,14 +43,6 @@ def put(name: str, entry: dict, i: int, keep: int = 3) -> dict:
     return put_record(name, entry) | {"i": i, "t": float(i), "keep": keep}
 
 
-@pytest.fixture
-def master(tmp_path):
-    config = config_module.load_config(None, keep_versions=3, safe_mode_s=0)
-    m = Master(config, str(tmp_path / "master"))
-    yield m
-    m.log.close()
-
-
 # --- undelete: one delete operation, not one millisecond ------------------------------------------
 def test_undelete_brings_back_only_the_newest_delete_when_two_share_a_millisecond():
     """Two deletes of a name stamped with the same time: undelete brings back the second one's entries only."""

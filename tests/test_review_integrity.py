@@ -11,9 +11,6 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import pytest
-
-import config as config_module
 import protocol
 from master import Master
 from namespace import make_entry, splice_runs
@@ -22,14 +19,6 @@ from repair import replicas_record
 CHUNK = 1024
 BATCH = 8
 A, B, C = "node-a", "node-b", "node-c"
-
-
-@pytest.fixture
-def master(tmp_path):
-    config = config_module.load_config(None, keep_versions=3, safe_mode_s=0)
-    m = Master(config, str(tmp_path / "master"))
-    yield m
-    m.log.close()
 
 
 def two_versions(m: Master) -> None:
