@@ -56,6 +56,20 @@ def make_link(answers, addresses=(A, B, C), failover_timeout_s=2.0):
     return link, tried, clock
 
 
+def refused_by_followers(link, times: int):
+    """An operation that connects through ``link`` and is refused NOT_LEADER with a hint naming a dead
+    master ``times`` times in all, then returns the connection it got."""
+    refusals = iter([protocol.NotLeader("follower", leader="127.0.0.1:1")] * times)
+
+    def op():
+        conn = link.connect()
+        refusal = next(refusals, None)
+        if refusal is not None:
+            raise refusal
+        return conn
+    return op
+
+
 def test_follows_the_leader_hint():
     link, tried, _ = make_link({A: protocol.NotLeader("follower", leader="127.0.0.1:3"),
                                 B: AssertionError("B must not be tried"), C: "conn-C"})
@@ -136,14 +150,7 @@ def test_a_hint_naming_a_dead_master_is_no_hint():
     the CPU the election needed, and made failover slow)."""
     link, tried, clock = make_link({A: protocol.Unavailable("refused"), B: "conn-B", C: "conn-C"},
                                    failover_timeout_s=5.0)
-    refusals = iter([protocol.NotLeader("follower", leader="127.0.0.1:1")] * 6)
-
-    def op():
-        conn = link.connect()
-        refusal = next(refusals, None)
-        if refusal is not None:
-            raise refusal
-        return conn
+    op = refused_by_followers(link, 6)
     assert link.run(op, safe=True) in ("conn-B", "conn-C")
     assert len(clock.slept) == 6, clock.slept  # one back-off per stale hint
     assert tried.count(A) <= 4  # the dead master is retried in turn (every third try), no more
@@ -345,14 +352,7 @@ def test_a_failed_master_is_passed_over_for_a_while_then_tried_again():
     whose connection failed is passed over for DOWN_MEMORY_S (in turn and in hints), then tried again."""
     link, tried, clock = make_link({A: protocol.Timeout("answered nothing"), B: "conn-B", C: "conn-C"},
                                    failover_timeout_s=30.0)
-    refusals = iter([protocol.NotLeader("follower", leader="127.0.0.1:1")] * 12)
-
-    def op():
-        conn = link.connect()
-        refusal = next(refusals, None)
-        if refusal is not None:
-            raise refusal
-        return conn
+    op = refused_by_followers(link, 12)
     first_rounds = []
 
     def count_early():
