@@ -456,6 +456,21 @@ def make_client(address: str) -> client_module.Client:
     return client_module.Client((host, int(port)), CLIENT_TIMEOUT_S, PIECE_BYTES, show_progress=False)
 
 
+def poll(condition, timeout_s: float, interval_s: float = 0.1):
+    """``condition()``'s first truthy value within ``timeout_s``; an exception counts as not yet (a
+    master (re)starting); TimeoutError after."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            result = condition()
+        except Exception:  # noqa: BLE001 -- the master is (re)starting
+            result = None
+        if result:
+            return result
+        time.sleep(interval_s)
+    raise TimeoutError("condition not reached in time")
+
+
 def wait_for_nodes(address: str, count: int = NODES, timeout_s: float = 30.0) -> None:
     """Poll the master's status until ``count`` nodes are alive."""
     deadline = time.monotonic() + timeout_s

@@ -34,33 +34,15 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import client as client_module  # noqa: E402
+import bench as bench_module  # noqa: E402  (bench/bench.py: make_client, poll)
 import cluster as cluster_module  # noqa: E402
 
 LARGE_FILES = 10
 SMALL_FILE_BYTES = 4096
 
 
-def poll(condition, timeout_s: float, interval_s: float = 0.1):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            result = condition()
-        except Exception:  # the master is (re)starting
-            result = None
-        if result:
-            return result
-        time.sleep(interval_s)
-    raise TimeoutError("condition not reached in time")
-
-
-def connect(cluster) -> client_module.Client:
-    host, _, port = cluster.master_address.rpartition(":")
-    return client_module.Client((host, int(port)), 120.0, 1 << 20, show_progress=False)
-
-
 def totals(cluster) -> dict:
-    client = connect(cluster)
+    client = bench_module.make_client(cluster.master_address)
     try:
         return client.status().totals
     finally:
@@ -81,7 +63,7 @@ def store_workload(cluster, work: str, files: int, total_bytes: int) -> dict[str
             f.write(data)
         if i % 997 == 0:
             sample[f"small/d{i // 1000:02d}/f{i:05d}"] = hashlib.sha256(data).hexdigest()
-    client = connect(cluster)
+    client = bench_module.make_client(cluster.master_address)
     try:
         summary = client.upload_tree(tree, "small")
         if summary.failures:
@@ -120,7 +102,7 @@ def recover(cluster, nodes: int) -> dict:
         t = totals(cluster)
         return not t.get("recovering") and t["nodes_alive"] == nodes and not t["safe_mode"]
 
-    poll(serving, 600)
+    bench_module.poll(serving, 600)
     serving_s = time.monotonic() - started
     with open(cluster.master.log_path, encoding="utf-8") as f:
         line = [line for line in f if "recovered " in line and " files (" in line][-1]
@@ -131,7 +113,7 @@ def recover(cluster, nodes: int) -> dict:
 
 
 def check(cluster, files: int, total_bytes: int, sample: dict) -> list[str]:
-    client = connect(cluster)
+    client = bench_module.make_client(cluster.master_address)
     try:
         listed = client.list()
         problems = []
@@ -162,7 +144,7 @@ def main(argv=None) -> int:
             work, nodes=args.nodes, master_args=[*timing, "--meta-backup-interval", "86400"],
             node_args=["--heartbeat-interval", str(args.heartbeat), "--scrub-rate", "0"]).start()
         try:
-            poll(lambda: totals(cluster)["nodes_alive"] == args.nodes, 60)
+            bench_module.poll(lambda: totals(cluster)["nodes_alive"] == args.nodes, 60)
             total_bytes = (args.files - LARGE_FILES) * SMALL_FILE_BYTES
             total_bytes += (args.mib * (1 << 20) - total_bytes) // LARGE_FILES * LARGE_FILES
             started = time.monotonic()
@@ -170,7 +152,7 @@ def main(argv=None) -> int:
             print(f"stored {args.files} files, {total_bytes} bytes in {time.monotonic() - started:.1f} s", flush=True)
             results = {}
             # Measure recovery, not the race of a kill with the last notes (tests cover that).
-            poll(lambda: totals(cluster)["commit_notes_pending"] == 0, 60)
+            bench_module.poll(lambda: totals(cluster)["commit_notes_pending"] == 0, 60)
             cluster.master.signal(signal.SIGKILL)  # no metadata backup was ever stored
             cluster.master.kill()
             results["notes_only"] = recover(cluster, args.nodes)

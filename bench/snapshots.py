@@ -37,7 +37,7 @@ import uuid
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import client as client_module  # noqa: E402
+import bench as bench_module  # noqa: E402  (bench/bench.py: make_client, poll)
 import cluster as cluster_module  # noqa: E402
 from metadata_log import MetadataLog  # noqa: E402
 from namespace import Namespace, make_entry  # noqa: E402
@@ -47,26 +47,8 @@ EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855
 TIMING = ["--heartbeat-interval", "0.5", "--dead-after", "5"]
 
 
-def poll(condition, timeout_s: float, interval_s: float = 0.1):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            result = condition()
-        except Exception:  # the master is (re)starting
-            result = None
-        if result:
-            return result
-        time.sleep(interval_s)
-    raise TimeoutError("condition not reached in time")
-
-
-def connect(cluster) -> client_module.Client:
-    host, _, port = cluster.master_address.rpartition(":")
-    return client_module.Client((host, int(port)), 300.0, 1 << 20, show_progress=False)
-
-
 def call(cluster, fn):
-    c = connect(cluster)
+    c = bench_module.make_client(cluster.master_address)
     try:
         return fn(c)
     finally:
@@ -151,7 +133,7 @@ def metadata_cost(work: str, count: int) -> dict:
     cluster = cluster_module.LocalCluster(data, nodes=2, master_args=TIMING,
                                           node_args=[*TIMING[:2], "--scrub-rate", "0"]).start()
     try:
-        poll(lambda: call(cluster, lambda c: c.status()).totals["nodes_alive"] == 2, 60)
+        bench_module.poll(lambda: call(cluster, lambda c: c.status()).totals["nodes_alive"] == 2, 60)
         time.sleep(1.0)  # node records of the start are in the log
         before = log_bytes(master_dir)
         started = time.monotonic()
@@ -184,7 +166,7 @@ def main(argv=None) -> int:
         cluster = cluster_module.LocalCluster(os.path.join(work, "cluster"), nodes=3, master_args=TIMING,
                                               node_args=[*TIMING[:2], "--scrub-rate", "0"]).start()
         try:
-            poll(lambda: call(cluster, lambda c: c.status()).totals["nodes_alive"] == 3, 60)
+            bench_module.poll(lambda: call(cluster, lambda c: c.status()).totals["nodes_alive"] == 3, 60)
             results["incremental"] = incremental(cluster, work, args.files)
             results["restore"] = restore(cluster, work, args.restore_files, args.rounds)
         finally:
