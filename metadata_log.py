@@ -373,11 +373,7 @@ class MetadataLog:
         """
         with self._checkpoint_lock:
             with self._write_lock:
-                self._check_usable()
-                with self._applied:
-                    self._applied.wait_for(lambda: self._applied_index == self._written_index
-                                           or self._failed is not None)
-                self._check_usable()
+                self._wait_all_applied()
                 index = self._applied_index
                 snapshot = self._state.snapshot()
                 if self._log_first != index + 1:  # else the current file is empty already
@@ -402,12 +398,16 @@ class MetadataLog:
         is written here.  Raises ``MetadataLogFailed`` if the log failed.
         """
         with self._write_lock:
-            self._check_usable()
-            with self._applied:
-                self._applied.wait_for(lambda: self._applied_index == self._written_index
-                                       or self._failed is not None)
-            self._check_usable()
+            self._wait_all_applied()
             return self._applied_index, self._state.snapshot()
+
+    def _wait_all_applied(self) -> None:
+        """Wait until every written record is applied (caller holds the write lock, so no more
+        are written meanwhile); raises ``MetadataLogFailed`` if the log failed."""
+        self._check_usable()
+        with self._applied:
+            self._applied.wait_for(lambda: self._applied_index == self._written_index or self._failed is not None)
+        self._check_usable()
 
     def close(self) -> None:
         """Wait for a running checkpoint, then close the log.  Stop committing first."""
