@@ -686,7 +686,34 @@ class RequestHandler(socketserver.StreamRequestHandler):
         protocol.write_message(self.wfile, msg, flush=flush)
 
 
-class Server(socketserver.ThreadingTCPServer):
+class ConnectionSlots:
+    """Mixin for a threading socketserver: each connection is served in a thread of its own only if
+    one of ``connection_slots`` (a BoundedSemaphore the subclass sets) is free; otherwise
+    ``_refuse_connection`` closes it at once, so a flood costs neither threads nor memory."""
+
+    connection_slots: threading.BoundedSemaphore
+
+    def process_request(self, request, client_address):
+        if not self.connection_slots.acquire(blocking=False):
+            self._refuse_connection(request, client_address)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.connection_slots.release()  # the thread never started
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connection_slots.release()
+
+    def _refuse_connection(self, request, client_address) -> None:
+        self.shutdown_request(request)
+
+
+class Server(ConnectionSlots, socketserver.ThreadingTCPServer):
     """Threaded TCP server: one daemon thread per connection.
 
     ``server_id`` names this server in HELLO_OK; ``io_timeout_s`` bounds any
@@ -724,29 +751,12 @@ class Server(socketserver.ThreadingTCPServer):
         self.idle_timeout_s = idle_timeout_s
         self.security = security or NO_SECURITY
         self.max_connections = max_connections
-        self._slots = threading.BoundedSemaphore(max_connections)
+        self.connection_slots = threading.BoundedSemaphore(max_connections)
         super().__init__(address, handler_cls)
 
     @property
     def address_text(self) -> str:
         return format_address(self.server_address)
-
-    def process_request(self, request, client_address):
-        """Serve the connection in a thread of its own, if a slot is free; else close it now."""
-        if not self._slots.acquire(blocking=False):
-            self._refuse_connection(request, client_address)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()  # the thread never started
-            raise
-
-    def process_request_thread(self, request, client_address):
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
 
     def _refuse_connection(self, request, client_address) -> None:
         if self.security.server_context is None:

@@ -45,6 +45,7 @@ import history
 import metrics
 import monitor as monitor_module
 import security as security_module
+import transport
 import views
 
 logger = logging.getLogger("master.http")
@@ -101,7 +102,7 @@ def page_token(config, security, host: str, insecure: bool) -> str | None:
                      f"`client.py http-token`), or keep [http] host on loopback")
 
 
-class StatusServer(http.server.ThreadingHTTPServer):
+class StatusServer(transport.ConnectionSlots, http.server.ThreadingHTTPServer):
     """One thread per request; ``monitor`` supplies every answer."""
 
     daemon_threads = True
@@ -114,26 +115,12 @@ class StatusServer(http.server.ThreadingHTTPServer):
         self.master_address = master_address
         self.web_dir = web_dir
         self.loopback = security_module.is_loopback(address[0])
-        self._slots = threading.BoundedSemaphore(MAX_HTTP_CONNECTIONS)
+        self.connection_slots = threading.BoundedSemaphore(MAX_HTTP_CONNECTIONS)
         super().__init__(address, StatusHandler)
 
-    def process_request(self, request, client_address):
-        """Serve in a thread if a slot is free; else close the connection at once."""
-        if not self._slots.acquire(blocking=False):
-            logger.debug("status page: %s refused, %d connections open", client_address[0], MAX_HTTP_CONNECTIONS)
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def process_request_thread(self, request, client_address):
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
+    def _refuse_connection(self, request, client_address) -> None:
+        logger.debug("status page: %s refused, %d connections open", client_address[0], MAX_HTTP_CONNECTIONS)
+        self.shutdown_request(request)
 
     @property
     def url(self) -> str:
