@@ -96,16 +96,25 @@ EXIT_CODES = {
 
 # Downloads requested ahead of the one being received when restoring a tree.
 DOWNLOAD_WINDOW = 32
+# A directory upload sends files of at most SMALL_FILE_BYTES in UPLOAD_FILES
+# batches: many files per frame, one PUT_BLOBS per node per batch on the
+# master, instead of four frames and a node request per file.  A batch ends
+# at SMALL_BATCH_FILES files, at the client's frame size of bytes (what one
+# DATA of a large file holds), or at SMALL_BATCH_HEADER_BYTES of header
+# (a page, as the master reads list pages).
+SMALL_FILE_BYTES = 64 * 1024
+SMALL_BATCH_FILES = 256
+SMALL_BATCH_HEADER_BYTES = 64 * 1024
 # Times `stat` restarts reading a file's runs because it was replaced meanwhile.
 _STAT_ATTEMPTS = 3
 # `stat` without --runs lists a file's runs only if it has at most this many.
 STAT_RUNS_SHOWN = 20
 
 
-def new_sha256():
-    """A fresh SHA-256 (hashlib imported on first use: see the imports at the top)."""
+def new_sha256(data=b""):
+    """A fresh SHA-256 of ``data`` (hashlib imported on first use: see the imports at the top)."""
     import hashlib  # noqa: PLC0415
-    return hashlib.sha256()
+    return hashlib.sha256(data)
 
 
 def read_full(f, view: memoryview) -> int:
@@ -270,6 +279,56 @@ def open_source(path: str, kind: str):
     st = os.lstat(path)
     data = os.fsencode(os.readlink(path)) if kind == filemeta.SYMLINK else b""
     return io.BytesIO(data), len(data), filemeta.capture(st, kind)
+
+
+class SmallBatch:
+    """Small files of a directory upload gathered for one UPLOAD_FILES (see SMALL_FILE_BYTES).
+
+    ``read`` takes a file whole (bytes, SHA-256 and the CRCs of its
+    chunks, computed here as for a DATA); ``send`` sends the batch, if any,
+    and notes each file in ``in_flight`` for the reply thread.
+    """
+
+    def __init__(self, chunk_size: int, max_bytes: int):
+        self.chunk_size = chunk_size
+        self.max_bytes = max_bytes
+        self._view = memoryview(bytearray(SMALL_FILE_BYTES + 1))
+        self._clear()
+
+    def _clear(self) -> None:
+        self.files: list = []  # [name, size, sha256, meta, tag]
+        self.parts: list = []  # CRCs, bytes of each file
+        self.body_bytes = 0
+        self.header_bytes = 0
+
+    def read(self, f, name: str, meta, tag: int) -> bool:
+        """Add the file open as ``f``; False (``f`` rewound) if it grew past SMALL_FILE_BYTES."""
+        n = read_full(f, self._view)
+        if n > SMALL_FILE_BYTES:
+            f.seek(0)
+            return False
+        data = bytes(self._view[:n])
+        crcs = protocol.crcs_to_bytes(protocol.chunk_crcs(data, self.chunk_size)) if data else b""
+        self.files.append([name, len(data), new_sha256(data).hexdigest(), meta, tag])
+        self.parts += (crcs, data)
+        self.body_bytes += len(crcs) + len(data)
+        # A bound of the entry's JSON: a name's escapes at most double it; the rest is short.
+        self.header_bytes += 2 * len(name.encode("utf-8", "surrogateescape")) + 300
+        return True
+
+    def full(self) -> bool:
+        """True once one more file might not fit the frame."""
+        return (len(self.files) >= SMALL_BATCH_FILES or self.header_bytes > SMALL_BATCH_HEADER_BYTES - 2400
+                or self.body_bytes > self.max_bytes - SMALL_FILE_BYTES - 4 * (SMALL_FILE_BYTES // 64 + 1))
+
+    def send(self, conn, in_flight) -> None:
+        if not self.files:
+            return
+        for name, size, _sha256, _meta, tag in self.files:
+            in_flight.append((tag, name, size))
+        conn.send(protocol.UploadFiles(files=self.files, chunk_size=self.chunk_size, body=b"".join(self.parts)),
+                  flush=False)
+        self._clear()
 
 
 def local_base_name(name: str) -> str:
@@ -1377,6 +1436,7 @@ class Client:
         receiver.start()
         buffer = self._buffer()
         view = memoryview(buffer)
+        batch = SmallBatch(self.crc_chunk_size, self.frame_bytes) if self.crc_chunk_size else None
         try:
             for tag, (path, name, kind) in enumerate(files):
                 if receiver_error:
@@ -1388,6 +1448,17 @@ class Client:
                     summary.fail(name, str(exc), report)
                     continue
                 with f:
+                    if batch is not None and size <= SMALL_FILE_BYTES:
+                        try:
+                            small = batch.read(f, name, meta, tag)
+                        except OSError as exc:  # as a read error of a file sent in DATA frames
+                            raise LocalFileError(f"cannot read {path}: {exc.strerror}") from None
+                        if small:
+                            if batch.full():
+                                batch.send(conn, in_flight)
+                            continue
+                    if batch is not None:
+                        batch.send(conn, in_flight)  # replies come in file order
                     in_flight.append((tag, name, size))
                     conn.send(protocol.UploadBegin(name=name, size=size, tag=tag, group=True, meta=meta,
                                                    chunk_size=self.crc_chunk_size), flush=False)
@@ -1406,6 +1477,8 @@ class Client:
                             break
                         sha.update(view[:n])
                         self._send_data(conn, view[:n], bool(self.crc_chunk_size), flush=False)
+            if batch is not None and not receiver_error:
+                batch.send(conn, in_flight)
             conn.send(protocol.Sync())
         except BaseException:
             # No SYNC will settle the replies in flight: break the connection

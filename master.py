@@ -108,14 +108,20 @@ def upload_words(mode: str, new_name: bool) -> str:
 
 @dataclass
 class PendingUpload:
-    """An upload received and sent to its nodes, waiting to be committed."""
+    """An upload received and sent to its nodes, waiting to be committed.
 
-    stream: transfers.UploadStream
+    Or, with ``error`` set (and no stream, lock or entry), a file of an
+    UPLOAD_FILES that failed alone: its ERROR waits for its turn, since
+    replies go out in upload order.
+    """
+
+    stream: transfers.UploadStream | None
     token: object
-    entry: dict
+    entry: dict | None
     tag: int
     # An append or write: what the entry was derived from (namespace.put_record).
     base: dict | None = None
+    error: protocol.Error | None = None
 
 
 @dataclass
@@ -1356,8 +1362,9 @@ class MasterHandler(ObservedHandler, transport.RequestHandler):
             self._end_read(read_id)
         # The connection is gone: uploads not yet committed never will be.
         for upload in self.pending:
-            upload.stream.discard()
-            self.master.locks.release(upload.stream.name, upload.token)
+            if upload.stream is not None:
+                upload.stream.discard()
+                self.master.locks.release(upload.stream.name, upload.token)
         self.pending = []
         self._close_session()
         super().finish()
@@ -1371,6 +1378,8 @@ class MasterHandler(ObservedHandler, transport.RequestHandler):
             except protocol.BackupError as exc:
                 if isinstance(msg, protocol.UploadBegin):
                     self._fail_upload(exc, ended=False)  # its DATA frames are read and dropped
+                elif isinstance(msg, protocol.UploadFiles):
+                    self._fail_files(exc, len(msg.files) if isinstance(msg.files, list) else 1)
                 else:
                     self._commit_pending()
                     self.reply(protocol.error_message(exc))
@@ -1380,7 +1389,7 @@ class MasterHandler(ObservedHandler, transport.RequestHandler):
     def before_request(self, msg: protocol.Message) -> None:
         # Replies go out in request order, so a request other than an upload
         # first settles the uploads waiting to be committed as a group.
-        if not isinstance(msg, protocol.UploadBegin):
+        if not isinstance(msg, (protocol.UploadBegin, protocol.UploadFiles)):
             self._commit_pending()
 
     def idle_deadline_s(self) -> float | None:
@@ -1432,7 +1441,7 @@ class MasterHandler(ObservedHandler, transport.RequestHandler):
             if meta is not None and msg.mode != "replace":
                 raise protocol.RemoteProtocolError("file metadata comes with a whole-file upload only")
             self.master.check_writable()
-            if any(p.stream.name == name for p in self.pending):
+            if any(p.stream is not None and p.stream.name == name for p in self.pending):
                 self._commit_pending()  # we hold that name's lock ourselves
             try:
                 token = self.master.lock_name(name, self.peer, 0.0)
@@ -1460,8 +1469,7 @@ class MasterHandler(ObservedHandler, transport.RequestHandler):
                     entry = filemeta.stamp(stream.seal(self._client_sha256), meta)
                     self.pending.append(PendingUpload(stream, token, entry, msg.tag))
                     kept = True
-                    if not msg.group or len(self.pending) >= GROUP_MAX_FILES or \
-                            sum(p.entry["size"] for p in self.pending) >= GROUP_MAX_BYTES:
+                    if not msg.group or self._group_full():
                         self._commit_pending()
                 return
             stream = self._receive_mutation(msg, name, old)
@@ -1480,6 +1488,101 @@ class MasterHandler(ObservedHandler, transport.RequestHandler):
         finally:
             if not kept:
                 self._release_upload(stream, name, token)
+
+    def _group_full(self) -> bool:
+        return len(self.pending) >= GROUP_MAX_FILES or \
+            sum(p.entry["size"] for p in self.pending if p.entry is not None) >= GROUP_MAX_BYTES
+
+    def do_UPLOAD_FILES(self, msg: protocol.UploadFiles) -> None:
+        """Many small whole files in one frame: each answered as its own grouped upload would be.
+
+        Per file: name and metadata checks, the name's lock, a blob of its
+        own, the client's SHA-256 recorded and its CRCs checked by the nodes
+        -- as for UPLOAD_BEGIN.  Shared: one PUT_BLOBS per node for all of
+        them, and the group commit they join (one FLUSH per node, one log
+        record).  A file that fails alone (a bad name, a busy lock) gets its
+        ERROR in its place among the replies; a placement failure fails every
+        file of the frame.  Locks are taken in name order, the group pending
+        before committed first if one must be waited for, so two batch
+        uploaders never wait for each other in a cycle.
+        """
+        layout = protocol.upload_files_layout(msg.files, msg.chunk_size, len(msg.body))
+        if not all(protocol.is_sha256_hex(item[2]) for item in msg.files):
+            raise protocol.RemoteProtocolError("an UPLOAD_FILES sha256 is not 64 hex digits")
+        try:
+            self.master.check_writable()
+        except protocol.BackupError as exc:
+            self._fail_files(exc, len(msg.files))
+            return
+        chunk_size = self.master.config.chunk_size_bytes
+        body = memoryview(msg.body)
+        errors: list[protocol.BackupError | None] = [None] * len(msg.files)
+        files: dict[int, tuple] = {}  # position -> (name, meta, crcs, payload)
+        seen: set[str] = set()
+        for index, ((name, _size, sha256, meta, _tag), (crc_start, start, size)) in enumerate(zip(msg.files,
+                                                                                                  layout)):
+            try:
+                name = protocol.validate_name(name, storing=True)
+                if name in seen:
+                    raise protocol.FileLocked(f"{name!r} comes twice in one UPLOAD_FILES")
+                seen.add(name)
+                meta = None if meta is None else filemeta.checked(meta)
+                crcs, payload = body[crc_start:start], body[start:start + size]
+                if msg.chunk_size != chunk_size:
+                    # Cut otherwise than here: the master checks the bytes against the client's
+                    # SHA-256 and computes the CRCs (the path of UploadStream without client CRCs).
+                    if hashlib.sha256(payload).hexdigest() != sha256:
+                        raise protocol.ChecksumMismatch(f"upload of {name!r} arrived corrupted")
+                    crcs = protocol.crcs_to_bytes(protocol.chunk_crcs(payload, chunk_size))
+                files[index] = (name, meta, crcs, payload)
+            except protocol.BackupError as exc:
+                errors[index] = exc
+        if any(p.stream is not None and p.stream.name in seen for p in self.pending):
+            self._commit_pending()  # we hold that name's lock ourselves
+        tokens = {}
+        for index in sorted(files, key=lambda i: files[i][0]):
+            name = files[index][0]
+            try:
+                try:
+                    tokens[index] = self.master.lock_name(name, self.peer, 0.0)
+                except protocol.FileLocked:
+                    self._commit_pending()  # see do_UPLOAD_BEGIN: a writer may wait for its locks
+                    tokens[index] = self.master.lock_name(name, self.peer, msg.wait_s)
+            except protocol.BackupError as exc:
+                errors[index] = exc
+        if self.session is None:
+            self.session = transfers.UploadSession(self.master)
+        streams = {index: transfers.UploadStream(self.session, files[index][0], client_crcs=True)
+                   for index in sorted(tokens)}
+        try:
+            self.session.send_small_files([(streams[i], files[i][2], files[i][3]) for i in sorted(streams)])
+        except BaseException as exc:
+            for index, stream in streams.items():
+                self._release_upload(stream, stream.name, tokens[index])
+                errors[index] = exc
+            if not isinstance(exc, protocol.BackupError) or isinstance(exc, protocol.RemoteProtocolError):
+                raise
+            logger.warning("%s: upload of %d file(s) failed: %s", self.peer, len(streams), exc)
+            streams = {}
+            self._close_session()  # a failed node may have left a channel out of sync
+        for index, (_name, _size, sha256, _meta, tag) in enumerate(msg.files):
+            stream = streams.get(index)
+            if stream is None:
+                error = protocol.error_message(self.master.explain_no_space(errors[index]))
+                self.pending.append(PendingUpload(None, None, None, tag, error=error))
+            else:
+                entry = filemeta.stamp(stream.file_entry(sha256), files[index][1])
+                self.pending.append(PendingUpload(stream, tokens[index], entry, tag))
+        if self._group_full():
+            self._commit_pending()
+
+    def _fail_files(self, exc: protocol.BackupError, count: int) -> None:
+        """Answer every file of a failed UPLOAD_FILES, after the replies of the uploads before it."""
+        self._commit_pending()
+        error = protocol.error_message(self.master.explain_no_space(exc))
+        for _ in range(count):
+            self.reply(error, flush=False)
+        self.wfile.flush()
 
     def _release_upload(self, stream, name: str, token) -> None:
         if stream is not None:
@@ -1595,9 +1698,13 @@ class MasterHandler(ObservedHandler, transport.RequestHandler):
         """
         if not self.pending:
             return
-        group, self.pending = self.pending, []
+        everything, self.pending = self.pending, []
+        replies: list[protocol.Message | None] = [p.error for p in everything]
+        group = [p for p in everything if p.error is None]
+        if not group:  # only files of an UPLOAD_FILES that failed alone
+            self._send_replies(replies)
+            return
         session = self.session
-        replies: list[protocol.Message | None] = [None] * len(group)
         ready = []
         uncertain: set[int] = set()  # a log commit failed: these may be on disk anyway
         describe = defaultdict(list)  # the nodes learn what they hold, with the FLUSH
@@ -1608,7 +1715,9 @@ class MasterHandler(ObservedHandler, transport.RequestHandler):
                     describe[node_id].append(item)
         try:
             session.sync(set().union(*(p.stream.nodes_touched for p in group)), describe)
-            for index, p in enumerate(group):
+            for index, p in enumerate(everything):
+                if p.error is not None:
+                    continue
                 try:
                     p.entry = session.heal_entry(p.stream.name, p.entry, p.stream.nodes_touched)
                     if getattr(p.stream, "needs_sha", False):
@@ -1637,7 +1746,9 @@ class MasterHandler(ObservedHandler, transport.RequestHandler):
             if not isinstance(exc, protocol.BackupError):
                 raise
         finally:
-            for index, p in enumerate(group):
+            for index, p in enumerate(everything):
+                if p.error is not None:
+                    continue
                 # Never collect what a failed log write may still have made
                 # durable: after the restart such a failure requires, the
                 # node's reconciliation deletes it if it was not committed.
@@ -1646,6 +1757,9 @@ class MasterHandler(ObservedHandler, transport.RequestHandler):
                 self.master.locks.release(p.stream.name, p.token)
             if session.failed:
                 self._close_session()  # start the next group on fresh connections
+        self._send_replies(replies)
+
+    def _send_replies(self, replies: list[protocol.Message]) -> None:
         for reply in replies:
             self.reply(reply, flush=False)
         self.wfile.flush()

@@ -496,6 +496,69 @@ def split_chunk_body(body, count: int) -> tuple[memoryview, memoryview]:
     return view[:crc_len], view[crc_len:]
 
 
+# Items one UPLOAD_FILES or PUT_BLOBS may carry: a client sends a batch of
+# small files at a time (cli.SMALL_BATCH_FILES), the master one PUT_BLOBS per
+# node per batch.  Bounds the per-item work a single frame can ask for.
+MAX_BATCH_ITEMS = 1024
+
+
+def upload_files_layout(files, chunk_size: int, body_len: int) -> list[tuple]:
+    """Where each file of an UPLOAD_FILES lies in its body: ``(crc_start, data_start, size)`` per file.
+
+    Checks only the shape that cutting the body needs (each item a list of
+    five, a size that is a non-negative integer, lengths that add up to
+    ``body_len``): RemoteProtocolError otherwise, since the stream can no
+    longer be trusted.  Names, SHA-256s and metadata are checked per file
+    by the master, so one bad file fails alone.
+    """
+    if not isinstance(files, list) or not 0 < len(files) <= MAX_BATCH_ITEMS:
+        raise RemoteProtocolError(f"UPLOAD_FILES needs 1..{MAX_BATCH_ITEMS} files")
+    if not MIN_CHUNK_BYTES <= chunk_size <= MAX_CHUNK_BYTES:
+        raise RemoteProtocolError(f"UPLOAD_FILES chunk_size {chunk_size} is outside "
+                                  f"{MIN_CHUNK_BYTES}..{MAX_CHUNK_BYTES}")
+    layout, offset = [], 0
+    for item in files:
+        if not isinstance(item, list) or len(item) != 5 or type(item[1]) is not int or item[1] < 0:
+            raise RemoteProtocolError("each UPLOAD_FILES file is [name, size, sha256, meta, tag]")
+        size = item[1]
+        data_start = offset + CRC_BYTES * -(-size // chunk_size)
+        layout.append((offset, data_start, size))
+        offset = data_start + size
+    if offset != body_len:
+        raise RemoteProtocolError(f"UPLOAD_FILES body has {body_len} bytes, its files {offset}")
+    return layout
+
+
+def put_blobs_layout(blobs, chunk_size: int, body_len: int) -> list[tuple]:
+    """``(blob, first, count, crc_start, payload_start, payload_bytes)`` of each item of a PUT_BLOBS.
+
+    RemoteProtocolError unless every item is ``[blob, first, count,
+    payload bytes]`` with integers whose payload is ``count`` chunks of
+    ``chunk_size`` (the last may be short), and the items fill ``body_len``
+    exactly; blob ids and ranges are checked again by the chunk store.
+    """
+    if not isinstance(blobs, list) or not 0 < len(blobs) <= MAX_BATCH_ITEMS:
+        raise RemoteProtocolError(f"PUT_BLOBS needs 1..{MAX_BATCH_ITEMS} blobs")
+    if not MIN_CHUNK_BYTES <= chunk_size <= MAX_CHUNK_BYTES:
+        raise RemoteProtocolError(f"PUT_BLOBS chunk_size {chunk_size} is outside "
+                                  f"{MIN_CHUNK_BYTES}..{MAX_CHUNK_BYTES}")
+    layout, offset = [], 0
+    for item in blobs:
+        if not (isinstance(item, list) and len(item) == 4 and isinstance(item[0], str)
+                and all(type(v) is int for v in item[1:])):
+            raise RemoteProtocolError("each PUT_BLOBS item is [blob, first, count, payload bytes]")
+        blob, first, count, nbytes = item
+        if not (first >= 0 and count > 0 and (count - 1) * chunk_size < nbytes <= count * chunk_size):
+            raise RemoteProtocolError(f"PUT_BLOBS item {blob[:64]!r}: {nbytes} bytes are not {count} "
+                                      f"chunks of {chunk_size}")
+        payload_start = offset + CRC_BYTES * count
+        layout.append((blob, first, count, offset, payload_start, nbytes))
+        offset = payload_start + nbytes
+    if offset != body_len:
+        raise RemoteProtocolError(f"PUT_BLOBS body has {body_len} bytes, its items {offset}")
+    return layout
+
+
 def bad_chunk_ranges(payload, crc_bytes, chunk_size: int) -> list[tuple[int, int]]:
     """Runs ``(index, count)`` of the chunks whose CRC32 differs; ``[]`` if all match.
 
@@ -737,6 +800,26 @@ class UploadBegin(Message):
     # them, and records the client's SHA-256 without recomputing it;
     # otherwise it ignores them (docs/PROTOCOL.md, "Who checks what").
     chunk_size: int = 0
+
+
+@message
+class UploadFiles(Message):
+    """Many small whole files in one frame: as many ``UPLOAD_BEGIN`` (mode replace, ``group``
+    true), ``DATA_CRCS``, ``DATA`` and ``UPLOAD_END`` frames, one per file, would be.
+
+    ``files``: one ``[name, size, sha256, meta, tag]`` per file (``meta`` an
+    object or null, as ``UploadBegin.meta``).  Body: for each file in order,
+    the big-endian CRC32 of each ``chunk_size``-byte chunk of its bytes, then
+    its ``size`` bytes.  The master answers each file as it would that
+    file's own upload, in order: one ``UPLOADED`` or ``ERROR`` per file.
+    """
+
+    OP = "UPLOAD_FILES"
+    HAS_BODY = True
+    files: list
+    chunk_size: int
+    wait_s: float = -1.0
+    body: bytes = b""
 
 
 @message
@@ -1411,6 +1494,27 @@ class PutChunks(Message):
     chunk_size: int
     node_crcs: bool = False
     cluster_id: str = ""  # the fence: see "Fencing" in docs/PROTOCOL.md
+    epoch: int = 0
+    body: bytes = b""
+
+
+@message
+class PutBlobs(Message):
+    """Store many small blobs in one request: as many ``PUT_CHUNKS`` (with CRCs) would.
+
+    ``blobs``: one ``[blob, first, count, payload bytes]`` per item.  Body:
+    for each item in order, its ``count`` CRC32s then its payload, cut every
+    ``chunk_size`` bytes.  The node checks every CRC of every item before it
+    writes any.  Reply: one ``PUT_OK`` naming the first item (``blob``,
+    ``first``) and the chunks of all of them (``count``); not yet durable
+    (``FLUSH``).
+    """
+
+    OP = "PUT_BLOBS"
+    HAS_BODY = True
+    blobs: list
+    chunk_size: int
+    cluster_id: str = ""
     epoch: int = 0
     body: bytes = b""
 

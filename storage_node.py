@@ -164,17 +164,53 @@ class StorageNode:
             crc_bytes, payload = None, msg.body
         else:
             crc_bytes, payload = protocol.split_chunk_body(msg.body, msg.count)
-        free = self.free_bytes
-        if len(payload) > free:
-            raise protocol.InsufficientSpace(
-                f"node {self.node_id} is full: {free} bytes free for chunks, {len(payload)} needed "
-                f"({self.store.used_bytes} of {self.config.capacity_bytes} bytes used, "
-                f"{self.config.reserve_bytes} of disk space kept in reserve)")
+        free = self._check_room(len(payload))
         if crc_bytes is None:
             crc_bytes = protocol.payload_crcs(payload, msg.count, msg.chunk_size)
+        self._store(free, msg.blob, msg.first, msg.count, msg.chunk_size, crc_bytes, payload, msg.node_crcs)
+        seq = self._stored(len(payload))
+        return protocol.PutOk(blob=msg.blob, first=msg.first, count=msg.count, seq=seq,
+                              crcs_crc32=protocol.crcs_digest(crc_bytes) if msg.node_crcs else None)
+
+    def put_blobs(self, msg: protocol.PutBlobs) -> protocol.PutOk:
+        """Store every item of a PUT_BLOBS (many small files' batches); one PUT_OK for all.
+
+        Every CRC of every item is checked before anything is written, so a
+        damaged item leaves nothing of the request behind (CHECKSUM_MISMATCH),
+        as for a PUT_CHUNKS.  One sequence number for the request: it is one
+        batch for ``put_seq`` and the master's accounting.
+        """
+        self.identity.check(msg.cluster_id, msg.epoch, "a write")
+        body = memoryview(msg.body).cast("B")
+        layout = protocol.put_blobs_layout(msg.blobs, msg.chunk_size, len(body))
+        for blob, first, _count, crc_start, start, nbytes in layout:
+            bad = protocol.verify_chunks(body[start:start + nbytes], body[crc_start:start], msg.chunk_size)
+            if bad >= 0:
+                raise protocol.ChecksumMismatch(f"blob {blob} chunk {first + bad}: CRC does not match payload")
+        total = sum(item[5] for item in layout)
+        free = self._check_room(total)
+        for blob, first, count, crc_start, start, nbytes in layout:
+            self._store(free, blob, first, count, msg.chunk_size, body[crc_start:start],
+                        body[start:start + nbytes], True)
+        seq = self._stored(total)
+        return protocol.PutOk(blob=layout[0][0], first=layout[0][1], count=sum(item[2] for item in layout),
+                              seq=seq)
+
+    def _check_room(self, nbytes: int) -> int:
+        """``free_bytes``, after raising INSUFFICIENT_SPACE if ``nbytes`` of payload do not fit it."""
+        free = self.free_bytes
+        if nbytes > free:
+            raise protocol.InsufficientSpace(
+                f"node {self.node_id} is full: {free} bytes free for chunks, {nbytes} needed "
+                f"({self.store.used_bytes} of {self.config.capacity_bytes} bytes used, "
+                f"{self.config.reserve_bytes} of disk space kept in reserve)")
+        return free
+
+    def _store(self, free: int, blob: str, first: int, count: int, chunk_size: int, crc_bytes, payload,
+               crcs_of_payload: bool) -> None:
+        """``store.put``, with a full disk (ENOSPC) turned into INSUFFICIENT_SPACE and a back-off."""
         try:
-            self.store.put(msg.blob, msg.first, msg.count, msg.chunk_size, crc_bytes, payload,
-                           crcs_of_payload=msg.node_crcs)
+            self.store.put(blob, first, count, chunk_size, crc_bytes, payload, crcs_of_payload=crcs_of_payload)
         except OSError as exc:
             if exc.errno in _NO_SPACE:
                 self._disk_full_free = free + len(payload)  # full until this much is free
@@ -183,12 +219,14 @@ class StorageNode:
                 self._compact_wanted.set()
                 raise protocol.InsufficientSpace(f"node {self.node_id} is out of disk space") from None
             raise protocol.BackupError(f"node {self.node_id} cannot write: {exc.strerror}") from None
+
+    def _stored(self, nbytes: int) -> int:
+        """Count one stored request of ``nbytes`` of payload; its sequence number."""
         with self._put_seq_lock:
             self._put_seq += 1
             seq = self._put_seq
-        self._note_written(len(payload))
-        return protocol.PutOk(blob=msg.blob, first=msg.first, count=msg.count, seq=seq,
-                              crcs_crc32=protocol.crcs_digest(crc_bytes) if msg.node_crcs else None)
+        self._note_written(nbytes)
+        return seq
 
     @property
     def put_seq(self) -> int:
@@ -679,6 +717,9 @@ class NodeHandler(transport.RequestHandler):
         # Replies are pipelined by the master; flushing each tiny reply at
         # once keeps its window moving.
         self.reply(self.node.put(msg))
+
+    def do_PUT_BLOBS(self, msg: protocol.PutBlobs) -> None:
+        self.reply(self.node.put_blobs(msg))
 
     def do_FLUSH(self, msg: protocol.Flush) -> None:
         try:

@@ -243,10 +243,12 @@ class UploadSession:
             channel.conn.broken = True
         self.master.note_node_failure(node_id, exc)
 
-    def send(self, node_id: str, msg: protocol.PutChunks, nbytes: int, digest: BatchDigest | None = None) -> bool:
+    def send(self, node_id: str, msg: protocol.PutChunks | protocol.PutBlobs, nbytes: int,
+             digest: BatchDigest | None = None) -> bool:
         """Send one batch to a node; False (and the node marked failed) if it fails.
 
         ``digest``: for a PUT_CHUNKS with ``node_crcs``, what its PUT_OK must match.
+        A PUT_BLOBS is acknowledged by a PUT_OK naming its first item.
         """
         if node_id in self.failed:
             return False
@@ -258,7 +260,10 @@ class UploadSession:
             self.master.reserve(node_id, nbytes)
             self.reserved[node_id] = self.reserved.get(node_id, 0) + nbytes
             channel.conn.send(msg)
-            channel.unacked.append((msg.blob, msg.first, nbytes, digest))
+            if isinstance(msg, protocol.PutBlobs):
+                channel.unacked.append((msg.blobs[0][0], msg.blobs[0][1], nbytes, digest))
+            else:
+                channel.unacked.append((msg.blob, msg.first, nbytes, digest))
             channel.unacked_bytes += nbytes
             channel.dirty = True
             while len(channel.unacked) > 1 and (channel.unacked_bytes > ACK_WINDOW_BYTES or
@@ -300,6 +305,54 @@ class UploadSession:
                     self._read_ack(channel)
             except protocol.BackupError as exc:
                 self._fail(node_id, exc)
+
+    def place(self, msg, nbytes: int, touched: set, digest: BatchDigest | None = None) -> list[str]:
+        """Send one batch to ``replication`` healthy nodes; the nodes that took it.
+
+        A node that fails is replaced by another; raises InsufficientNodes
+        (or InsufficientSpace) once no healthy node is left.  Every node
+        tried joins ``touched``, so what a failed one may have written is
+        collected if the upload is not committed.
+        """
+        placed: list[str] = []
+        wanted = self.master.config.replication
+        while len(placed) < wanted:
+            for node_id in self.choose_replicas(nbytes, avoid=self.failed | set(placed), count=wanted - len(placed)):
+                touched.add(node_id)
+                if self.send(node_id, msg, nbytes, digest):
+                    placed.append(node_id)
+        return placed
+
+    def send_small_files(self, files) -> None:
+        """Send many small whole files as one PUT_BLOBS to each of ``replication`` nodes.
+
+        ``files``: (stream, crc bytes, payload) of new UploadStreams, each
+        file's CRCs cut at the session's chunk size.  Each file stays a blob
+        of its own (its own version, records of at most one batch each, as
+        ``UploadStream._ship`` would lay them out); only the request is
+        shared.  Afterwards each stream holds its runs, size and touched
+        nodes, ready for ``UploadStream.file_entry``.
+        """
+        items, parts, total = [], [], 0
+        batch, chunk_size = self.chunks_per_batch, self.chunk_size
+        for stream, crcs, payload in files:
+            count = -(-len(payload) // chunk_size)
+            for first, n in batch_pieces(0, count, batch):
+                piece = payload[first * chunk_size:(first + n) * chunk_size]
+                items.append([stream.blob, first, n, len(piece)])
+                parts += (crcs[first * protocol.CRC_BYTES:(first + n) * protocol.CRC_BYTES], piece)
+                total += len(piece)
+        touched: set[str] = set()
+        placed = []
+        if items:
+            msg = protocol.PutBlobs(blobs=items, chunk_size=chunk_size, body=b"".join(parts), **self.master.fence())
+            placed = self.place(msg, total, touched)
+        for stream, _crcs, payload in files:
+            count = -(-len(payload) // chunk_size)
+            if count:
+                add_run(stream.runs, 0, count, placed)
+                stream.nodes_touched |= touched
+            stream.size = len(payload)
 
     def choose_replicas(self, nbytes: int, avoid, count: int) -> list[str]:
         """``master.choose_replicas``; a shortage due to nodes that ran out of space is INSUFFICIENT_SPACE.
@@ -533,15 +586,7 @@ class UploadStream:
         try:
             msg = protocol.PutChunks(blob=self.blob, first=self._next_chunk, count=count, chunk_size=chunk_size,
                                      node_crcs=node_crcs, body=body, **self.master.fence())
-            placed: list[str] = []
-            wanted = self.master.config.replication
-            while len(placed) < wanted:
-                # Raises InsufficientNodes/Space once no healthy node is left.
-                for node_id in session.choose_replicas(self._fill, avoid=session.failed | set(placed),
-                                                       count=wanted - len(placed)):
-                    self.nodes_touched.add(node_id)
-                    if session.send(node_id, msg, self._fill, digest):
-                        placed.append(node_id)
+            placed = session.place(msg, self._fill, self.nodes_touched, digest)
         finally:
             session.next_buffer()  # the worker may still read this one
         add_run(self.runs, self._next_chunk, count, placed)
@@ -559,6 +604,11 @@ class UploadStream:
         if self._fill:
             self._ship()
 
+    def file_entry(self, sha256: str) -> dict:
+        """The file entry of what was shipped, with ``sha256`` (the client's, already checked)."""
+        return make_entry(self.size, self.session.chunk_size, sha256, self.blob, self.runs,
+                          self.session.chunks_per_batch)
+
     def seal(self, client_sha256: str) -> dict:
         """Ship the last batch and return the file entry (not yet durable).
 
@@ -573,8 +623,7 @@ class UploadStream:
                 raise protocol.RemoteProtocolError("DATA_CRCS without its DATA")
             if not protocol.is_sha256_hex(client_sha256):
                 raise protocol.RemoteProtocolError("UPLOAD_END sha256 is not 64 hex digits")
-            return make_entry(self.size, self.session.chunk_size, client_sha256, self.blob, self.runs,
-                              self.session.chunks_per_batch)
+            return self.file_entry(client_sha256)
         if self._digest is not None:
             self._digest.result()  # the SHA-256 has seen every batch
         sha256 = self._sha.hexdigest()
@@ -582,8 +631,7 @@ class UploadStream:
             raise protocol.ChecksumMismatch(
                 f"upload of {self.name!r} arrived corrupted: client SHA-256 {client_sha256[:16]}..., "
                 f"master received {sha256[:16]}...")
-        return make_entry(self.size, self.session.chunk_size, sha256, self.blob, self.runs,
-                          self.session.chunks_per_batch)
+        return self.file_entry(sha256)
 
     def discard(self) -> None:
         """This upload will not be committed: collect whatever it sent, at once.
