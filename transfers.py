@@ -324,35 +324,44 @@ class UploadSession:
         return placed
 
     def send_small_files(self, files) -> None:
-        """Send many small whole files as one PUT_BLOBS to each of ``replication`` nodes.
+        """Send many small whole files as PUT_BLOBS, each to ``replication`` nodes.
 
         ``files``: (stream, crc bytes, payload) of new UploadStreams, each
         file's CRCs cut at the session's chunk size.  Each file stays a blob
         of its own (its own version, records of at most one batch each, as
         ``UploadStream._ship`` would lay them out); only the request is
-        shared.  Afterwards each stream holds its runs, size and touched
-        nodes, ready for ``UploadStream.file_entry``.
+        shared, one per batch's worth of payload, so a node reads it into
+        one of its batch buffers.  Afterwards each stream holds its runs,
+        size and touched nodes, ready for ``UploadStream.file_entry``.
         """
-        items, parts, total = [], [], 0
         batch, chunk_size = self.chunks_per_batch, self.chunk_size
+        request: list = []  # (stream, first, count, crcs, payload) of each item of the next PUT_BLOBS
+        request_bytes = 0
         for stream, crcs, payload in files:
+            stream.size = len(payload)
             count = -(-len(payload) // chunk_size)
             for first, n in batch_pieces(0, count, batch):
                 piece = payload[first * chunk_size:(first + n) * chunk_size]
-                items.append([stream.blob, first, n, len(piece)])
-                parts += (crcs[first * protocol.CRC_BYTES:(first + n) * protocol.CRC_BYTES], piece)
-                total += len(piece)
+                if request and request_bytes + len(piece) > self.batch_payload_bytes:
+                    self._put_blobs(request, request_bytes)
+                    request, request_bytes = [], 0
+                request.append((stream, first, n, crcs[first * protocol.CRC_BYTES:(first + n) * protocol.CRC_BYTES],
+                                piece))
+                request_bytes += len(piece)
+        if request:
+            self._put_blobs(request, request_bytes)
+
+    def _put_blobs(self, request: list, nbytes: int) -> None:
+        items, parts = [], []
+        for stream, first, count, crcs, piece in request:
+            items.append([stream.blob, first, count, len(piece)])
+            parts += (crcs, piece)
+        msg = protocol.PutBlobs(blobs=items, chunk_size=self.chunk_size, body=b"".join(parts), **self.master.fence())
         touched: set[str] = set()
-        placed = []
-        if items:
-            msg = protocol.PutBlobs(blobs=items, chunk_size=chunk_size, body=b"".join(parts), **self.master.fence())
-            placed = self.place(msg, total, touched)
-        for stream, _crcs, payload in files:
-            count = -(-len(payload) // chunk_size)
-            if count:
-                add_run(stream.runs, 0, count, placed)
-                stream.nodes_touched |= touched
-            stream.size = len(payload)
+        placed = self.place(msg, nbytes, touched)
+        for stream, first, count, _crcs, _piece in request:
+            add_run(stream.runs, first, count, placed)
+            stream.nodes_touched |= touched
 
     def choose_replicas(self, nbytes: int, avoid, count: int) -> list[str]:
         """``master.choose_replicas``; a shortage due to nodes that ran out of space is INSUFFICIENT_SPACE.

@@ -208,26 +208,28 @@ def test_a_node_killed_during_a_batch_upload_loses_nothing(make_cluster, tmp_pat
     for name, data in expected.items():
         (tree / name).write_bytes(data)
     real_send = cli.SmallBatch.send
-    sent = []
+    sent, killed = [], []
 
     def send_then_kill(self, conn, in_flight):
         real_send(self, conn, in_flight)
         sent.append(1)
-        if len(sent) == 1:
+        if len(sent) == 1:  # kill a node that has stored the first batch (not yet flushed or committed)
             conn.flush()
-            c3.nodes[0].signal(signal.SIGKILL)
+            holder = wait_until(lambda: next((n for n in c3.status().nodes if n["used_bytes"] > 0), None))
+            index = next(i for i, server in enumerate(c3.nodes) if server.address == holder["address"])
+            c3.nodes[index].signal(signal.SIGKILL)
+            killed.append(holder["id"])
 
     monkeypatch.setattr(cli.SmallBatch, "send", send_then_kill)
     monkeypatch.setattr(cli, "SMALL_BATCH_FILES", 40)
     c = c3.client()
-    killed = next(n["id"] for n in c.status().nodes if n["address"] == c3.nodes[0].address)
     try:
         summary = c.upload_tree(str(tree), "killed-node")
-        assert not summary.failures and summary.files == 200 and len(sent) >= 5
+        assert not summary.failures and summary.files == 200 and len(sent) >= 5 and killed
         for name, data in expected.items():
             assert read_back(c, f"killed-node/{name}", tmp_path) == data
             entry = c.stat(f"killed-node/{name}")
-            assert all(len(run[2]) == 2 and killed not in run[2] for run in entry.runs)
+            assert all(len(run[2]) == 2 and killed[0] not in run[2] for run in entry.runs)
     finally:
         c.close()
 
