@@ -803,7 +803,7 @@ def metadata(results: Results, cluster) -> None:
 # --- workload 2: small files ---------------------------------------------------------
 def small_files(results: Results, cluster, relay: Relay, work: str, count: int, reps: int, full_size: bool) -> None:
     up = results.add(Row("small_upload", f"upload dir {count:,} x 4 KiB", "files/s", baseline="relay_small",
-                         target=">= 1500/s, >= 0.6x relay", check=lambda m, r: m >= 1500 and r >= 0.6))
+                         target=">= 3000/s, >= 0.6x relay", check=lambda m, r: m >= 3000 and r >= 0.6))
     relay_row = results.add(Row("relay_small", f"  baseline: relay {count:,} files one by one", "files/s"))
     down = results.add(Row("small_download", f"restore dir {count:,} x 4 KiB", "files/s",
                            target=">= 3000/s", check=lambda m, r: m >= 3000))
