@@ -53,6 +53,7 @@ from collections import deque
 
 import protocol
 from namespace import add_run, first_covering, make_entry, merge_ranges, run_blob, set_run_nodes, uncovered
+from notes import note_size
 
 logger = logging.getLogger("master.transfers")
 
@@ -397,7 +398,7 @@ class UploadSession:
                 while channel.unacked:
                     self._read_ack(channel)
                 items = (describe or {}).get(channel.node_id)
-                pages = [page for page, _ in protocol.pages(items)] if items else []
+                pages = [page for page, _ in protocol.pages(items, size=note_size)] if items else []
                 for page in pages:
                     channel.conn.send(protocol.Describe(items=page, **fence), flush=False)
                 channel.conn.send(protocol.Flush())

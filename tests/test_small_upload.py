@@ -91,6 +91,23 @@ def test_a_node_writes_nothing_of_a_put_blobs_with_one_damaged_item(tmp_path):
         node.catalog.close()
 
 
+def test_the_size_bound_of_a_description_is_never_below_its_json():
+    """Pages of DESCRIBE and COMMIT_NOTES are cut with notes.note_size: it must never under-count."""
+    import random
+    import notes
+    rng = random.Random(15)
+    for _ in range(500):
+        name = "".join(rng.choice('ab/é"\\\u2028x') for _ in range(rng.randint(1, 300)))
+        runs = [[i * 1024, 1024, ["n" * 12, "m" * 12], "a" * 32] for i in range(rng.randint(0, 64))]
+        entry = {"version": "a" * 32, "size": rng.randint(0, 2 ** 63), "chunk_size": 1024, "batch_chunks": 1024,
+                 "sha256": "b" * 64, "mtime": rng.random() * 1e12, "runs": runs,
+                 "commit_index": rng.randint(0, 2 ** 63), "committed_at": -rng.random() * 1e300}
+        item = notes.describe(name, entry, rng.randint(0, 2 ** 63))
+        assert notes.note_size(item) >= protocol.json_size(item)
+    tombstone = {"name": "x", "deleted": True, "index": 4, "trashed_at": 1.5}
+    assert notes.note_size(tombstone) == protocol.json_size(tombstone)
+
+
 # --- real processes ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
