@@ -12,7 +12,8 @@ Record layout (all integers unsigned big-endian)::
                     chunks written before it), 3 = drop (forget the blob's
                     chunks first..first+count-1 written before it)
     5      1        L, length of the blob id (1..64)
-    6      2        reserved, 0
+    6      2        flags: bit 0 (FLAG_PAYLOAD_CRC, kind 1 only) = a CRC32 of
+                    the whole payload follows the blob id; other bits 0
     8      8        first chunk index   (0 for tombstones)
     16     4        count               (0 for tombstones)
     20     4        chunk_size; for kinds 2 and 3 the segment bound B:
@@ -22,15 +23,29 @@ Record layout (all integers unsigned big-endian)::
     24     8        P, payload length   (0 for kinds 2 and 3)
     32     4        CRC32 of bytes 0..31 followed by the blob id (header CRC)
     36     L        blob id, ASCII
-    36+L   4*count  CRC32 of each chunk (kind 1 only; wire form of
+    36+L   4        with FLAG_PAYLOAD_CRC only: CRC32 of the P payload bytes
+    ..     4*count  CRC32 of each chunk (kind 1 only; wire form of
                     protocol.crcs_to_bytes)
     ..     P        payload: the chunks back to back, the last may be short
 
-    +------+-+-+--+-------+-----+----+-----+------+---------+-----------+---------+
-    | BKR1 |k|L|00| first |count| cs |  P  | hcrc | blob id | 4*count   | payload |
-    |      | | |  |       |     |    |     |      |         | chunk CRCs| P bytes |
-    +------+-+-+--+-------+-----+----+-----+------+---------+-----------+---------+
+    +------+-+-+--+-------+-----+----+-----+------+---------+------+-----------+---------+
+    | BKR1 |k|L|fl| first |count| cs |  P  | hcrc | blob id |[pcrc]| 4*count   | payload |
+    |      | | |  |       |     |    |     |      |         |      | chunk CRCs| P bytes |
+    +------+-+-+--+-------+-----+----+-----+------+---------+------+-----------+---------+
     \________ hcrc covers these 32 bytes _/        \_ and L _/
+
+The payload CRC (issue 15) lets a reader of a whole record check it with one
+zlib.crc32 call (which releases the GIL) instead of one per chunk.  put()
+computes it from the payload after the per-chunk CRCs the writer sent were
+checked, so it is as end-to-end as they are: it is never computed from bytes
+read back from the disk.  Records written before it (flags 0) have none, nor
+has a part of a record split by drop_range() until compaction copies it
+(which checks its chunk CRCs, then computes one from the same bytes); readers
+then check the chunk CRCs one by one.  The header CRC does not cover it, so a
+damaged payload CRC costs a reader the slow check, never the record.  The
+chunk CRCs and the payload stay adjacent, so a whole record's reply body is
+one contiguous byte range of the segment (storage_node.py sends it with
+sendfile).  The scrubber keeps checking every chunk CRC.
 
 Main trade-off: the header CRC covers the header and blob id only, so start-up
 reads ~100 bytes per record and never a payload (start time grows with the
@@ -114,11 +129,13 @@ MAGIC = b"BKR1"
 KIND_CHUNKS = 1
 KIND_TOMBSTONE = 2
 KIND_DROP = 3
+FLAG_PAYLOAD_CRC = 1
 MAX_BLOB_ID_BYTES = 64
 # Bytes 0..31 of the record; the header CRC follows as a separate u32.
 _HEAD = struct.Struct(">4sBBHQIIQ")
 _CRC = struct.Struct(">I")
 HEADER_BYTES = _HEAD.size + _CRC.size  # 36
+PAYLOAD_CRC_BYTES = _CRC.size  # after the blob id, with FLAG_PAYLOAD_CRC
 _MAX_U32 = 2**32 - 1
 _MAX_U64 = 2**64 - 1
 
@@ -133,11 +150,12 @@ _UNPIN_WAIT_S = 2.0
 _SEGMENT_NAME = re.compile(r"^seg-(\d{8})\.dat$")
 
 # Index entry, one per record, or per live part of a record split by drop_range:
-# (first, count, chunk_size, seg_no, crc_offset, payload_offset, payload_len, record_offset)
+# (first, count, chunk_size, seg_no, crc_offset, payload_offset, payload_len, record_offset, payload_crc)
 # record_offset is where the record starts in its segment; the parts of one
 # record share it (and seg_no), which is how segment live accounting counts the
-# record's header once.
-FIRST, COUNT, CHUNK_SIZE, SEG_NO, CRC_OFFSET, PAYLOAD_OFFSET, PAYLOAD_LEN, RECORD_OFFSET = range(8)
+# record's header once.  payload_crc: the record's payload CRC, only while the
+# extent is the whole record (a part has None, as has a record without one).
+FIRST, COUNT, CHUNK_SIZE, SEG_NO, CRC_OFFSET, PAYLOAD_OFFSET, PAYLOAD_LEN, RECORD_OFFSET, PAYLOAD_CRC = range(9)
 
 
 class _TornRecord(Exception):
@@ -164,23 +182,26 @@ def _payload_fits(count: int, chunk_size: int, payload_len: int) -> bool:
 
 
 def _encode_header(kind: int, blob_id: bytes, first: int, count: int, chunk_size: int,
-                   payload_len: int) -> bytes:
-    """Bytes 0..36+L of a record: fixed header, header CRC, blob id."""
-    head = _HEAD.pack(MAGIC, kind, len(blob_id), 0, first, count, chunk_size, payload_len)
-    return head + _CRC.pack(zlib.crc32(blob_id, zlib.crc32(head))) + blob_id
+                   payload_len: int, payload_crc: int | None = None) -> bytes:
+    """Bytes of a record before its chunk CRCs: fixed header, header CRC, blob id, payload CRC if given."""
+    flags = 0 if payload_crc is None else FLAG_PAYLOAD_CRC
+    head = _HEAD.pack(MAGIC, kind, len(blob_id), flags, first, count, chunk_size, payload_len)
+    header = head + _CRC.pack(zlib.crc32(blob_id, zlib.crc32(head))) + blob_id
+    return header if payload_crc is None else header + _CRC.pack(payload_crc)
 
 
 def _read_header(fd: int, offset: int, file_size: int) -> tuple:
-    """Parse the record at offset: (kind, blob, first, count, chunk_size, payload_len, end).
+    """Parse the record at offset: (kind, blob, first, count, chunk_size, payload_len, end, payload_crc).
 
-    For kinds 2 and 3, chunk_size is the segment bound.  Reads the header and
-    blob id only.  Raises _TornRecord saying why the
-    bytes there are not a whole, valid record.
+    For kinds 2 and 3, chunk_size is the segment bound.  payload_crc is None
+    unless the record carries one (FLAG_PAYLOAD_CRC).  Reads the header, blob
+    id and payload CRC only.  Raises _TornRecord saying why the bytes there
+    are not a whole, valid record.
     """
-    data = os.pread(fd, HEADER_BYTES + MAX_BLOB_ID_BYTES, offset)
+    data = os.pread(fd, HEADER_BYTES + MAX_BLOB_ID_BYTES + PAYLOAD_CRC_BYTES, offset)
     if len(data) < HEADER_BYTES:
         raise _TornRecord(f"short header ({len(data)} bytes)")
-    magic, kind, id_len, reserved, first, count, chunk_size, payload_len = _HEAD.unpack_from(data)
+    magic, kind, id_len, flags, first, count, chunk_size, payload_len = _HEAD.unpack_from(data)
     if magic != MAGIC:
         raise _TornRecord("bad magic")
     if not 1 <= id_len <= MAX_BLOB_ID_BYTES or len(data) < HEADER_BYTES + id_len:
@@ -197,13 +218,19 @@ def _read_header(fd: int, offset: int, file_size: int) -> tuple:
         sane = count == payload_len == 0
     else:
         sane = kind == KIND_DROP and count > 0 and payload_len == 0
-    if not sane or reserved or not blob_id.isascii():
-        raise _TornRecord(f"inconsistent header (kind {kind}, count {count}, P {payload_len})")
+    if not sane or flags & ~FLAG_PAYLOAD_CRC or (flags and kind != KIND_CHUNKS) or not blob_id.isascii():
+        raise _TornRecord(f"inconsistent header (kind {kind}, count {count}, P {payload_len}, flags {flags})")
+    payload_crc = None
+    if flags:
+        at = HEADER_BYTES + id_len
+        if len(data) < at + PAYLOAD_CRC_BYTES:
+            raise _TornRecord("short payload CRC")
+        (payload_crc,) = _CRC.unpack_from(data, at)
     crc_len = CRC_BYTES * count if kind == KIND_CHUNKS else 0
-    end = offset + HEADER_BYTES + id_len + crc_len + payload_len
+    end = offset + HEADER_BYTES + id_len + (PAYLOAD_CRC_BYTES if flags else 0) + crc_len + payload_len
     if end > file_size:
         raise _TornRecord(f"record runs {end - file_size} bytes past end of file")
-    return kind, blob_id.decode("ascii"), first, count, chunk_size, payload_len, end
+    return kind, blob_id.decode("ascii"), first, count, chunk_size, payload_len, end, payload_crc
 
 
 def _part(extent: tuple, first: int, count: int) -> tuple:
@@ -211,8 +238,10 @@ def _part(extent: tuple, first: int, count: int) -> tuple:
     skip = first - extent[FIRST]
     start = skip * extent[CHUNK_SIZE]
     stop = min((skip + count) * extent[CHUNK_SIZE], extent[PAYLOAD_LEN])
+    whole = skip == 0 and count == extent[COUNT]
     return (first, count, extent[CHUNK_SIZE], extent[SEG_NO], extent[CRC_OFFSET] + CRC_BYTES * skip,
-            extent[PAYLOAD_OFFSET] + start, stop - start, extent[RECORD_OFFSET])
+            extent[PAYLOAD_OFFSET] + start, stop - start, extent[RECORD_OFFSET],
+            extent[PAYLOAD_CRC] if whole else None)
 
 
 def _dead_enough(size: int, live: int, min_dead_fraction: float, min_dead_bytes: int | None) -> bool:
@@ -233,10 +262,34 @@ def _write_all(fd: int, buffers: list) -> None:
             views[0] = views[0][written:]
 
 
+class Span:
+    """Chunks of one extent as a reply body on disk (ChunkStore.open_span).
+
+    ``ranges``: ``(offset, length)`` byte ranges of the segment open as
+    ``fd`` that make up the body (the chunks' CRCs, then their payload; one
+    range when they are adjacent, as in a whole record).  ``payload_crc``:
+    the record's CRC32 of the payload, or None unless the span is a whole
+    record that has one.
+    """
+
+    __slots__ = ("fd", "chunk_size", "ranges", "body_len", "payload_crc")
+
+    def __init__(self, fd: int, extent: tuple):
+        self.fd = fd
+        self.chunk_size = extent[CHUNK_SIZE]
+        self.payload_crc = extent[PAYLOAD_CRC]
+        crc_len = CRC_BYTES * extent[COUNT]
+        if extent[CRC_OFFSET] + crc_len == extent[PAYLOAD_OFFSET]:
+            self.ranges = [(extent[CRC_OFFSET], crc_len + extent[PAYLOAD_LEN])]
+        else:
+            self.ranges = [(extent[CRC_OFFSET], crc_len), (extent[PAYLOAD_OFFSET], extent[PAYLOAD_LEN])]
+        self.body_len = crc_len + extent[PAYLOAD_LEN]
+
+
 class ChunkStore:
     """Chunks of blobs in append-only segment files under ``data_dir/segments``.
 
-    Callers use put/get/get_intact/has/delete_blobs/drop_range/flush/inventory
+    Callers use put/get/get_intact/open_span/has/delete_blobs/drop_range/flush/inventory
     and the stats properties; a node's background threads use compact,
     segment_stats and scrub_step.  Everything is thread-safe.  One lock guards
     appends, the index and the stats; get() and scrub_step() hold it only to
@@ -298,7 +351,8 @@ class ChunkStore:
         offset = 0
         while offset < size:
             try:
-                kind, blob, first, count, chunk_size, payload_len, end = _read_header(fd, offset, size)
+                kind, blob, first, count, chunk_size, payload_len, end, payload_crc = _read_header(
+                    fd, offset, size)
             except _TornRecord as exc:
                 if is_last:
                     logger.warning("%s: torn record at offset %d (%s); truncating %d bytes",
@@ -315,9 +369,9 @@ class ChunkStore:
             elif kind == KIND_DROP:
                 self._cut_range(blob, first, count, before_seg=chunk_size)
             else:
-                crc_offset = offset + HEADER_BYTES + len(blob)
+                crc_offset = end - payload_len - CRC_BYTES * count
                 self._insert(blob, (first, count, chunk_size, seg_no, crc_offset,
-                                    crc_offset + CRC_BYTES * count, payload_len, offset))
+                                    crc_offset + CRC_BYTES * count, payload_len, offset, payload_crc))
                 self._seg_blobs[seg_no].add(blob)
             offset = end
         self._used_bytes += size
@@ -419,11 +473,16 @@ class ChunkStore:
             self._seg_live[old[SEG_NO]] -= HEADER_BYTES + len(blob)
 
     def _account(self, extent: tuple, sign: int) -> None:
-        """Add (sign +1) or remove (-1) extent's chunks, payload and CRCs+payload bytes; the header is the caller's."""
+        """Add (sign +1) or remove (-1) extent's chunks, payload and CRCs+payload bytes; the header is the caller's.
+
+        A record's payload CRC counts with the extent that has it (the whole
+        record): once the record is split, it is dead weight compaction drops.
+        """
         self._chunk_count += sign * extent[COUNT]
         self._live_bytes += sign * extent[PAYLOAD_LEN]
         self._extent_count += sign
-        self._seg_live[extent[SEG_NO]] += sign * (CRC_BYTES * extent[COUNT] + extent[PAYLOAD_LEN])
+        crc_bytes = CRC_BYTES * extent[COUNT] + (PAYLOAD_CRC_BYTES if extent[PAYLOAD_CRC] is not None else 0)
+        self._seg_live[extent[SEG_NO]] += sign * (crc_bytes + extent[PAYLOAD_LEN])
 
     # --- descriptors (caller holds the lock) ---------------------------
     def _add_segment(self, seg_no: int, fd: int) -> None:
@@ -524,7 +583,9 @@ class ChunkStore:
         bad = -1 if crcs_of_payload else verify_chunks(payload, crc_bytes, chunk_size)
         if bad >= 0:
             raise ChecksumMismatch(f"blob {blob} chunk {first + bad}: CRC does not match payload")
-        header = _encode_header(KIND_CHUNKS, blob_id, first, count, chunk_size, len(payload))
+        # From the same checked bytes: as end-to-end as the chunk CRCs (see the module docstring).
+        payload_crc = zlib.crc32(payload)
+        header = _encode_header(KIND_CHUNKS, blob_id, first, count, chunk_size, len(payload), payload_crc)
         length = len(header) + len(crc_bytes) + len(payload)
         with self._lock:
             self._check_open()
@@ -535,7 +596,7 @@ class ChunkStore:
             self._seg_blobs[seg_no].add(blob)
             crc_offset = offset + len(header)
             self._insert(blob, (first, count, chunk_size, seg_no, crc_offset,
-                                crc_offset + len(crc_bytes), len(payload), offset))
+                                crc_offset + len(crc_bytes), len(payload), offset, payload_crc))
 
     def flush(self) -> None:
         """Make everything put or deleted before this call durable (fsync).
@@ -716,6 +777,51 @@ class ChunkStore:
                     logger.warning("chunk store %s: blob %s chunks %d+%d fail their CRCs on read; dropped",
                                    self._dir, blob, dropped_first, dropped_count)
         return chunk_size, bytes(crc_bytes), bytes(payload), missing, corrupt
+
+    def open_span(self, blob: str, first: int, count: int) -> "Span | None":
+        """Where chunks first..first+count-1 of blob lie, when one extent holds them all: a pinned Span, or None.
+
+        For a client's read, which the node answers without looking at the
+        bytes (storage_node.py sends them with sendfile): the reply body, the
+        chunks' CRCs then their payload, as one or two byte ranges of one
+        segment, and the record's payload CRC when the span is a whole record.
+        Nothing is checked (the client checks).  The segment's descriptor
+        stays pinned (a compaction that moves the record meanwhile leaves it
+        open) until close_span().  None if no one extent holds the range
+        (chunks missing, or spread over records, or more than a reply may
+        carry): read it with get_intact() instead.
+        """
+        with self._lock:
+            self._check_open()
+            extents = self._index.get(blob)
+            if not extents or first < 0 or count <= 0:
+                return None
+            i = bisect.bisect_right(extents, (first, _MAX_U64 + 1)) - 1
+            if i < 0 or extents[i][FIRST] + extents[i][COUNT] < first + count:
+                return None
+            extent = extents[i]
+            if count * (extent[CHUNK_SIZE] + CRC_BYTES) > MAX_BODY_BYTES:
+                return None
+            if (first, count) != (extent[FIRST], extent[COUNT]):
+                extent = _part(extent, first, count)
+            (fd,) = self._pin([extent[SEG_NO]])
+        return Span(fd, extent)
+
+    def read_span(self, span: "Span") -> bytearray:
+        """The body a Span stands for, read into one buffer (where sendfile cannot serve: TLS).
+
+        A short read leaves zeros, which fail their CRCs at the reader.
+        """
+        body = bytearray(span.body_len)
+        view, at = memoryview(body), 0
+        for offset, length in span.ranges:
+            os.preadv(span.fd, [view[at:at + length]], offset)
+            at += length
+        return body
+
+    def close_span(self, span: "Span") -> None:
+        """Unpin the descriptor an open_span() pinned."""
+        self._unpin([span.fd])
 
     def has(self, blob: str, first: int, count: int) -> bool:
         """True if every chunk first..first+count-1 of blob is stored (data not read)."""
@@ -981,7 +1087,7 @@ class ChunkStore:
         offset = written = 0
         while offset < size:
             try:
-                kind, blob, first, count, chunk_size, payload_len, end = _read_header(fd, offset, size)
+                kind, blob, first, count, chunk_size, payload_len, end, _ = _read_header(fd, offset, size)
             except _TornRecord as exc:
                 # Start-up stopped here too, unless the damage is newer; then
                 # live records after it stay and _remove_segment keeps the file.
@@ -1029,18 +1135,21 @@ class ChunkStore:
                     written += self._write_drop(blob, part[FIRST] + index, bad_count)[0]
             # Every part left now is intact: checked above, or inside a good one.
             for part in self._record_parts(blob, seg_no, offset, first, count):
-                header = _encode_header(KIND_CHUNKS, blob.encode("ascii"), part[FIRST], part[COUNT],
-                                        part[CHUNK_SIZE], part[PAYLOAD_LEN])
                 crc_start, payload_start = part[CRC_OFFSET] - offset, part[PAYLOAD_OFFSET] - offset
+                payload = view[payload_start:payload_start + part[PAYLOAD_LEN]]
+                # Of the bytes just checked against the writer's chunk CRCs, as put() does:
+                # a part of a split record gets one too, a damaged stored one is not carried.
+                payload_crc = zlib.crc32(payload)
+                header = _encode_header(KIND_CHUNKS, blob.encode("ascii"), part[FIRST], part[COUNT],
+                                        part[CHUNK_SIZE], part[PAYLOAD_LEN], payload_crc)
                 length = len(header) + CRC_BYTES * part[COUNT] + part[PAYLOAD_LEN]
                 new_seg, new_offset = self._append(
-                    [header, view[crc_start:crc_start + CRC_BYTES * part[COUNT]],
-                     view[payload_start:payload_start + part[PAYLOAD_LEN]]], length)
+                    [header, view[crc_start:crc_start + CRC_BYTES * part[COUNT]], payload], length)
                 self._seg_blobs[new_seg].add(blob)
                 crc_offset = new_offset + len(header)
                 # Replaces part (same range) in the index, in this lock hold.
                 self._insert(blob, part[:SEG_NO] + (new_seg, crc_offset, crc_offset + CRC_BYTES * part[COUNT],
-                                                    part[PAYLOAD_LEN], new_offset))
+                                                    part[PAYLOAD_LEN], new_offset, payload_crc))
                 written += length
         return written
 
@@ -1092,7 +1201,7 @@ class ChunkStore:
         records, offset = [], 0
         while offset < size:
             try:
-                kind, blob, first, count, chunk_size, payload_len, end = _read_header(fd, offset, size)
+                kind, blob, first, count, chunk_size, payload_len, end, _ = _read_header(fd, offset, size)
             except _TornRecord:
                 return None  # what follows may be live, or garbage: leave the segment alone
             records.append((offset, end, kind, blob, first, count, chunk_size))
@@ -1125,8 +1234,8 @@ class ChunkStore:
                 with self._lock:
                     self._check_open()
                     if kind == KIND_CHUNKS:
-                        need = sum(len(blob) + HEADER_BYTES + CRC_BYTES * part[COUNT] + part[PAYLOAD_LEN]
-                                   for part in self._record_parts(blob, seg_no, offset, first, count))
+                        need = sum(len(blob) + HEADER_BYTES + PAYLOAD_CRC_BYTES + CRC_BYTES * part[COUNT]
+                                   + part[PAYLOAD_LEN] for part in self._record_parts(blob, seg_no, offset, first, count))
                     else:
                         need = len(blob) + HEADER_BYTES if self._carry_needed(seg_no, blob, chunk_size, True) else 0
                 if need and need > room:  # dead records need no room: cutting them only frees

@@ -170,11 +170,12 @@ def segment_records(path: str):
         data = f.read()
     offset = 0
     while offset + _RECORD_HEAD.size <= len(data):
-        magic, kind, id_len, _, first, count, _, payload_len, _ = _RECORD_HEAD.unpack_from(data, offset)
+        magic, kind, id_len, flags, first, count, _, payload_len, _ = _RECORD_HEAD.unpack_from(data, offset)
         if magic != b"BKR1":
             return
         blob = data[offset + _RECORD_HEAD.size:offset + _RECORD_HEAD.size + id_len].decode("ascii")
         crc_len = 4 * count if kind == _KIND_CHUNKS else 0  # tombstones and drops carry no CRCs
+        crc_len += 4 if flags & 1 else 0  # the payload CRC before the chunk CRCs
         payload_offset = offset + _RECORD_HEAD.size + id_len + crc_len
         if kind == _KIND_CHUNKS:
             yield blob, first, count, payload_offset, payload_len

@@ -5,15 +5,17 @@ import logging
 import os
 import random
 import stat
+import struct
 import sys
 import threading
 import time
+import zlib
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from chunk_store import HEADER_BYTES, ChunkStore  # noqa: E402
+from chunk_store import HEADER_BYTES, PAYLOAD_CRC_BYTES, ChunkStore  # noqa: E402
 from conftest import flip_byte  # noqa: E402
 from protocol import ChecksumMismatch, ChunkNotFound, RemoteProtocolError, chunk_crcs, crcs_to_bytes  # noqa: E402
 
@@ -116,7 +118,7 @@ def test_torn_tail_is_cut_off(tmp_path, rng, caplog, cut, garbage):
     with ChunkStore(str(tmp_path)) as store:
         kept = put(store, rng, "b1", 0, 4)
         put(store, rng, "b1", 4, 2)
-        good_end = store.used_bytes - (HEADER_BYTES + 2 + 2 * 4 + 2 * CS)
+        good_end = store.used_bytes - (HEADER_BYTES + PAYLOAD_CRC_BYTES + 2 + 2 * 4 + 2 * CS)
     path = segment_paths(tmp_path)[-1]
     with open(path, "r+b") as f:
         f.truncate(good_end + cut if cut > 0 else os.path.getsize(path) + cut)
@@ -434,7 +436,7 @@ SMALL_SEG = 4 * CS  # holds one 3-chunk record, or a 2-chunk and a 1-chunk one
 
 def payload_offset(record_offset, blob, count):
     """File offset of the payload of a chunks record that starts at record_offset."""
-    return record_offset + HEADER_BYTES + len(blob) + 4 * count
+    return record_offset + HEADER_BYTES + PAYLOAD_CRC_BYTES + len(blob) + 4 * count
 
 
 def seg_nos(store, active=None):
@@ -468,7 +470,7 @@ def test_segment_stats_counts_live_records(tmp_path, rng):
         put(store, rng, "c", 0, 3)
         store.delete_blobs(["b"])
         stats = store.segment_stats()
-    rec = lambda count: HEADER_BYTES + 1 + 4 * count + count * CS  # noqa: E731
+    rec = lambda count: HEADER_BYTES + PAYLOAD_CRC_BYTES + 1 + 4 * count + count * CS  # noqa: E731
     assert [(s["seg_no"], s["size_bytes"], s["live_bytes"], s["is_active"]) for s in stats] == [
         (1, rec(2) + rec(1), rec(2), False), (2, rec(3) + HEADER_BYTES + 1, rec(3), True)]
     assert stats[0]["live_fraction"] == rec(2) / (rec(2) + rec(1))
@@ -726,8 +728,8 @@ def test_get_planned_before_compaction_reads_after_unlink(tmp_path, rng, monkeyp
 
 # --- drop_range: dropping chunk ranges, splitting extents --------------------
 def rec_bytes(blob, count, payload_len):
-    """Bytes on disk of a chunks record."""
-    return HEADER_BYTES + len(blob) + 4 * count + payload_len
+    """Bytes on disk of a chunks record (as put() writes it: with a payload CRC)."""
+    return HEADER_BYTES + PAYLOAD_CRC_BYTES + len(blob) + 4 * count + payload_len
 
 
 def seg_sizes(data_dir):
@@ -928,3 +930,73 @@ def test_failed_fsync_poisons_the_store(tmp_path, monkeypatch):
         store.flush()
     with pytest.raises(OSError):
         store.put("blob2", 0, 1, 1024, crcs_to_bytes(chunk_crcs(payload, 1024)), payload)
+
+
+# --- payload CRC of whole records, and spans (issue 15) ----------------------------------
+def test_whole_record_span_carries_payload_crc_part_span_does_not(tmp_path, rng):
+    """A span of a whole record is one byte range with the payload CRC put() computed (kept across a
+    reopen); a span inside a record has none; both read back exactly what get() returns."""
+    with ChunkStore(str(tmp_path)) as store:
+        payload = put(store, rng, "b1", 0, 8, short=100)
+        store.flush()
+    with ChunkStore(str(tmp_path)) as store:  # the payload CRC comes back from the scan
+        for first, count, crc in ((0, 8, zlib.crc32(payload)), (2, 3, None), (5, 3, None)):
+            span = store.open_span("b1", first, count)
+            try:
+                assert span.payload_crc == crc
+                assert len(span.ranges) == (1 if crc is not None else 2)
+                _, crcs, data = store.get("b1", first, count)
+                assert bytes(store.read_span(span)) == crcs + data
+                assert span.body_len == len(crcs) + len(data)
+            finally:
+                store.close_span(span)
+        assert store.open_span("b1", 6, 3) is None  # past the end: get_intact names the missing chunk
+        assert store.open_span("nope", 0, 1) is None
+
+
+def old_format_record(blob: str, first: int, crcs: bytes, payload: bytes) -> bytes:
+    """A chunks record as written before payload CRCs (flags 0), built by hand."""
+    head = struct.pack(">4sBBHQIIQ", b"BKR1", 1, len(blob), 0, first, len(crcs) // 4, CS, len(payload))
+    return head + struct.pack(">I", zlib.crc32(blob.encode(), zlib.crc32(head))) + blob.encode() + crcs + payload
+
+
+def test_old_format_records_read_scrub_and_gain_a_payload_crc_in_compaction(tmp_path, rng):
+    """Records without a payload CRC (an older store) still read, are scrubbed chunk by chunk, and get a payload
+    CRC when compaction copies them (after checking their chunk CRCs)."""
+    crcs, payload = make_chunks(rng, 4, CS, 10)
+    os.makedirs(tmp_path / "segments")
+    with open(tmp_path / "segments" / "seg-00000001.dat", "wb") as f:
+        f.write(old_format_record("old", 0, crcs, payload) + old_format_record("gone", 0, crcs, payload))
+    with ChunkStore(str(tmp_path), segment_max_bytes=SMALL_SEG) as store:
+        assert store.get("old", 0, 4) == (CS, crcs, payload)
+        span = store.open_span("old", 0, 4)
+        assert span.payload_crc is None and bytes(store.read_span(span)) == crcs + payload
+        store.close_span(span)
+        assert store.scrub_step(None, 1 << 20) == (None, [])
+        put(store, rng, "tail", 0, 1)  # a new active segment, so segment 1 can be compacted
+        store.delete_blobs(["gone"])
+        assert store.compact(min_dead_fraction=0.4)["segments_compacted"] == 1
+        span = store.open_span("old", 0, 4)
+        assert span.payload_crc == zlib.crc32(payload) and bytes(store.read_span(span)) == crcs + payload
+        store.close_span(span)
+
+
+def test_damaged_payload_crc_costs_the_fast_check_not_the_record(tmp_path, rng):
+    """A flipped payload CRC on disk leaves the record readable (its chunk CRCs decide); compaction, which checks
+    them, writes a right one."""
+    with ChunkStore(str(tmp_path), segment_max_bytes=SMALL_SEG) as store:
+        payload = put(store, rng, "b1", 0, 3)
+        store.flush()
+    flip_byte(segment_paths(tmp_path)[0], HEADER_BYTES + 2)  # the first byte of b1's payload CRC
+    with ChunkStore(str(tmp_path), segment_max_bytes=SMALL_SEG) as store:
+        assert store.get("b1", 0, 3)[2] == payload
+        span = store.open_span("b1", 0, 3)
+        assert span.payload_crc not in (None, zlib.crc32(payload))
+        store.close_span(span)
+        assert store.scrub_step(None, 1 << 20) == (None, [])
+        put(store, rng, "tail", 0, 1)
+        store.drop_range("b1", 2, 1)
+        assert store.compact(min_dead_fraction=0.2)["segments_compacted"] == 1
+        span = store.open_span("b1", 0, 2)
+        assert span.payload_crc == zlib.crc32(payload[:2 * CS])
+        store.close_span(span)

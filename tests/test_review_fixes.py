@@ -25,7 +25,7 @@ import history
 import protocol
 import transfers
 import transport
-from chunk_store import HEADER_BYTES
+from chunk_store import HEADER_BYTES, PAYLOAD_CRC_BYTES
 from master import Master, NodeState
 from namespace import Namespace, make_entry, put_record, splice_runs
 from repair import replicas_record
@@ -175,7 +175,7 @@ def rot_chunk(node, tmp_path, blob: str, count: int, chunk: int) -> None:
     """Flip a byte of ``chunk`` of the one record of ``blob`` (the first one of the node's first segment)."""
     directory = tmp_path / "node"
     segment = sorted(p for p in directory.rglob("*") if p.is_file() and p.name.startswith("seg"))[0]
-    flip_byte(str(segment), HEADER_BYTES + len(blob) + 4 * count + chunk * CHUNK + 7)
+    flip_byte(str(segment), HEADER_BYTES + PAYLOAD_CRC_BYTES + len(blob) + 4 * count + chunk * CHUNK + 7)
 
 
 def test_a_scrub_report_says_which_writes_it_predates(node, tmp_path):
