@@ -1567,6 +1567,14 @@ class ChunkData(Message):
     and bytes are zeros, a whole ``chunk_size`` for a missing one, so every
     other chunk keeps its place; the reader fetches just those chunks from
     another replica.
+
+    ``crc32`` (absent unless the reply is exactly one whole stored record
+    that has one): the CRC32 of the whole payload, computed by the node when
+    it stored the record, from the bytes it had just checked against the
+    writer's chunk CRCs.  A reader whose CRC32 of the payload equals it needs
+    not check the chunks one by one (one zlib.crc32 call, which releases the
+    GIL, instead of one per chunk); on a mismatch it checks them to find the
+    bad ones.
     """
 
     OP = "CHUNK_DATA"
@@ -1577,6 +1585,7 @@ class ChunkData(Message):
     chunk_size: int
     missing: list | None = None
     corrupt: list | None = None
+    crc32: int | None = None
     body: bytes = b""
 
 
@@ -1730,8 +1739,12 @@ class NodeStatReply(Message):
 
 
 # --- encoding -------------------------------------------------------------
-def encode_header(msg: Message) -> bytes:
-    """Length prefix plus JSON header of ``msg`` (without the body)."""
+def encode_header(msg: Message, body_bytes: int | None = None) -> bytes:
+    """Length prefix plus JSON header of ``msg`` (without the body).
+
+    ``body_bytes``: the length of a body the caller sends itself (sendfile),
+    instead of ``msg.body``'s.
+    """
     cls = type(msg)
     if cls.OP not in _MESSAGES:
         raise LocalProtocolError(f"{cls.__name__} is not a registered message")
@@ -1744,7 +1757,10 @@ def encode_header(msg: Message) -> bytes:
             continue
         header[name] = value
     if cls.HAS_BODY:
-        body_len = len(msg.body) if not isinstance(msg.body, memoryview) else msg.body.nbytes
+        if body_bytes is not None:
+            body_len = body_bytes
+        else:
+            body_len = len(msg.body) if not isinstance(msg.body, memoryview) else msg.body.nbytes
         if body_len > MAX_BODY_BYTES:
             raise LocalProtocolError(f"body of {body_len} bytes exceeds {MAX_BODY_BYTES}")
         if body_len:

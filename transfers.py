@@ -49,6 +49,7 @@ import logging
 import queue
 import threading
 import uuid
+import zlib
 from collections import deque
 
 import protocol
@@ -887,6 +888,9 @@ def _unusable(reply: protocol.ChunkData, entry: dict, first: int, count: int) ->
     missing: chunks the node says it does not hold.  corrupt: chunks it
     found corrupt on its disk, whose CRC32 fails here (damaged on its disk
     or in transit), or, for the last one, whose length is not the file's.
+    A reply carrying its record's payload CRC (``crc32``) is checked with
+    that one CRC32; only if it fails are the chunks checked one by one, to
+    find which to fetch elsewhere.
     Raises ChecksumMismatch if the reply as a whole does not answer the
     request, RemoteProtocolError if its range lists are malformed.
     """
@@ -895,10 +899,15 @@ def _unusable(reply: protocol.ChunkData, entry: dict, first: int, count: int) ->
     if reply.chunk_size != chunk_size or reply.first != first or reply.count != count \
             or not (count - 1) * chunk_size < len(payload) <= count * chunk_size:
         raise protocol.ChecksumMismatch(f"chunks {first}..{first + count - 1}: the reply does not fit the request")
+    whole = len(payload) == piece_payload_bytes(entry, first, count)
+    if whole and reply.crc32 is not None and not reply.missing and not reply.corrupt \
+            and zlib.crc32(payload) == reply.crc32:
+        # One CRC32 of the stored record's payload (CHUNK_DATA crc32) stands for its chunks' CRCs.
+        return [], []
     missing = merge_ranges(protocol.chunk_ranges(reply.missing, first, count))
     corrupt = protocol.chunk_ranges(reply.corrupt, first, count)
     corrupt += [(first + index, n) for index, n in protocol.bad_chunk_ranges(payload, crc_bytes, chunk_size)]
-    if len(payload) != piece_payload_bytes(entry, first, count):
+    if not whole:
         corrupt.append((first + count - 1, 1))
     return missing, _minus(merge_ranges(corrupt), missing)
 

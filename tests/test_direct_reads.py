@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import signal
+import socket
+import threading
 import time
+import zlib
 
 import pytest
 
@@ -46,6 +50,40 @@ def test_plan_runs_clips_the_range_and_pages():
     assert transfers.plan_runs(entry, 3, 24, 2) == ([[3, 7, ["a", "b"], "v"], [10, 5, ["b", "c"], "old"]], 15)
     assert transfers.plan_runs(entry, 15, 24, 2) == ([[15, 10, ["c", "a"], "v"]], None)
     assert transfers.plan_runs(entry, 4, 3, 2) == ([], None)  # an empty range
+
+
+def test_send_file_range_sends_exactly_the_range_and_fails_on_a_short_file(tmp_path):
+    """send_file_range (a node's sendfile of a client's read) sends the bytes asked for across a full socket
+    buffer, and raises EIO, not a short frame, if the file ends first."""
+    data = random_bytes(1505, 3 * MIB)
+    path = tmp_path / "segment"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    sender, receiver = socket.socketpair()
+    try:
+        sender.settimeout(5.0)  # non-blocking underneath: sendfile stops at a full buffer, then waits
+        got = bytearray()
+        reader = threading.Thread(target=receive_into, args=(receiver, got, 2 * MIB + 5))
+        reader.start()
+        transport.send_file_range(sender, fd, 7, 2 * MIB, 5.0)
+        transport.send_file_range(sender, fd, 0, 5, 5.0)
+        reader.join(10.0)
+        assert bytes(got) == data[7:7 + 2 * MIB] + data[:5]
+        with pytest.raises(OSError) as excinfo:
+            transport.send_file_range(sender, fd, len(data) - 10, 20, 5.0)
+        assert excinfo.value.errno == errno.EIO
+    finally:
+        os.close(fd)
+        sender.close()
+        receiver.close()
+
+
+def receive_into(sock, into: bytearray, nbytes: int) -> None:
+    while len(into) < nbytes:
+        piece = sock.recv(min(nbytes - len(into), 65536))
+        if not piece:
+            return
+        into += piece
 
 
 # --- real processes ---------------------------------------------------------------------------
@@ -205,6 +243,9 @@ def test_nodes_refuse_reads_without_the_masters_capability(shared_secure_cluster
         reply = conn.request(protocol.GetChunks(blob=blob, first=first, count=count, cap=plan.caps[blob]),
                              protocol.ChunkData)
         assert len(reply.body) == count * protocol.CRC_BYTES + 5000  # the real capability reads
+        # One whole record, sent from the segment file (sendfile) with the CRC of its payload.
+        assert reply.crc32 == zlib.crc32(reply.body[count * protocol.CRC_BYTES:])
+        assert bytes(reply.body[count * protocol.CRC_BYTES:]) == (tmp_path / "in.bin").read_bytes()
         expires, mac = plan.caps[blob].split(".")
         forged = f"{expires}.{'0' * len(mac)}"
         for cap in (None, forged, f"{int(expires) + 3600}.{mac}"):

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 
 import pytest
 
@@ -434,6 +435,20 @@ def test_tls_cluster_round_trip(make_secure_cluster, certificate, tmp_path):
     out = tmp_path / "out.bin"
     assert cluster.cli("download", "tls/f", str(out)).returncode == 0
     assert out.read_bytes() == local.read_bytes()
+    # A direct read through TLS: the node cannot sendfile, so it reads the record and sends it, payload CRC included.
+    c = cluster.client()
+    try:
+        plan = c.conn.request(protocol.Download(name="tls/f", direct=True), protocol.ReadPlan)
+        c.conn.request(protocol.ReadEnd(read_ids=[plan.read_id]), protocol.ReadEnded)
+    finally:
+        c.close()
+    first, count, node_ids, blob = plan.runs[0]
+    host, _, port = plan.nodes[node_ids[0]].rpartition(":")
+    with transport.Connection((host, int(port)), "client", 10.0, cluster.client_security) as conn:
+        reply = conn.request(protocol.GetChunks(blob=blob, first=first, count=count, cap=plan.caps[blob]),
+                             protocol.ChunkData)
+    payload = bytes(reply.body[count * protocol.CRC_BYTES:])
+    assert payload == local.read_bytes()[:len(payload)] and reply.crc32 == zlib.crc32(payload)
     plain = forkserver.run([sys.executable, os.path.join(ROOT, "client.py"), "--master", cluster.master_address,
                             "--secret-file", secret_file, "--quiet", "list"], capture_output=True, timeout=30)
     assert plain.returncode != 0  # a client without TLS is not served

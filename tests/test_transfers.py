@@ -6,12 +6,14 @@ and protocol.read_message, so the wire form of CHUNK_DATA's missing/corrupt
 lists is exercised too.  Bytes are flipped on disk with conftest.flip_byte.
 """
 
+import dataclasses
 import hashlib
 import io
 import os
 import random
 import sys
 import time
+import zlib
 
 import pytest
 
@@ -168,6 +170,43 @@ def test_reply_with_wrong_last_chunk_length_is_not_used(replicas):
     longer = {**entry, "size": entry["size"] + 1}  # the entry says the last chunk is one byte longer
     with pytest.raises(protocol.DataLost, match=f"chunks {CHUNKS - 1} lost"):
         read(master, longer)
+
+
+class ClientConn(FakeConn):
+    """A client's connection to a node (a direct read): answered as NodeHandler answers a client."""
+
+    def answer(self, msg):
+        found = self.node.open_client_read(msg)
+        if found is None:
+            return self.node.get(msg, for_client=True)
+        reply, span = found
+        try:
+            return dataclasses.replace(reply, body=self.node.store.read_span(span))
+        finally:
+            self.node.store.close_span(span)
+
+
+def test_whole_record_reply_is_checked_by_its_payload_crc_and_a_bad_byte_still_fails_over(replicas, monkeypatch):
+    """A client's read of a whole record is checked with the record's payload CRC alone (no per-chunk loop); a byte
+    damaged on the first replica's disk fails that CRC, the chunk loop then names the chunk, and it comes from the
+    other replica."""
+    master, entry, body = replicas
+    monkeypatch.setattr(FakePool, "acquire", lambda self, node_id: ClientConn(self.nodes[node_id]))
+    reply = ClientConn(master.pool.nodes["a"]).request(protocol.GetChunks(blob=BLOB, first=0, count=CHUNKS),
+                                                       protocol.ChunkData)
+    assert reply.crc32 == zlib.crc32(body[CHUNKS * protocol.CRC_BYTES:])
+    partial = ClientConn(master.pool.nodes["a"]).request(protocol.GetChunks(blob=BLOB, first=1, count=3),
+                                                         protocol.ChunkData)
+    assert partial.crc32 is None  # not a whole record: the client checks chunk by chunk
+    checked = []
+    real_bad_chunk_ranges = protocol.bad_chunk_ranges
+    monkeypatch.setattr(protocol, "bad_chunk_ranges", lambda *args: checked.append(1) or real_bad_chunk_ranges(*args))
+    assert read(master, entry) == body
+    assert checked == [] and master.bad == []
+    flip_chunk(master, "a", 5)
+    assert read(master, entry) == body
+    # Chunk by chunk: a's reply, whose payload CRC failed, and b's reply for chunk 5 alone (part of a record).
+    assert checked == [1, 1] and master.bad == [("a", [(5, 1)], "CHECKSUM_MISMATCH")]
 
 
 # --- uploads: nodes compute the CRCs, the master checks them -------------------------
