@@ -540,21 +540,28 @@ class Progress:
 
 
 class _FrameSink:
-    """Hashes and writes received frames, in a second thread when ``threaded``.
+    """Hashes and writes received frames, in other threads when ``threaded``.
 
     ``free_buffer()`` hands out a buffer to receive the next frame into;
-    ``put()`` queues its body; ``close()`` drains the queue and re-raises a
-    write error.  Three buffers rotate, so memory is three frames.  With
-    ``keep_going`` a write error does not stop the caller from receiving:
-    later frames are dropped and the error comes from ``close()``, so the
-    reply is read to its end and the connection stays in step (a directory
-    restore then goes on with the next file).
+    ``put()`` queues its body; ``close()`` drains the queues and re-raises a
+    write error.  ``buffers`` buffers rotate (default _BUFFERS), so memory
+    is that many frames.  Threaded, a frame is hashed in one thread and then
+    written in another: hashlib and file writes release the GIL, so on two
+    cores a file's page-cache writes (about as costly as the SHA-256 here)
+    overlap the hashing instead of adding to it, and a slow reader of our
+    stdout does not hold up the hashing.  With ``keep_going`` a write error
+    does not stop the caller from receiving: later frames are dropped and
+    the error comes from ``close()``, so the reply is read to its end and
+    the connection stays in step (a directory restore then goes on with the
+    next file).
     """
 
-    _BUFFERS = 3
+    # Enough that a receiving thread descheduled for a moment (two cores
+    # shared by five processes in a download) does not starve the hashing.
+    _BUFFERS = 6
 
     def __init__(self, out, sha, progress: Progress, threaded: bool, first_buffer: bytearray,
-                 keep_going: bool = False):
+                 keep_going: bool = False, buffers: int = _BUFFERS):
         self.out = out
         self.sha = sha
         self.progress = progress
@@ -562,13 +569,18 @@ class _FrameSink:
         self.error: BaseException | None = None
         self._free: queue.Queue = queue.Queue()
         self._free.put(first_buffer)
-        self._thread = None
+        self._threads = []
         if threaded:
-            for _ in range(self._BUFFERS - 1):
+            for _ in range(buffers - 1):
                 self._free.put(bytearray(len(first_buffer)))
             self._work: queue.Queue = queue.Queue()
-            self._thread = threading.Thread(target=self._run, name="download-writer", daemon=True)
-            self._thread.start()
+            self._to_write: queue.Queue | None = queue.Queue() if sha is not None else None
+            stages = [("download-hash", self._hash_loop), ("download-writer", self._write_loop)] \
+                if sha is not None else [("download-writer", self._write_loop)]
+            for name, target in stages:
+                thread = threading.Thread(target=target, name=name, daemon=True)
+                thread.start()
+                self._threads.append(thread)
 
     def free_buffer(self) -> bytearray:
         if self.error is not None and not self.keep_going:
@@ -580,18 +592,18 @@ class _FrameSink:
         self._free.put(buffer)
 
     def put(self, buffer: bytearray, body) -> None:
-        if self._thread is None:
-            self._consume(body)
+        if not self._threads:
+            if self.sha is not None:
+                self.sha.update(body)
+            self._write(body)
             self._free.put(buffer)
         else:
             self._work.put((buffer, body))
 
-    def _consume(self, body) -> None:
+    def _write(self, body) -> None:
         if self.error is not None:
             return
         try:
-            if self.sha is not None:
-                self.sha.update(body)
             try:
                 self.out.write(body)
             except BrokenPipeError:
@@ -601,22 +613,33 @@ class _FrameSink:
             self.progress.advance(len(body))
         except BaseException as exc:
             self.error = exc
-            if self._thread is None and not self.keep_going:
+            if not self._threads and not self.keep_going:
                 raise
 
-    def _run(self) -> None:
+    def _hash_loop(self) -> None:
         while True:
             item = self._work.get()
+            if item is not None:
+                self.sha.update(item[1])
+            self._to_write.put(item)
+            if item is None:
+                return
+
+    def _write_loop(self) -> None:
+        source = self._to_write if self.sha is not None else self._work
+        while True:
+            item = source.get()
             if item is None:
                 return
             buffer, body = item
-            self._consume(body)
+            self._write(body)
             self._free.put(buffer)
 
     def close(self) -> None:
-        if self._thread is not None:
+        if self._threads:
             self._work.put(None)
-            self._thread.join()
+            for thread in self._threads:
+                thread.join()
         if self.error is not None:
             raise self.error
 
