@@ -544,9 +544,9 @@ class _FrameSink:
 
     ``free_buffer()`` hands out a buffer to receive the next frame into;
     ``put()`` queues its body; ``close()`` drains the queues and re-raises a
-    write error.  ``buffers`` buffers rotate (default _BUFFERS), so memory
-    is that many frames.  Threaded, a frame is hashed in one thread and then
-    written in another: hashlib and file writes release the GIL, so on two
+    write error.  _BUFFERS buffers rotate, so memory is that many frames.
+    Threaded, a frame is hashed in one thread and then written in another
+    (in order, each): hashlib and file writes release the GIL, so on two
     cores a file's page-cache writes (about as costly as the SHA-256 here)
     overlap the hashing instead of adding to it, and a slow reader of our
     stdout does not hold up the hashing.  With ``keep_going`` a write error
@@ -561,7 +561,7 @@ class _FrameSink:
     _BUFFERS = 6
 
     def __init__(self, out, sha, progress: Progress, threaded: bool, first_buffer: bytearray,
-                 keep_going: bool = False, buffers: int = _BUFFERS):
+                 keep_going: bool = False):
         self.out = out
         self.sha = sha
         self.progress = progress
@@ -571,7 +571,7 @@ class _FrameSink:
         self._free.put(first_buffer)
         self._threads = []
         if threaded:
-            for _ in range(buffers - 1):
+            for _ in range(self._BUFFERS - 1):
                 self._free.put(bytearray(len(first_buffer)))
             self._work: queue.Queue = queue.Queue()
             self._to_write: queue.Queue | None = queue.Queue() if sha is not None else None
