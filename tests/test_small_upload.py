@@ -278,3 +278,56 @@ def test_a_master_killed_during_a_batch_upload_keeps_every_acknowledged_file(mak
             assert read_back(c, entry["name"], tmp_path) == pending[entry["name"]]
     finally:
         c.close()
+
+
+def test_three_masters_a_follower_refuses_every_file_and_a_killed_leader_loses_nothing(tmp_path, monkeypatch):
+    """With three masters: an UPLOAD_FILES sent to a follower gets NOT_LEADER for each of its files; the
+    leader SIGKILLed after the first batch of a directory upload: the client sends what was not acknowledged
+    to the new leader, and every file reads back whole."""
+    from conftest import FAST_MASTER, FAST_TIMING, TestCluster
+    from test_replication import addresses, leader_index
+    c = TestCluster(str(tmp_path / "c"), nodes=2, masters=3, master_args=FAST_MASTER, node_args=FAST_TIMING)
+    try:
+        c.start()
+        leader = wait_until(lambda: _leader_or_none(c, leader_index), 15, message="a leader")
+        follower = addresses(c)[(leader + 1) % 3]
+        with transport.Connection(follower, "client", 10.0) as conn:
+            conn.send(files_frame({"refused/a": b"a", "refused/b": b"b", "refused/c": b""}))
+            conn.send(protocol.Sync())
+            replies = [conn.recv() for _ in range(3)]
+            assert [getattr(r, "code", r.OP) for r in replies] == ["NOT_LEADER"] * 3
+        tree = tmp_path / "tree"
+        tree.mkdir()
+        expected = {f"f{i:03d}": random_bytes(900 + i, 2000 + i) for i in range(150)}
+        for name, data in expected.items():
+            (tree / name).write_bytes(data)
+        real_send = cli.SmallBatch.send
+        sent = []
+
+        def send_then_kill(self, conn, in_flight):
+            real_send(self, conn, in_flight)
+            sent.append(1)
+            if len(sent) == 1:
+                conn.flush()
+                c.masters[leader].signal(signal.SIGKILL)
+
+        monkeypatch.setattr(cli.SmallBatch, "send", send_then_kill)
+        monkeypatch.setattr(cli, "SMALL_BATCH_FILES", 30)
+        client = c.client()
+        try:
+            summary = client.upload_tree(str(tree), "failover")
+            assert not summary.failures and summary.files == 150
+            assert _leader_or_none(c, leader_index) not in (None, leader)
+            for name, data in expected.items():
+                assert read_back(client, f"failover/{name}", tmp_path) == data
+        finally:
+            client.close()
+    finally:
+        c.stop()
+
+
+def _leader_or_none(c, leader_index):
+    try:
+        return leader_index(c)
+    except (StopIteration, protocol.BackupError):
+        return None
