@@ -273,7 +273,9 @@ def open_source(path: str, kind: str):
     directory no bytes.  Raises OSError.
     """
     if kind == filemeta.FILE:
-        f = open(path, "rb")
+        # Unbuffered: reads go into the caller's buffer anyway (read_full), and
+        # a buffered reader costs ~10 us more to make, per file of a tree.
+        f = open(path, "rb", buffering=0)
         st = os.fstat(f.fileno())
         return f, st.st_size, filemeta.capture(st)
     st = os.lstat(path)
