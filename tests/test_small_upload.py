@@ -190,6 +190,33 @@ def test_each_file_of_a_frame_gets_its_own_reply_in_order(shared, tmp_path):
         holder.close()
 
 
+def test_files_cut_otherwise_or_larger_than_a_batch_are_stored_whole(shared, tmp_path):
+    """CRCs of another chunk size: the master checks each file's SHA-256 (a wrong one fails that file
+    alone) and computes the CRCs; a file larger than a batch (a raw client may send one) becomes several
+    items of its blob, each within a batch."""
+    big = random_bytes(77, 2 * 1024 * 1024 + 5000)
+    with transport.Connection(master_address(shared), "client", 10.0) as conn:
+        other = files_frame({"cut/a": b"a" * 5000, "cut/b": b"b" * 3000, "cut/c": b"c"}, chunk_size=4096)
+        other.files[1][2] = hashlib.sha256(b"not b").hexdigest()
+        conn.send(other)
+        conn.send(files_frame({"cut/small": b"s" * 100, "cut/big": big, "cut/after": b"z" * 2000}))
+        conn.send(protocol.Sync())
+        replies = [conn.recv() for _ in range(7)]
+    assert [getattr(r, "code", r.OP) for r in replies] == ["UPLOADED", "CHECKSUM_MISMATCH", "UPLOADED",
+                                                           "UPLOADED", "UPLOADED", "UPLOADED", "SYNCED"]
+    c = shared.client()
+    try:
+        for name, data in (("cut/a", b"a" * 5000), ("cut/c", b"c"), ("cut/small", b"s" * 100), ("cut/big", big),
+                           ("cut/after", b"z" * 2000)):
+            assert read_back(c, name, tmp_path) == data, name
+        info = c.stat("cut/big")
+        assert info.chunk_size == CHUNK and info.chunks == 2053 and sum(run[1] for run in info.runs) == 2053
+        with pytest.raises(protocol.FileNotFound):
+            c.stat("cut/b")
+    finally:
+        c.close()
+
+
 def test_a_file_damaged_on_the_way_commits_nothing_of_its_frame(shared, tmp_path):
     """Bytes unlike the client's CRCs: every replica refuses the PUT_BLOBS, so no file of that frame is stored;
     the next group on the same connection is stored as usual."""
