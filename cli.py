@@ -105,6 +105,12 @@ DOWNLOAD_WINDOW = 32
 SMALL_FILE_BYTES = 64 * 1024
 SMALL_BATCH_FILES = 256
 SMALL_BATCH_HEADER_BYTES = 64 * 1024
+# Files of a direct tree restore planned by one READ_PLANS (the master takes
+# up to MAX_PLAN_FILES): a batch is pinned until its READ_END, and the next
+# batch's plans are on their way while this one's chunks are read.
+PLAN_FILES = 256
+# File data a direct tree restore's writer thread may have queued.
+WRITER_QUEUE_BYTES = 4 * 1024 * 1024
 # Times `stat` restarts reading a file's runs because it was replaced meanwhile.
 _STAT_ATTEMPTS = 3
 # `stat` without --runs lists a file's runs only if it has at most this many.
@@ -142,6 +148,10 @@ class UnsafeDestination(LocalFileError):
     Its own exit status (EXIT_USAGE): ``--force`` does not help, the user
     has to give another path.
     """
+
+
+class _NoReadPlans(Exception):
+    """The master answered READ_PLANS with UNKNOWN_OP (it predates batched plans); nothing was read."""
 
 
 class UsageError(Exception):
@@ -683,10 +693,15 @@ class _TreeFile:
         self.received = 0
 
     @classmethod
-    def open(cls, position: int, root: str, path: str, summary: TreeSummary, report, name: str) -> "_TreeFile":
+    def open(cls, position: int, root: str, path: str, summary: TreeSummary, report, name: str,
+             directories: set) -> "_TreeFile":
+        """``directories``: the directories this restore already made or checked (make_parents once each)."""
         tree_file = cls(position, path, name, summary, report)
         try:
-            make_parents(root, path)
+            parent = os.path.dirname(path)
+            if parent not in directories:
+                make_parents(root, path)
+                directories.add(parent)
             fd, tree_file.temp_path = open_temp_beside(path)
             tree_file.out = os.fdopen(fd, "wb")
         except LocalFileError as exc:
@@ -738,6 +753,88 @@ class _TreeFile:
         if self.temp_path is not None:
             _unlink_quietly(self.temp_path)
             self.temp_path = None
+
+
+class _TreeWriter:
+    """Creates, writes, checks and renames the files of a direct tree restore, in a thread of its own.
+
+    The reading thread (``Client._download_files_direct``) hands over each
+    file's bytes, in order, then its end; this thread does with them what
+    ``_TreeFile`` does.  Creating a file can cost more than fetching it
+    (an inode allocation took 0.6-0.8 ms on the ext4 of docs/BENCHMARKS.md,
+    a 4 KiB file's plan and chunks about 0.3 ms), and system calls and
+    hashlib release the GIL, so the two overlap.  At most
+    WRITER_QUEUE_BYTES of file data wait.  The summary and ``report`` are
+    this thread's until ``close()``: failures the reading thread finds are
+    queued like the rest, so they are reported in file order.
+    """
+
+    def __init__(self, client: "Client", root: str, force: bool, restore: "Restore", summary: TreeSummary, report):
+        self.client, self.root, self.force, self.restore = client, root, force, restore
+        self.summary, self.report = summary, report
+        self.error: BaseException | None = None
+        self._directories: set[str] = set()
+        self._queue: queue.Queue = queue.Queue()
+        self._room = threading.Condition()
+        self._queued = 0  # bytes of file data in the queue
+        self._thread = threading.Thread(target=self._run, name="restore-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, position: int, path: str, name: str, data: bytes | None, end=None) -> None:
+        """Queue ``data`` (the next bytes of file ``position``; None: none) and, unless ``end`` is None, the
+        file's end: its ReadPlan (check and rename it), a str (it failed: why), or False (drop it unreported:
+        it is read again later).  Waits while WRITER_QUEUE_BYTES are queued."""
+        size = len(data) if data else 0
+        with self._room:
+            while self._queued and self._queued + size > WRITER_QUEUE_BYTES and self.error is None:
+                self._room.wait()
+            if self.error is not None:
+                raise self.error
+            self._queued += size
+        self._queue.put((position, path, name, data, end))
+
+    def _run(self) -> None:
+        current = None  # _TreeFile being written
+        try:
+            while True:
+                item = self._queue.get()
+                if item is None:
+                    return
+                position, path, name, data, end = item
+                if current is not None and current.position != position:
+                    current.discard()  # not ended: cannot happen (ends are queued in order), but never leak it
+                    current = None
+                if current is None and (data is not None or isinstance(end, protocol.ReadPlan)):
+                    current = _TreeFile.open(position, self.root, path, self.summary, self.report, name,
+                                             self._directories)
+                if data is not None:
+                    current.write(data)
+                    with self._room:
+                        self._queued -= len(data)
+                        self._room.notify()
+                if end is None:
+                    continue
+                if isinstance(end, protocol.ReadPlan):
+                    current.finish(self.client, end, self.force, self.restore)
+                elif isinstance(end, str):
+                    self.summary.fail(name, end, self.report)
+                if current is not None:
+                    current.discard()  # a no-op after finish
+                current = None
+        except BaseException as exc:
+            with self._room:
+                self.error = exc
+                self._room.notify_all()
+        finally:
+            if current is not None:
+                current.discard()  # the restore stopped in the middle of this file
+
+    def close(self) -> None:
+        """Finish the files queued (a file not ended is removed); raise what stopped the thread, if anything."""
+        self._queue.put(None)
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 class Client:
@@ -1080,15 +1177,15 @@ class Client:
         return info
 
     def _end_read(self, msg: protocol.ReadEnd) -> None:
-        """Send READ_END: as a request of its own, or queued behind a tree restore's pipelined downloads."""
+        """Send READ_END: as a request of its own, or queued behind a tree restore's pipelined requests."""
         if self._expected is None:
             self.conn.request(msg, protocol.ReadEnded)
         else:
             self.conn.send(msg, flush=False)
             self._expected.append(protocol.ReadEnded)
 
-    def _next_reply_is_download(self) -> None:
-        """In a tree restore, read the READ_ENDED replies queued before the next download's reply."""
+    def _next_reply(self) -> None:
+        """In a tree restore, read the READ_ENDED replies queued before the next reply to a request."""
         self.conn.flush()  # READ_END requests are queued unflushed (_end_read)
         while self._expected and self._expected[0] is protocol.ReadEnded:
             self._expected.popleft()
@@ -1156,11 +1253,17 @@ class Client:
                 continue
             files.add(path)
             todo.append((name, path, entry.get("version")))
-        if self.direct_reads:
-            # Files a pipelined direct read could not finish (no replica reachable from here, or
-            # placement of more than one READ_PLAN page) are then downloaded one by one: each
+        if self.direct_reads and todo:
+            try:
+                later = self._download_files_direct(root, todo, force, restore, summary, report, snapshot)
+            except _NoReadPlans:
+                # A master from before READ_PLANS: it relays the restore (pipelined DOWNLOADs).
+                self._download_files(root, todo, force, restore, summary, report, snapshot)
+                later = []
+            # Files the batched direct reads could not finish (no replica reachable from here, or
+            # more runs than a READ_PLANS_PAGE plan holds) are then downloaded one by one: each
             # may page through READ_MORE or have the master relay it.
-            for item in self._download_files_direct(root, todo, force, restore, summary, report, snapshot):
+            for item in later:
                 self._download_files(root, [item], force, restore, summary, report, snapshot)
         else:
             self._download_files(root, todo, force, restore, summary, report, snapshot)
@@ -1205,16 +1308,18 @@ class Client:
 
     def _download_files_direct(self, root: str, todo: list, force: bool, restore: Restore,
                                summary: TreeSummary, report, snapshot: int | None = None) -> list:
-        """Restore ``todo`` ((name, path, version) each) by direct reads pipelined across files.
+        """Restore ``todo`` ((name, path, version) each) by direct reads, batched and pipelined across files.
 
-        DOWNLOAD_WINDOW ``DOWNLOAD {direct}`` are in flight to the master and
-        READ_AHEAD pieces, of whichever files, to the nodes
-        (``transfers.read_ranges``), so a small file costs no round trip of
-        its own.  Each file is written to a temporary file, checked
-        (length, SHA-256) and renamed as in ``_receive_into``; one READ_END
-        per DOWNLOAD_WINDOW files is queued behind the requests already sent.  Returns the entries
-        to download one by one instead: no replica reachable from here, or
-        more runs than one READ_PLAN holds.
+        One ``READ_PLANS`` pins and plans PLAN_FILES files (the next batch is
+        requested while this one is read); READ_AHEAD pieces, of whichever
+        files, are in flight to the nodes (``transfers.read_ranges``), so a
+        small file costs no round trip of its own; a second thread creates,
+        writes, checks (length, SHA-256) and renames the files as
+        ``_receive_into`` does (``_TreeWriter``).  One READ_END per batch
+        is queued behind the requests already sent.  Returns the entries to
+        download one by one instead: no replica reachable from here, or more
+        runs than one plan holds.  Raises _NoReadPlans, before anything is
+        read, if the master does not know READ_PLANS.
         """
         import direct_read  # noqa: PLC0415 - only downloads need it
         import transfers  # noqa: PLC0415
@@ -1222,8 +1327,7 @@ class Client:
         reader = direct_read.DirectReader(self.replicas)
         plans: dict[int, protocol.ReadPlan] = {}
         later = []
-        ended: list[str] = []  # reads done, to end with one READ_END per DOWNLOAD_WINDOW files
-        sent = 0
+        ended: list[str] = []  # reads done, to end with one READ_END per PLAN_FILES files
         self._expected = deque()
 
         def end_reads():
@@ -1231,62 +1335,101 @@ class Client:
                 self._end_read(protocol.ReadEnd(read_ids=list(ended), bad=reader.take_bad()))
                 ended.clear()
 
-        def reads():
-            nonlocal sent
-            for position, (name, _, _) in enumerate(todo):
-                while sent < len(todo) and sent < position + DOWNLOAD_WINDOW:
-                    conn.send(protocol.Download(name=todo[sent][0], version=todo[sent][2], snapshot=snapshot,
-                                                direct=True), flush=False)
-                    self._expected.append(protocol.Download)
-                    sent += 1
-                self._next_reply_is_download()
-                reply = conn.recv()
-                if reply is None:
-                    conn.broken = True
-                try:
-                    plan = protocol.expect(reply, protocol.ReadPlan)
-                    direct_read.check_plan(plan)
-                except (protocol.FileNotFound, protocol.DataLost, protocol.Unavailable) as exc:
-                    yield position, name, exc
-                    continue
-                plans[position] = plan
-                if plan.more is not None:
-                    later.append(todo[position])
-                    ended.append(plan.read_id)
-                    continue
-                reader.pool.learn(plan)
-                yield position, name, direct_read.plan_entry(plan), plan.offset, plan.length
+        batches = deque(self._plan_batches(todo))
+        requested: deque = deque()  # the positions of each READ_PLANS sent and not yet answered
 
-        current = None  # _TreeFile of the file being written
+        def request_plans():
+            positions = batches.popleft()
+            conn.send(protocol.ReadPlans(files=[[todo[p][0], todo[p][2]] for p in positions], snapshot=snapshot),
+                      flush=False)
+            self._expected.append(protocol.ReadPlansPage)
+            requested.append(positions)
+
+        def reads():
+            request_plans()
+            first = True
+            while requested:
+                positions = requested.popleft()
+                self._next_reply()
+                index = 0
+                while True:
+                    reply = conn.recv()
+                    if reply is None:
+                        conn.broken = True
+                    try:
+                        page = protocol.expect(reply, protocol.ReadPlansPage)
+                    except protocol.UnknownOperation:
+                        if first:
+                            raise _NoReadPlans() from None
+                        raise
+                    if first or (batches and not requested):
+                        first = False
+                        if batches:
+                            request_plans()  # the master plans the next batch while this one is read
+                    if len(page.plans) > len(positions) - index:
+                        raise protocol.RemoteProtocolError("READ_PLANS answered more files than asked")
+                    for fields in page.plans:
+                        position = positions[index]
+                        index += 1
+                        name = todo[position][0]
+                        plan = protocol.plan_from_page(fields, page)
+                        if isinstance(plan, protocol.BackupError):
+                            yield position, name, plan
+                            continue
+                        direct_read.check_plan(plan)
+                        if plan.name != name:
+                            raise protocol.RemoteProtocolError(f"READ_PLANS answered {plan.name!r} for {name!r}")
+                        plans[position] = plan
+                        if plan.more is not None:
+                            later.append(todo[position])
+                            ended.append(plan.read_id)
+                            continue
+                        reader.pool.learn(plan)
+                        yield position, name, direct_read.plan_entry(plan), plan.offset, plan.length
+                    if page.done:
+                        break
+                if index != len(positions):
+                    raise protocol.RemoteProtocolError(f"READ_PLANS answered {index} of {len(positions)} files")
+
+        writer = _TreeWriter(self, root, force, restore, summary, report)
+        held = None  # (position, bytes): the last piece received, given to the writer with the next item
         try:
             for position, item in transfers.read_ranges(reader, reads()):
                 name, path, _ = todo[position]
-                if current is None or current.position != position:
-                    current = _TreeFile.open(position, root, path, summary, report, name)
-                if item is None or isinstance(item, BaseException):
-                    plan = plans.pop(position, None)
-                    if plan is not None:
-                        ended.append(plan.read_id)
-                        if len(ended) >= DOWNLOAD_WINDOW:
-                            end_reads()
-                    if isinstance(item, protocol.Unavailable) and plan is not None:
-                        current.discard()
-                        later.append(todo[position])
-                    elif isinstance(item, BaseException):
-                        current.discard()
-                        summary.fail(name, f"{item.code}: {item.message}", report)
-                    else:
-                        current.finish(self, plan, force, restore)
-                    current = None
+                data = None
+                if held is not None and held[0] == position:
+                    data = held[1]
+                held = None
+                if item is not None and not isinstance(item, BaseException):
+                    if data is not None:
+                        writer.put(position, path, name, data)
+                    held = (position, bytes(item))  # the view's buffer is read into again
                     continue
-                current.write(item)
+                plan = plans.pop(position, None)
+                if plan is not None:
+                    ended.append(plan.read_id)
+                    if len(ended) >= PLAN_FILES:
+                        end_reads()
+                if isinstance(item, protocol.Unavailable) and plan is not None:
+                    later.append(todo[position])
+                    writer.put(position, path, name, data, False)
+                elif isinstance(item, BaseException):
+                    writer.put(position, path, name, data, f"{item.code}: {item.message}")
+                else:
+                    writer.put(position, path, name, data, plan)
             end_reads()
-            self._next_reply_is_download()  # the last READ_ENDED replies
+            self._next_reply()  # the last READ_ENDED replies
         finally:
-            if current is not None:
-                current.discard()
             self._expected = None
+            writer.close()
         return later
+
+    @staticmethod
+    def _plan_batches(todo: list):
+        """Positions in ``todo`` cut into READ_PLANS requests: PLAN_FILES files, names within a page."""
+        for page, _ in protocol.pages(range(len(todo)), size=lambda p: protocol.json_size(todo[p][0]) + 24):
+            for start in range(0, len(page), PLAN_FILES):
+                yield page[start:start + PLAN_FILES]
 
     @staticmethod
     def _restore_directories(root: str, directories: list, summary: TreeSummary, restore: Restore, report) -> None:

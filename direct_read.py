@@ -21,9 +21,10 @@ master may reach nodes the client cannot.  Copies the client could not use
 are listed in READ_END; the master reads each one itself before it takes a
 replica off and has it repaired, so a client never removes a good copy.
 
-Left out: reading one piece from two replicas at once (hedged reads), and
-pipelining the chunk requests of several small files of a tree restore
-(each file's pieces are pipelined, files follow one another).
+A directory restore plans many files with one READ_PLANS and pipelines
+the chunk requests of many small files (``transfers.read_ranges``; see
+``cli.Client._download_files_direct``).  Left out: reading one piece from
+two replicas at once (hedged reads).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class ReplicaPool:
         self.timeout_s = timeout_s
         self.security = security
         self.addresses: dict[str, tuple[str, int]] = {}
+        self._address_texts: dict[str, str] = {}  # node id -> "HOST:PORT" it was learnt from
         self.caps: dict[str, str] = {}
         self._idle: dict[str, transport.Connection] = {}
         self._unreachable: dict[str, float] = {}  # node id -> monotonic time to try again
@@ -66,6 +68,9 @@ class ReplicaPool:
         """Take the addresses and capabilities of a READ_PLAN."""
         import config as config_module  # noqa: PLC0415 - the CLI imports it already
         for node_id, text in plan.nodes.items():
+            if self._address_texts.get(node_id) == text:
+                continue  # known (the plans of a READ_PLANS_PAGE share one nodes table)
+            self._address_texts[node_id] = text
             try:
                 self.addresses[node_id] = config_module.parse_address(text)
             except ValueError:

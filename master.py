@@ -90,6 +90,10 @@ _LIVENESS_CHECK_S = 1.0
 # Runs in one READ_PLAN: ~130 bytes of JSON each with its capability, so a
 # page stays well under MAX_HEADER_BYTES; 512 runs of 1 MiB cover 512 MiB.
 PLAN_RUNS = 512
+# Runs in one file's plan of a READ_PLANS_PAGE: a page (PAGE_BYTES) must hold
+# a whole plan, so a file with more (a large one: 64 runs of 1 MiB) pages on
+# with READ_MORE.
+BATCH_PLAN_RUNS = 64
 # A group of pipelined uploads is committed (one FLUSH per node, one log
 # fsync) once it holds this many files or bytes, or when the client syncs.
 GROUP_MAX_FILES = 256
@@ -757,12 +761,28 @@ class Master:
         At most PLAN_RUNS runs (the rest: READ_MORE); replicas in read order;
         a capability per blob of the runs, valid for read_lease_s.
         """
+        expires = self.read_expiry()
+        nodes: dict[str, str] = {}
+        fields = self.plan_fields(read_id, name, entry, offset, length, first_chunk, PLAN_RUNS, expires, nodes)
+        return protocol.ReadPlan(**fields, nodes=nodes, expires=expires)
+
+    def read_expiry(self) -> int:
+        """Unix time until which capabilities issued now are valid (read_lease_s)."""
+        return int(time.time() + self.config.read_lease_s) + 1
+
+    def plan_fields(self, read_id: str, name: str, entry: dict, offset: int, length: int, first_chunk: int | None,
+                    max_runs: int, expires: int, nodes: dict) -> dict:
+        """The fields of a READ_PLAN but ``nodes`` and ``expires``: at most ``max_runs`` runs.
+
+        Adds the address of each node of the runs to ``nodes`` (shared by
+        the plans of one READ_PLANS_PAGE).  ``more`` and ``meta`` are left
+        out when None, as the frame would leave them.
+        """
         chunk_size = entry["chunk_size"]
         first_needed = offset // chunk_size
         first = first_needed if first_chunk is None else max(first_chunk, first_needed)
         last = (offset + length - 1) // chunk_size if length > 0 else first - 1
-        runs, more = transfers.plan_runs(entry, first, last, PLAN_RUNS)
-        nodes = {}
+        runs, more = transfers.plan_runs(entry, first, last, max_runs)
         for run in runs:
             run[2] = self.read_order(run[2])
             for node_id in run[2]:
@@ -771,16 +791,19 @@ class Master:
                         nodes[node_id] = transport.format_address(self.node_address(node_id))
                     except protocol.BackupError:
                         pass  # unknown: the client counts it unreachable
-        expires = int(time.time() + self.config.read_lease_s) + 1
         secret = self.security.secret
         cluster_id = self.namespace.cluster_id or ""
         caps = {blob: security_module.read_capability(secret, cluster_id, blob, expires) if secret else ""
                 for blob in {run[3] for run in runs}}
-        return protocol.ReadPlan(
-            read_id=read_id, name=name, size=entry["size"], chunks=entry["chunks"], sha256=entry["sha256"],
-            mtime=entry["mtime"], version=entry["version"], offset=offset, length=length, chunk_size=chunk_size,
-            batch_chunks=entry["batch_chunks"], first_chunk=first, runs=runs, nodes=nodes, caps=caps,
-            expires=expires, more=more, meta=entry.get("meta"))
+        fields = {"read_id": read_id, "name": name, "size": entry["size"], "chunks": entry["chunks"],
+                  "sha256": entry["sha256"], "mtime": entry["mtime"], "version": entry["version"], "offset": offset,
+                  "length": length, "chunk_size": chunk_size, "batch_chunks": entry["batch_chunks"],
+                  "first_chunk": first, "runs": runs, "caps": caps}
+        if more is not None:
+            fields["more"] = more
+        if entry.get("meta") is not None:
+            fields["meta"] = entry["meta"]
+        return fields
 
     def check_reported_copies(self, name: str, entry: dict, bad: list) -> None:
         """A client could not use these copies ([node id, blob, first, count]): read each one here.
@@ -1805,14 +1828,7 @@ class MasterHandler(ObservedHandler, transport.RequestHandler):
             # A direct read falling back to the master: the bytes of the version it pinned.
             self._send_file(msg, self._pinned_read(msg.read_id, name)[1])
             return
-        if msg.snapshot is not None:
-            if msg.version is None:
-                raise protocol.RemoteProtocolError("a snapshot download names the version")
-            if msg.snapshot not in self.master.namespace.snapshots:
-                raise protocol.FileNotFound(f"no snapshot {msg.snapshot} (see: snapshots)")
-            entry = self.master.open_for_read(name, msg.version, any_kept=True)
-        else:
-            entry = self.master.open_for_read(name, msg.version, msg.at)
+        entry = self._open_for_read(name, msg.version, msg.at, msg.snapshot)
         if msg.direct:
             self._start_read(msg, entry)
             return
@@ -1820,6 +1836,16 @@ class MasterHandler(ObservedHandler, transport.RequestHandler):
             self._send_file(msg, entry)
         finally:
             self.master.close_read(entry)
+
+    def _open_for_read(self, name: str, version: int | None, at: float | None, snapshot: int | None) -> dict:
+        """The entry a DOWNLOAD (or a file of READ_PLANS) reads, pinned (Master.open_for_read)."""
+        if snapshot is None:
+            return self.master.open_for_read(name, version, at)
+        if version is None:
+            raise protocol.RemoteProtocolError("a snapshot download names the version")
+        if snapshot not in self.master.namespace.snapshots:
+            raise protocol.FileNotFound(f"no snapshot {snapshot} (see: snapshots)")
+        return self.master.open_for_read(name, version, any_kept=True)
 
     # --- clients: direct reads (the client fetches the chunks from the nodes) ---
     def _start_read(self, msg: protocol.Download, entry: dict) -> None:
@@ -1833,6 +1859,48 @@ class MasterHandler(ObservedHandler, transport.RequestHandler):
             raise
         self.reads[read_id] = [msg.name, entry, offset, length, self.master.clock() + self.master.config.read_lease_s]
         self.reply(plan)
+
+    def do_READ_PLANS(self, msg: protocol.ReadPlans) -> None:
+        """Pin and plan each file of a directory restore; answer the plans in pages (READ_PLANS_PAGE).
+
+        One request and a few frames for up to MAX_PLAN_FILES files instead
+        of a DOWNLOAD and a READ_PLAN each: the per-frame work (JSON, a send)
+        is what a small file's plan cost.  A file that cannot be read gets
+        an error entry, and the others go on.  Plans are built as the pages
+        are cut, so only one page is held.
+        """
+        files = msg.files
+        if len(files) > protocol.MAX_PLAN_FILES or not all(
+                isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
+                and (item[1] is None or type(item[1]) is int) for item in files):
+            raise protocol.RemoteProtocolError(f"READ_PLANS files are at most {protocol.MAX_PLAN_FILES} "
+                                               f"[name, version id or null] pairs")
+        expires = self.master.read_expiry()
+        known: dict[str, str] = {}  # node id -> address, of every plan built so far
+        batch = uuid.uuid4().hex[:12]
+        plans = (self._batch_plan(f"{batch}.{index}", name, version, msg.snapshot, expires, known)
+                 for index, (name, version) in enumerate(files))
+        for page, last in protocol.pages(plans):
+            nodes = {node_id: known[node_id] for plan in page for run in plan.get("runs", ())
+                     for node_id in run[2] if node_id in known}
+            self.reply(protocol.ReadPlansPage(plans=page, nodes=nodes, expires=expires, done=last), flush=last)
+
+    def _batch_plan(self, read_id: str, name: str, version: int | None, snapshot: int | None, expires: int,
+                    nodes: dict) -> dict:
+        """One file's entry of a READ_PLANS_PAGE: its plan (the read registered), or its error."""
+        try:
+            name = protocol.validate_name(name)
+            entry = self._open_for_read(name, version, None, snapshot)
+        except protocol.BackupError as exc:
+            return {"name": name[:protocol.MAX_NAME_BYTES], "error": exc.code, "message": exc.message[:1024]}
+        try:
+            plan = self.master.plan_fields(read_id, name, entry, 0, entry["size"], None, BATCH_PLAN_RUNS, expires,
+                                           nodes)
+        except BaseException:
+            self.master.close_read(entry)
+            raise
+        self.reads[read_id] = [name, entry, 0, entry["size"], self.master.clock() + self.master.config.read_lease_s]
+        return plan
 
     def _pinned_read(self, read_id: str, name: str | None = None) -> list:
         read = self.reads.get(read_id)

@@ -66,6 +66,9 @@ MAX_CHUNK_BYTES = 4 * 1024 * 1024
 # the handshake frames are a few hundred bytes, and an unauthenticated
 # stranger must not make a server allocate or parse 256 KiB per connection.
 MAX_HANDSHAKE_HEADER_BYTES = 4096
+# Files one READ_PLANS may name: each is pinned until READ_END, and its
+# names (at most PAGE_BYTES of JSON, as the client cuts them) fit a header.
+MAX_PLAN_FILES = 1024
 # Ranges in a CHUNK_DATA reply's missing or corrupt list.  A batch of the
 # default 1,024 chunks has at most 512 damaged runs; 4,096 ranges of ~25 bytes
 # of JSON stay near 100 KiB, under MAX_HEADER_BYTES.  A node that would list
@@ -954,6 +957,58 @@ class ReadPlan(Message):
 
 
 @message
+class ReadPlans(Message):
+    """Direct reads of many files at once (a directory restore): pin each one and plan it.
+
+    ``files``: ``[[name, version id or null], ...]``, at most MAX_PLAN_FILES,
+    each read whole; ``snapshot`` as in ``DOWNLOAD`` (each file then names
+    its version).  Reply: ``READ_PLANS_PAGE`` x n, in request order, the
+    last ``done``.  Each file read is a read of its own (``read_id``), ended
+    by ``READ_END`` as one from ``DOWNLOAD {direct}``.
+    """
+
+    OP = "READ_PLANS"
+    files: list
+    snapshot: int | None = None
+
+
+@message
+class ReadPlansPage(Message):
+    """One page of the reply to ``READ_PLANS``: the plans of the next files of the request.
+
+    ``plans``: per file, in request order, the fields of its ``READ_PLAN``
+    but ``nodes`` and ``expires``, which the page carries once for all its
+    plans; or ``{"name", "error", "message"}`` for a file that cannot be
+    read (an error code and its text, as an ``ERROR`` frame carries them),
+    which does not stop the others.  A plan holds at most a few runs
+    (master.BATCH_PLAN_RUNS); a file with more has ``more`` set and pages
+    on with ``READ_MORE`` like any direct read.  Use ``plan_from_page``.
+    """
+
+    OP = "READ_PLANS_PAGE"
+    plans: list
+    nodes: dict
+    expires: float
+    done: bool
+
+
+def plan_from_page(fields, page: ReadPlansPage) -> ReadPlan | BackupError:
+    """The READ_PLAN of one entry of a READ_PLANS_PAGE, checked as if it had come in a frame of its own.
+
+    For an error entry, the file's error (returned, not raised: the other
+    files go on).  Raises RemoteProtocolError for a malformed entry.
+    """
+    if not isinstance(fields, dict):
+        raise RemoteProtocolError("a READ_PLANS_PAGE plan is not an object")
+    if "error" in fields:
+        code, text = fields.get("error"), fields.get("message")
+        if not (isinstance(code, str) and isinstance(text, str)):
+            raise RemoteProtocolError("malformed READ_PLANS_PAGE error entry")
+        return error_from_code(code, text)
+    return ReadPlan(**check_fields(ReadPlan, {**fields, "nodes": page.nodes, "expires": page.expires}))
+
+
+@message
 class ReadMore(Message):
     """The runs of a pinned read from chunk ``chunk`` on, with fresh capabilities.  Reply: ``READ_PLAN``."""
 
@@ -1838,20 +1893,29 @@ def parse_header(data: bytes, max_body_bytes: int = MAX_BODY_BYTES) -> tuple[typ
         raise UnknownOperation(f"unknown operation {op[:64]!r}", skip_bytes=body_len)
     if body_len and not cls.HAS_BODY:
         raise RemoteProtocolError(f"{op} takes no body")
+    return cls, check_fields(cls, header), body_len
+
+
+def check_fields(cls: type[Message], header: dict) -> dict:
+    """The fields of a ``cls`` message from a decoded header without its op and body (emptied).
+
+    Raises RemoteProtocolError for a missing, unexpected or mistyped field.
+    Also checks messages that travel inside another one (READ_PLANS_PAGE).
+    """
     fields = {}
     for name, types, required in cls._FIELDS:
         if name not in header:
             if required:
-                raise RemoteProtocolError(f"{op} lacks field {name!r}")
+                raise RemoteProtocolError(f"{cls.OP} lacks field {name!r}")
             continue
         value = header.pop(name)
         # bool is a subclass of int in Python; never accept true for a count.
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            raise RemoteProtocolError(f"{op} field {name!r} has the wrong type")
+            raise RemoteProtocolError(f"{cls.OP} field {name!r} has the wrong type")
         fields[name] = value
     if header:
-        raise RemoteProtocolError(f"{op} has unexpected fields {sorted(header)[:5]}")
-    return cls, fields, body_len
+        raise RemoteProtocolError(f"{cls.OP} has unexpected fields {sorted(header)[:5]}")
+    return fields
 
 
 def _build(cls: type[Message], fields: dict, body) -> Message:

@@ -76,7 +76,7 @@ MAX_QUEUED_PIECES = 2
 # majority answered (replication.ReplicatedLog._check_peers).
 PROBE_RETRY_S = 0.2
 # Requests that read the namespace: served after a read-index barrier.
-READ_OPS = frozenset({"DOWNLOAD", "STAT", "LIST", "STATUS", "VERSIONS", "LOCKS", "TRASH",
+READ_OPS = frozenset({"DOWNLOAD", "READ_PLANS", "STAT", "LIST", "STATUS", "VERSIONS", "LOCKS", "TRASH",
                       "SNAPSHOTS", "SNAPSHOT_MEMBERS"})
 RAFT_DIR = "raft"
 

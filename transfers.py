@@ -70,6 +70,14 @@ ACK_WINDOW_BYTES = 8 * 1024 * 1024
 ACK_WINDOW_BATCHES = 64
 # Pieces a download requests ahead of the one it is sending.
 READ_AHEAD = 4
+# Small pieces (a directory restore's small files, one piece each) go
+# further ahead: up to READ_AHEAD_SMALL pieces while the bytes ahead stay
+# within READ_AHEAD_SMALL_BYTES, requested in bursts (once half of them have
+# arrived, fill up again) whose requests leave in one send per node, so a
+# small file costs neither a send nor a node wake-up of its own.  A piece of
+# a large file (about 1 MiB) never fits: its window stays READ_AHEAD.
+READ_AHEAD_SMALL = 64
+READ_AHEAD_SMALL_BYTES = 256 * 1024
 # Batches at least this large are hashed by the session's worker thread while
 # the handler forwards them and receives the next one; smaller ones (a small
 # file's only batch) inline, where handing them to a thread would cost more
@@ -783,20 +791,32 @@ def read_ranges(master, reads, buffers=None):
     broken: set[str] = set()
     window: deque = deque()  # _Slot, oldest first
     pieces_ahead = 0
+    bytes_ahead = 0
+    waiting = None  # a slot taken from ``slots`` that did not fit the window yet
     outstanding: dict[str, int] = {}
     failed = set()  # keys of reads that failed: their remaining pieces are dropped
     try:
         while True:
-            while pieces_ahead <= READ_AHEAD:
-                slot = next(slots, None)
-                if slot is None:
-                    break
-                if slot.piece is not None:
-                    pieces_ahead += 1
-                    slot.node_id = _request_piece(master, slot.piece, conns, broken)
-                    if slot.node_id is not None:
-                        outstanding[slot.node_id] = outstanding.get(slot.node_id, 0) + 1
-                window.append(slot)
+            if pieces_ahead <= READ_AHEAD or pieces_ahead <= READ_AHEAD_SMALL // 2:
+                unflushed = set()
+                while True:
+                    slot, waiting = waiting or next(slots, None), None
+                    if slot is None:
+                        break
+                    if slot.piece is not None:
+                        size = slot.piece[1] * slot.entry["chunk_size"]
+                        if pieces_ahead > READ_AHEAD and (pieces_ahead >= READ_AHEAD_SMALL
+                                                          or bytes_ahead + size > READ_AHEAD_SMALL_BYTES):
+                            waiting = slot
+                            break
+                        pieces_ahead += 1
+                        bytes_ahead += size
+                        slot.node_id = _request_piece(master, slot.piece, conns, broken)
+                        if slot.node_id is not None:
+                            outstanding[slot.node_id] = outstanding.get(slot.node_id, 0) + 1
+                            unflushed.add(slot.node_id)
+                    window.append(slot)
+                _flush_requests(master, unflushed, conns, broken)
             if not window:
                 return
             slot = window.popleft()
@@ -806,6 +826,7 @@ def read_ranges(master, reads, buffers=None):
                 failed.discard(slot.key)
                 continue
             pieces_ahead -= 1
+            bytes_ahead -= slot.piece[1] * slot.entry["chunk_size"]
             entry, node_id = slot.entry, slot.node_id
             first, count, node_ids, blob, skip, take = slot.piece
             size = entry["batch_chunks"] * (entry["chunk_size"] + protocol.CRC_BYTES)
@@ -842,7 +863,7 @@ def read_ranges(master, reads, buffers=None):
 
 
 def _request_piece(master, piece, conns: dict, broken: set) -> str | None:
-    """Send GET_CHUNKS for a piece to its preferred replica; the node asked, or None."""
+    """Queue GET_CHUNKS for a piece to its preferred replica (``_flush_requests`` sends it); the node, or None."""
     first, count, node_ids, blob, _, _ = piece
     for node_id in master.read_order(node_ids):
         if node_id in broken:
@@ -851,13 +872,29 @@ def _request_piece(master, piece, conns: dict, broken: set) -> str | None:
             conn = conns.get(node_id)
             if conn is None:
                 conn = conns[node_id] = master.pool.acquire(node_id)
-            conn.send(master.pool.get_chunks(blob, first, count))
+            conn.send(master.pool.get_chunks(blob, first, count), flush=False)
             return node_id
         except protocol.BackupError as exc:
             broken.add(node_id)
             master.note_node_failure(node_id, exc)
         return None  # let read_piece try the other replicas in order
     return None
+
+
+def _flush_requests(master, node_ids: set, conns: dict, broken: set) -> None:
+    """Send the GET_CHUNKS queued on the connections to ``node_ids``: one send per node for a burst.
+
+    A node whose connection fails is marked broken: its pieces are then
+    read from the other replicas (``read_ranges``).
+    """
+    for node_id in node_ids:
+        if node_id in broken:
+            continue
+        try:
+            conns[node_id].flush()
+        except protocol.BackupError as exc:
+            broken.add(node_id)
+            master.note_node_failure(node_id, exc)
 
 
 def _receive_piece(master, name, entry, blob, first, count, node_id, conn, buffer, broken) -> list | None:
