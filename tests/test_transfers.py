@@ -50,6 +50,9 @@ class FakeConn:
             reply = protocol.error_message(exc)
         self.replies.append(protocol.encode(reply))
 
+    def flush(self):
+        pass  # each reply is made as its request is sent
+
     def expect(self, cls, body_buffer=None):
         return protocol.expect(protocol.read_message(io.BytesIO(self.replies.pop(0)), body_buffer), cls)
 
