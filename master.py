@@ -1597,6 +1597,10 @@ class MasterHandler(ObservedHandler, transport.RequestHandler):
                 raise
             logger.warning("%s: upload of %d file(s) failed: %s", self.peer, len(streams), exc)
             streams = {}
+            # Uploads pending from earlier frames went out on this session's
+            # channels: they are made durable and committed before it closes
+            # (as _fail_upload does), or no FLUSH would ever reach their nodes.
+            self._commit_pending()
             self._close_session()  # a failed node may have left a channel out of sync
         for index, (_name, _size, sha256, _meta, tag) in enumerate(msg.files):
             stream = streams.get(index)
