@@ -595,9 +595,19 @@ class _FrameSink:
                 self._threads.append(thread)
 
     def free_buffer(self) -> bytearray:
+        """A buffer to receive the next frame into; raises a write error at once unless ``keep_going``.
+
+        Checked again once a buffer is free: the caller may have waited for
+        one while the write failed, and must not read the rest of the reply
+        (the peer then sees us go away, as with a broken pipe before).
+        """
         if self.error is not None and not self.keep_going:
             raise self.error
-        return self._free.get()
+        buffer = self._free.get()
+        if self.error is not None and not self.keep_going:
+            self._free.put(buffer)
+            raise self.error
+        return buffer
 
     def give_back(self, buffer: bytearray) -> None:
         """Return a buffer from ``free_buffer`` that was not filled after all."""
