@@ -38,6 +38,7 @@ children are not its responsibility once reported: tests kill them by pid.
 from __future__ import annotations
 
 import atexit
+import gc
 import json
 import os
 import select
@@ -387,6 +388,12 @@ def _serve(sock: socket.socket, listener: socket.socket) -> None:
         with open(script, "rb") as f:
             codes[script] = compile(f.read(), script, "exec", dont_inherit=True)
 
+    # What the imports made lives as long as any child: moved out of the
+    # collector's sight, a child's collections (and the one at its exit)
+    # skip it.  A child's exit cost about 25 ms of CPU walking it, a
+    # third of a CLI run's time; about 12 ms frozen.
+    gc.collect()
+    gc.freeze()
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)
