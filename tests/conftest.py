@@ -241,6 +241,9 @@ class TestCluster(cluster_module.LocalCluster):
     """LocalCluster plus helpers for tests: run the CLI, wait for nodes."""
 
     __test__ = False  # not a test class for pytest
+    # How long client() waits for a node's or master's handshake before it fails over (a test
+    # with a frozen node waits it out once).
+    handshake_timeout_s = IO_TIMEOUT_S
 
     def __init__(self, *args, http_port: str = "0", **kwargs):
         # No status page unless a test asks for one ("any"): the default port
@@ -264,7 +267,7 @@ class TestCluster(cluster_module.LocalCluster):
         addresses = self.master_addresses()
         return client_module.Client(addresses if len(addresses) > 1 else addresses[0], timeout_s=20.0,
                                     frame_bytes=1024 * 1024, show_progress=False,
-                                    handshake_timeout_s=IO_TIMEOUT_S)
+                                    handshake_timeout_s=self.handshake_timeout_s)
 
     def status(self):
         c = self.client()
