@@ -1572,26 +1572,27 @@ class MasterHandler(ObservedHandler, transport.RequestHandler):
                 errors[index] = exc
         if any(p.stream is not None and p.stream.name in seen for p in self.pending):
             self._commit_pending()  # we hold that name's lock ourselves
-        tokens = {}
-        for index in sorted(files, key=lambda i: files[i][0]):
-            name = files[index][0]
-            try:
-                try:
-                    tokens[index] = self.master.lock_name(name, self.peer, 0.0)
-                except protocol.FileLocked:
-                    self._commit_pending()  # see do_UPLOAD_BEGIN: a writer may wait for its locks
-                    tokens[index] = self.master.lock_name(name, self.peer, msg.wait_s)
-            except protocol.BackupError as exc:
-                errors[index] = exc
-        if self.session is None:
-            self.session = transfers.UploadSession(self.master)
-        streams = {index: transfers.UploadStream(self.session, files[index][0], client_crcs=True)
-                   for index in sorted(tokens)}
+        tokens: dict[int, object] = {}
+        streams: dict[int, transfers.UploadStream] = {}
         try:
+            for index in sorted(files, key=lambda i: files[i][0]):
+                try:
+                    try:
+                        tokens[index] = self.master.lock_name(files[index][0], self.peer, 0.0)
+                    except protocol.FileLocked:
+                        self._commit_pending()  # see do_UPLOAD_BEGIN: a writer may wait for its locks
+                        tokens[index] = self.master.lock_name(files[index][0], self.peer, msg.wait_s)
+                except protocol.BackupError as exc:
+                    errors[index] = exc
+            if self.session is None:
+                self.session = transfers.UploadSession(self.master)
+            for index in sorted(tokens):
+                streams[index] = transfers.UploadStream(self.session, files[index][0], client_crcs=True)
             self.session.send_small_files([(streams[i], files[i][2], files[i][3]) for i in sorted(streams)])
         except BaseException as exc:
-            for index, stream in streams.items():
-                self._release_upload(stream, stream.name, tokens[index])
+            # Nothing of this frame is pending yet: its locks and whatever it sent go now.
+            for index, token in tokens.items():
+                self._release_upload(streams.get(index), files[index][0], token)
                 errors[index] = exc
             if not isinstance(exc, protocol.BackupError) or isinstance(exc, protocol.RemoteProtocolError):
                 raise

@@ -359,3 +359,29 @@ def _leader_or_none(c, leader_index) -> list[int] | None:
         return [leader_index(c)]
     except (StopIteration, protocol.BackupError):
         return None
+
+
+def test_a_frame_without_room_fails_alone_after_the_files_before_it_are_committed(make_cluster, tmp_path):
+    """Nodes too small for a frame: its files get INSUFFICIENT_SPACE; the files of the frame before it, sent
+    on the same node connections, are committed first (and survive a master restart), and the frame after
+    it is stored."""
+    from conftest import FAST_TIMING
+    c2 = make_cluster(nodes=2, node_args=[*FAST_TIMING, "--capacity", "300000"])
+    before = {f"room/a{i}": random_bytes(i, 1000) for i in range(10)}
+    too_big = {f"room/b{i}": random_bytes(50 + i, 64 * 1024) for i in range(5)}
+    with transport.Connection(master_address(c2), "client", 10.0) as conn:
+        conn.send(files_frame(before))
+        conn.send(files_frame(too_big, first_tag=10))
+        conn.send(files_frame({"room/after": b"after"}, first_tag=15))
+        conn.send(protocol.Sync())
+        replies = [getattr(conn.recv(), "code", None) or "OK" for _ in range(17)]
+    assert replies == ["OK"] * 10 + ["INSUFFICIENT_SPACE"] * 5 + ["OK", "OK"]
+    c2.restart_master()
+    c2.wait_nodes_alive(2)
+    c = c2.client()
+    try:
+        for name, data in [*before.items(), ("room/after", b"after")]:
+            assert read_back(c, name, tmp_path) == data
+        assert not [e for e in c.list("room/b")]
+    finally:
+        c.close()
