@@ -109,6 +109,11 @@ SMALL_BATCH_HEADER_BYTES = 64 * 1024
 # up to MAX_PLAN_FILES): a batch is pinned until its READ_END, and the next
 # batch's plans are on their way while this one's chunks are read.
 PLAN_FILES = 256
+# ... and at most this many bytes of files (one file may be larger: it is
+# read alone): a batch's pins and capabilities last read_lease_s from its
+# READ_PLANS, which must cover reading it and the next one at any plausible
+# speed (128 MiB in 600 s is 0.2 MiB/s).
+PLAN_BYTES = 64 * 1024 * 1024
 # File data a direct tree restore's writer thread may have queued.
 WRITER_QUEUE_BYTES = 4 * 1024 * 1024
 # Times `stat` restarts reading a file's runs because it was replaced meanwhile.
@@ -1262,7 +1267,7 @@ class Client:
                 directories.append((name, path, entry.get("meta")))
                 continue
             files.add(path)
-            todo.append((name, path, entry.get("version")))
+            todo.append((name, path, entry.get("version"), entry.get("size") or 0))
         if self.direct_reads and todo:
             try:
                 later = self._download_files_direct(root, todo, force, restore, summary, report, snapshot)
@@ -1282,7 +1287,7 @@ class Client:
 
     def _download_files(self, root: str, todo: list, force: bool, restore: Restore, summary: TreeSummary,
                         report, snapshot: int | None = None) -> None:
-        """Download ``todo`` ((name, path, version) each), DOWNLOAD_WINDOW requests in flight.
+        """Download ``todo`` ((name, path, version, size) each), DOWNLOAD_WINDOW requests in flight.
 
         Relayed by the master, or, for a single file, read directly (a
         direct read's READ_MORE and relayed fallback need the connection to
@@ -1290,7 +1295,7 @@ class Client:
         """
         sent = 0
         conn = self.conn
-        for position, (name, path, _) in enumerate(todo):
+        for position, (name, path, *_) in enumerate(todo):
             while sent < len(todo) and sent < position + DOWNLOAD_WINDOW:
                 direct = (self.direct_reads and len(todo) == 1) or None
                 conn.send(protocol.Download(name=todo[sent][0], version=todo[sent][2], snapshot=snapshot,
@@ -1318,7 +1323,7 @@ class Client:
 
     def _download_files_direct(self, root: str, todo: list, force: bool, restore: Restore,
                                summary: TreeSummary, report, snapshot: int | None = None) -> list:
-        """Restore ``todo`` ((name, path, version) each) by direct reads, batched and pipelined across files.
+        """Restore ``todo`` ((name, path, version, size) each) by direct reads, batched and pipelined across files.
 
         One ``READ_PLANS`` pins and plans PLAN_FILES files (the next batch is
         requested while this one is read); READ_AHEAD pieces, of whichever
@@ -1405,7 +1410,7 @@ class Client:
         held = None  # (position, bytes): the last piece received, given to the writer with the next item
         try:
             for position, item in transfers.read_ranges(reader, reads()):
-                name, path, _ = todo[position]
+                name, path, *_ = todo[position]
                 data = None
                 if held is not None and held[0] == position:
                     data = held[1]
@@ -1436,10 +1441,18 @@ class Client:
 
     @staticmethod
     def _plan_batches(todo: list):
-        """Positions in ``todo`` cut into READ_PLANS requests: PLAN_FILES files, names within a page."""
+        """Positions in ``todo`` cut into READ_PLANS requests: at most PLAN_FILES files and PLAN_BYTES of
+        data (the sizes the listing gave), their names within a page."""
         for page, _ in protocol.pages(range(len(todo)), size=lambda p: protocol.json_size(todo[p][0]) + 24):
-            for start in range(0, len(page), PLAN_FILES):
-                yield page[start:start + PLAN_FILES]
+            batch, nbytes = [], 0
+            for position in page:
+                size = todo[position][3]
+                if batch and (len(batch) == PLAN_FILES or nbytes + size > PLAN_BYTES):
+                    yield batch
+                    batch, nbytes = [], 0
+                batch.append(position)
+                nbytes += size
+            yield batch
 
     @staticmethod
     def _restore_directories(root: str, directories: list, summary: TreeSummary, restore: Restore, report) -> None:

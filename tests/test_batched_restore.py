@@ -37,6 +37,24 @@ def test_a_plan_in_a_page_is_checked_like_a_frame_and_an_error_entry_is_that_fil
             protocol.plan_from_page(bad, page)
 
 
+def test_restore_batches_hold_at_most_plan_files_plan_bytes_and_a_page_of_names():
+    """READ_PLANS requests are cut at PLAN_FILES files, at PLAN_BYTES of data (a larger file alone) and at a page of names; every file once, in order."""
+    small = [(f"s{i}", "", None, 4 * KIB) for i in range(600)]
+    big = [(f"b{i}", "", 7, cli.PLAN_BYTES // 3 + 1) for i in range(5)] + [("huge", "", None, 2 * cli.PLAN_BYTES)]
+    long_names = [("n" * 1000 + str(i), "", None, 1) for i in range(100)]
+    todo = small + big + long_names
+    batches = list(cli.Client._plan_batches(todo))
+    assert [p for batch in batches for p in batch] == list(range(len(todo)))
+    assert [len(batch) for batch in batches[:2]] == [cli.PLAN_FILES, cli.PLAN_FILES]
+    assert [len(small) + 5] in batches  # "huge" alone
+    assert max(sum(todo[p][0].startswith("b") for p in batch) for batch in batches) == 2
+    assert max(sum(todo[p][0].startswith("n") for p in batch) for batch in batches) < 66  # a page of names
+    for batch in batches:
+        assert len(batch) <= cli.PLAN_FILES
+        assert len(batch) == 1 or sum(todo[p][3] for p in batch) <= cli.PLAN_BYTES
+        assert protocol.json_size([[todo[p][0], todo[p][2]] for p in batch]) <= protocol.PAGE_BYTES
+
+
 class _Pool:
     """Stands in for the client's ReplicaPool: connections that answer from ``files``, and log every send."""
 
