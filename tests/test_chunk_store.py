@@ -1000,3 +1000,24 @@ def test_damaged_payload_crc_costs_the_fast_check_not_the_record(tmp_path, rng):
         span = store.open_span("b1", 0, 2)
         assert span.payload_crc == zlib.crc32(payload[:2 * CS])
         store.close_span(span)
+
+
+def test_open_span_keeps_its_segment_readable_while_compaction_removes_it(tmp_path, rng):
+    """A span pins its segment: compaction may move the record and unlink the file meanwhile, and the span
+    still reads the bytes it stood for; closing it closes the retired descriptor."""
+    with ChunkStore(str(tmp_path), segment_max_bytes=SMALL_SEG) as store:
+        payload = put(store, rng, "b1", 0, 2)  # segment 1
+        put(store, rng, "dead", 0, 1)
+        put(store, rng, "tail", 0, 3)  # segment 2, active
+        crcs = store.get("b1", 0, 2)[1]
+        span = store.open_span("b1", 0, 2)
+        first_segment = segment_paths(tmp_path)[0]
+        store.delete_blobs(["dead"])
+        assert store.compact(min_dead_fraction=0.2)["segments_compacted"] == 1
+        assert not os.path.exists(first_segment)
+        assert bytes(store.read_span(span)) == crcs + payload
+        fd = span.fd
+        store.close_span(span)
+        with pytest.raises(OSError):
+            os.fstat(fd)  # retired at the last unpin
+        assert store.get("b1", 0, 2)[2] == payload  # from the copy
