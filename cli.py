@@ -159,6 +159,15 @@ class _NoReadPlans(Exception):
     """The master answered READ_PLANS with UNKNOWN_OP (it predates batched plans); nothing was read."""
 
 
+class _NoUploadFiles(Exception):
+    """The master answered UPLOAD_FILES with UNKNOWN_OP (it predates batches of small files).
+
+    Its one ERROR answers a whole frame of files: the replies after it belong
+    to other files, so the tree upload stops reading them and starts again
+    without batches (the files acknowledged so far are not sent again).
+    """
+
+
 class UsageError(Exception):
     """Arguments that parse but make no sense together (exit EXIT_USAGE)."""
 
@@ -886,6 +895,9 @@ class Client:
         self._frame_buffer: bytearray | None = None
         # Downloads read the chunks from the nodes (direct_read.py) unless False.
         self.direct_reads = direct_reads
+        # Directory uploads send small files in UPLOAD_FILES batches until a
+        # master answers one with UNKNOWN_OP (_NoUploadFiles).
+        self.upload_files = True
         self._replicas = replicas  # a direct_read.ReplicaPool; None: made on first use
         # During a pipelined tree restore: the replies still to come, in order
         # (a download's, or READ_ENDED); None otherwise.
@@ -1559,8 +1571,15 @@ class Client:
     def upload_tree(self, root: str, prefix: str, report=None, plan: list | None = None) -> TreeSummary:
         """Back up every regular file below ``root`` (see _upload_tree); after a leader change
         the files not yet acknowledged are sent to the new leader."""
+        def attempt() -> TreeSummary:
+            try:
+                return self._upload_tree(root, prefix, report, plan)
+            except _NoUploadFiles:
+                self.close()  # replies still in flight: the connection is out of step
+                return self._upload_tree(root, prefix, report, plan)  # resumed, one file per upload
+
         try:
-            return self._retrying(True, lambda: self._upload_tree(root, prefix, report, plan))
+            return self._retrying(True, attempt)
         finally:
             self._tree_progress.pop((root, prefix), None)
 
@@ -1606,8 +1625,17 @@ class Client:
                 while True:
                     msg = conn.recv()
                     if isinstance(msg, protocol.Synced):
+                        if in_flight:  # never acknowledge a file by a reply meant for another
+                            raise protocol.RemoteProtocolError(f"SYNCED before the replies of {len(in_flight)} "
+                                                               f"upload(s)")
                         return
                     tag, name, size = in_flight.popleft()
+                    if isinstance(msg, protocol.Uploaded) and msg.tag != tag:
+                        raise protocol.RemoteProtocolError(f"UPLOADED for upload {msg.tag}, expected {tag}")
+                    if isinstance(msg, protocol.Error) and msg.code == protocol.UnknownOperation.code:
+                        # Only UPLOAD_FILES can be unknown here: one ERROR for its whole frame.
+                        self.upload_files = False
+                        raise _NoUploadFiles()
                     if isinstance(msg, protocol.Uploaded):
                         summary.ok(size)
                         acknowledged[name] = msg.version_id
@@ -1627,7 +1655,8 @@ class Client:
         receiver.start()
         buffer = self._buffer()
         view = memoryview(buffer)
-        batch = SmallBatch(self.crc_chunk_size, self.frame_bytes) if self.crc_chunk_size else None
+        batch = SmallBatch(self.crc_chunk_size, self.frame_bytes) if self.crc_chunk_size and self.upload_files \
+            else None
         try:
             for tag, (path, name, kind) in enumerate(files):
                 if receiver_error:

@@ -385,3 +385,26 @@ def test_a_frame_without_room_fails_alone_after_the_files_before_it_are_committe
         assert not [e for e in c.list("room/b")]
     finally:
         c.close()
+
+
+def test_an_old_master_without_upload_files_gets_every_file_one_by_one(shared, tmp_path, monkeypatch):
+    """A master from before UPLOAD_FILES answers a batch with one ERROR UNKNOWN_OP: the client must not take
+    the replies that follow for its other files (each file's outcome and version id are its own); it sends
+    the files again one by one, and every file reads back."""
+    tree = tmp_path / "old-master"
+    tree.mkdir()
+    expected = {"a": b"a" * 100, "b": b"b" * 2000, "c": random_bytes(5, 200_000), "d": b"d" * 10}
+    for name, data in expected.items():
+        (tree / name).write_bytes(data)
+    monkeypatch.setitem(protocol._MESSAGES, "UPLOAD_FILES_UNKNOWN", protocol.UploadFiles)
+    monkeypatch.setattr(protocol.UploadFiles, "OP", "UPLOAD_FILES_UNKNOWN")
+    c = shared.client()
+    try:
+        summary = c.upload_tree(str(tree), "old-master")
+        assert not summary.failures, summary.failures
+        assert summary.files == len(expected)
+        for name, data in expected.items():
+            assert read_back(c, f"old-master/{name}", tmp_path) == data, name
+            assert summary.versions[f"old-master/{name}"] == c.stat(f"old-master/{name}").version_id, name
+    finally:
+        c.close()
