@@ -368,10 +368,15 @@ class UploadSession:
             parts += (crcs, piece)
         msg = protocol.PutBlobs(blobs=items, chunk_size=self.chunk_size, body=b"".join(parts), **self.master.fence())
         touched: set[str] = set()
-        placed = self.place(msg, nbytes, touched)
+        try:
+            placed = self.place(msg, nbytes, touched)
+        finally:
+            # Also when placement fails: the nodes that took the request hold its
+            # items, which UploadStream.discard collects only from nodes_touched.
+            for stream, *_ in request:
+                stream.nodes_touched |= touched
         for stream, first, count, _crcs, _piece in request:
             add_run(stream.runs, first, count, placed)
-            stream.nodes_touched |= touched
 
     def choose_replicas(self, nbytes: int, avoid, count: int) -> list[str]:
         """``master.choose_replicas``; a shortage due to nodes that ran out of space is INSUFFICIENT_SPACE.

@@ -522,3 +522,35 @@ def test_client_crcs_must_cover_whole_chunks_of_every_frame(upload_nodes):
         stream.discard()
     finally:
         session.close()
+
+
+def test_a_put_blobs_that_finds_too_few_nodes_leaves_no_copy_uncollected(upload_nodes):
+    """A PUT_BLOBS stored on one node whose second replica cannot be placed fails the batch: discarding its
+    streams must collect what that node stored (as a PUT_CHUNKS's would be), not leave it as an orphan."""
+    class BlobsConn(UploadConn):
+        def answer(self, msg):
+            if isinstance(msg, protocol.PutBlobs):
+                return self.node.put_blobs(protocol.read_message(io.BytesIO(protocol.encode(msg))))
+            return super().answer(msg)
+
+    class DeadB(UploadPool):
+        def acquire(self, node_id):
+            if node_id == "b":
+                raise protocol.Unavailable("node b: connection refused")
+            return BlobsConn(self.nodes[node_id])
+
+    master = UploadMaster({n: upload_nodes[n] for n in ("a", "b")})
+    master.pool = DeadB(master.pool.nodes, {})
+    collected = []
+    master.collect_garbage = lambda blob, node_ids: collected.append((blob, set(node_ids)))
+    session = transfers.UploadSession(master)
+    try:
+        data = b"x" * 3000
+        stream = transfers.UploadStream(session, "small", client_crcs=True)
+        with pytest.raises(protocol.InsufficientNodes):
+            session.send_small_files([(stream, protocol.crcs_to_bytes(protocol.chunk_crcs(data, CS)), data)])
+        assert upload_nodes["a"].store.has(stream.blob, 0, 3)  # a took it before b was found dead
+        stream.discard()
+        assert collected == [(stream.blob, {"a", "b"})]
+    finally:
+        session.close()
