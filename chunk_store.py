@@ -50,7 +50,9 @@ sendfile).  The scrubber keeps checking every chunk CRC.
 Main trade-off: the header CRC covers the header and blob id only, so start-up
 reads ~100 bytes per record and never a payload (start time grows with the
 number of records, not bytes).  Payload damage is caught instead by the
-per-chunk CRCs, checked on every read.  A record whose header reached the disk
+per-chunk CRCs (or the payload CRC, for a reader of a whole record), checked on
+every read: by the node for the master, by the client for itself (open_span
+hands the node the bytes unread).  A record whose header reached the disk
 but whose payload did not is caught by its length running past end of file.
 
 Index: blob -> list of extents sorted by first chunk, one small tuple per

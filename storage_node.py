@@ -307,7 +307,10 @@ class StorageNode:
         fail in READ_END, and the master reads them itself (which checks,
         drops and reports them here as above) before it changes anything.
         So a client's word alone never removes a copy.  If the client never
-        tells, the scrubber finds them.
+        tells, the scrubber finds them.  Most client reads do not come here:
+        one stored extent holds them, and NodeHandler sends it from the file
+        (``open_client_read``); this serves the rest (chunks missing, or in
+        several records).
         """
         chunk_size, crc_bytes, payload, missing, corrupt = self.store.get_intact(msg.blob, msg.first, msg.count,
                                                                                  verify=not for_client)
