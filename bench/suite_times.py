@@ -10,7 +10,7 @@ what a loaded machine disturbs least: wall time on a shared machine counts
 the other users too.
 
 With ``SUITE_TIMES_TESTS=FILE`` (one test id a line, as ``pytest
---collect-only -q`` prints them) it also prints the wall time of those tests
+--collect-only -q`` prints them; ``#`` starts a comment line) it also prints the wall time of those tests
 alone, setup, call and teardown, per file: e.g. ``bench/suite_tests_b0b4c09.txt``,
 the tests that existed at ``b0b4c09``, which issue 15 budgets at 90 s.
 """
@@ -33,7 +33,7 @@ def _listed() -> set[str]:
     if not path:
         return set()
     with open(path, encoding="utf-8") as f:
-        return {line.strip() for line in f if "::" in line}
+        return {line.strip() for line in f if "::" in line and not line.startswith("#")}
 
 
 _LISTED = _listed()
