@@ -106,6 +106,15 @@ a mostly dead active segment a candidate.  forget_blobs()/forget_range() let
 a node whose disk cannot take even a tombstone still turn data dead.  The
 node keeps a reserve of free space (storage_node.py) so that these are rare.
 
+Formats and damage (start-up, see _scan_segment and docs/PROTOCOL.md "The
+store on disk"): a whole record of an unknown kind or flag bit, or of another
+magic version, is a newer release's data: the store refuses to open
+(StoreFormatError), changing nothing.  So does a FORMAT marker naming a newer
+store format.  An unparseable record in the newest segment is cut off so
+appends resume at a record boundary, but only after the bytes cut are copied
+(fsynced) to TORN_DIR: a crash tears only a tail that was never fsynced, yet
+bit rot in a header looks the same and must not cost the good records after it.
+
 Left out: compacting the active segment in place (roll_if_dead() rolls it first),
 Bitcask hint files (the header-only scan makes them unnecessary for now).
 """
@@ -142,6 +151,15 @@ _MAX_U32 = 2**32 - 1
 _MAX_U64 = 2**64 - 1
 
 SEGMENT_DIR = "segments"
+# Store format version, in FORMAT (one line "chunk-store N") beside the
+# segments.  A release refuses a store whose N is higher than its own (a later
+# format bumps it when older readers must not touch the store); a store
+# without the file (written before it existed) is format 1.
+STORE_FORMAT = 1
+FORMAT_FILE = "FORMAT"
+# Where start-up preserves the bytes it cuts off the newest segment (see
+# ChunkStore._cut_tail), one file per cut: <segment name>.at-<offset>.
+TORN_DIR = "torn"
 # Free space compact() wants beyond a segment's live bytes before copying
 # them: room for the tombstones it carries forward and a new segment file.
 COMPACT_MARGIN_BYTES = 64 * 1024
@@ -162,6 +180,33 @@ FIRST, COUNT, CHUNK_SIZE, SEG_NO, CRC_OFFSET, PAYLOAD_OFFSET, PAYLOAD_LEN, RECOR
 
 class _TornRecord(Exception):
     """The bytes at a scan position are not a whole, valid record."""
+
+
+class _NewerRecord(_TornRecord):
+    """The bytes at a scan position are a whole record of a newer format (see StoreFormatError).
+
+    A _TornRecord so that compaction, which only ever reads what start-up
+    accepted, stops at it like at any record it cannot use.
+    """
+
+
+class StoreFormatError(Exception):
+    """The store holds data of a format this release does not know: refuse to open it.
+
+    Raised for a record whose header CRC checks but whose kind or flag bits
+    are unknown here, for a record magic of another format version
+    (``BKR`` and a digit other than 1), and for a FORMAT marker naming a
+    newer store format.  A newer release wrote it, so the bytes are valid
+    data we cannot read: the store is left exactly as it is (no truncation,
+    no marker written) and the node exits with EXIT_STORE_FORMAT.  ``path``
+    and ``offset`` say where (offset None for the marker).
+    """
+
+    def __init__(self, path: str, offset: int | None, why: str):
+        where = path if offset is None else f"{path} offset {offset}"
+        super().__init__(f"{where}: {why}; written by a newer release? run that release "
+                         f"(this one reads chunk store format {STORE_FORMAT})")
+        self.path, self.offset = path, offset
 
 
 def _segment_name(seg_no: int) -> str:
@@ -198,13 +243,18 @@ def _read_header(fd: int, offset: int, file_size: int) -> tuple:
     For kinds 2 and 3, chunk_size is the segment bound.  payload_crc is None
     unless the record carries one (FLAG_PAYLOAD_CRC).  Reads the header, blob
     id and payload CRC only.  Raises _TornRecord saying why the bytes there
-    are not a whole, valid record.
+    are not a whole, valid record; _NewerRecord (a _TornRecord) for a whole
+    record of a format newer than this release's.
     """
     data = os.pread(fd, HEADER_BYTES + MAX_BLOB_ID_BYTES + PAYLOAD_CRC_BYTES, offset)
     if len(data) < HEADER_BYTES:
         raise _TornRecord(f"short header ({len(data)} bytes)")
     magic, kind, id_len, flags, first, count, chunk_size, payload_len = _HEAD.unpack_from(data)
     if magic != MAGIC:
+        if magic[:3] == MAGIC[:3] and magic[3:].isdigit():
+            # Our own torn append always starts with MAGIC: this is another
+            # format version's record (or a flipped bit: refusing is safe too).
+            raise _NewerRecord(f"record magic {magic!r}, not {MAGIC!r}")
         raise _TornRecord("bad magic")
     if not 1 <= id_len <= MAX_BLOB_ID_BYTES or len(data) < HEADER_BYTES + id_len:
         raise _TornRecord(f"bad blob id length {id_len}")
@@ -212,15 +262,20 @@ def _read_header(fd: int, offset: int, file_size: int) -> tuple:
     (header_crc,) = _CRC.unpack_from(data, _HEAD.size)
     if zlib.crc32(blob_id, zlib.crc32(data[:_HEAD.size])) != header_crc:
         raise _TornRecord("bad header CRC")
-    # The CRC matched, so these fields are what we wrote; check them anyway so
-    # a record from a buggy writer cannot put nonsense into the index.
+    # The CRC matched, so the header is whole and as its writer meant it: an
+    # unknown kind or flag bit is a newer format, never a torn append.
+    known_flags = FLAG_PAYLOAD_CRC if kind == KIND_CHUNKS else 0
+    if kind not in (KIND_CHUNKS, KIND_TOMBSTONE, KIND_DROP) or flags & ~known_flags:
+        raise _NewerRecord(f"record of unknown kind {kind} or flags {flags:#06x}")
+    # Check the other fields anyway so a record from a buggy writer cannot
+    # put nonsense into the index.
     if kind == KIND_CHUNKS:
         sane = count > 0 and chunk_size > 0 and _payload_fits(count, chunk_size, payload_len)
     elif kind == KIND_TOMBSTONE:
         sane = count == payload_len == 0
     else:
         sane = kind == KIND_DROP and count > 0 and payload_len == 0
-    if not sane or flags & ~FLAG_PAYLOAD_CRC or (flags and kind != KIND_CHUNKS) or not blob_id.isascii():
+    if not sane or not blob_id.isascii():
         raise _TornRecord(f"inconsistent header (kind {kind}, count {count}, P {payload_len}, flags {flags})")
     payload_crc = None
     if flags:
@@ -233,6 +288,31 @@ def _read_header(fd: int, offset: int, file_size: int) -> tuple:
     if end > file_size:
         raise _TornRecord(f"record runs {end - file_size} bytes past end of file")
     return kind, blob_id.decode("ascii"), first, count, chunk_size, payload_len, end, payload_crc
+
+
+def _next_record_at(fd: int, offset: int, size: int) -> int | None:
+    """Offset of the first whole, valid record after offset (MAGIC, header CRC, fits the file), else None.
+
+    Start-up uses it to tell a torn append (nothing valid follows) from damage
+    inside the segment (whole records follow), and to find a newer format's
+    record behind damage.  Only MAGIC counts here: a payload's stray
+    ``BKR2`` must not make a store unopenable.
+    """
+    window_bytes = 1024 * 1024
+    pos = offset + 1
+    while pos < size:
+        window = os.pread(fd, min(window_bytes, size - pos) + len(MAGIC) - 1, pos)
+        at = window.find(MAGIC)
+        while at >= 0:
+            try:
+                _read_header(fd, pos + at, size)
+                return pos + at
+            except _NewerRecord:
+                return pos + at  # whole, just not ours: the caller refuses the store
+            except _TornRecord:
+                at = window.find(MAGIC, at + 1)
+        pos += max(1, len(window) - len(MAGIC) + 1)
+    return None
 
 
 def _part(extent: tuple, first: int, count: int) -> tuple:
@@ -326,25 +406,66 @@ class ChunkStore:
         self._tail_size = 0
         self._closed = False
         self._failed: OSError | None = None  # a failed fsync poisons the store (see flush)
+        self._data_dir = data_dir
         os.makedirs(data_dir, mode=0o700, exist_ok=True)
         if not os.path.isdir(self._dir):
             os.mkdir(self._dir, mode=0o700)
             self._fsync_dir(data_dir)
+        has_marker = self._check_format()
         seg_nos = sorted(int(m.group(1)) for m in map(_SEGMENT_NAME.match, os.listdir(self._dir)) if m)
-        for seg_no in seg_nos:
-            self._scan_segment(seg_no, is_last=seg_no == seg_nos[-1])
+        try:
+            for seg_no in seg_nos:
+                self._scan_segment(seg_no, is_last=seg_no == seg_nos[-1])
+        except BaseException:
+            for fd in self._fds.values():
+                os.close(fd)
+            raise
         if not seg_nos:
             self._new_segment(1)
+        if not has_marker:
+            self._write_format()
         logger.info("chunk store %s: %d segments, %d blobs, %d extents, %d chunks",
                     self._dir, len(self._fds), len(self._index), self._extent_count, self._chunk_count)
 
     # --- start-up -------------------------------------------------------
+    def _check_format(self) -> bool:
+        """Refuse (StoreFormatError) a FORMAT marker of a newer or unknown store format; True if there is one."""
+        path = os.path.join(self._data_dir, FORMAT_FILE)
+        try:
+            with open(path, encoding="ascii", errors="replace") as f:
+                text = f.read(256)
+        except FileNotFoundError:
+            return False
+        words = text.split()
+        if len(words) != 2 or words[0] != "chunk-store" or not words[1].isdigit():
+            raise StoreFormatError(path, None, f"unknown format marker {text[:80]!r}")
+        if int(words[1]) > STORE_FORMAT:
+            raise StoreFormatError(path, None, f"chunk store format {words[1]}")
+        return True
+
+    def _write_format(self) -> None:
+        """Write the FORMAT marker (temp file, fsync, rename, fsync the directory)."""
+        path = os.path.join(self._data_dir, FORMAT_FILE)
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="ascii") as f:
+            f.write(f"chunk-store {STORE_FORMAT}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        self._fsync_dir(self._data_dir)
+
     def _scan_segment(self, seg_no: int, is_last: bool) -> None:
         """Replay the records of one segment into the index.
 
-        A torn record ends the scan of its segment.  In the last segment it is
-        what a crash mid-append leaves, so it is cut off and appends resume
-        there; in an earlier one it is damage we must not make worse.
+        A whole record of a newer format (StoreFormatError) stops start-up
+        with the files untouched: it is data, just not ours to read.  A torn
+        record ends the scan of its segment.  In an earlier segment it is
+        damage we must not make worse: the bytes after it stay, unindexed.
+        In the last segment it may be what a crash mid-append leaves, and
+        appends must resume at a record boundary, so the bytes from it to the
+        end are cut off, but preserved first (_cut_tail): a crash tears only
+        what was written after the last fsync, while a flipped byte in a
+        header (bit rot) would otherwise take every good record after it.
         """
         path = os.path.join(self._dir, _segment_name(seg_no))
         fd = os.open(path, (os.O_RDWR | os.O_APPEND if is_last else os.O_RDONLY) | os.O_CLOEXEC)
@@ -355,12 +476,11 @@ class ChunkStore:
             try:
                 kind, blob, first, count, chunk_size, payload_len, end, payload_crc = _read_header(
                     fd, offset, size)
+            except _NewerRecord as exc:
+                raise StoreFormatError(path, offset, str(exc)) from None
             except _TornRecord as exc:
                 if is_last:
-                    logger.warning("%s: torn record at offset %d (%s); truncating %d bytes",
-                                   path, offset, exc, size - offset)
-                    os.ftruncate(fd, offset)
-                    os.fsync(fd)
+                    self._cut_tail(fd, path, offset, size, exc)
                     size = offset
                 else:
                     logger.error("%s: bad record at offset %d (%s); ignoring the %d bytes after it",
@@ -380,6 +500,58 @@ class ChunkStore:
         self._seg_size[seg_no] = size
         if is_last:
             self._tail_seg, self._tail_size = seg_no, size
+
+    def _cut_tail(self, fd: int, path: str, offset: int, size: int, why: _TornRecord) -> None:
+        """Cut the newest segment at offset, after copying the bytes cut to TORN_DIR (fsynced).
+
+        Nothing is lost that might be data: the copy is durable before the
+        truncation, and a failure to make it (a full disk) raises, so the
+        store does not open rather than destroy.  If a whole record follows
+        the bad one the cut is damage, not a torn append (logged at ERROR
+        with the copy's name; the master re-copies the chunks this node no
+        longer lists); if that record is of a newer format, the store refuses
+        to open (StoreFormatError) and cuts nothing.
+        """
+        following = _next_record_at(fd, offset, size)
+        if following is not None:
+            try:
+                _read_header(fd, following, size)
+            except _NewerRecord as exc:
+                raise StoreFormatError(path, following, str(exc)) from None
+        torn_dir = os.path.join(self._data_dir, TORN_DIR)
+        if not os.path.isdir(torn_dir):
+            os.mkdir(torn_dir, mode=0o700)
+            self._fsync_dir(self._data_dir)
+        copy = os.path.join(torn_dir, f"{os.path.basename(path)}.at-{offset}")
+        n = 0
+        while os.path.exists(copy):  # the same offset cut before: keep both
+            n += 1
+            copy = os.path.join(torn_dir, f"{os.path.basename(path)}.at-{offset}.{n}")
+        out = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            pos = offset
+            while pos < size:
+                data = os.pread(fd, min(1024 * 1024, size - pos), pos)
+                if not data:
+                    break
+                _write_all(out, [data])
+                pos += len(data)
+            os.fsync(out)
+        except OSError:
+            os.close(out)
+            os.unlink(copy)
+            raise
+        os.close(out)
+        self._fsync_dir(torn_dir)
+        if following is None:
+            logger.warning("%s: torn record at offset %d (%s); truncating %d bytes (copied to %s)",
+                           path, offset, why, size - offset, copy)
+        else:
+            logger.error("%s: bad record at offset %d (%s) with whole records after it (from offset %d): "
+                         "damage, not a torn append; truncating %d bytes, copied to %s",
+                         path, offset, why, following, size - offset, copy)
+        os.ftruncate(fd, offset)
+        os.fsync(fd)
 
     # --- index (caller holds the lock, or is __init__) -----------------
     @staticmethod

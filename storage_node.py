@@ -38,7 +38,7 @@ import master_link
 import protocol
 import security as security_module
 import transport
-from chunk_store import ChunkStore
+from chunk_store import ChunkStore, StoreFormatError
 from fencing import NodeIdentity
 from node_catalog import NodeCatalog
 
@@ -47,6 +47,9 @@ logger = logging.getLogger("storage_node")
 EXIT_OK = 0
 EXIT_CONFIG = 2
 EXIT_START_FAILED = 3
+# The data dir holds chunks of a newer store format (chunk_store.StoreFormatError):
+# nothing was changed; run the release that wrote them.
+EXIT_STORE_FORMAT = 4
 
 # Bytes written between two background fsyncs (see StorageNode._note_written).
 WRITE_BEHIND_BYTES = 16 * 1024 * 1024
@@ -924,6 +927,9 @@ def main(argv=None) -> int:
         return EXIT_START_FAILED
     try:
         node = StorageNode(config, config.node_data_dir, security=security)
+    except StoreFormatError as exc:
+        print(f"storage_node: refusing to open the chunk store, left unchanged: {exc}", file=sys.stderr)
+        return EXIT_STORE_FORMAT
     except (OSError, ValueError, KeyError) as exc:
         print(f"storage_node: cannot open data dir {config.node_data_dir}: {exc}", file=sys.stderr)
         return EXIT_START_FAILED
