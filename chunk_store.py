@@ -132,7 +132,7 @@ import time
 import zlib
 
 from protocol import (CRC_BYTES, MAX_BODY_BYTES, ChecksumMismatch, ChunkNotFound, RemoteProtocolError,
-                      bad_chunk_ranges, verify_chunks)
+                      bad_chunk_ranges, verify_batch_digests, verify_chunks)
 
 logger = logging.getLogger(__name__)
 
@@ -733,7 +733,7 @@ class ChunkStore:
 
     # --- public API -----------------------------------------------------
     def put(self, blob: str, first: int, count: int, chunk_size: int, crc_bytes, payload,
-            crcs_of_payload: bool = False) -> None:
+            crcs_of_payload: bool = False, sent_digests: tuple[int, int] | None = None) -> None:
         """Append count chunks of blob from chunk first as one record.
 
         Every chunk is checked against crc_bytes before anything is written.
@@ -745,6 +745,9 @@ class ChunkStore:
         RemoteProtocolError for a bad blob id, inconsistent sizes or a chunk
         size other than the blob's.  Does not fsync.  ``crcs_of_payload``:
         the caller has just computed crc_bytes from payload (no check).
+        ``sent_digests``: the writer's (CRC32 of the payload, CRC32 of
+        crc_bytes); the chunks are then checked with those two calls and a
+        sample (protocol.verify_batch_digests) instead of one by one.
         """
         blob_id = _check_blob_id(blob)
         crc_bytes, payload = memoryview(crc_bytes).cast("B"), memoryview(payload).cast("B")
@@ -754,11 +757,18 @@ class ChunkStore:
         if len(crc_bytes) != CRC_BYTES * count or not _payload_fits(count, chunk_size, len(payload)):
             raise RemoteProtocolError(f"{len(crc_bytes)} CRC bytes and {len(payload)} payload bytes "
                                       f"do not make {count} chunks of {chunk_size}")
-        bad = -1 if crcs_of_payload else verify_chunks(payload, crc_bytes, chunk_size)
-        if bad >= 0:
-            raise ChecksumMismatch(f"blob {blob} chunk {first + bad}: CRC does not match payload")
-        # From the same checked bytes: as end-to-end as the chunk CRCs (see the module docstring).
-        payload_crc = zlib.crc32(payload)
+        if sent_digests is not None and not crcs_of_payload:
+            try:
+                # Computes the payload CRC from the bytes it checks, as below.
+                payload_crc = verify_batch_digests(payload, crc_bytes, chunk_size, *sent_digests)
+            except ChecksumMismatch as exc:
+                raise ChecksumMismatch(f"blob {blob} chunks {first}..{first + count - 1}: {exc}") from None
+        else:
+            bad = -1 if crcs_of_payload else verify_chunks(payload, crc_bytes, chunk_size)
+            if bad >= 0:
+                raise ChecksumMismatch(f"blob {blob} chunk {first + bad}: CRC does not match payload")
+            # From the same checked bytes: as end-to-end as the chunk CRCs (see the module docstring).
+            payload_crc = zlib.crc32(payload)
         header = _encode_header(KIND_CHUNKS, blob_id, first, count, chunk_size, len(payload), payload_crc)
         length = len(header) + len(crc_bytes) + len(payload)
         with self._lock:

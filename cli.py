@@ -997,9 +997,8 @@ class Client:
 
     def _send_data(self, conn, data: memoryview, crcs: bool, flush: bool = True) -> None:
         """One DATA of an upload; with ``crcs``, after the DATA_CRCS of its chunks."""
-        if crcs:
-            conn.send(protocol.DataCrcs(body=protocol.crcs_to_bytes(protocol.chunk_crcs(data, self.crc_chunk_size))),
-                      flush=False)
+        if crcs:  # with digests of the DATA and of its CRCs: see protocol.verify_batch_digests
+            conn.send(protocol.data_crcs(data, self.crc_chunk_size), flush=False)
         conn.send(protocol.Data(body=data), flush=flush)
 
     def _reply_waiting(self) -> bool:

@@ -1655,7 +1655,8 @@ class MasterHandler(ObservedHandler, transport.RequestHandler):
                     stream.write(frame.body)
             elif isinstance(frame, protocol.DataCrcs):
                 if stream.client_crcs:  # else cut otherwise than here: ignored
-                    stream.take_crcs(frame.body)  # read into free space: copied out before the DATA
+                    # read into free space: copied out before the DATA
+                    stream.take_crcs(frame.body, frame.crc32, frame.crcs_crc32)
             elif isinstance(frame, protocol.UploadEnd):
                 self._upload_ended = True
                 self._client_sha256 = frame.sha256

@@ -621,6 +621,39 @@ def verify_chunks(payload, crc_bytes, chunk_size: int) -> int:
     return -1  # unreachable: arrays differ, so some pair differs
 
 
+def verify_batch_digests(payload, crc_bytes, chunk_size: int, payload_crc32: int, crcs_crc32: int) -> int:
+    """Check a batch against its sender's two digests; the payload's CRC32, else raise ChecksumMismatch.
+
+    Two zlib.crc32 calls (each releases the GIL) instead of one per chunk:
+    the payload against ``payload_crc32`` and the chunk CRCs against
+    ``crcs_crc32`` (``crcs_digest``), both computed by the client from the
+    same bytes as the chunk CRCs, so each hop since the client is covered
+    for both.  What the digests cannot show is a sender whose chunk CRCs
+    disagree with its own payload (a bug, not a transfer error): the chunk
+    at ``payload_crc32 % count`` and the last chunk (where length bugs show)
+    are also checked one by one, so a sender that gets them wrong is caught
+    on its first batches rather than by the scrubber on every replica.
+    """
+    payload, crc_bytes = memoryview(payload).cast("B"), memoryview(crc_bytes).cast("B")
+    actual = zlib.crc32(payload)
+    if actual != payload_crc32:
+        raise ChecksumMismatch(f"batch payload CRC32 {actual:08x}, sender's {payload_crc32:08x}")
+    if zlib.crc32(crc_bytes) != crcs_crc32:
+        raise ChecksumMismatch("batch chunk CRCs differ from the sender's digest of them")
+    count = len(crc_bytes) // CRC_BYTES
+    for index in {actual % count, count - 1} if count else ():
+        piece = payload[index * chunk_size:(index + 1) * chunk_size]
+        if verify_chunks(piece, crc_bytes[index * CRC_BYTES:(index + 1) * CRC_BYTES], chunk_size) >= 0:
+            raise ChecksumMismatch(f"chunk {index} of the batch: the sender's CRC does not match its payload")
+    return actual
+
+
+def data_crcs(data, chunk_size: int) -> "DataCrcs":
+    """The DATA_CRCS of an upload's next DATA: its chunk CRCs, their digest and the CRC32 of the whole."""
+    crc_bytes = crcs_to_bytes(chunk_crcs(data, chunk_size))
+    return DataCrcs(body=crc_bytes, crc32=zlib.crc32(data), crcs_crc32=zlib.crc32(crc_bytes))
+
+
 # --- messages -------------------------------------------------------------
 _MESSAGES: dict[str, type["Message"]] = {}
 # Serialises the one-time dataclass build of a message class (Message.__init__):
@@ -844,10 +877,19 @@ class DataCrcs(Message):
     boundary of the file.  A frame of its own, with a body, rather than a
     header field: 4 KiB per MiB of hex in JSON headers would exceed what a
     header may take without the server's shared header budget.
+
+    ``crc32``: the CRC32 of that DATA's whole body; ``crcs_crc32``: the
+    CRC32 of this frame's body (``crcs_digest``).  When the DATA becomes one
+    batch by itself, the master forwards both in its PUT_CHUNKS
+    (``payload_crc32``, ``crcs_crc32``) and the nodes check the batch with
+    two CRC32 calls instead of one per chunk (``verify_batch_digests``).
+    Absent (an older client): the nodes check every chunk.
     """
 
     OP = "DATA_CRCS"
     HAS_BODY = True
+    crc32: int | None = None
+    crcs_crc32: int | None = None
     body: bytes = b""
 
 
@@ -1539,6 +1581,13 @@ class PutChunks(Message):
     PUT_OK.  The sender compares it with the digest of the CRCs of the bytes
     it sent, so the CRCs still protect the chunks from where they were cut
     (see "Uploads" in docs/PROTOCOL.md).
+
+    ``payload_crc32`` and ``crcs_crc32`` (with CRCs in the body, not
+    ``node_crcs``): the client's CRC32 of the payload and of the chunk CRCs
+    (from its DATA_CRCS).  The node then checks the batch with those two
+    digests and a sample of chunks (``verify_batch_digests``) instead of
+    every chunk, and stores the payload CRC it computed; without them it
+    checks every chunk, as for repairs and uploads the master cut itself.
     """
 
     OP = "PUT_CHUNKS"
@@ -1548,6 +1597,8 @@ class PutChunks(Message):
     count: int
     chunk_size: int
     node_crcs: bool = False
+    payload_crc32: int | None = None
+    crcs_crc32: int | None = None
     cluster_id: str = ""  # the fence: see "Fencing" in docs/PROTOCOL.md
     epoch: int = 0
     body: bytes = b""

@@ -171,7 +171,9 @@ class StorageNode:
         free = self._check_room(len(payload))
         if crc_bytes is None:
             crc_bytes = protocol.payload_crcs(payload, msg.count, msg.chunk_size)
-        self._store(free, msg.blob, msg.first, msg.count, msg.chunk_size, crc_bytes, payload, msg.node_crcs)
+        digests = None if msg.payload_crc32 is None or msg.crcs_crc32 is None else (msg.payload_crc32, msg.crcs_crc32)
+        self._store(free, msg.blob, msg.first, msg.count, msg.chunk_size, crc_bytes, payload, msg.node_crcs,
+                    digests)
         seq = self._stored(len(payload))
         return protocol.PutOk(blob=msg.blob, first=msg.first, count=msg.count, seq=seq,
                               crcs_crc32=protocol.crcs_digest(crc_bytes) if msg.node_crcs else None)
@@ -211,10 +213,11 @@ class StorageNode:
         return free
 
     def _store(self, free: int, blob: str, first: int, count: int, chunk_size: int, crc_bytes, payload,
-               crcs_of_payload: bool) -> None:
+               crcs_of_payload: bool, sent_digests: tuple[int, int] | None = None) -> None:
         """``store.put``, with a full disk (ENOSPC) turned into INSUFFICIENT_SPACE and a back-off."""
         try:
-            self.store.put(blob, first, count, chunk_size, crc_bytes, payload, crcs_of_payload=crcs_of_payload)
+            self.store.put(blob, first, count, chunk_size, crc_bytes, payload, crcs_of_payload=crcs_of_payload,
+                           sent_digests=sent_digests)
         except OSError as exc:
             if exc.errno in _NO_SPACE:
                 self._disk_full_free = free + len(payload)  # full until this much is free

@@ -542,6 +542,10 @@ class UploadStream:
         self.client_crcs = client_crcs
         self._crcs = bytearray()  # the client's CRCs of the bytes not shipped yet
         self._next_crcs: bytes | None = None  # DATA_CRCS of the DATA to come
+        self._next_digests: tuple[int, int] | None = None  # its crc32, crcs_crc32
+        # (payload_crc32, crcs_crc32) of the batch being filled while it is
+        # exactly one DATA with digests: the nodes then skip the per-chunk check.
+        self._batch_digests: tuple[int, int] | None = None
         self.runs: list = []
         self.nodes_touched: set[str] = set()
 
@@ -572,11 +576,15 @@ class UploadStream:
             data = data[take:]
             self.filled(take)
 
-    def take_crcs(self, body) -> None:
-        """A DATA_CRCS: the client's CRCs of the chunks of the next DATA (copied: ``body`` may be reused)."""
+    def take_crcs(self, body, crc32: int | None = None, crcs_crc32: int | None = None) -> None:
+        """A DATA_CRCS: the client's CRCs of the chunks of the next DATA (copied: ``body`` may be reused).
+
+        ``crc32``/``crcs_crc32``: its digests of that DATA and of the CRCs, if it sent them.
+        """
         if self._next_crcs is not None:
             raise protocol.RemoteProtocolError("two DATA_CRCS without a DATA between them")
         self._next_crcs = bytes(body)
+        self._next_digests = None if crc32 is None or crcs_crc32 is None else (crc32, crcs_crc32)
 
     def crcs_for(self, nbytes: int) -> None:
         """A DATA of ``nbytes`` came: its CRCs join the batch's; call before the bytes are filled in.
@@ -586,6 +594,10 @@ class UploadStream:
         be short).
         """
         crcs, self._next_crcs = self._next_crcs, None
+        digests, self._next_digests = self._next_digests, None
+        # The digests describe this DATA; they describe a batch only if the
+        # DATA starts it and fits it (the client's frames are batch-sized).
+        self._batch_digests = digests if self._fill == 0 and nbytes <= self._batch_limit() else None
         chunk_size = self.session.chunk_size
         if crcs is None or self.written % chunk_size or len(crcs) != protocol.CRC_BYTES * -(-nbytes // chunk_size):
             raise protocol.RemoteProtocolError("each DATA of this upload needs a DATA_CRCS with the CRCs of its "
@@ -607,9 +619,14 @@ class UploadStream:
         else:
             self._digest = digest = session.digest(self._sha, payload)
             body, node_crcs = payload, True
+        # A batch of one whole DATA carries the client's digests of it (a
+        # batch filled from several DATA, or from part of one, cannot).
+        payload_crc32, crcs_crc32 = self._batch_digests or (None, None)
+        self._batch_digests = None
         try:
             msg = protocol.PutChunks(blob=self.blob, first=self._next_chunk, count=count, chunk_size=chunk_size,
-                                     node_crcs=node_crcs, body=body, **self.master.fence())
+                                     node_crcs=node_crcs, payload_crc32=payload_crc32, crcs_crc32=crcs_crc32,
+                                     body=body, **self.master.fence())
             placed = session.place(msg, self._fill, self.nodes_touched, digest)
         finally:
             session.next_buffer()  # the worker may still read this one

@@ -19,6 +19,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import chunk_store  # noqa: E402
 import config as config_module  # noqa: E402
 import protocol  # noqa: E402
 import transfers  # noqa: E402
@@ -425,9 +426,10 @@ def test_acknowledgements_are_awaited_by_bytes_not_by_batches(upload_nodes):
 
 
 # --- uploads with the client's CRCs: the nodes check them, each hop is covered ------------------
-def client_crc_upload(master, data: bytes, frame_bytes: int, damaged_at: int | None = None):
+def client_crc_upload(master, data: bytes, frame_bytes: int, damaged_at: int | None = None, digests: bool = False):
     """Feed ``data`` as a client that sends its chunk CRCs does (DATA_CRCS before each DATA, computed before
-    sending); ``damaged_at``: that byte arrives changed at the master.  (session, stream, entry or the error)."""
+    sending); ``damaged_at``: that byte arrives changed at the master; ``digests``: the DATA_CRCS carry the
+    CRC32 of the DATA and of its CRCs, as today's client sends them.  (session, stream, entry or the error)."""
     session = transfers.UploadSession(master)
     stream = transfers.UploadStream(session, "f", client_crcs=True)
     received = bytearray(data)
@@ -435,7 +437,11 @@ def client_crc_upload(master, data: bytes, frame_bytes: int, damaged_at: int | N
         received[damaged_at] ^= 0x08
     for start in range(0, len(data), frame_bytes):
         frame = data[start:start + frame_bytes]
-        stream.take_crcs(protocol.crcs_to_bytes(protocol.chunk_crcs(frame, session.chunk_size)))
+        if digests:
+            sent = protocol.data_crcs(frame, session.chunk_size)
+            stream.take_crcs(sent.body, sent.crc32, sent.crcs_crc32)
+        else:
+            stream.take_crcs(protocol.crcs_to_bytes(protocol.chunk_crcs(frame, session.chunk_size)))
         stream.crcs_for(len(frame))
         stream.write(received[start:start + frame_bytes])
     entry = stream.seal(hashlib.sha256(data).hexdigest())
@@ -486,15 +492,85 @@ def test_byte_damaged_between_master_and_node_is_healed_from_the_intact_copy(upl
     def flip_payload_byte(frame: bytearray) -> None:
         frame[-100] ^= 0x40
 
-    master = UploadMaster(upload_nodes, damaged={"a": flip_payload_byte})
-    data = random.Random(SEED + 42).randbytes(master.config.batch_bytes)
-    session, stream, entry = client_crc_upload(master, data, master.config.batch_bytes)
+    upload_healed_from_b(upload_nodes, flip_payload_byte, random.Random(SEED + 42), digests=False)
+
+
+def upload_healed_from_b(upload_nodes, flip, rng, digests: bool) -> None:
+    """Upload one batch with client CRCs while ``flip`` damages node a's PUT_CHUNKS: a refuses it and the
+    batch ends up on b and c (re-copied from b), reading back intact."""
+    master = UploadMaster(upload_nodes, damaged={"a": flip})
+    data = rng.randbytes(master.config.batch_bytes)
+    session, stream, entry = client_crc_upload(master, data, master.config.batch_bytes, digests=digests)
     try:
         assert session.failed == {"a"} and session.checksum_failed == {"a"}
         assert entry["runs"] == [[0, entry["chunks"], ["b", "c"]]]
         assert read_all(master, entry) == data
     finally:
         session.close()
+
+
+def counting_verify_chunks(monkeypatch) -> list:
+    """Count the chunks the nodes check one by one (chunk_store's per-chunk check); returns the counter."""
+    checked = [0]
+    real = chunk_store.verify_chunks
+
+    def verify(payload, crc_bytes, chunk_size):
+        checked[0] += len(crc_bytes) // protocol.CRC_BYTES
+        return real(payload, crc_bytes, chunk_size)
+    monkeypatch.setattr(chunk_store, "verify_chunks", verify)
+    return checked
+
+
+def test_client_digests_spare_the_nodes_the_per_chunk_check(upload_nodes, monkeypatch):
+    """Batch-sized DATA with digests: the master forwards them, the nodes check each batch with two CRC32s
+    instead of every chunk, store the client's bytes and CRCs, and frames not aligned with batches still
+    get the per-chunk check."""
+    checked = counting_verify_chunks(monkeypatch)
+    master = UploadMaster(upload_nodes)
+    batch = master.config.batch_bytes
+    data = random.Random(SEED + 43).randbytes(2 * batch + 3000)
+    session, stream, entry = client_crc_upload(master, data, batch, digests=True)
+    try:
+        assert session.failed == set() and checked[0] == 0
+        for node_id in ("a", "b"):
+            assert read_all(master, {**entry, "runs": [[0, entry["chunks"], [node_id]]]}) == data
+    finally:
+        session.close()
+    checked[0] = 0  # the reads above checked chunks too
+    session, stream, entry = client_crc_upload(master, data, 3 * batch // 4 // CS * CS, digests=True)
+    try:
+        assert session.failed == set() and checked[0] == 2 * entry["chunks"]  # two replicas, every chunk
+    finally:
+        session.close()
+
+
+@pytest.mark.parametrize("where", ["payload", "crcs"])
+def test_byte_damaged_between_master_and_node_is_caught_by_the_digests(upload_nodes, where):
+    """With the client's digests (no per-chunk check), a byte changed on the master->node hop in the payload
+    or in the chunk CRCs is refused by that node, and the batch is re-copied from the intact replica."""
+    batch_chunks = config_module.load_config(None).batch_bytes // CS
+
+    def flip(frame: bytearray) -> None:
+        # Chunk 500 of 1024: neither the last chunk nor, for this seed, the sampled one.
+        at = len(frame) - (batch_chunks - 500) * CS if where == "payload" else \
+            len(frame) - batch_chunks * CS - (batch_chunks - 500) * protocol.CRC_BYTES
+        frame[at] ^= 0x40
+
+    sampled = zlib.crc32(random.Random(SEED + 44).randbytes(batch_chunks * CS)) % batch_chunks
+    assert sampled not in (500, batch_chunks - 1)
+    upload_healed_from_b(upload_nodes, flip, random.Random(SEED + 44), digests=True)
+
+
+def test_a_client_whose_crcs_disagree_with_its_own_payload_is_caught_by_the_sample(tmp_path):
+    """Digests that match but a chunk CRC computed wrongly by the sender: the sampled chunk is refused."""
+    payload = random.Random(SEED + 45).randbytes(8 * CS)
+    crcs = bytearray(protocol.crcs_to_bytes(protocol.chunk_crcs(payload, CS)))
+    sampled = zlib.crc32(payload) % 8
+    crcs[sampled * 4] ^= 1  # the sender's bug: its CRC of that chunk is wrong from the start
+    with chunk_store.ChunkStore(str(tmp_path)) as store:
+        with pytest.raises(protocol.ChecksumMismatch):
+            store.put("b", 0, 8, CS, crcs, payload, sent_digests=(zlib.crc32(payload), zlib.crc32(crcs)))
+        assert store.inventory() == {}
 
 
 def test_client_crcs_must_cover_whole_chunks_of_every_frame(upload_nodes):
