@@ -111,6 +111,12 @@ ROLL_DEAD_ACTIVE_MIN_BYTES = 1024 * 1024
 # just compact_dead_fraction: on a full disk, copying live records is the
 # only way to get the dead ones' space back.
 FULL_DEAD_FRACTION = 0.1
+# A node that was without room for one more batch (a write left it so, it
+# refused one, or it saw so in a report) stays that eager this long after: the
+# space of an aborted upload coming back can lift it just over a batch, and the
+# files its user then deletes to make room must still come back at once.
+LOW_ROOM_EAGER_S = 60.0
+LOW_ROOM_MESSAGE = "low on room"  # starts the log line that says so (tests look for it)
 # After a delete, compaction waits this long for more deletes before it runs.
 COMPACT_AFTER_DELETE_S = 0.5
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -147,6 +153,7 @@ class StorageNode:
         self._corrupt: list = []  # (blob, first, count) runs dropped as corrupt, not yet reported
         self._disk_full_until = 0.0
         self._disk_full_free = 0  # free_bytes when the disk last said ENOSPC
+        self._low_room_at = None  # time.monotonic() when it last had no room for a batch (LOW_ROOM_EAGER_S)
         self._put_seq_lock = threading.Lock()
         self._put_seq = 0  # PUT_CHUNKS stored since start; see put() and the heartbeat
         self._compact_wanted = threading.Event()  # space was freed or is short: compact soon
@@ -205,6 +212,7 @@ class StorageNode:
     def _check_room(self, nbytes: int) -> int:
         """``free_bytes``, after raising INSUFFICIENT_SPACE if ``nbytes`` of payload do not fit it."""
         free = self.free_bytes
+        self._note_room(free - nbytes if nbytes <= free else 0)
         if nbytes > free:
             raise protocol.InsufficientSpace(
                 f"node {self.node_id} is full: {free} bytes free for chunks, {nbytes} needed "
@@ -222,6 +230,7 @@ class StorageNode:
             if exc.errno in _NO_SPACE:
                 self._disk_full_free = free + len(payload)  # full until this much is free
                 self._disk_full_until = time.monotonic() + DISK_FULL_BACKOFF_S
+                self._note_room(0)
                 self._report_wanted.set()
                 self._compact_wanted.set()
                 raise protocol.InsufficientSpace(f"node {self.node_id} is out of disk space") from None
@@ -241,6 +250,21 @@ class StorageNode:
         batch whose PUT_OK carried a seq up to it is then counted in that report."""
         with self._put_seq_lock:
             return self._put_seq
+
+    @property
+    def batch_bytes(self) -> int:
+        """Payload bytes of one full batch: the room a node needs to take one more."""
+        return self.config.chunks_per_batch * self.config.chunk_size_bytes
+
+    def _note_room(self, free: int) -> None:
+        """Remember when the node last had less than a batch of room (see LOW_ROOM_EAGER_S); say so when it
+        starts."""
+        if free < self.batch_bytes:
+            now, last = time.monotonic(), self._low_room_at
+            self._low_room_at = now
+            if last is None or now - last >= LOW_ROOM_EAGER_S:
+                logger.info("%s: less than a batch of room left (%d bytes): compacting eagerly until %.0f s "
+                            "after this lasts", LOW_ROOM_MESSAGE, max(free, 0), LOW_ROOM_EAGER_S)
 
     @property
     def free_bytes(self) -> int:
@@ -647,6 +671,7 @@ class StorageNode:
         that failed, or for DISK_FULL_BACKOFF_S: freeing space ends it at once.
         """
         free = self.free_bytes
+        self._note_room(free)
         if time.monotonic() < self._disk_full_until and free < self._disk_full_free:
             return True
         return free <= 0
@@ -711,16 +736,19 @@ class StorageNode:
     def compact_now(self) -> dict:
         """One compaction pass (ChunkStore.compact), as eager as the node's room calls for.
 
-        A node without room for one more batch compacts segments at least
-        FULL_DEAD_FRACTION dead, or holding a batch of dead bytes whatever
-        their share: on a full disk the space a purge or an expired trash
-        frees must come back even when it is a small part of a large
-        segment, or the user who deleted to make room still cannot write.
+        A node without room for one more batch, now or within the last
+        LOW_ROOM_EAGER_S, compacts segments at least FULL_DEAD_FRACTION dead,
+        or holding a batch of dead bytes whatever their share: on a full disk
+        the space a purge or an expired trash frees must come back even when
+        it is a small part of a large segment, or the user who deleted to
+        make room still cannot write.
         Raises ValueError once the store is closed, OSError from the disk.
         """
-        batch_bytes = self.config.chunks_per_batch * self.config.chunk_size_bytes
+        batch_bytes = self.batch_bytes
         fraction, dead_bytes = self.config.compact_dead_fraction, None
-        if self.free_bytes < batch_bytes:
+        self._note_room(self.free_bytes)
+        low_at = self._low_room_at
+        if low_at is not None and time.monotonic() - low_at < LOW_ROOM_EAGER_S:
             fraction, dead_bytes = min(fraction, FULL_DEAD_FRACTION), batch_bytes
         self.store.roll_if_dead(fraction, ROLL_DEAD_ACTIVE_MIN_BYTES, dead_bytes)
         result = self.store.compact(fraction, min_dead_bytes=dead_bytes)
