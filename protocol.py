@@ -505,6 +505,15 @@ def split_chunk_body(body, count: int) -> tuple[memoryview, memoryview]:
 MAX_BATCH_ITEMS = 1024
 
 
+def _check_batch_shape(op: str, what: str, items, chunk_size: int) -> None:
+    """RemoteProtocolError unless a batch message holds 1..MAX_BATCH_ITEMS items of a valid chunk size."""
+    if not isinstance(items, list) or not 0 < len(items) <= MAX_BATCH_ITEMS:
+        raise RemoteProtocolError(f"{op} needs 1..{MAX_BATCH_ITEMS} {what}")
+    if not MIN_CHUNK_BYTES <= chunk_size <= MAX_CHUNK_BYTES:
+        raise RemoteProtocolError(f"{op} chunk_size {chunk_size} is outside "
+                                  f"{MIN_CHUNK_BYTES}..{MAX_CHUNK_BYTES}")
+
+
 def upload_files_layout(files, chunk_size: int, body_len: int) -> list[tuple]:
     """Where each file of an UPLOAD_FILES lies in its body: ``(crc_start, data_start, size)`` per file.
 
@@ -514,11 +523,7 @@ def upload_files_layout(files, chunk_size: int, body_len: int) -> list[tuple]:
     longer be trusted.  Names, SHA-256s and metadata are checked per file
     by the master, so one bad file fails alone.
     """
-    if not isinstance(files, list) or not 0 < len(files) <= MAX_BATCH_ITEMS:
-        raise RemoteProtocolError(f"UPLOAD_FILES needs 1..{MAX_BATCH_ITEMS} files")
-    if not MIN_CHUNK_BYTES <= chunk_size <= MAX_CHUNK_BYTES:
-        raise RemoteProtocolError(f"UPLOAD_FILES chunk_size {chunk_size} is outside "
-                                  f"{MIN_CHUNK_BYTES}..{MAX_CHUNK_BYTES}")
+    _check_batch_shape("UPLOAD_FILES", "files", files, chunk_size)
     layout, offset = [], 0
     for item in files:
         if not isinstance(item, list) or len(item) != 5 or type(item[1]) is not int or item[1] < 0:
@@ -540,11 +545,7 @@ def put_blobs_layout(blobs, chunk_size: int, body_len: int) -> list[tuple]:
     ``chunk_size`` (the last may be short), and the items fill ``body_len``
     exactly; blob ids and ranges are checked again by the chunk store.
     """
-    if not isinstance(blobs, list) or not 0 < len(blobs) <= MAX_BATCH_ITEMS:
-        raise RemoteProtocolError(f"PUT_BLOBS needs 1..{MAX_BATCH_ITEMS} blobs")
-    if not MIN_CHUNK_BYTES <= chunk_size <= MAX_CHUNK_BYTES:
-        raise RemoteProtocolError(f"PUT_BLOBS chunk_size {chunk_size} is outside "
-                                  f"{MIN_CHUNK_BYTES}..{MAX_CHUNK_BYTES}")
+    _check_batch_shape("PUT_BLOBS", "blobs", blobs, chunk_size)
     layout, offset = [], 0
     for item in blobs:
         if not (isinstance(item, list) and len(item) == 4 and isinstance(item[0], str)
