@@ -687,6 +687,12 @@ class _Discard:
         return len(data)
 
 
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null: what is still buffered for it could not be written, and
+    Python's exit would try again and fail the same way (a message and status 120)."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def _close_quietly(f) -> None:
     try:
         f.close()
@@ -1035,17 +1041,42 @@ class Client:
         if destination == "-":
             self.conn.send(protocol.Download(name=name, offset=offset, length=length, version=version, at=at,
                                              direct=self.direct_reads or None))
-            return self._receive(name, sys.stdout.buffer)
+            self._prepare_receive()
+            info = self._receive(name, sys.stdout.buffer)
+            # Flushed here, not at interpreter exit: a write error (a full disk
+            # behind a redirection) is then this command's EXIT_LOCAL_IO, not
+            # a message Python prints while exiting with status 120.
+            try:
+                sys.stdout.buffer.flush()
+            except BrokenPipeError:
+                raise  # the reader went away (`| head`): main() ends quietly
+            except OSError as exc:
+                _drop_stdout()
+                raise LocalFileError(f"cannot write: {exc.strerror}") from None
+            return info
         fd, temp_path = open_temp_beside(destination)  # before asking: a local failure costs no transfer
         try:
             self.conn.send(protocol.Download(name=name, offset=offset, length=length, version=version, at=at,
                                              direct=self.direct_reads or None))
+            self._prepare_receive()
         except BaseException:
             os.close(fd)
             _unlink_quietly(temp_path)
             raise
         return self._receive_into(name, fd, temp_path, destination, force,
                                   restore=(restore or Restore()) if offset == 0 and length == -1 else None)
+
+    def _prepare_receive(self) -> None:
+        """Import what receiving a download needs while the master works on the request just sent.
+
+        Done after sending it, before waiting for the reply: the master
+        plans the read (and the nodes can be reached) while this process
+        loads direct_read, transfers and hashlib (~10 ms of a command's
+        start-up), instead of one after the other.
+        """
+        if self.direct_reads:
+            import direct_read  # noqa: F401, PLC0415 - see the imports at the top
+        new_sha256()  # loads hashlib (OpenSSL)
 
     def _receive_into(self, name: str, fd: int, temp_path: str, destination: str, force: bool,
                       keep_going: bool = False, restore: "Restore | None" = None) -> protocol.FileInfo:
@@ -3016,7 +3047,7 @@ def main(argv=None) -> int:
         return EXIT_ERROR
     except BrokenPipeError:
         # The reader of our stdout went away (e.g. `| head`): not an error of ours.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _drop_stdout()
         return EXIT_OK
     finally:
         client.close()

@@ -48,7 +48,6 @@ import hashlib
 import logging
 import queue
 import threading
-import uuid
 import zlib
 from collections import deque
 
@@ -528,6 +527,7 @@ class UploadStream:
         self.master = session.master
         self.name = name
         self.first_chunk = first_chunk
+        import uuid  # noqa: PLC0415 - not at the top: a client's download never needs it (~2 ms)
         self.blob = uuid.uuid4().hex
         # Until committed or discarded, reconciliation must not take this
         # blob's chunks on the nodes for orphans.

@@ -453,6 +453,22 @@ def test_bytes_unlike_the_client_crcs_are_refused_end_to_end(cluster, tmp_path):
     assert "crcs/damaged" not in stored_names(cluster)
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_download_to_a_full_stdout_fails_with_a_local_error_not_at_exit(cluster, tmp_path):
+    """A small file's bytes sit in stdout's buffer until it is flushed: a write error there is
+    EXIT_LOCAL_IO and one line, not a message and status 120 from Python's exit (buffered stdout,
+    as a shell gives a fresh interpreter: no PYTHONUNBUFFERED, no fork server)."""
+    store(cluster, "full/small", b"abc" * 100, tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BACKUP_") and k != "PYTHONUNBUFFERED"}
+    with open("/dev/full", "wb") as full:
+        proc = subprocess.run([sys.executable, CLIENT, "--master", cluster.master_address, "--secret-file",
+                               cluster.secret_file, "download", "full/small", "-"], stdout=full,
+                              stderr=subprocess.PIPE, env=env, cwd=tmp_path, timeout=60)
+    stderr = proc.stderr.decode("utf-8", "replace")
+    assert proc.returncode == client_module.EXIT_LOCAL_IO, stderr
+    assert stderr == "client: cannot write: No space left on device\n", stderr
+
+
 def test_client_start_up_leaves_out_what_the_command_does_not_use():
     """--help loads no transport, TLS, hashing or health code; a connection without TLS loads no ssl."""
     code = ("import sys, cli; cli.parse_args(sys.argv[1:]) if sys.argv[1:] else None; "
