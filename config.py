@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import ast
 import configparser
-import difflib
 import os
 from dataclasses import dataclass, field
 
@@ -243,6 +242,7 @@ def check_known_keys(parser: configparser.ConfigParser, path: str) -> None:
 
 
 def _did_you_mean(word: str, choices, before: str = "", after: str = "") -> str:
+    import difflib  # noqa: PLC0415 - only a misspelt key or value needs it, not every start-up
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean {before}{close[0]}{after}?)" if close else ""
 

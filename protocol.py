@@ -692,6 +692,9 @@ class Message:
             raise TypeError(f"{cls.__name__} is not a registered message (use @message)")
         with _BUILD_LOCK:
             if "__dataclass_fields__" not in cls.__dict__:
+                if not cls.__dict__.get("__doc__"):
+                    # dataclass() would write this from inspect.signature(), ~0.5 ms a class.
+                    cls.__doc__ = f"{cls.__name__}({', '.join(name for name, _, _ in cls._FIELDS)})"
                 dataclass(frozen=True)(cls)  # sets cls.__init__, __eq__, __repr__, __hash__...
         cls.__init__(self, *args, **kwargs)
 

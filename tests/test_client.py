@@ -479,6 +479,11 @@ def test_client_start_up_leaves_out_what_the_command_does_not_use():
     code = "import sys, security, transport; print('ssl' in sys.modules)"
     loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert loaded.stdout.strip() == "False", loaded
+    # A download loads neither uuid (with platform) nor difflib: one is for uploads, one for config typos.
+    code = ("import sys, cli, direct_read; cli.parse_args(['download', 'a', '-']); "
+            "print(' '.join(sorted({'uuid', 'platform', 'difflib', 'ssl'} & set(sys.modules))))")
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert loaded.stdout.split() == [], loaded
 
 # --- issue 10 item 13: a peer that is no backup master ----------------------------------------------------
 class FakePeer:
