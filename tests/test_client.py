@@ -11,6 +11,7 @@ checked; pure parts (temporary names, option parsing, help) run in-process.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import random
 import re
@@ -451,6 +452,26 @@ def test_bytes_unlike_the_client_crcs_are_refused_end_to_end(cluster, tmp_path):
     finally:
         conn.close()
     assert "crcs/damaged" not in stored_names(cluster)
+
+
+def test_download_sink_makes_threads_and_buffers_only_when_frames_come():
+    """Nothing is started or allocated but the first buffer until the first frame (the first
+    requests to the nodes go out meanwhile); then at most _BUFFERS buffers, bytes in order."""
+    out, sha = io.BytesIO(), hashlib.sha256()
+    threads_before = threading.active_count()
+    sink = client_module._FrameSink(out, sha, client_module.Progress("x", 0, False), threaded=True,
+                                    first_buffer=bytearray(8))
+    assert threading.active_count() == threads_before
+    frames, buffers = [bytes([n]) * 8 for n in range(20)], set()
+    for frame in frames:
+        buffer = sink.free_buffer()
+        buffers.add(id(buffer))
+        buffer[:] = frame
+        sink.put(buffer, memoryview(buffer))
+    sink.close()
+    assert out.getvalue() == b"".join(frames)
+    assert sha.digest() == hashlib.sha256(b"".join(frames)).digest()
+    assert 1 < len(buffers) <= client_module._FrameSink._BUFFERS
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
