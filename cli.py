@@ -1231,6 +1231,7 @@ class Client:
                           buffer_bytes=plan.batch_chunks * (plan.chunk_size + protocol.CRC_BYTES))
         reader = direct_read.DirectReader(self.replicas)
         received = 0
+        ending = False  # READ_END sent, READ_ENDED not read yet
         try:
             try:
                 for view in direct_read.read_plan_pages(self.conn, plan, reader, (sink.free_buffer, sink.give_back)):
@@ -1242,11 +1243,18 @@ class Client:
                                                  length=info.length - received, read_id=plan.read_id))
                 self.conn.expect(protocol.FileInfo)
                 received += self._receive_frames(info.length - received, sink)
+            if self._expected is None:
+                # Every byte is read: the master's answer comes while the last
+                # pieces are hashed and written (sink.close), not after them.
+                self.conn.send(protocol.ReadEnd(read_ids=[plan.read_id], bad=reader.take_bad()))
+                ending = True
         finally:
             try:
                 sink.close()
             finally:
-                if self.in_step:
+                if ending:
+                    self.conn.expect(protocol.ReadEnded)
+                elif self.in_step:
                     self._end_read(protocol.ReadEnd(read_ids=[plan.read_id], bad=reader.take_bad()))
         if received != info.length:
             raise protocol.RemoteProtocolError(f"read {received} bytes of {name!r}, announced {info.length}")
