@@ -207,8 +207,11 @@ def test_status_page_shows_nodes_and_a_node_death_without_reload(make_cluster, t
                            http_port="any")
     upload(cluster, "photos/cat.jpg", random_bytes(7, 5000), tmp_path)
     browser.get(cluster.http_url + "?refresh=0.3")
-    page = wait_until(lambda: (lambda s: s if s["health"] == "HEALTH_OK" and len(s["nodes"]) == 2 else None)(
-        browser.execute_script(PAGE_STATE)), 15.0, message="the page with two live nodes")
+    # The file browser is a fetch of its own (/api/files), so it may fill a
+    # moment after the status part: wait for both before checking either.
+    page = wait_until(lambda: (lambda s: s if s["health"] == "HEALTH_OK" and len(s["nodes"]) == 2 and s["files"]
+                               else None)(browser.execute_script(PAGE_STATE)), 15.0,
+                      message="the page with two live nodes and its files")
     assert [state for _, state, _ in page["nodes"]] == ["alive", "alive"], page
     assert page["files"] == ["photos/"], page
 
