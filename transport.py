@@ -715,12 +715,15 @@ def send_file_range(sock: socket.socket, fd: int, offset: int, length: int, time
     Raises socket.timeout if the peer takes nothing for ``timeout_s``,
     OSError(EIO) if the file ends before ``length`` bytes.
     """
-    with selectors.DefaultSelector() as selector:
-        selector.register(sock, selectors.EVENT_WRITE)
+    selector = None  # made only once the socket is full: most replies fit its buffer at once
+    try:
         while length > 0:
             try:
                 sent = os.sendfile(sock.fileno(), fd, offset, length)
             except BlockingIOError:
+                if selector is None:
+                    selector = selectors.DefaultSelector()
+                    selector.register(sock, selectors.EVENT_WRITE)
                 if not selector.select(timeout_s):
                     raise socket.timeout("the peer took no data in time") from None
                 continue
@@ -728,6 +731,9 @@ def send_file_range(sock: socket.socket, fd: int, offset: int, length: int, time
                 raise OSError(errno.EIO, f"file ends {length} bytes before the range sent")
             offset += sent
             length -= sent
+    finally:
+        if selector is not None:
+            selector.close()
 
 
 class ConnectionSlots:
