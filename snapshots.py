@@ -135,7 +135,8 @@ def decode_manifest(pieces) -> tuple[dict, list[dict], list[int]]:
         for piece in pieces:
             text += unpacker.decompress(piece)
         text += unpacker.flush()
-        rows = bytes(text).split(b"\n")
+        # Without empty lines: manifests written before this layout end with a newline.
+        rows = [row for row in bytes(text).split(b"\n") if row]
         # One parse of the whole list: a json.loads per line costs twice as much.
         parsed = json.loads(b"[" + b",".join(rows) + b"]")
     except (zlib.error, ValueError) as exc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 
 import pytest
 
@@ -73,6 +74,16 @@ def test_manifest_round_trip_and_member_documents():
     assert header["root"] == "root" and header["files"] == 1
     assert snapshots.member_document("root", lines[0]) == {
         "name": "root/a/b", "version": 7, "size": 10, "sha256": entry["sha256"], "meta": entry["meta"]}
+
+
+def test_a_manifest_written_by_the_earlier_layout_still_decodes():
+    """Manifests stored before the whole-text encoding: a newline after every line, the header spaced."""
+    entry = {**stored("v1", 10), "commit_index": 7}
+    line = json.dumps(snapshots.member_line("a/b", entry), ensure_ascii=False, separators=(",", ":"))
+    text = json.dumps({"format": snapshots.FORMAT, "root": "root", "files": 1}) + "\n" + line + "\n"
+    header, lines, sizes = snapshots.decode_manifest([zlib.compress(text.encode())])
+    assert header["root"] == "root" and lines == [snapshots.member_line("a/b", entry)]
+    assert sizes == [len(line.encode())]
 
 
 @pytest.mark.parametrize("relative, meta", [("a", None), ('é"\\ü/ÿ€😀', {"type": "symlink", "mode": 511,
