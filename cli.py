@@ -1464,11 +1464,11 @@ class Client:
                         direct_read.check_plan(plan)
                         if plan.name != name:
                             raise protocol.RemoteProtocolError(f"READ_PLANS answered {plan.name!r} for {name!r}")
-                        plans[position] = plan
                         if plan.more is not None:
                             later.append(todo[position])
                             ended.append(plan.read_id)
                             continue
+                        plans[position] = plan
                         reader.pool.learn(plan)
                         yield position, name, direct_read.plan_entry(plan), plan.offset, plan.length
                     if page.done:
