@@ -1058,9 +1058,10 @@ class Client:
         if length < -1:  # -1 alone means "to the end"
             raise protocol.InvalidRange(f"length {length} is negative")
         check_destination(destination, force)
+        request = protocol.Download(name=name, offset=offset, length=length, version=version, at=at,
+                                    direct=self.direct_reads or None)
         if destination == "-":
-            self.conn.send(protocol.Download(name=name, offset=offset, length=length, version=version, at=at,
-                                             direct=self.direct_reads or None))
+            self.conn.send(request)
             self._prepare_receive()
             info = self._receive(name, sys.stdout.buffer)
             # Flushed here, not at interpreter exit: a write error (a full disk
@@ -1076,8 +1077,7 @@ class Client:
             return info
         fd, temp_path = open_temp_beside(destination)  # before asking: a local failure costs no transfer
         try:
-            self.conn.send(protocol.Download(name=name, offset=offset, length=length, version=version, at=at,
-                                             direct=self.direct_reads or None))
+            self.conn.send(request)
             self._prepare_receive()
         except BaseException:
             os.close(fd)
