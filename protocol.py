@@ -639,7 +639,7 @@ def verify_batch_digests(payload, crc_bytes, chunk_size: int, payload_crc32: int
     actual = zlib.crc32(payload)
     if actual != payload_crc32:
         raise ChecksumMismatch(f"batch payload CRC32 {actual:08x}, sender's {payload_crc32:08x}")
-    if zlib.crc32(crc_bytes) != crcs_crc32:
+    if crcs_digest(crc_bytes) != crcs_crc32:
         raise ChecksumMismatch("batch chunk CRCs differ from the sender's digest of them")
     count = len(crc_bytes) // CRC_BYTES
     for index in {actual % count, count - 1} if count else ():
@@ -652,7 +652,7 @@ def verify_batch_digests(payload, crc_bytes, chunk_size: int, payload_crc32: int
 def data_crcs(data, chunk_size: int) -> "DataCrcs":
     """The DATA_CRCS of an upload's next DATA: its chunk CRCs, their digest and the CRC32 of the whole."""
     crc_bytes = crcs_to_bytes(chunk_crcs(data, chunk_size))
-    return DataCrcs(body=crc_bytes, crc32=zlib.crc32(data), crcs_crc32=zlib.crc32(crc_bytes))
+    return DataCrcs(body=crc_bytes, crc32=zlib.crc32(data), crcs_crc32=crcs_digest(crc_bytes))
 
 
 # --- messages -------------------------------------------------------------
