@@ -44,6 +44,33 @@ def read_back(c, name: str, tmp_path) -> bytes:
         path.unlink()
 
 
+def write_tree(tree, files: dict) -> dict:
+    """Create directory ``tree`` holding ``files`` ({name: bytes}); returns ``files``."""
+    tree.mkdir()
+    for name, data in files.items():
+        (tree / name).write_bytes(data)
+    return files
+
+
+def kill_after_first_batch(monkeypatch, kill) -> list:
+    """Make the CLI call ``kill()`` once its first batch of small files has gone out (flushed).
+
+    Returns a list that gains an item per batch sent.
+    """
+    real_send = cli.SmallBatch.send
+    sent: list = []
+
+    def send_then_kill(self, conn, in_flight):
+        real_send(self, conn, in_flight)
+        sent.append(1)
+        if len(sent) == 1:
+            conn.flush()
+            kill()
+
+    monkeypatch.setattr(cli.SmallBatch, "send", send_then_kill)
+    return sent
+
+
 # --- layouts (unit) ----------------------------------------------------------------------------
 def test_layouts_cut_the_body_and_refuse_lengths_that_do_not_add_up():
     files = [["a", 3000, "0" * 64, None, 0], ["b", 0, "0" * 64, None, 1], ["c", 1024, "0" * 64, None, 2]]
@@ -247,24 +274,16 @@ def test_a_node_killed_during_a_batch_upload_loses_nothing(make_cluster, tmp_pat
     re-made before the commit, and every file reads back."""
     c3 = make_cluster(nodes=3)
     tree = tmp_path / "tree"
-    tree.mkdir()
-    expected = {f"f{i:03d}": random_bytes(100 + i, 3000 + i) for i in range(200)}
-    for name, data in expected.items():
-        (tree / name).write_bytes(data)
-    real_send = cli.SmallBatch.send
-    sent, killed = [], []
+    expected = write_tree(tree, {f"f{i:03d}": random_bytes(100 + i, 3000 + i) for i in range(200)})
+    killed = []
 
-    def send_then_kill(self, conn, in_flight):
-        real_send(self, conn, in_flight)
-        sent.append(1)
-        if len(sent) == 1:  # kill a node that has stored the first batch (not yet flushed or committed)
-            conn.flush()
-            holder = wait_until(lambda: next((n for n in c3.status().nodes if n["used_bytes"] > 0), None))
-            index = next(i for i, server in enumerate(c3.nodes) if server.address == holder["address"])
-            c3.nodes[index].signal(signal.SIGKILL)
-            killed.append(holder["id"])
+    def kill_a_holder():  # a node that has stored the first batch (not yet flushed or committed)
+        holder = wait_until(lambda: next((n for n in c3.status().nodes if n["used_bytes"] > 0), None))
+        index = next(i for i, server in enumerate(c3.nodes) if server.address == holder["address"])
+        c3.nodes[index].signal(signal.SIGKILL)
+        killed.append(holder["id"])
 
-    monkeypatch.setattr(cli.SmallBatch, "send", send_then_kill)
+    sent = kill_after_first_batch(monkeypatch, kill_a_holder)
     monkeypatch.setattr(cli, "SMALL_BATCH_FILES", 40)
     c = c3.client()
     try:
@@ -324,21 +343,8 @@ def test_three_masters_a_follower_refuses_every_file_and_a_killed_leader_loses_n
             replies = [conn.recv() for _ in range(3)]
             assert [getattr(r, "code", r.OP) for r in replies] == ["NOT_LEADER"] * 3
         tree = tmp_path / "tree"
-        tree.mkdir()
-        expected = {f"f{i:03d}": random_bytes(900 + i, 2000 + i) for i in range(150)}
-        for name, data in expected.items():
-            (tree / name).write_bytes(data)
-        real_send = cli.SmallBatch.send
-        sent = []
-
-        def send_then_kill(self, conn, in_flight):
-            real_send(self, conn, in_flight)
-            sent.append(1)
-            if len(sent) == 1:
-                conn.flush()
-                c.masters[leader].signal(signal.SIGKILL)
-
-        monkeypatch.setattr(cli.SmallBatch, "send", send_then_kill)
+        expected = write_tree(tree, {f"f{i:03d}": random_bytes(900 + i, 2000 + i) for i in range(150)})
+        kill_after_first_batch(monkeypatch, lambda: c.masters[leader].signal(signal.SIGKILL))
         monkeypatch.setattr(cli, "SMALL_BATCH_FILES", 30)
         client = c.client()
         try:
@@ -392,10 +398,7 @@ def test_an_old_master_without_upload_files_gets_every_file_one_by_one(shared, t
     the replies that follow for its other files (each file's outcome and version id are its own); it sends
     the files again one by one, and every file reads back."""
     tree = tmp_path / "old-master"
-    tree.mkdir()
-    expected = {"a": b"a" * 100, "b": b"b" * 2000, "c": random_bytes(5, 200_000), "d": b"d" * 10}
-    for name, data in expected.items():
-        (tree / name).write_bytes(data)
+    expected = write_tree(tree, {"a": b"a" * 100, "b": b"b" * 2000, "c": random_bytes(5, 200_000), "d": b"d" * 10})
     monkeypatch.setitem(protocol._MESSAGES, "UPLOAD_FILES_UNKNOWN", protocol.UploadFiles)
     monkeypatch.setattr(protocol.UploadFiles, "OP", "UPLOAD_FILES_UNKNOWN")
     c = shared.client()
